@@ -1,0 +1,54 @@
+# MaaS suite build: one entry point for install, stub generation, lint, tests and benchmarks.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PACKAGES := libs/maas-api libs/maas-runtime $(wildcard libs/maas-formats) $(wildcard libs/maas-jobs) $(wildcard libs/maas-zoo) $(wildcard services/*)
+PROTO_SRC := $(shell find protos -name '*.proto' 2>/dev/null)
+API_OUT := libs/maas-api/src
+NODE_TOOLS := tools/node_modules/.installed
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: install proto proto-check lint test bench demo clean
+
+install: $(VENV)/.installed $(NODE_TOOLS) $(VENV)/.system-tools
+
+$(VENV)/.installed: constraints.txt $(wildcard libs/*/pyproject.toml services/*/pyproject.toml)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, by exact version: it takes the CPU build that lies on disk.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c constraints.txt $(foreach p,$(PACKAGES),-e $(p)) \
+		pytest pytest-asyncio ruff requests helm-python-sdk kubernetes-validate
+	touch $@
+
+$(NODE_TOOLS): tools/package.json
+	cd tools && npm install --no-audit --no-fund --loglevel=error
+	touch $@
+
+# Debian's protoc with its matching C++ headers and Java runtime: used only to prove that the
+# contracts also generate and compile for other languages.
+$(VENV)/.system-tools:
+	command -v protoc >/dev/null && test -f /usr/share/java/protobuf.jar || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq protobuf-compiler libprotobuf-dev libprotobuf-java >/dev/null; }
+	touch $@
+
+proto: $(VENV)/.installed
+	$(PY) tools/gen_protos.py --out $(API_OUT)
+
+proto-check: $(VENV)/.installed
+	$(PY) tools/gen_protos.py --check --out $(API_OUT)
+
+lint: install
+	$(VENV)/bin/ruff check libs services tests tools
+	cd protos && ../tools/node_modules/.bin/buf lint
+
+test: install proto-check lint
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) -m pytest -q -s tests/bench
+
+clean:
+	rm -rf $(VENV) tools/node_modules

@@ -1,0 +1,147 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from maas.common.v1 import job_pb2 as _job_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class QuantizationDtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    QUANTIZATION_DTYPE_UNSPECIFIED: _ClassVar[QuantizationDtype]
+    QUANTIZATION_DTYPE_INT8: _ClassVar[QuantizationDtype]
+    QUANTIZATION_DTYPE_FP16: _ClassVar[QuantizationDtype]
+    QUANTIZATION_DTYPE_BF16: _ClassVar[QuantizationDtype]
+QUANTIZATION_DTYPE_UNSPECIFIED: QuantizationDtype
+QUANTIZATION_DTYPE_INT8: QuantizationDtype
+QUANTIZATION_DTYPE_FP16: QuantizationDtype
+QUANTIZATION_DTYPE_BF16: QuantizationDtype
+
+class CompressionJob(_message.Message):
+    __slots__ = ("name", "spec", "state", "create_time", "start_time", "end_time", "report", "model_version", "error", "creator")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    CREATOR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    spec: CompressionSpec
+    state: _job_pb2.JobState
+    create_time: _timestamp_pb2.Timestamp
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    report: CompressionReport
+    model_version: str
+    error: _job_pb2.JobError
+    creator: str
+    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[CompressionSpec, _Mapping]] = ..., state: _Optional[_Union[_job_pb2.JobState, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., report: _Optional[_Union[CompressionReport, _Mapping]] = ..., model_version: _Optional[str] = ..., error: _Optional[_Union[_job_pb2.JobError, _Mapping]] = ..., creator: _Optional[str] = ...) -> None: ...
+
+class CompressionSpec(_message.Message):
+    __slots__ = ("source_model_version", "steps", "evaluation_dataset", "max_accuracy_drop", "output", "resources")
+    SOURCE_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_DATASET_FIELD_NUMBER: _ClassVar[int]
+    MAX_ACCURACY_DROP_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    RESOURCES_FIELD_NUMBER: _ClassVar[int]
+    source_model_version: str
+    steps: _containers.RepeatedCompositeFieldContainer[CompressionStep]
+    evaluation_dataset: str
+    max_accuracy_drop: float
+    output: CompressionOutput
+    resources: _job_pb2.JobResources
+    def __init__(self, source_model_version: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[CompressionStep, _Mapping]]] = ..., evaluation_dataset: _Optional[str] = ..., max_accuracy_drop: _Optional[float] = ..., output: _Optional[_Union[CompressionOutput, _Mapping]] = ..., resources: _Optional[_Union[_job_pb2.JobResources, _Mapping]] = ...) -> None: ...
+
+class CompressionStep(_message.Message):
+    __slots__ = ("prune", "quantize", "distill", "fuse")
+    PRUNE_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZE_FIELD_NUMBER: _ClassVar[int]
+    DISTILL_FIELD_NUMBER: _ClassVar[int]
+    FUSE_FIELD_NUMBER: _ClassVar[int]
+    prune: PruneStep
+    quantize: QuantizeStep
+    distill: DistillStep
+    fuse: FuseStep
+    def __init__(self, prune: _Optional[_Union[PruneStep, _Mapping]] = ..., quantize: _Optional[_Union[QuantizeStep, _Mapping]] = ..., distill: _Optional[_Union[DistillStep, _Mapping]] = ..., fuse: _Optional[_Union[FuseStep, _Mapping]] = ...) -> None: ...
+
+class PruneStep(_message.Message):
+    __slots__ = ("amount", "structured", "finetune_epochs")
+    AMOUNT_FIELD_NUMBER: _ClassVar[int]
+    STRUCTURED_FIELD_NUMBER: _ClassVar[int]
+    FINETUNE_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    amount: float
+    structured: bool
+    finetune_epochs: int
+    def __init__(self, amount: _Optional[float] = ..., structured: _Optional[bool] = ..., finetune_epochs: _Optional[int] = ...) -> None: ...
+
+class QuantizeStep(_message.Message):
+    __slots__ = ("dtype",)
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    dtype: QuantizationDtype
+    def __init__(self, dtype: _Optional[_Union[QuantizationDtype, str]] = ...) -> None: ...
+
+class DistillStep(_message.Message):
+    __slots__ = ("student_kind", "student_hyperparameters_json", "temperature", "alpha", "epochs", "learning_rate")
+    STUDENT_KIND_FIELD_NUMBER: _ClassVar[int]
+    STUDENT_HYPERPARAMETERS_JSON_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    student_kind: str
+    student_hyperparameters_json: str
+    temperature: float
+    alpha: float
+    epochs: int
+    learning_rate: float
+    def __init__(self, student_kind: _Optional[str] = ..., student_hyperparameters_json: _Optional[str] = ..., temperature: _Optional[float] = ..., alpha: _Optional[float] = ..., epochs: _Optional[int] = ..., learning_rate: _Optional[float] = ...) -> None: ...
+
+class FuseStep(_message.Message):
+    __slots__ = ("model_versions", "weights")
+    MODEL_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    model_versions: _containers.RepeatedScalarFieldContainer[str]
+    weights: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, model_versions: _Optional[_Iterable[str]] = ..., weights: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class CompressionOutput(_message.Message):
+    __slots__ = ("model_id", "alias")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    alias: str
+    def __init__(self, model_id: _Optional[str] = ..., alias: _Optional[str] = ...) -> None: ...
+
+class ModelMeasurement(_message.Message):
+    __slots__ = ("size_bytes", "parameters", "nonzero_parameters", "accuracy", "latency_ms")
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    NONZERO_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    size_bytes: int
+    parameters: int
+    nonzero_parameters: int
+    accuracy: float
+    latency_ms: float
+    def __init__(self, size_bytes: _Optional[int] = ..., parameters: _Optional[int] = ..., nonzero_parameters: _Optional[int] = ..., accuracy: _Optional[float] = ..., latency_ms: _Optional[float] = ...) -> None: ...
+
+class CompressionReport(_message.Message):
+    __slots__ = ("before", "after", "gate_passed")
+    BEFORE_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    GATE_PASSED_FIELD_NUMBER: _ClassVar[int]
+    before: ModelMeasurement
+    after: ModelMeasurement
+    gate_passed: bool
+    def __init__(self, before: _Optional[_Union[ModelMeasurement, _Mapping]] = ..., after: _Optional[_Union[ModelMeasurement, _Mapping]] = ..., gate_passed: _Optional[bool] = ...) -> None: ...

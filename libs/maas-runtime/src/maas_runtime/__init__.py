@@ -1,0 +1,1 @@
+"""Shared gRPC server runtime for the MaaS services."""
