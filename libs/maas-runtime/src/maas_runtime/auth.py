@@ -1,0 +1,183 @@
+"""Bearer-token authentication and role-based authorisation, without any transport code.
+
+Tokens live in a JSON tokens file that stores only sha256 hashes:
+
+    {"tokens": [{"sha256": "<hex>", "principal": "alice", "role": "editor",
+                 "models": ["digits", "mnist-*"]}]}
+
+`models` (optional) scopes a token to model ids (shell-style patterns). On first start a
+service writes an admin token into the state directory (mode 0600) and its hash into the
+tokens file, so auth is on by default and the operator can still get in.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import enum
+import fnmatch
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from maas_runtime.errors import PermissionDenied, Unauthenticated
+
+ADMIN_TOKEN_FILENAME = "admin.token"
+TOKENS_FILENAME = "tokens.json"
+
+
+class Role(enum.IntEnum):
+    """Ordered access levels; values match `maas.common.v1.Role`."""
+
+    VIEWER = 1
+    EDITOR = 2
+    ADMIN = 3
+
+    @classmethod
+    def parse(cls, text: str) -> Role:
+        try:
+            return cls[text.strip().upper()]
+        except KeyError:
+            raise ValueError(f"unknown role {text!r}; expected viewer, editor or admin") from None
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller."""
+
+    name: str
+    role: Role
+    model_scopes: tuple[str, ...] = ()
+
+    def require(self, role: Role, action: str) -> None:
+        if self.role < role:
+            raise PermissionDenied(
+                f"{self.name} ({self.role.name.lower()}) may not {action}: "
+                f"needs {role.name.lower()}",
+                reason="INSUFFICIENT_ROLE",
+                metadata={"principal": self.name, "required_role": role.name.lower()},
+            )
+
+    def may_access_model(self, model_id: str) -> bool:
+        return not self.model_scopes or any(
+            fnmatch.fnmatchcase(model_id, pattern) for pattern in self.model_scopes
+        )
+
+    def require_model(self, model_id: str) -> None:
+        if not self.may_access_model(model_id):
+            raise PermissionDenied(
+                f"{self.name} is not scoped to model {model_id!r}",
+                reason="MODEL_OUT_OF_SCOPE",
+                metadata={"principal": self.name, "model": model_id},
+            )
+
+
+ANONYMOUS_ADMIN = Principal("anonymous", Role.ADMIN)
+"""The principal of every call when auth is switched off."""
+
+_current_principal: contextvars.ContextVar[Principal] = contextvars.ContextVar(
+    "maas_current_principal", default=ANONYMOUS_ADMIN
+)
+
+
+def current_principal() -> Principal:
+    """The caller of the RPC being handled (set by the auth interceptor)."""
+    return _current_principal.get()
+
+
+def set_current_principal(principal: Principal) -> contextvars.Token:
+    return _current_principal.set(principal)
+
+
+def reset_current_principal(token: contextvars.Token) -> None:
+    _current_principal.reset(token)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass
+class TokenStore:
+    """Token hashes → principals, loaded from the tokens file and reloaded when it changes."""
+
+    path: Path
+    _by_hash: dict[str, Principal] = field(default_factory=dict)
+    _loaded_mtime: float | None = None
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        if not authorization:
+            raise Unauthenticated("missing `authorization: Bearer <token>` metadata",
+                                  reason="MISSING_TOKEN")
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthenticated("authorization must be `Bearer <token>`",
+                                  reason="MALFORMED_TOKEN")
+        self._reload_if_changed()
+        digest = hash_token(token.strip())
+        for known_hash, principal in self._by_hash.items():
+            if hmac.compare_digest(known_hash, digest):
+                return principal
+        raise Unauthenticated("unknown token", reason="INVALID_TOKEN")
+
+    def _reload_if_changed(self) -> None:
+        try:
+            mtime = self.path.stat().st_mtime
+        except FileNotFoundError:
+            self._by_hash, self._loaded_mtime = {}, None
+            return
+        if mtime != self._loaded_mtime:
+            self._by_hash = _parse_tokens_file(self.path)
+            self._loaded_mtime = mtime
+
+
+def _parse_tokens_file(path: Path) -> dict[str, Principal]:
+    document = json.loads(path.read_text())
+    principals = {}
+    for entry in document.get("tokens", []):
+        principals[entry["sha256"]] = Principal(
+            name=entry["principal"],
+            role=Role.parse(entry["role"]),
+            model_scopes=tuple(entry.get("models", ())),
+        )
+    return principals
+
+
+def add_token(
+    tokens_file: Path, principal: str, role: Role, models: Iterable[str] = ()
+) -> str:
+    """Mint a token for `principal`, record its hash in the tokens file and return it."""
+    token = secrets.token_urlsafe(32)
+    tokens_file.parent.mkdir(parents=True, exist_ok=True)
+    document = json.loads(tokens_file.read_text()) if tokens_file.exists() else {"tokens": []}
+    entry = {"sha256": hash_token(token), "principal": principal, "role": role.name.lower()}
+    if models:
+        entry["models"] = list(models)
+    document["tokens"].append(entry)
+    _write_private(tokens_file, json.dumps(document, indent=2))
+    return token
+
+
+def ensure_admin_token(state_dir: Path, tokens_file: Path) -> Path:
+    """On first start, mint an admin token into `state_dir/admin.token`; return its path."""
+    token_path = state_dir / ADMIN_TOKEN_FILENAME
+    if not token_path.exists():
+        token = add_token(tokens_file, "admin", Role.ADMIN)
+        _write_private(token_path, token + "\n")
+    return token_path
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write atomically with mode 0600: a reader never sees a half-written tokens file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)

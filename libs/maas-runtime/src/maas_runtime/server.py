@@ -1,0 +1,163 @@
+"""The gRPC server every MaaS service runs: one composition of the shared runtime.
+
+`ServiceServer` wires an aio server with tracing, access logs, error mapping and auth
+interceptors; the `grpc.health.v1` service (Check and Watch, per service) and reflection;
+TLS when configured; registration in discovery; and graceful shutdown (health NOT_SERVING,
+deregister, drain with grace, stop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from maas_runtime.auth import Role, TokenStore, ensure_admin_token
+from maas_runtime.interceptors import (
+    AccessLogInterceptor,
+    AuthInterceptor,
+    ErrorInterceptor,
+    method_roles_from_descriptors,
+)
+from maas_runtime.settings import ServiceSettings
+from maas_runtime.telemetry import Telemetry
+from maas_runtime.tls import server_credentials
+
+_log = logging.getLogger(__name__)
+
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass
+class ServiceBinding:
+    """One gRPC service to expose: its full proto name and how to add its servicer."""
+
+    full_name: str
+    add_to_server: Callable[[grpc.aio.Server], None]
+    method_roles: Mapping[str, Role] | None = None
+    """Roles for services without `(maas.common.v1.required_role)` options (e.g. KServe v2)."""
+
+
+@dataclass
+class ServiceServer:
+    """A running (or ready to run) service: server, health, discovery registration."""
+
+    name: str
+    """Logical service name used for health and discovery, e.g. "registry"."""
+    settings: ServiceSettings
+    bindings: list[ServiceBinding]
+    telemetry: Telemetry | None = None
+    discovery: object | None = None
+    """A `maas_runtime.discovery.ServiceDiscovery`, or None to skip registration."""
+    extra_interceptors: Iterable[grpc.aio.ServerInterceptor] = ()
+    on_stop: list[Callable] = field(default_factory=list)
+    """Async callbacks run after the server stopped (close stores, stop subprocesses)."""
+
+    health: HealthServicer = field(init=False)
+    port: int = field(init=False, default=0)
+    _server: grpc.aio.Server | None = field(init=False, default=None)
+    _instance_id: str | None = field(init=False, default=None)
+    _stopped: asyncio.Event | None = field(init=False, default=None)
+
+    def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        chain: list[grpc.aio.ServerInterceptor] = []
+        meter = None
+        if self.telemetry is not None:
+            chain.append(self.telemetry.server_interceptor())
+            meter = self.telemetry.meter("maas.rpc")
+        chain.append(AccessLogInterceptor(meter))
+        chain.append(ErrorInterceptor())
+        if self.settings.auth_enabled:
+            chain.append(AuthInterceptor(TokenStore(self.settings.resolved_tokens_file),
+                                         self._method_roles()))
+        chain.extend(self.extra_interceptors)
+        return chain
+
+    def _method_roles(self) -> dict[str, Role]:
+        roles = method_roles_from_descriptors(
+            service_names=[b.full_name for b in self.bindings if b.method_roles is None]
+        )
+        for binding in self.bindings:
+            roles.update(binding.method_roles or {})
+        return roles
+
+    async def start(self) -> int:
+        """Bind, start serving and register in discovery; returns the bound port."""
+        if self.settings.auth_enabled:
+            self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+            ensure_admin_token(self.settings.state_dir, self.settings.resolved_tokens_file)
+        self._server = grpc.aio.server(
+            interceptors=self._interceptors(), options=self.settings.grpc_message_options()
+        )
+        for binding in self.bindings:
+            binding.add_to_server(self._server)
+        self.health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        service_names = [b.full_name for b in self.bindings]
+        reflection.enable_server_reflection(
+            [*service_names, HEALTH_SERVICE, reflection.SERVICE_NAME], self._server
+        )
+        address = f"{self.settings.host}:{self.settings.port}"
+        if self.settings.tls_enabled:
+            self.port = self._server.add_secure_port(
+                address,
+                server_credentials(self.settings.tls_cert_file, self.settings.tls_key_file,
+                                   self.settings.tls_client_ca_file),
+            )
+        else:
+            self.port = self._server.add_insecure_port(address)
+        await self._server.start()
+        for health_name in ("", self.name, *service_names):
+            await self.health.set(health_name, SERVING)
+        self._stopped = asyncio.Event()
+        if self.discovery is not None:
+            self._instance_id = await self.discovery.register(
+                self.name, self.settings.advertise_host or self.settings.host, self.port,
+                tls=self.settings.tls_enabled,
+            )
+        _log.info("%s serving on %s:%d", self.name, self.settings.host, self.port,
+                  extra={"port": self.port, "tls": self.settings.tls_enabled})
+        return self.port
+
+    async def set_serving(self, serving: bool) -> None:
+        """Report the whole service (and each of its gRPC services) SERVING or NOT_SERVING."""
+        status = SERVING if serving else NOT_SERVING
+        for health_name in ("", self.name, *(b.full_name for b in self.bindings)):
+            await self.health.set(health_name, status)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful shutdown: NOT_SERVING, deregister, drain in-flight RPCs, then stop."""
+        if self._server is None:
+            return
+        grace = self.settings.shutdown_grace_seconds if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        if self.discovery is not None and self._instance_id is not None:
+            try:
+                await self.discovery.deregister(self._instance_id)
+            except Exception:  # a dead agent must not block shutdown
+                _log.warning("deregistration of %s failed", self._instance_id, exc_info=True)
+        await self._server.stop(grace)
+        for callback in self.on_stop:
+            await callback()
+        self._server = None
+        if self._stopped is not None:
+            self._stopped.set()
+
+    async def serve_until_signal(self) -> None:
+        """Start, then run until SIGTERM/SIGINT, then shut down gracefully."""
+        await self.start()
+        loop = asyncio.get_running_loop()
+        stop_requested = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop_requested.set)
+        await stop_requested.wait()
+        await self.stop()

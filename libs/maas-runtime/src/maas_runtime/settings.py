@@ -1,0 +1,86 @@
+"""Settings every MaaS service shares; each service subclasses with its own env prefix.
+
+Built in a service's `main()` and passed down: no module reads the environment on import.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    """Server, security, telemetry and discovery settings (env prefix set by each service)."""
+
+    model_config = SettingsConfigDict(use_attribute_docstrings=True, extra="ignore")
+
+    host: str = "127.0.0.1"
+    """Interface to listen on; 0.0.0.0 in containers."""
+
+    port: int = 0
+    """TCP port to listen on; 0 picks a free one (tests)."""
+
+    advertise_host: str = ""
+    """Host other services should dial, registered in discovery; defaults to `host`."""
+
+    state_dir: Path = Path(".maas")
+    """Directory holding this deployment's state (databases, blobs, tokens)."""
+
+    auth_enabled: bool = True
+    """Require `authorization: Bearer <token>` on every RPC except health and reflection."""
+
+    tokens_file: Path | None = None
+    """JSON file of token hashes and roles; defaults to `<state_dir>/tokens.json`."""
+
+    tls_cert_file: Path | None = None
+    """PEM certificate chain; with `tls_key_file` the server speaks TLS only."""
+
+    tls_key_file: Path | None = None
+    """PEM private key of `tls_cert_file`."""
+
+    tls_client_ca_file: Path | None = None
+    """PEM CA bundle; when set, clients must present a certificate signed by it (mTLS)."""
+
+    max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    """Largest single gRPC message accepted or sent; larger ones fail RESOURCE_EXHAUSTED."""
+
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    """How long in-flight RPCs may finish after a shutdown signal."""
+
+    otlp_endpoint: str = ""
+    """OTLP/gRPC collector for traces and metrics, e.g. http://127.0.0.1:4317; off when empty."""
+
+    log_level: str = "INFO"
+    """Root log level."""
+
+    consul_http_addr: str = Field(default="", validation_alias="CONSUL_HTTP_ADDR")
+    """Consul agent address (the standard CONSUL_HTTP_ADDR); static discovery when empty."""
+
+    consul_token: str = Field(default="", validation_alias="CONSUL_HTTP_TOKEN")
+    """Consul ACL token (the standard CONSUL_HTTP_TOKEN)."""
+
+    static_endpoints: str = Field(default="", validation_alias="MAAS_STATIC_ENDPOINTS")
+    """Static discovery: `registry=127.0.0.1:50051;inference=127.0.0.1:50054`."""
+
+    client_token_file: Path | None = None
+    """Token this service presents to the others; defaults to `<state_dir>/admin.token`."""
+
+    @property
+    def resolved_tokens_file(self) -> Path:
+        return self.tokens_file or self.state_dir / "tokens.json"
+
+    @property
+    def resolved_client_token_file(self) -> Path:
+        return self.client_token_file or self.state_dir / "admin.token"
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert_file is not None and self.tls_key_file is not None
+
+    def grpc_message_options(self) -> list[tuple[str, int]]:
+        return [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+        ]

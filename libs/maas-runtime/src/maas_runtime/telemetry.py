@@ -1,0 +1,86 @@
+"""OpenTelemetry wiring: tracer and meter providers, gRPC interceptors, W3C propagation.
+
+Providers are built by `Telemetry.create` in a service's `main()` (never at import) and
+handed to the server and to every client channel, so a trace started by a caller continues
+through each hop: client span → server span → downstream client span → Triton.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from opentelemetry import propagate
+from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
+from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanProcessor
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+W3C_PROPAGATOR = CompositePropagator([TraceContextTextMapPropagator()])
+
+
+@dataclass
+class Telemetry:
+    """The providers one service uses for its own spans and metrics."""
+
+    tracer_provider: TracerProvider
+    meter_provider: MeterProvider
+
+    @classmethod
+    def create(
+        cls,
+        service_name: str,
+        *,
+        otlp_endpoint: str = "",
+        span_processors: tuple[SpanProcessor, ...] = (),
+        metric_readers: tuple = (),
+    ) -> Telemetry:
+        """Providers for `service_name`; spans and metrics go to OTLP when an endpoint is set."""
+        resource = Resource.create({"service.name": service_name})
+        tracer_provider = TracerProvider(resource=resource)
+        for processor in span_processors:
+            tracer_provider.add_span_processor(processor)
+        readers = list(metric_readers)
+        if otlp_endpoint:
+            tracer_provider.add_span_processor(BatchSpanProcessor(_otlp_span_exporter(otlp_endpoint)))
+            readers.append(PeriodicExportingMetricReader(_otlp_metric_exporter(otlp_endpoint)))
+        # W3C trace context is the one wire format every hop (Triton included) understands.
+        propagate.set_global_textmap(W3C_PROPAGATOR)
+        return cls(tracer_provider, MeterProvider(resource=resource, metric_readers=readers))
+
+    def server_interceptor(self):
+        return aio_server_interceptor(tracer_provider=self.tracer_provider)
+
+    def client_interceptors(self) -> list:
+        return list(aio_client_interceptors(tracer_provider=self.tracer_provider))
+
+    def meter(self, name: str):
+        return self.meter_provider.get_meter(name)
+
+    def tracer(self, name: str):
+        return self.tracer_provider.get_tracer(name)
+
+    def shutdown(self) -> None:
+        self.tracer_provider.shutdown()
+        self.meter_provider.shutdown()
+
+
+def _otlp_span_exporter(endpoint: str) -> SpanExporter:
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+    return OTLPSpanExporter(endpoint=endpoint, insecure=endpoint.startswith("http://"))
+
+
+def _otlp_metric_exporter(endpoint: str):
+    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+    return OTLPMetricExporter(endpoint=endpoint, insecure=endpoint.startswith("http://"))
+
+
+def inject_trace_headers(carrier: dict[str, str]) -> dict[str, str]:
+    """Add `traceparent` (and `tracestate`) of the current span to an outgoing header map."""
+    W3C_PROPAGATOR.inject(carrier)
+    return carrier

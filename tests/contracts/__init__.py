@@ -1,0 +1,1 @@
+"""Contract checks: buf lint and breaking, stub freshness, and other languages' use of the protos."""

@@ -1,0 +1,147 @@
+"""Trace context crosses services (one span tree), logs carry the trace id, TLS works."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import subprocess
+
+import grpc
+import pytest
+from maas.inference.v1 import deployment_pb2, inference_service_pb2, inference_service_pb2_grpc
+from maas.registry.v1 import model_pb2, registry_service_pb2, registry_service_pb2_grpc
+from maas_runtime.client import open_channel
+from maas_runtime.logs import JsonFormatter
+from maas_runtime.server import ServiceBinding, ServiceServer
+from maas_runtime.settings import ServiceSettings
+from maas_runtime.telemetry import Telemetry
+from maas_runtime.tls import channel_credentials
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+
+class Registry(registry_service_pb2_grpc.RegistryServiceServicer):
+    async def GetModel(self, request, context):
+        logging.getLogger("maas.test.registry").info("looking up %s", request.name)
+        return model_pb2.Model(name=request.name)
+
+
+class Gateway(inference_service_pb2_grpc.InferenceServiceServicer):
+    """Calls the registry downstream, like the real inference service resolving a model."""
+
+    def __init__(self, registry_channel):
+        self._registry = registry_service_pb2_grpc.RegistryServiceStub(registry_channel)
+
+    async def GetDeployment(self, request, context):
+        model = await self._registry.GetModel(registry_service_pb2.GetModelRequest(name="models/m"))
+        return deployment_pb2.Deployment(name=request.name, model=model.name)
+
+
+async def test_trace_context_crosses_two_services(tmp_path):
+    exporter = InMemorySpanExporter()
+
+    def telemetry(name):
+        return Telemetry.create(name, span_processors=(SimpleSpanProcessor(exporter),))
+
+    registry_telemetry, gateway_telemetry, client_telemetry = (
+        telemetry("registry"), telemetry("inference"), telemetry("client"))
+    registry = ServiceServer(
+        "registry", ServiceSettings(state_dir=tmp_path), telemetry=registry_telemetry,
+        bindings=[ServiceBinding("maas.registry.v1.RegistryService", lambda s:
+                                 registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(
+                                     Registry(), s))])
+    registry_port = await registry.start()
+    token = (tmp_path / "admin.token").read_text().strip()
+    downstream = open_channel(f"127.0.0.1:{registry_port}", token=token,
+                              telemetry=gateway_telemetry)
+    gateway = ServiceServer(
+        "inference", ServiceSettings(state_dir=tmp_path), telemetry=gateway_telemetry,
+        bindings=[ServiceBinding("maas.inference.v1.InferenceService", lambda s:
+                                 inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(
+                                     Gateway(downstream), s))])
+    gateway_port = await gateway.start()
+    client = open_channel(f"127.0.0.1:{gateway_port}", token=token, telemetry=client_telemetry)
+    log_stream = io.StringIO()
+    handler = logging.StreamHandler(log_stream)
+    handler.setFormatter(JsonFormatter("registry"))
+    logging.getLogger("maas.test.registry").addHandler(handler)
+    logging.getLogger("maas.test.registry").setLevel(logging.INFO)
+    try:
+        reply = await inference_service_pb2_grpc.InferenceServiceStub(client).GetDeployment(
+            inference_service_pb2.GetDeploymentRequest(name="deployments/d"))
+        assert reply.model == "models/m"
+    finally:
+        logging.getLogger("maas.test.registry").removeHandler(handler)
+        await client.close()
+        await downstream.close()
+        await gateway.stop(0)
+        await registry.stop(0)
+
+    spans = exporter.get_finished_spans()
+    by_kind = {(s.resource.attributes["service.name"], s.kind): s for s in spans}
+    client_span = by_kind[("client", SpanKind.CLIENT)]
+    gateway_server = by_kind[("inference", SpanKind.SERVER)]
+    gateway_client = by_kind[("inference", SpanKind.CLIENT)]
+    registry_server = by_kind[("registry", SpanKind.SERVER)]
+    assert len({s.context.trace_id for s in spans}) == 1, "one trace across all hops"
+    assert gateway_server.parent.span_id == client_span.context.span_id
+    assert gateway_client.parent.span_id == gateway_server.context.span_id
+    assert registry_server.parent.span_id == gateway_client.context.span_id
+
+    log_line = json.loads(log_stream.getvalue().splitlines()[0])
+    assert log_line["message"] == "looking up models/m"
+    assert log_line["trace_id"] == format(registry_server.context.trace_id, "032x")
+    assert log_line["span_id"] == format(registry_server.context.span_id, "016x")
+
+
+def _make_certificates(directory):
+    """A CA, a server cert for 127.0.0.1/localhost and a client cert, with the openssl CLI."""
+    def run(*args):
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=maas-test-ca",
+        "-keyout", "ca.key", "-out", "ca.pem")
+    (directory / "san.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for name in ("server", "client"):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+            "-keyout", f"{name}.key", "-out", f"{name}.csr")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-extfile", "san.cnf", "-out", f"{name}.pem")
+    return directory
+
+
+@pytest.mark.parametrize("mutual", [False, True])
+async def test_tls_and_mutual_tls(tmp_path, mutual):
+    certs = _make_certificates(tmp_path)
+    settings = ServiceSettings(
+        state_dir=tmp_path / "state", auth_enabled=False,
+        tls_cert_file=certs / "server.pem", tls_key_file=certs / "server.key",
+        tls_client_ca_file=(certs / "ca.pem") if mutual else None)
+    server = ServiceServer("registry", settings, [ServiceBinding(
+        "maas.registry.v1.RegistryService",
+        lambda s: registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(Registry(), s))])
+    port = await server.start()
+    target = f"localhost:{port}"
+    request = registry_service_pb2.GetModelRequest(name="models/tls")
+    try:
+        with_cert = channel_credentials(certs / "ca.pem", certs / "client.pem", certs / "client.key")
+        async with open_channel(target, credentials=with_cert) as channel:
+            reply = await registry_service_pb2_grpc.RegistryServiceStub(channel).GetModel(request)
+            assert reply.name == "models/tls"
+        async with grpc.aio.insecure_channel(target) as plaintext:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await registry_service_pb2_grpc.RegistryServiceStub(plaintext).GetModel(
+                    request, timeout=2)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        async with open_channel(target, credentials=channel_credentials(certs / "ca.pem")) as no_cert:
+            call = registry_service_pb2_grpc.RegistryServiceStub(no_cert).GetModel(request, timeout=2)
+            if mutual:
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await call
+                assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            else:
+                assert (await call).name == "models/tls"
+    finally:
+        await server.stop(0)
