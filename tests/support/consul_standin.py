@@ -18,7 +18,9 @@ Like the agent it really runs each gRPC check - ``grpc.health.v1.Health/Check`` 
 starts ``critical``; each status change bumps the index and wakes blocking queries;
 and services critical for longer than ``DeregisterCriticalServiceAfter`` are reaped.
 Only gRPC checks are supported: a registration with any other check type is refused
-with 400 rather than accepted and silently never checked.
+with 400 rather than accepted and silently never checked. ``GRPCUseTLS`` probes verify
+the server against the default roots; ``TLSSkipVerify`` is accepted but cannot be
+honoured (gRPC Python has no switch for it), so such a check stays critical.
 """
 
 from __future__ import annotations
@@ -148,6 +150,7 @@ class ConsulStandIn:
         self._index = 1
         self._services: dict[str, _Service] = {}
         self._checks: dict[str, _Check] = {}
+        self._health_queries: list[tuple[str, dict[str, list[str]]]] = []
         self._stopping = threading.Event()
         self._server: ThreadingHTTPServer | None = None
         self._threads: list[threading.Thread] = []
@@ -160,11 +163,19 @@ class ConsulStandIn:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
 
+    @property
+    def health_queries(self) -> list[tuple[str, dict[str, list[str]]]]:
+        """Every ``/v1/health/service`` request so far, as (service, query parameters)."""
+        with self._state_changed:
+            return list(self._health_queries)
+
     def start(self) -> ConsulStandIn:
         """Listen on 127.0.0.1 on a free port and start the critical-service reaper."""
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._server.daemon_threads = True
-        self._start_thread(self._server.serve_forever, "consul-standin-http")
+        self._start_thread(
+            lambda: self._server.serve_forever(poll_interval=0.05), "consul-standin-http"
+        )
         self._start_thread(self._reap_critical_services, "consul-standin-reaper")
         return self
 
@@ -259,6 +270,8 @@ class ConsulStandIn:
     def health_of_service(
         self, name: str, query: Mapping[str, list[str]]
     ) -> tuple[int, list[dict[str, Any]]]:
+        with self._state_changed:
+            self._health_queries.append((name, dict(query)))
         unsupported = set(query) - _HEALTH_QUERY_PARAMETERS
         if unsupported:
             raise _BadRequest(f"the Consul stand-in does not implement {sorted(unsupported)}")
@@ -540,9 +553,7 @@ def _handler_for(agent: ConsulStandIn) -> type[BaseHTTPRequestHandler]:
             except _BadRequest as error:
                 self._send(error.status, str(error).encode(), "text/plain; charset=utf-8")
 
-        def _route(
-            self, method: str, path: str, query: dict[str, list[str]], body: bytes
-        ) -> None:
+        def _route(self, method: str, path: str, query: dict[str, list[str]], body: bytes) -> None:
             routes = {
                 "/v1/agent/service/register": "PUT",
                 "/v1/agent/service/deregister/": "PUT",

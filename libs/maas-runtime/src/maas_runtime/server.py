@@ -59,6 +59,8 @@ class ServiceServer:
     discovery: object | None = None
     """A `maas_runtime.discovery.ServiceDiscovery`, or None to skip registration."""
     extra_interceptors: Iterable[grpc.aio.ServerInterceptor] = ()
+    on_start: list[Callable] = field(default_factory=list)
+    """Async callbacks run once the server is serving (background loops, supervisors)."""
     on_stop: list[Callable] = field(default_factory=list)
     """Async callbacks run after the server stopped (close stores, stop subprocesses)."""
 
@@ -119,6 +121,8 @@ class ServiceServer:
         for health_name in ("", self.name, *service_names):
             await self.health.set(health_name, SERVING)
         self._stopped = asyncio.Event()
+        for callback in self.on_start:
+            await callback()
         if self.discovery is not None:
             self._instance_id = await self.discovery.register(
                 self.name, self.settings.advertise_host or self.settings.host, self.port,

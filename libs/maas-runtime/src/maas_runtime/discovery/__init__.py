@@ -26,6 +26,14 @@ from maas_runtime.discovery.consul import (
 )
 from maas_runtime.discovery.static import StaticDiscovery, parse_static_endpoints
 
+
+def discovery_from_settings(settings) -> ServiceDiscovery:
+    """Consul when `CONSUL_HTTP_ADDR` is set, else the static list (one machine)."""
+    if settings.consul_http_addr:
+        return ConsulDiscovery(settings.consul_http_addr, token=settings.consul_token or None)
+    return StaticDiscovery.from_spec(settings.static_endpoints)
+
+
 __all__ = [
     "ConsulAddress",
     "ConsulDiscovery",
@@ -36,6 +44,7 @@ __all__ = [
     "NoHealthyEndpoints",
     "ServiceDiscovery",
     "StaticDiscovery",
+    "discovery_from_settings",
     "go_duration",
     "instance_id_for",
     "parse_consul_address",

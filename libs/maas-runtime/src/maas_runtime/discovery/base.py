@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
+from maas_runtime.errors import MaasError, Unavailable
+
 __all__ = [
     "DiscoveryError",
     "DiscoveryUnavailable",
@@ -27,21 +29,30 @@ __all__ = [
 ]
 
 
-class DiscoveryError(Exception):
+class DiscoveryError(MaasError):
     """Base class for every failure raised by the discovery library."""
 
+    default_reason = "DISCOVERY_FAILED"
 
-class DiscoveryUnavailable(DiscoveryError):
+
+class DiscoveryUnavailable(DiscoveryError, Unavailable):
     """The discovery backend itself (e.g. the Consul agent) could not be reached."""
 
+    code = Unavailable.code
+    default_reason = "DISCOVERY_UNAVAILABLE"
 
-class NoHealthyEndpoints(DiscoveryError):
+
+class NoHealthyEndpoints(DiscoveryError, Unavailable):
     """No instance of a service is currently passing its health check."""
+
+    code = Unavailable.code
+    default_reason = "NO_HEALTHY_ENDPOINTS"
 
     def __init__(self, service: str) -> None:
         super().__init__(
             f"no healthy endpoint is registered for service {service!r}; "
-            "it is not running, not registered, or failing its gRPC health check"
+            "it is not running, not registered, or failing its gRPC health check",
+            metadata={"service": service},
         )
         self.service = service
 

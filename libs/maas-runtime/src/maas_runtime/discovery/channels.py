@@ -82,7 +82,8 @@ class DiscoveredChannel:
         ``credentials`` selects a secure channel (insecure when ``None``). ``options``
         are passed to every channel created; the round_robin policy is added unless
         they already name one. ``close_grace_seconds`` is how long a replaced channel
-        keeps serving the RPCs that were in flight on it.
+        stays open (for RPCs in flight on it, or stubs pinned with
+        :meth:`current_stub`), and how long closing waits for in-flight RPCs.
         """
         self._discovery = discovery
         self._service = service
@@ -97,7 +98,7 @@ class DiscoveredChannel:
         self._stubs: dict[Callable[[grpc.aio.Channel], Any], Any] = {}
         self._watch_task: asyncio.Task[None] | None = None
         self._first_answer = asyncio.Event()
-        self._closing_channels: set[asyncio.Task[None]] = set()
+        self._retiring_channels: set[asyncio.Task[None]] = set()
 
     @property
     def service(self) -> str:
@@ -146,9 +147,12 @@ class DiscoveredChannel:
             self._watch_task = None
         channel, self._channel = self._channel, None
         self._endpoints, self._stubs = (), {}
+        # Retiring channels skip the rest of their wait and close (gracefully) now.
+        for retiring in self._retiring_channels:
+            retiring.cancel()
+        await asyncio.gather(*self._retiring_channels, return_exceptions=True)
         if channel is not None:
-            self._close_later(channel)
-        await asyncio.gather(*self._closing_channels)
+            await channel.close(grace=self._close_grace_seconds)
 
     def stub(self, stub_class: Callable[[grpc.aio.Channel], _Stub]) -> _Stub:
         """A stub whose every RPC goes through whichever channel is current.
@@ -204,7 +208,7 @@ class DiscoveredChannel:
         previous, self._channel = self._channel, replacement
         self._endpoints, self._stubs = wanted, {}
         if previous is not None:
-            self._close_later(previous)
+            self._retire(previous)
         logger.info(
             "channel to %r now spans %s",
             self._service,
@@ -221,10 +225,17 @@ class DiscoveredChannel:
             target, self._credentials, options=self._options, interceptors=self._interceptors
         )
 
-    def _close_later(self, channel: grpc.aio.Channel) -> None:
-        closing = asyncio.create_task(channel.close(grace=self._close_grace_seconds))
-        self._closing_channels.add(closing)
-        closing.add_done_callback(self._closing_channels.discard)
+    def _retire(self, channel: grpc.aio.Channel) -> None:
+        retiring = asyncio.create_task(self._close_after_grace(channel))
+        self._retiring_channels.add(retiring)
+        retiring.add_done_callback(self._retiring_channels.discard)
+
+    async def _close_after_grace(self, channel: grpc.aio.Channel) -> None:
+        try:
+            await asyncio.sleep(self._close_grace_seconds)
+        finally:
+            # close(grace) returns as soon as no RPC is active, so idle channels go at once.
+            await channel.close(grace=self._close_grace_seconds)
 
 
 async def _with_names_resolved(endpoints: Sequence[Endpoint]) -> list[Endpoint]:

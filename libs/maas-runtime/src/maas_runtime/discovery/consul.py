@@ -13,6 +13,7 @@ never block on an index below 1, and rate-limit the loop with a small token buck
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -170,17 +171,13 @@ class ConsulDiscovery(ServiceDiscovery):
         return instance_id
 
     async def deregister(self, instance_id: str) -> None:
-        removed = await self._call(
-            lambda client: client.agent.service.deregister(instance_id)
-        )
+        removed = await self._call(lambda client: client.agent.service.deregister(instance_id))
         if not removed:
             # The agent answers 404 for an unknown id; the goal state is reached anyway.
             logger.debug("Consul did not know instance %s; nothing to deregister", instance_id)
 
     async def resolve(self, service: str) -> list[Endpoint]:
-        _, entries = await self._call(
-            lambda client: client.health.service(service, passing=True)
-        )
+        _, entries = await self._call(lambda client: client.health.service(service, passing=True))
         return _endpoints_of(entries)
 
     async def watch(self, service: str) -> AsyncIterator[list[Endpoint]]:
@@ -195,7 +192,8 @@ class ConsulDiscovery(ServiceDiscovery):
                 await limiter.acquire()
                 try:
                     returned_index, entries = await _run_in_daemon_thread(
-                        lambda: client.health.service(
+                        functools.partial(
+                            client.health.service,
                             service,
                             passing=True,
                             # index 0 means "answer now"; py-consul omits a falsy index.
