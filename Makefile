@@ -10,7 +10,7 @@ API_OUT := libs/maas-api/src
 NODE_TOOLS := tools/node_modules/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install proto proto-check lint test bench demo clean
+.PHONY: install proto proto-check proto-breaking kserve-descriptors lint test bench demo clean
 
 install: $(VENV)/.installed $(NODE_TOOLS) $(VENV)/.system-tools
 
@@ -30,8 +30,11 @@ $(NODE_TOOLS): tools/package.json
 # Debian's protoc with its matching C++ headers and Java runtime: used only to prove that the
 # contracts also generate and compile for other languages.
 $(VENV)/.system-tools:
-	command -v protoc >/dev/null && test -f /usr/share/java/protobuf.jar || \
-		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq protobuf-compiler libprotobuf-dev libprotobuf-java >/dev/null; }
+	command -v protoc >/dev/null && test -f /usr/include/google/protobuf/descriptor.pb.h && \
+		test -f /usr/share/java/protobuf.jar && command -v javac >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			protobuf-compiler libprotobuf-dev libprotobuf-java default-jdk-headless g++ pkg-config \
+			>/dev/null; }
 	touch $@
 
 proto: $(VENV)/.installed
@@ -40,11 +43,21 @@ proto: $(VENV)/.installed
 proto-check: $(VENV)/.installed
 	$(PY) tools/gen_protos.py --check --out $(API_OUT)
 
+# Compatibility of protos/ with the previous commit (needs full history, not a shallow clone).
+# Before committing: make proto-breaking AGAINST=HEAD; for a pull request: AGAINST=origin/main.
+AGAINST ?= HEAD~1
+proto-breaking: $(NODE_TOOLS) $(VENV)/.installed
+	$(PY) tools/contracts/buf_breaking.py --against $(AGAINST)
+
+# The standard KServe-v2 contract, exported from tritonclient's stubs for other languages.
+kserve-descriptors: $(VENV)/.installed
+	$(PY) tools/contracts/export_kserve_descriptors.py --out build/kserve/grpc_service.binpb
+
 lint: install
 	$(VENV)/bin/ruff check libs services tests tools
 	cd protos && ../tools/node_modules/.bin/buf lint
 
-test: install proto-check lint
+test: install proto-check lint proto-breaking
 	$(PY) -m pytest -q tests
 
 bench: install

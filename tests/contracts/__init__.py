@@ -1,1 +1,1 @@
-"""Contract checks: buf lint and breaking, stub freshness, and other languages' use of the protos."""
+"""Contract checks: buf lint and breaking, stub freshness, use of the protos by other languages."""

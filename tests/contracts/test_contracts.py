@@ -1,8 +1,9 @@
 """The contracts in protos/ hold up outside Python and over time.
 
-Each check runs the real tool (buf, Debian's protoc + g++ + javac, node with grpc-js) through
-the scripts in tools/contracts/, and each has a counterpart that feeds it a broken input and
-asserts that it fails, so none of them passes vacuously.
+Each check runs the real tool (buf, Debian's protoc + g++ + javac, node with grpc-js), mostly
+through the scripts in tools/contracts/. Every gate (lint, breaking, stub freshness, C++/Java
+compilation, the Node call) also gets a broken input and must fail on it, so none of them
+passes vacuously.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool
-
 from maas.registry.v1 import model_pb2, registry_service_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]
@@ -118,7 +118,10 @@ GIT_ENV = {
 def git(repo: Path, *args: str) -> None:
     subprocess.run(
         ["git", "-c", "commit.gpgsign=false", "-c", "init.defaultBranch=main", *args],
-        cwd=repo, env=GIT_ENV, check=True, capture_output=True,
+        cwd=repo,
+        env=GIT_ENV,
+        check=True,
+        capture_output=True,
     )
 
 
@@ -235,7 +238,9 @@ def test_breaking_refuses_a_shallow_clone_missing_the_previous_commit(contract_r
     shallow = tmp_path / "shallow"
     subprocess.run(
         ["git", "clone", "-q", "--depth", "1", contract_repo.as_uri(), str(shallow)],
-        check=True, capture_output=True, env=GIT_ENV,
+        check=True,
+        capture_output=True,
+        env=GIT_ENV,
     )
 
     result = buf_breaking(shallow)
@@ -247,9 +252,9 @@ def test_breaking_refuses_a_shallow_clone_missing_the_previous_commit(contract_r
 # --- C++ and Java from Debian's protoc ------------------------------------------------------
 
 
-def cross_language(*args: str | Path) -> subprocess.CompletedProcess:
-    require("protoc", "g++", "javac", "pkg-config")
-    return run(sys.executable, CONTRACT_TOOLS / "cross_language.py", "--protoc", "protoc", *args)
+def cross_language(*args: str | Path, protoc: str | Path = "protoc") -> subprocess.CompletedProcess:
+    require(protoc, "g++", "javac", "pkg-config")
+    return run(sys.executable, CONTRACT_TOOLS / "cross_language.py", "--protoc", protoc, *args)
 
 
 @pytest.mark.slow
@@ -257,7 +262,8 @@ def test_contracts_generate_and_compile_for_cpp_and_java(tmp_path):
     result = cross_language("--work-dir", tmp_path, "--jobs", "2")
 
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.startswith("libprotoc 3.21"), result.stdout  # Debian's, matching headers
+    headers = run("pkg-config", "--modversion", "protobuf").stdout.strip()
+    assert result.stdout.startswith(f"libprotoc {headers}:"), result.stdout  # Debian's, matching
     assert (tmp_path / "cpp/maas/common/v1/access.pb.h").exists()  # the MethodOptions extension
     registry_classes = tmp_path / "classes/dev/maas/registry/v1"
     assert (registry_classes / "Model.class").exists()
@@ -268,6 +274,18 @@ def one_file_proto_root(tmp_path: Path, body: str) -> Path:
     (root / "probe").mkdir(parents=True)
     (root / "probe/probe.proto").write_text(f'syntax = "proto3";\npackage probe;\n{body}')
     return root
+
+
+def test_cross_language_check_refuses_a_protoc_of_another_release(tmp_path):
+    # grpcio-tools bundles a newer protoc; its C++ would not compile against Debian's headers.
+    other_protoc = tmp_path / "protoc"
+    other_protoc.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m grpc_tools.protoc "$@"\n')
+    other_protoc.chmod(0o755)
+
+    result = cross_language(protoc=other_protoc)
+
+    assert result.returncode == 1
+    assert "but the protobuf headers are" in result.stderr
 
 
 def test_cross_language_check_fails_when_cpp_does_not_compile(tmp_path):
@@ -298,17 +316,13 @@ def test_cross_language_check_fails_when_java_does_not_compile(tmp_path):
 @pytest.fixture
 def kserve_descriptor_set(tmp_path) -> Path:
     out = tmp_path / "kserve.binpb"
-    result = run(
-        sys.executable, CONTRACT_TOOLS / "export_kserve_descriptors.py", "--out", out
-    )
+    result = run(sys.executable, CONTRACT_TOOLS / "export_kserve_descriptors.py", "--out", out)
     assert result.returncode == 0, result.stdout + result.stderr
     return out
 
 
 def test_kserve_descriptor_set_holds_the_inference_service(kserve_descriptor_set):
-    descriptor_set = descriptor_pb2.FileDescriptorSet.FromString(
-        kserve_descriptor_set.read_bytes()
-    )
+    descriptor_set = descriptor_pb2.FileDescriptorSet.FromString(kserve_descriptor_set.read_bytes())
     # A fresh pool accepts each file only after its imports: proves order and completeness.
     pool = descriptor_pool.DescriptorPool()
     for file in descriptor_set.file:
@@ -328,8 +342,11 @@ def test_protoc_generates_cpp_from_the_kserve_descriptor_set(kserve_descriptor_s
     out.mkdir()
 
     generated = run(
-        "protoc", f"--descriptor_set_in={kserve_descriptor_set}", f"--cpp_out={out}",
-        "grpc_service.proto", "model_config.proto",
+        "protoc",
+        f"--descriptor_set_in={kserve_descriptor_set}",
+        f"--cpp_out={out}",
+        "grpc_service.proto",
+        "model_config.proto",
     )
     assert generated.returncode == 0, generated.stderr
     compiled = run("g++", "-std=c++17", "-fsyntax-only", f"-I{out}", out / "grpc_service.pb.cc")
@@ -347,9 +364,12 @@ async def run_node(tmp_path: Path, script: str, *args: str) -> dict:
     path = tmp_path / "client.js"
     path.write_text(script)
     process = await asyncio.create_subprocess_exec(
-        "node", str(path), *args,
+        "node",
+        str(path),
+        *args,
         env={**os.environ, "NODE_PATH": str(NODE_MODULES)},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
     assert process.returncode == 0, stderr.decode()

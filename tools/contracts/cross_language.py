@@ -25,6 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 PROTO_ROOT = REPO / "protos"
 DEFAULT_PROTOBUF_JAR = Path("/usr/share/java/protobuf.jar")
+INSTALL_HINT = "apt-get install protobuf-compiler libprotobuf-dev libprotobuf-java"
 
 
 class CompileError(RuntimeError):
@@ -40,13 +41,35 @@ def run(cmd: list[str], what: str) -> None:
         raise CompileError(f"{what} failed ({shlex.join(cmd[:3])} ...):\n{head}")
 
 
-def protobuf_cflags() -> list[str]:
-    result = subprocess.run(
-        ["pkg-config", "--cflags", "protobuf"], capture_output=True, text=True, check=False
-    )
+def run_output(cmd: list[str], what: str) -> str:
+    result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
-        raise CompileError("pkg-config knows no protobuf; install libprotobuf-dev")
-    return shlex.split(result.stdout)
+        raise CompileError(f"{what} failed: {result.stderr.strip()}; {INSTALL_HINT}")
+    return result.stdout.strip()
+
+
+def protobuf_cflags() -> list[str]:
+    return shlex.split(run_output(["pkg-config", "--cflags", "protobuf"], "pkg-config"))
+
+
+def version_numbers(text: str) -> tuple[int, ...]:
+    """(3, 21, 12) of "libprotoc 3.21.12"; trailing zeros dropped so 29.3 equals 29.3.0."""
+    numbers = [int(part) for part in text.split()[-1].split(".") if part.isdigit()]
+    while numbers and numbers[-1] == 0:
+        numbers.pop()
+    return tuple(numbers)
+
+
+def matching_versions(protoc: str) -> str:
+    """protoc's version, after checking the C++ headers are of the same release."""
+    protoc_version = run_output([protoc, "--version"], "protoc --version")
+    headers_version = run_output(["pkg-config", "--modversion", "protobuf"], "pkg-config")
+    if version_numbers(protoc_version) != version_numbers(headers_version):
+        raise CompileError(
+            f"{protoc} is {protoc_version} but the protobuf headers are {headers_version}; "
+            "generated code only compiles against its own release: use the system protoc"
+        )
+    return protoc_version
 
 
 def generate(protoc: str, proto_root: Path, include: Path, cpp_out: Path, java_out: Path) -> None:
@@ -56,8 +79,14 @@ def generate(protoc: str, proto_root: Path, include: Path, cpp_out: Path, java_o
     cpp_out.mkdir(parents=True, exist_ok=True)
     java_out.mkdir(parents=True, exist_ok=True)
     run(
-        [protoc, f"-I{proto_root}", f"-I{include}", f"--cpp_out={cpp_out}",
-         f"--java_out={java_out}", *protos],
+        [
+            protoc,
+            f"-I{proto_root}",
+            f"-I{include}",
+            f"--cpp_out={cpp_out}",
+            f"--java_out={java_out}",
+            *protos,
+        ],
         "protoc",
     )
 
@@ -85,11 +114,20 @@ def compile_java(java_out: Path, classes_out: Path, protobuf_jar: Path) -> int:
     if not sources:
         raise CompileError(f"protoc wrote no .java files into {java_out}")
     if not protobuf_jar.exists():
-        raise CompileError(f"{protobuf_jar} missing; install libprotobuf-java")
+        raise CompileError(f"{protobuf_jar} missing; {INSTALL_HINT}")
     classes_out.mkdir(parents=True, exist_ok=True)
     run(
-        ["javac", "-nowarn", "-encoding", "UTF-8", "-cp", str(protobuf_jar),
-         "-d", str(classes_out), *sources],
+        [
+            "javac",
+            "-nowarn",
+            "-encoding",
+            "UTF-8",
+            "-cp",
+            str(protobuf_jar),
+            "-d",
+            str(classes_out),
+            *sources,
+        ],
         "javac",
     )
     return len(sources)
@@ -106,7 +144,8 @@ def check(
     """Generate into work_dir and compile; return a summary or raise CompileError."""
     protoc_path = shutil.which(protoc)
     if protoc_path is None:
-        raise CompileError(f"{protoc} not found; install protobuf-compiler")
+        raise CompileError(f"{protoc} not found; {INSTALL_HINT}")
+    version = matching_versions(protoc_path)
     if include is None:
         include = Path(protoc_path).resolve().parent.parent / "include"
     cpp_out, java_out = work_dir / "cpp", work_dir / "java"
@@ -116,10 +155,8 @@ def check(
         java_done = java_pool.submit(compile_java, java_out, work_dir / "classes", protobuf_jar)
         cpp_count = compile_cpp(cpp_out, jobs)
         java_count = java_done.result()
-    version = subprocess.run([protoc_path, "--version"], capture_output=True, text=True)
     return (
-        f"{version.stdout.strip()}: {cpp_count} C++ sources and {java_count} Java sources "
-        "generated and compiled"
+        f"{version}: {cpp_count} C++ sources and {java_count} Java sources generated and compiled"
     )
 
 

@@ -1,0 +1,1 @@
+"""MaaS registry service: the system of record for models and datasets."""

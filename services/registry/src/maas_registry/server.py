@@ -1,0 +1,113 @@
+"""Composition root of the registry: settings → store, blobs, domain → gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+from pathlib import Path
+
+from maas.registry.v1 import registry_service_pb2_grpc
+
+from maas_formats import validate_dataset, validate_model_artifact
+from maas_registry.blobs import BlobStore
+from maas_registry.database import create_database_engine, migrate
+from maas_registry.registry import Registry, RegistryLimits
+from maas_registry.servicer import RegistryServicer
+from maas_registry.settings import RegistrySettings
+from maas_registry.store import SqlRegistryStore
+from maas_runtime.logs import configure_logging
+from maas_runtime.pagination import PageTokenCodec
+from maas_runtime.server import ServiceBinding, ServiceServer
+from maas_runtime.telemetry import Telemetry
+
+_log = logging.getLogger(__name__)
+SERVICE_NAME = "maas.registry.v1.RegistryService"
+
+
+def _page_token_secret(path: Path) -> bytes:
+    """Shared by replicas through the state directory; created once with mode 0600."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_hex(32))
+    return bytes.fromhex(path.read_text().strip())
+
+
+def build_registry(settings: RegistrySettings) -> tuple[Registry, SqlRegistryStore]:
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    url = settings.database_url or f"sqlite:///{settings.state_dir.resolve() / 'registry.db'}"
+    engine = create_database_engine(url)
+    migrate(engine)
+    store = SqlRegistryStore(engine)
+    blobs = BlobStore(Path(settings.blob_dir) if settings.blob_dir else settings.state_dir / "blobs")
+    secret_file = (Path(settings.page_token_secret_file) if settings.page_token_secret_file
+                   else settings.state_dir / "page-token.key")
+    limits = RegistryLimits(
+        max_artifact_bytes=settings.max_artifact_bytes,
+        download_chunk_bytes=settings.download_chunk_bytes,
+        gc_grace_seconds=settings.gc_grace_seconds,
+        event_poll_seconds=settings.event_poll_seconds)
+    registry = Registry(store, blobs, PageTokenCodec(_page_token_secret(secret_file)), limits,
+                        validate_model_artifact, validate_dataset)
+    return registry, store
+
+
+def build_server(settings: RegistrySettings, telemetry: Telemetry | None = None,
+                 discovery=None) -> ServiceServer:
+    registry, _ = build_registry(settings)
+    servicer = RegistryServicer(registry)
+    server = ServiceServer(
+        "registry", settings,
+        [ServiceBinding(SERVICE_NAME, lambda s:
+                        registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(servicer,
+                                                                                        s))],
+        telemetry=telemetry, discovery=discovery)
+    collector = _PeriodicCollection(registry, settings.gc_interval_seconds)
+    server.on_start.append(collector.start)
+    server.on_stop.append(collector.stop)
+    return server
+
+
+class _PeriodicCollection:
+    """Collects unreferenced blobs at start-up (after a crash) and then periodically."""
+
+    def __init__(self, registry: Registry, interval_seconds: float):
+        self._registry = registry
+        self._interval = interval_seconds
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self._registry.collect_garbage()
+            except Exception:
+                _log.exception("blob collection failed")
+            await asyncio.sleep(self._interval)
+
+
+def main() -> None:
+    settings = RegistrySettings()
+    configure_logging("registry", settings.log_level)
+    telemetry = Telemetry.create("registry", otlp_endpoint=settings.otlp_endpoint)
+    from maas_runtime.discovery import discovery_from_settings
+
+    server = build_server(settings, telemetry, discovery_from_settings(settings))
+    asyncio.run(server.serve_until_signal())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""gRPC servicer of `maas.registry.v1.RegistryService`: convert, call the domain, convert back."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from google.protobuf import empty_pb2, json_format
+from maas.registry.v1 import (
+    audit_pb2,
+    dataset_pb2,
+    model_pb2,
+    registry_service_pb2,
+    registry_service_pb2_grpc,
+)
+
+from maas_registry.registry import Registry
+from maas_runtime.auth import current_principal
+from maas_runtime.errors import InvalidArgument
+
+_LINEAGE_DIRECTIONS = {0: "both", 1: "ancestors", 2: "descendants", 3: "both"}
+
+
+def to_message(resource: dict, message_type):
+    return json_format.ParseDict(resource, message_type(), ignore_unknown_fields=True)
+
+
+def to_dict(message) -> dict:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+async def _upload_parts(requests: AsyncIterator, header_field: str):
+    """Split an upload stream into its header and an async iterator over the chunks."""
+    first = await anext(aiter(requests), None)
+    if first is None or first.WhichOneof("content") != "header":
+        raise InvalidArgument.for_field("header", "the first message must be the header",
+                                        reason="CHUNK_BEFORE_HEADER")
+
+    async def chunks():
+        async for message in requests:
+            if message.WhichOneof("content") != "chunk":
+                raise InvalidArgument.for_field("header", "the header may only be sent once",
+                                                reason="HEADER_TWICE")
+            yield message.chunk
+
+    return first.header, chunks()
+
+
+async def _stream_chunks(header, chunks, response_type) -> AsyncIterator:
+    yield response_type(header=header)
+    iterator = iter(chunks)
+    while chunk := await asyncio.to_thread(next, iterator, b""):
+        yield response_type(chunk=chunk)
+
+
+class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
+    """Thin adapter: every method validates via the domain and converts resources."""
+
+    def __init__(self, registry: Registry):
+        self._registry = registry
+
+    async def CreateModel(self, request, context):
+        model = await self._registry.create_model(request.model_id, to_dict(request.model),
+                                                  current_principal())
+        return to_message(model, model_pb2.Model)
+
+    async def GetModel(self, request, context):
+        return to_message(await self._registry.get_model(request.name, current_principal()),
+                          model_pb2.Model)
+
+    async def ListModels(self, request, context):
+        result = await self._registry.list_models(request.page_size, request.page_token,
+                                                  request.filter, current_principal())
+        return registry_service_pb2.ListModelsResponse(
+            models=[to_message(m, model_pb2.Model) for m in result.items],
+            next_page_token=result.next_page_token)
+
+    async def UpdateModel(self, request, context):
+        model = await self._registry.update_model(
+            to_dict(request.model), list(request.update_mask.paths), current_principal())
+        return to_message(model, model_pb2.Model)
+
+    async def DeleteModel(self, request, context):
+        await self._registry.delete_model(request.name, request.force, request.etag,
+                                          current_principal())
+        return empty_pb2.Empty()
+
+    async def UploadModelVersion(self, request_iterator, context):
+        header, chunks = await _upload_parts(request_iterator, "header")
+        version = await self._registry.upload_model_version(
+            header.parent, to_dict(header.model_version), header.expected_sha256,
+            header.size_bytes, chunks, current_principal())
+        return to_message(version, model_pb2.ModelVersion)
+
+    async def GetModelVersion(self, request, context):
+        version = await self._registry.get_model_version(request.name, current_principal())
+        return to_message(version, model_pb2.ModelVersion)
+
+    async def ListModelVersions(self, request, context):
+        result = await self._registry.list_model_versions(
+            request.parent, request.page_size, request.page_token, request.filter,
+            current_principal())
+        return registry_service_pb2.ListModelVersionsResponse(
+            model_versions=[to_message(v, model_pb2.ModelVersion) for v in result.items],
+            next_page_token=result.next_page_token)
+
+    async def UpdateModelVersion(self, request, context):
+        version = await self._registry.update_model_version(
+            to_dict(request.model_version), list(request.update_mask.paths), current_principal())
+        return to_message(version, model_pb2.ModelVersion)
+
+    async def DeleteModelVersion(self, request, context):
+        await self._registry.delete_model_version(request.name, request.force,
+                                                  current_principal())
+        return empty_pb2.Empty()
+
+    async def DownloadModelVersion(self, request, context):
+        version, chunks = await self._registry.download_model_version(
+            request.name, request.offset, current_principal())
+        async for message in _stream_chunks(to_message(version, model_pb2.ModelVersion), chunks,
+                                            registry_service_pb2.DownloadModelVersionResponse):
+            yield message
+
+    async def SetModelAlias(self, request, context):
+        expected = request.expected_version if request.HasField("expected_version") else None
+        alias = await self._registry.set_alias(request.name, request.version, expected,
+                                               current_principal())
+        return to_message(alias, model_pb2.ModelAlias)
+
+    async def DeleteModelAlias(self, request, context):
+        await self._registry.delete_alias(request.name, current_principal())
+        return empty_pb2.Empty()
+
+    async def ListModelAliases(self, request, context):
+        aliases = await self._registry.list_aliases(request.parent, current_principal())
+        return registry_service_pb2.ListModelAliasesResponse(
+            aliases=[to_message(a, model_pb2.ModelAlias) for a in aliases])
+
+    async def CreateDataset(self, request, context):
+        dataset = await self._registry.create_dataset(
+            request.dataset_id, to_dict(request.dataset), current_principal())
+        return to_message(dataset, dataset_pb2.Dataset)
+
+    async def GetDataset(self, request, context):
+        return to_message(await self._registry.get_dataset(request.name), dataset_pb2.Dataset)
+
+    async def ListDatasets(self, request, context):
+        result = await self._registry.list_datasets(request.page_size, request.page_token,
+                                                    request.filter)
+        return registry_service_pb2.ListDatasetsResponse(
+            datasets=[to_message(d, dataset_pb2.Dataset) for d in result.items],
+            next_page_token=result.next_page_token)
+
+    async def UpdateDataset(self, request, context):
+        dataset = await self._registry.update_dataset(
+            to_dict(request.dataset), list(request.update_mask.paths), current_principal())
+        return to_message(dataset, dataset_pb2.Dataset)
+
+    async def DeleteDataset(self, request, context):
+        await self._registry.delete_dataset(request.name, request.force, current_principal())
+        return empty_pb2.Empty()
+
+    async def UploadDatasetVersion(self, request_iterator, context):
+        header, chunks = await _upload_parts(request_iterator, "header")
+        version = await self._registry.upload_dataset_version(
+            header.parent, to_dict(header.dataset_version), header.expected_sha256,
+            header.size_bytes, chunks, current_principal())
+        return to_message(version, dataset_pb2.DatasetVersion)
+
+    async def GetDatasetVersion(self, request, context):
+        return to_message(await self._registry.get_dataset_version(request.name),
+                          dataset_pb2.DatasetVersion)
+
+    async def ListDatasetVersions(self, request, context):
+        result = await self._registry.list_dataset_versions(
+            request.parent, request.page_size, request.page_token, request.filter)
+        return registry_service_pb2.ListDatasetVersionsResponse(
+            dataset_versions=[to_message(v, dataset_pb2.DatasetVersion) for v in result.items],
+            next_page_token=result.next_page_token)
+
+    async def DeleteDatasetVersion(self, request, context):
+        await self._registry.delete_dataset_version(request.name, current_principal())
+        return empty_pb2.Empty()
+
+    async def DownloadDatasetVersion(self, request, context):
+        version, chunks = await self._registry.download_dataset_version(request.name,
+                                                                        request.offset)
+        async for message in _stream_chunks(to_message(version, dataset_pb2.DatasetVersion),
+                                            chunks,
+                                            registry_service_pb2.DownloadDatasetVersionResponse):
+            yield message
+
+    async def GetLineage(self, request, context):
+        graph = await self._registry.get_lineage(
+            request.name, _LINEAGE_DIRECTIONS[request.direction], request.max_depth,
+            current_principal())
+        return to_message(graph, audit_pb2.LineageGraph)
+
+    async def ListAuditEvents(self, request, context):
+        result = await self._registry.list_audit_events(request.page_size, request.page_token,
+                                                        request.filter)
+        return registry_service_pb2.ListAuditEventsResponse(
+            audit_events=[to_message(e, audit_pb2.AuditEvent) for e in result.items],
+            next_page_token=result.next_page_token)
+
+    async def WatchEvents(self, request, context):
+        types = [audit_pb2.EventType.Name(t) for t in request.types]
+        async for event in self._registry.watch_events(request.after_event_id,
+                                                       request.resource_prefix, types):
+            yield to_message(event, audit_pb2.RegistryEvent)

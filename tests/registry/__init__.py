@@ -1,0 +1,1 @@
+"""Registry service tests: domain, store (SQLite and PostgreSQL), gRPC and crash tests."""
