@@ -19,7 +19,8 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from maas.registry.v1 import model_pb2, registry_service_pb2 as rs, registry_service_pb2_grpc
+from maas.registry.v1 import model_pb2, registry_service_pb2_grpc
+from maas.registry.v1 import registry_service_pb2 as rs
 from maas_runtime.client import open_channel
 
 from tests.registry.conftest import _postgres_reachable
@@ -42,6 +43,7 @@ def _free_port() -> int:
 class RegistryProcess:
     def __init__(self, state_dir, database_url: str = ""):
         self.state_dir = state_dir
+        state_dir.mkdir(parents=True, exist_ok=True)
         self.port = _free_port()
         self.env = {**os.environ, "MAAS_REGISTRY_STATE_DIR": str(state_dir),
                     "MAAS_REGISTRY_PORT": str(self.port),
@@ -84,20 +86,43 @@ class RegistryProcess:
         return open_channel(self.target, token=token, max_message_bytes=64 * 1024 * 1024)
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def onnx_like(payload: bytes) -> bytes:
+    """Top-level ONNX ModelProto framing (ir_version, then a length-delimited graph field)
+    around opaque bytes: what the registry's light ONNX check accepts."""
+    return b"\x08\x07" + b"\x3a" + _varint(len(payload)) + payload
+
+
 def _artifact(seed: int, size: int = 3 * 1024 * 1024) -> bytes:
-    return os.urandom(16) + bytes([seed % 256]) * size  # opaque ONNX-like bytes
+    return onnx_like(os.urandom(16) + bytes([seed % 256]) * size)
 
 
 async def _upload_some(stub, count: int, seed0: int):
-    async def one(seed):
-        data = b"\x08\x07" + _artifact(seed)  # starts like an ONNX ModelProto (ir_version)
+    """Start `count` uploads, staggered and paced, so a kill lands mid-stream for some."""
+
+    async def paced(requests, delay):
+        for request in requests:
+            yield request
+            await asyncio.sleep(delay)
+
+    async def one(index):
+        await asyncio.sleep(0.12 * index)
+        requests = model_upload_requests("models/m", _artifact(seed0 + index),
+                                         fmt=model_pb2.MODEL_FORMAT_ONNX, chunk=256 * 1024)
         try:
-            await stub.UploadModelVersion(model_upload_requests(
-                "models/m", data, fmt=model_pb2.MODEL_FORMAT_ONNX, chunk=256 * 1024))
+            await stub.UploadModelVersion(paced(requests, 0.01))
         except grpc.aio.AioRpcError:
             pass  # the kill cuts these off
 
-    return [asyncio.create_task(one(seed0 + i)) for i in range(count)]
+    return [asyncio.create_task(one(i)) for i in range(count)]
 
 
 async def _verify(stub, state_dir) -> int:
@@ -127,7 +152,7 @@ async def test_kill_9_mid_upload_repeatedly_leaves_no_partial_state(tmp_path):
             async with registry.stub() as channel:
                 stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
                 tasks = await _upload_some(stub, 4, round_number * 10)
-                await asyncio.sleep(0.15 + 0.1 * round_number)
+                await asyncio.sleep(0.3 + 0.05 * round_number)
                 registry.kill()
                 await asyncio.gather(*tasks)
             await registry.start()  # start-up collection runs with grace 0
@@ -137,6 +162,7 @@ async def test_kill_9_mid_upload_repeatedly_leaves_no_partial_state(tmp_path):
                 committed = await _verify(stub, tmp_path)
                 assert committed >= committed_before, "a committed version was lost"
                 committed_before = committed
+        assert 0 < committed_before < 12, "some uploads committed, some were cut off"
     finally:
         registry.terminate()
 
@@ -155,7 +181,7 @@ async def test_two_replicas_on_postgres_allocate_distinct_versions(tmp_path):
             async with replicas[0].stub() as channel:
                 await registry_service_pb2_grpc.RegistryServiceStub(channel).CreateModel(
                     rs.CreateModelRequest(model_id="m"))
-            payloads = [b"\x08\x07" + os.urandom(2048) for _ in range(20)]
+            payloads = [onnx_like(os.urandom(2048)) for _ in range(20)]
 
             async def upload_through(replica, data):
                 async with replica.stub() as channel:

@@ -15,14 +15,15 @@ import re
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 
-from maas_registry.blobs import BlobStore, StagedBlob, is_sha256_hex
-from maas_registry.resources import DATASET_FORMATS, MODEL_FORMATS
-from maas_registry.store import Mutation, Page, RegistryStore, VersionDraft
 from maas_runtime import errors
 from maas_runtime.auth import Principal, Role
 from maas_runtime.filtering import FilterSchema, MapField, ScalarField, ValueKind, parse_filter
 from maas_runtime.names import parse_parent, parse_version_name, validate_alias, validate_id
 from maas_runtime.pagination import PageTokenCodec, clamp_page_size
+
+from maas_registry.blobs import BlobStore, StagedBlob, is_sha256_hex
+from maas_registry.resources import DATASET_FORMATS, MODEL_FORMATS
+from maas_registry.store import Mutation, Page, RegistryStore, VersionDraft
 
 _log = logging.getLogger(__name__)
 
@@ -584,13 +585,14 @@ def _check_signature(violations, signature: dict | None, field_path: str) -> dic
     return normalized
 
 
-def _reconcile_signature(declared: dict | None, from_artifact: dict | None) -> dict:
-    """The manifest's signature wins; a declared one must agree with it."""
+def _reconcile_signature(declared: dict | None, from_artifact) -> dict:
+    """The manifest's signature (a `maas_formats.ModelSignature`) wins; a declared one must
+    agree with it."""
     if from_artifact is None:
         return declared or {}
-    manifest = {side: [{"name": s["name"], "datatype": f"DATA_TYPE_{s['datatype']}",
-                        "shape": [int(d) for d in s["shape"]]}
-                       for s in from_artifact.get(side, [])] for side in ("inputs", "outputs")}
+    manifest = {side: [{"name": s.name, "datatype": f"DATA_TYPE_{s.datatype}",
+                        "shape": list(s.shape)} for s in getattr(from_artifact, side)]
+                for side in ("inputs", "outputs")}
     if declared and declared != manifest:
         raise errors.InvalidArgument.for_field(
             "header.model_version.signature",

@@ -10,18 +10,18 @@ import secrets
 from pathlib import Path
 
 from maas.registry.v1 import registry_service_pb2_grpc
-
 from maas_formats import validate_dataset, validate_model_artifact
+from maas_runtime.logs import configure_logging
+from maas_runtime.pagination import PageTokenCodec
+from maas_runtime.server import ServiceBinding, ServiceServer
+from maas_runtime.telemetry import Telemetry
+
 from maas_registry.blobs import BlobStore
 from maas_registry.database import create_database_engine, migrate
 from maas_registry.registry import Registry, RegistryLimits
 from maas_registry.servicer import RegistryServicer
 from maas_registry.settings import RegistrySettings
 from maas_registry.store import SqlRegistryStore
-from maas_runtime.logs import configure_logging
-from maas_runtime.pagination import PageTokenCodec
-from maas_runtime.server import ServiceBinding, ServiceServer
-from maas_runtime.telemetry import Telemetry
 
 _log = logging.getLogger(__name__)
 SERVICE_NAME = "maas.registry.v1.RegistryService"

@@ -13,10 +13,10 @@ from maas.registry.v1 import (
     registry_service_pb2,
     registry_service_pb2_grpc,
 )
-
-from maas_registry.registry import Registry
 from maas_runtime.auth import current_principal
 from maas_runtime.errors import InvalidArgument
+
+from maas_registry.registry import Registry
 
 _LINEAGE_DIRECTIONS = {0: "both", 1: "ancestors", 2: "descendants", 3: "both"}
 

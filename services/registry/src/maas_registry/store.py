@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from maas_runtime.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
+from maas_runtime.filtering import apply_operator, compile_filter
 from sqlalchemy import (
     Connection,
     Engine,
@@ -42,8 +44,6 @@ from maas_registry.resources import (
     timestamp,
     utc_now,
 )
-from maas_runtime.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
-from maas_runtime.filtering import apply_operator, compile_filter
 
 Resource = dict[str, Any]
 _WRITE_LOCK_KEY = 0x6D616174  # serialises registry writers on PostgreSQL
