@@ -60,8 +60,10 @@ lint: install
 test: install proto-check lint proto-breaking
 	$(PY) -m pytest -q tests
 
+# Each benchmark prints a table of side-by-side ratios; none gates on an absolute time.
 bench: install
-	$(PY) -m pytest -q -s tests/bench
+	set -e; for bench in tests/bench/bench_*.py; do \
+		echo "== $$bench"; $(PY) -m tests.bench.$$(basename $$bench .py); done
 
 clean:
 	rm -rf $(VENV) tools/node_modules

@@ -1,0 +1,86 @@
+"""MaaS artifact formats, validated without pickle and without torch.
+
+- maas-package: one safetensors file whose header metadata holds the JSON manifest
+  (`maas_formats.package`, schema in `maas_formats.manifest`);
+- TorchScript, ONNX and zipped Hugging Face models, checked as opaque files
+  (`maas_formats.opaque`), all reachable through `validate_model_artifact`;
+- NPZ and CSV datasets (`maas_formats.datasets`).
+
+torch helpers live in `maas_formats.torch_io`, which is not imported here so that the registry
+and inference images work without torch installed.
+"""
+
+from maas_formats.artifacts import (
+    DATASET_FORMAT_BY_PROTO_NAME,
+    MODEL_FORMAT_BY_PROTO_NAME,
+    MODEL_FORMATS,
+    ArtifactFacts,
+    validate_model_artifact,
+)
+from maas_formats.datasets import DATASET_FORMATS, DatasetFacts, load_dataset, validate_dataset
+from maas_formats.manifest import (
+    ArchitectureSpec,
+    FrameworkInfo,
+    ModelManifest,
+    ModelSignature,
+    SignatureSpec,
+    TensorSignature,
+    TensorSignatureSpec,
+    WeightTensorSpec,
+    parse_manifest,
+    signature_from_manifest,
+)
+from maas_formats.opaque import (
+    HfTransformerInfo,
+    validate_hf_transformer,
+    validate_onnx,
+    validate_torchscript,
+)
+from maas_formats.package import (
+    MANIFEST_METADATA_KEY,
+    ModelPackageInfo,
+    load_model_package,
+    validate_model_package,
+    write_model_package,
+)
+from maas_formats.safetensors_header import (
+    SAFETENSORS_DTYPE_BITS,
+    SafetensorsHeader,
+    TensorEntry,
+    read_safetensors_header,
+)
+
+__all__ = [
+    "DATASET_FORMATS",
+    "DATASET_FORMAT_BY_PROTO_NAME",
+    "MANIFEST_METADATA_KEY",
+    "MODEL_FORMATS",
+    "MODEL_FORMAT_BY_PROTO_NAME",
+    "SAFETENSORS_DTYPE_BITS",
+    "ArchitectureSpec",
+    "ArtifactFacts",
+    "DatasetFacts",
+    "FrameworkInfo",
+    "HfTransformerInfo",
+    "ModelManifest",
+    "ModelPackageInfo",
+    "ModelSignature",
+    "SafetensorsHeader",
+    "SignatureSpec",
+    "TensorEntry",
+    "TensorSignature",
+    "TensorSignatureSpec",
+    "WeightTensorSpec",
+    "load_dataset",
+    "load_model_package",
+    "parse_manifest",
+    "read_safetensors_header",
+    "signature_from_manifest",
+    "validate_dataset",
+    "validate_hf_transformer",
+    "validate_model_artifact",
+    "validate_model_package",
+    "validate_onnx",
+    "validate_torchscript",
+    "write_model_package",
+]

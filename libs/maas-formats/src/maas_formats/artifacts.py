@@ -1,0 +1,100 @@
+"""One entry point for the registry: validate a model artifact of any accepted format.
+
+The registry hands over the uploaded file and the format the caller declared; the answer is
+either `ArtifactFacts` to record with the version or an `InvalidArgument` for the caller.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from maas_runtime.errors import InvalidArgument
+
+from maas_formats.manifest import ModelManifest, ModelSignature
+from maas_formats.opaque import validate_hf_transformer, validate_onnx, validate_torchscript
+from maas_formats.package import validate_model_package
+
+MODEL_FORMATS = ("maas-package", "torchscript", "onnx", "hf-transformer")
+
+# The contracts' enum value names (maas.registry.v1.ModelFormat / DatasetFormat) → the format
+# names used here, so services translate without this library importing generated stubs.
+MODEL_FORMAT_BY_PROTO_NAME: Mapping[str, str] = {
+    "MODEL_FORMAT_MAAS_PACKAGE": "maas-package",
+    "MODEL_FORMAT_TORCHSCRIPT": "torchscript",
+    "MODEL_FORMAT_ONNX": "onnx",
+    "MODEL_FORMAT_HF_TRANSFORMER": "hf-transformer",
+}
+DATASET_FORMAT_BY_PROTO_NAME: Mapping[str, str] = {
+    "DATASET_FORMAT_NPZ": "npz",
+    "DATASET_FORMAT_CSV": "csv",
+}
+
+
+@dataclass(frozen=True)
+class ArtifactFacts:
+    """What validating a model artifact established."""
+
+    format_name: str
+    # From the manifest of a maas-package; opaque formats carry no signature of their own.
+    signature: ModelSignature | None = None
+    manifest: ModelManifest | None = None
+    # Known whenever the weights are safetensors (maas-package, hf-transformer).
+    parameter_count: int | None = None
+    # hf-transformer only: the folder inside the zip that holds config.json ("" or "name/").
+    archive_root: str | None = None
+
+
+def _maas_package_facts(path: str | os.PathLike[str], field_path: str) -> ArtifactFacts:
+    info = validate_model_package(path, field_path=field_path)
+    return ArtifactFacts(
+        format_name="maas-package",
+        signature=info.signature,
+        manifest=info.manifest,
+        parameter_count=info.parameter_count,
+    )
+
+
+def _torchscript_facts(path: str | os.PathLike[str], field_path: str) -> ArtifactFacts:
+    validate_torchscript(path, field_path=field_path)
+    return ArtifactFacts(format_name="torchscript")
+
+
+def _onnx_facts(path: str | os.PathLike[str], field_path: str) -> ArtifactFacts:
+    validate_onnx(path, field_path=field_path)
+    return ArtifactFacts(format_name="onnx")
+
+
+def _hf_transformer_facts(path: str | os.PathLike[str], field_path: str) -> ArtifactFacts:
+    info = validate_hf_transformer(path, field_path=field_path)
+    return ArtifactFacts(
+        format_name="hf-transformer",
+        parameter_count=info.parameter_count,
+        archive_root=info.root,
+    )
+
+
+_VALIDATORS: Mapping[str, Callable[[str | os.PathLike[str], str], ArtifactFacts]] = {
+    "maas-package": _maas_package_facts,
+    "torchscript": _torchscript_facts,
+    "onnx": _onnx_facts,
+    "hf-transformer": _hf_transformer_facts,
+}
+
+
+def validate_model_artifact(
+    path: str | os.PathLike[str],
+    format_name: str,
+    *,
+    field_path: str = "artifact",
+    format_field: str = "format",
+) -> ArtifactFacts:
+    """Validate `path` as `format_name` (one of MODEL_FORMATS); InvalidArgument if it is not."""
+    validator = _VALIDATORS.get(format_name)
+    if validator is None:
+        raise InvalidArgument.for_field(
+            format_field,
+            f"unknown model format {format_name!r}; expected one of {', '.join(MODEL_FORMATS)}",
+        )
+    return validator(path, field_path)

@@ -1,0 +1,1 @@
+"""Benchmarks (`make bench`): side-by-side with a reference in the same run, printed as ratios."""

@@ -1,0 +1,1 @@
+"""Tests of the maas-formats library: model packages, opaque model formats and datasets."""
