@@ -20,7 +20,7 @@ $(VENV)/.installed: constraints.txt $(wildcard libs/*/pyproject.toml services/*/
 	# torch first, by exact version: it takes the CPU build that lies on disk.
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -c constraints.txt $(foreach p,$(PACKAGES),-e $(p)) \
-		pytest pytest-asyncio ruff requests helm-python-sdk kubernetes-validate
+		grpcio-tools pytest pytest-asyncio ruff requests helm-python-sdk kubernetes-validate
 	touch $@
 
 $(NODE_TOOLS): tools/package.json
