@@ -8,6 +8,7 @@ inside the trace.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import time
@@ -239,4 +240,6 @@ def _outcome_code(context, failure: BaseException | None) -> str:
         return code.name
     if isinstance(code, int) and code:
         return grpc.StatusCode(tuple(c for c in grpc.StatusCode if c.value[0] == code)[0]).name
-    return "OK" if failure is None else "UNKNOWN"
+    if failure is None:
+        return "OK"
+    return "CANCELLED" if isinstance(failure, asyncio.CancelledError) else "UNKNOWN"

@@ -59,6 +59,8 @@ class ServiceServer:
     discovery: object | None = None
     """A `maas_runtime.discovery.ServiceDiscovery`, or None to skip registration."""
     extra_interceptors: Iterable[grpc.aio.ServerInterceptor] = ()
+    before_start: list[Callable] = field(default_factory=list)
+    """Async callbacks run before the port opens (bring up what the servicers need)."""
     on_start: list[Callable] = field(default_factory=list)
     """Async callbacks run once the server is serving (background loops, supervisors)."""
     on_stop: list[Callable] = field(default_factory=list)
@@ -94,6 +96,8 @@ class ServiceServer:
 
     async def start(self) -> int:
         """Bind, start serving and register in discovery; returns the bound port."""
+        for callback in self.before_start:
+            await callback()
         if self.settings.auth_enabled:
             self.settings.state_dir.mkdir(parents=True, exist_ok=True)
             ensure_admin_token(self.settings.state_dir, self.settings.resolved_tokens_file)

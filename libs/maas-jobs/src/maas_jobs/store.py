@@ -1,0 +1,330 @@
+"""The job table: an abstract store and its SQL implementation (SQLite WAL by default).
+
+Every change of a job's state writes the matching `state_change` event in the same
+transaction, so a job's history and its row can never disagree. State changes are
+compare-and-set (`transition` only moves a job out of the states it names): a cancel racing
+a job's completion is decided by whichever commits first, never by both.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from maas_runtime.errors import AlreadyExists, InvalidArgument, NotFound
+from maas_runtime.filtering import (
+    FilterExpr,
+    FilterSchema,
+    Operator,
+    ScalarField,
+    ValueKind,
+    compile_filter,
+)
+from sqlalchemy import Connection, Engine, create_engine, event, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from maas_jobs import schema as t
+from maas_jobs.records import (
+    EventKind,
+    JobCollection,
+    JobDraft,
+    JobError,
+    JobEvent,
+    JobRecord,
+    JobState,
+    LogLevel,
+)
+
+JOB_FILTER_SCHEMA = FilterSchema([
+    ScalarField("state", ValueKind.ENUM, {state.value for state in JobState}),
+    ScalarField("tenant", ValueKind.STRING),
+    ScalarField("creator", ValueKind.STRING),
+    ScalarField("create_time", ValueKind.TIMESTAMP),
+])
+"""What List filters may name: `state = "RUNNING" AND tenant = "vision"`."""
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes; they were stored as UTC.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+@dataclass(frozen=True)
+class JobPage:
+    """One page of a listing, newest first, and the cursor of the next (None on the last)."""
+
+    items: list[JobRecord]
+    next_cursor: dict | None
+
+
+class JobStore(abc.ABC):
+    """What the job machinery needs from persistent storage."""
+
+    @abc.abstractmethod
+    def create(self, draft: JobDraft, reason: str) -> JobRecord:
+        """Insert a QUEUED job and its first event; ALREADY_EXISTS when the id is taken."""
+
+    @abc.abstractmethod
+    def get(self, job_id: str) -> JobRecord:
+        """The job; NOT_FOUND when there is none."""
+
+    @abc.abstractmethod
+    def list(self, filter_expr: FilterExpr | None, page_size: int,
+             cursor: dict | None) -> JobPage: ...
+
+    @abc.abstractmethod
+    def in_states(self, states: Iterable[JobState]) -> list[JobRecord]:
+        """Jobs in any of `states`, oldest submission first."""
+
+    @abc.abstractmethod
+    def transition(self, job_id: str, from_states: Iterable[JobState], to_state: JobState,
+                   reason: str, *, error: JobError | None = None,
+                   result: dict[str, Any] | None = None) -> JobRecord | None:
+        """Move the job to `to_state` if it is in one of `from_states`; None otherwise."""
+
+    @abc.abstractmethod
+    def record_metrics(self, job_id: str, epoch: int, phase: str,
+                       values: dict[str, float]) -> JobEvent:
+        """Append a metrics event and fold the values into the job's latest metrics."""
+
+    @abc.abstractmethod
+    def append_log(self, job_id: str, level: LogLevel, message: str) -> JobEvent: ...
+
+    @abc.abstractmethod
+    def mark_resumed(self, job_id: str, reason: str) -> JobRecord:
+        """Count a resume after a restart and log why."""
+
+    @abc.abstractmethod
+    def set_process(self, job_id: str, process_id: int | None) -> None: ...
+
+    @abc.abstractmethod
+    def events_after(self, job_id: str, after_sequence: int, limit: int) -> list[JobEvent]: ...
+
+    @abc.abstractmethod
+    def tenant_last_start_times(self) -> dict[str, datetime]:
+        """When each tenant last had a job started: the fair-share scheduler's memory."""
+
+
+def create_sqlite_engine(path: Path) -> Engine:
+    """SQLite in WAL mode: readers (Get, List, Watch) never wait for the job runners' writes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(f"sqlite:///{path}",
+                           connect_args={"check_same_thread": False, "timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_connection, _record):
+        # The driver must not open transactions itself: BEGIN IMMEDIATE below is the only one.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")  # an accepted job survives a power cut
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection):
+        # Take the write lock up front, so read-then-write transactions cannot deadlock.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+class _JobColumns:
+    """`compile_filter`'s view of the jobs table."""
+
+    def scalar(self, field_name: str):
+        return t.jobs.c[field_name]
+
+    def map_compare(self, map_name: str, key: str, operator: Operator, value):
+        raise InvalidArgument.for_field("filter", f"{map_name} cannot be filtered on")
+
+    def map_has(self, map_name: str, key: str):
+        raise InvalidArgument.for_field("filter", f"{map_name} cannot be filtered on")
+
+
+class SqlJobStore(JobStore):
+    """JobStore on SQLAlchemy Core."""
+
+    def __init__(self, engine: Engine, collection: JobCollection):
+        self._engine = engine
+        self._collection = collection
+
+    @classmethod
+    def open_sqlite(cls, path: Path, collection: JobCollection) -> SqlJobStore:
+        """The store of one service instance: a SQLite file, schema created when missing."""
+        engine = create_sqlite_engine(path)
+        # One schema version so far; a migration tool earns its place with the second.
+        t.metadata.create_all(engine)
+        return cls(engine, collection)
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        with self._engine.begin() as connection:
+            yield connection
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self._engine.connect() as connection:
+            yield connection
+
+    # -- rows ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _record(row) -> JobRecord:
+        error = JobError(row.error_code, row.error_message or "") if row.error_code else None
+        return JobRecord(
+            job_id=row.job_id, spec=row.spec, tenant=row.tenant, creator=row.creator,
+            workers=row.workers, priority=row.priority, state=JobState(row.state),
+            create_time=_aware(row.create_time), start_time=_aware(row.start_time),
+            end_time=_aware(row.end_time), epoch=row.epoch, metrics=dict(row.metrics),
+            error=error, result=dict(row.result), resume_count=row.resume_count,
+            process_id=row.process_id, queue_position=row.pk)
+
+    @staticmethod
+    def _event(job_id: str, row) -> JobEvent:
+        return JobEvent(job_id=job_id, sequence=row.sequence, time=_aware(row.time),
+                        kind=EventKind(row.kind), payload=dict(row.payload))
+
+    def _row(self, connection: Connection, job_id: str):
+        row = connection.execute(select(t.jobs).where(t.jobs.c.job_id == job_id)).first()
+        if row is None:
+            raise NotFound(self._collection.resource_type, self._collection.name(job_id))
+        return row
+
+    def _append(self, connection: Connection, row, kind: EventKind, payload: dict,
+                now: datetime) -> JobEvent:
+        sequence = row.last_sequence + 1
+        connection.execute(insert(t.job_events).values(
+            job_pk=row.pk, sequence=sequence, time=now, kind=kind.value, payload=payload))
+        connection.execute(update(t.jobs).where(t.jobs.c.pk == row.pk)
+                           .values(last_sequence=sequence))
+        return JobEvent(job_id=row.job_id, sequence=sequence, time=now, kind=kind,
+                        payload=payload)
+
+    # -- JobStore -----------------------------------------------------------------------------
+
+    def create(self, draft: JobDraft, reason: str) -> JobRecord:
+        now = utc_now()
+        try:
+            with self._write() as connection:
+                connection.execute(insert(t.jobs).values(
+                    job_id=draft.job_id, spec=draft.spec, state=JobState.QUEUED.value,
+                    tenant=draft.tenant, creator=draft.creator, priority=draft.priority,
+                    workers=draft.workers, create_time=now, metrics={}, result={},
+                    epoch=0, resume_count=0, last_sequence=0))
+                row = self._row(connection, draft.job_id)
+                self._append(connection, row, EventKind.STATE_CHANGE,
+                             {"state": JobState.QUEUED.value, "reason": reason}, now)
+                return self._record(self._row(connection, draft.job_id))
+        except IntegrityError:
+            raise AlreadyExists(self._collection.resource_type,
+                                self._collection.name(draft.job_id)) from None
+
+    def get(self, job_id: str) -> JobRecord:
+        with self._read() as connection:
+            return self._record(self._row(connection, job_id))
+
+    def list(self, filter_expr: FilterExpr | None, page_size: int,
+             cursor: dict | None) -> JobPage:
+        query = select(t.jobs).order_by(t.jobs.c.pk.desc()).limit(page_size + 1)
+        if filter_expr is not None:
+            query = query.where(compile_filter(filter_expr, _JobColumns()))
+        if cursor is not None:
+            query = query.where(t.jobs.c.pk < int(cursor["before_pk"]))
+        with self._read() as connection:
+            rows = connection.execute(query).all()
+        has_more = len(rows) > page_size
+        rows = rows[:page_size]
+        next_cursor = {"before_pk": rows[-1].pk} if has_more else None
+        return JobPage([self._record(row) for row in rows], next_cursor)
+
+    def in_states(self, states: Iterable[JobState]) -> list[JobRecord]:
+        names = [state.value for state in states]
+        with self._read() as connection:
+            rows = connection.execute(
+                select(t.jobs).where(t.jobs.c.state.in_(names)).order_by(t.jobs.c.pk)).all()
+        return [self._record(row) for row in rows]
+
+    def transition(self, job_id: str, from_states: Iterable[JobState], to_state: JobState,
+                   reason: str, *, error: JobError | None = None,
+                   result: dict[str, Any] | None = None) -> JobRecord | None:
+        allowed = {state.value for state in from_states}
+        now = utc_now()
+        with self._write() as connection:
+            row = self._row(connection, job_id)
+            if row.state not in allowed:
+                return None
+            changes: dict[str, Any] = {"state": to_state.value}
+            if to_state is JobState.RUNNING and row.start_time is None:
+                changes["start_time"] = now
+            if to_state.is_final:
+                changes["end_time"] = now
+                changes["process_id"] = None
+            if error is not None:
+                changes["error_code"], changes["error_message"] = error.code, error.message
+            if result is not None:
+                changes["result"] = result
+            connection.execute(update(t.jobs).where(t.jobs.c.pk == row.pk).values(**changes))
+            self._append(connection, row, EventKind.STATE_CHANGE,
+                         {"state": to_state.value, "reason": reason}, now)
+            return self._record(self._row(connection, job_id))
+
+    def record_metrics(self, job_id: str, epoch: int, phase: str,
+                       values: dict[str, float]) -> JobEvent:
+        with self._write() as connection:
+            row = self._row(connection, job_id)
+            connection.execute(update(t.jobs).where(t.jobs.c.pk == row.pk).values(
+                metrics={**row.metrics, **values}, epoch=max(row.epoch, epoch)))
+            return self._append(connection, row, EventKind.METRICS,
+                                {"epoch": epoch, "phase": phase, "values": values}, utc_now())
+
+    def append_log(self, job_id: str, level: LogLevel, message: str) -> JobEvent:
+        with self._write() as connection:
+            row = self._row(connection, job_id)
+            return self._append(connection, row, EventKind.LOG,
+                                {"level": level.value, "message": message}, utc_now())
+
+    def mark_resumed(self, job_id: str, reason: str) -> JobRecord:
+        with self._write() as connection:
+            row = self._row(connection, job_id)
+            connection.execute(update(t.jobs).where(t.jobs.c.pk == row.pk)
+                               .values(resume_count=row.resume_count + 1))
+            self._append(connection, row, EventKind.LOG,
+                         {"level": LogLevel.INFO.value, "message": reason}, utc_now())
+            return self._record(self._row(connection, job_id))
+
+    def set_process(self, job_id: str, process_id: int | None) -> None:
+        with self._write() as connection:
+            connection.execute(update(t.jobs).where(t.jobs.c.job_id == job_id)
+                               .values(process_id=process_id))
+
+    def events_after(self, job_id: str, after_sequence: int, limit: int) -> list[JobEvent]:
+        with self._read() as connection:
+            row = self._row(connection, job_id)
+            rows = connection.execute(
+                select(t.job_events)
+                .where(t.job_events.c.job_pk == row.pk, t.job_events.c.sequence > after_sequence)
+                .order_by(t.job_events.c.sequence).limit(limit)).all()
+        return [self._event(job_id, event_row) for event_row in rows]
+
+    def tenant_last_start_times(self) -> dict[str, datetime]:
+        with self._read() as connection:
+            rows = connection.execute(
+                select(t.jobs.c.tenant, func.max(t.jobs.c.start_time))
+                .where(t.jobs.c.start_time.is_not(None)).group_by(t.jobs.c.tenant)).all()
+        return {tenant: _aware(started) for tenant, started in rows}

@@ -1,0 +1,538 @@
+"""Deployments: registry versions made into Triton models, routed, rolled out and reloaded.
+
+Transport-free domain logic. A deployment's desired state (what it serves, its split, its
+shadow, its Triton settings) lives in the deployment table; its live state is a `Route`
+in memory. A rollout loads the new version first, swaps the route in one assignment, waits
+for requests on the old version to drain, then unloads it: no request fails during it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from maas_inference.registry_reader import RegistryReader
+from maas_inference.routing import InFlight, Route, ServedModel
+from maas_inference.store import DeploymentStore
+from maas_inference.tensors import (
+    ServingSignature,
+    check_output_names,
+    infer_request_from_predict,
+    kserve_shapes,
+    predict_outputs,
+    predict_shapes,
+)
+from maas_inference.triton.model_repository import (
+    ArtifactFormat,
+    BatchingPolicy,
+    ModelRepository,
+    TensorSpec,
+    TritonModelSpec,
+)
+from maas_runtime import errors
+from maas_runtime.names import parse_version_name, validate_id
+
+_log = logging.getLogger(__name__)
+
+READY, CREATING, ROLLING_OUT, FAILED, UNAVAILABLE = (
+    "DEPLOYMENT_STATE_READY", "DEPLOYMENT_STATE_CREATING", "DEPLOYMENT_STATE_ROLLING_OUT",
+    "DEPLOYMENT_STATE_FAILED", "DEPLOYMENT_STATE_UNAVAILABLE")
+SERVABLE_FORMATS = {"MODEL_FORMAT_MAAS_PACKAGE": "maas-package",
+                    "MODEL_FORMAT_TORCHSCRIPT": "torchscript"}
+UPDATABLE = frozenset({"model", "track_alias", "traffic", "shadow", "serving"})
+
+
+@dataclass(frozen=True)
+class ServingDefaults:
+    max_batch_size: int = 32
+    max_queue_delay_microseconds: int = 100
+    drain_seconds: float = 30.0
+    load_timeout_seconds: float = 120.0
+    shadow_max_in_flight: int = 64
+
+
+@dataclass
+class ShadowStats:
+    compared: int = 0
+    argmax_agreed: int = 0
+    max_abs_diff: float = 0.0
+    errors: int = 0
+
+    def as_dict(self) -> dict:
+        return {"compared": self.compared, "argmax_agreed": self.argmax_agreed,
+                "max_abs_diff": self.max_abs_diff, "errors": self.errors}
+
+
+@dataclass
+class Prediction:
+    request_id: str
+    version: str
+    response: object
+    """The Triton `ModelInferResponse`."""
+
+
+@dataclass
+class _Live:
+    route: Route
+    shadow_stats: ShadowStats = field(default_factory=ShadowStats)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def triton_model_name(deployment_id: str, version_name: str) -> str:
+    _, model_id, _, version_id = version_name.split("/")
+    return f"{deployment_id}.{model_id}.v{version_id}"
+
+
+class DeploymentManager:
+    """Use cases of the inference service, one method per RPC, plus reloads and alias tracking."""
+
+    def __init__(self, store: DeploymentStore, registry: RegistryReader, triton,
+                 repository: ModelRepository, artifact_dir: Path, defaults: ServingDefaults,
+                 triton_ready: Callable[[], bool], meter=None):
+        self._store = store
+        self._registry = registry
+        self._triton = triton
+        self._repository = repository
+        self._artifacts = artifact_dir
+        self._artifacts.mkdir(parents=True, exist_ok=True)
+        self._defaults = defaults
+        self._triton_ready = triton_ready
+        self._live: dict[str, _Live] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._in_flight = InFlight()
+        self._shadow_slots = asyncio.Semaphore(defaults.shadow_max_in_flight)
+        self._background: set[asyncio.Task] = set()
+        self._shadow_counter = meter.create_counter(
+            "maas.inference.shadow.compared", description="shadow comparisons by outcome"
+        ) if meter is not None else None
+
+    def _lock(self, deployment_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(deployment_id, asyncio.Lock())
+
+    # -- validation -------------------------------------------------------------------------
+
+    def _normalized_spec(self, fields: dict, field_prefix: str = "deployment") -> dict:
+        violations = errors.ViolationCollector()
+        model = fields.get("model", "")
+        if violations.check(bool(model), f"{field_prefix}.model", "is required"):
+            try:
+                ref = parse_version_name(model, "models", f"{field_prefix}.model")
+                if fields.get("track_alias") and ref.alias is None:
+                    violations.add(f"{field_prefix}.track_alias",
+                                   "needs `model` to name an alias (models/{m}@{alias})")
+            except errors.InvalidArgument as exc:
+                violations.violations.extend(exc.field_violations)
+        traffic = []
+        for index, target in enumerate(fields.get("traffic") or []):
+            where = f"{field_prefix}.traffic[{index}]"
+            percent = int(target.get("percent", 0))
+            violations.check(0 <= percent <= 100, f"{where}.percent", "must be 0-100")
+            try:
+                parse_version_name(target.get("model_version", ""), "models",
+                                   f"{where}.model_version")
+            except errors.InvalidArgument as exc:
+                violations.violations.extend(exc.field_violations)
+            traffic.append({"model_version": target.get("model_version", ""),
+                            "percent": percent})
+        if traffic:
+            violations.check(sum(t["percent"] for t in traffic) == 100,
+                             f"{field_prefix}.traffic", "percents must add up to 100")
+        shadow = fields.get("shadow") or None
+        if shadow:
+            percent = int(shadow.get("percent", 0))
+            violations.check(1 <= percent <= 100, f"{field_prefix}.shadow.percent",
+                             "must be 1-100")
+            try:
+                parse_version_name(shadow.get("model_version", ""), "models",
+                                   f"{field_prefix}.shadow.model_version")
+            except errors.InvalidArgument as exc:
+                violations.violations.extend(exc.field_violations)
+            shadow = {"model_version": shadow.get("model_version", ""), "percent": percent}
+        serving = dict(fields.get("serving") or {})
+        max_batch = int(serving.get("max_batch_size", self._defaults.max_batch_size) or
+                        self._defaults.max_batch_size)
+        violations.check(0 <= max_batch <= 4096, f"{field_prefix}.serving.max_batch_size",
+                         "must be 0-4096")
+        instances = int(serving.get("instance_count", 1) or 1)
+        violations.check(1 <= instances <= 16, f"{field_prefix}.serving.instance_count",
+                         "must be 1-16")
+        delay = int(serving.get("max_queue_delay_microseconds",
+                                self._defaults.max_queue_delay_microseconds) or
+                    self._defaults.max_queue_delay_microseconds)
+        violations.check(0 <= delay <= 1_000_000,
+                         f"{field_prefix}.serving.max_queue_delay_microseconds",
+                         "must be 0-1,000,000")
+        preferred = [int(p) for p in serving.get("preferred_batch_sizes", [])]
+        violations.check(all(1 <= p <= max_batch for p in preferred),
+                         f"{field_prefix}.serving.preferred_batch_sizes",
+                         "must be between 1 and max_batch_size")
+        violations.raise_if_any("invalid deployment")
+        return {"model": model, "track_alias": bool(fields.get("track_alias")),
+                "traffic": traffic, "shadow": shadow,
+                "serving": {"max_batch_size": max_batch, "instance_count": instances,
+                            "max_queue_delay_microseconds": delay,
+                            "dynamic_batching": serving.get("dynamic_batching", True),
+                            "preferred_batch_sizes": preferred}}
+
+    # -- loading ------------------------------------------------------------------------------
+
+    async def _load_version(self, deployment_id: str, version: dict, serving: dict) -> ServedModel:
+        """Download (verified), write the Triton model, load it and wait for READY."""
+        format_name = SERVABLE_FORMATS.get(version.get("format", ""))
+        if format_name is None:
+            raise errors.FailedPrecondition(
+                f"{version['name']} is {version.get('format')}; the Triton runtime serves "
+                f"{sorted(SERVABLE_FORMATS)}", reason="FORMAT_NOT_SERVABLE")
+        signature = version.get("signature") or {}
+        if not signature.get("inputs") or not signature.get("outputs"):
+            raise errors.FailedPrecondition(f"{version['name']} has no signature to serve",
+                                            reason="NO_SIGNATURE")
+        name = triton_model_name(deployment_id, version["name"])
+        artifact = self._artifacts / version["artifact"]["sha256"]
+        if not artifact.exists():
+            await self._registry.download(version, artifact)
+        spec = TritonModelSpec(
+            name=name, artifact_format=ArtifactFormat(format_name),
+            inputs=tuple(TensorSpec(t["name"], t["datatype"].removeprefix("DATA_TYPE_"),
+                                    tuple(int(d) for d in t.get("shape", [])))
+                         for t in signature["inputs"]),
+            outputs=tuple(TensorSpec(t["name"], t["datatype"].removeprefix("DATA_TYPE_"),
+                                     tuple(int(d) for d in t.get("shape", [])))
+                          for t in signature["outputs"]),
+            batching=BatchingPolicy(
+                max_batch_size=serving["max_batch_size"],
+                dynamic_batching=bool(serving["dynamic_batching"]) and serving["max_batch_size"] > 0,
+                max_queue_delay_microseconds=serving["max_queue_delay_microseconds"],
+                preferred_batch_sizes=tuple(serving["preferred_batch_sizes"])),
+            instance_count=serving["instance_count"])
+        await asyncio.to_thread(self._repository.write_model, spec, artifact)
+        await self._triton.load_model(name)
+        await self._triton.wait_model_ready(name, timeout=self._defaults.load_timeout_seconds)
+        return ServedModel(version["name"], name,
+                           ServingSignature.from_version(signature, serving["max_batch_size"]))
+
+    async def _build_route(self, deployment_id: str, spec: dict,
+                           pinned: dict | None = None) -> tuple[Route, dict]:
+        """Resolve every reference (or reuse `pinned` versions) and load them all."""
+        targets = spec["traffic"] or [{"model_version": spec["model"], "percent": 100}]
+        pinned = pinned or {}
+        loaded: list[ServedModel] = []
+        try:
+            served = []
+            for target in targets:
+                version = await self._registry.resolve(pinned.get(target["model_version"],
+                                                                  target["model_version"]))
+                model = await self._load_version(deployment_id, version, spec["serving"])
+                loaded.append(model)
+                served.append((model, target["percent"]))
+            shadow_model = None
+            if spec["shadow"]:
+                version = await self._registry.resolve(pinned.get(
+                    spec["shadow"]["model_version"], spec["shadow"]["model_version"]))
+                shadow_model = await self._load_version(deployment_id, version, spec["serving"])
+                loaded.append(shadow_model)
+            route = Route(tuple(served), shadow_model,
+                          spec["shadow"]["percent"] if spec["shadow"] else 0)
+        except BaseException:
+            await self._unload({m.triton_model for m in loaded}, keep=self._models_in_use())
+            raise
+        resolved = {t["model_version"]: m.version for t, (m, _) in zip(targets, served,
+                                                                        strict=True)}
+        if spec["shadow"]:
+            resolved[spec["shadow"]["model_version"]] = shadow_model.version
+        return route, resolved
+
+    def _models_in_use(self) -> set[str]:
+        return {name for live in self._live.values() for name in live.route.models}
+
+    async def _unload(self, triton_models: set[str], keep: set[str] = frozenset()) -> None:
+        for name in triton_models - keep:
+            with contextlib.suppress(errors.MaasError):
+                await self._triton.unload_model(name)
+            await asyncio.to_thread(self._repository.remove_model, name)
+
+    def _record(self, deployment_id: str, spec: dict, state: str, *, route: Route | None = None,
+                resolved: dict | None = None, message: str = "", created: str | None = None
+                ) -> dict:
+        return {
+            "name": f"deployments/{deployment_id}", **spec, "state": state, "message": message,
+            "serving_versions": [m.version for m, _ in route.targets] if route else [],
+            "resolved": resolved or {}, "create_time": created or _now(), "update_time": _now(),
+            "etag": uuid.uuid4().hex[:16],
+        }
+
+    # -- use cases ----------------------------------------------------------------------------
+
+    async def create(self, deployment_id: str, fields: dict) -> dict:
+        validate_id(deployment_id, "deployment_id")
+        spec = self._normalized_spec(fields)
+        self._require_triton()
+        async with self._lock(deployment_id):
+            await asyncio.to_thread(self._store.create, deployment_id,
+                                    self._record(deployment_id, spec, CREATING))
+            try:
+                route, resolved = await self._build_route(deployment_id, spec)
+            except BaseException:
+                await asyncio.to_thread(self._store.delete, deployment_id)
+                raise
+            self._live[deployment_id] = _Live(route)
+            record = self._record(deployment_id, spec, READY, route=route, resolved=resolved)
+            await asyncio.to_thread(self._store.put, deployment_id, record)
+        return self._view(deployment_id, record)
+
+    async def get(self, name: str) -> dict:
+        deployment_id = self._parse_name(name, "name")
+        record = await asyncio.to_thread(self._store.get, deployment_id)
+        return self._view(deployment_id, record)
+
+    async def list(self, page_size: int, page_token: str) -> tuple[list[dict], str]:
+        size = min(max(page_size, 0) or 50, 1000)
+        if page_size < 0:
+            raise errors.InvalidArgument.for_field("page_size", "must not be negative")
+        rows = await asyncio.to_thread(self._store.list, page_token, size + 1)
+        items = [self._view(i, r) for i, r in rows[:size]]
+        return items, rows[size - 1][0] if len(rows) > size else ""
+
+    async def update(self, fields: dict, update_mask: Sequence[str]) -> dict:
+        deployment_id = self._parse_name(fields.get("name", ""), "deployment.name")
+        if not update_mask:
+            raise errors.InvalidArgument.for_field("update_mask", "name at least one field")
+        unknown = sorted(set(update_mask) - UPDATABLE)
+        if unknown:
+            raise errors.InvalidArgument.for_field(
+                "update_mask", f"cannot update {unknown}; updatable: {sorted(UPDATABLE)}")
+        async with self._lock(deployment_id):
+            current = await asyncio.to_thread(self._store.get, deployment_id)
+            if fields.get("etag") and fields["etag"] != current["etag"]:
+                raise errors.Aborted("the deployment changed since it was read",
+                                     reason="ETAG_MISMATCH")
+            merged = {key: current[key] for key in UPDATABLE}
+            merged.update({key: fields.get(key) for key in update_mask})
+            spec = self._normalized_spec(merged)
+            return await self._roll_out(deployment_id, current, spec)
+
+    async def _roll_out(self, deployment_id: str, current: dict, spec: dict,
+                        pinned: dict | None = None) -> dict:
+        """Load the new route, switch to it, drain and unload what is no longer used."""
+        self._require_triton()
+        await asyncio.to_thread(self._store.put, deployment_id,
+                                {**current, "state": ROLLING_OUT, "update_time": _now()})
+        try:
+            route, resolved = await self._build_route(deployment_id, spec, pinned)
+        except BaseException as exc:
+            await asyncio.to_thread(self._store.put, deployment_id, {
+                **current, "message": f"rollout failed: {exc}", "update_time": _now()})
+            raise
+        previous = self._live.get(deployment_id)
+        self._live[deployment_id] = _Live(route)  # the switch: one assignment
+        record = self._record(deployment_id, spec, READY, route=route, resolved=resolved,
+                              created=current.get("create_time"))
+        await asyncio.to_thread(self._store.put, deployment_id, record)
+        if previous is not None:
+            retired = previous.route.models - route.models
+            if not await self._in_flight.drained(retired, self._defaults.drain_seconds):
+                _log.warning("requests on %s did not drain in time; unloading anyway", retired)
+            await self._unload(retired, keep=self._models_in_use())
+        return self._view(deployment_id, record)
+
+    async def delete(self, name: str) -> None:
+        deployment_id = self._parse_name(name, "name")
+        async with self._lock(deployment_id):
+            await asyncio.to_thread(self._store.get, deployment_id)  # NOT_FOUND first
+            live = self._live.pop(deployment_id, None)
+            await asyncio.to_thread(self._store.delete, deployment_id)
+            if live is not None:
+                await self._in_flight.drained(live.route.models, self._defaults.drain_seconds)
+                await self._unload(live.route.models, keep=self._models_in_use())
+
+    async def reload_all(self) -> None:
+        """After a (re)start of Triton: load every deployment's pinned versions again."""
+        after = ""
+        while rows := await asyncio.to_thread(self._store.list, after, 100):
+            for deployment_id, record in rows:
+                after = deployment_id
+                async with self._lock(deployment_id):
+                    spec = {key: record[key] for key in UPDATABLE}
+                    try:
+                        route, _ = await self._build_route(deployment_id, spec,
+                                                           record.get("resolved"))
+                    except errors.MaasError as exc:
+                        _log.error("could not reload %s: %s", deployment_id, exc.message)
+                        await asyncio.to_thread(self._store.put, deployment_id, {
+                            **record, "state": FAILED, "message": f"reload failed: {exc.message}"})
+                        continue
+                    self._live[deployment_id] = _Live(route, self._live[deployment_id].shadow_stats
+                                                      if deployment_id in self._live
+                                                      else ShadowStats())
+                    if record["state"] != READY:
+                        await asyncio.to_thread(self._store.put, deployment_id,
+                                                {**record, "state": READY, "message": ""})
+
+    async def follow_alias_moves(self) -> None:
+        """Roll out `track_alias` deployments whenever the registry moves their alias."""
+        async for alias_ref in self._registry.alias_changes():
+            after = ""
+            while rows := await asyncio.to_thread(self._store.list, after, 100):
+                after = rows[-1][0]
+                for deployment_id, record in rows:
+                    if record.get("track_alias") and record["model"] == alias_ref:
+                        await self._follow(deployment_id)
+
+    async def _follow(self, deployment_id: str) -> None:
+        async with self._lock(deployment_id):
+            try:
+                record = await asyncio.to_thread(self._store.get, deployment_id)
+                target = await self._registry.resolve(record["model"])
+                if record.get("resolved", {}).get(record["model"]) == target["name"]:
+                    return
+                _log.info("%s follows %s to %s", deployment_id, record["model"], target["name"])
+                spec = {key: record[key] for key in UPDATABLE}
+                await self._roll_out(deployment_id, record, spec)
+            except errors.MaasError as exc:
+                _log.warning("could not follow alias for %s: %s", deployment_id, exc.message)
+
+    # -- data path ------------------------------------------------------------------------------
+
+    def _route(self, deployment_id: str) -> _Live:
+        live = self._live.get(deployment_id)
+        if live is None:
+            raise errors.NotFound("deployment", f"deployments/{deployment_id}")
+        return live
+
+    def _require_triton(self) -> None:
+        if not self._triton_ready():
+            raise errors.Unavailable("Triton is not serving right now; retry shortly",
+                                     reason="TRITON_UNAVAILABLE")
+
+    async def predict(self, deployment: str, request_id: str, inputs, output_names,
+                      timeout: float | None) -> Prediction:
+        deployment_id = self._parse_name(deployment, "deployment")
+        live = self._route(deployment_id)
+        self._require_triton()
+        request_id = request_id or uuid.uuid4().hex
+        target = live.route.pick(request_id)
+        target.signature.check(predict_shapes(inputs), "inputs")
+        check_output_names(output_names, target.signature, "output_names")
+        request = infer_request_from_predict(inputs, output_names, target.triton_model,
+                                             request_id)
+        with self._in_flight.track(target.triton_model):
+            response = await self._triton.infer_request(request, timeout=timeout)
+        if live.route.mirrors(request_id):
+            self._mirror(live, request, response)
+        return Prediction(request_id, target.version, response)
+
+    async def kserve_infer(self, request, timeout: float | None):
+        """KServe-v2 ModelInfer with model name = deployment id; returns Triton's response."""
+        deployment_id = request.model_name
+        live = self._route(deployment_id)
+        self._require_triton()
+        request_id = request.id or uuid.uuid4().hex
+        target = live.route.pick(request_id)
+        target.signature.check(kserve_shapes(request), "inputs")
+        request.model_name = target.triton_model
+        request.model_version = ""
+        with self._in_flight.track(target.triton_model):
+            response = await self._triton.infer_request(request, timeout=timeout)
+        if live.route.mirrors(request_id):
+            self._mirror(live, request, response)
+        response.model_name = deployment_id
+        response.model_version = target.version.rsplit("/", 1)[-1]
+        return response
+
+    def _mirror(self, live: _Live, request, primary) -> None:
+        """Copy to the shadow without delaying or failing the primary reply."""
+        if self._shadow_slots.locked():
+            return  # saturated: skip rather than queue behind the primary traffic
+        shadow = live.route.shadow
+        copy = type(request)()
+        copy.CopyFrom(request)
+        copy.model_name = shadow.triton_model
+        task = asyncio.get_running_loop().create_task(
+            self._compare(live.shadow_stats, copy, primary))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _compare(self, stats: ShadowStats, request, primary) -> None:
+        async with self._shadow_slots:
+            try:
+                with self._in_flight.track(request.model_name):
+                    shadow = await self._triton.infer_request(request, timeout=30)
+            except errors.MaasError:
+                stats.errors += 1
+                self._count_shadow("error")
+                return
+        first_primary, first_shadow = _first_output(primary), _first_output(shadow)
+        stats.compared += 1
+        if first_primary is None or first_shadow is None or \
+                first_primary.shape != first_shadow.shape:
+            self._count_shadow("mismatch")
+            return
+        diff = float(np.max(np.abs(first_primary - first_shadow))) if first_primary.size else 0.0
+        stats.max_abs_diff = max(stats.max_abs_diff, diff)
+        agreed = bool(np.array_equal(first_primary.reshape(len(first_primary), -1).argmax(1),
+                                     first_shadow.reshape(len(first_shadow), -1).argmax(1)))
+        stats.argmax_agreed += agreed
+        self._count_shadow("agreed" if agreed else "disagreed")
+
+    def _count_shadow(self, outcome: str) -> None:
+        if self._shadow_counter is not None:
+            self._shadow_counter.add(1, {"outcome": outcome})
+
+    async def drain_background(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    def metadata(self, deployment_id: str) -> tuple[ServedModel, list[str]]:
+        live = self._route(deployment_id)
+        return live.route.targets[0][0], [m.version for m, _ in live.route.targets]
+
+    def is_ready(self, deployment_id: str) -> bool:
+        return deployment_id in self._live and self._triton_ready()
+
+    # -- views ----------------------------------------------------------------------------------
+
+    def _view(self, deployment_id: str, record: dict) -> dict:
+        view = {key: value for key, value in record.items() if key != "resolved"}
+        if not view.get("shadow"):
+            view.pop("shadow", None)
+        if record["state"] == READY and not self._triton_ready():
+            view["state"] = UNAVAILABLE
+        live = self._live.get(deployment_id)
+        if live is not None and live.route.shadow is not None:
+            view["shadow_stats"] = live.shadow_stats.as_dict()
+        return view
+
+    @staticmethod
+    def _parse_name(name: str, field_path: str) -> str:
+        if not name.startswith("deployments/"):
+            raise errors.InvalidArgument.for_field(
+                field_path, f"must look like 'deployments/{{id}}', got {name!r}")
+        return validate_id(name.removeprefix("deployments/"), field_path)
+
+
+_NUMPY_TYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT64": np.int64,
+                "INT32": np.int32, "INT8": np.int8, "UINT8": np.uint8}
+
+
+def _first_output(response) -> np.ndarray | None:
+    if not response.outputs or not response.raw_output_contents:
+        return None
+    output = response.outputs[0]
+    dtype = _NUMPY_TYPES.get(output.datatype)
+    if dtype is None:
+        return None
+    array = np.frombuffer(response.raw_output_contents[0], dtype=dtype)
+    return array.reshape(tuple(output.shape)).astype(np.float64)
+
+

@@ -1,0 +1,81 @@
+"""What the inference service reads from the registry: versions, artifacts, alias moves."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+from google.protobuf import json_format
+from maas.registry.v1 import audit_pb2, registry_service_pb2 as rs
+
+from maas_runtime import errors
+from maas_runtime.grpc_errors import from_rpc_error
+
+_log = logging.getLogger(__name__)
+
+
+class RegistryReader:
+    """Resolves model references and fetches artifacts through the registry's gRPC API."""
+
+    def __init__(self, stub):
+        self._stub = stub
+
+    async def resolve(self, reference: str) -> dict:
+        """`models/m@alias` or `models/m/versions/n` → the ModelVersion as a dict."""
+        try:
+            version = await self._stub.GetModelVersion(rs.GetModelVersionRequest(name=reference))
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error) from None
+        return json_format.MessageToDict(version, preserving_proto_field_name=True)
+
+    async def download(self, version: dict, destination: Path) -> None:
+        """Stream the artifact to `destination`, verifying size and sha256 before keeping it."""
+        expected_sha = version["artifact"]["sha256"]
+        partial = destination.with_name(destination.name + ".part")
+        digest, size = hashlib.sha256(), 0
+        try:
+            with partial.open("wb") as handle:
+                async for message in self._stub.DownloadModelVersion(
+                    rs.DownloadModelVersionRequest(name=version["name"])
+                ):
+                    if message.WhichOneof("content") == "chunk":
+                        digest.update(message.chunk)
+                        size += len(message.chunk)
+                        handle.write(message.chunk)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except grpc.aio.AioRpcError as error:
+            partial.unlink(missing_ok=True)
+            raise from_rpc_error(error) from None
+        if digest.hexdigest() != expected_sha:
+            partial.unlink(missing_ok=True)
+            raise errors.FailedPrecondition(
+                f"{version['name']} downloaded with sha256 {digest.hexdigest()}, but the registry "
+                f"recorded {expected_sha}; refusing to serve it",
+                reason="ARTIFACT_CORRUPT",
+            )
+        os.replace(partial, destination)
+
+    async def alias_changes(self, retry_seconds: float = 1.0) -> AsyncIterator[str]:
+        """Yield `models/{m}@{alias}` whenever an alias moves or is deleted, forever.
+
+        Reconnects after registry outages, resuming after the last event seen.
+        """
+        last_event_id = 0
+        types = [audit_pb2.EVENT_TYPE_ALIAS_MOVED, audit_pb2.EVENT_TYPE_ALIAS_DELETED]
+        while True:
+            try:
+                async for event in self._stub.WatchEvents(
+                    rs.WatchEventsRequest(after_event_id=last_event_id, types=types)
+                ):
+                    last_event_id = event.event_id
+                    _, model_id, _, alias = event.resource.split("/")
+                    yield f"models/{model_id}@{alias}"
+            except grpc.aio.AioRpcError as error:
+                _log.warning("registry event stream ended (%s); reconnecting", error.code().name)
+                await asyncio.sleep(retry_seconds)

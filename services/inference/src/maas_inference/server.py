@@ -1,0 +1,156 @@
+"""Composition root of the inference service: Triton, registry, deployments → gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+
+from maas.inference.v1 import inference_service_pb2_grpc
+from maas.registry.v1 import registry_service_pb2_grpc
+from tritonclient.grpc import service_pb2_grpc
+
+from maas_inference.deployments import DeploymentManager, ServingDefaults
+from maas_inference.registry_reader import RegistryReader
+from maas_inference.servicer import KSERVE_ROLES, KSERVE_SERVICE, InferenceServicer, KServeServicer
+from maas_inference.settings import InferenceSettings
+from maas_inference.store import SqliteDeploymentStore
+from maas_inference.triton.client import TritonClient
+from maas_inference.triton.launcher import (
+    RemoteTriton,
+    TritonHealth,
+    TritonProcessConfig,
+    TritonServerProcess,
+    TritonSupervisor,
+)
+from maas_inference.triton.model_repository import ModelRepository
+from maas_runtime.client import open_channel
+from maas_runtime.logs import configure_logging
+from maas_runtime.server import ServiceBinding, ServiceServer
+from maas_runtime.telemetry import Telemetry
+
+_log = logging.getLogger(__name__)
+SERVICE_NAME = "maas.inference.v1.InferenceService"
+
+
+class InferenceApp:
+    """Owns the long-lived parts: Triton supervision, the registry channel, the manager."""
+
+    def __init__(self, settings: InferenceSettings, telemetry: Telemetry | None = None,
+                 registry_channel=None):
+        self.settings = settings
+        self.telemetry = telemetry
+        state = settings.state_dir
+        if settings.triton_url:
+            triton_server = RemoteTriton(settings.triton_url,
+                                         Path(settings.triton_model_repository))
+        else:
+            triton_server = TritonServerProcess(TritonProcessConfig(
+                state_dir=state / "triton", model_repository=state / "triton" / "models"))
+        self.supervisor = TritonSupervisor(triton_server, on_restart=self._on_triton_restart,
+                                           on_health_change=self._on_health_change)
+        self.server: ServiceServer | None = None
+        self._registry_channel = registry_channel
+        self._owns_registry_channel = registry_channel is None
+        self.manager: DeploymentManager | None = None
+        self.triton: TritonClient | None = None
+        self._alias_task: asyncio.Task | None = None
+
+    def triton_ready(self) -> bool:
+        return self.supervisor.health is TritonHealth.SERVING
+
+    def _on_health_change(self, health: TritonHealth) -> None:
+        if self.server is not None and self.server.port:
+            asyncio.get_running_loop().create_task(
+                self.server.set_serving(health is TritonHealth.SERVING))
+
+    async def _on_triton_restart(self) -> None:
+        await self.manager.reload_all()
+
+    def _registry_stub(self):
+        if self._registry_channel is None:
+            token_file = self.settings.resolved_client_token_file
+            token = token_file.read_text().strip() if token_file.exists() else None
+            target = self.settings.registry_target or _static_target(self.settings, "registry")
+            self._registry_channel = open_channel(target, token=token, telemetry=self.telemetry)
+        return registry_service_pb2_grpc.RegistryServiceStub(self._registry_channel)
+
+    async def start(self) -> None:
+        await self.supervisor.start()
+        self.triton = TritonClient(self.supervisor.server.grpc_url)
+        meter = self.telemetry.meter("maas.inference") if self.telemetry else None
+        self.manager = DeploymentManager(
+            SqliteDeploymentStore(self.settings.state_dir / "deployments.db"),
+            RegistryReader(self._registry_stub()), self.triton,
+            ModelRepository(self.supervisor.server.model_repository),
+            self.settings.state_dir / "artifacts",
+            ServingDefaults(max_batch_size=self.settings.default_max_batch_size,
+                            max_queue_delay_microseconds=(
+                                self.settings.default_max_queue_delay_microseconds),
+                            drain_seconds=self.settings.rollout_drain_seconds,
+                            load_timeout_seconds=self.settings.model_load_timeout_seconds,
+                            shadow_max_in_flight=self.settings.shadow_max_in_flight),
+            self.triton_ready, meter)
+        await self.manager.reload_all()
+        self._alias_task = asyncio.create_task(self.manager.follow_alias_moves())
+
+    async def stop(self) -> None:
+        if self._alias_task is not None:
+            self._alias_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._alias_task
+        if self.manager is not None:
+            await self.manager.drain_background()
+        if self.triton is not None:
+            await self.triton.close()
+        await self.supervisor.stop()
+        if self._owns_registry_channel and self._registry_channel is not None:
+            await self._registry_channel.close()
+
+
+def _static_target(settings: InferenceSettings, service: str) -> str:
+    from maas_runtime.discovery import parse_static_endpoints
+
+    endpoints = parse_static_endpoints(settings.static_endpoints).get(service) or []
+    if not endpoints:
+        return "127.0.0.1:50051"
+    return ",".join(str(e) for e in endpoints) if len(endpoints) == 1 else \
+        "ipv4:" + ",".join(str(e) for e in endpoints)
+
+
+def build_server(settings: InferenceSettings, telemetry: Telemetry | None = None,
+                 discovery=None, registry_channel=None) -> tuple[ServiceServer, InferenceApp]:
+    app = InferenceApp(settings, telemetry, registry_channel)
+
+    def add_inference(server):
+        inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(
+            InferenceServicer(app.manager), server)
+
+    def add_kserve(server):
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            KServeServicer(app.manager, app.triton_ready), server)
+
+    server = ServiceServer(
+        "inference", settings,
+        [ServiceBinding(SERVICE_NAME, add_inference),
+         ServiceBinding(KSERVE_SERVICE, add_kserve, method_roles=KSERVE_ROLES)],
+        telemetry=telemetry, discovery=discovery)
+    server.before_start.append(app.start)
+    server.on_stop.append(app.stop)
+    app.server = server
+    return server, app
+
+
+def main() -> None:
+    settings = InferenceSettings()
+    configure_logging("inference", settings.log_level)
+    telemetry = Telemetry.create("inference", otlp_endpoint=settings.otlp_endpoint)
+    from maas_runtime.discovery import discovery_from_settings
+
+    server, _ = build_server(settings, telemetry, discovery_from_settings(settings))
+    asyncio.run(server.serve_until_signal())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""gRPC servicers: `maas.inference.v1.InferenceService` and KServe-v2 on the same port."""
+
+from __future__ import annotations
+
+from google.protobuf import empty_pb2, json_format
+from maas.inference.v1 import deployment_pb2, inference_service_pb2, inference_service_pb2_grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from maas_inference.deployments import DeploymentManager
+from maas_inference.tensors import predict_outputs
+from maas_runtime.auth import Role
+
+
+def to_message(resource: dict, message_type):
+    return json_format.ParseDict(resource, message_type(), ignore_unknown_fields=True)
+
+
+def to_dict(message) -> dict:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+def _deadline(context) -> float | None:
+    return context.time_remaining()
+
+
+class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
+    """Deployments and Predict: convert, call the manager, convert back."""
+
+    def __init__(self, manager: DeploymentManager):
+        self._manager = manager
+
+    async def CreateDeployment(self, request, context):
+        deployment = await self._manager.create(request.deployment_id,
+                                                to_dict(request.deployment))
+        return to_message(deployment, deployment_pb2.Deployment)
+
+    async def GetDeployment(self, request, context):
+        return to_message(await self._manager.get(request.name), deployment_pb2.Deployment)
+
+    async def ListDeployments(self, request, context):
+        items, token = await self._manager.list(request.page_size, request.page_token)
+        return inference_service_pb2.ListDeploymentsResponse(
+            deployments=[to_message(d, deployment_pb2.Deployment) for d in items],
+            next_page_token=token)
+
+    async def UpdateDeployment(self, request, context):
+        deployment = await self._manager.update(to_dict(request.deployment),
+                                                list(request.update_mask.paths))
+        return to_message(deployment, deployment_pb2.Deployment)
+
+    async def DeleteDeployment(self, request, context):
+        await self._manager.delete(request.name)
+        return empty_pb2.Empty()
+
+    async def Predict(self, request, context):
+        return await self._predict(request, context)
+
+    async def StreamPredict(self, request_iterator, context):
+        async for request in request_iterator:
+            yield await self._predict(request, context)
+
+    async def _predict(self, request, context):
+        prediction = await self._manager.predict(
+            request.deployment, request.request_id, request.inputs, request.output_names,
+            _deadline(context))
+        return inference_service_pb2.PredictResponse(
+            request_id=prediction.request_id, model_version=prediction.version,
+            outputs=predict_outputs(prediction.response))
+
+
+KSERVE_SERVICE = "inference.GRPCInferenceService"
+KSERVE_ROLES = {f"/{KSERVE_SERVICE}/{method}": Role.VIEWER
+                for method in ("ServerLive", "ServerReady", "ModelReady", "ModelMetadata",
+                               "ModelInfer", "ServerMetadata")}
+"""KServe-v2 has no role annotations of ours: every supported method is a read."""
+
+
+class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """The standard KServe-v2 protocol over deployments (model name = deployment id)."""
+
+    def __init__(self, manager: DeploymentManager, triton_ready):
+        self._manager = manager
+        self._triton_ready = triton_ready
+
+    async def ServerLive(self, request, context):
+        return service_pb2.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return service_pb2.ServerReadyResponse(ready=self._triton_ready())
+
+    async def ServerMetadata(self, request, context):
+        return service_pb2.ServerMetadataResponse(name="maas-inference", version="1",
+                                                  extensions=["model_repository_free"])
+
+    async def ModelReady(self, request, context):
+        return service_pb2.ModelReadyResponse(ready=self._manager.is_ready(request.name))
+
+    async def ModelMetadata(self, request, context):
+        served, versions = self._manager.metadata(request.name)
+        signature = served.signature
+        batch = [-1] if signature.max_batch_size > 0 else []
+
+        def tensors(rules):
+            return [service_pb2.ModelMetadataResponse.TensorMetadata(
+                name=r.name, datatype=r.datatype, shape=batch + list(r.shape)) for r in rules]
+
+        return service_pb2.ModelMetadataResponse(
+            name=request.name, versions=[v.rsplit("/", 1)[-1] for v in versions],
+            platform="maas_triton", inputs=tensors(signature.inputs),
+            outputs=tensors(signature.outputs))
+
+    async def ModelInfer(self, request, context):
+        return await self._manager.kserve_infer(request, _deadline(context))

@@ -1,0 +1,44 @@
+"""Settings of the inference service (env prefix MAAS_INFERENCE_)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from maas_runtime.settings import ServiceSettings
+
+
+class InferenceSettings(ServiceSettings):
+    """Inference settings; everything in `ServiceSettings` plus Triton, registry and traffic."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MAAS_INFERENCE_", use_attribute_docstrings=True, extra="ignore"
+    )
+
+    port: int = 50054
+    """TCP port of the gateway (InferenceService and KServe-v2 on the same port)."""
+
+    triton_url: str = ""
+    """host:port of an external Triton's gRPC endpoint (remote mode); empty starts the bundled
+    `tritonserver` under the state directory (local mode)."""
+
+    triton_model_repository: str = ""
+    """Remote mode: the model repository path shared with the external Triton."""
+
+    registry_target: str = ""
+    """host:port of the registry; empty resolves "registry" through discovery."""
+
+    rollout_drain_seconds: float = Field(default=30.0, ge=0)
+    """Longest a rollout waits for in-flight requests on the old version before unloading."""
+
+    model_load_timeout_seconds: float = Field(default=120.0, gt=0)
+    """Longest a deployment waits for Triton to report a model READY."""
+
+    shadow_max_in_flight: int = Field(default=64, ge=1)
+    """Mirrored requests allowed at once; beyond it shadow copies are skipped, never queued."""
+
+    default_max_batch_size: int = Field(default=32, ge=0)
+    """max_batch_size written into config.pbtxt when a deployment does not say."""
+
+    default_max_queue_delay_microseconds: int = Field(default=100, ge=0)
+    """Dynamic-batching queue delay when a deployment does not say."""

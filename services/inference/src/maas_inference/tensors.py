@@ -1,0 +1,182 @@
+"""Tensors at the gateway: checked against the signature, forwarded to Triton as raw bytes.
+
+The element bytes are never decoded: a `maas.common.v1.Tensor`'s `raw_data` becomes one of
+the KServe request's `raw_input_contents` as is, and Triton's raw outputs come back the same
+way. Only names, dtypes, shapes and byte lengths are checked, before Triton sees a request.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from maas.common.v1 import tensor_pb2
+from tritonclient.grpc import service_pb2
+
+from maas_runtime.errors import InvalidArgument, ViolationCollector
+
+ITEM_BYTES = {
+    "BOOL": 1,
+    "UINT8": 1,
+    "UINT16": 2,
+    "UINT32": 4,
+    "UINT64": 8,
+    "INT8": 1,
+    "INT16": 2,
+    "INT32": 4,
+    "INT64": 8,
+    "FP16": 2,
+    "FP32": 4,
+    "FP64": 8,
+    "BF16": 2,
+}
+_PREFIX = "DATA_TYPE_"
+ENUM_TO_KSERVE = {value: name[len(_PREFIX) :] for name, value in tensor_pb2.DataType.items() if value}
+KSERVE_TO_ENUM = {name: value for value, name in ENUM_TO_KSERVE.items()}
+
+
+@dataclass(frozen=True)
+class TensorRule:
+    name: str
+    datatype: str
+    """KServe name, e.g. "FP32"."""
+    shape: tuple[int, ...]
+    """Without the batch dimension; -1 is variable."""
+
+    def describe(self, batched: bool) -> str:
+        dims = ["batch"] * batched + [str(d) if d >= 0 else "*" for d in self.shape]
+        return f"{self.name}: {self.datatype}[{', '.join(dims)}]"
+
+
+@dataclass(frozen=True)
+class ServingSignature:
+    """A served version's inputs and outputs and batch limit, for request checks."""
+
+    inputs: tuple[TensorRule, ...]
+    outputs: tuple[TensorRule, ...]
+    max_batch_size: int
+
+    @classmethod
+    def from_version(cls, signature: dict, max_batch_size: int) -> ServingSignature:
+        """From a registry ModelVersion's signature dict (datatypes like "DATA_TYPE_FP32")."""
+
+        def rules(side):
+            return tuple(
+                TensorRule(
+                    t["name"], t["datatype"].removeprefix(_PREFIX), tuple(int(d) for d in t.get("shape", []))
+                )
+                for t in signature.get(side, [])
+            )
+
+        return cls(rules("inputs"), rules("outputs"), max_batch_size)
+
+    def check(self, tensors: Sequence[tuple[str, str, Sequence[int], int | None]], field_path: str) -> int:
+        """Check (name, datatype, shape, byte length or None) of each input; return the batch.
+
+        Raises INVALID_ARGUMENT naming the offending field and the expected spec.
+        """
+        batched = self.max_batch_size > 0
+        expected = {rule.name: rule for rule in self.inputs}
+        violations = ViolationCollector()
+        seen, batch_sizes = set(), set()
+        for index, (name, datatype, shape, byte_length) in enumerate(tensors):
+            where = f"{field_path}[{index}]"
+            rule = expected.get(name)
+            if rule is None:
+                violations.add(
+                    f"{where}.name",
+                    f"unknown input {name!r}; the signature has "
+                    f"{', '.join(r.describe(batched) for r in self.inputs)}",
+                )
+                continue
+            if name in seen:
+                violations.add(f"{where}.name", f"input {name!r} sent twice")
+            seen.add(name)
+            if datatype != rule.datatype:
+                violations.add(
+                    f"{where}.datatype", f"is {datatype or 'unset'}; expected {rule.describe(batched)}"
+                )
+            dims = list(shape)
+            body = dims[1:] if batched else dims
+            if (
+                len(body) != len(rule.shape)
+                or any(want not in (-1, got) for want, got in zip(rule.shape, body, strict=False))
+                or (batched and not dims)
+            ):
+                violations.add(f"{where}.shape", f"is {dims}; expected {rule.describe(batched)}")
+                continue
+            if batched:
+                batch = dims[0]
+                batch_sizes.add(batch)
+                if batch < 1:
+                    violations.add(f"{where}.shape", f"the batch is empty; expected {rule.describe(batched)}")
+                elif batch > self.max_batch_size:
+                    violations.add(
+                        f"{where}.shape",
+                        f"batch {batch} exceeds the deployment's max_batch_size {self.max_batch_size} ({rule.describe(batched)})",
+                    )
+            if any(d < 0 for d in dims):
+                violations.add(f"{where}.shape", "dimensions must not be negative")
+            elif byte_length is not None and datatype in ITEM_BYTES:
+                want = math.prod(dims) * ITEM_BYTES[datatype]
+                if byte_length != want:
+                    violations.add(
+                        f"{where}.raw_data",
+                        f"has {byte_length} bytes; shape {dims} of {rule.describe(batched)} needs {want}",
+                    )
+        for rule in self.inputs:
+            if rule.name not in seen:
+                violations.add(field_path, f"missing input {rule.describe(batched)}")
+        if len(batch_sizes) > 1:
+            violations.add(field_path, f"inputs disagree on the batch size: {sorted(batch_sizes)}")
+        violations.raise_if_any("request does not match the signature")
+        return next(iter(batch_sizes), 1)
+
+
+def infer_request_from_predict(
+    tensors: Sequence[tensor_pb2.Tensor], output_names: Sequence[str], triton_model: str, request_id: str
+) -> service_pb2.ModelInferRequest:
+    """A KServe ModelInferRequest carrying the Predict tensors' bytes unchanged."""
+    request = service_pb2.ModelInferRequest(model_name=triton_model, id=request_id)
+    for tensor in tensors:
+        request.inputs.add(
+            name=tensor.name, datatype=ENUM_TO_KSERVE.get(tensor.datatype, ""), shape=tensor.shape
+        )
+        request.raw_input_contents.append(tensor.raw_data)
+    for name in output_names:
+        request.outputs.add(name=name)
+    return request
+
+
+def predict_outputs(response: service_pb2.ModelInferResponse) -> list[tensor_pb2.Tensor]:
+    return [
+        tensor_pb2.Tensor(
+            name=output.name,
+            datatype=KSERVE_TO_ENUM.get(output.datatype, 0),
+            shape=output.shape,
+            raw_data=raw,
+        )
+        for output, raw in zip(response.outputs, response.raw_output_contents, strict=False)
+    ]
+
+
+def predict_shapes(tensors: Sequence[tensor_pb2.Tensor]):
+    return [(t.name, ENUM_TO_KSERVE.get(t.datatype, ""), t.shape, len(t.raw_data)) for t in tensors]
+
+
+def kserve_shapes(request: service_pb2.ModelInferRequest):
+    raw = request.raw_input_contents
+    return [
+        (t.name, t.datatype, t.shape, len(raw[i]) if i < len(raw) else None)
+        for i, t in enumerate(request.inputs)
+    ]
+
+
+def check_output_names(names: Sequence[str], signature: ServingSignature, field_path: str) -> None:
+    known = {rule.name for rule in signature.outputs}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise InvalidArgument.for_field(
+            field_path, f"unknown outputs {unknown}; the signature has {sorted(known)}"
+        )

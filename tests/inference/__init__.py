@@ -1,0 +1,1 @@
+"""Tests of the inference service's Triton layer, against a real tritonserver."""

@@ -1,0 +1,370 @@
+"""The inference service end to end: a real registry, a real Triton, real stubs.
+
+One registry (in-process) holds two versions of a digits MLP; one inference service (in
+process) supervises the bundled tritonserver. Deployments are created from aliases, served
+through Predict and the KServe-v2 endpoint, split, shadowed, rolled out under load, made to
+follow alias moves, and survive a kill -9 of Triton.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import pytest_asyncio
+import torch
+from google.protobuf import field_mask_pb2
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from maas.common.v1 import tensor_pb2
+from maas.inference.v1 import deployment_pb2, inference_service_pb2 as inf
+from maas.inference.v1 import inference_service_pb2_grpc
+from maas.registry.v1 import model_pb2, registry_service_pb2 as rs, registry_service_pb2_grpc
+from maas_inference.server import build_server as build_inference
+from maas_inference.settings import InferenceSettings
+from maas_registry.server import build_server as build_registry
+from maas_registry.settings import RegistrySettings
+from maas_runtime.client import open_channel
+from maas_runtime.grpc_errors import status_details, unpack_detail
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from tests.inference.model_packages import save_zoo_package, zoo_model
+from tests.registry.helpers import model_upload_requests
+
+pytestmark = [pytest.mark.triton, pytest.mark.asyncio(loop_scope="session")]
+
+HYPER = {"hidden_sizes": [32]}
+
+
+class Suite:
+    """Handles on the running registry and inference service, and the reference modules."""
+
+    def __init__(self):
+        self.references: dict[int, torch.nn.Module] = {}
+
+    def predict_stub(self):
+        return inference_service_pb2_grpc.InferenceServiceStub(self.inference_channel)
+
+    def kserve_stub(self):
+        return service_pb2_grpc.GRPCInferenceServiceStub(self.inference_channel)
+
+    def expected(self, version: int, batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return self.references[version](torch.from_numpy(batch)).numpy()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def suite(tmp_path_factory):
+    root: Path = tmp_path_factory.mktemp("suite")
+    s = Suite()
+    registry_settings = RegistrySettings(state_dir=root / "registry", port=0, event_poll_seconds=0.1)
+    s.registry = build_registry(registry_settings)
+    registry_port = await s.registry.start()
+    registry_token = (root / "registry" / "admin.token").read_text().strip()
+    s.registry_channel = open_channel(f"127.0.0.1:{registry_port}", token=registry_token)
+    registry = registry_service_pb2_grpc.RegistryServiceStub(s.registry_channel)
+    s.registry_stub = registry
+    await registry.CreateModel(rs.CreateModelRequest(model_id="digits"))
+    for version in (1, 2):
+        module = zoo_model("mlp", HYPER, [64], seed=version)
+        path = root / f"v{version}.safetensors"
+        save_zoo_package(path, module, kind="mlp", hyperparameters=HYPER, input_shape=[64])
+        s.references[version] = module
+        await registry.UploadModelVersion(model_upload_requests("models/digits", path.read_bytes()))
+    await registry.SetModelAlias(
+        rs.SetModelAliasRequest(name="models/digits/aliases/prod", version="models/digits/versions/1")
+    )
+
+    inference_settings = InferenceSettings(state_dir=root / "inference", port=0, rollout_drain_seconds=10)
+    s.inference, s.app = build_inference(
+        inference_settings, registry_channel=open_channel(f"127.0.0.1:{registry_port}", token=registry_token)
+    )
+    port = await s.inference.start()
+    s.target = f"127.0.0.1:{port}"
+    s.token = (root / "inference" / "admin.token").read_text().strip()
+    s.inference_channel = open_channel(s.target, token=s.token)
+    yield s
+    await s.inference_channel.close()
+    await s.inference.stop(0)
+    await s.registry_channel.close()
+    await s.registry.stop(0)
+
+
+def batch(rows: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 17, (rows, 64)).astype(np.float32)
+
+
+def predict_request(deployment: str, data: np.ndarray, request_id: str = "", **overrides):
+    tensor = tensor_pb2.Tensor(
+        name="features", datatype=tensor_pb2.DATA_TYPE_FP32, shape=list(data.shape), raw_data=data.tobytes()
+    )
+    for key, value in overrides.items():
+        if key == "shape":
+            del tensor.shape[:]
+            tensor.shape.extend(value)
+        else:
+            setattr(tensor, key, value)
+    return inf.PredictRequest(deployment=deployment, request_id=request_id, inputs=[tensor])
+
+
+def logits(reply) -> np.ndarray:
+    output = reply.outputs[0]
+    return np.frombuffer(output.raw_data, np.float32).reshape(tuple(output.shape))
+
+
+async def create(suite, deployment_id: str, **fields):
+    return await suite.predict_stub().CreateDeployment(
+        inf.CreateDeploymentRequest(
+            deployment_id=deployment_id, deployment=deployment_pb2.Deployment(**fields)
+        )
+    )
+
+
+async def expect(awaitable, code, field=None):
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await awaitable
+    assert caught.value.code() == code, caught.value.details()
+    if field:
+        violations = unpack_detail(status_details(caught.value), error_details_pb2.BadRequest)
+        assert field in [v.field for v in violations.field_violations], violations
+    return caught.value
+
+
+async def test_deploy_alias_and_predict_matches_torch(suite):
+    deployment = await create(suite, "digits", model="models/digits@prod")
+    assert deployment.state == deployment_pb2.DEPLOYMENT_STATE_READY
+    assert list(deployment.serving_versions) == ["models/digits/versions/1"]
+    data = batch(5)
+    reply = await suite.predict_stub().Predict(predict_request("deployments/digits", data))
+    assert reply.model_version == "models/digits/versions/1"
+    np.testing.assert_allclose(logits(reply), suite.expected(1, data), rtol=1e-4, atol=1e-4)
+    config = (suite.app.supervisor.server.model_repository / "digits.digits.v1" / "config.pbtxt").read_text()
+    assert "dynamic_batching" in config and "max_batch_size: 32" in config
+
+
+async def test_kserve_v2_endpoint_serves_the_deployment(suite):
+    kserve = suite.kserve_stub()
+    assert (await kserve.ServerLive(service_pb2.ServerLiveRequest())).live
+    assert (await kserve.ServerReady(service_pb2.ServerReadyRequest())).ready
+    assert (await kserve.ModelReady(service_pb2.ModelReadyRequest(name="digits"))).ready
+    metadata = await kserve.ModelMetadata(service_pb2.ModelMetadataRequest(name="digits"))
+    assert metadata.inputs[0].name == "features" and list(metadata.inputs[0].shape) == [-1, 64]
+    data = batch(3, seed=4)
+    request = service_pb2.ModelInferRequest(model_name="digits")
+    request.inputs.add(name="features", datatype="FP32", shape=[3, 64])
+    request.raw_input_contents.append(data.tobytes())
+    reply = await kserve.ModelInfer(request)
+    assert reply.model_name == "digits" and reply.model_version == "1"
+    out = np.frombuffer(reply.raw_output_contents[0], np.float32).reshape(3, 10)
+    np.testing.assert_allclose(out, suite.expected(1, data), rtol=1e-4, atol=1e-4)
+    anonymous = service_pb2_grpc.GRPCInferenceServiceStub(grpc.aio.insecure_channel(suite.target))
+    await expect(anonymous.ModelInfer(request), grpc.StatusCode.UNAUTHENTICATED)
+
+
+async def test_unmodified_tritonclient_works_through_the_gateway(suite):
+    from tritonclient.grpc.aio import InferenceServerClient, InferInput
+
+    client = InferenceServerClient(suite.target)
+    try:
+        headers = {"authorization": f"Bearer {suite.token}"}
+        data = batch(2, seed=9)
+        tensor = InferInput("features", [2, 64], "FP32")
+        tensor.set_data_from_numpy(data)
+        result = await client.infer("digits", [tensor], headers=headers)
+        np.testing.assert_allclose(result.as_numpy("logits"), suite.expected(1, data), rtol=1e-4, atol=1e-4)
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"datatype": tensor_pb2.DATA_TYPE_INT64}, "inputs[0].datatype"),
+        ({"shape": [2, 63]}, "inputs[0].shape"),
+        ({"raw_data": b"\0" * 10}, "inputs[0].raw_data"),
+        ({"name": "pixels"}, "inputs[0].name"),
+        ({"shape": [0, 64], "raw_data": b""}, "inputs[0].shape"),
+        ({"shape": [33, 64], "raw_data": b"\0" * (33 * 64 * 4)}, "inputs[0].shape"),
+    ],
+)
+async def test_bad_requests_name_the_expected_spec(suite, overrides, field):
+    error = await expect(
+        suite.predict_stub().Predict(predict_request("deployments/digits", batch(2), **overrides)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        field,
+    )
+    assert "features" in error.details()
+
+
+async def test_unknown_deployment_and_deadline(suite):
+    await expect(
+        suite.predict_stub().Predict(predict_request("deployments/nope", batch(1))), grpc.StatusCode.NOT_FOUND
+    )
+    # A stalled Triton (SIGSTOP) must not hold a caller past its deadline.
+    os.kill(suite.app.supervisor.server.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        await expect(
+            suite.predict_stub().Predict(predict_request("deployments/digits", batch(1)), timeout=0.5),
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+        )
+        assert time.monotonic() - started < 2
+    finally:
+        os.kill(suite.app.supervisor.server.pid, signal.SIGCONT)
+    await expect(
+        create(
+            suite,
+            "bad",
+            model="models/digits@prod",
+            traffic=[deployment_pb2.TrafficTarget(model_version="models/digits/versions/1", percent=60)],
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "deployment.traffic",
+    )
+    await expect(create(suite, "ghost", model="models/ghost@prod"), grpc.StatusCode.NOT_FOUND)
+    listed = await suite.predict_stub().ListDeployments(inf.ListDeploymentsRequest())
+    assert [d.name for d in listed.deployments] == ["deployments/digits"], "nothing partial"
+
+
+async def test_stream_predict_answers_in_order(suite):
+    requests = [predict_request("deployments/digits", batch(1, seed=i), request_id=f"r{i}") for i in range(5)]
+
+    async def stream():
+        for request in requests:
+            yield request
+
+    replies = [r async for r in suite.predict_stub().StreamPredict(stream())]
+    assert [r.request_id for r in replies] == [f"r{i}" for i in range(5)]
+
+
+async def test_canary_split_is_weighted_and_sticky_and_shadow_compares(suite):
+    await create(
+        suite,
+        "canary",
+        model="models/digits@prod",
+        traffic=[
+            deployment_pb2.TrafficTarget(model_version="models/digits/versions/1", percent=70),
+            deployment_pb2.TrafficTarget(model_version="models/digits/versions/2", percent=30),
+        ],
+        shadow=deployment_pb2.ShadowConfig(model_version="models/digits/versions/2", percent=100),
+    )
+    stub = suite.predict_stub()
+    served = {}
+    for i in range(60):
+        reply = await stub.Predict(predict_request("deployments/canary", batch(1, i), f"req-{i}"))
+        served[f"req-{i}"] = reply.model_version
+        version = int(reply.model_version.rsplit("/", 1)[1])
+        np.testing.assert_allclose(logits(reply), suite.expected(version, batch(1, i)), rtol=1e-4, atol=1e-4)
+    share_v2 = sum(v.endswith("/2") for v in served.values()) / len(served)
+    assert 0.1 < share_v2 < 0.5
+    for request_id in list(served)[:10]:  # sticky: the same id, the same version
+        reply = await stub.Predict(predict_request("deployments/canary", batch(1), request_id))
+        assert reply.model_version == served[request_id]
+    await suite.app.manager.drain_background()
+    deployment = await stub.GetDeployment(inf.GetDeploymentRequest(name="deployments/canary"))
+    assert deployment.shadow_stats.compared >= 60
+    assert deployment.shadow_stats.max_abs_diff > 0  # v1 and v2 differ
+    await stub.DeleteDeployment(inf.DeleteDeploymentRequest(name="deployments/canary"))
+
+
+async def _load(stub, deployment: str, stop: asyncio.Event, outcomes: list):
+    i = 0
+    while not stop.is_set():
+        i += 1
+        try:
+            reply = await stub.Predict(predict_request(deployment, batch(2, i)), timeout=10)
+            outcomes.append(reply.model_version)
+        except grpc.aio.AioRpcError as error:
+            outcomes.append(error.code())
+
+
+async def test_rollout_under_load_has_no_failed_request(suite):
+    stub = suite.predict_stub()
+    await create(suite, "rolling", model="models/digits/versions/1")
+    stop, outcomes = asyncio.Event(), []
+    workers = [asyncio.create_task(_load(stub, "deployments/rolling", stop, outcomes)) for _ in range(4)]
+    await asyncio.sleep(0.5)
+    updated = await stub.UpdateDeployment(
+        inf.UpdateDeploymentRequest(
+            deployment=deployment_pb2.Deployment(
+                name="deployments/rolling", model="models/digits/versions/2"
+            ),
+            update_mask=field_mask_pb2.FieldMask(paths=["model"]),
+        )
+    )
+    await asyncio.sleep(0.5)
+    stop.set()
+    await asyncio.gather(*workers)
+    assert list(updated.serving_versions) == ["models/digits/versions/2"]
+    failures = [o for o in outcomes if not isinstance(o, str)]
+    assert failures == [] and len(outcomes) > 20
+    assert outcomes[0].endswith("/1") and outcomes[-1].endswith("/2")
+    assert not (suite.app.supervisor.server.model_repository / "rolling.digits.v1").exists()
+    await stub.DeleteDeployment(inf.DeleteDeploymentRequest(name="deployments/rolling"))
+
+
+async def test_track_alias_rolls_out_when_the_registry_moves_it(suite):
+    stub = suite.predict_stub()
+    await create(suite, "tracking", model="models/digits@prod", track_alias=True)
+    await suite.registry_stub.SetModelAlias(
+        rs.SetModelAliasRequest(name="models/digits/aliases/prod", version="models/digits/versions/2")
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        deployment = await stub.GetDeployment(inf.GetDeploymentRequest(name="deployments/tracking"))
+        if (
+            list(deployment.serving_versions) == ["models/digits/versions/2"]
+            and deployment.state == deployment_pb2.DEPLOYMENT_STATE_READY
+        ):
+            break
+        await asyncio.sleep(0.2)
+    else:
+        raise AssertionError(f"deployment did not follow the alias: {deployment}")
+    reply = await stub.Predict(predict_request("deployments/tracking", batch(1)))
+    assert reply.model_version == "models/digits/versions/2"
+    await suite.registry_stub.SetModelAlias(
+        rs.SetModelAliasRequest(name="models/digits/aliases/prod", version="models/digits/versions/1")
+    )
+    await stub.DeleteDeployment(inf.DeleteDeploymentRequest(name="deployments/tracking"))
+
+
+async def test_kill_9_of_triton_under_load(suite):
+    stub = suite.predict_stub()
+    health = health_pb2_grpc.HealthStub(suite.inference_channel)
+    stop, outcomes = asyncio.Event(), []
+    workers = [asyncio.create_task(_load(stub, "deployments/digits", stop, outcomes)) for _ in range(4)]
+    await asyncio.sleep(0.5)
+    served_before = len(outcomes)
+    killed_at = time.monotonic()
+    os.kill(suite.app.supervisor.server.pid, signal.SIGKILL)
+    saw_not_serving = False
+    recovered_after = None
+    while time.monotonic() - killed_at < 30:
+        status = (await health.Check(health_pb2.HealthCheckRequest(service="inference"))).status
+        saw_not_serving |= status == health_pb2.HealthCheckResponse.NOT_SERVING
+        deployment = await stub.GetDeployment(inf.GetDeploymentRequest(name="deployments/digits"))
+        if (
+            saw_not_serving
+            and status == health_pb2.HealthCheckResponse.SERVING
+            and deployment.state == deployment_pb2.DEPLOYMENT_STATE_READY
+        ):
+            recovered_after = time.monotonic() - killed_at
+            break
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.5)
+    stop.set()
+    await asyncio.gather(*workers)
+    assert saw_not_serving, "health reported NOT_SERVING while Triton was down"
+    assert recovered_after is not None and recovered_after < 15, recovered_after
+    failures = {o for o in outcomes[served_before:] if not isinstance(o, str)}
+    assert failures <= {grpc.StatusCode.UNAVAILABLE}, failures
+    assert outcomes[-1] == "models/digits/versions/1", "serving again after the restart"
+    data = batch(4, seed=77)
+    reply = await stub.Predict(predict_request("deployments/digits", data))
+    np.testing.assert_allclose(logits(reply), suite.expected(1, data), rtol=1e-4, atol=1e-4)

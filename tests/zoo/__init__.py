@@ -1,0 +1,1 @@
+"""Tests of the maas-zoo architecture catalogue."""
