@@ -23,9 +23,8 @@ from google.protobuf import field_mask_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from maas.common.v1 import tensor_pb2
-from maas.inference.v1 import deployment_pb2, inference_service_pb2 as inf
-from maas.inference.v1 import inference_service_pb2_grpc
-from maas.registry.v1 import model_pb2, registry_service_pb2 as rs, registry_service_pb2_grpc
+from maas.inference.v1 import deployment_pb2, inference_service_pb2 as inf, inference_service_pb2_grpc
+from maas.registry.v1 import registry_service_pb2 as rs, registry_service_pb2_grpc
 from maas_inference.server import build_server as build_inference
 from maas_inference.settings import InferenceSettings
 from maas_registry.server import build_server as build_registry

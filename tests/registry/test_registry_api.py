@@ -12,8 +12,6 @@ from maas.registry.v1 import (
     audit_pb2,
     dataset_pb2,
     model_pb2,
-)
-from maas.registry.v1 import (
     registry_service_pb2 as rs,
 )
 from maas_runtime.auth import Role

@@ -13,8 +13,7 @@ import os
 
 import grpc
 import pytest
-from maas.registry.v1 import model_pb2, registry_service_pb2_grpc
-from maas.registry.v1 import registry_service_pb2 as rs
+from maas.registry.v1 import model_pb2, registry_service_pb2 as rs, registry_service_pb2_grpc
 
 from tests.registry.conftest import _postgres_reachable
 from tests.registry.helpers import (

@@ -16,18 +16,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from maas_runtime.errors import AlreadyExists, InvalidArgument, NotFound
-from maas_runtime.filtering import (
-    FilterExpr,
-    FilterSchema,
-    Operator,
-    ScalarField,
-    ValueKind,
-    compile_filter,
-)
-from sqlalchemy import Connection, Engine, create_engine, event, func, insert, select, update
-from sqlalchemy.exc import IntegrityError
-
 from maas_jobs import schema as t
 from maas_jobs.records import (
     EventKind,
@@ -39,6 +27,17 @@ from maas_jobs.records import (
     JobState,
     LogLevel,
 )
+from maas_runtime.errors import AlreadyExists, InvalidArgument, NotFound
+from maas_runtime.filtering import (
+    FilterExpr,
+    FilterSchema,
+    Operator,
+    ScalarField,
+    ValueKind,
+    compile_filter,
+)
+from sqlalchemy import Connection, Engine, create_engine, event, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
 
 JOB_FILTER_SCHEMA = FilterSchema([
     ScalarField("state", ValueKind.ENUM, {state.value for state in JobState}),

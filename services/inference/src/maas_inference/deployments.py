@@ -18,6 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from maas_runtime import errors
+from maas_runtime.names import parse_version_name, validate_id
 
 from maas_inference.registry_reader import RegistryReader
 from maas_inference.routing import InFlight, Route, ServedModel
@@ -27,7 +29,6 @@ from maas_inference.tensors import (
     check_output_names,
     infer_request_from_predict,
     kserve_shapes,
-    predict_outputs,
     predict_shapes,
 )
 from maas_inference.triton.model_repository import (
@@ -37,8 +38,6 @@ from maas_inference.triton.model_repository import (
     TensorSpec,
     TritonModelSpec,
 )
-from maas_runtime import errors
-from maas_runtime.names import parse_version_name, validate_id
 
 _log = logging.getLogger(__name__)
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import grpc
 from google.protobuf import json_format
 from maas.registry.v1 import audit_pb2, registry_service_pb2 as rs
-
 from maas_runtime import errors
 from maas_runtime.grpc_errors import from_rpc_error
 

@@ -9,6 +9,10 @@ from pathlib import Path
 
 from maas.inference.v1 import inference_service_pb2_grpc
 from maas.registry.v1 import registry_service_pb2_grpc
+from maas_runtime.client import open_channel
+from maas_runtime.logs import configure_logging
+from maas_runtime.server import ServiceBinding, ServiceServer
+from maas_runtime.telemetry import Telemetry
 from tritonclient.grpc import service_pb2_grpc
 
 from maas_inference.deployments import DeploymentManager, ServingDefaults
@@ -25,10 +29,6 @@ from maas_inference.triton.launcher import (
     TritonSupervisor,
 )
 from maas_inference.triton.model_repository import ModelRepository
-from maas_runtime.client import open_channel
-from maas_runtime.logs import configure_logging
-from maas_runtime.server import ServiceBinding, ServiceServer
-from maas_runtime.telemetry import Telemetry
 
 _log = logging.getLogger(__name__)
 SERVICE_NAME = "maas.inference.v1.InferenceService"

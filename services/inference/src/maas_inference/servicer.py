@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from google.protobuf import empty_pb2, json_format
 from maas.inference.v1 import deployment_pb2, inference_service_pb2, inference_service_pb2_grpc
+from maas_runtime.auth import Role
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from maas_inference.deployments import DeploymentManager
 from maas_inference.tensors import predict_outputs
-from maas_runtime.auth import Role
 
 
 def to_message(resource: dict, message_type):

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from maas_runtime.settings import ServiceSettings
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
-
-from maas_runtime.settings import ServiceSettings
 
 
 class InferenceSettings(ServiceSettings):

@@ -12,9 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from maas.common.v1 import tensor_pb2
-from tritonclient.grpc import service_pb2
-
 from maas_runtime.errors import InvalidArgument, ViolationCollector
+from tritonclient.grpc import service_pb2
 
 ITEM_BYTES = {
     "BOOL": 1,
@@ -114,7 +113,8 @@ class ServingSignature:
                 elif batch > self.max_batch_size:
                     violations.add(
                         f"{where}.shape",
-                        f"batch {batch} exceeds the deployment's max_batch_size {self.max_batch_size} ({rule.describe(batched)})",
+                        f"batch {batch} exceeds the deployment's max_batch_size "
+                        f"{self.max_batch_size} ({rule.describe(batched)})",
                     )
             if any(d < 0 for d in dims):
                 violations.add(f"{where}.shape", "dimensions must not be negative")
