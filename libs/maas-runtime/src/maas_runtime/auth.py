@@ -20,6 +20,7 @@ import hmac
 import json
 import os
 import secrets
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,8 +107,12 @@ class TokenStore:
     """Token hashes → principals, loaded from the tokens file and reloaded when it changes."""
 
     path: Path
+    recheck_seconds: float = 1.0
+    """How often the file's mtime is looked at: a new token works within this delay, and the
+    hot path does not pay a stat() per request."""
     _by_hash: dict[str, Principal] = field(default_factory=dict)
     _loaded_mtime: float | None = None
+    _checked_at: float = float("-inf")
 
     def authenticate(self, authorization: str | None) -> Principal:
         if not authorization:
@@ -117,14 +122,28 @@ class TokenStore:
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthenticated("authorization must be `Bearer <token>`",
                                   reason="MALFORMED_TOKEN")
-        self._reload_if_changed()
         digest = hash_token(token.strip())
+        self._reload_if_changed()
+        principal = self._lookup(digest)
+        if principal is None:
+            # A token minted a moment ago: look at the file now rather than after the delay.
+            self._reload_if_changed(force=True)
+            principal = self._lookup(digest)
+        if principal is not None:
+            return principal
+        raise Unauthenticated("unknown token", reason="INVALID_TOKEN")
+
+    def _lookup(self, digest: str) -> Principal | None:
         for known_hash, principal in self._by_hash.items():
             if hmac.compare_digest(known_hash, digest):
                 return principal
-        raise Unauthenticated("unknown token", reason="INVALID_TOKEN")
+        return None
 
-    def _reload_if_changed(self) -> None:
+    def _reload_if_changed(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._checked_at < self.recheck_seconds:
+            return
+        self._checked_at = now
         try:
             mtime = self.path.stat().st_mtime
         except FileNotFoundError:

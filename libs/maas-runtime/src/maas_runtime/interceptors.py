@@ -34,11 +34,11 @@ OPEN_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflect
 """Services every caller may use without a token (probes, tooling)."""
 
 Behaviour = Callable
-Wrapper = Callable[[Behaviour, grpc.HandlerCallDetails, bool], Behaviour]
+Wrapper = Callable[[Behaviour, str, bool], Behaviour]
 
 
-def wrap_handler(handler: grpc.RpcMethodHandler | None, details, wrapper: Wrapper):
-    """Return `handler` with its behaviour replaced by `wrapper(behaviour, details, streams)`."""
+def wrap_handler(handler: grpc.RpcMethodHandler | None, method: str, wrapper: Wrapper):
+    """Return `handler` with its behaviour replaced by `wrapper(behaviour, method, streams)`."""
     if handler is None:
         return None
     for kind, factory in (
@@ -50,7 +50,7 @@ def wrap_handler(handler: grpc.RpcMethodHandler | None, details, wrapper: Wrappe
         behaviour = getattr(handler, kind)
         if behaviour is not None:
             return factory(
-                wrapper(behaviour, details, handler.response_streaming),
+                wrapper(behaviour, method, handler.response_streaming),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -109,20 +109,42 @@ def _no_after(context, state, failure) -> None:
     return None
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
+class WrappingInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps each method's behaviour once and reuses the wrapped handler for every call.
+
+    Wrapping per call would build new handler objects on the hot path of every request;
+    per-call facts (metadata, peer) are read from the servicer context instead.
+    """
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def applies_to(self, method: str) -> bool:
+        return True
+
+    def wrap(self, behaviour: Behaviour, method: str, response_streaming: bool) -> Behaviour:
+        raise NotImplementedError
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not self.applies_to(method):
+            return handler
+        cached = self._wrapped.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = (handler, wrap_handler(handler, method, self.wrap))
+            self._wrapped[method] = cached
+        return cached[1]
+
+
+class ErrorInterceptor(WrappingInterceptor):
     """Turns domain errors into canonical codes with `google.rpc.Status` details.
 
     Downstream `AioRpcError`s keep their code and details (a NOT_FOUND from the registry stays
     NOT_FOUND at the gateway); anything else is a server bug and becomes INTERNAL, logged.
     """
 
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        return wrap_handler(handler, handler_call_details, self._wrap)
-
-    def _wrap(self, behaviour, details, response_streaming):
-        method = details.method
-
+    def wrap(self, behaviour, method, response_streaming):
         async def on_error(exc: BaseException, context) -> None:
             if isinstance(exc, errors.MaasError):
                 await context.abort_with_status(to_grpc_status(exc))
@@ -158,7 +180,7 @@ def method_roles_from_descriptors(
     return roles
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor(WrappingInterceptor):
     """Checks `authorization: Bearer <token>` and the method's required role.
 
     Health and reflection stay open. Methods not in `method_roles` need ADMIN, so a service
@@ -166,25 +188,19 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     """
 
     def __init__(self, tokens: TokenStore, method_roles: Mapping[str, Role]):
+        super().__init__()
         self._tokens = tokens
         self._method_roles = dict(method_roles)
 
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if method.split("/")[1] in OPEN_SERVICES:
-            return handler
-        return wrap_handler(handler, handler_call_details, self._wrap)
+    def applies_to(self, method: str) -> bool:
+        return method.split("/")[1] not in OPEN_SERVICES
 
-    def _wrap(self, behaviour, details, response_streaming):
-        method = details.method
+    def wrap(self, behaviour, method, response_streaming):
         required = self._method_roles.get(method, Role.ADMIN)
-        authorization = next(
-            (value for key, value in details.invocation_metadata or () if key == "authorization"),
-            None,
-        )
 
         def before(context):
+            authorization = next((value for key, value in context.invocation_metadata() or ()
+                                  if key == "authorization"), None)
             principal: Principal = self._tokens.authenticate(authorization)
             principal.require(required, f"call {method.rsplit('/', 1)[-1]}")
             return set_current_principal(principal)
@@ -196,10 +212,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return guarded(behaviour, response_streaming, before, _reraise, after)
 
 
-class AccessLogInterceptor(grpc.aio.ServerInterceptor):
+class AccessLogInterceptor(WrappingInterceptor):
     """One structured log line and two metrics (count, duration) per RPC."""
 
     def __init__(self, meter=None):
+        super().__init__()
         self._requests = self._duration = None
         if meter is not None:
             self._requests = meter.create_counter(
@@ -209,13 +226,7 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
                 "maas.rpc.server.duration", unit="ms", description="RPC handling time"
             )
 
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        return wrap_handler(handler, handler_call_details, self._wrap)
-
-    def _wrap(self, behaviour, details, response_streaming):
-        method = details.method
-
+    def wrap(self, behaviour, method, response_streaming):
         def before(context):
             return time.perf_counter()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from opentelemetry import propagate
+from opentelemetry import propagate, trace
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.sdk.metrics import MeterProvider
@@ -17,6 +17,7 @@ from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanProcessor
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 W3C_PROPAGATOR = CompositePropagator([TraceContextTextMapPropagator()])
@@ -40,7 +41,11 @@ class Telemetry:
     ) -> Telemetry:
         """Providers for `service_name`; spans and metrics go to OTLP when an endpoint is set."""
         resource = Resource.create({"service.name": service_name})
-        tracer_provider = TracerProvider(resource=resource)
+        exporting = bool(otlp_endpoint or span_processors)
+        # Without an exporter, record only what a caller asked to sample: incoming trace
+        # context still propagates to every downstream call, at a fraction of the cost.
+        sampler = ParentBased(ALWAYS_ON if exporting else ALWAYS_OFF)
+        tracer_provider = TracerProvider(resource=resource, sampler=sampler)
         for processor in span_processors:
             tracer_provider.add_span_processor(processor)
         readers = list(metric_readers)
@@ -80,7 +85,15 @@ def _otlp_metric_exporter(endpoint: str):
     return OTLPMetricExporter(endpoint=endpoint, insecure=endpoint.startswith("http://"))
 
 
-def inject_trace_headers(carrier: dict[str, str]) -> dict[str, str]:
-    """Add `traceparent` (and `tracestate`) of the current span to an outgoing header map."""
+def trace_metadata() -> tuple[tuple[str, str], ...] | None:
+    """`traceparent` of the current span as gRPC metadata, or None when not sampled.
+
+    For hops that are not instrumented clients (the gateway's raw calls to Triton), so the
+    trace continues into Triton's own tracing.
+    """
+    span_context = trace.get_current_span().get_span_context()
+    if not span_context.trace_flags.sampled:
+        return None
+    carrier: dict[str, str] = {}
     W3C_PROPAGATOR.inject(carrier)
-    return carrier
+    return tuple(carrier.items())

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from maas_runtime import errors
 from maas_runtime.names import parse_version_name, validate_id
+from maas_runtime.telemetry import trace_metadata
 
 from maas_inference.registry_reader import RegistryReader
 from maas_inference.routing import InFlight, Route, ServedModel
@@ -426,7 +427,8 @@ class DeploymentManager:
         request = infer_request_from_predict(inputs, output_names, target.triton_model,
                                              request_id)
         with self._in_flight.track(target.triton_model):
-            response = await self._triton.infer_request(request, timeout=timeout)
+            response = await self._triton.infer_request(request, timeout=timeout,
+                                                          metadata=trace_metadata())
         if live.route.mirrors(request_id):
             self._mirror(live, request, response)
         return Prediction(request_id, target.version, response)
@@ -442,7 +444,8 @@ class DeploymentManager:
         request.model_name = target.triton_model
         request.model_version = ""
         with self._in_flight.track(target.triton_model):
-            response = await self._triton.infer_request(request, timeout=timeout)
+            response = await self._triton.infer_request(request, timeout=timeout,
+                                                          metadata=trace_metadata())
         if live.route.mirrors(request_id):
             self._mirror(live, request, response)
         response.model_name = deployment_id

@@ -73,6 +73,7 @@ class InFlight:
     def __init__(self) -> None:
         self._counts: Counter[str] = Counter()
         self._changed = asyncio.Condition()
+        self._waiters = 0
 
     @contextmanager
     def track(self, triton_model: str):
@@ -83,7 +84,8 @@ class InFlight:
             self._counts[triton_model] -= 1
             if not self._counts[triton_model]:
                 del self._counts[triton_model]
-                asyncio.get_running_loop().create_task(self._notify())
+                if self._waiters:  # only a rollout or delete waits: keep the hot path bare
+                    asyncio.get_running_loop().create_task(self._notify())
 
     async def _notify(self) -> None:
         async with self._changed:
@@ -99,8 +101,11 @@ class InFlight:
             async with self._changed:
                 await self._changed.wait_for(lambda: not any(self.count(m) for m in triton_models))
 
+        self._waiters += 1
         try:
             await asyncio.wait_for(wait(), timeout)
             return True
         except TimeoutError:
             return False
+        finally:
+            self._waiters -= 1

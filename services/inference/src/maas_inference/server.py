@@ -47,7 +47,8 @@ class InferenceApp:
                                          Path(settings.triton_model_repository))
         else:
             triton_server = TritonServerProcess(TritonProcessConfig(
-                state_dir=state / "triton", model_repository=state / "triton" / "models"))
+                state_dir=state / "triton", model_repository=state / "triton" / "models",
+                grpc_port=settings.triton_grpc_port))
         self.supervisor = TritonSupervisor(triton_server, on_restart=self._on_triton_restart,
                                            on_health_change=self._on_health_change)
         self.server: ServiceServer | None = None

@@ -21,6 +21,9 @@ class InferenceSettings(ServiceSettings):
     """host:port of an external Triton's gRPC endpoint (remote mode); empty starts the bundled
     `tritonserver` under the state directory (local mode)."""
 
+    triton_grpc_port: int = Field(default=0, ge=0, le=65535)
+    """Local mode: fixed gRPC port for the bundled Triton (loopback only); 0 picks a free one."""
+
     triton_model_repository: str = ""
     """Remote mode: the model repository path shared with the external Triton."""
 

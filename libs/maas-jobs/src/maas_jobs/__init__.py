@@ -1,0 +1,13 @@
+"""Job machinery shared by the trainer and the compressor.
+
+- `records`: job states, records and events (no storage, no transport);
+- `store`: the job table and per-job event log (SQLAlchemy Core, SQLite WAL);
+- `scheduler`: fair share of a pool of worker slots between tenants;
+- `executor`: one OS process (group) per job, its progress forwarded;
+- `progress`: the line protocol a job process speaks, and its parent-death watch;
+- `manager`: submit, schedule, run, cancel, watch and recover, around a service's `JobRunner`;
+- `resources`: jobs and events in the contract's JSON shape, for servicers.
+
+Import from the submodules. Nothing is re-exported here on purpose: a job process imports
+`maas_jobs.progress` at every start, and must not pay for SQLAlchemy and the manager.
+"""

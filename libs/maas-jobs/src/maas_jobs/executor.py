@@ -1,0 +1,175 @@
+"""One OS process per job: start it, forward its progress, stop it.
+
+Each job runs in its own session (process group), so a crashing, leaking or hanging job can
+take nothing down but itself, and stopping it reaches every process it started. Its stdout
+carries the progress protocol (`maas_jobs.progress`); everything it prints, protocol or not,
+is also appended to the job's log file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from maas_jobs.progress import WATCH_PARENT_ENV, parse_progress_line
+from maas_jobs.records import JobError, LogLevel
+
+_log = logging.getLogger(__name__)
+_LINE_LIMIT = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """How to start a job's process."""
+
+    argv: list[str]
+    cwd: Path
+    log_path: Path
+    """Every line the process writes is appended here (the full log; events get a sample)."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Added to the service's environment."""
+
+
+@dataclass(frozen=True)
+class ProcessOutcome:
+    """How a job process ended."""
+
+    returncode: int
+    reported_error: JobError | None
+    """The last error the process reported over the protocol before exiting."""
+    stopped: bool
+    """True when `JobProcess.stop` ended it (cancel or service shutdown)."""
+
+    @property
+    def succeeded(self) -> bool:
+        return self.returncode == 0 and not self.stopped
+
+    def describe_exit(self) -> str:
+        if self.returncode < 0:
+            return f"was killed by signal {signal.Signals(-self.returncode).name}"
+        return f"exited with status {self.returncode}"
+
+
+class ProgressSink(Protocol):
+    """Where a job's progress goes (the manager writes it to the job's event log)."""
+
+    async def metrics(self, epoch: int, phase: str, values: dict[str, float]) -> None: ...
+
+    async def log(self, level: LogLevel, message: str) -> None: ...
+
+
+class JobProcess:
+    """A started job process."""
+
+    def __init__(self, process: asyncio.subprocess.Process, launch: LaunchSpec,
+                 max_plain_log_lines: int) -> None:
+        self._process = process
+        self._launch = launch
+        self._plain_lines_left = max_plain_log_lines
+        self._reported_error: JobError | None = None
+        self.stopped = False
+
+    @classmethod
+    async def start(cls, launch: LaunchSpec, *, max_plain_log_lines: int = 200) -> JobProcess:
+        launch.log_path.parent.mkdir(parents=True, exist_ok=True)
+        process = await asyncio.create_subprocess_exec(
+            *launch.argv, cwd=launch.cwd, env={**os.environ, **launch.env, WATCH_PARENT_ENV: "1"},
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, start_new_session=True, limit=_LINE_LIMIT)
+        return cls(process, launch, max_plain_log_lines)
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    async def wait_and_forward(self, sink: ProgressSink) -> ProcessOutcome:
+        """Forward progress until the process exits; then reap what is left of its group."""
+        with self._launch.log_path.open("a", encoding="utf-8", errors="replace") as log_file:
+            await asyncio.gather(
+                self._forward(self._process.stdout, sink, log_file, LogLevel.INFO),
+                self._forward(self._process.stderr, sink, log_file, LogLevel.WARNING))
+        returncode = await self._process.wait()
+        self._kill_group(signal.SIGKILL)  # helpers the job left behind
+        return ProcessOutcome(returncode, self._reported_error, self.stopped)
+
+    async def _forward(self, stream: asyncio.StreamReader, sink: ProgressSink, log_file,
+                       plain_level: LogLevel) -> None:
+        while True:
+            try:
+                raw = await stream.readline()
+            except ValueError:  # a line beyond the limit: keep its head, drop the rest
+                raw = await stream.read(_LINE_LIMIT)
+            if not raw:
+                return
+            line = raw.decode("utf-8", errors="replace").rstrip("\n")
+            log_file.write(line + "\n")
+            log_file.flush()
+            message = parse_progress_line(line)
+            try:
+                if message is None:
+                    await self._forward_plain(sink, plain_level, line)
+                elif message.type == "metrics":
+                    payload = message.payload
+                    await sink.metrics(int(payload.get("epoch", 0)), str(payload.get("phase", "")),
+                                       {str(k): float(v) for k, v in payload.get("values", {}).items()})
+                elif message.type == "log":
+                    level = message.payload.get("level", "INFO")
+                    await sink.log(LogLevel(level) if level in LogLevel.__members__ else LogLevel.INFO,
+                                   str(message.payload.get("message", "")))
+                else:
+                    self._reported_error = JobError(str(message.payload.get("code", "INTERNAL")),
+                                                    str(message.payload.get("message", "")))
+            except (TypeError, ValueError, AttributeError):
+                await self._forward_plain(sink, plain_level, line)
+
+    async def _forward_plain(self, sink: ProgressSink, level: LogLevel, line: str) -> None:
+        # Libraries can print a lot; the event log keeps a sample, the log file keeps it all.
+        if not line.strip() or self._plain_lines_left < 0:
+            return
+        self._plain_lines_left -= 1
+        if self._plain_lines_left < 0:
+            await sink.log(LogLevel.WARNING, f"further output only in {self._launch.log_path.name}")
+            return
+        await sink.log(level, line)
+
+    async def stop(self, grace_seconds: float) -> None:
+        """End the job: close its stdin (its parent watch fires), SIGTERM, then SIGKILL."""
+        self.stopped = True
+        if self._process.stdin is not None:
+            self._process.stdin.close()
+        self._kill_group(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self._process.wait(), grace_seconds)
+        except TimeoutError:
+            self._kill_group(signal.SIGKILL)
+            await self._process.wait()
+
+    def _kill_group(self, signum: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._process.pid, signum)
+
+
+def reap_stale_process(process_id: int | None, marker: str) -> bool:
+    """Kill the process group a previous service instance left running, if it is still there.
+
+    `marker` (the job's working directory) must appear in the process's command line, so a
+    recycled pid that now belongs to something else is never touched.
+    """
+    if not process_id:
+        return False
+    try:
+        command_line = Path(f"/proc/{process_id}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        return False
+    if marker.encode() not in command_line:
+        return False
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process_id, signal.SIGKILL)
+        _log.warning("killed job process group %d left over from a previous run", process_id)
+    return True

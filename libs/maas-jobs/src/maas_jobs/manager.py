@@ -1,0 +1,365 @@
+"""The job manager: queue, schedule, run, cancel, watch, and recover after a restart.
+
+A service (trainer, compressor) supplies a `JobRunner` that knows its kind of work: how to
+stage a job's inputs and start its process, and what to do with the process's output (e.g.
+register a model). The manager owns everything else:
+
+- Submit stores a QUEUED job; a scheduling pass (on every change, and periodically) starts
+  what the fair-share scheduler picks, one OS process per job.
+- Progress lines from the process become the job's metrics and log events; watchers get
+  the stored history first, then live events, until the job reaches a final state.
+- Cancel of a queued job is immediate; a running job's process group is stopped first.
+- At start-up, jobs still RUNNING belonged to a service that died: their leftover
+  processes are killed and they are started again, counted in `resume_count`; the runner
+  resumes them from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from maas_runtime.errors import FailedPrecondition, MaasError
+from maas_runtime.filtering import parse_filter
+from maas_runtime.pagination import PageTokenCodec, clamp_page_size, query_fingerprint
+
+from maas_jobs.executor import JobProcess, LaunchSpec, reap_stale_process
+from maas_jobs.records import (
+    JobCollection,
+    JobDraft,
+    JobError,
+    JobEvent,
+    JobRecord,
+    JobState,
+    LogLevel,
+)
+from maas_jobs.scheduler import FairShareScheduler, QueuedJob, slots_by_tenant
+from maas_jobs.store import JOB_FILTER_SCHEMA, JobStore
+
+_log = logging.getLogger(__name__)
+
+ACTIVE_STATES = (JobState.QUEUED, JobState.RUNNING)
+_EVENT_PAGE = 500
+
+
+class JobRunner(abc.ABC):
+    """The part of running a job that depends on what the job does."""
+
+    @abc.abstractmethod
+    async def prepare(self, job: JobRecord, workdir: Path) -> LaunchSpec | None:
+        """Stage the job's inputs in `workdir` and say how to start its process.
+
+        Called again for a job resumed after a restart, with the same `workdir`. Returns None
+        when the work is already done and only `complete` remains. Raising a `MaasError`
+        fails the job with that error.
+        """
+
+    @abc.abstractmethod
+    async def complete(self, job: JobRecord, workdir: Path) -> dict[str, Any]:
+        """Publish what a successful process produced; returns the job's `result`.
+
+        Must be idempotent: after a crash it may run again for the same job.
+        """
+
+
+@dataclass(frozen=True)
+class JobManagerConfig:
+    """Pool size, where jobs work, and pacing (built from a service's settings)."""
+
+    pool_size: int
+    work_root: Path
+    stop_grace_seconds: float = 10.0
+    """How long a stopped job may take to exit after SIGTERM before SIGKILL."""
+    schedule_interval_seconds: float = 1.0
+    """Scheduling also runs on every change; this is the safety net."""
+    watch_poll_seconds: float = 1.0
+    """Watchers are woken on every event; this is the safety net."""
+    max_plain_log_lines: int = 200
+    """Lines a job prints outside the protocol that become log events (the rest: log file)."""
+
+
+@dataclass
+class _RunningJob:
+    tenant: str
+    workers: int
+    task: asyncio.Task | None = None
+    process: JobProcess | None = None
+    cancel_requested: bool = False
+
+
+@dataclass
+class JobListing:
+    """One page of jobs and the token of the next page (empty on the last)."""
+
+    items: list[JobRecord]
+    next_page_token: str
+
+
+class _JobSignals:
+    """Per-job wake-ups for watchers: set on every new event of the job."""
+
+    def __init__(self) -> None:
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+
+    @contextlib.contextmanager
+    def subscribe(self, job_id: str):
+        signal = asyncio.Event()
+        self._waiters.setdefault(job_id, set()).add(signal)
+        try:
+            yield signal
+        finally:
+            waiters = self._waiters.get(job_id, set())
+            waiters.discard(signal)
+            if not waiters:
+                self._waiters.pop(job_id, None)
+
+    def notify(self, job_id: str) -> None:
+        for signal in self._waiters.get(job_id, ()):
+            signal.set()
+
+
+@dataclass
+class _EventSink:
+    """Writes one job's progress to the store and wakes its watchers."""
+
+    manager: JobManager
+    job_id: str
+
+    async def metrics(self, epoch: int, phase: str, values: dict[str, float]) -> None:
+        await self.manager._store_call(self.manager.store.record_metrics, self.job_id, epoch,
+                                       phase, values)
+        self.manager._signals.notify(self.job_id)
+
+    async def log(self, level: LogLevel, message: str) -> None:
+        await self.manager._store_call(self.manager.store.append_log, self.job_id, level,
+                                       message)
+        self.manager._signals.notify(self.job_id)
+
+
+@dataclass
+class JobManager:
+    """Use cases over jobs: submit, get, list, cancel, watch; plus the background runner."""
+
+    store: JobStore
+    runner: JobRunner
+    collection: JobCollection
+    config: JobManagerConfig
+    page_tokens: PageTokenCodec
+
+    _scheduler: FairShareScheduler = field(init=False)
+    _running: dict[str, _RunningJob] = field(init=False, default_factory=dict)
+    _signals: _JobSignals = field(init=False, default_factory=_JobSignals)
+    _wake: asyncio.Event | None = field(init=False, default=None)
+    _loop_task: asyncio.Task | None = field(init=False, default=None)
+    _stopping: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        self._scheduler = FairShareScheduler(self.config.pool_size)
+
+    @property
+    def pool_size(self) -> int:
+        return self.config.pool_size
+
+    async def _store_call(self, function, *args, **kwargs):
+        """Store calls block on disk I/O: keep them off the event loop."""
+        return await asyncio.to_thread(function, *args, **kwargs)
+
+    def _workdir(self, job_id: str) -> Path:
+        return self.config.work_root / job_id
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Recover jobs a previous instance left RUNNING, then start scheduling."""
+        self._wake = asyncio.Event()
+        self.config.work_root.mkdir(parents=True, exist_ok=True)
+        self._scheduler.remember_service(
+            await self._store_call(self.store.tenant_last_start_times))
+        free = self.pool_size
+        for job in await self._store_call(self.store.in_states, [JobState.RUNNING]):
+            reap_stale_process(job.process_id, str(self._workdir(job.job_id)))
+            if job.workers > free:
+                await self._store_call(self.store.transition, job.job_id, [JobState.RUNNING],
+                                       JobState.QUEUED, "waiting for worker slots after a restart")
+                continue
+            free -= job.workers
+            job = await self._store_call(
+                self.store.mark_resumed, job.job_id,
+                "the service restarted; resuming from the last checkpoint")
+            self._launch(job)
+        self._loop_task = asyncio.create_task(self._schedule_forever(), name="job-scheduler")
+
+    async def stop(self) -> None:
+        """Stop scheduling and end running processes; their jobs stay RUNNING, to resume."""
+        self._stopping = True
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        running = list(self._running.values())
+        await asyncio.gather(*(entry.process.stop(self.config.stop_grace_seconds)
+                               for entry in running if entry.process is not None))
+        tasks = [entry.task for entry in running if entry.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- use cases ----------------------------------------------------------------------------
+
+    async def submit(self, draft: JobDraft) -> JobRecord:
+        if draft.workers > self.pool_size:
+            raise FailedPrecondition(
+                f"the job needs {draft.workers} worker slots but the pool has {self.pool_size}",
+                reason="POOL_TOO_SMALL")
+        record = await self._store_call(self.store.create, draft,
+                                        f"queued for tenant {draft.tenant}")
+        self._poke()
+        return record
+
+    async def get(self, job_id: str) -> JobRecord:
+        return await self._store_call(self.store.get, job_id)
+
+    async def list(self, filter_text: str, page_size: int, page_token: str) -> JobListing:
+        size = clamp_page_size(page_size)
+        fingerprint = query_fingerprint(self.collection.collection, filter_text)
+        cursor = self.page_tokens.decode(page_token, fingerprint) if page_token else None
+        expression = parse_filter(filter_text, JOB_FILTER_SCHEMA)
+        page = await self._store_call(self.store.list, expression, size, cursor)
+        token = self.page_tokens.encode(page.next_cursor, fingerprint) if page.next_cursor else ""
+        return JobListing(page.items, token)
+
+    async def cancel(self, job_id: str, reason: str) -> JobRecord:
+        """Cancel a queued or running job; a running one's processes are gone on return."""
+        record = await self._store_call(self.store.transition, job_id, ACTIVE_STATES,
+                                        JobState.CANCELLED, reason)
+        if record is None:
+            current = await self.get(job_id)
+            raise FailedPrecondition(
+                f"{self.collection.name(job_id)} is {current.state.value}; only queued or "
+                "running jobs can be cancelled", reason="JOB_FINISHED",
+                metadata={"state": current.state.value})
+        self._signals.notify(job_id)
+        entry = self._running.get(job_id)
+        if entry is not None:
+            entry.cancel_requested = True
+            if entry.process is not None:
+                await entry.process.stop(self.config.stop_grace_seconds)
+            elif entry.task is not None:
+                entry.task.cancel()  # still staging inputs: nothing to stop but the task
+            if entry.task is not None:
+                await asyncio.wait({entry.task}, timeout=self.config.stop_grace_seconds + 5)
+        return record
+
+    async def watch(self, job_id: str, after_sequence: int = 0) -> AsyncIterator[JobEvent]:
+        """The job's events after `after_sequence`: stored history, then live, until final."""
+        await self.get(job_id)  # NOT_FOUND before the stream starts
+        last = max(after_sequence, 0)
+        with self._signals.subscribe(job_id) as signal:
+            while True:
+                signal.clear()  # before reading, so an event committed after it re-arms us
+                events = await self._store_call(self.store.events_after, job_id, last,
+                                                _EVENT_PAGE)
+                for event in events:
+                    yield event
+                    last = event.sequence
+                    if event.final_state is not None:
+                        return
+                if len(events) == _EVENT_PAGE:
+                    continue
+                if not events and (await self.get(job_id)).state.is_final:
+                    return  # the caller asked to skip past the final event
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(signal.wait(), self.config.watch_poll_seconds)
+
+    # -- scheduling and running ---------------------------------------------------------------
+
+    def _poke(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _schedule_forever(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.config.schedule_interval_seconds)
+            self._wake.clear()
+            try:
+                await self._schedule_once()
+            except Exception:
+                _log.exception("scheduling pass failed; retrying")
+
+    async def _schedule_once(self) -> None:
+        queued = await self._store_call(self.store.in_states, [JobState.QUEUED])
+        held = slots_by_tenant([(entry.tenant, entry.workers) for entry in self._running.values()])
+        plan = self._scheduler.plan(
+            [QueuedJob(job.job_id, job.tenant, job.workers, job.priority, job.queue_position)
+             for job in queued], held)
+        for job in plan.unrunnable:
+            await self._finish(job.job_id, [JobState.QUEUED], JobState.FAILED,
+                               error=JobError("FAILED_PRECONDITION",
+                                              f"the job needs {job.workers} worker slots but the "
+                                              f"pool has {self.pool_size}"))
+        for job in plan.start:
+            record = await self._store_call(
+                self.store.transition, job.job_id, [JobState.QUEUED], JobState.RUNNING,
+                f"started on {job.workers} worker slot(s)")
+            if record is None:  # cancelled since the queue was read
+                self._poke()
+                continue
+            self._signals.notify(job.job_id)
+            self._launch(record)
+
+    def _launch(self, job: JobRecord) -> None:
+        entry = _RunningJob(job.tenant, job.workers)
+        self._running[job.job_id] = entry
+        entry.task = asyncio.create_task(self._run(job, entry), name=f"job-{job.job_id}")
+
+    async def _run(self, job: JobRecord, entry: _RunningJob) -> None:
+        workdir = self._workdir(job.job_id)
+        try:
+            launch = await self.runner.prepare(job, workdir)
+            if launch is not None:
+                entry.process = await JobProcess.start(
+                    launch, max_plain_log_lines=self.config.max_plain_log_lines)
+                if entry.cancel_requested or self._stopping:
+                    await entry.process.stop(self.config.stop_grace_seconds)
+                await self._store_call(self.store.set_process, job.job_id, entry.process.pid)
+                outcome = await entry.process.wait_and_forward(_EventSink(self, job.job_id))
+                if outcome.stopped:
+                    return  # whoever stopped it (cancel, shutdown) decided the job's state
+                if not outcome.succeeded:
+                    error = outcome.reported_error or JobError(
+                        "INTERNAL", f"the job process {outcome.describe_exit()}; see "
+                        f"{launch.log_path.name} in the job's directory")
+                    await self._finish(job.job_id, [JobState.RUNNING], JobState.FAILED, error=error)
+                    return
+            current = await self.get(job.job_id)
+            if current.state is not JobState.RUNNING:
+                return
+            result = await self.runner.complete(current, workdir)
+            await self._finish(job.job_id, [JobState.RUNNING], JobState.SUCCEEDED, result=result)
+        except asyncio.CancelledError:
+            raise
+        except MaasError as error:
+            await self._finish(job.job_id, [JobState.RUNNING], JobState.FAILED,
+                               error=JobError(error.code, error.message))
+        except Exception:
+            _log.exception("job %s failed unexpectedly", job.job_id)
+            await self._finish(job.job_id, [JobState.RUNNING], JobState.FAILED,
+                               error=JobError("INTERNAL", "the job failed unexpectedly; see the "
+                                              "service log"))
+        finally:
+            self._running.pop(job.job_id, None)
+            self._poke()
+
+    async def _finish(self, job_id: str, from_states, to_state: JobState, *,
+                      error: JobError | None = None, result: dict | None = None) -> None:
+        reason = error.message if error is not None else to_state.value.lower()
+        await self._store_call(self.store.transition, job_id, from_states, to_state, reason,
+                               error=error, result=result)
+        self._signals.notify(job_id)

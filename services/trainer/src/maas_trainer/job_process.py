@@ -1,0 +1,56 @@
+"""Entry point of a training job's process: `python -m maas_trainer.job_process <job dir>`.
+
+Started by the service (directly, or once per worker by torchrun). Reads `run.json`, trains
+or resumes, and reports progress on stdout (`maas_jobs.progress`). Exits 0 after writing
+the package and `result.json`; on failure it reports the error's code and message first,
+so the job fails with a reason instead of an exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from maas_jobs.progress import ProgressReporter, exit_when_parent_dies
+from maas_runtime.errors import MaasError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("workdir", type=Path, help="the job's directory holding run.json")
+    arguments, _ = parser.parse_known_args(argv)  # torchrun may append launcher flags
+    exit_when_parent_dies()
+    # torchrun's environment says which worker this is; a single process is rank 0 of 1.
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    reporter = ProgressReporter(enabled=rank == 0)
+    try:
+        # Imported here: the parent watch is armed before the slow torch import.
+        from maas_trainer.plan import RunConfig
+        from maas_trainer.training import World, run_training
+
+        world = World(rank, world_size)
+        if world.distributed:
+            import torch.distributed as dist
+
+            # The loop keeps tensors on the CPU, where gloo is the collective backend.
+            dist.init_process_group("gloo")
+        try:
+            run_training(RunConfig.read(arguments.workdir), arguments.workdir, reporter, world)
+        finally:
+            if world.distributed:
+                dist.destroy_process_group()
+    except MaasError as error:
+        reporter.error(error.code, error.message)
+        return 1
+    except Exception as error:  # reported, then the traceback goes to the job's log
+        reporter.error("INTERNAL", f"training failed: {type(error).__name__}: {error}")
+        traceback.print_exc(file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

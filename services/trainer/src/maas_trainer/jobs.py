@@ -1,0 +1,86 @@
+"""Use cases of the trainer, one per RPC: create, get, list, cancel and watch training jobs.
+
+Create validates everything before anything is queued: the spec on its own, the pool, the
+dataset (looked up in the registry when it is a registry version) and whether the
+architecture can read the dataset's features. A rejected request leaves no trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+from maas_jobs.manager import JobListing, JobManager
+from maas_jobs.records import JobDraft, JobEvent, JobRecord
+from maas_runtime.auth import Principal
+from maas_runtime.errors import FailedPrecondition, FieldViolation, NotFound, ResourceRef
+from maas_runtime.names import parse_parent, validate_id
+
+from maas_trainer.datasets import BUILTIN_DATASETS, DatasetFacts, facts_from_dataset_version
+from maas_trainer.plan import TrainingPlan
+from maas_trainer.registry_gateway import RegistryGateway
+from maas_trainer.spec import TrainingSpec, field_path, parse_training_spec
+from maas_trainer.validation import (
+    check_against_dataset,
+    check_architecture_reads_dataset,
+    check_fits_pool,
+)
+
+COLLECTION = "trainingJobs"
+JOB_ID_FIELD = "training_job_id"
+
+
+def job_id_from_name(name: str, field: str = "name") -> str:
+    """`trainingJobs/{job}` → job id; INVALID_ARGUMENT on `field` otherwise."""
+    return parse_parent(name, COLLECTION, field)
+
+
+class TrainingJobs:
+    """The trainer's domain facade over the job manager and the registry."""
+
+    def __init__(self, manager: JobManager, registry: RegistryGateway):
+        self._manager = manager
+        self._registry = registry
+
+    async def create(self, job_id: str, spec_fields: dict, principal: Principal) -> JobRecord:
+        job_id = validate_id(job_id, JOB_ID_FIELD) if job_id else f"train-{uuid.uuid4().hex[:12]}"
+        spec = parse_training_spec(spec_fields, default_tenant=principal.name)
+        principal.require_model(spec.output.model_id)
+        check_fits_pool(spec, self._manager.pool_size)
+        facts = await self._dataset_facts(spec)
+        check_against_dataset(spec, facts)
+        await asyncio.to_thread(check_architecture_reads_dataset, spec, facts)
+        draft = JobDraft(job_id=job_id, spec=TrainingPlan(spec, facts).to_dict(),
+                         tenant=spec.resources.tenant, creator=principal.name,
+                         workers=spec.resources.workers, priority=spec.resources.priority)
+        return await self._manager.submit(draft)
+
+    async def _dataset_facts(self, spec: TrainingSpec) -> DatasetFacts:
+        if spec.data.registry_version is None:
+            return BUILTIN_DATASETS[spec.data.dataset]
+        try:
+            version = await self._registry.get_dataset_version(spec.data.dataset)
+        except NotFound:
+            description = f"{spec.data.dataset} does not exist in the registry"
+            raise FailedPrecondition(
+                f"{field_path('data.dataset')}: {description}", reason="DATASET_NOT_FOUND",
+                field_violations=[FieldViolation(field_path("data.dataset"), description)],
+                resource=ResourceRef("dataset version", spec.data.dataset)) from None
+        return facts_from_dataset_version(version)
+
+    async def get(self, name: str) -> JobRecord:
+        return await self._manager.get(job_id_from_name(name))
+
+    async def list(self, filter_text: str, page_size: int, page_token: str) -> JobListing:
+        return await self._manager.list(filter_text, page_size, page_token)
+
+    async def cancel(self, name: str, principal: Principal) -> JobRecord:
+        return await self._manager.cancel(job_id_from_name(name), f"cancelled by {principal.name}")
+
+    def watch(self, name: str, after_sequence: int) -> AsyncIterator[JobEvent]:
+        return self._manager.watch(job_id_from_name(name), after_sequence)
+
+    @staticmethod
+    def plan_of(job: JobRecord) -> TrainingPlan:
+        return TrainingPlan.from_dict(job.spec)

@@ -1,0 +1,95 @@
+"""A training job's plan, and the files that pass it to and from the job process.
+
+The plan (the validated spec plus the facts of its dataset) is what the job table stores.
+In the job's directory, the service writes `run.json` (plan + runtime settings) and the
+staged dataset; the job process writes `checkpoint.safetensors` every epoch, and at the end
+`model.safetensors` (the model package) and `result.json`. A job whose `result.json`
+exists has finished training: only publishing remains.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from maas_trainer.datasets import DatasetFacts
+from maas_trainer.spec import TrainingSpec
+
+RUN_CONFIG_FILENAME = "run.json"
+RESULT_FILENAME = "result.json"
+CHECKPOINT_FILENAME = "checkpoint.safetensors"
+PACKAGE_FILENAME = "model.safetensors"
+LOG_FILENAME = "job.log"
+
+
+def write_json_atomically(path: Path, document: dict[str, Any]) -> None:
+    """A reader (or a restarted service) sees the old file or the whole new one."""
+    temporary = path.with_name(f".{path.name}.partial")
+    with temporary.open("w", encoding="utf-8") as handle:
+        json.dump(document, handle, indent=2, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """What an accepted job will do: its spec and the dataset it was validated against."""
+
+    spec: TrainingSpec
+    dataset: DatasetFacts
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"training": self.spec.to_dict(), "dataset": self.dataset.to_dict()}
+
+    @classmethod
+    def from_dict(cls, document: dict[str, Any]) -> TrainingPlan:
+        return cls(TrainingSpec.from_dict(document["training"]),
+                   DatasetFacts.from_dict(document["dataset"]))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """`run.json`: everything the job process reads."""
+
+    job_name: str
+    plan: TrainingPlan
+    torch_threads: int
+
+    def write(self, workdir: Path) -> None:
+        write_json_atomically(workdir / RUN_CONFIG_FILENAME, {
+            "job_name": self.job_name, "plan": self.plan.to_dict(),
+            "torch_threads": self.torch_threads})
+
+    @classmethod
+    def read(cls, workdir: Path) -> RunConfig:
+        document = json.loads((workdir / RUN_CONFIG_FILENAME).read_text(encoding="utf-8"))
+        return cls(document["job_name"], TrainingPlan.from_dict(document["plan"]),
+                   int(document["torch_threads"]))
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """`result.json`: the finished run's final metrics."""
+
+    metrics: dict[str, float]
+    """test_accuracy, test_loss, val_accuracy, val_loss, accuracy, loss, epochs."""
+    epochs_completed: int
+    stopped_early: bool
+
+    def write(self, workdir: Path) -> None:
+        write_json_atomically(workdir / RESULT_FILENAME, {
+            "metrics": self.metrics, "epochs_completed": self.epochs_completed,
+            "stopped_early": self.stopped_early})
+
+    @classmethod
+    def read(cls, workdir: Path) -> RunResult | None:
+        path = workdir / RESULT_FILENAME
+        if not path.exists():
+            return None
+        document = json.loads(path.read_text(encoding="utf-8"))
+        return cls({k: float(v) for k, v in document["metrics"].items()},
+                   int(document["epochs_completed"]), bool(document["stopped_early"]))

@@ -1,0 +1,37 @@
+"""gRPC servicer of `maas.trainer.v1.TrainerService`: convert, call the domain, convert back."""
+
+from __future__ import annotations
+
+from maas.trainer.v1 import trainer_service_pb2, trainer_service_pb2_grpc
+from maas_runtime.auth import current_principal
+
+from maas_trainer.jobs import TrainingJobs
+from maas_trainer.messages import job_event_message, spec_fields, training_job_message
+
+
+class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
+    """Thin adapter: validation and behaviour live in `TrainingJobs`."""
+
+    def __init__(self, jobs: TrainingJobs):
+        self._jobs = jobs
+
+    async def CreateTrainingJob(self, request, context):
+        job = await self._jobs.create(request.training_job_id,
+                                      spec_fields(request.training_job.spec), current_principal())
+        return training_job_message(job)
+
+    async def GetTrainingJob(self, request, context):
+        return training_job_message(await self._jobs.get(request.name))
+
+    async def ListTrainingJobs(self, request, context):
+        listing = await self._jobs.list(request.filter, request.page_size, request.page_token)
+        return trainer_service_pb2.ListTrainingJobsResponse(
+            training_jobs=[training_job_message(job) for job in listing.items],
+            next_page_token=listing.next_page_token)
+
+    async def CancelTrainingJob(self, request, context):
+        return training_job_message(await self._jobs.cancel(request.name, current_principal()))
+
+    async def WatchTrainingJob(self, request, context):
+        async for event in self._jobs.watch(request.name, request.after_sequence):
+            yield job_event_message(event)
