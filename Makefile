@@ -4,13 +4,14 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-PACKAGES := libs/maas-api libs/maas-runtime $(wildcard libs/maas-formats) $(wildcard libs/maas-jobs) $(wildcard libs/maas-zoo) $(wildcard services/*)
+PACKAGES := libs/maas-api libs/maas-runtime libs/maas-formats libs/maas-zoo libs/maas-cli \
+	$(wildcard libs/maas-jobs) $(wildcard services/*)
 PROTO_SRC := $(shell find protos -name '*.proto' 2>/dev/null)
 API_OUT := libs/maas-api/src
 NODE_TOOLS := tools/node_modules/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install proto proto-check proto-breaking kserve-descriptors lint test bench demo clean
+.PHONY: install proto proto-check proto-breaking kserve-descriptors lint test bench demo up clean
 
 install: $(VENV)/.installed $(NODE_TOOLS) $(VENV)/.system-tools
 
@@ -64,6 +65,15 @@ test: install proto-check lint proto-breaking
 bench: install
 	set -e; for bench in tests/bench/bench_*.py; do \
 		echo "== $$bench"; $(PY) -m tests.bench.$$(basename $$bench .py); done
+
+# The main job: the whole suite on this machine, a digits model trained, registered, served by
+# Triton and queried end to end.
+demo: install
+	$(VENV)/bin/maas --state-dir .maas/demo demo
+
+# Run the suite until Ctrl-C (state under .maas/local).
+up: install
+	$(VENV)/bin/maas --state-dir .maas/local up
 
 clean:
 	rm -rf $(VENV) tools/node_modules

@@ -142,6 +142,11 @@ async def measure(root: Path, registry, inference, triton_port: int) -> list[tup
     batched = await throughput(lambda: deployments.Predict(predict), 32, THROUGHPUT_SECONDS)
     unbatched = await throughput(lambda: deployments.Predict(predict_nobatch), 32,
                                  THROUGHPUT_SECONDS)
+    direct_nobatch_request = kserve_request("nobatch.mlp.v1")
+    direct_batched = await throughput(lambda: direct.ModelInfer(direct_request), 32,
+                                      THROUGHPUT_SECONDS)
+    direct_unbatched = await throughput(lambda: direct.ModelInfer(direct_nobatch_request), 32,
+                                        THROUGHPUT_SECONDS)
     await direct_channel.close()
     await gateway.close()
 
@@ -152,6 +157,9 @@ async def measure(root: Path, registry, inference, triton_port: int) -> list[tup
                      f"{rps / base_rps:.2f}"))
     rows.append(("dynamic batching on / off, c=32 (gateway)", "-", "-", "-",
                  f"{batched:,.0f} / {unbatched:,.0f}", f"{batched / unbatched:.2f}"))
+    rows.append(("dynamic batching on / off, c=32 (direct)", "-", "-", "-",
+                 f"{direct_batched:,.0f} / {direct_unbatched:,.0f}",
+                 f"{direct_batched / direct_unbatched:.2f}"))
     return rows
 
 

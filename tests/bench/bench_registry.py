@@ -75,7 +75,7 @@ async def download_file(stub, name: str, path: Path) -> None:
 
 async def stream_round_trip(work: Path, size: int) -> dict:
     registry = RegistryProcess(work / f"state-{size}")
-    registry.env["MAAS_REGISTRY_MAX_ARTIFACT_BYTES"] = str(4 * 1024**3)
+    registry.settings["max_artifact_bytes"] = str(4 * 1024**3)
     await registry.start()
     try:
         source, copy_a, copy_b, fetched = (work / f"{n}-{size}" for n in ("src", "a", "b", "dl"))

@@ -27,7 +27,6 @@ from pathlib import Path
 
 from maas_runtime.errors import PermissionDenied, Unauthenticated
 
-ADMIN_TOKEN_FILENAME = "admin.token"
 TOKENS_FILENAME = "tokens.json"
 
 
@@ -181,9 +180,8 @@ def add_token(
     return token
 
 
-def ensure_admin_token(state_dir: Path, tokens_file: Path) -> Path:
-    """On first start, mint an admin token into `state_dir/admin.token`; return its path."""
-    token_path = state_dir / ADMIN_TOKEN_FILENAME
+def ensure_admin_token(token_path: Path, tokens_file: Path) -> Path:
+    """On first start, mint an admin token into `token_path` (0600); return its path."""
     if not token_path.exists():
         token = add_token(tokens_file, "admin", Role.ADMIN)
         _write_private(token_path, token + "\n")

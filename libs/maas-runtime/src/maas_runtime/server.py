@@ -100,7 +100,8 @@ class ServiceServer:
             await callback()
         if self.settings.auth_enabled:
             self.settings.state_dir.mkdir(parents=True, exist_ok=True)
-            ensure_admin_token(self.settings.state_dir, self.settings.resolved_tokens_file)
+            ensure_admin_token(self.settings.resolved_admin_token_file,
+                               self.settings.resolved_tokens_file)
         self._server = grpc.aio.server(
             interceptors=self._interceptors(), options=self.settings.grpc_message_options()
         )

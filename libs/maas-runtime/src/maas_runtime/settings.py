@@ -64,8 +64,12 @@ class ServiceSettings(BaseSettings):
     static_endpoints: str = Field(default="", validation_alias="MAAS_STATIC_ENDPOINTS")
     """Static discovery: `registry=127.0.0.1:50051;inference=127.0.0.1:50054`."""
 
+    admin_token_file: Path | None = None
+    """Where the first start writes the admin token; defaults to `<state_dir>/admin.token`.
+    Services of one installation may share it (and the tokens file)."""
+
     client_token_file: Path | None = None
-    """Token this service presents to the others; defaults to `<state_dir>/admin.token`."""
+    """Token this service presents to the others; defaults to the admin token file."""
 
     @property
     def resolved_tokens_file(self) -> Path:
@@ -73,7 +77,11 @@ class ServiceSettings(BaseSettings):
 
     @property
     def resolved_client_token_file(self) -> Path:
-        return self.client_token_file or self.state_dir / "admin.token"
+        return self.client_token_file or self.resolved_admin_token_file
+
+    @property
+    def resolved_admin_token_file(self) -> Path:
+        return self.admin_token_file or self.state_dir / "admin.token"
 
     @property
     def tls_enabled(self) -> bool:

@@ -22,6 +22,7 @@ from maas_jobs.executor import LaunchSpec
 from maas_jobs.manager import JobRunner
 from maas_jobs.records import JobRecord
 from maas_runtime.errors import FailedPrecondition, Internal
+
 from maas_trainer.datasets import DatasetFacts, write_builtin_dataset
 from maas_trainer.plan import (
     LOG_FILENAME,
@@ -50,7 +51,10 @@ def job_process_command(config: RunnerConfig, workers: int, workdir: Path) -> li
     if workers == 1:
         return [config.python_executable, "-m", JOB_PROCESS_MODULE, str(workdir)]
     return [config.python_executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={workers}", "--max-restarts=0", "-m", JOB_PROCESS_MODULE,
+            f"--nproc-per-node={workers}", "--max-restarts=0",
+            # The launcher checks its workers this often: the delay between the last worker
+            # exiting and the job finishing.
+            "--monitor-interval=0.2", "-m", JOB_PROCESS_MODULE,
             str(workdir)]
 
 

@@ -21,8 +21,9 @@ from typing import Any
 
 from maas_runtime.errors import InvalidArgument, ViolationCollector
 from maas_runtime.names import parse_version_name, validate_alias, validate_id
-from maas_trainer.datasets import BUILTIN_DATASETS, DATASET_VERSION_PREFIX
 from maas_zoo import resolve_hyperparameters
+
+from maas_trainer.datasets import BUILTIN_DATASETS, DATASET_VERSION_PREFIX
 
 SPEC_FIELD = "training_job.spec"
 OPTIMIZERS = ("sgd", "momentum", "rmsprop", "adam", "adamw")

@@ -27,8 +27,6 @@ import torch.nn.functional as functional
 from maas_formats import load_dataset, validate_dataset
 from maas_formats.manifest import (
     ArchitectureSpec as ManifestArchitecture,
-)
-from maas_formats.manifest import (
     FrameworkInfo,
     ModelManifest,
     SignatureSpec,

@@ -13,6 +13,7 @@ These run after `parse_training_spec` succeeded and before anything is queued:
 from __future__ import annotations
 
 from maas_runtime.errors import FailedPrecondition, FieldViolation, InvalidArgument, ViolationCollector
+
 from maas_trainer.datasets import DatasetFacts, split_sizes
 from maas_trainer.spec import TrainingSpec, field_path
 

@@ -1,0 +1,1 @@
+"""The `maas` command-line tool: one-machine suite, demo and token management."""

@@ -1,0 +1,163 @@
+"""Runs the services of the suite as supervised processes on one machine (`maas up`).
+
+Every service gets its own state directory under one root, the same tokens file and admin
+token (so one token works everywhere), fixed loopback ports, and static discovery of the
+others. A service that dies is restarted; Ctrl-C stops them all gracefully.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from maas_runtime.auth import ensure_admin_token
+
+_log = logging.getLogger(__name__)
+
+DEFAULT_PORTS = {"registry": 50051, "trainer": 50052, "compressor": 50053, "inference": 50054}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@dataclass
+class ServiceProcess:
+    """One service run as `python -m maas_<name>.server`, configured by its environment."""
+
+    name: str
+    state_dir: Path
+    port: int
+    settings: dict[str, str] = field(default_factory=dict)
+    base_env: dict[str, str] | None = None
+    process: subprocess.Popen | None = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def log_file(self) -> Path:
+        return self.state_dir / f"{self.name}.log"
+
+    @property
+    def env(self) -> dict[str, str]:
+        prefix = f"MAAS_{self.name.upper()}_"
+        return {**(self.base_env if self.base_env is not None else os.environ),
+                f"{prefix}STATE_DIR": str(self.state_dir), f"{prefix}PORT": str(self.port),
+                **{prefix + key.upper(): value for key, value in self.settings.items()}}
+
+    def spawn(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with self.log_file.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", f"maas_{self.name}.server"], env=self.env,
+                stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+
+    async def wait_serving(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        async with grpc.aio.insecure_channel(self.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if self.process is not None and self.process.poll() is not None:
+                    break
+                try:
+                    reply = await health.Check(health_pb2.HealthCheckRequest(service=self.name),
+                                               timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.aio.AioRpcError:
+                    pass
+                await asyncio.sleep(0.1)
+        tail = self.log_file.read_text()[-3000:] if self.log_file.exists() else ""
+        raise RuntimeError(f"{self.name} did not become SERVING:\n{tail}")
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 20) -> None:
+        if not self.alive():
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+class LocalSuite:
+    """The services of one installation under `root`, in dependency order."""
+
+    def __init__(self, root: Path, services: tuple[str, ...] = ("registry", "trainer", "inference"),
+                 fixed_ports: bool = True):
+        self.root = root.resolve()
+        self.tokens_file = self.root / "tokens.json"
+        self.admin_token_file = self.root / "admin.token"
+        ports = {name: (DEFAULT_PORTS[name] if fixed_ports and port_is_free(DEFAULT_PORTS[name])
+                        else free_port()) for name in services}
+        endpoints = ";".join(f"{name}=127.0.0.1:{port}" for name, port in ports.items())
+        base_env = {**os.environ, "MAAS_STATIC_ENDPOINTS": endpoints}
+        self.services = {
+            name: ServiceProcess(name, self.root / name, port, {
+                "tokens_file": str(self.tokens_file),
+                "admin_token_file": str(self.admin_token_file),
+                **({"registry_target": f"127.0.0.1:{ports['registry']}"}
+                   if name != "registry" and "registry" in ports else {}),
+            }, base_env)
+            for name, port in ports.items()
+        }
+        self._watch: asyncio.Task | None = None
+
+    def token(self) -> str:
+        return self.admin_token_file.read_text().strip()
+
+    async def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        ensure_admin_token(self.admin_token_file, self.tokens_file)
+        for service in self.services.values():
+            service.spawn()
+            await service.wait_serving()
+            _log.info("%s serving on %s", service.name, service.target)
+        self._watch = asyncio.create_task(self._restart_crashed())
+
+    async def _restart_crashed(self) -> None:
+        while True:
+            await asyncio.sleep(1)
+            for service in self.services.values():
+                if not service.alive():
+                    _log.warning("%s exited (code %s); restarting", service.name,
+                                 service.process.returncode if service.process else None)
+                    service.spawn()
+                    with contextlib.suppress(RuntimeError):
+                        await service.wait_serving()
+
+    async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        for service in reversed(list(self.services.values())):
+            await asyncio.to_thread(service.stop)

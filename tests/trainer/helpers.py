@@ -1,0 +1,194 @@
+"""Helpers for trainer tests: specs, calls through real stubs, waiting, a trainer subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from maas.common.v1 import job_pb2
+from maas.trainer.v1 import trainer_service_pb2 as ts
+from maas.trainer.v1 import trainer_service_pb2_grpc
+from maas.trainer.v1 import training_job_pb2 as tj
+from maas_runtime.client import open_channel
+from maas_runtime.grpc_errors import status_details, unpack_detail
+
+from tests.support.processes import free_port
+
+FINAL_STATES = {job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED}
+
+
+def digits_spec(*, kind: str = "mlp", hyperparameters=None, epochs: int = 3, batch_size: int = 32,
+                learning_rate: float = 0.01, optimizer=tj.OPTIMIZER_KIND_ADAM, seed: int = 0,
+                model_id: str = "digits", alias: str = "", dataset: str = "builtin:digits",
+                workers: int = 0, tenant: str = "", priority: int = 0,
+                min_test_accuracy: float = 0.0) -> tj.TrainingSpec:
+    """A small, fast digits job; keyword arguments change one thing at a time."""
+    spec = tj.TrainingSpec(
+        architecture=tj.ArchitectureSpec(kind=kind),
+        data=tj.DataSource(dataset=dataset),
+        optimizer=tj.OptimizerSpec(kind=optimizer, learning_rate=learning_rate),
+        epochs=epochs, batch_size=batch_size, seed=seed,
+        resources=job_pb2.JobResources(workers=workers, tenant=tenant, priority=priority),
+        output=tj.TrainingOutput(model_id=model_id, alias=alias,
+                                 min_test_accuracy=min_test_accuracy))
+    spec.architecture.hyperparameters.update(
+        {"hidden_sizes": [32]} if hyperparameters is None and kind == "mlp"
+        else hyperparameters or {})
+    return spec
+
+
+async def create_job(stub, spec: tj.TrainingSpec, job_id: str = "") -> tj.TrainingJob:
+    return await stub.CreateTrainingJob(ts.CreateTrainingJobRequest(
+        training_job_id=job_id, training_job=tj.TrainingJob(spec=spec)))
+
+
+async def get_job(stub, name: str) -> tj.TrainingJob:
+    return await stub.GetTrainingJob(ts.GetTrainingJobRequest(name=name))
+
+
+async def list_jobs(stub, filter_text: str = "") -> list[tj.TrainingJob]:
+    jobs, token = [], ""
+    while True:
+        page = await stub.ListTrainingJobs(ts.ListTrainingJobsRequest(
+            filter=filter_text, page_size=100, page_token=token))
+        jobs.extend(page.training_jobs)
+        token = page.next_page_token
+        if not token:
+            return jobs
+
+
+async def wait_for(stub, name: str, predicate, timeout: float = 120.0) -> tj.TrainingJob:
+    """Poll Get until `predicate(job)` holds; fail with the job's last state otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = await get_job(stub, name)
+        if predicate(job):
+            return job
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{name} never got there; last seen:\n{job}")
+        await asyncio.sleep(0.1)
+
+
+async def wait_until_final(stub, name: str, timeout: float = 120.0) -> tj.TrainingJob:
+    return await wait_for(stub, name, lambda job: job.state in FINAL_STATES, timeout)
+
+
+async def watch_events(stub, name: str, after_sequence: int = 0,
+                       timeout: float = 120.0) -> list[job_pb2.JobEvent]:
+    """Every event of a Watch until the server ends the stream (the job is final)."""
+    events = []
+    call = stub.WatchTrainingJob(ts.WatchTrainingJobRequest(name=name,
+                                                            after_sequence=after_sequence),
+                                 timeout=timeout)
+    async for event in call:
+        events.append(event)
+    return events
+
+
+def states_of(events) -> list[int]:
+    return [e.state_change.state for e in events if e.WhichOneof("kind") == "state_change"]
+
+
+async def expect_error(awaitable, code: grpc.StatusCode, field: str | None = None):
+    """The call fails with `code` and, when given, a BadRequest violation naming `field`."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await awaitable
+    assert caught.value.code() == code, caught.value.details()
+    if field is not None:
+        bad_request = unpack_detail(status_details(caught.value), error_details_pb2.BadRequest)
+        assert bad_request is not None, caught.value.details()
+        assert field in [v.field for v in bad_request.field_violations], bad_request
+    return caught.value
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its parent) is as good as gone.
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split(") ")[-1].startswith("Z"))
+
+
+def job_processes(workdir_marker: str) -> list[int]:
+    """Pids whose command line mentions a job's directory."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command_line = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if workdir_marker.encode() in command_line and process_alive(int(entry.name)):
+            pids.append(int(entry.name))
+    return pids
+
+
+class TrainerProcess:
+    """The trainer as a real subprocess (`python -m maas_trainer.server`), for kill -9 tests."""
+
+    def __init__(self, state_dir: Path, registry_target: str, registry_token_file: Path,
+                 worker_slots: int = 1):
+        self.state_dir = state_dir
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.env = {**os.environ,
+                    "MAAS_TRAINER_STATE_DIR": str(state_dir),
+                    "MAAS_TRAINER_PORT": str(self.port),
+                    "MAAS_TRAINER_REGISTRY_TARGET": registry_target,
+                    "MAAS_TRAINER_CLIENT_TOKEN_FILE": str(registry_token_file),
+                    "MAAS_TRAINER_WORKER_SLOTS": str(worker_slots),
+                    "MAAS_TRAINER_SCHEDULE_INTERVAL_SECONDS": "0.2",
+                    "MAAS_TRAINER_WATCH_POLL_SECONDS": "0.2",
+                    "MAAS_TRAINER_LOG_LEVEL": "WARNING"}
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "maas_trainer.server"], env=self.env,
+            stdout=subprocess.DEVNULL, stderr=open(self.state_dir / "trainer.log", "ab"))
+        deadline = time.monotonic() + 60
+        async with grpc.aio.insecure_channel(self.target) as channel:
+            while time.monotonic() < deadline:
+                try:
+                    reply = await health_pb2_grpc.HealthStub(channel).Check(
+                        health_pb2.HealthCheckRequest(service="trainer"), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.aio.AioRpcError:
+                    pass
+                if self.process.poll() is not None:
+                    break
+                await asyncio.sleep(0.1)
+        raise AssertionError(f"trainer did not start: {(self.state_dir / 'trainer.log').read_text()}")
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def terminate(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(30)
+
+    def channel(self) -> grpc.aio.Channel:
+        token = (self.state_dir / "admin.token").read_text().strip()
+        return open_channel(self.target, token=token)
+
+    def stub(self, channel: grpc.aio.Channel):
+        return trainer_service_pb2_grpc.TrainerServiceStub(channel)
