@@ -390,3 +390,34 @@ async def test_viewer_reads_scoped_tokens_are_confined(registry):
                        grpc.StatusCode.PERMISSION_DENIED)
     listed = await scoped.ListModels(rs.ListModelsRequest())
     assert [m.name for m in listed.models] == ["models/digits"]
+
+
+async def test_client_cancelling_mid_upload_leaves_nothing(registry):
+    stub = registry.admin
+    await create_model(stub)
+    data = mlp_package() * 40
+    sent = asyncio.Event()
+
+    async def slow_requests():
+        for index, request in enumerate(model_upload_requests("models/digits", data,
+                                                              chunk=16 * 1024)):
+            yield request
+            if index == 3:
+                sent.set()
+                await asyncio.sleep(30)  # never finishes: the client cancels first
+
+    call = stub.UploadModelVersion(slow_requests())
+    await sent.wait()
+    await asyncio.sleep(0.2)
+    assert len(staging_files(registry.settings.state_dir)) == 1, "the upload is in progress"
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    for _ in range(50):  # the server notices the cancellation asynchronously
+        if not staging_files(registry.settings.state_dir):
+            break
+        await asyncio.sleep(0.05)
+    listed = await stub.ListModelVersions(rs.ListModelVersionsRequest(parent="models/digits"))
+    assert list(listed.model_versions) == []
+    assert blob_files(registry.settings.state_dir) == []
+    assert staging_files(registry.settings.state_dir) == []
