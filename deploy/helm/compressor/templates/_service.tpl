@@ -1,0 +1,32 @@
+{{/*
+Compressor-specific parts of the shared templates (the "compressor.*" names are looked up by
+_helpers.tpl as "<chart name>.env", ".volumes", ".volumeMounts" and ".validate").
+*/}}
+
+{{- define "compressor.env" -}}
+{{- with .Values.registryTarget }}
+- name: MAAS_COMPRESSOR_REGISTRY_TARGET
+  value: {{ . | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* torch worker processes share tensors through /dev/shm, which a container caps at 64 MiB. */}}
+{{- define "compressor.volumeMounts" -}}
+- name: shm
+  mountPath: /dev/shm
+{{- end -}}
+
+{{- define "compressor.volumes" -}}
+- name: shm
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ .Values.shmSizeLimit | quote }}
+{{- end -}}
+
+{{/* The job table is SQLite on this pod's state volume: a second replica would run a second,
+disjoint queue. */}}
+{{- define "compressor.validate" -}}
+{{- if or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1) -}}
+{{- fail "the compressor runs one replica: its job table is SQLite on its own state volume, so another replica would keep a second, disjoint queue (keep replicaCount 1 and autoscaling.enabled false; give the pod more resources instead)" -}}
+{{- end -}}
+{{- end -}}

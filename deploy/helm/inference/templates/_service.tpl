@@ -1,0 +1,99 @@
+{{/*
+Inference-specific parts of the shared templates (the "inference.*" names are looked up by
+_helpers.tpl as "<chart name>.env", ".volumes", ".volumeMounts" and ".validate"), and the
+helpers of the Triton Deployment the service drives.
+
+Three ways to get a Triton, in order: triton.enabled runs a Triton Deployment in this release
+(GPU image, explicit model control, the model repository on a shared claim); triton.externalUrl
+points at one that already runs and mounts the same claim; neither starts the tritonserver
+bundled in the image inside the inference pod (CPU, one machine's way).
+*/}}
+
+{{- define "inference.remoteTriton" -}}
+{{- if or .Values.triton.enabled .Values.triton.externalUrl -}}true{{- end -}}
+{{- end -}}
+
+{{- define "inference.tritonName" -}}
+{{- printf "%s-triton" (include "maas.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "inference.tritonUrl" -}}
+{{- if .Values.triton.enabled -}}
+{{- printf "%s.%s.svc:%d" (include "inference.tritonName" .) .Release.Namespace (int .Values.triton.grpcPort) -}}
+{{- else -}}
+{{- .Values.triton.externalUrl -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "inference.modelRepositoryClaimName" -}}
+{{- .Values.triton.modelRepository.persistence.existingClaim | default (printf "%s-model-repository" (include "maas.fullname" .)) -}}
+{{- end -}}
+
+{{- define "inference.tritonSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "maas.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: triton
+{{- end -}}
+
+{{- define "inference.tritonLabels" -}}
+helm.sh/chart: {{ include "maas.chart" . }}
+{{ include "inference.tritonSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.triton.image.tag | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: maas
+{{- end -}}
+
+{{/* triton.resources plus the nvidia.com/gpu limit (extended resources request what they limit). */}}
+{{- define "inference.tritonResources" -}}
+{{- $resources := deepCopy .Values.triton.resources -}}
+{{- if gt (int .Values.triton.gpus) 0 -}}
+{{- $limits := $resources.limits | default dict -}}
+{{- $_ := set $limits "nvidia.com/gpu" (int .Values.triton.gpus) -}}
+{{- $_ := set $resources "limits" $limits -}}
+{{- end -}}
+{{- toYaml $resources -}}
+{{- end -}}
+
+{{- define "inference.env" -}}
+{{- with .Values.registryTarget }}
+- name: MAAS_INFERENCE_REGISTRY_TARGET
+  value: {{ . | quote }}
+{{- end }}
+{{- if include "inference.remoteTriton" . }}
+- name: MAAS_INFERENCE_TRITON_URL
+  value: {{ include "inference.tritonUrl" . | quote }}
+- name: MAAS_INFERENCE_TRITON_MODEL_REPOSITORY
+  value: {{ .Values.triton.modelRepository.mountPath | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* /dev/shm: the bundled tritonserver's Python-backend stubs exchange tensors there. */}}
+{{- define "inference.volumeMounts" -}}
+- name: shm
+  mountPath: /dev/shm
+{{- if include "inference.remoteTriton" . }}
+- name: model-repository
+  mountPath: {{ .Values.triton.modelRepository.mountPath | quote }}
+{{- end }}
+{{- end -}}
+
+{{- define "inference.volumes" -}}
+- name: shm
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ .Values.shmSizeLimit | quote }}
+{{- if include "inference.remoteTriton" . }}
+- name: model-repository
+  persistentVolumeClaim:
+    claimName: {{ include "inference.modelRepositoryClaimName" . | quote }}
+{{- end }}
+{{- end -}}
+
+{{- define "inference.validate" -}}
+{{- if or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1) -}}
+{{- fail "the inference service runs one replica: its deployment table is SQLite on its own state volume and it alone loads and unloads models on Triton, so a second replica would serve a diverging set of deployments (keep replicaCount 1 and autoscaling.enabled false)" -}}
+{{- end -}}
+{{- if and .Values.triton.enabled .Values.triton.externalUrl -}}
+{{- fail "set either triton.enabled (a Triton Deployment in this release) or triton.externalUrl (one that already runs), not both" -}}
+{{- end -}}
+{{- end -}}

@@ -1,0 +1,80 @@
+{{/*
+Registry-specific parts of the shared templates (the "registry.*" names are looked up by
+_helpers.tpl as "<chart name>.env", ".volumes", ".volumeMounts" and ".validate").
+*/}}
+
+{{- define "registry.pageTokenMountPath" -}}/etc/maas/page-token{{- end -}}
+
+{{- define "registry.env" -}}
+{{- if .Values.database.existingSecret }}
+- name: MAAS_REGISTRY_DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.database.existingSecret | quote }}
+      key: {{ .Values.database.secretKey | quote }}
+{{- end }}
+{{- if .Values.blobStore.persistence.enabled }}
+- name: MAAS_REGISTRY_BLOB_DIR
+  value: {{ .Values.blobStore.mountPath | quote }}
+{{- end }}
+{{- if .Values.pageTokenSecret.existingSecret }}
+- name: MAAS_REGISTRY_PAGE_TOKEN_SECRET_FILE
+  value: {{ printf "%s/%s" (include "registry.pageTokenMountPath" .) .Values.pageTokenSecret.secretKey | quote }}
+{{- end }}
+{{- end -}}
+
+{{- define "registry.volumeMounts" -}}
+{{- if .Values.blobStore.persistence.enabled }}
+- name: blobs
+  mountPath: {{ .Values.blobStore.mountPath | quote }}
+{{- end }}
+{{- if .Values.pageTokenSecret.existingSecret }}
+- name: page-token
+  mountPath: {{ include "registry.pageTokenMountPath" . }}
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "registry.volumes" -}}
+{{- if .Values.blobStore.persistence.enabled }}
+- name: blobs
+  persistentVolumeClaim:
+    claimName: {{ include "registry.blobClaimName" . | quote }}
+{{- end }}
+{{- if .Values.pageTokenSecret.existingSecret }}
+- name: page-token
+  secret:
+    secretName: {{ .Values.pageTokenSecret.existingSecret | quote }}
+    defaultMode: 0440
+    items:
+      - key: {{ .Values.pageTokenSecret.secretKey | quote }}
+        path: {{ .Values.pageTokenSecret.secretKey | quote }}
+{{- end }}
+{{- end -}}
+
+{{- define "registry.blobClaimName" -}}
+{{- .Values.blobStore.persistence.existingClaim | default (printf "%s-blobs" (include "maas.fullname" .)) -}}
+{{- end -}}
+
+{{/* Several replicas share one database, one blob store and one page-token key. */}}
+{{- define "registry.validate" -}}
+{{- if or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1) -}}
+{{- if not .Values.database.existingSecret -}}
+{{- fail "several registry replicas need PostgreSQL: set database.existingSecret (the default SQLite file belongs to one pod)" -}}
+{{- end -}}
+{{- if not .Values.pageTokenSecret.existingSecret -}}
+{{- fail "several registry replicas must share the page-token key: set pageTokenSecret.existingSecret" -}}
+{{- end -}}
+{{- $blobs := .Values.blobStore.persistence -}}
+{{- if not $blobs.enabled -}}
+{{- fail "several registry replicas must share the blob store: enable blobStore.persistence" -}}
+{{- end -}}
+{{- if and (not $blobs.existingClaim) (not (has "ReadWriteMany" $blobs.accessModes)) -}}
+{{- fail "several registry replicas mount the blob volume at once: blobStore.persistence.accessModes needs ReadWriteMany" -}}
+{{- end -}}
+{{- $state := .Values.persistence -}}
+{{- if and $state.enabled (not $state.existingClaim) (not (has "ReadWriteMany" $state.accessModes)) -}}
+{{- fail "several registry replicas cannot share a ReadWriteOnce state volume: disable persistence (PostgreSQL and the blob volume hold the data) or use ReadWriteMany" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}

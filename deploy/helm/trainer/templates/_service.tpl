@@ -1,0 +1,32 @@
+{{/*
+Trainer-specific parts of the shared templates (the "trainer.*" names are looked up by
+_helpers.tpl as "<chart name>.env", ".volumes", ".volumeMounts" and ".validate").
+*/}}
+
+{{- define "trainer.env" -}}
+{{- with .Values.registryTarget }}
+- name: MAAS_TRAINER_REGISTRY_TARGET
+  value: {{ . | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* torch worker processes share tensors through /dev/shm, which a container caps at 64 MiB. */}}
+{{- define "trainer.volumeMounts" -}}
+- name: shm
+  mountPath: /dev/shm
+{{- end -}}
+
+{{- define "trainer.volumes" -}}
+- name: shm
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ .Values.shmSizeLimit | quote }}
+{{- end -}}
+
+{{/* The job table is SQLite on this pod's state volume: a second replica would run a second,
+disjoint queue. */}}
+{{- define "trainer.validate" -}}
+{{- if or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1) -}}
+{{- fail "the trainer runs one replica: its job table is SQLite on its own state volume, so another replica would keep a second, disjoint queue (keep replicaCount 1 and autoscaling.enabled false; give it more worker slots instead)" -}}
+{{- end -}}
+{{- end -}}
