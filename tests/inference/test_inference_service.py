@@ -30,6 +30,7 @@ from maas_inference.settings import InferenceSettings
 from maas_registry.server import build_server as build_registry
 from maas_registry.settings import RegistrySettings
 from maas_runtime.client import open_channel
+from maas_runtime.discovery import StaticDiscovery
 from maas_runtime.grpc_errors import status_details, unpack_detail
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
@@ -80,10 +81,13 @@ async def suite(tmp_path_factory):
         rs.SetModelAliasRequest(name="models/digits/aliases/prod", version="models/digits/versions/1")
     )
 
-    inference_settings = InferenceSettings(state_dir=root / "inference", port=0, rollout_drain_seconds=10)
+    # The registry is found through discovery (round-robin channel), as in production.
+    inference_settings = InferenceSettings(state_dir=root / "inference", port=0,
+                                           rollout_drain_seconds=10,
+                                           client_token_file=root / "registry" / "admin.token")
     s.inference, s.app = build_inference(
-        inference_settings, registry_channel=open_channel(f"127.0.0.1:{registry_port}", token=registry_token)
-    )
+        inference_settings,
+        discovery=StaticDiscovery({"registry": [f"127.0.0.1:{registry_port}"]}))
     port = await s.inference.start()
     s.target = f"127.0.0.1:{port}"
     s.token = (root / "inference" / "admin.token").read_text().strip()

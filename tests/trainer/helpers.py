@@ -15,9 +15,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from maas.common.v1 import job_pb2
-from maas.trainer.v1 import trainer_service_pb2 as ts
-from maas.trainer.v1 import trainer_service_pb2_grpc
-from maas.trainer.v1 import training_job_pb2 as tj
+from maas.trainer.v1 import trainer_service_pb2 as ts, trainer_service_pb2_grpc, training_job_pb2 as tj
 from maas_runtime.client import open_channel
 from maas_runtime.grpc_errors import status_details, unpack_detail
 

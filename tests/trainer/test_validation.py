@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from maas.trainer.v1 import trainer_service_pb2 as ts
-from maas.trainer.v1 import training_job_pb2 as tj
+from maas.trainer.v1 import trainer_service_pb2 as ts, training_job_pb2 as tj
 
 from tests.trainer.helpers import create_job, digits_spec, expect_error, list_jobs
 

@@ -52,7 +52,10 @@ class ProcessOutcome:
 
     def describe_exit(self) -> str:
         if self.returncode < 0:
-            return f"was killed by signal {signal.Signals(-self.returncode).name}"
+            try:
+                return f"was killed by signal {signal.Signals(-self.returncode).name}"
+            except ValueError:
+                return f"was killed by signal {-self.returncode}"
         return f"exited with status {self.returncode}"
 
 
@@ -87,6 +90,10 @@ class JobProcess:
     @property
     def pid(self) -> int:
         return self._process.pid
+
+    @property
+    def exited(self) -> bool:
+        return self._process.returncode is not None
 
     async def wait_and_forward(self, sink: ProgressSink) -> ProcessOutcome:
         """Forward progress until the process exits; then reap what is left of its group."""

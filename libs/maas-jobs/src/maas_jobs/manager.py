@@ -171,7 +171,8 @@ class JobManager:
         return await asyncio.to_thread(function, *args, **kwargs)
 
     def _workdir(self, job_id: str) -> Path:
-        return self.config.work_root / job_id
+        # Absolute: job processes run inside their directory, where a relative path breaks.
+        return self.config.work_root.resolve() / job_id
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -248,10 +249,12 @@ class JobManager:
         entry = self._running.get(job_id)
         if entry is not None:
             entry.cancel_requested = True
-            if entry.process is not None:
+            if entry.process is not None and not entry.process.exited:
                 await entry.process.stop(self.config.stop_grace_seconds)
             elif entry.task is not None:
-                entry.task.cancel()  # still staging inputs: nothing to stop but the task
+                # Staging inputs or publishing the result: stopping the task is the cancel,
+                # so a cancelled job never registers anything.
+                entry.task.cancel()
             if entry.task is not None:
                 await asyncio.wait({entry.task}, timeout=self.config.stop_grace_seconds + 5)
         return record

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from maas.inference.v1 import inference_service_pb2_grpc
 from maas.registry.v1 import registry_service_pb2_grpc
-from maas_runtime.client import open_channel
+from maas_runtime.client import client_interceptors, open_channel
+from maas_runtime.discovery import DiscoveredChannel, discovery_from_settings
 from maas_runtime.logs import configure_logging
 from maas_runtime.server import ServiceBinding, ServiceServer
 from maas_runtime.telemetry import Telemetry
@@ -38,7 +39,7 @@ class InferenceApp:
     """Owns the long-lived parts: Triton supervision, the registry channel, the manager."""
 
     def __init__(self, settings: InferenceSettings, telemetry: Telemetry | None = None,
-                 registry_channel=None):
+                 registry_channel=None, discovery=None):
         self.settings = settings
         self.telemetry = telemetry
         state = settings.state_dir
@@ -54,6 +55,8 @@ class InferenceApp:
         self.server: ServiceServer | None = None
         self._registry_channel = registry_channel
         self._owns_registry_channel = registry_channel is None
+        self._discovery = discovery
+        self._discovered = None
         self.manager: DeploymentManager | None = None
         self.triton: TritonClient | None = None
         self._alias_task: asyncio.Task | None = None
@@ -69,13 +72,22 @@ class InferenceApp:
     async def _on_triton_restart(self) -> None:
         await self.manager.reload_all()
 
-    def _registry_stub(self):
-        if self._registry_channel is None:
-            token_file = self.settings.resolved_client_token_file
-            token = token_file.read_text().strip() if token_file.exists() else None
-            target = self.settings.registry_target or _static_target(self.settings, "registry")
-            self._registry_channel = open_channel(target, token=token, telemetry=self.telemetry)
-        return registry_service_pb2_grpc.RegistryServiceStub(self._registry_channel)
+    async def _registry_stub(self):
+        """A stub to the registry: the injected channel, `registry_target`, or discovery."""
+        if self._registry_channel is not None:
+            return registry_service_pb2_grpc.RegistryServiceStub(self._registry_channel)
+        token_file = self.settings.resolved_client_token_file
+        token = token_file.read_text().strip() if token_file.exists() else None
+        if self.settings.registry_target:
+            self._registry_channel = open_channel(self.settings.registry_target, token=token,
+                                                  telemetry=self.telemetry)
+            return registry_service_pb2_grpc.RegistryServiceStub(self._registry_channel)
+        # Round-robin over every healthy registry replica, following changes (Consul or static).
+        self._discovered = DiscoveredChannel(self._discovery, "registry",
+                                             interceptors=client_interceptors(token,
+                                                                              self.telemetry))
+        await self._discovered.start()
+        return self._discovered.stub(registry_service_pb2_grpc.RegistryServiceStub)
 
     async def start(self) -> None:
         await self.supervisor.start()
@@ -83,7 +95,7 @@ class InferenceApp:
         meter = self.telemetry.meter("maas.inference") if self.telemetry else None
         self.manager = DeploymentManager(
             SqliteDeploymentStore(self.settings.state_dir / "deployments.db"),
-            RegistryReader(self._registry_stub()), self.triton,
+            RegistryReader(await self._registry_stub()), self.triton,
             ModelRepository(self.supervisor.server.model_repository),
             self.settings.state_dir / "artifacts",
             ServingDefaults(max_batch_size=self.settings.default_max_batch_size,
@@ -108,21 +120,15 @@ class InferenceApp:
         await self.supervisor.stop()
         if self._owns_registry_channel and self._registry_channel is not None:
             await self._registry_channel.close()
-
-
-def _static_target(settings: InferenceSettings, service: str) -> str:
-    from maas_runtime.discovery import parse_static_endpoints
-
-    endpoints = parse_static_endpoints(settings.static_endpoints).get(service) or []
-    if not endpoints:
-        return "127.0.0.1:50051"
-    return ",".join(str(e) for e in endpoints) if len(endpoints) == 1 else \
-        "ipv4:" + ",".join(str(e) for e in endpoints)
+        if self._discovered is not None:
+            await self._discovered.close()
 
 
 def build_server(settings: InferenceSettings, telemetry: Telemetry | None = None,
                  discovery=None, registry_channel=None) -> tuple[ServiceServer, InferenceApp]:
-    app = InferenceApp(settings, telemetry, registry_channel)
+    if registry_channel is None and not settings.registry_target and discovery is None:
+        discovery = discovery_from_settings(settings)
+    app = InferenceApp(settings, telemetry, registry_channel, discovery)
 
     def add_inference(server):
         inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(
@@ -147,8 +153,6 @@ def main() -> None:
     settings = InferenceSettings()
     configure_logging("inference", settings.log_level)
     telemetry = Telemetry.create("inference", otlp_endpoint=settings.otlp_endpoint)
-    from maas_runtime.discovery import discovery_from_settings
-
     server, _ = build_server(settings, telemetry, discovery_from_settings(settings))
     asyncio.run(server.serve_until_signal())
 

@@ -53,4 +53,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Everything the run produced is written, fsynced and closed by now; skipping the
+    # interpreter's teardown (torch's takes the better part of a second) frees the worker
+    # slot that much sooner.
+    os._exit(exit_code)

@@ -80,7 +80,3 @@ class TrainingJobs:
 
     def watch(self, name: str, after_sequence: int) -> AsyncIterator[JobEvent]:
         return self._manager.watch(job_id_from_name(name), after_sequence)
-
-    @staticmethod
-    def plan_of(job: JobRecord) -> TrainingPlan:
-        return TrainingPlan.from_dict(job.spec)

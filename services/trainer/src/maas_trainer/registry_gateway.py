@@ -75,7 +75,7 @@ class RegistryGateway:
         partial = destination.with_name(destination.name + ".partial")
         digest = hashlib.sha256()
         stream = self._stub().DownloadDatasetVersion(
-            registry_service_pb2.DownloadDatasetVersionRequest(name=name))
+            registry_service_pb2.DownloadDatasetVersionRequest(name=name), timeout=self._timeout)
         try:
             with partial.open("wb") as handle:
                 async for message in stream:

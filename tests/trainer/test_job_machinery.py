@@ -1,0 +1,180 @@
+"""Units of the job machinery and the training loop, without a server."""
+
+from __future__ import annotations
+
+import io
+from datetime import UTC, datetime
+
+import pytest
+import torch
+from maas_jobs.progress import ProgressReporter, parse_progress_line
+from maas_jobs.records import EventKind, JobCollection, JobDraft, JobError, JobState, LogLevel
+from maas_jobs.scheduler import FairShareScheduler, QueuedJob
+from maas_jobs.store import SqlJobStore
+from maas_runtime.errors import AlreadyExists, NotFound
+from maas_trainer.checkpoints import TrainingCheckpoint, load_checkpoint, save_checkpoint
+from maas_trainer.datasets import split_indices, split_sizes
+from maas_trainer.spec import ScheduleSpec
+from maas_trainer.training import LearningRateSchedule
+
+COLLECTION = JobCollection("testJobs", "test job")
+
+
+def _queued(job_id, tenant, *, workers=1, priority=0, position=0):
+    return QueuedJob(job_id, tenant, workers, priority, position)
+
+
+# -- scheduler ----------------------------------------------------------------------------------
+
+
+def test_fair_share_alternates_tenants_however_long_the_flood():
+    scheduler = FairShareScheduler(pool_size=1)
+    queue = [_queued(f"a{i}", "a", position=i) for i in range(20)] + [_queued("b0", "b", position=20)]
+    order = []
+    for _ in range(4):
+        started = scheduler.plan(queue, running_slots={}).start
+        assert len(started) == 1
+        order.append(started[0].job_id)
+        queue = [job for job in queue if job.job_id != started[0].job_id]
+    assert order == ["a0", "b0", "a1", "a2"]
+
+
+def test_tenant_holding_fewer_slots_goes_first_and_priority_orders_within_a_tenant():
+    scheduler = FairShareScheduler(pool_size=4)
+    queue = [_queued("a-low", "a", position=1), _queued("a-high", "a", priority=9, position=2),
+             _queued("b-1", "b", position=3), _queued("b-2", "b", position=4)]
+    plan = scheduler.plan(queue, running_slots={"a": 2})
+    assert [job.job_id for job in plan.start] == ["b-1", "b-2"]  # a already holds 2 of 4
+    plan = FairShareScheduler(pool_size=4).plan(queue, running_slots={})
+    assert [job.job_id for job in plan.start] == ["a-high", "b-1", "a-low", "b-2"]
+
+
+def test_wide_job_reserves_slots_instead_of_being_overtaken():
+    scheduler = FairShareScheduler(pool_size=2)
+    queue = [_queued("wide", "a", workers=2, position=1), _queued("narrow", "b", position=2)]
+    scheduler.remember_service({"b": datetime(2024, 1, 1, tzinfo=UTC)})  # a is owed service
+    assert scheduler.plan(queue, running_slots={"c": 1}).start == []
+    assert [job.job_id for job in scheduler.plan(queue, running_slots={}).start] == ["wide"]
+
+
+def test_jobs_wider_than_the_pool_are_reported_unrunnable():
+    plan = FairShareScheduler(pool_size=2).plan([_queued("huge", "a", workers=3)], {})
+    assert [job.job_id for job in plan.unrunnable] == ["huge"] and plan.start == []
+
+
+# -- store --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def store(tmp_path):
+    job_store = SqlJobStore.open_sqlite(tmp_path / "jobs.db", COLLECTION)
+    yield job_store
+    job_store.close()
+
+
+def test_store_numbers_each_jobs_events_without_gaps(store):
+    store.create(JobDraft("one", {"x": 1}, "t", "alice"), "queued")
+    store.create(JobDraft("two", {}, "t", "alice"), "queued")
+    assert store.transition("one", [JobState.QUEUED], JobState.RUNNING, "go").start_time
+    store.record_metrics("one", 1, "train", {"loss": 0.5})
+    store.append_log("one", LogLevel.INFO, "hello")
+    store.record_metrics("one", 2, "train", {"loss": 0.25, "accuracy": 0.9})
+    done = store.transition("one", [JobState.RUNNING], JobState.SUCCEEDED, "ok",
+                            result={"model_version": "models/m/versions/1"})
+    assert done.metrics == {"loss": 0.25, "accuracy": 0.9} and done.epoch == 2
+    assert done.end_time is not None and done.result["model_version"].endswith("/1")
+    events = store.events_after("one", 0, 100)
+    assert [e.sequence for e in events] == [1, 2, 3, 4, 5, 6]
+    assert [e.kind for e in events] == [EventKind.STATE_CHANGE, EventKind.STATE_CHANGE,
+                                        EventKind.METRICS, EventKind.LOG, EventKind.METRICS,
+                                        EventKind.STATE_CHANGE]
+    assert events[-1].final_state is JobState.SUCCEEDED
+    assert [e.sequence for e in store.events_after("one", 4, 100)] == [5, 6]
+    assert [e.sequence for e in store.events_after("two", 0, 100)] == [1]
+
+
+def test_store_transitions_are_compare_and_set(store):
+    store.create(JobDraft("j", {}, "t", "alice"), "queued")
+    assert store.transition("j", [JobState.QUEUED, JobState.RUNNING], JobState.CANCELLED, "stop")
+    assert store.transition("j", [JobState.RUNNING], JobState.FAILED, "late",
+                            error=JobError("INTERNAL", "x")) is None
+    assert store.get("j").state is JobState.CANCELLED and store.get("j").error is None
+    with pytest.raises(AlreadyExists):
+        store.create(JobDraft("j", {}, "t", "alice"), "queued")
+    with pytest.raises(NotFound):
+        store.get("missing")
+
+
+def test_store_remembers_resumes_and_when_tenants_were_served(store):
+    store.create(JobDraft("j", {}, "vision", "alice"), "queued")
+    store.transition("j", [JobState.QUEUED], JobState.RUNNING, "go")
+    resumed = store.mark_resumed("j", "restarted")
+    assert resumed.resume_count == 1 and resumed.state is JobState.RUNNING
+    assert set(store.tenant_last_start_times()) == {"vision"}
+
+
+# -- progress protocol --------------------------------------------------------------------------
+
+
+def test_progress_lines_round_trip_and_other_lines_are_not_protocol():
+    stream = io.StringIO()
+    reporter = ProgressReporter(stream)
+    reporter.metrics(3, "train", {"loss": 0.5, "bad": float("nan")})
+    reporter.log("WARNING", "careful")
+    reporter.error("FAILED_PRECONDITION", "no")
+    messages = [parse_progress_line(line) for line in stream.getvalue().splitlines()]
+    assert [m.type for m in messages] == ["metrics", "log", "error"]
+    assert messages[0].payload == {"epoch": 3, "phase": "train", "values": {"loss": 0.5}}
+    assert parse_progress_line("Epoch 3 done") is None
+    assert parse_progress_line('@maas-job {"type": "unknown"}') is None
+    silent = io.StringIO()
+    ProgressReporter(silent, enabled=False).log("INFO", "rank 1 says nothing")
+    assert silent.getvalue() == ""
+
+
+# -- training pieces ----------------------------------------------------------------------------
+
+
+def test_split_is_seeded_disjoint_and_complete():
+    sizes = split_sizes(1797, 0.1, 0.2)
+    assert (sizes.train, sizes.validation, sizes.test) == (1258, 180, 359)
+    first, again, other = (split_indices(1797, sizes, seed) for seed in (7, 7, 8))
+    assert (first.test == again.test).all() and not (first.test == other.test).all()
+    combined = sorted([*first.train, *first.validation, *first.test])
+    assert combined == list(range(1797))
+
+
+def test_learning_rate_schedules_with_warmup():
+    step = LearningRateSchedule(ScheduleSpec("step", step_size=2, gamma=0.5, warmup_epochs=1), 0.1, 6)
+    assert [round(step.at(e), 6) for e in range(1, 7)] == [0.05, 0.1, 0.1, 0.05, 0.05, 0.025]
+    cosine = LearningRateSchedule(ScheduleSpec("cosine"), 0.1, 4)
+    rates = [cosine.at(e) for e in range(1, 5)]
+    assert rates[0] == pytest.approx(0.1) and rates == sorted(rates, reverse=True) and rates[-1] > 0
+    assert LearningRateSchedule(ScheduleSpec(), 0.1, 3).at(3) == 0.1
+
+
+def test_checkpoint_round_trips_optimizer_and_rng_without_pickle(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    path = tmp_path / "checkpoint.safetensors"
+    save_checkpoint(path, TrainingCheckpoint(
+        epoch=5, model_state=model.state_dict(), optimizer_state=optimizer.state_dict(),
+        rng_states=[torch.get_rng_state()], progress={"stopped_early": False},
+        best_model_state=None))
+    restored = load_checkpoint(path)
+    assert restored.epoch == 5 and restored.progress == {"stopped_early": False}
+    assert torch.equal(restored.rng_states[0], torch.get_rng_state())
+    twin = torch.nn.Linear(3, 2)
+    twin_optimizer = torch.optim.Adam(twin.parameters(), lr=0.5)
+    twin.load_state_dict(restored.model_state)
+    twin_optimizer.load_state_dict(restored.optimizer_state)
+    assert twin_optimizer.param_groups[0]["lr"] == 0.01
+    assert twin_optimizer.param_groups[0]["betas"] == (0.9, 0.999)
+    for key, value in optimizer.state_dict()["state"][0].items():
+        assert torch.equal(twin_optimizer.state_dict()["state"][0][key], value)
+    header_length = int.from_bytes(path.read_bytes()[:8], "little")  # safetensors framing
+    assert path.read_bytes()[8:9] == b"{" and header_length < path.stat().st_size
+    assert load_checkpoint(tmp_path / "absent.safetensors") is None
