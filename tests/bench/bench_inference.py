@@ -77,7 +77,9 @@ async def throughput(call, concurrency: int, seconds: float) -> float:
 
 
 async def main() -> None:
-    with tempfile.TemporaryDirectory(dir=os.environ.get("MAAS_BENCH_DIR", ".")) as tmp:
+    bench_dir = Path(os.environ.get("MAAS_BENCH_DIR", ".maas/bench"))
+    bench_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=bench_dir) as tmp:
         root = Path(tmp)
         registry = ServiceProcess("registry", root / "registry")
         await registry.start()
@@ -102,7 +104,7 @@ async def measure(root: Path, registry, inference, triton_port: int) -> list[tup
         stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
         await stub.CreateModel(rs.CreateModelRequest(model_id="mlp"))
         await stub.UploadModelVersion(model_upload_requests("models/mlp", package.read_bytes()))
-    gateway = inference.stub()
+    gateway = inference.stub() if (inference.state_dir / "admin.token").exists() else open_channel(inference.target)
     deployments = inference_service_pb2_grpc.InferenceServiceStub(gateway)
     for name, batching in (("bench", True), ("nobatch", False)):
         await deployments.CreateDeployment(inf.CreateDeploymentRequest(

@@ -155,7 +155,9 @@ async def list_pages(work: Path, count: int) -> dict:
 
 
 async def main() -> None:
-    with tempfile.TemporaryDirectory(dir=os.environ.get("MAAS_BENCH_DIR", ".")) as tmp:
+    bench_dir = Path(os.environ.get("MAAS_BENCH_DIR", ".maas/bench"))
+    bench_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=bench_dir) as tmp:
         work = Path(tmp)
         small = await stream_round_trip(work, 128 * 1024**2)
         large = await stream_round_trip(work, 1024**3)
