@@ -104,7 +104,8 @@ async def measure(root: Path, registry, inference, triton_port: int) -> list[tup
         stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
         await stub.CreateModel(rs.CreateModelRequest(model_id="mlp"))
         await stub.UploadModelVersion(model_upload_requests("models/mlp", package.read_bytes()))
-    gateway = inference.stub() if (inference.state_dir / "admin.token").exists() else open_channel(inference.target)
+    auth_on = (inference.state_dir / "admin.token").exists()
+    gateway = inference.stub() if auth_on else open_channel(inference.target)
     deployments = inference_service_pb2_grpc.InferenceServiceStub(gateway)
     for name, batching in (("bench", True), ("nobatch", False)):
         await deployments.CreateDeployment(inf.CreateDeploymentRequest(
