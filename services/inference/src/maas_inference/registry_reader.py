@@ -10,10 +10,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
-from google.protobuf import json_format
 from maas.registry.v1 import audit_pb2, registry_service_pb2 as rs
 from maas_runtime import errors
 from maas_runtime.grpc_errors import from_rpc_error
+from maas_runtime.messages import to_dict
 
 _log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class RegistryReader:
             version = await self._stub.GetModelVersion(rs.GetModelVersionRequest(name=reference))
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error) from None
-        return json_format.MessageToDict(version, preserving_proto_field_name=True)
+        return to_dict(version)
 
     async def download(self, version: dict, destination: Path) -> None:
         """Stream the artifact to `destination`, verifying size and sha256 before keeping it."""

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-from google.protobuf import empty_pb2, json_format
+from google.protobuf import empty_pb2
 from maas.inference.v1 import deployment_pb2, inference_service_pb2, inference_service_pb2_grpc
 from maas_runtime.auth import Role
+from maas_runtime.messages import to_dict, to_message
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from maas_inference.deployments import DeploymentManager
 from maas_inference.tensors import predict_outputs
-
-
-def to_message(resource: dict, message_type):
-    return json_format.ParseDict(resource, message_type(), ignore_unknown_fields=True)
-
-
-def to_dict(message) -> dict:
-    return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
 
 def _deadline(context) -> float | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from google.protobuf import empty_pb2, json_format
+from google.protobuf import empty_pb2
 from maas.registry.v1 import (
     audit_pb2,
     dataset_pb2,
@@ -15,18 +15,11 @@ from maas.registry.v1 import (
 )
 from maas_runtime.auth import current_principal
 from maas_runtime.errors import InvalidArgument
+from maas_runtime.messages import to_dict, to_message
 
 from maas_registry.registry import Registry
 
 _LINEAGE_DIRECTIONS = {0: "both", 1: "ancestors", 2: "descendants", 3: "both"}
-
-
-def to_message(resource: dict, message_type):
-    return json_format.ParseDict(resource, message_type(), ignore_unknown_fields=True)
-
-
-def to_dict(message) -> dict:
-    return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
 
 async def _upload_parts(requests: AsyncIterator, header_field: str):
