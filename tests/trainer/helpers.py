@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from maas.common.v1 import job_pb2
 from maas.trainer.v1 import trainer_service_pb2 as ts, trainer_service_pb2_grpc, training_job_pb2 as tj
 from maas_runtime.client import open_channel
 from maas_runtime.grpc_errors import status_details, unpack_detail
 
-from tests.support.processes import free_port
+from tests.support.processes import ServiceProcess
 
 FINAL_STATES = {job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED}
 
@@ -133,60 +129,18 @@ def job_processes(workdir_marker: str) -> list[int]:
     return pids
 
 
-class TrainerProcess:
+class TrainerProcess(ServiceProcess):
     """The trainer as a real subprocess (`python -m maas_trainer.server`), for kill -9 tests."""
 
     def __init__(self, state_dir: Path, registry_target: str, registry_token_file: Path,
                  worker_slots: int = 1):
-        self.state_dir = state_dir
-        state_dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.env = {**os.environ,
-                    "MAAS_TRAINER_STATE_DIR": str(state_dir),
-                    "MAAS_TRAINER_PORT": str(self.port),
-                    "MAAS_TRAINER_REGISTRY_TARGET": registry_target,
-                    "MAAS_TRAINER_CLIENT_TOKEN_FILE": str(registry_token_file),
-                    "MAAS_TRAINER_WORKER_SLOTS": str(worker_slots),
-                    "MAAS_TRAINER_SCHEDULE_INTERVAL_SECONDS": "0.2",
-                    "MAAS_TRAINER_WATCH_POLL_SECONDS": "0.2",
-                    "MAAS_TRAINER_LOG_LEVEL": "WARNING"}
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "maas_trainer.server"], env=self.env,
-            stdout=subprocess.DEVNULL, stderr=open(self.state_dir / "trainer.log", "ab"))
-        deadline = time.monotonic() + 60
-        async with grpc.aio.insecure_channel(self.target) as channel:
-            while time.monotonic() < deadline:
-                try:
-                    reply = await health_pb2_grpc.HealthStub(channel).Check(
-                        health_pb2.HealthCheckRequest(service="trainer"), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.aio.AioRpcError:
-                    pass
-                if self.process.poll() is not None:
-                    break
-                await asyncio.sleep(0.1)
-        raise AssertionError(f"trainer did not start: {(self.state_dir / 'trainer.log').read_text()}")
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait()
-
-    def terminate(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(30)
+        super().__init__("trainer", state_dir, registry_target=registry_target,
+                         client_token_file=str(registry_token_file),
+                         worker_slots=str(worker_slots), schedule_interval_seconds="0.2",
+                         watch_poll_seconds="0.2")
 
     def channel(self) -> grpc.aio.Channel:
-        token = (self.state_dir / "admin.token").read_text().strip()
-        return open_channel(self.target, token=token)
+        return open_channel(self.target, token=self.admin_token())
 
-    def stub(self, channel: grpc.aio.Channel):
+    def stub(self, channel: grpc.aio.Channel) -> trainer_service_pb2_grpc.TrainerServiceStub:
         return trainer_service_pb2_grpc.TrainerServiceStub(channel)

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+import sys
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 import torch
+from maas_jobs.executor import LaunchSpec
+from maas_jobs.manager import JobManager, JobManagerConfig, JobRunner
 from maas_jobs.progress import ProgressReporter, parse_progress_line
 from maas_jobs.records import EventKind, JobCollection, JobDraft, JobError, JobState, LogLevel
 from maas_jobs.scheduler import FairShareScheduler, QueuedJob
 from maas_jobs.store import SqlJobStore
 from maas_runtime.errors import AlreadyExists, NotFound
+from maas_runtime.pagination import PageTokenCodec
 from maas_trainer.checkpoints import TrainingCheckpoint, load_checkpoint, save_checkpoint
 from maas_trainer.datasets import split_indices, split_sizes
-from maas_trainer.spec import ScheduleSpec
-from maas_trainer.training import LearningRateSchedule
+from maas_trainer.spec import EarlyStoppingSpec, OptimizerSpec, ScheduleSpec
+from maas_trainer.training import EarlyStopper, LearningRateSchedule, build_optimizer
 
 COLLECTION = JobCollection("testJobs", "test job")
 
@@ -178,3 +184,109 @@ def test_checkpoint_round_trips_optimizer_and_rng_without_pickle(tmp_path):
     header_length = int.from_bytes(path.read_bytes()[:8], "little")  # safetensors framing
     assert path.read_bytes()[8:9] == b"{" and header_length < path.stat().st_size
     assert load_checkpoint(tmp_path / "absent.safetensors") is None
+
+
+@pytest.mark.parametrize("kind", ["sgd", "momentum", "rmsprop", "adam", "adamw"])
+def test_every_optimizer_trains(kind):
+    torch.manual_seed(0)
+    inputs = torch.randn(64, 4)
+    targets = (inputs.sum(dim=1) > 0).long()
+    model = torch.nn.Linear(4, 2)
+    optimizer = build_optimizer(OptimizerSpec(kind, learning_rate=0.05, weight_decay=1e-4,
+                                              momentum=0.9 if kind == "momentum" else 0.0,
+                                              nesterov=kind == "momentum"), model.parameters())
+
+    def loss():
+        return torch.nn.functional.cross_entropy(model(inputs), targets)
+
+    before = loss().item()
+    for _ in range(30):
+        optimizer.zero_grad()
+        loss().backward()
+        optimizer.step()
+    assert loss().item() < before * 0.8
+
+
+def test_early_stopping_waits_patience_epochs_and_keeps_the_best_weights():
+    model = torch.nn.Linear(2, 2)
+    stopper = EarlyStopper(EarlyStoppingSpec("val_loss", patience=2, min_delta=0.01))
+    assert not stopper.observe(1, {"val_loss": 1.0}, model)
+    best = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    assert not stopper.observe(2, {"val_loss": 0.995}, model)  # within min_delta: no gain
+    assert stopper.observe(3, {"val_loss": 1.2}, model)
+    assert stopper.best_epoch == 1
+    assert torch.equal(stopper.best_model_state["weight"], best["weight"])
+    accuracy = EarlyStopper(EarlyStoppingSpec("val_accuracy", patience=1))
+    assert not accuracy.observe(1, {"val_accuracy": 0.5}, model)
+    assert not accuracy.observe(2, {"val_accuracy": 0.6}, model)
+    assert accuracy.observe(3, {"val_accuracy": 0.6}, model)
+    assert EarlyStopper(None).observe(1, {"val_loss": 9.0}, model) is False
+
+
+# -- manager with real (tiny) processes ---------------------------------------------------------
+
+
+class ScriptRunner(JobRunner):
+    """Runs each job's `script` with the interpreter: processes without torch, fast."""
+
+    async def prepare(self, job, workdir: Path) -> LaunchSpec:
+        workdir.mkdir(parents=True, exist_ok=True)
+        return LaunchSpec([sys.executable, "-c", job.spec["script"]], cwd=workdir,
+                          log_path=workdir / "job.log")
+
+    async def complete(self, job, workdir: Path) -> dict:
+        return {"finished": job.job_id}
+
+
+REPORTING_SCRIPT = """
+from maas_jobs.progress import ProgressReporter
+reporter = ProgressReporter()
+reporter.metrics(1, "train", {"loss": 0.5})
+reporter.log("WARNING", "careful")
+print("plain output", flush=True)
+reporter.metrics(2, "train", {"loss": 0.25})
+"""
+CRASHING_SCRIPT = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+FAILING_SCRIPT = """
+import sys
+from maas_jobs.progress import ProgressReporter
+ProgressReporter().error("FAILED_PRECONDITION", "the data ran out")
+sys.exit(2)
+"""
+
+
+async def test_manager_runs_jobs_as_processes_and_outlives_crashing_ones(tmp_path):
+    store = SqlJobStore.open_sqlite(tmp_path / "jobs.db", COLLECTION)
+    manager = JobManager(store, ScriptRunner(), COLLECTION,
+                         JobManagerConfig(pool_size=2, work_root=tmp_path / "work",
+                                          schedule_interval_seconds=0.1, watch_poll_seconds=0.1),
+                         PageTokenCodec(b"k" * 32))
+    await manager.start()
+    try:
+        for job_id, script in (("reports", REPORTING_SCRIPT), ("crashes", CRASHING_SCRIPT),
+                               ("fails", FAILING_SCRIPT)):
+            await manager.submit(JobDraft(job_id, {"script": script}, "t", "tester"))
+
+        async def history(job_id):
+            return [event async for event in manager.watch(job_id)]
+
+        reports, crashes, fails = await asyncio.wait_for(
+            asyncio.gather(history("reports"), history("crashes"), history("fails")), 60)
+        done = await manager.get("reports")
+        assert done.state is JobState.SUCCEEDED and done.result == {"finished": "reports"}
+        assert done.metrics == {"loss": 0.25} and done.epoch == 2
+        logs = [(e.payload["level"], e.payload["message"]) for e in reports
+                if e.kind is EventKind.LOG]
+        assert logs == [("WARNING", "careful"), ("INFO", "plain output")]
+        crashed = await manager.get("crashes")
+        assert crashed.state is JobState.FAILED and crashed.error.code == "INTERNAL"
+        assert "SIGKILL" in crashed.error.message
+        failed = await manager.get("fails")
+        assert failed.error == JobError("FAILED_PRECONDITION", "the data ran out")
+        assert [e.final_state for e in (reports[-1], crashes[-1], fails[-1])] == [
+            JobState.SUCCEEDED, JobState.FAILED, JobState.FAILED]
+    finally:
+        await manager.stop()
+        store.close()

@@ -7,6 +7,7 @@ import io
 
 import grpc
 import numpy as np
+import pytest
 import torch
 from google.protobuf import json_format
 from maas.common.v1 import job_pb2
@@ -89,6 +90,14 @@ async def test_digits_mlp_is_trained_registered_aliased_with_lineage(trainer, re
         logits = module(torch.tensor(digits.data, dtype=torch.float32) * manifest.preprocessing["scale"])
     assert float((logits.argmax(1).numpy() == digits.target).mean()) >= 0.9
 
+    # The job's directory keeps its record, not its bulk.
+    workdir = trainer.jobs_dir / "mlp-1"
+    for _ in range(50):
+        if not (workdir / "checkpoint.safetensors").exists():
+            break
+        await asyncio.sleep(0.1)
+    assert sorted(path.name for path in workdir.iterdir()) == ["job.log", "result.json", "run.json"]
+
     # A new watcher gets the whole history again, and can skip what it has seen.
     replay = await watch_events(trainer.stub, created.name)
     assert [e.SerializeToString() for e in replay] == [e.SerializeToString() for e in live]
@@ -116,10 +125,34 @@ async def test_registry_dataset_version_is_downloaded_and_becomes_lineage(traine
     assert (dataset_version.name, job.model_version) in {(e.parent, e.child) for e in graph.edges}
 
 
+async def test_transformer_with_the_full_recipe_stops_early(trainer, registry):
+    spec = digits_spec(kind="transformer", hyperparameters={"d_model": 16, "nhead": 2, "num_layers": 1,
+                                        "dim_feedforward": 32},
+                       optimizer=tj.OPTIMIZER_KIND_MOMENTUM, learning_rate=0.05, epochs=60,
+                       batch_size=64, model_id="transformer")
+    spec.optimizer.nesterov = True
+    spec.schedule.CopyFrom(tj.ScheduleSpec(kind=tj.SCHEDULE_KIND_COSINE, warmup_epochs=2))
+    spec.gradient_clip_norm = 1.0
+    spec.early_stopping.CopyFrom(tj.EarlyStopping(metric="val_loss", patience=2, min_delta=0.02))
+    job = await create_job(trainer.stub, spec)
+    assert job.spec.optimizer.momentum == 0.9  # the momentum default is filled in
+    events = await watch_events(trainer.stub, job.name)
+    job = await get_job(trainer.stub, job.name)
+    assert job.state == job_pb2.JOB_STATE_SUCCEEDED, job.error
+    rates = [m.values["lr"] for m in _metric_events(events)]
+    assert rates[:3] == pytest.approx([0.05 / 3, 0.1 / 3, 0.05])  # linear warm-up
+    assert 3 < len(rates) < 60, "early stopping ended the run"
+    assert rates[3:] == sorted(rates[3:], reverse=True) and rates[3] < 0.05  # cosine decay
+    assert any("early stopping" in e.log.message for e in events if e.WhichOneof("kind") == "log")
+    assert job.metrics["test_accuracy"] > 0.8
+    version = await registry.stub.GetModelVersion(rs.GetModelVersionRequest(name=job.model_version))
+    assert version.metrics["epochs"] == len(rates)
+
+
 async def test_accuracy_gate_fails_the_job_and_registers_nothing(trainer, registry):
     job = await create_job(trainer.stub, digits_spec(
-        epochs=1, optimizer=tj.OPTIMIZER_KIND_SGD, learning_rate=1e-4, model_id="gated",
-        min_test_accuracy=0.99))
+        dataset="builtin:synthetic-classification", epochs=1, optimizer=tj.OPTIMIZER_KIND_SGD,
+        learning_rate=1e-4, model_id="gated", min_test_accuracy=0.99))
     job = await wait_until_final(trainer.stub, job.name)
     assert job.state == job_pb2.JOB_STATE_FAILED
     assert job.error.code == "FAILED_PRECONDITION"

@@ -67,6 +67,9 @@ class JobRunner(abc.ABC):
         Must be idempotent: after a crash it may run again for the same job.
         """
 
+    async def discard_work(self, job: JobRecord, workdir: Path) -> None:  # noqa: B027
+        """Free what a finished job no longer needs (checkpoints, staged inputs); optional."""
+
 
 @dataclass(frozen=True)
 class JobManagerConfig:
@@ -315,6 +318,8 @@ class JobManager:
                 self._poke()
                 continue
             self._signals.notify(job.job_id)
+            _log.info("%s started for tenant %s on %d slot(s)", self.collection.name(job.job_id),
+                      job.tenant, job.workers, extra={"job": self.collection.name(job.job_id)})
             self._launch(record)
 
     def _launch(self, job: JobRecord) -> None:
@@ -359,10 +364,22 @@ class JobManager:
         finally:
             self._running.pop(job.job_id, None)
             self._poke()
+            await self._discard_if_final(job.job_id, workdir)
+
+    async def _discard_if_final(self, job_id: str, workdir: Path) -> None:
+        try:
+            job = await self.get(job_id)
+            if job.state.is_final:
+                await self.runner.discard_work(job, workdir)
+        except Exception:  # disk hygiene must never disturb the job's outcome
+            _log.warning("could not discard the work of %s", job_id, exc_info=True)
 
     async def _finish(self, job_id: str, from_states, to_state: JobState, *,
                       error: JobError | None = None, result: dict | None = None) -> None:
         reason = error.message if error is not None else to_state.value.lower()
-        await self._store_call(self.store.transition, job_id, from_states, to_state, reason,
-                               error=error, result=result)
+        record = await self._store_call(self.store.transition, job_id, from_states, to_state,
+                                        reason, error=error, result=result)
+        if record is not None:
+            _log.info("%s %s: %s", self.collection.name(job_id), to_state.value, reason,
+                      extra={"job": self.collection.name(job_id), "state": to_state.value})
         self._signals.notify(job_id)

@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     # torchrun's environment says which worker this is; a single process is rank 0 of 1.
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     reporter = ProgressReporter(enabled=rank == 0)
+    failure_reporter = ProgressReporter()  # any rank may be the one that knows what broke
     try:
         # Imported here: the parent watch is armed before the slow torch import.
         from maas_trainer.plan import RunConfig
@@ -43,10 +44,10 @@ def main(argv: list[str] | None = None) -> int:
             if world.distributed:
                 dist.destroy_process_group()
     except MaasError as error:
-        reporter.error(error.code, error.message)
+        failure_reporter.error(error.code, error.message)
         return 1
     except Exception as error:  # reported, then the traceback goes to the job's log
-        reporter.error("INTERNAL", f"training failed: {type(error).__name__}: {error}")
+        failure_reporter.error("INTERNAL", f"training failed: {type(error).__name__}: {error}")
         traceback.print_exc(file=sys.stderr)
         return 1
     return 0

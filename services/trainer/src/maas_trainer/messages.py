@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 from maas.common.v1 import job_pb2
 from maas.trainer.v1 import training_job_pb2
 from maas_jobs.records import JobEvent, JobRecord
 from maas_jobs.resources import job_event_resource, job_status_fields
+from maas_runtime.messages import to_message
 
 from maas_trainer.jobs import COLLECTION
 from maas_trainer.plan import TrainingPlan
@@ -125,12 +126,12 @@ def _spec_message(plan: TrainingPlan) -> training_job_pb2.TrainingSpec:
 
 
 def training_job_message(job: JobRecord) -> training_job_pb2.TrainingJob:
-    message = json_format.ParseDict(job_status_fields(job, f"{COLLECTION}/{job.job_id}"),
-                                    training_job_pb2.TrainingJob())
+    message = to_message(job_status_fields(job, f"{COLLECTION}/{job.job_id}"),
+                         training_job_pb2.TrainingJob)
     message.spec.CopyFrom(_spec_message(TrainingPlan.from_dict(job.spec)))
     message.model_version = job.result.get("model_version", "")
     return message
 
 
 def job_event_message(event: JobEvent) -> job_pb2.JobEvent:
-    return json_format.ParseDict(job_event_resource(event), job_pb2.JobEvent())
+    return to_message(job_event_resource(event), job_pb2.JobEvent)

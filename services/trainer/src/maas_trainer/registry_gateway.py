@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 from maas.registry.v1 import model_pb2, registry_service_pb2
 from maas.registry.v1.registry_service_pb2_grpc import RegistryServiceStub
 from maas_runtime.errors import AlreadyExists, FailedPrecondition, MaasError
 from maas_runtime.grpc_errors import from_rpc_error
+from maas_runtime.messages import to_dict, to_message
 
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 TRAINING_JOB_LABEL = "training_job"
@@ -45,10 +45,6 @@ class ModelPublication:
     labels: dict[str, str] = field(default_factory=dict)
 
 
-def _to_dict(message) -> dict[str, Any]:
-    return json_format.MessageToDict(message, preserving_proto_field_name=True)
-
-
 async def _registry_call(awaitable):
     try:
         return await awaitable
@@ -67,7 +63,7 @@ class RegistryGateway:
         """The `DatasetVersion` as a dict; NOT_FOUND when it does not exist."""
         version = await _registry_call(self._stub().GetDatasetVersion(
             registry_service_pb2.GetDatasetVersionRequest(name=name), timeout=self._timeout))
-        return _to_dict(version)
+        return to_dict(version)
 
     async def download_dataset_version(self, name: str, expected_sha256: str,
                                        destination: Path) -> None:
@@ -121,13 +117,13 @@ class RegistryGateway:
                       publication: ModelPublication) -> str:
         data_path = publication.package_path
         sha256 = await asyncio.to_thread(_file_sha256, data_path)
-        version = json_format.ParseDict({
+        version = to_message({
             "format": "MODEL_FORMAT_MAAS_PACKAGE",
             "metrics": publication.metrics,
             "labels": {**publication.labels, TRAINING_JOB_LABEL: publication.job_id},
             "lineage": publication.lineage,
             "description": publication.description,
-        }, model_pb2.ModelVersion())
+        }, model_pb2.ModelVersion)
         header = registry_service_pb2.UploadModelVersionHeader(
             parent=parent, model_version=version, expected_sha256=sha256,
             size_bytes=data_path.stat().st_size)

@@ -21,10 +21,11 @@ from typing import Any
 from maas_jobs.executor import LaunchSpec
 from maas_jobs.manager import JobRunner
 from maas_jobs.records import JobRecord
-from maas_runtime.errors import FailedPrecondition, Internal
+from maas_runtime.errors import DeadlineExceeded, FailedPrecondition, Internal, Unavailable
 
 from maas_trainer.datasets import DatasetFacts, write_builtin_dataset
 from maas_trainer.plan import (
+    CHECKPOINT_FILENAME,
     LOG_FILENAME,
     PACKAGE_FILENAME,
     RunConfig,
@@ -34,6 +35,8 @@ from maas_trainer.plan import (
 from maas_trainer.registry_gateway import ModelPublication, RegistryGateway
 
 JOB_PROCESS_MODULE = "maas_trainer.job_process"
+PUBLISH_ATTEMPTS = 4
+PUBLISH_RETRY_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -62,18 +65,19 @@ def training_lineage(plan: TrainingPlan, job_name: str) -> dict[str, Any]:
     """Lineage of the registered version: the dataset version it learnt from (when it came
     from the registry) and the training operation with its full recipe."""
     spec = plan.spec
+    recipe = spec.to_dict()
     parameters = {
         "architecture": spec.architecture.kind,
         "hyperparameters": spec.architecture.hyperparameters,
         "dataset": spec.data.dataset,
         "validation_fraction": spec.data.validation_fraction,
         "test_fraction": spec.data.test_fraction,
-        "optimizer": spec.to_dict()["optimizer"],
-        "schedule": spec.to_dict()["schedule"],
+        "optimizer": recipe["optimizer"],
+        "schedule": recipe["schedule"],
         "epochs": spec.epochs,
         "batch_size": spec.batch_size,
         "gradient_clip_norm": spec.gradient_clip_norm,
-        "early_stopping": spec.to_dict()["early_stopping"],
+        "early_stopping": recipe["early_stopping"],
         "seed": spec.seed,
         "workers": spec.resources.workers,
     }
@@ -126,10 +130,26 @@ class TrainingJobRunner(JobRunner):
                 reason="ACCURACY_BELOW_THRESHOLD",
                 metadata={"test_accuracy": f"{test_accuracy:.6f}",
                           "min_test_accuracy": f"{output.min_test_accuracy:.6f}"})
-        version = await self._registry.publish(ModelPublication(
+        publication = ModelPublication(
             model_id=output.model_id, package_path=workdir / PACKAGE_FILENAME, job_id=job.job_id,
             metrics=result.metrics, lineage=training_lineage(plan, self._job_name(job)),
             alias=output.alias,
             description=f"Trained by {self._job_name(job)}: {plan.spec.architecture.kind} on "
-                        f"{plan.spec.data.dataset}, {result.epochs_completed} epochs."))
-        return {"model_version": version}
+                        f"{plan.spec.data.dataset}, {result.epochs_completed} epochs.")
+        for attempt in range(1, PUBLISH_ATTEMPTS + 1):
+            try:
+                return {"model_version": await self._registry.publish(publication)}
+            except (Unavailable, DeadlineExceeded):
+                # A registry restart must not throw away a finished training run; publishing
+                # is idempotent, so trying again cannot register the model twice.
+                if attempt == PUBLISH_ATTEMPTS:
+                    raise
+                await asyncio.sleep(PUBLISH_RETRY_SECONDS * attempt)
+        raise AssertionError("unreachable")
+
+    async def discard_work(self, job: JobRecord, workdir: Path) -> None:
+        """Keep run.json, result.json and job.log as the job's record; the checkpoint, the
+        staged data and the package (now in the registry, or rejected) only cost disk."""
+        plan = TrainingPlan.from_dict(job.spec)
+        for name in (CHECKPOINT_FILENAME, PACKAGE_FILENAME, plan.dataset.staged_filename):
+            (workdir / name).unlink(missing_ok=True)
