@@ -8,8 +8,6 @@ passes vacuously.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
 import shutil
 import subprocess
@@ -20,6 +18,8 @@ import grpc
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool
 from maas.registry.v1 import model_pb2, registry_service_pb2_grpc
+
+from tests.support.node import run_node
 
 REPO = Path(__file__).resolve().parents[2]
 PROTOS = REPO / "protos"
@@ -354,26 +354,6 @@ def test_protoc_generates_cpp_from_the_kserve_descriptor_set(kserve_descriptor_s
 
 
 # --- Node (grpc-js + proto-loader) ----------------------------------------------------------
-
-
-async def run_node(tmp_path: Path, script: str, *args: str) -> dict:
-    """Run a node script with the tools' node_modules and return the JSON it prints."""
-    require("node")
-    if not (NODE_MODULES / "@grpc/grpc-js").is_dir():
-        pytest.fail(f"{NODE_MODULES}/@grpc/grpc-js missing; {INSTALL_HINT}")
-    path = tmp_path / "client.js"
-    path.write_text(script)
-    process = await asyncio.create_subprocess_exec(
-        "node",
-        str(path),
-        *args,
-        env={**os.environ, "NODE_PATH": str(NODE_MODULES)},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
-    assert process.returncode == 0, stderr.decode()
-    return json.loads(stdout)
 
 
 async def test_grpc_js_loads_the_kserve_descriptor_set(kserve_descriptor_set, tmp_path):

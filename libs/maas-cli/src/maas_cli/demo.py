@@ -68,10 +68,12 @@ async def _flow(channels) -> dict:
         training_job_id=job_id, training_job=training_job_pb2.TrainingJob(spec=spec)))
     async for event in trainer.WatchTrainingJob(ts.WatchTrainingJobRequest(name=job.name)):
         kind = event.WhichOneof("kind")
-        if kind == "metrics" and event.metrics.epoch % 5 == 0:
+        if kind == "metrics" and event.metrics.phase == "train" and event.metrics.epoch % 5 == 0:
             values = event.metrics.values
-            say(f"   epoch {event.metrics.epoch:3d}  loss {values.get('loss', 0):.4f}  "
-                f"val_accuracy {values.get('val_accuracy', 0):.4f}")
+            say(f"   epoch {event.metrics.epoch:3d}  loss {values['loss']:.4f}  "
+                f"val_accuracy {values['val_accuracy']:.4f}")
+        elif kind == "metrics" and event.metrics.phase == "test":
+            say(f"   test_accuracy {event.metrics.values['test_accuracy']:.4f}")
         elif kind == "state_change":
             say(f"   job {job.name}: {job_pb2.JobState.Name(event.state_change.state)}")
     job = await trainer.GetTrainingJob(ts.GetTrainingJobRequest(name=job.name))

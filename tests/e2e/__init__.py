@@ -1,0 +1,1 @@
+"""End-to-end tests against the running suite (`maas up` as the user runs it)."""
