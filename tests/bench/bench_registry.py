@@ -26,18 +26,10 @@ from pathlib import Path
 from maas.registry.v1 import model_pb2, registry_service_pb2 as rs, registry_service_pb2_grpc
 from sqlalchemy import insert, select
 
+from tests.support.artifacts import varint
 from tests.support.processes import RegistryProcess
 
 CHUNK = 1024 * 1024
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
 
 
 def write_artifact(path: Path, size: int) -> str:
@@ -45,7 +37,7 @@ def write_artifact(path: Path, size: int) -> str:
     digest = hashlib.sha256()
     block = os.urandom(CHUNK)
     with path.open("wb") as handle:
-        head = b"\x08\x07\x3a" + _varint(size)
+        head = b"\x08\x07\x3a" + varint(size)
         handle.write(head)
         digest.update(head)
         for _ in range(size // CHUNK):

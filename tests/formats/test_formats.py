@@ -44,6 +44,8 @@ from maas_formats.manifest import format_field_path
 from maas_formats.opaque import MAX_CONFIG_JSON_BYTES
 from maas_runtime.errors import FieldViolation, InvalidArgument, ResourceExhausted
 
+from tests.support.artifacts import varint
+
 # --- helpers -------------------------------------------------------------------------------
 
 
@@ -547,15 +549,6 @@ def test_torchscript_must_be_a_zip(tmp_path):
 
 
 # --- ONNX ----------------------------------------------------------------------------------
-
-
-def varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
 
 
 def length_delimited(field_number: int, payload: bytes) -> bytes:

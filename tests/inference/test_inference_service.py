@@ -20,7 +20,6 @@ import pytest
 import pytest_asyncio
 import torch
 from google.protobuf import field_mask_pb2
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from maas.common.v1 import tensor_pb2
 from maas.inference.v1 import deployment_pb2, inference_service_pb2 as inf, inference_service_pb2_grpc
@@ -31,11 +30,11 @@ from maas_registry.server import build_server as build_registry
 from maas_registry.settings import RegistrySettings
 from maas_runtime.client import open_channel
 from maas_runtime.discovery import StaticDiscovery
-from maas_runtime.grpc_errors import status_details, unpack_detail
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from tests.inference.model_packages import save_zoo_package, zoo_model
 from tests.registry.helpers import model_upload_requests
+from tests.support.grpc_asserts import expect_error
 
 pytestmark = [pytest.mark.triton, pytest.mark.asyncio(loop_scope="session")]
 
@@ -129,14 +128,6 @@ async def create(suite, deployment_id: str, **fields):
     )
 
 
-async def expect(awaitable, code, field=None):
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await awaitable
-    assert caught.value.code() == code, caught.value.details()
-    if field:
-        violations = unpack_detail(status_details(caught.value), error_details_pb2.BadRequest)
-        assert field in [v.field for v in violations.field_violations], violations
-    return caught.value
 
 
 async def test_deploy_alias_and_predict_matches_torch(suite):
@@ -167,7 +158,7 @@ async def test_kserve_v2_endpoint_serves_the_deployment(suite):
     out = np.frombuffer(reply.raw_output_contents[0], np.float32).reshape(3, 10)
     np.testing.assert_allclose(out, suite.expected(1, data), rtol=1e-4, atol=1e-4)
     anonymous = service_pb2_grpc.GRPCInferenceServiceStub(grpc.aio.insecure_channel(suite.target))
-    await expect(anonymous.ModelInfer(request), grpc.StatusCode.UNAUTHENTICATED)
+    await expect_error(anonymous.ModelInfer(request), grpc.StatusCode.UNAUTHENTICATED)
 
 
 async def test_unmodified_tritonclient_works_through_the_gateway(suite):
@@ -197,7 +188,7 @@ async def test_unmodified_tritonclient_works_through_the_gateway(suite):
     ],
 )
 async def test_bad_requests_name_the_expected_spec(suite, overrides, field):
-    error = await expect(
+    error = await expect_error(
         suite.predict_stub().Predict(predict_request("deployments/digits", batch(2), **overrides)),
         grpc.StatusCode.INVALID_ARGUMENT,
         field,
@@ -206,21 +197,21 @@ async def test_bad_requests_name_the_expected_spec(suite, overrides, field):
 
 
 async def test_unknown_deployment_and_deadline(suite):
-    await expect(
+    await expect_error(
         suite.predict_stub().Predict(predict_request("deployments/nope", batch(1))), grpc.StatusCode.NOT_FOUND
     )
     # A stalled Triton (SIGSTOP) must not hold a caller past its deadline.
     os.kill(suite.app.supervisor.server.pid, signal.SIGSTOP)
     try:
         started = time.monotonic()
-        await expect(
+        await expect_error(
             suite.predict_stub().Predict(predict_request("deployments/digits", batch(1)), timeout=0.5),
             grpc.StatusCode.DEADLINE_EXCEEDED,
         )
         assert time.monotonic() - started < 2
     finally:
         os.kill(suite.app.supervisor.server.pid, signal.SIGCONT)
-    await expect(
+    await expect_error(
         create(
             suite,
             "bad",
@@ -230,7 +221,7 @@ async def test_unknown_deployment_and_deadline(suite):
         grpc.StatusCode.INVALID_ARGUMENT,
         "deployment.traffic",
     )
-    await expect(create(suite, "ghost", model="models/ghost@prod"), grpc.StatusCode.NOT_FOUND)
+    await expect_error(create(suite, "ghost", model="models/ghost@prod"), grpc.StatusCode.NOT_FOUND)
     listed = await suite.predict_stub().ListDeployments(inf.ListDeploymentsRequest())
     assert [d.name for d in listed.deployments] == ["deployments/digits"], "nothing partial"
 

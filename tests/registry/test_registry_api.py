@@ -7,7 +7,6 @@ import asyncio
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
-from google.rpc import error_details_pb2
 from maas.registry.v1 import (
     audit_pb2,
     dataset_pb2,
@@ -15,7 +14,6 @@ from maas.registry.v1 import (
     registry_service_pb2 as rs,
 )
 from maas_runtime.auth import Role
-from maas_runtime.grpc_errors import status_details, unpack_detail
 
 from tests.registry.helpers import (
     blob_files,
@@ -28,17 +26,7 @@ from tests.registry.helpers import (
     sha256,
     staging_files,
 )
-
-
-async def expect_error(awaitable, code: grpc.StatusCode, field: str | None = None):
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await awaitable
-    assert caught.value.code() == code, caught.value.details()
-    if field is not None:
-        bad_request = unpack_detail(status_details(caught.value), error_details_pb2.BadRequest)
-        assert bad_request is not None, caught.value.details()
-        assert field in [v.field for v in bad_request.field_violations], bad_request
-    return caught.value
+from tests.support.grpc_asserts import expect_error
 
 
 async def create_model(stub, model_id="digits", **fields):

@@ -24,22 +24,8 @@ from tests.registry.helpers import (
     sha256,
     staging_files,
 )
+from tests.support.artifacts import onnx_like
 from tests.support.processes import RegistryProcess
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def onnx_like(payload: bytes) -> bytes:
-    """Top-level ONNX ModelProto framing (ir_version, then a length-delimited graph field)
-    around opaque bytes: what the registry's light ONNX check accepts."""
-    return b"\x08\x07" + b"\x3a" + _varint(len(payload)) + payload
 
 
 def _artifact(seed: int, size: int = 3 * 1024 * 1024) -> bytes:

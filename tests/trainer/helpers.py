@@ -8,13 +8,11 @@ import time
 from pathlib import Path
 
 import grpc
-import pytest
-from google.rpc import error_details_pb2
 from maas.common.v1 import job_pb2
 from maas.trainer.v1 import trainer_service_pb2 as ts, trainer_service_pb2_grpc, training_job_pb2 as tj
 from maas_runtime.client import open_channel
-from maas_runtime.grpc_errors import status_details, unpack_detail
 
+from tests.support.grpc_asserts import expect_error  # noqa: F401 - re-exported for the trainer tests
 from tests.support.processes import ServiceProcess
 
 FINAL_STATES = {job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED}
@@ -92,16 +90,6 @@ def states_of(events) -> list[int]:
     return [e.state_change.state for e in events if e.WhichOneof("kind") == "state_change"]
 
 
-async def expect_error(awaitable, code: grpc.StatusCode, field: str | None = None):
-    """The call fails with `code` and, when given, a BadRequest violation naming `field`."""
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await awaitable
-    assert caught.value.code() == code, caught.value.details()
-    if field is not None:
-        bad_request = unpack_detail(status_details(caught.value), error_details_pb2.BadRequest)
-        assert bad_request is not None, caught.value.details()
-        assert field in [v.field for v in bad_request.field_violations], bad_request
-    return caught.value
 
 
 def process_alive(pid: int) -> bool:

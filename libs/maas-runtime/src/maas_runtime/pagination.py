@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import json
+import os
 import re
+import secrets
+from pathlib import Path
 from typing import Any
 
 from maas_runtime.errors import InvalidArgument
@@ -46,6 +50,17 @@ class PageTokenCodec:
         if len(secret) < MIN_SECRET_BYTES:
             raise ValueError(f"page token secret must be at least {MIN_SECRET_BYTES} bytes")
         self._secret = bytes(secret)
+
+    @classmethod
+    def from_secret_file(cls, path: Path) -> PageTokenCodec:
+        """A codec keyed by `path`, created once with mode 0600 (replicas share the file)."""
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as handle:
+                    handle.write(secrets.token_hex(32))
+        return cls(bytes.fromhex(path.read_text().strip()))
 
     def encode(self, cursor: dict[str, Any], query_fingerprint: str) -> str:
         """A URL-safe token for `cursor` (JSON-serialisable values only)."""

@@ -170,3 +170,20 @@ class ServiceServer:
             loop.add_signal_handler(signum, stop_requested.set)
         await stop_requested.wait()
         await self.stop()
+
+
+def run_service(name: str, settings: ServiceSettings, build_server) -> None:
+    """The body of every service's `main()`: logs, telemetry, discovery, serve until signalled.
+
+    `build_server(settings, telemetry, discovery)` is the service's composition root.
+    """
+    from maas_runtime.discovery import discovery_from_settings
+    from maas_runtime.logs import configure_logging
+
+    configure_logging(name, settings.log_level)
+    telemetry = Telemetry.create(name, otlp_endpoint=settings.otlp_endpoint)
+    server = build_server(settings, telemetry, discovery_from_settings(settings))
+    try:
+        asyncio.run(server.serve_until_signal())
+    finally:
+        telemetry.shutdown()

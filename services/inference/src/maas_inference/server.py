@@ -11,8 +11,7 @@ from maas.inference.v1 import inference_service_pb2_grpc
 from maas.registry.v1 import registry_service_pb2_grpc
 from maas_runtime.client import client_interceptors, open_channel
 from maas_runtime.discovery import DiscoveredChannel, discovery_from_settings
-from maas_runtime.logs import configure_logging
-from maas_runtime.server import ServiceBinding, ServiceServer
+from maas_runtime.server import ServiceBinding, ServiceServer, run_service
 from maas_runtime.telemetry import Telemetry
 from tritonclient.grpc import service_pb2_grpc
 
@@ -150,11 +149,9 @@ def build_server(settings: InferenceSettings, telemetry: Telemetry | None = None
 
 
 def main() -> None:
-    settings = InferenceSettings()
-    configure_logging("inference", settings.log_level)
-    telemetry = Telemetry.create("inference", otlp_endpoint=settings.otlp_endpoint)
-    server, _ = build_server(settings, telemetry, discovery_from_settings(settings))
-    asyncio.run(server.serve_until_signal())
+    run_service("inference", InferenceSettings(),
+                lambda settings, telemetry, discovery: build_server(settings, telemetry,
+                                                                    discovery)[0])
 
 
 if __name__ == "__main__":

@@ -5,15 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import secrets
 from pathlib import Path
 
 from maas.registry.v1 import registry_service_pb2_grpc
 from maas_formats import validate_dataset, validate_model_artifact
-from maas_runtime.logs import configure_logging
 from maas_runtime.pagination import PageTokenCodec
-from maas_runtime.server import ServiceBinding, ServiceServer
+from maas_runtime.server import ServiceBinding, ServiceServer, run_service
 from maas_runtime.telemetry import Telemetry
 
 from maas_registry.blobs import BlobStore
@@ -25,17 +22,6 @@ from maas_registry.store import SqlRegistryStore
 
 _log = logging.getLogger(__name__)
 SERVICE_NAME = "maas.registry.v1.RegistryService"
-
-
-def _page_token_secret(path: Path) -> bytes:
-    """Shared by replicas through the state directory; created once with mode 0600."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileExistsError):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(secrets.token_hex(32))
-    return bytes.fromhex(path.read_text().strip())
 
 
 def build_registry(settings: RegistrySettings) -> tuple[Registry, SqlRegistryStore]:
@@ -52,7 +38,7 @@ def build_registry(settings: RegistrySettings) -> tuple[Registry, SqlRegistrySto
         download_chunk_bytes=settings.download_chunk_bytes,
         gc_grace_seconds=settings.gc_grace_seconds,
         event_poll_seconds=settings.event_poll_seconds)
-    registry = Registry(store, blobs, PageTokenCodec(_page_token_secret(secret_file)), limits,
+    registry = Registry(store, blobs, PageTokenCodec.from_secret_file(secret_file), limits,
                         validate_model_artifact, validate_dataset)
     return registry, store
 
@@ -100,13 +86,7 @@ class _PeriodicCollection:
 
 
 def main() -> None:
-    settings = RegistrySettings()
-    configure_logging("registry", settings.log_level)
-    telemetry = Telemetry.create("registry", otlp_endpoint=settings.otlp_endpoint)
-    from maas_runtime.discovery import discovery_from_settings
-
-    server = build_server(settings, telemetry, discovery_from_settings(settings))
-    asyncio.run(server.serve_until_signal())
+    run_service("registry", RegistrySettings(), build_server)
 
 
 if __name__ == "__main__":

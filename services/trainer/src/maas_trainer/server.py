@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import os
-import secrets
 from pathlib import Path
 
 import grpc
@@ -16,9 +12,8 @@ from maas_jobs.manager import JobManager, JobManagerConfig
 from maas_jobs.records import JobCollection
 from maas_jobs.store import SqlJobStore
 from maas_runtime.client import bearer_token_interceptors, open_channel
-from maas_runtime.logs import configure_logging
 from maas_runtime.pagination import PageTokenCodec
-from maas_runtime.server import ServiceBinding, ServiceServer
+from maas_runtime.server import ServiceBinding, ServiceServer, run_service
 from maas_runtime.telemetry import Telemetry
 
 from maas_trainer.jobs import COLLECTION, TrainingJobs
@@ -31,17 +26,6 @@ _log = logging.getLogger(__name__)
 SERVICE_NAME = "maas.trainer.v1.TrainerService"
 REGISTRY_SERVICE = "registry"
 JOB_COLLECTION = JobCollection(COLLECTION, "training job")
-
-
-def _page_token_secret(path: Path) -> bytes:
-    """Created once with mode 0600, so page tokens stay valid across restarts."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileExistsError):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(secrets.token_hex(32))
-    return bytes.fromhex(path.read_text().strip())
 
 
 class RegistryConnection:
@@ -113,7 +97,7 @@ def build_server(settings: TrainerSettings, telemetry: Telemetry | None = None,
             schedule_interval_seconds=settings.schedule_interval_seconds,
             watch_poll_seconds=settings.watch_poll_seconds,
             max_plain_log_lines=settings.max_logged_output_lines),
-        page_tokens=PageTokenCodec(_page_token_secret(secret_file)))
+        page_tokens=PageTokenCodec.from_secret_file(secret_file))
     servicer = TrainerServicer(TrainingJobs(manager, registry))
     server = ServiceServer(
         "trainer", settings,
@@ -131,13 +115,7 @@ def build_server(settings: TrainerSettings, telemetry: Telemetry | None = None,
 
 
 def main() -> None:
-    settings = TrainerSettings()
-    configure_logging("trainer", settings.log_level)
-    telemetry = Telemetry.create("trainer", otlp_endpoint=settings.otlp_endpoint)
-    from maas_runtime.discovery import discovery_from_settings
-
-    server = build_server(settings, telemetry, discovery_from_settings(settings))
-    asyncio.run(server.serve_until_signal())
+    run_service("trainer", TrainerSettings(), build_server)
 
 
 if __name__ == "__main__":
