@@ -16,17 +16,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from maas_jobs import schema as t
-from maas_jobs.records import (
-    EventKind,
-    JobCollection,
-    JobDraft,
-    JobError,
-    JobEvent,
-    JobRecord,
-    JobState,
-    LogLevel,
-)
 from maas_runtime.errors import AlreadyExists, InvalidArgument, NotFound
 from maas_runtime.filtering import (
     FilterExpr,
@@ -38,6 +27,18 @@ from maas_runtime.filtering import (
 )
 from sqlalchemy import Connection, Engine, create_engine, event, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
+
+from maas_jobs import schema as t
+from maas_jobs.records import (
+    EventKind,
+    JobCollection,
+    JobDraft,
+    JobError,
+    JobEvent,
+    JobRecord,
+    JobState,
+    LogLevel,
+)
 
 JOB_FILTER_SCHEMA = FilterSchema([
     ScalarField("state", ValueKind.ENUM, {state.value for state in JobState}),
