@@ -267,22 +267,30 @@ async def test_canary_split_is_weighted_and_sticky_and_shadow_compares(suite):
     await stub.DeleteDeployment(inf.DeleteDeploymentRequest(name="deployments/canary"))
 
 
-async def _load(stub, deployment: str, stop: asyncio.Event, outcomes: list):
+async def _load(stub, deployment: str, stop: asyncio.Event, outcomes: list, suite=None):
+    """Predict in a loop until `stop`; record the serving version or the error code. With
+    `suite`, every reply is also checked against the torch module of the version it names."""
     i = 0
     while not stop.is_set():
         i += 1
+        data = batch(2, i)
         try:
-            reply = await stub.Predict(predict_request(deployment, batch(2, i)), timeout=10)
-            outcomes.append(reply.model_version)
+            reply = await stub.Predict(predict_request(deployment, data), timeout=10)
         except grpc.aio.AioRpcError as error:
             outcomes.append(error.code())
+            continue
+        if suite is not None:
+            version = int(reply.model_version.rsplit("/", 1)[1])
+            np.testing.assert_allclose(logits(reply), suite.expected(version, data),
+                                       rtol=1e-4, atol=1e-4)
+        outcomes.append(reply.model_version)
 
 
 async def test_rollout_under_load_has_no_failed_request(suite):
     stub = suite.predict_stub()
     await create(suite, "rolling", model="models/digits/versions/1")
     stop, outcomes = asyncio.Event(), []
-    workers = [asyncio.create_task(_load(stub, "deployments/rolling", stop, outcomes)) for _ in range(4)]
+    workers = [asyncio.create_task(_load(stub, "deployments/rolling", stop, outcomes, suite)) for _ in range(4)]
     await asyncio.sleep(0.5)
     updated = await stub.UpdateDeployment(
         inf.UpdateDeploymentRequest(
@@ -330,9 +338,10 @@ async def test_track_alias_rolls_out_when_the_registry_moves_it(suite):
 
 async def test_kill_9_of_triton_under_load(suite):
     stub = suite.predict_stub()
+    await create(suite, "survivor", model="models/digits/versions/1")
     health = health_pb2_grpc.HealthStub(suite.inference_channel)
     stop, outcomes = asyncio.Event(), []
-    workers = [asyncio.create_task(_load(stub, "deployments/digits", stop, outcomes)) for _ in range(4)]
+    workers = [asyncio.create_task(_load(stub, "deployments/survivor", stop, outcomes, suite)) for _ in range(4)]
     await asyncio.sleep(0.5)
     served_before = len(outcomes)
     killed_at = time.monotonic()
@@ -342,7 +351,7 @@ async def test_kill_9_of_triton_under_load(suite):
     while time.monotonic() - killed_at < 30:
         status = (await health.Check(health_pb2.HealthCheckRequest(service="inference"))).status
         saw_not_serving |= status == health_pb2.HealthCheckResponse.NOT_SERVING
-        deployment = await stub.GetDeployment(inf.GetDeploymentRequest(name="deployments/digits"))
+        deployment = await stub.GetDeployment(inf.GetDeploymentRequest(name="deployments/survivor"))
         if (
             saw_not_serving
             and status == health_pb2.HealthCheckResponse.SERVING
@@ -360,5 +369,5 @@ async def test_kill_9_of_triton_under_load(suite):
     assert failures <= {grpc.StatusCode.UNAVAILABLE}, failures
     assert outcomes[-1] == "models/digits/versions/1", "serving again after the restart"
     data = batch(4, seed=77)
-    reply = await stub.Predict(predict_request("deployments/digits", data))
+    reply = await stub.Predict(predict_request("deployments/survivor", data))
     np.testing.assert_allclose(logits(reply), suite.expected(1, data), rtol=1e-4, atol=1e-4)
