@@ -290,7 +290,8 @@ async def test_rollout_under_load_has_no_failed_request(suite):
     stub = suite.predict_stub()
     await create(suite, "rolling", model="models/digits/versions/1")
     stop, outcomes = asyncio.Event(), []
-    workers = [asyncio.create_task(_load(stub, "deployments/rolling", stop, outcomes, suite)) for _ in range(4)]
+    workers = [asyncio.create_task(_load(stub, "deployments/rolling", stop, outcomes, suite))
+               for _ in range(4)]
     await asyncio.sleep(0.5)
     updated = await stub.UpdateDeployment(
         inf.UpdateDeploymentRequest(
@@ -341,7 +342,8 @@ async def test_kill_9_of_triton_under_load(suite):
     await create(suite, "survivor", model="models/digits/versions/1")
     health = health_pb2_grpc.HealthStub(suite.inference_channel)
     stop, outcomes = asyncio.Event(), []
-    workers = [asyncio.create_task(_load(stub, "deployments/survivor", stop, outcomes, suite)) for _ in range(4)]
+    workers = [asyncio.create_task(_load(stub, "deployments/survivor", stop, outcomes, suite))
+               for _ in range(4)]
     await asyncio.sleep(0.5)
     served_before = len(outcomes)
     killed_at = time.monotonic()
