@@ -145,3 +145,42 @@ async def test_tls_and_mutual_tls(tmp_path, mutual):
                 assert (await call).name == "models/tls"
     finally:
         await server.stop(0)
+
+
+async def test_a_service_that_exports_nothing_still_carries_the_trace(tmp_path):
+    """The middle hop records no spans, yet the caller's trace reaches the next service."""
+    exporter = InMemorySpanExporter()
+    exported = (SimpleSpanProcessor(exporter),)
+    registry_telemetry = Telemetry.create("registry", span_processors=exported)
+    client_telemetry = Telemetry.create("client", span_processors=exported)
+    quiet_gateway = Telemetry.create("inference")
+    assert not quiet_gateway.exporting
+    registry = ServiceServer(
+        "registry", ServiceSettings(state_dir=tmp_path, auth_enabled=False),
+        telemetry=registry_telemetry,
+        bindings=[ServiceBinding("maas.registry.v1.RegistryService", lambda s:
+                                 registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(
+                                     Registry(), s))])
+    registry_port = await registry.start()
+    downstream = open_channel(f"127.0.0.1:{registry_port}", telemetry=quiet_gateway)
+    gateway = ServiceServer(
+        "inference", ServiceSettings(state_dir=tmp_path, auth_enabled=False),
+        telemetry=quiet_gateway,
+        bindings=[ServiceBinding("maas.inference.v1.InferenceService", lambda s:
+                                 inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(
+                                     Gateway(downstream), s))])
+    gateway_port = await gateway.start()
+    client = open_channel(f"127.0.0.1:{gateway_port}", telemetry=client_telemetry)
+    try:
+        await inference_service_pb2_grpc.InferenceServiceStub(client).GetDeployment(
+            inference_service_pb2.GetDeploymentRequest(name="deployments/d"))
+    finally:
+        await client.close()
+        await downstream.close()
+        await gateway.stop(0)
+        await registry.stop(0)
+    spans = exporter.get_finished_spans()
+    client_span = next(s for s in spans if s.kind == SpanKind.CLIENT)
+    registry_span = next(s for s in spans if s.kind == SpanKind.SERVER)
+    assert {s.resource.attributes["service.name"] for s in spans} == {"client", "registry"}
+    assert registry_span.context.trace_id == client_span.context.trace_id

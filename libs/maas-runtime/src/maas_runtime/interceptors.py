@@ -97,7 +97,7 @@ def guarded(behaviour: Behaviour, response_streaming: bool, before, on_error, af
     return unary_behaviour
 
 
-async def _reraise(exc: BaseException, context) -> None:
+async def reraise(exc: BaseException, context) -> None:
     raise exc
 
 
@@ -209,7 +209,7 @@ class AuthInterceptor(WrappingInterceptor):
             if token is not None:
                 reset_current_principal(token)
 
-        return guarded(behaviour, response_streaming, before, _reraise, after)
+        return guarded(behaviour, response_streaming, before, reraise, after)
 
 
 class AccessLogInterceptor(WrappingInterceptor):
@@ -242,7 +242,7 @@ class AccessLogInterceptor(WrappingInterceptor):
                      extra={"rpc_method": method, "grpc_code": code,
                             "duration_ms": round(elapsed_ms, 3)})
 
-        return guarded(behaviour, response_streaming, before, _reraise, after)
+        return guarded(behaviour, response_streaming, before, reraise, after)
 
 
 def _outcome_code(context, failure: BaseException | None) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from opentelemetry import propagate, trace
+from opentelemetry import context as otel_context, propagate, trace
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.sdk.metrics import MeterProvider
@@ -20,6 +20,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from maas_runtime.interceptors import WrappingInterceptor, guarded, reraise
+
 W3C_PROPAGATOR = CompositePropagator([TraceContextTextMapPropagator()])
 
 
@@ -29,6 +31,8 @@ class Telemetry:
 
     tracer_provider: TracerProvider
     meter_provider: MeterProvider
+    exporting: bool = False
+    """Whether spans go anywhere; when not, servers only carry incoming trace context."""
 
     @classmethod
     def create(
@@ -54,10 +58,16 @@ class Telemetry:
             readers.append(PeriodicExportingMetricReader(_otlp_metric_exporter(otlp_endpoint)))
         # W3C trace context is the one wire format every hop (Triton included) understands.
         propagate.set_global_textmap(W3C_PROPAGATOR)
-        return cls(tracer_provider, MeterProvider(resource=resource, metric_readers=readers))
+        return cls(tracer_provider, MeterProvider(resource=resource, metric_readers=readers),
+                   exporting)
 
     def server_interceptor(self):
-        return aio_server_interceptor(tracer_provider=self.tracer_provider)
+        """Server spans when they are exported; otherwise only the incoming W3C context is
+        carried into the handler (so downstream calls continue the caller's trace) without
+        the cost of building spans nobody receives."""
+        if self.exporting:
+            return aio_server_interceptor(tracer_provider=self.tracer_provider)
+        return TraceContextInterceptor()
 
     def client_interceptors(self) -> list:
         return list(aio_client_interceptors(tracer_provider=self.tracer_provider))
@@ -97,3 +107,19 @@ def trace_metadata() -> tuple[tuple[str, str], ...] | None:
     carrier: dict[str, str] = {}
     W3C_PROPAGATOR.inject(carrier)
     return tuple(carrier.items())
+
+
+class TraceContextInterceptor(WrappingInterceptor):
+    """Attaches an incoming `traceparent`/`tracestate` to the handler's context, no spans."""
+
+    def wrap(self, behaviour, method, response_streaming):
+        def before(context):
+            carrier = {key: value for key, value in context.invocation_metadata() or ()
+                       if key in ("traceparent", "tracestate")}
+            return otel_context.attach(W3C_PROPAGATOR.extract(carrier)) if carrier else None
+
+        def after(context, token, failure):
+            if token is not None:
+                otel_context.detach(token)
+
+        return guarded(behaviour, response_streaming, before, reraise, after)

@@ -18,9 +18,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from google.protobuf.message import DecodeError
 from maas_runtime import errors
 from maas_runtime.names import parse_version_name, validate_id
 from maas_runtime.telemetry import trace_metadata
+from tritonclient.grpc import service_pb2
 
 from maas_inference.registry_reader import RegistryReader
 from maas_inference.routing import InFlight, Route, ServedModel
@@ -32,6 +34,7 @@ from maas_inference.tensors import (
     kserve_shapes,
     predict_shapes,
 )
+from maas_inference.triton.client import with_model_name
 from maas_inference.triton.model_repository import (
     ArtifactFormat,
     BatchingPolicy,
@@ -433,24 +436,33 @@ class DeploymentManager:
             self._mirror(live, request, response)
         return Prediction(request_id, target.version, response)
 
-    async def kserve_infer(self, request, timeout: float | None):
-        """KServe-v2 ModelInfer with model name = deployment id; returns Triton's response."""
+    async def kserve_infer(self, raw_request: bytes, timeout: float | None) -> bytes:
+        """KServe-v2 ModelInfer (model name = deployment id), serialized in and out.
+
+        The request is parsed once to route and check it, then forwarded as the caller's own
+        bytes with the Triton model name appended (protobuf keeps the last value of a field);
+        the reply gets the deployment's name and version appended the same way. Tensor bytes
+        are never decoded or copied field by field.
+        """
+        try:
+            request = service_pb2.ModelInferRequest.FromString(raw_request)
+        except DecodeError:
+            raise errors.InvalidArgument.for_field(
+                "request", "is not a serialized inference.ModelInferRequest") from None
         deployment_id = request.model_name
         live = self._route(deployment_id)
         self._require_triton()
         request_id = request.id or uuid.uuid4().hex
         target = live.route.pick(request_id)
         target.signature.check(kserve_shapes(request), "inputs")
-        request.model_name = target.triton_model
-        request.model_version = ""
         with self._in_flight.track(target.triton_model):
-            response = await self._triton.infer_request(request, timeout=timeout,
-                                                          metadata=trace_metadata())
+            raw_response = await self._triton.infer_serialized(
+                with_model_name(raw_request, target.triton_model), model_name=deployment_id,
+                timeout=timeout, metadata=trace_metadata())
         if live.route.mirrors(request_id):
-            self._mirror(live, request, response)
-        response.model_name = deployment_id
-        response.model_version = target.version.rsplit("/", 1)[-1]
-        return response
+            request.model_name = target.triton_model
+            self._mirror(live, request, service_pb2.ModelInferResponse.FromString(raw_response))
+        return with_model_name(raw_response, deployment_id, target.version.rsplit("/", 1)[-1])
 
     def _mirror(self, live: _Live, request, primary) -> None:
         """Copy to the shadow without delaying or failing the primary reply."""

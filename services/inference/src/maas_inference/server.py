@@ -13,11 +13,16 @@ from maas_runtime.client import client_interceptors, open_channel
 from maas_runtime.discovery import DiscoveredChannel, discovery_from_settings
 from maas_runtime.server import ServiceBinding, ServiceServer, run_service
 from maas_runtime.telemetry import Telemetry
-from tritonclient.grpc import service_pb2_grpc
 
 from maas_inference.deployments import DeploymentManager, ServingDefaults
 from maas_inference.registry_reader import RegistryReader
-from maas_inference.servicer import KSERVE_ROLES, KSERVE_SERVICE, InferenceServicer, KServeServicer
+from maas_inference.servicer import (
+    KSERVE_ROLES,
+    KSERVE_SERVICE,
+    InferenceServicer,
+    KServeServicer,
+    add_kserve_to_server,
+)
 from maas_inference.settings import InferenceSettings
 from maas_inference.store import SqliteDeploymentStore
 from maas_inference.triton.client import TritonClient
@@ -134,8 +139,7 @@ def build_server(settings: InferenceSettings, telemetry: Telemetry | None = None
             InferenceServicer(app.manager), server)
 
     def add_kserve(server):
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            KServeServicer(app.manager, app.triton_ready), server)
+        add_kserve_to_server(KServeServicer(app.manager, app.triton_ready), server)
 
     server = ServiceServer(
         "inference", settings,

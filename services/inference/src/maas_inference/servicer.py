@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grpc
 from google.protobuf import empty_pb2
 from maas.inference.v1 import deployment_pb2, inference_service_pb2, inference_service_pb2_grpc
 from maas_runtime.auth import Role
@@ -102,5 +103,26 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             platform="maas_triton", inputs=tensors(signature.inputs),
             outputs=tensors(signature.outputs))
 
-    async def ModelInfer(self, request, context):
+    async def ModelInfer(self, request: bytes, context) -> bytes:
         return await self._manager.kserve_infer(request, _deadline(context))
+
+
+def add_kserve_to_server(servicer: KServeServicer, server) -> None:
+    """Register KServe-v2 with ModelInfer on raw bytes (parsed once by the manager, forwarded
+    as is) and the other methods on their generated messages."""
+    typed = {
+        "ServerLive": (service_pb2.ServerLiveRequest, service_pb2.ServerLiveResponse),
+        "ServerReady": (service_pb2.ServerReadyRequest, service_pb2.ServerReadyResponse),
+        "ServerMetadata": (service_pb2.ServerMetadataRequest, service_pb2.ServerMetadataResponse),
+        "ModelReady": (service_pb2.ModelReadyRequest, service_pb2.ModelReadyResponse),
+        "ModelMetadata": (service_pb2.ModelMetadataRequest, service_pb2.ModelMetadataResponse),
+    }
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, name), request_deserializer=request_type.FromString,
+            response_serializer=response_type.SerializeToString)
+        for name, (request_type, response_type) in typed.items()
+    }
+    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(servicer.ModelInfer)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(KSERVE_SERVICE, handlers),))
