@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -132,8 +134,17 @@ async def measure(root: Path, registry, inference, triton_port: int) -> list[tup
     kserve = service_pb2_grpc.GRPCInferenceServiceStub(gateway)
     direct_request, kserve_request_ = kserve_request("bench.mlp.v1"), kserve_request("bench")
 
+    passthrough_port = free_port()
+    passthrough_process = subprocess.Popen(
+        [sys.executable, "-m", "tests.bench.passthrough", str(passthrough_port),
+         f"127.0.0.1:{triton_port}", "bench.mlp.v1"])
+    passthrough_channel = open_channel(f"127.0.0.1:{passthrough_port}")
+    await passthrough_channel.channel_ready()
+    passthrough = service_pb2_grpc.GRPCInferenceServiceStub(passthrough_channel)
+
     paths = {
         "direct Triton (KServe-v2)": lambda: direct.ModelInfer(direct_request),
+        "reference: bare Python pass-through": lambda: passthrough.ModelInfer(kserve_request_),
         "gateway Predict": lambda: deployments.Predict(predict),
         "gateway KServe-v2": lambda: kserve.ModelInfer(kserve_request_),
     }
@@ -152,6 +163,9 @@ async def measure(root: Path, registry, inference, triton_port: int) -> list[tup
                                         THROUGHPUT_SECONDS)
     await direct_channel.close()
     await gateway.close()
+    await passthrough_channel.close()
+    passthrough_process.terminate()
+    passthrough_process.wait()
 
     base_p50, _, base_rps = results["direct Triton (KServe-v2)"]
     rows = []
