@@ -548,5 +548,3 @@ def _first_output(response) -> np.ndarray | None:
         return None
     array = np.frombuffer(response.raw_output_contents[0], dtype=dtype)
     return array.reshape(tuple(output.shape)).astype(np.float64)
-
-

@@ -618,6 +618,3 @@ def _scoped(result: ListResult, principal: Principal, model_id_of) -> ListResult
         return result
     return ListResult([m for m in result.items if principal.may_access_model(model_id_of(m))],
                       result.next_page_token)
-
-
-

@@ -898,4 +898,3 @@ class _AuditColumns(_JsonLabelColumns):
                "resource": t.audit_events.c.resource,
                "create_time": t.audit_events.c.create_time}
     labels_column = None
-
