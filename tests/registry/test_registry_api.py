@@ -56,7 +56,7 @@ async def test_model_crud_with_etag(registry):
                        grpc.StatusCode.NOT_FOUND)
 
 
-@pytest.mark.parametrize("model_id", ["", "..", "a/b", "-x", "x" * 64, "a..b", "Caps"])
+@pytest.mark.parametrize("model_id", ["", "..", "a/b", "-x", "x" * 64, "a..b", "Caps", "nl\n"])
 async def test_bad_model_ids(registry, model_id):
     await expect_error(create_model(registry.admin, model_id), grpc.StatusCode.INVALID_ARGUMENT,
                        "model_id")
@@ -66,6 +66,23 @@ async def test_bad_model_ids(registry, model_id):
 async def test_bad_names(registry, name):
     await expect_error(registry.admin.GetModel(rs.GetModelRequest(name=name)),
                        grpc.StatusCode.INVALID_ARGUMENT, "name")
+
+
+@pytest.mark.parametrize("name", ["models/x/versions/\u00b2", "models/x/versions/0",
+                                  "models/x/versions/99999999999999999999", "models/x@7up"])
+async def test_bad_version_names(registry, name):
+    await expect_error(registry.admin.GetModelVersion(rs.GetModelVersionRequest(name=name)),
+                       grpc.StatusCode.INVALID_ARGUMENT, "name")
+
+
+async def test_unknown_enum_values_are_invalid_arguments(registry):
+    await create_model(registry.admin)
+    await registry.admin.UploadModelVersion(model_upload_requests("models/digits", mlp_package()))
+    await expect_error(registry.admin.GetLineage(rs.GetLineageRequest(
+        name="models/digits/versions/1", direction=7)), grpc.StatusCode.INVALID_ARGUMENT,
+        "direction")
+    call = registry.admin.WatchEvents(rs.WatchEventsRequest(types=[42]))
+    await expect_error(call.read(), grpc.StatusCode.INVALID_ARGUMENT, "types")
 
 
 async def test_upload_download_resume_and_dedup(registry):
@@ -409,3 +426,42 @@ async def test_client_cancelling_mid_upload_leaves_nothing(registry):
     assert list(listed.model_versions) == []
     assert blob_files(registry.settings.state_dir) == []
     assert staging_files(registry.settings.state_dir) == []
+
+
+async def test_force_deleting_a_model_tells_watchers_about_its_aliases_and_versions(registry):
+    stub = registry.admin
+    await create_model(stub)
+    await stub.UploadModelVersion(model_upload_requests("models/digits", mlp_package()))
+    await stub.SetModelAlias(rs.SetModelAliasRequest(name="models/digits/aliases/prod",
+                                                     version="models/digits/versions/1"))
+    last = (await stub.ListAuditEvents(rs.ListAuditEventsRequest())).audit_events[-1]
+    await expect_error(stub.DeleteModel(rs.DeleteModelRequest(name="models/digits")),
+                       grpc.StatusCode.FAILED_PRECONDITION)
+    await stub.DeleteModel(rs.DeleteModelRequest(name="models/digits", force=True))
+    call = stub.WatchEvents(rs.WatchEventsRequest(after_event_id=last.event_id))
+    seen = [(await asyncio.wait_for(call.read(), 5)) for _ in range(3)]
+    call.cancel()
+    assert [(e.type, e.resource) for e in seen] == [
+        (audit_pb2.EVENT_TYPE_ALIAS_DELETED, "models/digits/aliases/prod"),
+        (audit_pb2.EVENT_TYPE_MODEL_VERSION_DELETED, "models/digits/versions/1"),
+        (audit_pb2.EVENT_TYPE_MODEL_DELETED, "models/digits")]
+    assert blob_files(registry.settings.state_dir) == []
+
+
+async def test_scoped_tokens_see_only_their_models_in_events_audit_and_lineage(registry):
+    stub = registry.admin
+    for model_id in ("digits", "secret"):
+        await create_model(stub, model_id)
+    await stub.UploadModelVersion(model_upload_requests("models/digits", mlp_package()))
+    await stub.UploadModelVersion(model_upload_requests(
+        "models/secret", mlp_package(2), parents=["models/digits/versions/1"]))
+    scoped = registry.as_role("team", Role.VIEWER, models=["digits"])
+    audit = await scoped.ListAuditEvents(rs.ListAuditEventsRequest())
+    assert {e.resource.split("/")[1] for e in audit.audit_events} == {"digits"}
+    call = scoped.WatchEvents(rs.WatchEventsRequest())
+    first, second = await call.read(), await call.read()
+    call.cancel()
+    assert [first.resource, second.resource] == ["models/digits", "models/digits/versions/1"]
+    graph = await scoped.GetLineage(rs.GetLineageRequest(name="models/digits/versions/1"))
+    assert [n.name for n in graph.nodes] == ["models/digits/versions/1"]
+    assert list(graph.edges) == []

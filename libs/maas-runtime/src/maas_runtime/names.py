@@ -14,6 +14,7 @@ from maas_runtime.errors import InvalidArgument
 ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 ALIAS_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 MAX_ID_LENGTH = 63
+MAX_VERSION = 2**63 - 1
 
 
 def validate_id(value: str, field_path: str) -> str:
@@ -24,7 +25,7 @@ def validate_id(value: str, field_path: str) -> str:
         raise InvalidArgument.for_field(
             field_path, f"must be at most {MAX_ID_LENGTH} characters, got {len(value)}"
         )
-    if ".." in value or not ID_PATTERN.match(value):
+    if ".." in value or not ID_PATTERN.fullmatch(value):
         raise InvalidArgument.for_field(
             field_path,
             f"{value!r} is not a valid id: use 1-{MAX_ID_LENGTH} of [a-z0-9._-], starting with "
@@ -37,7 +38,7 @@ def validate_alias(value: str, field_path: str) -> str:
     """Aliases start with a letter, so they can never be confused with a version number."""
     if not value:
         raise InvalidArgument.for_field(field_path, "is required")
-    if len(value) > MAX_ID_LENGTH or not ALIAS_PATTERN.match(value):
+    if len(value) > MAX_ID_LENGTH or not ALIAS_PATTERN.fullmatch(value):
         raise InvalidArgument.for_field(
             field_path,
             f"{value!r} is not a valid alias: 1-{MAX_ID_LENGTH} of [a-z0-9_-], starting with a "
@@ -90,7 +91,9 @@ def parse_version_name(
         return VersionRef(collection, validate_id(parent_id, field_path),
                           alias=validate_alias(alias, field_path))
     parts = rest.split("/")
-    if len(parts) != 3 or parts[1] != "versions" or not parts[2].isdigit() or int(parts[2]) < 1:
+    number = parts[2] if len(parts) == 3 else ""
+    if parts[1:2] != ["versions"] or not (number.isascii() and number.isdigit()) \
+            or not 1 <= int(number) <= MAX_VERSION:
         raise InvalidArgument.for_field(
             field_path, f"must look like '{collection}/{{id}}/versions/{{n}}' with n ≥ 1, got {name!r}"
         )

@@ -9,6 +9,7 @@ deregister, drain with grace, stop).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Callable, Iterable, Mapping
@@ -96,12 +97,26 @@ class ServiceServer:
 
     async def start(self) -> int:
         """Bind, start serving and register in discovery; returns the bound port."""
-        for callback in self.before_start:
-            await callback()
         if self.settings.auth_enabled:
+            # Before anything else: `before_start` callbacks may read it to call peers.
             self.settings.state_dir.mkdir(parents=True, exist_ok=True)
             ensure_admin_token(self.settings.resolved_admin_token_file,
                                self.settings.resolved_tokens_file)
+        try:
+            await self._start_serving()
+        except BaseException:
+            if self._server is not None:
+                await self._server.stop(0)
+                self._server = None
+            for callback in self.on_stop:  # undo what before_start brought up
+                with contextlib.suppress(Exception):
+                    await callback()
+            raise
+        return self.port
+
+    async def _start_serving(self) -> None:
+        for callback in self.before_start:
+            await callback()
         self._server = grpc.aio.server(
             interceptors=self._interceptors(), options=self.settings.grpc_message_options()
         )
@@ -135,7 +150,6 @@ class ServiceServer:
             )
         _log.info("%s serving on %s:%d", self.name, self.settings.host, self.port,
                   extra={"port": self.port, "tls": self.settings.tls_enabled})
-        return self.port
 
     async def set_serving(self, serving: bool) -> None:
         """Report the whole service (and each of its gRPC services) SERVING or NOT_SERVING."""

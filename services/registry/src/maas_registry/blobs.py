@@ -8,6 +8,7 @@ business; `collect` removes the files nobody references.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import socket
@@ -60,12 +61,16 @@ class BlobStore:
         return StagingWriter(path, max_bytes)
 
     async def put_stream(self, chunks: AsyncIterator[bytes], max_bytes: int) -> StagedBlob:
-        """Write `chunks` to staging, hashing as they come; the caller commits or discards."""
+        """Write `chunks` to staging, hashing as they come; the caller commits or discards.
+
+        Hashing, writing and fsync run in a worker thread: a multi-GiB upload must not stall
+        health checks and every other RPC on the event loop.
+        """
         writer = self.new_staging_writer(max_bytes)
         try:
             async for chunk in chunks:
-                writer.write(chunk)
-            return writer.finish()
+                await asyncio.to_thread(writer.write, chunk)
+            return await asyncio.to_thread(writer.finish)
         except BaseException:
             writer.abort()
             raise
@@ -102,8 +107,16 @@ class BlobStore:
             while chunk := handle.read(chunk_bytes):
                 yield chunk
 
-    def delete(self, sha256: str) -> None:
-        self.path_of(sha256).unlink(missing_ok=True)
+    def collect_one(self, sha256: str, grace_seconds: float) -> bool:
+        """Delete one unreferenced blob unless it was (re)committed within the grace period."""
+        path = self.path_of(sha256)
+        try:
+            if path.stat().st_mtime > time.time() - grace_seconds:
+                return False
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        return True
 
     def stored_digests(self) -> set[str]:
         return {p.name for p in self._objects.glob("??/*") if is_sha256_hex(p.name)}

@@ -298,9 +298,10 @@ class Registry:
                                        self._limits.download_chunk_bytes)
 
     async def _release_blob(self, sha256: str) -> None:
-        """Delete a blob as soon as its last reference is gone (collection is the backstop)."""
+        """Delete a blob once its last reference is gone and it is past the grace period (an
+        upload of the same bytes may be about to reference it); collection is the backstop."""
         if not await self._run(self._store.is_referenced, sha256):
-            await self._run(self._blobs.delete, sha256)
+            await self._run(self._blobs.collect_one, sha256, self._limits.gc_grace_seconds)
 
     # -- aliases --------------------------------------------------------------------------
 
@@ -458,18 +459,23 @@ class Registry:
             operation = (lineage.get(node) or {}).get("operation") or {}
             nodes.append({"name": node, "operation": operation.get("kind", ""),
                           "job": operation.get("job", "")})
-        return {"root": root, "nodes": nodes,
-                "edges": [{"parent": p, "child": c} for p, c in edges]}
+        visible = {n["name"] for n in nodes if _in_scope(principal, n["name"])}
+        return {"root": root, "nodes": [n for n in nodes if n["name"] in visible],
+                "edges": [{"parent": p, "child": c} for p, c in edges
+                          if p in visible and c in visible]}
 
-    async def list_audit_events(self, page_size: int, page_token: str,
-                                filter_text: str) -> ListResult:
+    async def list_audit_events(self, page_size: int, page_token: str, filter_text: str,
+                                principal: Principal) -> ListResult:
         expr = parse_filter(filter_text, AUDIT_FILTERS)
-        return await self._run(
+        result = await self._run(
             self._list, lambda size, cursor: self._store.list_audit_events(expr, size, cursor),
-            page_size, page_token, f"audit|{filter_text}")
+            page_size or 100, page_token, f"audit|{filter_text}")
+        # A scoped token sees only its models' records (pages may then come back shorter).
+        return ListResult([e for e in result.items if _in_scope(principal, e["resource"])],
+                          result.next_page_token)
 
     async def watch_events(self, after_event_id: int, resource_prefix: str,
-                           types: Iterable[str]) -> AsyncIterator[dict]:
+                           types: Iterable[str], principal: Principal) -> AsyncIterator[dict]:
         """Every event after `after_event_id`, then live ones, forever (until cancelled)."""
         if after_event_id < 0:
             raise errors.InvalidArgument.for_field("after_event_id", "must not be negative")
@@ -480,7 +486,8 @@ class Registry:
             for event in batch:
                 cursor = event["event_id"]
                 if event["resource"].startswith(resource_prefix) and (
-                        not wanted or event["type"] in wanted):
+                        not wanted or event["type"] in wanted) and _in_scope(
+                            principal, event["resource"]):
                     yield event
             if len(batch) == 500:
                 continue
@@ -611,6 +618,14 @@ def _masked_changes(fields: dict, update_mask: list[str], allowed: frozenset[str
     changes = {path: fields.get(path, {} if path == "labels" else "") for path in update_mask}
     _validate_metadata(changes, prefix, allowed)
     return changes
+
+
+def _in_scope(principal: Principal, resource: str) -> bool:
+    """Whether a scoped token may see `resource` (datasets and audit-only names are shared)."""
+    if not principal.model_scopes or not resource.startswith("models/"):
+        return True
+    model_id = resource.split("/")[1].split("@")[0]
+    return principal.may_access_model(model_id)
 
 
 def _scoped(result: ListResult, principal: Principal, model_id_of) -> ListResult:

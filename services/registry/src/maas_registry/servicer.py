@@ -184,20 +184,27 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
             yield message
 
     async def GetLineage(self, request, context):
-        graph = await self._registry.get_lineage(
-            request.name, _LINEAGE_DIRECTIONS[request.direction], request.max_depth,
-            current_principal())
+        direction = _LINEAGE_DIRECTIONS.get(request.direction)
+        if direction is None:
+            raise InvalidArgument.for_field("direction", f"unknown value {request.direction}")
+        graph = await self._registry.get_lineage(request.name, direction, request.max_depth,
+                                                 current_principal())
         return to_message(graph, audit_pb2.LineageGraph)
 
     async def ListAuditEvents(self, request, context):
         result = await self._registry.list_audit_events(request.page_size, request.page_token,
-                                                        request.filter)
+                                                        request.filter, current_principal())
         return registry_service_pb2.ListAuditEventsResponse(
             audit_events=[to_message(e, audit_pb2.AuditEvent) for e in result.items],
             next_page_token=result.next_page_token)
 
     async def WatchEvents(self, request, context):
+        known = audit_pb2.EventType.values()
+        unknown = [t for t in request.types if t not in known]
+        if unknown:
+            raise InvalidArgument.for_field("types", f"unknown event types {unknown}")
         types = [audit_pb2.EventType.Name(t) for t in request.types]
         async for event in self._registry.watch_events(request.after_event_id,
-                                                       request.resource_prefix, types):
+                                                       request.resource_prefix, types,
+                                                       current_principal()):
             yield to_message(event, audit_pb2.RegistryEvent)

@@ -325,6 +325,15 @@ class SqlRegistryStore(RegistryStore):
             names = [model_version_name(model_id, v) for v in connection.execute(
                 select(t.model_versions.c.version_id)
                 .where(t.model_versions.c.model_pk == row.pk)).scalars()]
+            # Watchers (deployments tracking an alias) hear about everything that goes.
+            for alias, version_id in before["aliases"].items():
+                name = alias_name(model_id, alias)
+                self._record(connection, by, name,
+                             {"name": name, "version": model_version_name(model_id, version_id)},
+                             None, "EVENT_TYPE_ALIAS_DELETED")
+            for name in names:
+                self._record(connection, by, name, {"name": name}, None,
+                             "EVENT_TYPE_MODEL_VERSION_DELETED")
             self._delete_lineage_of(connection, names)
             connection.execute(delete(t.aliases).where(t.aliases.c.model_pk == row.pk))
             connection.execute(delete(t.model_versions).where(t.model_versions.c.model_pk == row.pk))
