@@ -373,3 +373,24 @@ async def test_kill_9_of_triton_under_load(suite):
     data = batch(4, seed=77)
     reply = await stub.Predict(predict_request("deployments/survivor", data))
     np.testing.assert_allclose(logits(reply), suite.expected(1, data), rtol=1e-4, atol=1e-4)
+
+
+async def test_scoped_tokens_serve_only_their_models(suite):
+    from maas_runtime.auth import Role, add_token
+
+    token = add_token(suite.app.settings.resolved_tokens_file, "team", Role.EDITOR, ["other*"])
+    channel = open_channel(suite.target, token=token)
+    scoped = inference_service_pb2_grpc.InferenceServiceStub(channel)
+    try:
+        await expect_error(scoped.CreateDeployment(inf.CreateDeploymentRequest(
+            deployment_id="sneaky", deployment=deployment_pb2.Deployment(
+                model="models/digits@prod"))), grpc.StatusCode.PERMISSION_DENIED)
+        await expect_error(scoped.Predict(predict_request("deployments/digits", batch(1))),
+                           grpc.StatusCode.PERMISSION_DENIED)
+    finally:
+        await channel.close()
+
+
+async def test_deployment_ids_with_dots_are_refused(suite):
+    await expect_error(create(suite, "a.b", model="models/digits@prod"),
+                       grpc.StatusCode.INVALID_ARGUMENT, "deployment_id")

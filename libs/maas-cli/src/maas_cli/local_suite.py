@@ -137,10 +137,14 @@ class LocalSuite:
     async def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         ensure_admin_token(self.admin_token_file, self.tokens_file)
-        for service in self.services.values():
-            service.spawn()
-            await service.wait_serving()
-            _log.info("%s serving on %s", service.name, service.target)
+        try:
+            for service in self.services.values():
+                service.spawn()
+                await service.wait_serving()
+                _log.info("%s serving on %s", service.name, service.target)
+        except BaseException:  # a service that cannot start (or Ctrl-C): leave nothing behind
+            await self.stop()
+            raise
         self._watch = asyncio.create_task(self._restart_crashed())
 
     async def _restart_crashed(self) -> None:

@@ -16,15 +16,15 @@ from maas_cli.local_suite import LocalSuite
 
 async def _up(root: Path) -> None:
     suite = LocalSuite(root)
-    await suite.start()
-    for service in suite.services.values():
-        print(f"{service.name:10s} {service.target}   logs: {service.log_file}", flush=True)
-    print(f"admin token: {suite.admin_token_file}   (Ctrl-C stops the suite)", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    await suite.start()  # stops what it started if it fails
     try:
+        for service in suite.services.values():
+            print(f"{service.name:10s} {service.target}   logs: {service.log_file}", flush=True)
+        print(f"admin token: {suite.admin_token_file}   (Ctrl-C stops the suite)", flush=True)
         await stop.wait()
     finally:
         await suite.stop()

@@ -34,17 +34,23 @@ def validate_id(value: str, field_path: str) -> str:
     return value
 
 
-def validate_alias(value: str, field_path: str) -> str:
+def validate_alias(value: str, field_path: str, what: str = "alias") -> str:
     """Aliases start with a letter, so they can never be confused with a version number."""
     if not value:
         raise InvalidArgument.for_field(field_path, "is required")
     if len(value) > MAX_ID_LENGTH or not ALIAS_PATTERN.fullmatch(value):
         raise InvalidArgument.for_field(
             field_path,
-            f"{value!r} is not a valid alias: 1-{MAX_ID_LENGTH} of [a-z0-9_-], starting with a "
+            f"{value!r} is not a valid {what}: 1-{MAX_ID_LENGTH} of [a-z0-9_-], starting with a "
             "letter",
         )
     return value
+
+
+def validate_deployment_id(value: str, field_path: str) -> str:
+    """Deployment ids follow the alias rules: no '.', so Triton model names built from them
+    (`{deployment}.{model}.v{n}`) can never collide."""
+    return validate_alias(value, field_path, "deployment id")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import uuid
 from collections.abc import Callable, Sequence
@@ -20,7 +21,8 @@ from pathlib import Path
 import numpy as np
 from google.protobuf.message import DecodeError
 from maas_runtime import errors
-from maas_runtime.names import parse_version_name, validate_id
+from maas_runtime.auth import Principal
+from maas_runtime.names import parse_version_name, validate_deployment_id
 from maas_runtime.telemetry import trace_metadata
 from tritonclient.grpc import service_pb2
 
@@ -93,7 +95,10 @@ def _now() -> str:
 
 
 def triton_model_name(deployment_id: str, version_name: str) -> str:
+    """`{deployment}.{model}.v{n}`: deployment ids hold no '.', so names never collide."""
     _, model_id, _, version_id = version_name.split("/")
+    if len(deployment_id) + len(model_id) + len(version_id) > 100:  # Triton caps names
+        model_id = hashlib.sha256(model_id.encode()).hexdigest()[:16]
     return f"{deployment_id}.{model_id}.v{version_id}"
 
 
@@ -113,6 +118,7 @@ class DeploymentManager:
         self._triton_ready = triton_ready
         self._live: dict[str, _Live] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._download_locks: dict[str, asyncio.Lock] = {}
         self._in_flight = InFlight()
         self._shadow_slots = asyncio.Semaphore(defaults.shadow_max_in_flight)
         self._background: set[asyncio.Task] = set()
@@ -203,8 +209,9 @@ class DeploymentManager:
                                             reason="NO_SIGNATURE")
         name = triton_model_name(deployment_id, version["name"])
         artifact = self._artifacts / version["artifact"]["sha256"]
-        if not artifact.exists():
-            await self._registry.download(version, artifact)
+        async with self._download_locks.setdefault(artifact.name, asyncio.Lock()):
+            if not artifact.exists():
+                await self._registry.download(version, artifact)
         spec = TritonModelSpec(
             name=name, artifact_format=ArtifactFormat(format_name),
             inputs=tuple(TensorSpec(t["name"], t["datatype"].removeprefix("DATA_TYPE_"),
@@ -277,9 +284,10 @@ class DeploymentManager:
 
     # -- use cases ----------------------------------------------------------------------------
 
-    async def create(self, deployment_id: str, fields: dict) -> dict:
-        validate_id(deployment_id, "deployment_id")
+    async def create(self, deployment_id: str, fields: dict, principal: Principal) -> dict:
+        validate_deployment_id(deployment_id, "deployment_id")
         spec = self._normalized_spec(fields)
+        _require_models(principal, spec)
         self._require_triton()
         async with self._lock(deployment_id):
             await asyncio.to_thread(self._store.create, deployment_id,
@@ -307,7 +315,8 @@ class DeploymentManager:
         items = [self._view(i, r) for i, r in rows[:size]]
         return items, rows[size - 1][0] if len(rows) > size else ""
 
-    async def update(self, fields: dict, update_mask: Sequence[str]) -> dict:
+    async def update(self, fields: dict, update_mask: Sequence[str],
+                     principal: Principal) -> dict:
         deployment_id = self._parse_name(fields.get("name", ""), "deployment.name")
         if not update_mask:
             raise errors.InvalidArgument.for_field("update_mask", "name at least one field")
@@ -323,6 +332,8 @@ class DeploymentManager:
             merged = {key: current[key] for key in UPDATABLE}
             merged.update({key: fields.get(key) for key in update_mask})
             spec = self._normalized_spec(merged)
+            _require_models(principal, current)  # may touch what it serves now …
+            _require_models(principal, spec)  # … and what it is to serve
             return await self._roll_out(deployment_id, current, spec)
 
     async def _roll_out(self, deployment_id: str, current: dict, spec: dict,
@@ -349,10 +360,11 @@ class DeploymentManager:
             await self._unload(retired, keep=self._models_in_use())
         return self._view(deployment_id, record)
 
-    async def delete(self, name: str) -> None:
+    async def delete(self, name: str, principal: Principal) -> None:
         deployment_id = self._parse_name(name, "name")
         async with self._lock(deployment_id):
-            await asyncio.to_thread(self._store.get, deployment_id)  # NOT_FOUND first
+            record = await asyncio.to_thread(self._store.get, deployment_id)  # NOT_FOUND first
+            _require_models(principal, record)
             live = self._live.pop(deployment_id, None)
             await asyncio.to_thread(self._store.delete, deployment_id)
             if live is not None:
@@ -392,7 +404,19 @@ class DeploymentManager:
                     if record.get("track_alias") and record["model"] == alias_ref:
                         await self._follow(deployment_id)
 
-    async def _follow(self, deployment_id: str) -> None:
+    async def _follow(self, deployment_id: str, attempts: int = 30) -> None:
+        """Roll out to where the alias points now; retried while Triton or the registry is
+        briefly unavailable, so a move during a restart is not lost."""
+        for _ in range(attempts):
+            try:
+                await self._follow_once(deployment_id)
+                return
+            except errors.Unavailable as exc:
+                _log.warning("following the alias of %s must wait: %s", deployment_id,
+                             exc.message)
+                await asyncio.sleep(1)
+
+    async def _follow_once(self, deployment_id: str) -> None:
         async with self._lock(deployment_id):
             try:
                 record = await asyncio.to_thread(self._store.get, deployment_id)
@@ -402,6 +426,8 @@ class DeploymentManager:
                 _log.info("%s follows %s to %s", deployment_id, record["model"], target["name"])
                 spec = {key: record[key] for key in UPDATABLE}
                 await self._roll_out(deployment_id, record, spec)
+            except errors.Unavailable:
+                raise
             except errors.MaasError as exc:
                 _log.warning("could not follow alias for %s: %s", deployment_id, exc.message)
 
@@ -419,9 +445,11 @@ class DeploymentManager:
                                      reason="TRITON_UNAVAILABLE")
 
     async def predict(self, deployment: str, request_id: str, inputs, output_names,
-                      timeout: float | None) -> Prediction:
+                      timeout: float | None, principal: Principal) -> Prediction:
         deployment_id = self._parse_name(deployment, "deployment")
         live = self._route(deployment_id)
+        if principal.model_scopes:
+            _require_route_models(principal, live.route)
         self._require_triton()
         request_id = request_id or uuid.uuid4().hex
         target = live.route.pick(request_id)
@@ -436,7 +464,8 @@ class DeploymentManager:
             self._mirror(live, request, response)
         return Prediction(request_id, target.version, response)
 
-    async def kserve_infer(self, raw_request: bytes, timeout: float | None) -> bytes:
+    async def kserve_infer(self, raw_request: bytes, timeout: float | None,
+                           principal: Principal) -> bytes:
         """KServe-v2 ModelInfer (model name = deployment id), serialized in and out.
 
         The request is parsed once to route and check it, then forwarded as the caller's own
@@ -451,6 +480,8 @@ class DeploymentManager:
                 "request", "is not a serialized inference.ModelInferRequest") from None
         deployment_id = request.model_name
         live = self._route(deployment_id)
+        if principal.model_scopes:
+            _require_route_models(principal, live.route)
         self._require_triton()
         request_id = request.id or uuid.uuid4().hex
         target = live.route.pick(request_id)
@@ -532,7 +563,25 @@ class DeploymentManager:
         if not name.startswith("deployments/"):
             raise errors.InvalidArgument.for_field(
                 field_path, f"must look like 'deployments/{{id}}', got {name!r}")
-        return validate_id(name.removeprefix("deployments/"), field_path)
+        return validate_deployment_id(name.removeprefix("deployments/"), field_path)
+
+
+def _model_ids(spec: dict) -> set[str]:
+    references = [spec["model"], *(t["model_version"] for t in spec.get("traffic") or [])]
+    if spec.get("shadow"):
+        references.append(spec["shadow"]["model_version"])
+    return {reference.split("/")[1].split("@")[0] for reference in references if reference}
+
+
+def _require_models(principal: Principal, spec: dict) -> None:
+    """A scoped token may only deploy, change or delete what serves its own models."""
+    for model_id in sorted(_model_ids(spec)):
+        principal.require_model(model_id)
+
+
+def _require_route_models(principal: Principal, route: Route) -> None:
+    for model in {m for m, _ in route.targets}:
+        principal.require_model(model.version.split("/")[1])
 
 
 _NUMPY_TYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT64": np.int64,

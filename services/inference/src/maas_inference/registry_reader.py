@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -33,32 +34,30 @@ class RegistryReader:
         return to_dict(version)
 
     async def download(self, version: dict, destination: Path) -> None:
-        """Stream the artifact to `destination`, verifying size and sha256 before keeping it."""
+        """Stream the artifact to `destination`, verifying size and sha256 before keeping it.
+
+        Each download writes its own temporary file (concurrent loads of one version do not
+        interleave), off the event loop, and renames it into place only when verified.
+        """
         expected_sha = version["artifact"]["sha256"]
-        partial = destination.with_name(destination.name + ".part")
-        digest, size = hashlib.sha256(), 0
+        partial = destination.with_name(f"{destination.name}.{uuid.uuid4().hex}.part")
+        sink = _VerifyingFile(partial)
         try:
-            with partial.open("wb") as handle:
-                async for message in self._stub.DownloadModelVersion(
-                    rs.DownloadModelVersionRequest(name=version["name"])
-                ):
-                    if message.WhichOneof("content") == "chunk":
-                        digest.update(message.chunk)
-                        size += len(message.chunk)
-                        handle.write(message.chunk)
-                handle.flush()
-                os.fsync(handle.fileno())
+            async for message in self._stub.DownloadModelVersion(
+                    rs.DownloadModelVersionRequest(name=version["name"])):
+                if message.WhichOneof("content") == "chunk":
+                    await asyncio.to_thread(sink.write, message.chunk)
+            digest = await asyncio.to_thread(sink.finish)
+            if digest != expected_sha:
+                raise errors.FailedPrecondition(
+                    f"{version['name']} downloaded with sha256 {digest}, but the registry "
+                    f"recorded {expected_sha}; refusing to serve it", reason="ARTIFACT_CORRUPT")
+            os.replace(partial, destination)
         except grpc.aio.AioRpcError as error:
-            partial.unlink(missing_ok=True)
             raise from_rpc_error(error) from None
-        if digest.hexdigest() != expected_sha:
+        finally:
+            sink.close()
             partial.unlink(missing_ok=True)
-            raise errors.FailedPrecondition(
-                f"{version['name']} downloaded with sha256 {digest.hexdigest()}, but the registry "
-                f"recorded {expected_sha}; refusing to serve it",
-                reason="ARTIFACT_CORRUPT",
-            )
-        os.replace(partial, destination)
 
     async def alias_changes(self, retry_seconds: float = 1.0) -> AsyncIterator[str]:
         """Yield `models/{m}@{alias}` whenever an alias moves or is deleted, forever.
@@ -75,6 +74,28 @@ class RegistryReader:
                     last_event_id = event.event_id
                     _, model_id, _, alias = event.resource.split("/")
                     yield f"models/{model_id}@{alias}"
-            except grpc.aio.AioRpcError as error:
-                _log.warning("registry event stream ended (%s); reconnecting", error.code().name)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # outages, no healthy replica: keep following
+                _log.warning("registry event stream ended (%s); reconnecting", error)
                 await asyncio.sleep(retry_seconds)
+
+
+class _VerifyingFile:
+    """A file being downloaded: bytes appended and hashed, fsynced on finish."""
+
+    def __init__(self, path: Path):
+        self._handle = path.open("xb")
+        self._digest = hashlib.sha256()
+
+    def write(self, chunk: bytes) -> None:
+        self._digest.update(chunk)
+        self._handle.write(chunk)
+
+    def finish(self) -> str:
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        return self._digest.hexdigest()
+
+    def close(self) -> None:
+        self._handle.close()

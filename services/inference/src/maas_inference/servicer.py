@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 from google.protobuf import empty_pb2
 from maas.inference.v1 import deployment_pb2, inference_service_pb2, inference_service_pb2_grpc
-from maas_runtime.auth import Role
+from maas_runtime.auth import Role, current_principal
 from maas_runtime.messages import to_dict, to_message
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
@@ -25,7 +25,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
 
     async def CreateDeployment(self, request, context):
         deployment = await self._manager.create(request.deployment_id,
-                                                to_dict(request.deployment))
+                                                to_dict(request.deployment), current_principal())
         return to_message(deployment, deployment_pb2.Deployment)
 
     async def GetDeployment(self, request, context):
@@ -39,11 +39,12 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
 
     async def UpdateDeployment(self, request, context):
         deployment = await self._manager.update(to_dict(request.deployment),
-                                                list(request.update_mask.paths))
+                                                list(request.update_mask.paths),
+                                                current_principal())
         return to_message(deployment, deployment_pb2.Deployment)
 
     async def DeleteDeployment(self, request, context):
-        await self._manager.delete(request.name)
+        await self._manager.delete(request.name, current_principal())
         return empty_pb2.Empty()
 
     async def Predict(self, request, context):
@@ -56,7 +57,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
     async def _predict(self, request, context):
         prediction = await self._manager.predict(
             request.deployment, request.request_id, request.inputs, request.output_names,
-            _deadline(context))
+            _deadline(context), current_principal())
         return inference_service_pb2.PredictResponse(
             request_id=prediction.request_id, model_version=prediction.version,
             outputs=predict_outputs(prediction.response))
@@ -104,7 +105,7 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             outputs=tensors(signature.outputs))
 
     async def ModelInfer(self, request: bytes, context) -> bytes:
-        return await self._manager.kserve_infer(request, _deadline(context))
+        return await self._manager.kserve_infer(request, _deadline(context), current_principal())
 
 
 def add_kserve_to_server(servicer: KServeServicer, server) -> None:
