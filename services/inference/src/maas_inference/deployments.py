@@ -122,6 +122,7 @@ class DeploymentManager:
         self._in_flight = InFlight()
         self._shadow_slots = asyncio.Semaphore(defaults.shadow_max_in_flight)
         self._background: set[asyncio.Task] = set()
+        self._shadow_tasks: set[asyncio.Task] = set()
         self._shadow_counter = meter.create_counter(
             "maas.inference.shadow.compared", description="shadow comparisons by outcome"
         ) if meter is not None else None
@@ -375,24 +376,48 @@ class DeploymentManager:
         """After a (re)start of Triton: load every deployment's pinned versions again."""
         after = ""
         while rows := await asyncio.to_thread(self._store.list, after, 100):
-            for deployment_id, record in rows:
+            for deployment_id, _ in rows:
                 after = deployment_id
-                async with self._lock(deployment_id):
-                    spec = {key: record[key] for key in UPDATABLE}
-                    try:
-                        route, _ = await self._build_route(deployment_id, spec,
-                                                           record.get("resolved"))
-                    except errors.MaasError as exc:
-                        _log.error("could not reload %s: %s", deployment_id, exc.message)
-                        await asyncio.to_thread(self._store.put, deployment_id, {
-                            **record, "state": FAILED, "message": f"reload failed: {exc.message}"})
-                        continue
-                    self._live[deployment_id] = _Live(route, self._live[deployment_id].shadow_stats
-                                                      if deployment_id in self._live
-                                                      else ShadowStats())
-                    if record["state"] != READY:
-                        await asyncio.to_thread(self._store.put, deployment_id,
-                                                {**record, "state": READY, "message": ""})
+                await self._reload(deployment_id)
+
+    async def _reload(self, deployment_id: str, attempt: int = 0) -> None:
+        """Load one deployment's pinned versions; while the registry is unreachable, keep
+        retrying in the background instead of giving up on the deployment."""
+        async with self._lock(deployment_id):
+            try:
+                record = await asyncio.to_thread(self._store.get, deployment_id)
+            except errors.NotFound:
+                return  # deleted meanwhile
+            spec = {key: record[key] for key in UPDATABLE}
+            try:
+                route, _ = await self._build_route(deployment_id, spec, record.get("resolved"))
+            except errors.Unavailable as exc:
+                delay = min(30.0, 0.5 * 2**attempt)
+                _log.warning("reloading %s must wait %.1fs: %s", deployment_id, delay,
+                             exc.message)
+                self._spawn(self._reload_later(deployment_id, attempt + 1, delay))
+                return
+            except errors.MaasError as exc:
+                _log.error("could not reload %s: %s", deployment_id, exc.message)
+                await asyncio.to_thread(self._store.put, deployment_id, {
+                    **record, "state": FAILED, "message": f"reload failed: {exc.message}"})
+                return
+            previous = self._live.get(deployment_id)
+            self._live[deployment_id] = _Live(
+                route, previous.shadow_stats if previous else ShadowStats())
+            if record["state"] != READY:
+                await asyncio.to_thread(self._store.put, deployment_id,
+                                        {**record, "state": READY, "message": ""})
+
+    async def _reload_later(self, deployment_id: str, attempt: int, delay: float) -> None:
+        await asyncio.sleep(delay)
+        await self._reload(deployment_id, attempt)
+
+    def _spawn(self, coroutine, tasks: set[asyncio.Task] | None = None) -> None:
+        tasks = self._background if tasks is None else tasks
+        task = asyncio.get_running_loop().create_task(coroutine)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     async def follow_alias_moves(self) -> None:
         """Roll out `track_alias` deployments whenever the registry moves their alias."""
@@ -436,7 +461,10 @@ class DeploymentManager:
     def _route(self, deployment_id: str) -> _Live:
         live = self._live.get(deployment_id)
         if live is None:
-            raise errors.NotFound("deployment", f"deployments/{deployment_id}")
+            record = self._store.get(deployment_id)  # NOT_FOUND when it really does not exist
+            raise errors.Unavailable(
+                f"deployments/{deployment_id} is not loaded ({record['state']}): "
+                f"{record.get('message') or 'retry shortly'}", reason="DEPLOYMENT_NOT_LOADED")
         return live
 
     def _require_triton(self) -> None:
@@ -503,10 +531,7 @@ class DeploymentManager:
         copy = type(request)()
         copy.CopyFrom(request)
         copy.model_name = shadow.triton_model
-        task = asyncio.get_running_loop().create_task(
-            self._compare(live.shadow_stats, copy, primary))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._spawn(self._compare(live.shadow_stats, copy, primary), self._shadow_tasks)
 
     async def _compare(self, stats: ShadowStats, request, primary) -> None:
         async with self._shadow_slots:
@@ -535,8 +560,16 @@ class DeploymentManager:
             self._shadow_counter.add(1, {"outcome": outcome})
 
     async def drain_background(self) -> None:
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        """Wait for the shadow comparisons in flight (their stats are then complete)."""
+        if self._shadow_tasks:
+            await asyncio.gather(*self._shadow_tasks, return_exceptions=True)
+
+    async def close(self) -> None:
+        """Finish shadow comparisons, cancel pending reload retries."""
+        await self.drain_background()
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
 
     def metadata(self, deployment_id: str) -> tuple[ServedModel, list[str]]:
         live = self._route(deployment_id)

@@ -97,8 +97,9 @@ class InferenceApp:
         await self.supervisor.start()
         self.triton = TritonClient(self.supervisor.server.grpc_url)
         meter = self.telemetry.meter("maas.inference") if self.telemetry else None
+        self.store = SqliteDeploymentStore(self.settings.state_dir / "deployments.db")
         self.manager = DeploymentManager(
-            SqliteDeploymentStore(self.settings.state_dir / "deployments.db"),
+            self.store,
             RegistryReader(await self._registry_stub()), self.triton,
             ModelRepository(self.supervisor.server.model_repository),
             self.settings.state_dir / "artifacts",
@@ -118,7 +119,8 @@ class InferenceApp:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._alias_task
         if self.manager is not None:
-            await self.manager.drain_background()
+            await self.manager.close()
+            self.store.close()
         if self.triton is not None:
             await self.triton.close()
         await self.supervisor.stop()

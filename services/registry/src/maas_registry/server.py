@@ -45,7 +45,7 @@ def build_registry(settings: RegistrySettings) -> tuple[Registry, SqlRegistrySto
 
 def build_server(settings: RegistrySettings, telemetry: Telemetry | None = None,
                  discovery=None) -> ServiceServer:
-    registry, _ = build_registry(settings)
+    registry, store = build_registry(settings)
     servicer = RegistryServicer(registry)
     server = ServiceServer(
         "registry", settings,
@@ -56,6 +56,7 @@ def build_server(settings: RegistrySettings, telemetry: Telemetry | None = None,
     collector = _PeriodicCollection(registry, settings.gc_interval_seconds)
     server.on_start.append(collector.start)
     server.on_stop.append(collector.stop)
+    server.on_stop.append(store.close)
     return server
 
 

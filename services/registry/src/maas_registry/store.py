@@ -196,6 +196,10 @@ class SqlRegistryStore(RegistryStore):
         self._engine = engine
         self._postgres = engine.dialect.name == "postgresql"
 
+    async def close(self) -> None:
+        """Release the connection pool (idle PostgreSQL connections, SQLite handles)."""
+        self._engine.dispose()
+
     # -- transactions -------------------------------------------------------------------
 
     @contextmanager
