@@ -571,8 +571,10 @@ class DeploymentManager:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
 
-    def metadata(self, deployment_id: str) -> tuple[ServedModel, list[str]]:
+    def metadata(self, deployment_id: str, principal: Principal) -> tuple[ServedModel, list[str]]:
         live = self._route(deployment_id)
+        if principal.model_scopes:
+            _require_route_models(principal, live.route)
         return live.route.targets[0][0], [m.version for m, _ in live.route.targets]
 
     def is_ready(self, deployment_id: str) -> bool:

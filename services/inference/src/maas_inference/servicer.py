@@ -91,7 +91,7 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return service_pb2.ModelReadyResponse(ready=self._manager.is_ready(request.name))
 
     async def ModelMetadata(self, request, context):
-        served, versions = self._manager.metadata(request.name)
+        served, versions = self._manager.metadata(request.name, current_principal())
         signature = served.signature
         batch = [-1] if signature.max_batch_size > 0 else []
 
