@@ -394,3 +394,18 @@ async def test_scoped_tokens_serve_only_their_models(suite):
 async def test_deployment_ids_with_dots_are_refused(suite):
     await expect_error(create(suite, "a.b", model="models/digits@prod"),
                        grpc.StatusCode.INVALID_ARGUMENT, "deployment_id")
+
+
+async def test_list_deployments_pages_with_tamper_proof_tokens(suite):
+    stub = suite.predict_stub()
+    await create(suite, "second", model="models/digits/versions/2")
+    first = await stub.ListDeployments(inf.ListDeploymentsRequest(page_size=1))
+    assert len(first.deployments) == 1 and first.next_page_token
+    rest = await stub.ListDeployments(inf.ListDeploymentsRequest(
+        page_size=1000, page_token=first.next_page_token))
+    names = [d.name for d in [*first.deployments, *rest.deployments]]
+    assert names == sorted(names) and "deployments/second" in names and not rest.next_page_token
+    await expect_error(stub.ListDeployments(inf.ListDeploymentsRequest(
+        page_size=1, page_token=first.next_page_token[:-2] + "xx")),
+        grpc.StatusCode.INVALID_ARGUMENT, "page_token")
+    await stub.DeleteDeployment(inf.DeleteDeploymentRequest(name="deployments/second"))

@@ -23,6 +23,7 @@ from google.protobuf.message import DecodeError
 from maas_runtime import errors
 from maas_runtime.auth import Principal
 from maas_runtime.names import parse_version_name, validate_deployment_id
+from maas_runtime.pagination import PageTokenCodec, clamp_page_size
 from maas_runtime.telemetry import trace_metadata
 from tritonclient.grpc import service_pb2
 
@@ -107,7 +108,7 @@ class DeploymentManager:
 
     def __init__(self, store: DeploymentStore, registry: RegistryReader, triton,
                  repository: ModelRepository, artifact_dir: Path, defaults: ServingDefaults,
-                 triton_ready: Callable[[], bool], meter=None):
+                 triton_ready: Callable[[], bool], page_tokens: PageTokenCodec, meter=None):
         self._store = store
         self._registry = registry
         self._triton = triton
@@ -116,6 +117,7 @@ class DeploymentManager:
         self._artifacts.mkdir(parents=True, exist_ok=True)
         self._defaults = defaults
         self._triton_ready = triton_ready
+        self._page_tokens = page_tokens
         self._live: dict[str, _Live] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._download_locks: dict[str, asyncio.Lock] = {}
@@ -309,12 +311,13 @@ class DeploymentManager:
         return self._view(deployment_id, record)
 
     async def list(self, page_size: int, page_token: str) -> tuple[list[dict], str]:
-        size = min(max(page_size, 0) or 50, 1000)
-        if page_size < 0:
-            raise errors.InvalidArgument.for_field("page_size", "must not be negative")
-        rows = await asyncio.to_thread(self._store.list, page_token, size + 1)
+        size = clamp_page_size(page_size)
+        after = self._page_tokens.decode(page_token, "deployments")["after"] if page_token else ""
+        rows = await asyncio.to_thread(self._store.list, after, size + 1)
         items = [self._view(i, r) for i, r in rows[:size]]
-        return items, rows[size - 1][0] if len(rows) > size else ""
+        if len(rows) <= size:
+            return items, ""
+        return items, self._page_tokens.encode({"after": rows[size - 1][0]}, "deployments")
 
     async def update(self, fields: dict, update_mask: Sequence[str],
                      principal: Principal) -> dict:

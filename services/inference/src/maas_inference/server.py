@@ -11,6 +11,7 @@ from maas.inference.v1 import inference_service_pb2_grpc
 from maas.registry.v1 import registry_service_pb2_grpc
 from maas_runtime.client import client_interceptors, open_channel
 from maas_runtime.discovery import DiscoveredChannel, discovery_from_settings
+from maas_runtime.pagination import PageTokenCodec
 from maas_runtime.server import ServiceBinding, ServiceServer, run_service
 from maas_runtime.telemetry import Telemetry
 
@@ -109,7 +110,8 @@ class InferenceApp:
                             drain_seconds=self.settings.rollout_drain_seconds,
                             load_timeout_seconds=self.settings.model_load_timeout_seconds,
                             shadow_max_in_flight=self.settings.shadow_max_in_flight),
-            self.triton_ready, meter)
+            self.triton_ready,
+            PageTokenCodec.from_secret_file(self.settings.state_dir / "page-token.key"), meter)
         await self.manager.reload_all()
         self._alias_task = asyncio.create_task(self.manager.follow_alias_moves())
 
