@@ -18,6 +18,32 @@ from maas_jobs.progress import ProgressReporter, exit_when_parent_dies
 from maas_runtime.errors import MaasError
 
 
+def _world(rank: int, world_size: int):
+    """This worker's place in the run: gloo on the CPU; on GPUs, NCCL on `cuda:<local rank>`
+    with a gloo side group for the CPU-side collectives."""
+    import torch
+
+    from maas_trainer.training import World
+
+    if not torch.cuda.is_available():
+        if world_size > 1:
+            import torch.distributed as dist
+
+            dist.init_process_group("gloo")
+        return World(rank, world_size)
+    # cuBLAS needs this to honour torch.use_deterministic_algorithms (set before CUDA starts).
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local_rank)
+    device = f"cuda:{local_rank}"
+    if world_size == 1:
+        return World(rank, world_size, device)
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl")
+    return World(rank, world_size, device, dist.new_group(backend="gloo"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("workdir", type=Path, help="the job's directory holding run.json")
@@ -30,18 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Imported here: the parent watch is armed before the slow torch import.
         from maas_trainer.plan import RunConfig
-        from maas_trainer.training import World, run_training
+        from maas_trainer.training import run_training
 
-        world = World(rank, world_size)
-        if world.distributed:
-            import torch.distributed as dist
-
-            # The loop keeps tensors on the CPU, where gloo is the collective backend.
-            dist.init_process_group("gloo")
+        world = _world(rank, world_size)
         try:
             run_training(RunConfig.read(arguments.workdir), arguments.workdir, reporter, world)
         finally:
             if world.distributed:
+                import torch.distributed as dist
+
                 dist.destroy_process_group()
     except MaasError as error:
         failure_reporter.error(error.code, error.message)

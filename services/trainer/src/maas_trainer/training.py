@@ -14,6 +14,7 @@ Rank 0 evaluates, reports, checkpoints and writes the package.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -63,6 +64,11 @@ class World:
 
     rank: int = 0
     size: int = 1
+    device: str = "cpu"
+    """Where tensors live: "cpu", or "cuda:<local rank>" when the job runs on GPUs (NCCL)."""
+    cpu_group: Any = None
+    """A gloo process group for the small CPU-side collectives (RNG states, stop decisions)
+    when the main group is NCCL, which only moves CUDA tensors; None means the default group."""
 
     @property
     def distributed(self) -> bool:
@@ -225,7 +231,8 @@ def train_one_epoch(module: nn.Module, parameters: list[nn.Parameter],
                     world: World) -> EpochStats:
     module.train()
     order = torch.tensor(list(sampler), dtype=torch.long)
-    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, examples
+    # loss sum, correct, examples; on the training device, where NCCL can all-reduce them
+    totals = torch.zeros(3, dtype=torch.float64, device=world.device)
     started = time.perf_counter()
     for begin in range(0, len(order), rank_batch_size):
         batch = order[begin:begin + rank_batch_size]
@@ -266,7 +273,7 @@ def _rng_states_of_all_ranks(world: World) -> list[torch.Tensor]:
     if not world.distributed:
         return [state]
     states = [torch.empty_like(state) for _ in range(world.size)]
-    dist.all_gather(states, state)
+    dist.all_gather(states, state, group=world.cpu_group)
     return states
 
 
@@ -275,8 +282,17 @@ def _leader_decides(flag: bool, world: World) -> bool:
     if not world.distributed:
         return flag
     decision = torch.tensor([1 if flag else 0], dtype=torch.int64)
-    dist.broadcast(decision, src=0)
+    dist.broadcast(decision, src=0, group=world.cpu_group)
     return bool(decision.item())
+
+
+def _on_device(data: PreparedData, device: str) -> PreparedData:
+    """The splits moved once to the training device (a no-op on the CPU)."""
+    if device == "cpu":
+        return data
+    moved = {name: getattr(data, name).to(device) for name in (
+        "train_x", "train_y", "validation_x", "validation_y", "test_x", "test_y")}
+    return dataclasses.replace(data, **moved)
 
 
 def _dropout_seed(seed: int, rank: int) -> int:
@@ -293,11 +309,12 @@ def run_training(config: RunConfig, workdir: Path, reporter: ProgressReporter,
     spec, facts = config.plan.spec, config.plan.dataset
     torch.set_num_threads(config.torch_threads)
     torch.use_deterministic_algorithms(True)
-    data = prepare_data(config, workdir)
+    data = _on_device(prepare_data(config, workdir), world.device)
 
     torch.manual_seed(spec.seed)
     model = build_model(spec.architecture.kind, spec.architecture.hyperparameters,
                         list(facts.feature_shape), data.num_classes)
+    model.to(world.device)  # before the optimizer sees the parameters
     torch.manual_seed(_dropout_seed(spec.seed, world.rank))
     parameters = list(model.parameters())
     optimizer = build_optimizer(spec.optimizer, parameters)
@@ -323,7 +340,12 @@ def run_training(config: RunConfig, workdir: Path, reporter: ProgressReporter,
                      f"{len(data.train_y)} train / {len(data.validation_y)} validation / "
                      f"{len(data.test_y)} test examples, {world.size} worker(s)")
 
-    trained = DistributedDataParallel(model) if world.distributed else model
+    if world.distributed:
+        on_gpu = world.device.startswith("cuda")
+        trained = DistributedDataParallel(
+            model, device_ids=[torch.device(world.device).index] if on_gpu else None)
+    else:
+        trained = model
     sampler = DistributedSampler(range(len(data.train_y)), num_replicas=world.size,
                                  rank=world.rank, shuffle=True, seed=spec.seed)
     rank_batch_size = math.ceil(spec.batch_size / world.size)
@@ -385,7 +407,8 @@ def _finish(config: RunConfig, workdir: Path, reporter: ProgressReporter, model:
         preprocessing=data.preprocessing,
         labels=data.class_names,
         framework=FrameworkInfo(name="torch", version=torch.__version__))
-    save_torch_package(workdir / PACKAGE_FILENAME, manifest, model.state_dict())
+    save_torch_package(workdir / PACKAGE_FILENAME, manifest,
+                       {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()})
     last = progress.get("last_metrics", {})
     metrics = {"test_accuracy": test_accuracy, "test_loss": test_loss,
                "val_accuracy": validation_accuracy, "val_loss": validation_loss,
