@@ -1,0 +1,89 @@
+"""DeploymentManager as a domain object: fake registry and Triton, real store and repository.
+
+Covers what the end-to-end tests cannot stage cheaply: a restart while the registry is
+unreachable must not fail the deployment; it is retried until the registry answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from maas_inference.deployments import DeploymentManager, ServingDefaults
+from maas_inference.store import SqliteDeploymentStore
+from maas_inference.triton.model_repository import ModelRepository
+from maas_runtime import errors
+from maas_runtime.auth import ANONYMOUS_ADMIN
+from maas_runtime.pagination import PageTokenCodec
+
+VERSION = {
+    "name": "models/digits/versions/1", "format": "MODEL_FORMAT_MAAS_PACKAGE",
+    "artifact": {"sha256": "a" * 64, "size_bytes": 3},
+    "signature": {"inputs": [{"name": "input", "datatype": "DATA_TYPE_FP32", "shape": [64]}],
+                  "outputs": [{"name": "logits", "datatype": "DATA_TYPE_FP32", "shape": [10]}]},
+}
+
+
+class FlakyRegistry:
+    """Answers after `outages` calls have failed with UNAVAILABLE."""
+
+    def __init__(self, outages: int = 0):
+        self.outages = outages
+        self.calls = 0
+
+    async def resolve(self, reference: str) -> dict:
+        self.calls += 1
+        if self.outages:
+            self.outages -= 1
+            raise errors.Unavailable("registry is down")
+        return VERSION
+
+    async def download(self, version: dict, destination) -> None:
+        destination.write_bytes(b"abc")
+
+    async def alias_changes(self):
+        await asyncio.Event().wait()
+        yield ""
+
+
+class FakeTriton:
+    def __init__(self):
+        self.loaded: set[str] = set()
+
+    async def load_model(self, name: str) -> None:
+        self.loaded.add(name)
+
+    async def wait_model_ready(self, name: str, timeout: float) -> None:
+        assert name in self.loaded
+
+    async def unload_model(self, name: str) -> None:
+        self.loaded.discard(name)
+
+
+def manager(tmp_path, registry, triton) -> DeploymentManager:
+    return DeploymentManager(
+        SqliteDeploymentStore(tmp_path / "deployments.db"), registry, triton,
+        ModelRepository(tmp_path / "models"), tmp_path / "artifacts", ServingDefaults(),
+        lambda: True, PageTokenCodec(b"k" * 32))
+
+
+async def test_restart_during_a_registry_outage_retries_until_it_answers(tmp_path):
+    first = manager(tmp_path, FlakyRegistry(), FakeTriton())
+    await first.create("digits", {"model": "models/digits/versions/1"}, ANONYMOUS_ADMIN)
+    await first.close()
+
+    registry, triton = FlakyRegistry(outages=2), FakeTriton()
+    restarted = manager(tmp_path, registry, triton)
+    await restarted.reload_all()
+    with pytest.raises(errors.Unavailable):  # known but not loaded yet: retry, not NOT_FOUND
+        await restarted.predict("deployments/digits", "", [], [], None, ANONYMOUS_ADMIN)
+    for _ in range(100):
+        if triton.loaded:
+            break
+        await asyncio.sleep(0.1)
+    assert triton.loaded == {"digits.digits.v1"} and registry.calls == 3
+    view = await restarted.get("deployments/digits")
+    assert view["state"] == "DEPLOYMENT_STATE_READY"
+    with pytest.raises(errors.NotFound):
+        await restarted.predict("deployments/ghost", "", [], [], None, ANONYMOUS_ADMIN)
+    await restarted.close()
