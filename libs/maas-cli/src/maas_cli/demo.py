@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 
+import grpc
 import numpy as np
 from maas.common.v1 import job_pb2, tensor_pb2
 from maas.inference.v1 import deployment_pb2, inference_service_pb2 as inf, inference_service_pb2_grpc
@@ -87,11 +88,12 @@ async def _flow(channels) -> dict:
 
     say("3. deploying models/digits@production onto Triton (tracking the alias)")
     deployment_id = "digits"
-    try:
+    try:  # a previous run's deployment, if any, makes way for this one
         await inference.DeleteDeployment(inf.DeleteDeploymentRequest(
             name=f"deployments/{deployment_id}"))
-    except Exception:  # a previous run's deployment may or may not exist
-        pass
+    except grpc.aio.AioRpcError as error:
+        if error.code() != grpc.StatusCode.NOT_FOUND:
+            raise
     deployment = await inference.CreateDeployment(inf.CreateDeploymentRequest(
         deployment_id=deployment_id, deployment=deployment_pb2.Deployment(
             model="models/digits@production", track_alias=True)))
