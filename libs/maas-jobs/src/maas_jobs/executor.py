@@ -165,16 +165,17 @@ class JobProcess:
 def reap_stale_process(process_id: int | None, marker: str) -> bool:
     """Kill the process group a previous service instance left running, if it is still there.
 
-    `marker` (the job's working directory) must appear in the process's command line, so a
-    recycled pid that now belongs to something else is never touched.
+    `marker` (the job's working directory) must be one of the process's arguments, exactly
+    (`jobs/j1` is not `jobs/j10`), so a recycled pid that now belongs to something else is
+    never touched.
     """
     if not process_id:
         return False
     try:
-        command_line = Path(f"/proc/{process_id}/cmdline").read_bytes().replace(b"\0", b" ")
+        arguments = Path(f"/proc/{process_id}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    if marker.encode() not in command_line:
+    if marker.encode() not in arguments:
         return False
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process_id, signal.SIGKILL)

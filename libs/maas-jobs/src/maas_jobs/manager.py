@@ -326,6 +326,14 @@ class JobManager:
         entry = _RunningJob(job.tenant, job.workers)
         self._running[job.job_id] = entry
         entry.task = asyncio.create_task(self._run(job, entry), name=f"job-{job.job_id}")
+        # A task cancelled before its first step never runs `_run`'s finally: release the
+        # slots here too, or they would stay taken until a restart.
+        entry.task.add_done_callback(lambda _: self._release(job.job_id, entry))
+
+    def _release(self, job_id: str, entry: _RunningJob) -> None:
+        if self._running.get(job_id) is entry:
+            del self._running[job_id]
+            self._poke()
 
     async def _run(self, job: JobRecord, entry: _RunningJob) -> None:
         workdir = self._workdir(job.job_id)
@@ -362,8 +370,12 @@ class JobManager:
                                error=JobError("INTERNAL", "the job failed unexpectedly; see the "
                                               "service log"))
         finally:
-            self._running.pop(job.job_id, None)
-            self._poke()
+            if entry.process is not None and not entry.process.exited:
+                # An error on our side (store, disk) must not leave the job's processes
+                # running on slots the scheduler is about to hand out again.
+                with contextlib.suppress(Exception):
+                    await entry.process.stop(self.config.stop_grace_seconds)
+            self._release(job.job_id, entry)
             await self._discard_if_final(job.job_id, workdir)
 
     async def _discard_if_final(self, job_id: str, workdir: Path) -> None:

@@ -8,12 +8,14 @@ architecture can read the dataset's features. A rejected request leaves no trace
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import re
 import uuid
 from collections.abc import AsyncIterator
 
 from maas_jobs.manager import JobListing, JobManager
 from maas_jobs.records import JobDraft, JobEvent, JobRecord
-from maas_runtime.auth import Principal
+from maas_runtime.auth import Principal, Role
 from maas_runtime.errors import FailedPrecondition, FieldViolation, NotFound, ResourceRef
 from maas_runtime.names import parse_parent, validate_id
 
@@ -45,8 +47,11 @@ class TrainingJobs:
 
     async def create(self, job_id: str, spec_fields: dict, principal: Principal) -> JobRecord:
         job_id = validate_id(job_id, JOB_ID_FIELD) if job_id else f"train-{uuid.uuid4().hex[:12]}"
-        spec = parse_training_spec(spec_fields, default_tenant=principal.name)
+        spec = parse_training_spec(spec_fields, default_tenant=tenant_of(principal))
         principal.require_model(spec.output.model_id)
+        if spec.resources.tenant != tenant_of(principal):
+            # Fair share is per tenant: only an admin may account work to another team.
+            principal.require(Role.ADMIN, "submit jobs for another tenant")
         check_fits_pool(spec, self._manager.pool_size)
         facts = await self._dataset_facts(spec)
         check_against_dataset(spec, facts)
@@ -69,14 +74,43 @@ class TrainingJobs:
                 resource=ResourceRef("dataset version", spec.data.dataset)) from None
         return facts_from_dataset_version(version)
 
-    async def get(self, name: str) -> JobRecord:
-        return await self._manager.get(job_id_from_name(name))
+    async def get(self, name: str, principal: Principal) -> JobRecord:
+        return _in_scope(principal, await self._manager.get(job_id_from_name(name)))
 
-    async def list(self, filter_text: str, page_size: int, page_token: str) -> JobListing:
-        return await self._manager.list(filter_text, page_size, page_token)
+    async def list(self, filter_text: str, page_size: int, page_token: str,
+                   principal: Principal) -> JobListing:
+        listing = await self._manager.list(filter_text, page_size, page_token)
+        if not principal.model_scopes:
+            return listing
+        # A scoped token sees only jobs that train its models (pages may come back shorter).
+        return dataclasses.replace(listing, items=[
+            job for job in listing.items if principal.may_access_model(_model_of(job))])
 
     async def cancel(self, name: str, principal: Principal) -> JobRecord:
-        return await self._manager.cancel(job_id_from_name(name), f"cancelled by {principal.name}")
+        job_id = job_id_from_name(name)
+        _in_scope(principal, await self._manager.get(job_id))
+        return await self._manager.cancel(job_id, f"cancelled by {principal.name}")
 
-    def watch(self, name: str, after_sequence: int) -> AsyncIterator[JobEvent]:
-        return self._manager.watch(job_id_from_name(name), after_sequence)
+    async def watch(self, name: str, after_sequence: int,
+                    principal: Principal) -> AsyncIterator[JobEvent]:
+        job_id = job_id_from_name(name)
+        _in_scope(principal, await self._manager.get(job_id))
+        async for event in self._manager.watch(job_id, after_sequence):
+            yield event
+
+
+def tenant_of(principal: Principal) -> str:
+    """The tenant a principal's jobs count against by default: its name as a valid id."""
+    slug = re.sub(r"[^a-z0-9._-]+", "-", principal.name.lower()).strip("-._")[:63]
+    return slug or "default"
+
+
+def _model_of(job: JobRecord) -> str:
+    return TrainingPlan.from_dict(job.spec).spec.output.model_id
+
+
+def _in_scope(principal: Principal, job: JobRecord) -> JobRecord:
+    """A token scoped to some models may only see and touch jobs that train them."""
+    if principal.model_scopes:
+        principal.require_model(_model_of(job))
+    return job

@@ -21,10 +21,11 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         return training_job_message(job)
 
     async def GetTrainingJob(self, request, context):
-        return training_job_message(await self._jobs.get(request.name))
+        return training_job_message(await self._jobs.get(request.name, current_principal()))
 
     async def ListTrainingJobs(self, request, context):
-        listing = await self._jobs.list(request.filter, request.page_size, request.page_token)
+        listing = await self._jobs.list(request.filter, request.page_size, request.page_token,
+                                        current_principal())
         return trainer_service_pb2.ListTrainingJobsResponse(
             training_jobs=[training_job_message(job) for job in listing.items],
             next_page_token=listing.next_page_token)
@@ -33,5 +34,6 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         return training_job_message(await self._jobs.cancel(request.name, current_principal()))
 
     async def WatchTrainingJob(self, request, context):
-        async for event in self._jobs.watch(request.name, request.after_sequence):
+        async for event in self._jobs.watch(request.name, request.after_sequence,
+                                            current_principal()):
             yield job_event_message(event)
