@@ -34,3 +34,11 @@ async def test_scoped_tokens_see_and_cancel_only_jobs_of_their_models(start_trai
     finally:
         await channel.close()
         await trainer.stub.CancelTrainingJob(ts.CancelTrainingJobRequest(name=other.name))
+
+
+async def test_a_model_too_large_to_build_is_refused_without_building_it(trainer):
+    spec = digits_spec(hyperparameters={"hidden_sizes": [65536] * 32})
+    await expect_error(create_job(trainer.stub, spec), grpc.StatusCode.INVALID_ARGUMENT,
+                       "training_job.spec.architecture.hyperparameters")
+    assert list((await trainer.stub.ListTrainingJobs(ts.ListTrainingJobsRequest()))
+                .training_jobs) == []

@@ -58,6 +58,7 @@ def check_architecture_reads_dataset(spec: TrainingSpec, facts: DatasetFacts) ->
 
     architecture_field = field_path("architecture")
     shape = list(facts.feature_shape)
+    _check_parameter_budget(spec, shape, facts.num_classes)
     try:
         module = build_model(spec.architecture.kind, spec.architecture.hyperparameters, shape,
                              facts.num_classes)
@@ -84,3 +85,26 @@ def _does_not_fit(violations: list[FieldViolation]) -> FailedPrecondition:
     summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
     return FailedPrecondition(f"the architecture does not fit the dataset: {summary}",
                               reason="ARCHITECTURE_DATASET_MISMATCH", field_violations=violations)
+
+
+MAX_PARAMETERS = 50_000_000
+"""Largest model a job may ask for; beyond it the trainer would exhaust memory building it."""
+
+
+def _check_parameter_budget(spec: TrainingSpec, shape: list[int], num_classes: int) -> None:
+    """Count the requested model's parameters on the meta device (no memory allocated)."""
+    import torch
+    from maas_zoo import build_model
+
+    try:
+        with torch.device("meta"):
+            module = build_model(spec.architecture.kind, spec.architecture.hyperparameters,
+                                 shape, num_classes)
+    except Exception:  # noqa: BLE001 - the real build below reports it with the dataset's context
+        return
+    parameters = sum(p.numel() for p in module.parameters())
+    if parameters > MAX_PARAMETERS:
+        raise InvalidArgument.for_field(
+            field_path("architecture.hyperparameters"),
+            f"asks for {parameters:,} parameters; the limit is {MAX_PARAMETERS:,}",
+            reason="MODEL_TOO_LARGE")
