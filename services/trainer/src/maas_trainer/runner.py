@@ -35,8 +35,11 @@ from maas_trainer.plan import (
 from maas_trainer.registry_gateway import ModelPublication, RegistryGateway
 
 JOB_PROCESS_MODULE = "maas_trainer.job_process"
-PUBLISH_ATTEMPTS = 4
+# Publishing outlasts about five minutes of registry outage (a restart, a failover) before a
+# finished run is given up.
+PUBLISH_ATTEMPTS = 25
 PUBLISH_RETRY_SECONDS = 2.0
+PUBLISH_RETRY_MAX_SECONDS = 15.0
 
 
 @dataclass(frozen=True)
@@ -144,7 +147,8 @@ class TrainingJobRunner(JobRunner):
                 # is idempotent, so trying again cannot register the model twice.
                 if attempt == PUBLISH_ATTEMPTS:
                     raise
-                await asyncio.sleep(PUBLISH_RETRY_SECONDS * attempt)
+                await asyncio.sleep(min(PUBLISH_RETRY_SECONDS * attempt,
+                                        PUBLISH_RETRY_MAX_SECONDS))
         raise AssertionError("unreachable")
 
     async def discard_work(self, job: JobRecord, workdir: Path) -> None:
