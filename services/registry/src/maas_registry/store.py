@@ -232,14 +232,20 @@ class SqlRegistryStore(RegistryStore):
 
     # -- models --------------------------------------------------------------------------
 
-    def _model_row(self, connection: Connection, model_id: str, for_update: bool = False):
-        query = select(t.models).where(t.models.c.model_id == model_id)
+    def _parent_row(self, connection: Connection, id_column, value: str, resource_type: str,
+                    resource_name: str, for_update: bool):
+        """The model or dataset row with that id (locked for update on PostgreSQL)."""
+        query = select(id_column.table).where(id_column == value)
         if for_update and self._postgres:
             query = query.with_for_update()
         row = connection.execute(query).first()
         if row is None:
-            raise NotFound("model", model_name(model_id))
+            raise NotFound(resource_type, resource_name)
         return row
+
+    def _model_row(self, connection: Connection, model_id: str, for_update: bool = False):
+        return self._parent_row(connection, t.models.c.model_id, model_id, "model",
+                                model_name(model_id), for_update)
 
     def _model_aliases(self, connection: Connection, model_pks: list[int]) -> dict[int, dict]:
         rows = connection.execute(
@@ -564,13 +570,8 @@ class SqlRegistryStore(RegistryStore):
     # -- datasets ------------------------------------------------------------------------
 
     def _dataset_row(self, connection: Connection, dataset_id: str, for_update: bool = False):
-        query = select(t.datasets).where(t.datasets.c.dataset_id == dataset_id)
-        if for_update and self._postgres:
-            query = query.with_for_update()
-        row = connection.execute(query).first()
-        if row is None:
-            raise NotFound("dataset", dataset_name(dataset_id))
-        return row
+        return self._parent_row(connection, t.datasets.c.dataset_id, dataset_id, "dataset",
+                                dataset_name(dataset_id), for_update)
 
     @staticmethod
     def _dataset_resource(row) -> Resource:
