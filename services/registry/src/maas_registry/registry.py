@@ -9,6 +9,7 @@ fully written, fsynced, verified and renamed into place.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import re
@@ -180,22 +181,35 @@ class Registry:
         violations.raise_if_any("invalid upload header")
         await self._run(self._store.get_model, model_id)  # NOT_FOUND before reading any bytes
 
-        staged = await self._receive(chunks, expected_sha256, size_bytes)
-        try:
-            facts = await self._run(self._validate_artifact, staged.path, format_name)
-            signature = _reconcile_signature(declared_signature, facts.signature)
-            draft = VersionDraft(
+        def model_draft(staged: StagedBlob, facts) -> VersionDraft:
+            return VersionDraft(
                 format=format_name, sha256=staged.sha256, size_bytes=staged.size_bytes,
                 description=metadata.get("description", ""), labels=metadata.get("labels", {}),
-                lineage=lineage, creator=principal.name, signature=signature, metrics=metrics)
-            await self._run(self._blobs.commit, staged)
-        except BaseException:
-            self._blobs.discard(staged)
-            raise
+                lineage=lineage, creator=principal.name,
+                signature=_reconcile_signature(declared_signature, facts.signature),
+                metrics=metrics)
+
+        draft = await self._store_artifact(
+            chunks, expected_sha256, size_bytes,
+            functools.partial(self._validate_artifact, format_name=format_name), model_draft)
         version = await self._run(self._store.commit_model_version, model_id, draft,
                                   self._mutation(principal, "UploadModelVersion"))
         await self._notify()
         return version
+
+    async def _store_artifact(self, chunks: AsyncIterator[bytes], expected_sha256: str,
+                              size_bytes: int, validate, make_draft) -> VersionDraft:
+        """Receive, verify and validate the bytes, then move the blob into place. Any failure
+        discards the staged file: nothing partial survives a bad upload."""
+        staged = await self._receive(chunks, expected_sha256, size_bytes)
+        try:
+            facts = await self._run(validate, staged.path)
+            draft = make_draft(staged, facts)
+            await self._run(self._blobs.commit, staged)
+        except BaseException:
+            self._blobs.discard(staged)
+            raise
+        return draft
 
     async def _receive(self, chunks: AsyncIterator[bytes], expected_sha256: str,
                        size_bytes: int) -> StagedBlob:
@@ -392,21 +406,20 @@ class Registry:
         violations.raise_if_any("invalid upload header")
         await self._run(self._store.get_dataset, dataset_id)
 
-        staged = await self._receive(chunks, expected_sha256, size_bytes)
-        try:
-            facts = await self._run(self._validate_dataset, staged.path, format_name,
-                                    feature_columns, label_column)
-            draft = VersionDraft(
+        def dataset_draft(staged: StagedBlob, facts) -> VersionDraft:
+            return VersionDraft(
                 format=format_name, sha256=staged.sha256, size_bytes=staged.size_bytes,
                 description=metadata.get("description", ""), labels=metadata.get("labels", {}),
                 lineage=lineage, creator=principal.name, row_count=facts.row_count,
                 schema={"feature_columns": feature_columns, "label_column": label_column,
                         "feature_shape": list(facts.feature_shape),
                         "num_classes": facts.num_classes})
-            await self._run(self._blobs.commit, staged)
-        except BaseException:
-            self._blobs.discard(staged)
-            raise
+
+        draft = await self._store_artifact(
+            chunks, expected_sha256, size_bytes,
+            functools.partial(self._validate_dataset, format_name=format_name,
+                              feature_columns=feature_columns, label_column=label_column),
+            dataset_draft)
         version = await self._run(self._store.commit_dataset_version, dataset_id, draft,
                                   self._mutation(principal, "UploadDatasetVersion"))
         await self._notify()

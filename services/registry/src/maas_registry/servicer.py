@@ -22,7 +22,7 @@ from maas_registry.registry import Registry
 _LINEAGE_DIRECTIONS = {0: "both", 1: "ancestors", 2: "descendants", 3: "both"}
 
 
-async def _upload_parts(requests: AsyncIterator, header_field: str):
+async def _upload_parts(requests: AsyncIterator):
     """Split an upload stream into its header and an async iterator over the chunks."""
     first = await anext(aiter(requests), None)
     if first is None or first.WhichOneof("content") != "header":
@@ -79,7 +79,7 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         return empty_pb2.Empty()
 
     async def UploadModelVersion(self, request_iterator, context):
-        header, chunks = await _upload_parts(request_iterator, "header")
+        header, chunks = await _upload_parts(request_iterator)
         version = await self._registry.upload_model_version(
             header.parent, to_dict(header.model_version), header.expected_sha256,
             header.size_bytes, chunks, current_principal())
@@ -154,7 +154,7 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         return empty_pb2.Empty()
 
     async def UploadDatasetVersion(self, request_iterator, context):
-        header, chunks = await _upload_parts(request_iterator, "header")
+        header, chunks = await _upload_parts(request_iterator)
         version = await self._registry.upload_dataset_version(
             header.parent, to_dict(header.dataset_version), header.expected_sha256,
             header.size_bytes, chunks, current_principal())
