@@ -267,11 +267,13 @@ def test_every_pod_is_hardened(manifests, chart, profile):
 
 
 @pytest.mark.parametrize("service", SERVICES)
-def test_probes_check_grpc_health_of_the_logical_service_name(manifests, service):
+def test_readiness_checks_the_service_and_liveness_only_the_process(manifests, service):
+    """A dependency's outage (Triton, the registry) takes a pod out of rotation, never restarts it."""
     container = container_of(service_deployment(manifests(service), service))
     assert container["ports"] == [{"name": "grpc", "containerPort": PORTS[service], "protocol": "TCP"}]
-    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-        assert container[probe]["grpc"] == {"port": PORTS[service], "service": service}, probe
+    assert container["readinessProbe"]["grpc"] == {"port": PORTS[service], "service": service}
+    for probe in ("startupProbe", "livenessProbe"):
+        assert container[probe]["grpc"] == {"port": PORTS[service], "service": "liveness"}, probe
 
 
 @pytest.mark.parametrize("service", SERVICES)

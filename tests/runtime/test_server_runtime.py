@@ -232,6 +232,9 @@ async def test_health_watch_follows_serving_state_and_shutdown(runtime):
     statuses = [(await watch.read()).status]
     await server.set_serving(False)
     statuses.append((await watch.read()).status)
+    liveness = await health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service="liveness"))
+    assert liveness.status == health_pb2.HealthCheckResponse.SERVING, "not ready, still alive"
     await server.set_serving(True)
     statuses.append((await watch.read()).status)
     await server.health.enter_graceful_shutdown()

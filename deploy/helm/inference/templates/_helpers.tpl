@@ -111,9 +111,10 @@ seccompProfile:
   type: RuntimeDefault
 {{- end -}}
 
-{{/* One probe: native gRPC health check of the logical service name. The kubelet's gRPC probe
+{{/* One probe: native gRPC health check of a health name, by default the logical service
+name (readiness); "liveness" for the startup and liveness probes. The kubelet's gRPC probe
 speaks plaintext only, so with TLS on the probe falls back to a TCP connect.
-dict "root" . "probe" .Values.probes.<kind> */}}
+dict "root" . "probe" .Values.probes.<kind> ["service" "liveness"] */}}
 {{- define "maas.probe" -}}
 {{- if .root.Values.tls.enabled -}}
 tcpSocket:
@@ -121,7 +122,7 @@ tcpSocket:
 {{- else -}}
 grpc:
   port: {{ .root.Values.containerPort }}
-  service: {{ include "maas.serviceName" .root | quote }}
+  service: {{ .service | default (include "maas.serviceName" .root) | quote }}
 {{- end }}
 periodSeconds: {{ .probe.periodSeconds }}
 timeoutSeconds: {{ .probe.timeoutSeconds }}

@@ -4,6 +4,11 @@
 interceptors; the `grpc.health.v1` service (Check and Watch, per service) and reflection;
 TLS when configured; registration in discovery; and graceful shutdown (health NOT_SERVING,
 deregister, drain with grace, stop).
+
+Health has two meanings. The logical service name (e.g. "inference") says whether the
+service can do its work now (readiness: the inference service is NOT_SERVING while Triton
+restarts). `LIVENESS_SERVICE` says only that the process is up and its event loop answers:
+a liveness probe on it never restarts a service for a dependency's outage.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ _log = logging.getLogger(__name__)
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+LIVENESS_SERVICE = "liveness"
+"""Health name that stays SERVING from start to shutdown, whatever `set_serving` says."""
 
 
 @dataclass
@@ -138,7 +145,7 @@ class ServiceServer:
         else:
             self.port = self._server.add_insecure_port(address)
         await self._server.start()
-        for health_name in ("", self.name, *service_names):
+        for health_name in ("", self.name, *service_names, LIVENESS_SERVICE):
             await self.health.set(health_name, SERVING)
         self._stopped = asyncio.Event()
         for callback in self.on_start:
@@ -152,7 +159,8 @@ class ServiceServer:
                   extra={"port": self.port, "tls": self.settings.tls_enabled})
 
     async def set_serving(self, serving: bool) -> None:
-        """Report the whole service (and each of its gRPC services) SERVING or NOT_SERVING."""
+        """Report the whole service (and each of its gRPC services) SERVING or NOT_SERVING;
+        liveness is left alone."""
         status = SERVING if serving else NOT_SERVING
         for health_name in ("", self.name, *(b.full_name for b in self.bindings)):
             await self.health.set(health_name, status)
