@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from maas.trainer.v1 import trainer_service_pb2 as ts, trainer_service_pb2_grpc,
 from maas_runtime.client import open_channel
 
 from tests.support.grpc_asserts import expect_error  # noqa: F401 - re-exported for the trainer tests
-from tests.support.processes import ServiceProcess
+from tests.support.processes import ServiceProcess, process_alive
 
 FINAL_STATES = {job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED}
 
@@ -90,16 +89,6 @@ def states_of(events) -> list[int]:
     return [e.state_change.state for e in events if e.WhichOneof("kind") == "state_change"]
 
 
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie (exited, not yet reaped by its parent) is as good as gone.
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and stat.read_text().split(") ")[-1].startswith("Z"))
 
 
 def job_processes(workdir_marker: str) -> list[int]:

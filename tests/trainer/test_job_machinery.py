@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,7 +17,7 @@ from maas_jobs.progress import ProgressReporter, parse_progress_line
 from maas_jobs.records import EventKind, JobCollection, JobDraft, JobError, JobState, LogLevel
 from maas_jobs.scheduler import FairShareScheduler, QueuedJob
 from maas_jobs.store import SqlJobStore
-from maas_runtime.errors import AlreadyExists, NotFound
+from maas_runtime.errors import AlreadyExists, FailedPrecondition, NotFound
 from maas_runtime.pagination import PageTokenCodec
 from maas_trainer.checkpoints import TrainingCheckpoint, load_checkpoint, save_checkpoint
 from maas_trainer.datasets import split_indices, split_sizes
@@ -97,6 +98,19 @@ def test_store_numbers_each_jobs_events_without_gaps(store):
     assert events[-1].final_state is JobState.SUCCEEDED
     assert [e.sequence for e in store.events_after("one", 4, 100)] == [5, 6]
     assert [e.sequence for e in store.events_after("two", 0, 100)] == [1]
+
+
+def test_store_keeps_the_final_state_change_as_the_last_event(store):
+    """Output still in a cancelled process's pipe must not trail the final event."""
+    store.create(JobDraft("j", {}, "t", "alice"), "queued")
+    store.transition("j", [JobState.QUEUED], JobState.RUNNING, "go")
+    store.record_metrics("j", 1, "train", {"loss": 0.5})
+    store.transition("j", [JobState.RUNNING], JobState.CANCELLED, "stop")
+    assert store.record_metrics("j", 2, "train", {"loss": 0.1}) is None
+    assert store.append_log("j", LogLevel.INFO, "late line") is None
+    events = store.events_after("j", 0, 100)
+    assert events[-1].final_state is JobState.CANCELLED and len(events) == 4
+    assert store.get("j").metrics == {"loss": 0.5} and store.get("j").epoch == 1
 
 
 def test_store_transitions_are_compare_and_set(store):
@@ -279,7 +293,8 @@ async def test_manager_runs_jobs_as_processes_and_outlives_crashing_ones(tmp_pat
         assert done.metrics == {"loss": 0.25} and done.epoch == 2
         logs = [(e.payload["level"], e.payload["message"]) for e in reports
                 if e.kind is EventKind.LOG]
-        assert logs == [("WARNING", "careful"), ("INFO", "plain output")]
+        assert logs == [("WARNING", "careful"), ("INFO", "plain output"),
+                        ("INFO", "the work is done; publishing the result")]
         crashed = await manager.get("crashes")
         assert crashed.state is JobState.FAILED and crashed.error.code == "INTERNAL"
         assert "SIGKILL" in crashed.error.message
@@ -290,3 +305,128 @@ async def test_manager_runs_jobs_as_processes_and_outlives_crashing_ones(tmp_pat
     finally:
         await manager.stop()
         store.close()
+
+
+class SlowPublishRunner(ScriptRunner):
+    """Publishing waits until the test lets it go."""
+
+    def __init__(self) -> None:
+        self.publishing = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def complete(self, job, workdir: Path) -> dict:
+        self.publishing.set()
+        await self.release.wait()
+        return {"published": job.job_id}
+
+
+async def test_a_job_publishing_its_result_can_no_longer_be_cancelled(tmp_path):
+    store = SqlJobStore.open_sqlite(tmp_path / "jobs.db", COLLECTION)
+    runner = SlowPublishRunner()
+    manager = JobManager(store, runner, COLLECTION,
+                         JobManagerConfig(pool_size=1, work_root=tmp_path / "work",
+                                          schedule_interval_seconds=0.1, watch_poll_seconds=0.1),
+                         PageTokenCodec(b"k" * 32))
+    await manager.start()
+    try:
+        await manager.submit(JobDraft("j", {"script": "print('trained')"}, "t", "tester"))
+        await asyncio.wait_for(runner.publishing.wait(), 30)
+        with pytest.raises(FailedPrecondition) as refused:
+            await manager.cancel("j", "changed my mind")
+        assert refused.value.reason == "JOB_PUBLISHING"
+        assert (await manager.get("j")).state is JobState.RUNNING
+
+        runner.release.set()
+        events = await asyncio.wait_for(_all_events(manager, "j"), 30)
+        done = await manager.get("j")
+        assert done.state is JobState.SUCCEEDED and done.result == {"published": "j"}
+        messages = [e.payload["message"] for e in events if e.kind is EventKind.LOG]
+        assert "the work is done; publishing the result" in messages
+    finally:
+        await manager.stop()
+        store.close()
+
+
+async def _all_events(manager, job_id):
+    return [event async for event in manager.watch(job_id)]
+
+
+# -- process group selection --------------------------------------------------------------------
+
+
+class _RecordingDistributed:
+    """Stands in for torch.distributed's process-group calls and records them."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def init_process_group(self, backend: str) -> None:
+        self.calls.append(("init_process_group", backend))
+
+    def new_group(self, backend: str) -> str:
+        self.calls.append(("new_group", backend))
+        return f"{backend}-side-group"
+
+
+@pytest.mark.parametrize("gpus", [False, True])
+def test_workers_pick_gloo_on_cpu_and_nccl_on_their_own_gpu(monkeypatch, gpus):
+    """The selection only: NCCL itself needs GPUs, which these machines do not have."""
+    import torch.distributed
+    from maas_trainer.job_process import _world
+
+    recorder, devices = _RecordingDistributed(), []
+    monkeypatch.setattr(torch.distributed, "init_process_group", recorder.init_process_group)
+    monkeypatch.setattr(torch.distributed, "new_group", recorder.new_group)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "set_device", devices.append)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+
+    world = _world(rank=3, world_size=4)
+    assert (world.rank, world.size, world.distributed) == (3, 4, True)
+    if gpus:
+        assert recorder.calls == [("init_process_group", "nccl"), ("new_group", "gloo")]
+        assert world.device == "cuda:1" and devices == [1]
+        assert world.cpu_group == "gloo-side-group"  # CPU-side collectives cannot use NCCL
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # deterministic cuBLAS
+    else:
+        assert recorder.calls == [("init_process_group", "gloo")]
+        assert world.device == "cpu" and devices == [] and world.cpu_group is None
+
+    single = _world(rank=0, world_size=1)
+    assert not single.distributed and len(recorder.calls) == (2 if gpus else 1)
+
+
+class JobEndingStore(SqlJobStore):
+    """Ends the job (a last log line, then SUCCEEDED) right after a read that found nothing."""
+
+    end_after_empty_read = False
+
+    def events_after(self, job_id, after_sequence, limit):
+        events = super().events_after(job_id, after_sequence, limit)
+        if self.end_after_empty_read and not events:
+            self.end_after_empty_read = False
+            self.append_log(job_id, LogLevel.INFO, "last words")
+            self.transition(job_id, [JobState.RUNNING], JobState.SUCCEEDED, "done")
+        return events
+
+
+async def test_a_watcher_sees_the_events_of_a_job_that_ends_between_two_reads(tmp_path):
+    store = JobEndingStore.open_sqlite(tmp_path / "jobs.db", COLLECTION)
+    manager = JobManager(store, ScriptRunner(), COLLECTION,
+                         JobManagerConfig(pool_size=1, work_root=tmp_path / "work"),
+                         PageTokenCodec(b"k" * 32))
+    try:
+        store.create(JobDraft("j", {}, "t", "tester"), "queued")
+        store.transition("j", [JobState.QUEUED], JobState.RUNNING, "go")
+        seen = store.events_after("j", 0, 100)[-1].sequence
+        store.end_after_empty_read = True
+        events = await asyncio.wait_for(_all_events_after(manager, "j", seen), 10)
+        assert [e.payload.get("message") for e in events if e.kind is EventKind.LOG] == ["last words"]
+        assert events[-1].final_state is JobState.SUCCEEDED
+    finally:
+        store.close()
+
+
+async def _all_events_after(manager, job_id, after_sequence):
+    return [event async for event in manager.watch(job_id, after_sequence)]

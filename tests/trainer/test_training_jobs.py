@@ -17,7 +17,12 @@ from maas_formats.torch_io import load_torch_package
 from maas_zoo import build_model
 from sklearn.datasets import load_digits
 
-from tests.registry.helpers import dataset_upload_requests, download
+from tests.registry.helpers import (
+    dataset_upload_requests,
+    download,
+    mlp_package,
+    model_upload_requests,
+)
 from tests.trainer.helpers import (
     create_job,
     digits_spec,
@@ -162,6 +167,23 @@ async def test_accuracy_gate_fails_the_job_and_registers_nothing(trainer, regist
                        grpc.StatusCode.NOT_FOUND)
 
 
+async def test_a_version_someone_else_labelled_with_the_job_is_not_taken_for_its_result(
+        trainer, registry):
+    """Publishing finds a job's earlier upload by label and bytes: a label alone can be forged."""
+    await registry.stub.CreateModel(rs.CreateModelRequest(model_id="labelled"))
+    planted = await registry.stub.UploadModelVersion(model_upload_requests(
+        "models/labelled", mlp_package(seed=3), labels={"training_job": "honest"}))
+
+    created = await create_job(trainer.stub, digits_spec(epochs=1, model_id="labelled"),
+                               job_id="honest")
+    job = await wait_until_final(trainer.stub, created.name)
+    assert job.state == job_pb2.JOB_STATE_SUCCEEDED, job.error
+    assert job.model_version == "models/labelled/versions/2" != planted.name
+    trained = await registry.stub.GetModelVersion(rs.GetModelVersionRequest(name=job.model_version))
+    assert trained.artifact.sha256 != planted.artifact.sha256
+    assert trained.lineage.operation.job == "trainingJobs/honest"
+
+
 async def test_cancel_queued_then_running(start_trainer):
     trainer = await start_trainer(worker_slots=1)
     stub = trainer.stub
@@ -195,7 +217,8 @@ async def test_flooding_tenant_cannot_starve_another(start_trainer):
                               job_id="flood-0")]
     await wait_for(stub, flood[0].name, lambda job: job.state == job_pb2.JOB_STATE_RUNNING)
     flood += [await create_job(stub, digits_spec(epochs=1, tenant="flood", model_id="flood"),
-                               job_id=f"flood-{index}") for index in range(1, 8)]
+                               job_id=f"flood-{index}") for index in range(1, 19)]
+    # The flooding tenant has 20 jobs in: 19 plain, one urgent.
     urgent = await create_job(stub, digits_spec(epochs=1, tenant="flood", priority=5,
                                                 model_id="flood"), job_id="flood-urgent")
     solo = await create_job(stub, digits_spec(epochs=1, tenant="solo", model_id="solo"),

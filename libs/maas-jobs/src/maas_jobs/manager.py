@@ -9,6 +9,8 @@ register a model). The manager owns everything else:
 - Progress lines from the process become the job's metrics and log events; watchers get
   the stored history first, then live events, until the job reaches a final state.
 - Cancel of a queued job is immediate; a running job's process group is stopped first.
+  Once a job publishes its result it can no longer be cancelled (FAILED_PRECONDITION): a
+  half-stopped publish could leave, say, a registered model behind a CANCELLED job.
 - At start-up, jobs still RUNNING belonged to a service that died: their leftover
   processes are killed and they are started again, counted in `resume_count`; the runner
   resumes them from their last checkpoint.
@@ -94,6 +96,9 @@ class _RunningJob:
     task: asyncio.Task | None = None
     process: JobProcess | None = None
     cancel_requested: bool = False
+    publishing: bool = False
+    phase_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Held while cancel decides, and while the job decides to publish: one of them wins."""
 
 
 @dataclass
@@ -240,8 +245,15 @@ class JobManager:
 
     async def cancel(self, job_id: str, reason: str) -> JobRecord:
         """Cancel a queued or running job; a running one's processes are gone on return."""
-        record = await self._store_call(self.store.transition, job_id, ACTIVE_STATES,
-                                        JobState.CANCELLED, reason)
+        entry = self._running.get(job_id)
+        async with entry.phase_lock if entry is not None else contextlib.nullcontext():
+            if entry is not None and entry.publishing:
+                raise FailedPrecondition(
+                    f"{self.collection.name(job_id)} has finished its work and is publishing "
+                    "the result; it can no longer be cancelled", reason="JOB_PUBLISHING",
+                    metadata={"state": JobState.RUNNING.value})
+            record = await self._store_call(self.store.transition, job_id, ACTIVE_STATES,
+                                            JobState.CANCELLED, reason)
         if record is None:
             current = await self.get(job_id)
             raise FailedPrecondition(
@@ -255,8 +267,7 @@ class JobManager:
             if entry.process is not None and not entry.process.exited:
                 await entry.process.stop(self.config.stop_grace_seconds)
             elif entry.task is not None:
-                # Staging inputs or publishing the result: stopping the task is the cancel,
-                # so a cancelled job never registers anything.
+                # Staging inputs: stopping the task is the cancel.
                 entry.task.cancel()
             if entry.task is not None:
                 await asyncio.wait({entry.task}, timeout=self.config.stop_grace_seconds + 5)
@@ -279,7 +290,11 @@ class JobManager:
                 if len(events) == _EVENT_PAGE:
                     continue
                 if not events and (await self.get(job_id)).state.is_final:
-                    return  # the caller asked to skip past the final event
+                    # Final now, but it may have become final just after the read above: the
+                    # final event (committed with the state) is visible to a read from now on.
+                    if not await self._store_call(self.store.events_after, job_id, last, 1):
+                        return  # the caller asked to skip past the final event
+                    continue
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(signal.wait(), self.config.watch_poll_seconds)
 
@@ -354,9 +369,14 @@ class JobManager:
                         f"{launch.log_path.name} in the job's directory")
                     await self._finish(job.job_id, [JobState.RUNNING], JobState.FAILED, error=error)
                     return
-            current = await self.get(job.job_id)
-            if current.state is not JobState.RUNNING:
-                return
+            async with entry.phase_lock:
+                current = await self.get(job.job_id)
+                if current.state is not JobState.RUNNING:
+                    return
+                entry.publishing = True
+            await self._store_call(self.store.append_log, job.job_id, LogLevel.INFO,
+                                   "the work is done; publishing the result")
+            self._signals.notify(job.job_id)
             result = await self.runner.complete(current, workdir)
             await self._finish(job.job_id, [JobState.RUNNING], JobState.SUCCEEDED, result=result)
         except asyncio.CancelledError:

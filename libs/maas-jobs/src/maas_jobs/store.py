@@ -95,11 +95,16 @@ class JobStore(abc.ABC):
 
     @abc.abstractmethod
     def record_metrics(self, job_id: str, epoch: int, phase: str,
-                       values: dict[str, float]) -> JobEvent:
-        """Append a metrics event and fold the values into the job's latest metrics."""
+                       values: dict[str, float]) -> JobEvent | None:
+        """Append a metrics event and fold the values into the job's latest metrics.
+
+        None, and nothing written, once the job is final: its final state change stays the
+        last event (output still in a stopped process's pipe arrives after it).
+        """
 
     @abc.abstractmethod
-    def append_log(self, job_id: str, level: LogLevel, message: str) -> JobEvent: ...
+    def append_log(self, job_id: str, level: LogLevel, message: str) -> JobEvent | None:
+        """Append a log event; None, and nothing written, once the job is final."""
 
     @abc.abstractmethod
     def mark_resumed(self, job_id: str, reason: str) -> JobRecord:
@@ -285,17 +290,21 @@ class SqlJobStore(JobStore):
             return self._record(self._row(connection, job_id))
 
     def record_metrics(self, job_id: str, epoch: int, phase: str,
-                       values: dict[str, float]) -> JobEvent:
+                       values: dict[str, float]) -> JobEvent | None:
         with self._write() as connection:
             row = self._row(connection, job_id)
+            if JobState(row.state).is_final:
+                return None
             connection.execute(update(t.jobs).where(t.jobs.c.pk == row.pk).values(
                 metrics={**row.metrics, **values}, epoch=max(row.epoch, epoch)))
             return self._append(connection, row, EventKind.METRICS,
                                 {"epoch": epoch, "phase": phase, "values": values}, utc_now())
 
-    def append_log(self, job_id: str, level: LogLevel, message: str) -> JobEvent:
+    def append_log(self, job_id: str, level: LogLevel, message: str) -> JobEvent | None:
         with self._write() as connection:
             row = self._row(connection, job_id)
+            if JobState(row.state).is_final:
+                return None
             return self._append(connection, row, EventKind.LOG,
                                 {"level": level.value, "message": message}, utc_now())
 

@@ -6,6 +6,7 @@ An adapter over the registry's gRPC API; callers get domain values and domain er
 
 Publishing is idempotent per training job: each version is labelled with the job id, and a
 job that crashed after uploading but before recording the outcome finds its version again
+(same label and same artifact sha256, so a version someone else labelled does not count)
 instead of uploading a second one.
 """
 
@@ -97,26 +98,28 @@ class RegistryGateway:
                 model_id=publication.model_id), timeout=self._timeout))
         except AlreadyExists:
             pass
-        version_name = await self._version_of_job(parent, publication.job_id)
+        sha256 = await asyncio.to_thread(_file_sha256, publication.package_path)
+        version_name = await self._version_of_job(parent, publication.job_id, sha256)
         if version_name is None:
-            version_name = await self._upload(stub, parent, publication)
+            version_name = await self._upload(stub, parent, publication, sha256)
         if publication.alias:
             await _registry_call(stub.SetModelAlias(registry_service_pb2.SetModelAliasRequest(
                 name=f"{parent}/aliases/{publication.alias}", version=version_name),
                 timeout=self._timeout))
         return version_name
 
-    async def _version_of_job(self, parent: str, job_id: str) -> str | None:
+    async def _version_of_job(self, parent: str, job_id: str, sha256: str) -> str | None:
+        """The version this job already registered: its label and its exact bytes."""
         listing = await _registry_call(self._stub().ListModelVersions(
             registry_service_pb2.ListModelVersionsRequest(
-                parent=parent, page_size=1, filter=f'labels.{TRAINING_JOB_LABEL} = "{job_id}"'),
-            timeout=self._timeout))
-        return listing.model_versions[0].name if listing.model_versions else None
+                parent=parent, page_size=100,
+                filter=f'labels.{TRAINING_JOB_LABEL} = "{job_id}"'), timeout=self._timeout))
+        return next((version.name for version in listing.model_versions
+                     if version.artifact.sha256 == sha256), None)
 
     async def _upload(self, stub: RegistryServiceStub, parent: str,
-                      publication: ModelPublication) -> str:
+                      publication: ModelPublication, sha256: str) -> str:
         data_path = publication.package_path
-        sha256 = await asyncio.to_thread(_file_sha256, data_path)
         version = to_message({
             "format": "MODEL_FORMAT_MAAS_PACKAGE",
             "metrics": publication.metrics,

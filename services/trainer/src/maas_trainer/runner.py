@@ -101,11 +101,12 @@ class TrainingJobRunner(JobRunner):
 
     async def prepare(self, job: JobRecord, workdir: Path) -> LaunchSpec | None:
         plan = TrainingPlan.from_dict(job.spec)
-        workdir.mkdir(parents=True, exist_ok=True)
-        if RunResult.read(workdir) is not None:
+        await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True)
+        if await asyncio.to_thread(RunResult.read, workdir) is not None:
             return None  # trained before a restart; only publishing is left
         await self._stage_dataset(plan.dataset, workdir / plan.dataset.staged_filename)
-        RunConfig(self._job_name(job), plan, self._config.torch_threads).write(workdir)
+        await asyncio.to_thread(
+            RunConfig(self._job_name(job), plan, self._config.torch_threads).write, workdir)
         return LaunchSpec(
             argv=job_process_command(self._config, plan.spec.resources.workers, workdir),
             cwd=workdir, log_path=workdir / LOG_FILENAME,
@@ -121,7 +122,7 @@ class TrainingJobRunner(JobRunner):
 
     async def complete(self, job: JobRecord, workdir: Path) -> dict[str, Any]:
         plan = TrainingPlan.from_dict(job.spec)
-        result = RunResult.read(workdir)
+        result = await asyncio.to_thread(RunResult.read, workdir)
         if result is None:
             raise Internal("the job process exited successfully without writing its result")
         output = plan.spec.output
@@ -156,4 +157,4 @@ class TrainingJobRunner(JobRunner):
         staged data and the package (now in the registry, or rejected) only cost disk."""
         plan = TrainingPlan.from_dict(job.spec)
         for name in (CHECKPOINT_FILENAME, PACKAGE_FILENAME, plan.dataset.staged_filename):
-            (workdir / name).unlink(missing_ok=True)
+            await asyncio.to_thread((workdir / name).unlink, missing_ok=True)

@@ -90,7 +90,9 @@ class TrainerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CancelTrainingJob(self, request, context):
-        """Cancels a queued or running job. Cancelling a finished job fails with FAILED_PRECONDITION.
+        """Cancels a queued or running job. Cancelling a finished job fails with FAILED_PRECONDITION
+        (reason JOB_FINISHED), and so does cancelling a job that has finished training and is
+        publishing its model to the registry (reason JOB_PUBLISHING).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
