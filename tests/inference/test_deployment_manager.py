@@ -59,6 +59,9 @@ class FakeTriton:
     async def unload_model(self, name: str) -> None:
         self.loaded.discard(name)
 
+    async def infer_request(self, request, *, timeout=None, metadata=None):
+        raise AssertionError("these tests send no inference requests")
+
 
 def manager(tmp_path, registry, triton) -> DeploymentManager:
     return DeploymentManager(
@@ -87,3 +90,25 @@ async def test_restart_during_a_registry_outage_retries_until_it_answers(tmp_pat
     with pytest.raises(errors.NotFound):
         await restarted.predict("deployments/ghost", "", [], [], None, ANONYMOUS_ADMIN)
     await restarted.close()
+
+
+async def test_a_model_triton_lost_is_unavailable_not_not_found(tmp_path):
+    """Between a Triton restart and the reload, Triton answers "unknown model" for a
+    deployment that exists; callers must hear UNAVAILABLE (retry), never NOT_FOUND."""
+    from maas_inference.triton.client import TritonModelNotFound
+    from tritonclient.grpc import service_pb2
+
+    class ForgetfulTriton(FakeTriton):
+        async def infer_request(self, request, *, timeout=None, metadata=None):
+            self.loaded.clear()  # as after a kill -9 and a restart that has not reloaded yet
+            raise TritonModelNotFound(request.model_name, "Request for unknown model")
+
+    served = manager(tmp_path, FlakyRegistry(), ForgetfulTriton())
+    await served.create("digits", {"model": "models/digits/versions/1"}, ANONYMOUS_ADMIN)
+    request = service_pb2.ModelInferRequest(model_name="digits")
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 64])
+    request.raw_input_contents.append(bytes(4 * 64))
+    with pytest.raises(errors.Unavailable) as caught:
+        await served.kserve_infer(request, None, ANONYMOUS_ADMIN)
+    assert caught.value.reason == "MODEL_NOT_LOADED"
+    await served.close()

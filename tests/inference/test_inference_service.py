@@ -161,6 +161,12 @@ async def test_kserve_v2_endpoint_serves_the_deployment(suite):
     await expect_error(anonymous.ModelInfer(request), grpc.StatusCode.UNAUTHENTICATED)
 
 
+async def test_kserve_bytes_that_are_no_request_are_invalid_argument(suite):
+    model_infer = suite.inference_channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+    await expect_error(model_infer(b"\xff\xff\xff not protobuf"), grpc.StatusCode.INVALID_ARGUMENT,
+                       "request")
+
+
 async def test_unmodified_tritonclient_works_through_the_gateway(suite):
     from tritonclient.grpc.aio import InferenceServerClient, InferInput
 
@@ -286,6 +292,37 @@ async def _load(stub, deployment: str, stop: asyncio.Event, outcomes: list, suit
         outcomes.append(reply.model_version)
 
 
+async def test_concurrent_requests_share_triton_calls_and_each_gets_its_own_rows(suite):
+    """Under load the gateway coalesces alike requests; no caller may ever see another's rows."""
+    await create(suite, "crowd", model="models/digits/versions/1")
+    predict, kserve = suite.predict_stub(), suite.kserve_stub()
+
+    async def one(index: int):
+        data = batch(1 + index % 3, seed=1000 + index)
+        if index % 2:
+            reply = await predict.Predict(predict_request("deployments/crowd", data,
+                                                          request_id=f"crowd-{index}"))
+            assert reply.request_id == f"crowd-{index}"
+            return data, logits(reply)
+        request = service_pb2.ModelInferRequest(model_name="crowd", id=f"crowd-{index}")
+        request.inputs.add(name="features", datatype="FP32", shape=list(data.shape))
+        request.raw_input_contents.append(data.tobytes())
+        reply = await kserve.ModelInfer(request)
+        assert (reply.id, reply.model_name, reply.model_version) == (f"crowd-{index}", "crowd", "1")
+        return data, np.frombuffer(reply.raw_output_contents[0], np.float32).reshape(len(data), 10)
+
+    results = []
+    for _ in range(3):
+        results += await asyncio.gather(*(one(index) for index in range(48)))
+    for data, answer in results:
+        np.testing.assert_allclose(answer, suite.expected(1, data), rtol=1e-4, atol=1e-4)
+    statistics = await suite.app.triton.model_statistics("crowd.digits.v1")
+    received = statistics.model_stats[0].inference_stats.success.count
+    assert received < len(results), f"Triton received {received} calls for {len(results)} requests"
+    assert statistics.model_stats[0].inference_count == sum(len(data) for data, _ in results)
+    await suite.predict_stub().DeleteDeployment(inf.DeleteDeploymentRequest(name="deployments/crowd"))
+
+
 async def test_rollout_under_load_has_no_failed_request(suite):
     stub = suite.predict_stub()
     await create(suite, "rolling", model="models/digits/versions/1")
@@ -353,6 +390,8 @@ async def test_kill_9_of_triton_under_load(suite):
     while time.monotonic() - killed_at < 30:
         status = (await health.Check(health_pb2.HealthCheckRequest(service="inference"))).status
         saw_not_serving |= status == health_pb2.HealthCheckResponse.NOT_SERVING
+        alive = (await health.Check(health_pb2.HealthCheckRequest(service="liveness"))).status
+        assert alive == health_pb2.HealthCheckResponse.SERVING, "a Triton restart is no reason to restart us"
         deployment = await stub.GetDeployment(inf.GetDeploymentRequest(name="deployments/survivor"))
         if (
             saw_not_serving

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
+from typing import NamedTuple
 
 from maas_cli import local_suite
 from maas_cli.local_suite import free_port
@@ -49,3 +51,56 @@ class RegistryProcess(ServiceProcess):
     def __init__(self, state_dir, database_url: str = ""):
         super().__init__("registry", state_dir, database_url=database_url,
                          gc_grace_seconds="0")
+
+
+class ProcessInfo(NamedTuple):
+    parent: int
+    cpu_seconds: float
+    command: str
+
+
+def process_table() -> dict[int, ProcessInfo]:
+    """Every process by pid: its parent, CPU time so far and command name, from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # gone meanwhile
+        command, fields = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+        table[int(stat.parent.name)] = ProcessInfo(
+            int(fields[1]), (int(fields[11]) + int(fields[12])) / ticks, command)
+    return table
+
+
+def children_named(parent_pid: int, command: str) -> list[int]:
+    return [pid for pid, info in process_table().items()
+            if info.parent == parent_pid and info.command == command]
+
+
+def process_tree_cpu_seconds(roots: list[int]) -> float:
+    """CPU seconds used so far by `roots` and all their descendants (Triton's model stubs)."""
+    table = process_table()
+    children: dict[int, list[int]] = {}
+    for pid, info in table.items():
+        children.setdefault(info.parent, []).append(pid)
+    total, pending, seen = 0.0, list(roots), set()
+    while pending:
+        pid = pending.pop()
+        if pid in seen or pid not in table:
+            continue
+        seen.add(pid)
+        total += table[pid].cpu_seconds
+        pending.extend(children.get(pid, []))
+    return total
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its parent) is as good as gone.
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split(") ")[-1].startswith("Z"))

@@ -19,7 +19,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from google.protobuf.message import DecodeError
 from maas_runtime import errors
 from maas_runtime.auth import Principal
 from maas_runtime.names import parse_version_name, validate_deployment_id
@@ -27,6 +26,7 @@ from maas_runtime.pagination import PageTokenCodec, clamp_page_size
 from maas_runtime.telemetry import trace_metadata
 from tritonclient.grpc import service_pb2
 
+from maas_inference.coalescing import RequestCoalescer
 from maas_inference.registry_reader import RegistryReader
 from maas_inference.routing import InFlight, Route, ServedModel
 from maas_inference.store import DeploymentStore
@@ -37,7 +37,7 @@ from maas_inference.tensors import (
     kserve_shapes,
     predict_shapes,
 )
-from maas_inference.triton.client import with_model_name
+from maas_inference.triton.client import TritonModelNotFound
 from maas_inference.triton.model_repository import (
     ArtifactFormat,
     BatchingPolicy,
@@ -63,6 +63,8 @@ class ServingDefaults:
     drain_seconds: float = 30.0
     load_timeout_seconds: float = 120.0
     shadow_max_in_flight: int = 64
+    coalesce_calls_per_instance: int = 1
+    """Calls open per Triton model instance before concurrent requests share calls (0: never)."""
 
 
 @dataclass
@@ -122,6 +124,7 @@ class DeploymentManager:
         self._locks: dict[str, asyncio.Lock] = {}
         self._download_locks: dict[str, asyncio.Lock] = {}
         self._in_flight = InFlight()
+        self._coalescer = RequestCoalescer(triton.infer_request)
         self._shadow_slots = asyncio.Semaphore(defaults.shadow_max_in_flight)
         self._background: set[asyncio.Task] = set()
         self._shadow_tasks: set[asyncio.Task] = set()
@@ -233,7 +236,8 @@ class DeploymentManager:
         await self._triton.load_model(name)
         await self._triton.wait_model_ready(name, timeout=self._defaults.load_timeout_seconds)
         return ServedModel(version["name"], name,
-                           ServingSignature.from_version(signature, serving["max_batch_size"]))
+                           ServingSignature.from_version(signature, serving["max_batch_size"]),
+                           instances=serving["instance_count"])
 
     async def _build_route(self, deployment_id: str, spec: dict,
                            pinned: dict | None = None) -> tuple[Route, dict]:
@@ -484,31 +488,43 @@ class DeploymentManager:
         self._require_triton()
         request_id = request_id or uuid.uuid4().hex
         target = live.route.pick(request_id)
-        target.signature.check(predict_shapes(inputs), "inputs")
+        rows = target.signature.check(predict_shapes(inputs), "inputs")
         check_output_names(output_names, target.signature, "output_names")
         request = infer_request_from_predict(inputs, output_names, target.triton_model,
                                              request_id)
-        with self._in_flight.track(target.triton_model):
-            response = await self._triton.infer_request(request, timeout=timeout,
-                                                          metadata=trace_metadata())
+        response = await self._infer(target, request, rows, timeout)
         if live.route.mirrors(request_id):
             self._mirror(live, request, response)
         return Prediction(request_id, target.version, response)
 
-    async def kserve_infer(self, raw_request: bytes, timeout: float | None,
-                           principal: Principal) -> bytes:
-        """KServe-v2 ModelInfer (model name = deployment id), serialized in and out.
+    async def _infer(self, target: ServedModel, request: service_pb2.ModelInferRequest,
+                     rows: int, timeout: float | None) -> service_pb2.ModelInferResponse:
+        """Triton's answer, through the coalescer (concurrent requests may share a call).
 
-        The request is parsed once to route and check it, then forwarded as the caller's own
-        bytes with the Triton model name appended (protobuf keeps the last value of a field);
-        the reply gets the deployment's name and version appended the same way. Tensor bytes
-        are never decoded or copied field by field.
+        A routed model that Triton does not know was lost with a Triton restart and is being
+        loaded again: that is UNAVAILABLE (retry shortly), never NOT_FOUND for a deployment
+        that exists.
         """
-        try:
-            request = service_pb2.ModelInferRequest.FromString(raw_request)
-        except DecodeError:
-            raise errors.InvalidArgument.for_field(
-                "request", "is not a serialized inference.ModelInferRequest") from None
+        with self._in_flight.track(target.triton_model):
+            try:
+                return await self._coalescer.infer(
+                    request, rows=rows if target.signature.splits_by_rows else None,
+                    max_rows=target.signature.max_batch_size,
+                    max_in_flight=target.instances * self._defaults.coalesce_calls_per_instance,
+                    timeout=timeout, metadata=trace_metadata())
+            except TritonModelNotFound as exc:
+                raise errors.Unavailable(
+                    f"{target.version} is being loaded into Triton again; retry shortly",
+                    reason="MODEL_NOT_LOADED") from exc
+
+    async def kserve_infer(self, request: service_pb2.ModelInferRequest, timeout: float | None,
+                           principal: Principal) -> service_pb2.ModelInferResponse:
+        """KServe-v2 ModelInfer (model name = deployment id).
+
+        The request is sent on under the Triton model's name; the reply carries the
+        deployment's name and version. Tensor bytes are passed along as they came
+        (concatenated with others' when calls are shared), never decoded.
+        """
         deployment_id = request.model_name
         live = self._route(deployment_id)
         if principal.model_scopes:
@@ -516,15 +532,14 @@ class DeploymentManager:
         self._require_triton()
         request_id = request.id or uuid.uuid4().hex
         target = live.route.pick(request_id)
-        target.signature.check(kserve_shapes(request), "inputs")
-        with self._in_flight.track(target.triton_model):
-            raw_response = await self._triton.infer_serialized(
-                with_model_name(raw_request, target.triton_model), model_name=deployment_id,
-                timeout=timeout, metadata=trace_metadata())
+        rows = target.signature.check(kserve_shapes(request), "inputs")
+        request.model_name = target.triton_model
+        response = await self._infer(target, request, rows, timeout)
         if live.route.mirrors(request_id):
-            request.model_name = target.triton_model
-            self._mirror(live, request, service_pb2.ModelInferResponse.FromString(raw_response))
-        return with_model_name(raw_response, deployment_id, target.version.rsplit("/", 1)[-1])
+            self._mirror(live, request, response)
+        response.model_name = deployment_id
+        response.model_version = target.version.rsplit("/", 1)[-1]
+        return response
 
     def _mirror(self, live: _Live, request, primary) -> None:
         """Copy to the shadow without delaying or failing the primary reply."""
@@ -568,7 +583,8 @@ class DeploymentManager:
             await asyncio.gather(*self._shadow_tasks, return_exceptions=True)
 
     async def close(self) -> None:
-        """Finish shadow comparisons, cancel pending reload retries."""
+        """Finish calls and shadow comparisons in flight, cancel pending reload retries."""
+        await self._coalescer.close()
         await self.drain_background()
         for task in list(self._background):
             task.cancel()

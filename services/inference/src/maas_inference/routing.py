@@ -27,6 +27,8 @@ class ServedModel:
     triton_model: str
     signature: object
     """A `maas_inference.tensors.ServingSignature`."""
+    instances: int = 1
+    """Model instances in Triton: how many batches it executes at once."""
 
 
 @dataclass(frozen=True)

@@ -109,7 +109,9 @@ class InferenceApp:
                                 self.settings.default_max_queue_delay_microseconds),
                             drain_seconds=self.settings.rollout_drain_seconds,
                             load_timeout_seconds=self.settings.model_load_timeout_seconds,
-                            shadow_max_in_flight=self.settings.shadow_max_in_flight),
+                            shadow_max_in_flight=self.settings.shadow_max_in_flight,
+                            coalesce_calls_per_instance=(
+                                self.settings.coalesce_calls_per_instance)),
             self.triton_ready,
             PageTokenCodec.from_secret_file(self.settings.state_dir / "page-token.key"), meter)
         await self.manager.reload_all()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import grpc
 from google.protobuf import empty_pb2
+from google.protobuf.message import DecodeError
 from maas.inference.v1 import deployment_pb2, inference_service_pb2, inference_service_pb2_grpc
 from maas_runtime.auth import Role, current_principal
+from maas_runtime.errors import InvalidArgument
 from maas_runtime.messages import to_dict, to_message
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
@@ -105,12 +107,19 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             outputs=tensors(signature.outputs))
 
     async def ModelInfer(self, request: bytes, context) -> bytes:
-        return await self._manager.kserve_infer(request, _deadline(context), current_principal())
+        try:
+            message = service_pb2.ModelInferRequest.FromString(request)
+        except DecodeError:
+            raise InvalidArgument.for_field(
+                "request", "is not a serialized inference.ModelInferRequest") from None
+        reply = await self._manager.kserve_infer(message, _deadline(context), current_principal())
+        return reply.SerializeToString()
 
 
 def add_kserve_to_server(servicer: KServeServicer, server) -> None:
-    """Register KServe-v2 with ModelInfer on raw bytes (parsed once by the manager, forwarded
-    as is) and the other methods on their generated messages."""
+    """Register KServe-v2, ModelInfer on raw bytes (parsed by the servicer, so a malformed
+    request is INVALID_ARGUMENT naming `request`, not grpc's INTERNAL deserialization failure)
+    and the other methods on their generated messages."""
     typed = {
         "ServerLive": (service_pb2.ServerLiveRequest, service_pb2.ServerLiveResponse),
         "ServerReady": (service_pb2.ServerReadyRequest, service_pb2.ServerReadyResponse),

@@ -39,6 +39,10 @@ class InferenceSettings(ServiceSettings):
     shadow_max_in_flight: int = Field(default=64, ge=1)
     """Mirrored requests allowed at once; beyond it shadow copies are skipped, never queued."""
 
+    coalesce_calls_per_instance: int = Field(default=1, ge=0)
+    """Calls open to Triton per model instance before concurrent alike requests wait and share
+    the next call (concatenated by rows, answered separately); 0 sends every request alone."""
+
     default_max_batch_size: int = Field(default=32, ge=0)
     """max_batch_size written into config.pbtxt when a deployment does not say."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 from maas.common.v1 import tensor_pb2
 from maas_runtime.errors import InvalidArgument, ViolationCollector
@@ -69,6 +70,13 @@ class ServingSignature:
             )
 
         return cls(rules("inputs"), rules("outputs"), max_batch_size)
+
+    @cached_property
+    def splits_by_rows(self) -> bool:
+        """Requests can be concatenated and replies sliced by rows: batched, fixed-size types
+        (asked on every request, so worked out once)."""
+        return self.max_batch_size > 0 and all(
+            rule.datatype in ITEM_BYTES for rule in (*self.inputs, *self.outputs))
 
     def check(self, tensors: Sequence[tuple[str, str, Sequence[int], int | None]], field_path: str) -> int:
         """Check (name, datatype, shape, byte length or None) of each input; return the batch.

@@ -378,6 +378,9 @@ class TritonServerProcess(TritonServer):
             os.fspath(bundle.binary),
             f"--model-repository={self._config.model_repository}",
             "--model-control-mode=explicit",
+            # Ready means "able to serve", not "every model it ever saw is loaded": with strict
+            # readiness an unloaded (deleted, rolled-out) model turns the server unready for good.
+            "--strict-readiness=false",
             f"--backend-directory={self._config.state_dir / 'backends'}",
             f"--cache-directory={bundle.caches_dir}",
             f"--grpc-address={host}",

@@ -1,0 +1,83 @@
+"""Kill -9 of the inference service itself: its Triton goes with it, and a restart on the same
+state directory brings every deployment back, serving the same answers.
+
+Both services run as real subprocesses; the restarted instance reuses the Triton port, so a
+tritonserver orphaned by the first instance would make the restart fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+from maas.inference.v1 import deployment_pb2, inference_service_pb2 as inf, inference_service_pb2_grpc
+from maas.registry.v1 import registry_service_pb2 as rs, registry_service_pb2_grpc
+
+from tests.inference.model_packages import save_zoo_package, zoo_model
+from tests.inference.test_inference_service import batch, logits, predict_request
+from tests.registry.helpers import model_upload_requests
+from tests.support.processes import ServiceProcess, children_named, free_port, process_alive
+
+pytestmark = pytest.mark.triton
+
+HYPER = {"hidden_sizes": [16]}
+
+
+async def test_kill_9_of_the_service_then_restart_reloads_every_deployment(tmp_path):
+    registry = ServiceProcess("registry", tmp_path / "registry")
+    await registry.start()
+    inference = ServiceProcess(
+        "inference", tmp_path / "inference", registry_target=registry.target,
+        client_token_file=str(tmp_path / "registry" / "admin.token"),
+        triton_grpc_port=str(free_port()))
+    try:
+        module = zoo_model("mlp", HYPER, [64], seed=21)
+        package = tmp_path / "model.safetensors"
+        save_zoo_package(package, module, kind="mlp", hyperparameters=HYPER, input_shape=[64])
+        async with registry.stub() as channel:
+            stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
+            await stub.CreateModel(rs.CreateModelRequest(model_id="digits"))
+            await stub.UploadModelVersion(model_upload_requests("models/digits", package.read_bytes()))
+            await stub.SetModelAlias(rs.SetModelAliasRequest(
+                name="models/digits/aliases/prod", version="models/digits/versions/1"))
+
+        await inference.start(timeout=120)
+        data = batch(6, seed=3)
+        async with inference.stub() as channel:
+            stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
+            for deployment_id in ("first", "second"):
+                await stub.CreateDeployment(inf.CreateDeploymentRequest(
+                    deployment_id=deployment_id,
+                    deployment=deployment_pb2.Deployment(model="models/digits@prod")))
+            before = logits(await stub.Predict(predict_request("deployments/first", data)))
+
+        tritons = children_named(inference.process.pid, "tritonserver")
+        assert len(tritons) == 1, tritons
+        inference.kill()
+        deadline = time.monotonic() + 15
+        while process_alive(tritons[0]) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert not process_alive(tritons[0]), "Triton outlived the service that started it"
+
+        restarted_at = time.monotonic()
+        await inference.start(timeout=120)
+        async with inference.stub() as channel:
+            stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
+            for deployment_id in ("first", "second"):
+                for _ in range(300):
+                    deployment = await stub.GetDeployment(
+                        inf.GetDeploymentRequest(name=f"deployments/{deployment_id}"))
+                    if deployment.state == deployment_pb2.DEPLOYMENT_STATE_READY:
+                        break
+                    await asyncio.sleep(0.1)
+                assert deployment.state == deployment_pb2.DEPLOYMENT_STATE_READY, deployment
+                assert list(deployment.serving_versions) == ["models/digits/versions/1"]
+            print(f"deployments READY {time.monotonic() - restarted_at:.1f} s after the restart")
+            for deployment_id in ("first", "second"):
+                reply = await stub.Predict(predict_request(f"deployments/{deployment_id}", data))
+                np.testing.assert_array_equal(logits(reply), before)
+    finally:
+        inference.terminate()
+        registry.terminate()
