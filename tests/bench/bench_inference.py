@@ -3,7 +3,11 @@
 Same model (64→128→10 MLP maas-package), same client code, one run. The registry and the
 inference service (which supervises the bundled tritonserver) run as subprocesses; the load
 generator runs here. Prints p50/p99 at concurrency 1 and throughput at concurrency 16 for
-each path, with ratios to direct Triton, and dynamic batching on vs off at concurrency 32.
+each path, with ratios to direct Triton and the CPU time its serving processes spent per
+request (what bounds throughput when client, hop and Triton share two cores), and dynamic
+batching on vs off at concurrency 32.
+MLServer serving the same weights (TorchScript) is a second reference when it installs
+(`tests.bench.mlserver_reference`).
 
 Run: `make bench` (or `.venv/bin/python -m tests.bench.bench_inference`).
 """
@@ -34,15 +38,27 @@ from maas_runtime.client import open_channel
 from maas_zoo import build_model, resolve_hyperparameters
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from tests.bench.mlserver_reference import (
+    MLSERVER_VERSION,
+    MODEL_NAME,
+    mlserver_python,
+    start_mlserver,
+)
 from tests.registry.helpers import model_upload_requests
-from tests.support.processes import ServiceProcess, free_port
+from tests.support.processes import (
+    ServiceProcess,
+    children_named,
+    free_port,
+    process_tree_cpu_seconds,
+)
 
 LATENCY_REQUESTS = 2000
 THROUGHPUT_SECONDS = 5.0
 HYPER = {"hidden_sizes": [128]}
 
 
-def write_package(path: Path) -> None:
+def write_package(path: Path) -> torch.nn.Module:
+    """The benchmark's MLP as a maas-package at `path`; returns the module (for MLServer)."""
     torch.manual_seed(0)
     module = build_model("mlp", HYPER, [64], 10)
     manifest = ModelManifest.model_validate({
@@ -50,6 +66,7 @@ def write_package(path: Path) -> None:
         "signature": {"inputs": [{"name": "input", "datatype": "FP32", "shape": [64]}],
                       "outputs": [{"name": "logits", "datatype": "FP32", "shape": [10]}]}})
     save_torch_package(path, manifest, module.state_dict())
+    return module
 
 
 async def latency(call, requests: int) -> tuple[float, float]:
@@ -63,7 +80,23 @@ async def latency(call, requests: int) -> tuple[float, float]:
     return statistics.median(timings), statistics.quantiles(timings, n=100)[98]
 
 
+async def latency_and_throughput(call, server_pids: list[int]) -> tuple[float, ...]:
+    """p50 and p99 at concurrency 1; then requests/s at concurrency 16 and the CPU time the
+    serving side (`server_pids` and their child processes) spent per request meanwhile."""
+    p50, p99 = await latency(call, LATENCY_REQUESTS)
+    cpu_before = process_tree_cpu_seconds(server_pids)
+    requests, elapsed = await load(call, 16, THROUGHPUT_SECONDS)
+    cpu_per_request = (process_tree_cpu_seconds(server_pids) - cpu_before) / requests
+    return p50, p99, requests / elapsed, cpu_per_request * 1e6
+
+
 async def throughput(call, concurrency: int, seconds: float) -> float:
+    requests, elapsed = await load(call, concurrency, seconds)
+    return requests / elapsed
+
+
+async def load(call, concurrency: int, seconds: float) -> tuple[int, float]:
+    """`concurrency` callers in a loop for `seconds`: requests done and the time taken."""
     done = 0
     stop_at = time.perf_counter() + seconds
 
@@ -75,12 +108,13 @@ async def throughput(call, concurrency: int, seconds: float) -> float:
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return done / (time.perf_counter() - started)
+    return done, time.perf_counter() - started
 
 
 async def main() -> None:
     bench_dir = Path(os.environ.get("MAAS_BENCH_DIR", ".maas/bench"))
     bench_dir.mkdir(parents=True, exist_ok=True)
+    mlserver, mlserver_missing = mlserver_python(bench_dir)
     with tempfile.TemporaryDirectory(dir=bench_dir) as tmp:
         root = Path(tmp)
         registry = ServiceProcess("registry", root / "registry")
@@ -92,16 +126,19 @@ async def main() -> None:
             triton_grpc_port=str(triton_port))
         try:
             await inference.start(timeout=120)
-            rows = await measure(root, registry, inference, triton_port)
+            rows = await measure(root, registry, inference, triton_port, mlserver)
         finally:
             inference.terminate()
             registry.terminate()
     print_table(rows)
+    if mlserver is None:
+        print(f"MLServer {MLSERVER_VERSION} is not in the table: {mlserver_missing}")
 
 
-async def measure(root: Path, registry, inference, triton_port: int) -> list[tuple]:
+async def measure(root: Path, registry, inference, triton_port: int,
+                  mlserver: Path | None) -> list[tuple]:
     package = root / "mlp.safetensors"
-    write_package(package)
+    module = write_package(package)
     async with registry.stub() as channel:
         stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
         await stub.CreateModel(rs.CreateModelRequest(model_id="mlp"))
@@ -134,60 +171,80 @@ async def measure(root: Path, registry, inference, triton_port: int) -> list[tup
     kserve = service_pb2_grpc.GRPCInferenceServiceStub(gateway)
     direct_request, kserve_request_ = kserve_request("bench.mlp.v1"), kserve_request("bench")
 
+    [triton_pid] = children_named(inference.process.pid, "tritonserver")
     passthrough_port = free_port()
     passthrough_process = subprocess.Popen(
         [sys.executable, "-m", "tests.bench.passthrough", str(passthrough_port),
          f"127.0.0.1:{triton_port}", "bench.mlp.v1"])
     passthrough_channel = open_channel(f"127.0.0.1:{passthrough_port}")
-    await passthrough_channel.channel_ready()
-    passthrough = service_pb2_grpc.GRPCInferenceServiceStub(passthrough_channel)
+    try:
+        await passthrough_channel.channel_ready()
+        passthrough = service_pb2_grpc.GRPCInferenceServiceStub(passthrough_channel)
 
-    paths = {
-        "direct Triton (KServe-v2)": lambda: direct.ModelInfer(direct_request),
-        "reference: bare Python pass-through": lambda: passthrough.ModelInfer(kserve_request_),
-        "gateway Predict": lambda: deployments.Predict(predict),
-        "gateway KServe-v2": lambda: kserve.ModelInfer(kserve_request_),
-    }
-    results = {}
-    for name, call in paths.items():
-        p50, p99 = await latency(call, LATENCY_REQUESTS)
-        rps = await throughput(call, 16, THROUGHPUT_SECONDS)
-        results[name] = (p50, p99, rps)
-    batched = await throughput(lambda: deployments.Predict(predict), 32, THROUGHPUT_SECONDS)
-    unbatched = await throughput(lambda: deployments.Predict(predict_nobatch), 32,
-                                 THROUGHPUT_SECONDS)
-    direct_nobatch_request = kserve_request("nobatch.mlp.v1")
-    direct_batched = await throughput(lambda: direct.ModelInfer(direct_request), 32,
-                                      THROUGHPUT_SECONDS)
-    direct_unbatched = await throughput(lambda: direct.ModelInfer(direct_nobatch_request), 32,
-                                        THROUGHPUT_SECONDS)
-    await direct_channel.close()
-    await gateway.close()
-    await passthrough_channel.close()
-    passthrough_process.terminate()
-    passthrough_process.wait()
+        # Each path: the call, and the processes serving it (whose CPU time is counted).
+        paths = {
+            "direct Triton (KServe-v2)": (lambda: direct.ModelInfer(direct_request),
+                                          [triton_pid]),
+            "reference: bare Python pass-through": (
+                lambda: passthrough.ModelInfer(kserve_request_),
+                [passthrough_process.pid, triton_pid]),
+            "gateway Predict": (lambda: deployments.Predict(predict), [inference.process.pid]),
+            "gateway KServe-v2": (lambda: kserve.ModelInfer(kserve_request_),
+                                  [inference.process.pid]),
+        }
+        results = {}
+        for name, (call, server_pids) in paths.items():
+            results[name] = await latency_and_throughput(call, server_pids)
+        if mlserver is not None:
+            reference = await start_mlserver(mlserver, root / "mlserver", module)
+            mlserver_channel = open_channel(reference.grpc_target)
+            mlserver_stub = service_pb2_grpc.GRPCInferenceServiceStub(mlserver_channel)
+            mlserver_request = kserve_request(MODEL_NAME)
+            try:
+                results[f"reference: MLServer {MLSERVER_VERSION} (KServe-v2, TorchScript)"] = \
+                    await latency_and_throughput(lambda: mlserver_stub.ModelInfer(mlserver_request),
+                                                 [reference.process.pid])
+            finally:
+                await mlserver_channel.close()
+                reference.stop()
+        batched = await throughput(lambda: deployments.Predict(predict), 32, THROUGHPUT_SECONDS)
+        unbatched = await throughput(lambda: deployments.Predict(predict_nobatch), 32,
+                                     THROUGHPUT_SECONDS)
+        direct_nobatch_request = kserve_request("nobatch.mlp.v1")
+        direct_batched = await throughput(lambda: direct.ModelInfer(direct_request), 32,
+                                          THROUGHPUT_SECONDS)
+        direct_unbatched = await throughput(lambda: direct.ModelInfer(direct_nobatch_request), 32,
+                                            THROUGHPUT_SECONDS)
+    finally:
+        await direct_channel.close()
+        await gateway.close()
+        await passthrough_channel.close()
+        passthrough_process.terminate()
+        passthrough_process.wait()
 
-    base_p50, _, base_rps = results["direct Triton (KServe-v2)"]
+    base_p50, _, base_rps, _ = results["direct Triton (KServe-v2)"]
     rows = []
-    for name, (p50, p99, rps) in results.items():
+    for name, (p50, p99, rps, cpu_us) in results.items():
         rows.append((name, f"{p50:.2f}", f"{p99:.2f}", f"{p50 - base_p50:+.2f}", f"{rps:,.0f}",
-                     f"{rps / base_rps:.2f}"))
+                     f"{rps / base_rps:.2f}", f"{cpu_us:,.0f}"))
     rows.append(("dynamic batching on / off, c=32 (gateway)", "-", "-", "-",
-                 f"{batched:,.0f} / {unbatched:,.0f}", f"{batched / unbatched:.2f}"))
+                 f"{batched:,.0f} / {unbatched:,.0f}", f"{batched / unbatched:.2f}", "-"))
     rows.append(("dynamic batching on / off, c=32 (direct)", "-", "-", "-",
                  f"{direct_batched:,.0f} / {direct_unbatched:,.0f}",
-                 f"{direct_batched / direct_unbatched:.2f}"))
+                 f"{direct_batched / direct_unbatched:.2f}", "-"))
     return rows
 
 
 def print_table(rows) -> None:
     header = ("path", "p50 ms c=1", "p99 ms c=1", "Δp50 vs direct", "req/s c=16",
-              "ratio vs direct")
+              "ratio vs direct", "server CPU µs/req c=16")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     print()
     for row in (header, *rows):
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
     print("goals: gateway p50 ≤ direct + 0.3 ms; throughput ≥ 0.9× direct; batching ≥ 3×")
+    print("server CPU: every serving process of the path (hop + Triton and its model stubs), "
+          "per request; the load generator shares the same 2 cores")
 
 
 if __name__ == "__main__":
