@@ -13,7 +13,9 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: install proto proto-check proto-breaking kserve-descriptors lint test bench demo up clean
 
-install: $(VENV)/.installed $(NODE_TOOLS) $(VENV)/.system-tools
+DATAPLANE := $(VENV)/bin/maas-inference-dataplane
+
+install: $(VENV)/.installed $(NODE_TOOLS) $(VENV)/.system-tools $(DATAPLANE)
 
 $(VENV)/.installed: constraints.txt $(wildcard libs/*/pyproject.toml services/*/pyproject.toml)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,11 +34,19 @@ $(NODE_TOOLS): tools/package.json
 # contracts also generate and compile for other languages.
 $(VENV)/.system-tools:
 	command -v protoc >/dev/null && test -f /usr/include/google/protobuf/descriptor.pb.h && \
-		test -f /usr/share/java/protobuf.jar && command -v javac >/dev/null || \
+		test -f /usr/share/java/protobuf.jar && command -v javac >/dev/null && \
+		command -v grpc_cpp_plugin >/dev/null && test -f /usr/include/grpcpp/grpcpp.h && \
+		test -f /usr/include/nlohmann/json.hpp && test -f /usr/include/openssl/sha.h || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 			protobuf-compiler libprotobuf-dev libprotobuf-java default-jdk-headless g++ pkg-config \
+			libgrpc++-dev protobuf-compiler-grpc nlohmann-json3-dev libssl-dev zlib1g-dev \
 			>/dev/null; }
 	touch $@
+
+# The inference service's native data plane (services/inference/native), beside the venv's python.
+$(DATAPLANE): $(VENV)/.installed $(VENV)/.system-tools $(wildcard services/inference/native/*)
+	$(MAKE) -C services/inference/native -j2 PY=$(abspath $(PY)) BUILD=$(abspath build/dataplane) \
+		OUT=$(abspath $@)
 
 proto: $(VENV)/.installed
 	$(PY) tools/gen_protos.py --out $(API_OUT)
@@ -76,4 +86,4 @@ up: install
 	$(VENV)/bin/maas --state-dir .maas/local up
 
 clean:
-	rm -rf $(VENV) tools/node_modules
+	rm -rf $(VENV) tools/node_modules build/dataplane

@@ -19,6 +19,7 @@ import logging
 import signal
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -55,6 +56,23 @@ class ServiceBinding:
     """Roles for services without `(maas.common.v1.required_role)` options (e.g. KServe v2)."""
 
 
+class FrontDoor(Protocol):
+    """Something else that owns the public port and passes calls on to this server.
+
+    With a front door the gRPC server binds a loopback port only (`backend_target`); the front
+    door binds `settings.host:settings.port` (with the settings' TLS) and that port is what
+    discovery registers. It stays open while the server drains at shutdown.
+    """
+
+    async def open(self, backend_target: str) -> int:
+        """Start serving on the public port; returns the bound port."""
+        ...
+
+    async def close(self) -> None:
+        """Stop accepting calls and finish the ones in flight (within the shutdown grace)."""
+        ...
+
+
 @dataclass
 class ServiceServer:
     """A running (or ready to run) service: server, health, discovery registration."""
@@ -73,6 +91,7 @@ class ServiceServer:
     """Async callbacks run once the server is serving (background loops, supervisors)."""
     on_stop: list[Callable] = field(default_factory=list)
     """Async callbacks run after the server stopped (close stores, stop subprocesses)."""
+    front_door: FrontDoor | None = None
 
     health: HealthServicer = field(init=False)
     port: int = field(init=False, default=0)
@@ -112,6 +131,9 @@ class ServiceServer:
         try:
             await self._start_serving()
         except BaseException:
+            if self.front_door is not None:
+                with contextlib.suppress(Exception):
+                    await self.front_door.close()
             if self._server is not None:
                 await self._server.stop(0)
                 self._server = None
@@ -136,7 +158,9 @@ class ServiceServer:
             [*service_names, HEALTH_SERVICE, reflection.SERVICE_NAME], self._server
         )
         address = f"{self.settings.host}:{self.settings.port}"
-        if self.settings.tls_enabled:
+        if self.front_door is not None:
+            backend_port = self._server.add_insecure_port("127.0.0.1:0")
+        elif self.settings.tls_enabled:
             self.port = self._server.add_secure_port(
                 address,
                 server_credentials(self.settings.tls_cert_file, self.settings.tls_key_file,
@@ -147,6 +171,8 @@ class ServiceServer:
         await self._server.start()
         for health_name in ("", self.name, *service_names, LIVENESS_SERVICE):
             await self.health.set(health_name, SERVING)
+        if self.front_door is not None:
+            self.port = await self.front_door.open(f"127.0.0.1:{backend_port}")
         self._stopped = asyncio.Event()
         for callback in self.on_start:
             await callback()
@@ -176,6 +202,8 @@ class ServiceServer:
                 await self.discovery.deregister(self._instance_id)
             except Exception:  # a dead agent must not block shutdown
                 _log.warning("deregistration of %s failed", self._instance_id, exc_info=True)
+        if self.front_door is not None:  # it drains first: its calls are served behind it
+            await self.front_door.close()
         await self._server.stop(grace)
         for callback in self.on_stop:
             await callback()

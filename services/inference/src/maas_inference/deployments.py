@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -110,7 +110,8 @@ class DeploymentManager:
 
     def __init__(self, store: DeploymentStore, registry: RegistryReader, triton,
                  repository: ModelRepository, artifact_dir: Path, defaults: ServingDefaults,
-                 triton_ready: Callable[[], bool], page_tokens: PageTokenCodec, meter=None):
+                 triton_ready: Callable[[], bool], page_tokens: PageTokenCodec, meter=None,
+                 on_routes_changed: Callable[[], Awaitable[None]] | None = None):
         self._store = store
         self._registry = registry
         self._triton = triton
@@ -119,6 +120,7 @@ class DeploymentManager:
         self._artifacts.mkdir(parents=True, exist_ok=True)
         self._defaults = defaults
         self._triton_ready = triton_ready
+        self._on_routes_changed = on_routes_changed
         self._page_tokens = page_tokens
         self._live: dict[str, _Live] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -131,6 +133,14 @@ class DeploymentManager:
         self._shadow_counter = meter.create_counter(
             "maas.inference.shadow.compared", description="shadow comparisons by outcome"
         ) if meter is not None else None
+
+    def live_routes(self) -> dict[str, Route]:
+        """Every loaded deployment's current route (what the data plane's table is built from)."""
+        return {deployment_id: live.route for deployment_id, live in self._live.items()}
+
+    async def _routes_changed(self) -> None:
+        if self._on_routes_changed is not None:
+            await self._on_routes_changed()
 
     def _lock(self, deployment_id: str) -> asyncio.Lock:
         return self._locks.setdefault(deployment_id, asyncio.Lock())
@@ -305,6 +315,7 @@ class DeploymentManager:
                 await asyncio.to_thread(self._store.delete, deployment_id)
                 raise
             self._live[deployment_id] = _Live(route)
+            await self._routes_changed()
             record = self._record(deployment_id, spec, READY, route=route, resolved=resolved)
             await asyncio.to_thread(self._store.put, deployment_id, record)
         return self._view(deployment_id, record)
@@ -358,6 +369,7 @@ class DeploymentManager:
             raise
         previous = self._live.get(deployment_id)
         self._live[deployment_id] = _Live(route)  # the switch: one assignment
+        await self._routes_changed()  # … and the data plane's, before anything is drained
         record = self._record(deployment_id, spec, READY, route=route, resolved=resolved,
                               created=current.get("create_time"))
         await asyncio.to_thread(self._store.put, deployment_id, record)
@@ -374,6 +386,7 @@ class DeploymentManager:
             record = await asyncio.to_thread(self._store.get, deployment_id)  # NOT_FOUND first
             _require_models(principal, record)
             live = self._live.pop(deployment_id, None)
+            await self._routes_changed()
             await asyncio.to_thread(self._store.delete, deployment_id)
             if live is not None:
                 await self._in_flight.drained(live.route.models, self._defaults.drain_seconds)
@@ -412,6 +425,7 @@ class DeploymentManager:
             previous = self._live.get(deployment_id)
             self._live[deployment_id] = _Live(
                 route, previous.shadow_stats if previous else ShadowStats())
+            await self._routes_changed()
             if record["state"] != READY:
                 await asyncio.to_thread(self._store.put, deployment_id,
                                         {**record, "state": READY, "message": ""})

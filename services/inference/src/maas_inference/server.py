@@ -15,6 +15,7 @@ from maas_runtime.pagination import PageTokenCodec
 from maas_runtime.server import ServiceBinding, ServiceServer, run_service
 from maas_runtime.telemetry import Telemetry
 
+from maas_inference.dataplane import NativeDataPlane, find_binary, route_table
 from maas_inference.deployments import DeploymentManager, ServingDefaults
 from maas_inference.registry_reader import RegistryReader
 from maas_inference.servicer import (
@@ -62,6 +63,15 @@ class InferenceApp:
         self._owns_registry_channel = registry_channel is None
         self._discovery = discovery
         self._discovered = None
+        self.data_plane = NativeDataPlane(
+            find_binary(settings.data_plane_binary), host=settings.host, port=settings.port,
+            triton_target=lambda: self.supervisor.server.grpc_url, table=self._route_table,
+            tokens_file=settings.resolved_tokens_file if settings.auth_enabled else None,
+            max_message_bytes=settings.max_message_bytes,
+            shutdown_grace_seconds=settings.shutdown_grace_seconds,
+            tls_files=(settings.tls_cert_file, settings.tls_key_file,
+                       settings.tls_client_ca_file),
+        ) if settings.data_plane == "native" else None
         self.manager: DeploymentManager | None = None
         self.triton: TritonClient | None = None
         self._alias_task: asyncio.Task | None = None
@@ -69,10 +79,19 @@ class InferenceApp:
     def triton_ready(self) -> bool:
         return self.supervisor.health is TritonHealth.SERVING
 
+    def _route_table(self) -> dict:
+        routes = self.manager.live_routes() if self.manager is not None else {}
+        return route_table(routes, self.triton_ready(), self.settings.coalesce_calls_per_instance)
+
+    async def _publish_routes(self) -> None:
+        if self.data_plane is not None:
+            await self.data_plane.publish()
+
     def _on_health_change(self, health: TritonHealth) -> None:
+        loop = asyncio.get_running_loop()
         if self.server is not None and self.server.port:
-            asyncio.get_running_loop().create_task(
-                self.server.set_serving(health is TritonHealth.SERVING))
+            loop.create_task(self.server.set_serving(health is TritonHealth.SERVING))
+        loop.create_task(self._publish_routes())
 
     async def _on_triton_restart(self) -> None:
         await self.manager.reload_all()
@@ -113,7 +132,8 @@ class InferenceApp:
                             coalesce_calls_per_instance=(
                                 self.settings.coalesce_calls_per_instance)),
             self.triton_ready,
-            PageTokenCodec.from_secret_file(self.settings.state_dir / "page-token.key"), meter)
+            PageTokenCodec.from_secret_file(self.settings.state_dir / "page-token.key"), meter,
+            on_routes_changed=self._publish_routes)
         await self.manager.reload_all()
         self._alias_task = asyncio.create_task(self.manager.follow_alias_moves())
 
@@ -151,7 +171,7 @@ def build_server(settings: InferenceSettings, telemetry: Telemetry | None = None
         "inference", settings,
         [ServiceBinding(SERVICE_NAME, add_inference),
          ServiceBinding(KSERVE_SERVICE, add_kserve, method_roles=KSERVE_ROLES)],
-        telemetry=telemetry, discovery=discovery)
+        telemetry=telemetry, discovery=discovery, front_door=app.data_plane)
     server.before_start.append(app.start)
     server.on_stop.append(app.stop)
     app.server = server

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from maas_runtime.settings import ServiceSettings
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
@@ -42,6 +44,14 @@ class InferenceSettings(ServiceSettings):
     coalesce_calls_per_instance: int = Field(default=1, ge=0)
     """Calls open to Triton per model instance before concurrent alike requests wait and share
     the next call (concatenated by rows, answered separately); 0 sends every request alone."""
+
+    data_plane: Literal["native", "python"] = "native"
+    """"native": the C++ data plane (`maas-inference-dataplane`) owns the public port, serves
+    plain Predict and KServe ModelInfer requests itself and relays everything else to this
+    process on a loopback port; "python": this process serves the public port alone."""
+
+    data_plane_binary: str = ""
+    """Path of `maas-inference-dataplane`; empty looks beside the interpreter, then on PATH."""
 
     default_max_batch_size: int = Field(default=32, ge=0)
     """max_batch_size written into config.pbtxt when a deployment does not say."""

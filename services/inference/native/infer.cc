@@ -1,0 +1,392 @@
+// Serving ModelInfer and Predict from the pushed table, with shared calls per Triton model.
+#include "infer.h"
+
+#include <grpcpp/support/proto_buffer_reader.h>
+#include <grpcpp/support/proto_buffer_writer.h>
+
+#include <random>
+
+#include "forward.h"
+#include "maas/inference/v1/inference_service.pb.h"
+
+namespace maas::dataplane {
+namespace {
+
+constexpr char kDeploymentPrefix[] = "deployments/";
+constexpr char kDataTypePrefix[] = "DATA_TYPE_";
+
+bool parse(const grpc::ByteBuffer& bytes, google::protobuf::Message* message) {
+  grpc::ByteBuffer copy(bytes);  // slices are shared, not copied; the original stays for declining
+  grpc::ProtoBufferReader reader(&copy);
+  return message->ParseFromZeroCopyStream(&reader);
+}
+
+void serialize(const google::protobuf::Message& message, grpc::ByteBuffer* bytes) {
+  bool own_buffer = false;
+  grpc::GenericSerialize<grpc::ProtoBufferWriter, google::protobuf::Message>(message, bytes,
+                                                                             &own_buffer);
+}
+
+std::string generated_request_id() {
+  thread_local std::mt19937_64 random{std::random_device{}()};
+  static const char* kHex = "0123456789abcdef";
+  std::string id(32, '0');
+  uint64_t bits[2] = {random(), random()};
+  for (int i = 0; i < 32; ++i) id[i] = kHex[(bits[i / 16] >> (4 * (i % 16))) & 15];
+  return id;
+}
+
+std::string metadata_value(const grpc::GenericCallbackServerContext& context, const char* key) {
+  auto found = context.client_metadata().find(key);
+  if (found == context.client_metadata().end()) return "";
+  return std::string(found->second.data(), found->second.size());
+}
+
+}  // namespace
+
+// -- DataPlane ----------------------------------------------------------------------------------
+
+DataPlane::DataPlane(std::shared_ptr<grpc::Channel> triton,
+                     std::shared_ptr<grpc::Channel> control_plane, std::unique_ptr<TokenTable> tokens)
+    : triton_(::inference::GRPCInferenceService::NewStub(triton)),
+      control_plane_(control_plane),
+      tokens_(std::move(tokens)),
+      table_(std::make_shared<RouteTable>()) {}
+
+std::shared_ptr<const RouteTable> DataPlane::table() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return table_;
+}
+
+void DataPlane::set_table(std::shared_ptr<const RouteTable> table) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  table_ = std::move(table);
+}
+
+Lane* DataPlane::lane(const std::string& triton_model) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto& lane = lanes_[triton_model];
+  if (!lane) lane = std::make_unique<Lane>(triton_.get(), &counters_);
+  return lane.get();
+}
+
+// -- InferCall: admission -------------------------------------------------------------------
+
+InferCall::InferCall(grpc::GenericCallbackServerContext* context, DataPlane* plane,
+                     Protocol protocol)
+    : context_(context), plane_(plane), protocol_(protocol) {
+  StartRead(&request_bytes_);
+}
+
+void InferCall::OnReadDone(bool ok) {
+  if (!ok) {
+    finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "the call carried no request"));
+    return;
+  }
+  if (admit()) {
+    plane_->lane(target_->triton_model)->submit(this);
+  } else {
+    decline();
+  }
+}
+
+bool InferCall::admit() {
+  table_ = plane_->table();
+  if (!table_->triton_ready) return false;
+  if (protocol_ == Protocol::kKServe) {
+    ::inference::ModelInferRequest request;
+    if (!parse(request_bytes_, &request)) return false;
+    auto route = table_->routes.find(request.model_name());
+    if (route == table_->routes.end() || !authorized(*route->second)) return false;
+    triton_request_ = std::move(request);
+    return admit_kserve(*route->second);
+  }
+  maas::inference::v1::PredictRequest request;
+  if (!parse(request_bytes_, &request)) return false;
+  const std::string& name = request.deployment();
+  if (name.rfind(kDeploymentPrefix, 0) != 0) return false;
+  auto route = table_->routes.find(name.substr(sizeof(kDeploymentPrefix) - 1));
+  if (route == table_->routes.end() || !authorized(*route->second)) return false;
+  request_id_ = request.request_id().empty() ? generated_request_id() : request.request_id();
+  deployment_id_ = route->first;
+  target_ = &route->second->pick(request_id_);
+  triton_request_.set_model_name(target_->triton_model);
+  triton_request_.set_id(request_id_);
+  std::vector<size_t> byte_lengths;
+  for (auto& tensor : *request.mutable_inputs()) {
+    auto datatype = maas::common::v1::DataType_Name(tensor.datatype());
+    if (datatype.rfind(kDataTypePrefix, 0) != 0) return false;
+    auto* input = triton_request_.add_inputs();
+    input->set_name(tensor.name());
+    input->set_datatype(datatype.substr(sizeof(kDataTypePrefix) - 1));
+    *input->mutable_shape() = tensor.shape();
+    byte_lengths.push_back(tensor.raw_data().size());
+    triton_request_.add_raw_input_contents(std::move(*tensor.mutable_raw_data()));
+  }
+  for (const auto& output_name : request.output_names()) {
+    if (target_->output(output_name) == nullptr) return false;
+    triton_request_.add_outputs()->set_name(output_name);
+  }
+  std::vector<const ::inference::ModelInferRequest::InferInputTensor*> inputs;
+  for (const auto& input : triton_request_.inputs()) inputs.push_back(&input);
+  return matches_signature(inputs, byte_lengths);
+}
+
+bool InferCall::admit_kserve(const Route& route) {
+  auto& request = triton_request_;
+  deployment_id_ = route.deployment_id;
+  request_id_ = request.id().empty() ? generated_request_id() : request.id();
+  target_ = &route.pick(request_id_);
+  if (!request.model_version().empty() || request.parameters_size() > 0 ||
+      request.raw_input_contents_size() != request.inputs_size())
+    return false;
+  std::vector<const ::inference::ModelInferRequest::InferInputTensor*> inputs;
+  std::vector<size_t> byte_lengths;
+  for (int i = 0; i < request.inputs_size(); ++i) {
+    const auto& input = request.inputs(i);
+    if (input.parameters_size() > 0 || input.has_contents()) return false;
+    inputs.push_back(&input);
+    byte_lengths.push_back(request.raw_input_contents(i).size());
+  }
+  for (const auto& output : request.outputs())
+    if (output.parameters_size() > 0 || target_->output(output.name()) == nullptr) return false;
+  request.set_model_name(target_->triton_model);
+  return matches_signature(inputs, byte_lengths);
+}
+
+bool InferCall::authorized(const Route& route) {
+  TokenTable* tokens = plane_->tokens();
+  if (tokens == nullptr) return true;
+  auto scopes = tokens->scopes_for(metadata_value(*context_, "authorization"));
+  if (scopes == nullptr) return false;
+  for (const auto& target : route.targets)
+    if (!TokenTable::covers(*scopes, target.model_id)) return false;
+  return true;
+}
+
+bool InferCall::matches_signature(
+    const std::vector<const ::inference::ModelInferRequest::InferInputTensor*>& inputs,
+    const std::vector<size_t>& byte_lengths) {
+  const Target& target = *target_;
+  if (inputs.size() != target.inputs.size()) return false;
+  int64_t batch = -1;
+  std::string key;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const auto& input = *inputs[i];
+    const TensorSpec* spec = target.input(input.name());
+    if (spec == nullptr || input.datatype() != spec->datatype) return false;
+    for (size_t j = 0; j < i; ++j)
+      if (inputs[j]->name() == input.name()) return false;
+    if (input.shape_size() != static_cast<int>(spec->shape.size()) + 1) return false;
+    int64_t rows = input.shape(0);
+    if (rows < 1 || rows > target.max_batch_size || (batch != -1 && rows != batch)) return false;
+    batch = rows;
+    uint64_t elements = static_cast<uint64_t>(rows);
+    key += input.name() + ":" + input.datatype();
+    for (size_t d = 0; d < spec->shape.size(); ++d) {
+      int64_t got = input.shape(static_cast<int>(d) + 1);
+      if (got < 0 || (spec->shape[d] != -1 && spec->shape[d] != got)) return false;
+      elements *= static_cast<uint64_t>(got);
+      key += "," + std::to_string(got);
+    }
+    if (byte_lengths[i] != elements * spec->item_bytes) return false;
+    key += ";";
+  }
+  for (const auto& output : triton_request_.outputs()) key += "->" + output.name();
+  rows_ = static_cast<int>(batch);
+  sharing_key_ = std::move(key);
+  traceparent_ = metadata_value(*context_, "traceparent");
+  return true;
+}
+
+// -- InferCall: answers ---------------------------------------------------------------------
+
+void InferCall::reply(const ::inference::ModelInferResponse& response) {
+  if (protocol_ == Protocol::kKServe) {
+    ::inference::ModelInferResponse answer(response);
+    answer.set_model_name(deployment_id_);
+    answer.set_model_version(target_->version_number());
+    answer.set_id(triton_request_.id());
+    serialize(answer, &reply_bytes_);
+  } else {
+    maas::inference::v1::PredictResponse answer;
+    answer.set_request_id(request_id_);
+    answer.set_model_version(target_->version);
+    for (int i = 0; i < response.outputs_size(); ++i) {
+      const auto& output = response.outputs(i);
+      auto* tensor = answer.add_outputs();
+      tensor->set_name(output.name());
+      maas::common::v1::DataType datatype;
+      if (!maas::common::v1::DataType_Parse(kDataTypePrefix + output.datatype(), &datatype) ||
+          i >= response.raw_output_contents_size()) {
+        decline();  // not expressible here: the control plane answers (or explains) it
+        return;
+      }
+      tensor->set_datatype(datatype);
+      *tensor->mutable_shape() = output.shape();
+      tensor->set_raw_data(response.raw_output_contents(i));
+    }
+    serialize(answer, &reply_bytes_);
+  }
+  plane_->counters().served++;
+  StartWriteAndFinish(&reply_bytes_, grpc::WriteOptions(), grpc::Status::OK);
+}
+
+void InferCall::decline() {
+  plane_->counters().declined++;
+  forward_ = std::make_unique<UnaryForward>(context_, request_bytes_);
+  forward_->start(plane_->control_plane(), [this](grpc::Status status) {
+    copy_trailers(forward_->client_context(), context_);
+    if (status.ok()) {
+      StartWriteAndFinish(&forward_->response(), grpc::WriteOptions(), status);
+    } else {
+      Finish(status);
+    }
+  });
+}
+
+void InferCall::finish(const grpc::Status& status) { Finish(status); }
+
+void InferCall::OnDone() { delete this; }
+
+// -- Lane: shared calls -----------------------------------------------------------------------
+
+namespace {
+
+// One call to Triton on behalf of one or more requests.
+struct TritonCall {
+  grpc::ClientContext context;
+  ::inference::ModelInferRequest merged;  // unused when the call carries a single request
+  ::inference::ModelInferResponse response;
+  std::vector<InferCall*> batch;
+};
+
+void merge_into(const std::vector<InferCall*>& batch, int rows, ::inference::ModelInferRequest* merged) {
+  const auto& head = batch.front()->triton_request();
+  merged->set_model_name(head.model_name());
+  for (int i = 0; i < head.inputs_size(); ++i) {
+    auto* input = merged->add_inputs();
+    input->set_name(head.inputs(i).name());
+    input->set_datatype(head.inputs(i).datatype());
+    *input->mutable_shape() = head.inputs(i).shape();
+    input->set_shape(0, rows);
+    std::string* contents = merged->add_raw_input_contents();
+    for (InferCall* call : batch) contents->append(call->triton_request().raw_input_contents(i));
+  }
+  *merged->mutable_outputs() = head.outputs();
+}
+
+// Each request's share of a reply to merged requests; false when the reply is not batch-major.
+bool split(const ::inference::ModelInferResponse& response, const std::vector<InferCall*>& batch,
+           int rows, std::vector<::inference::ModelInferResponse>* parts) {
+  parts->resize(batch.size());
+  for (int i = 0; i < response.outputs_size(); ++i) {
+    const auto& output = response.outputs(i);
+    if (output.shape_size() == 0 || output.shape(0) != rows ||
+        i >= response.raw_output_contents_size())
+      return false;
+    const std::string& contents = response.raw_output_contents(i);
+    if (contents.size() % rows != 0) return false;
+    size_t row_bytes = contents.size() / rows, offset = 0;
+    for (size_t k = 0; k < batch.size(); ++k) {
+      auto* part = (*parts)[k].add_outputs();
+      part->set_name(output.name());
+      part->set_datatype(output.datatype());
+      *part->mutable_shape() = output.shape();
+      part->set_shape(0, batch[k]->rows());
+      size_t length = row_bytes * batch[k]->rows();
+      (*parts)[k].add_raw_output_contents(contents.substr(offset, length));
+      offset += length;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+void Lane::submit(InferCall* call) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (in_flight_ >= call->max_calls_in_flight()) {
+      waiting_.push_back(call);
+      return;
+    }
+    ++in_flight_;
+  }
+  send({call});
+}
+
+void Lane::send(std::vector<InferCall*> batch) {
+  auto* call = new TritonCall();
+  call->batch = std::move(batch);
+  int rows = 0;
+  auto deadline = std::chrono::system_clock::time_point::min();
+  for (InferCall* request : call->batch) {
+    rows += request->rows();
+    deadline = std::max(deadline, request->deadline());
+  }
+  call->context.set_deadline(deadline);
+  const std::string& traceparent = call->batch.front()->traceparent();
+  if (!traceparent.empty()) call->context.AddMetadata("traceparent", traceparent);
+  const ::inference::ModelInferRequest* request = &call->batch.front()->triton_request();
+  if (call->batch.size() > 1) {
+    merge_into(call->batch, rows, &call->merged);
+    request = &call->merged;
+  }
+  counters_->triton_calls++;
+  triton_->async()->ModelInfer(&call->context, request, &call->response,
+                               [this, call](grpc::Status status) {
+                                 finished(std::move(call->batch), status, call->response);
+                                 delete call;
+                               });
+}
+
+void Lane::finished(std::vector<InferCall*> batch, grpc::Status status,
+                    const ::inference::ModelInferResponse& response) {
+  std::vector<InferCall*> next;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    next = next_batch();
+    if (next.empty()) --in_flight_;
+  }
+  if (!next.empty()) send(std::move(next));
+
+  if (!status.ok()) {  // the control plane gives each its canonical answer (or serves it)
+    for (InferCall* call : batch) call->decline();
+    return;
+  }
+  if (batch.size() == 1) {
+    batch.front()->reply(response);
+    return;
+  }
+  int rows = 0;
+  for (InferCall* call : batch) rows += call->rows();
+  std::vector<::inference::ModelInferResponse> parts;
+  if (!split(response, batch, rows, &parts)) {
+    for (InferCall* call : batch) call->decline();
+    return;
+  }
+  for (size_t k = 0; k < batch.size(); ++k) batch[k]->reply(parts[k]);
+}
+
+std::vector<InferCall*> Lane::next_batch() {
+  std::vector<InferCall*> batch;
+  while (!waiting_.empty() && waiting_.front()->cancelled()) {
+    waiting_.front()->finish(grpc::Status(grpc::StatusCode::CANCELLED, "the caller left"));
+    waiting_.pop_front();
+  }
+  if (waiting_.empty()) return batch;
+  InferCall* head = waiting_.front();
+  int rows = 0;
+  while (!waiting_.empty()) {
+    InferCall* call = waiting_.front();
+    if (call->sharing_key() != head->sharing_key() || rows + call->rows() > head->max_batch_size())
+      break;
+    rows += call->rows();
+    batch.push_back(call);
+    waiting_.pop_front();
+  }
+  return batch;
+}
+
+}  // namespace maas::dataplane

@@ -1,0 +1,132 @@
+// The data plane's own work: inference requests it can prove valid go straight to Triton.
+//
+// A request is served here only when its token is known and scoped to the deployment's
+// models, its deployment is in the pushed table, and its tensors match the signature exactly
+// (names, datatypes, shapes, byte lengths, batch within max_batch_size). Anything else is
+// declined: passed to the control plane unchanged, which answers it (often with the precise
+// INVALID_ARGUMENT, UNAUTHENTICATED or NOT_FOUND and its details). A request Triton fails is
+// declined too, so the caller gets the control plane's canonical error, never a raw one.
+//
+// Concurrent requests for one Triton model share calls: each model keeps at most
+// `max_calls_in_flight` calls open; requests arriving meanwhile wait and go out together,
+// concatenated by rows, and each reply is sliced back (as the Python `RequestCoalescer`).
+#pragma once
+
+#include <grpcpp/generic/async_generic_service.h>
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/grpcpp.h>
+
+#include <atomic>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "grpc_service.grpc.pb.h"
+#include "routes.h"
+
+namespace maas::dataplane {
+
+class InferCall;
+
+// Counts of what the data plane did, reported to the control plane on request.
+struct Counters {
+  std::atomic<uint64_t> served{0};
+  std::atomic<uint64_t> declined{0};
+  std::atomic<uint64_t> triton_calls{0};
+};
+
+// Requests for one Triton model: at most `max_calls_in_flight` calls open, the rest wait.
+class Lane {
+ public:
+  Lane(::inference::GRPCInferenceService::Stub* triton, Counters* counters)
+      : triton_(triton), counters_(counters) {}
+  void submit(InferCall* call);
+
+ private:
+  void send(std::vector<InferCall*> batch);
+  void finished(std::vector<InferCall*> batch, grpc::Status status,
+                const ::inference::ModelInferResponse& response);
+  std::vector<InferCall*> next_batch();  // under mutex_
+
+  ::inference::GRPCInferenceService::Stub* triton_;
+  Counters* counters_;
+  std::mutex mutex_;
+  int in_flight_ = 0;
+  std::deque<InferCall*> waiting_;
+};
+
+// What every inference call needs: the table, tokens, Triton, the control plane.
+class DataPlane {
+ public:
+  DataPlane(std::shared_ptr<grpc::Channel> triton, std::shared_ptr<grpc::Channel> control_plane,
+            std::unique_ptr<TokenTable> tokens);
+
+  std::shared_ptr<const RouteTable> table() const;
+  void set_table(std::shared_ptr<const RouteTable> table);
+  Lane* lane(const std::string& triton_model);
+
+  grpc::GenericStub* control_plane() { return &control_plane_; }
+  TokenTable* tokens() { return tokens_.get(); }
+  Counters& counters() { return counters_; }
+
+ private:
+  std::unique_ptr<::inference::GRPCInferenceService::Stub> triton_;
+  grpc::GenericStub control_plane_;
+  std::unique_ptr<TokenTable> tokens_;  // nullptr: auth is off
+  Counters counters_;
+  mutable std::mutex mutex_;
+  std::shared_ptr<const RouteTable> table_;
+  std::unordered_map<std::string, std::unique_ptr<Lane>> lanes_;
+};
+
+// One ModelInfer (KServe-v2) or Predict call, served here or declined to the control plane.
+class InferCall : public grpc::ServerGenericBidiReactor {
+ public:
+  enum class Protocol { kKServe, kPredict };
+
+  InferCall(grpc::GenericCallbackServerContext* context, DataPlane* plane, Protocol protocol);
+
+  void OnReadDone(bool ok) override;
+  void OnDone() override;
+
+  // Used by the lane.
+  ::inference::ModelInferRequest& triton_request() { return triton_request_; }
+  int rows() const { return rows_; }
+  const std::string& sharing_key() const { return sharing_key_; }
+  int max_batch_size() const { return target_->max_batch_size; }
+  int max_calls_in_flight() const { return target_->max_calls_in_flight; }
+  std::chrono::system_clock::time_point deadline() const { return context_->deadline(); }
+  const std::string& traceparent() const { return traceparent_; }
+  bool cancelled() const { return context_->IsCancelled(); }
+  void reply(const ::inference::ModelInferResponse& response);
+  void decline();
+  void finish(const grpc::Status& status);
+
+ private:
+  bool admit();  // parse, authenticate, route and check; fills triton_request_
+  bool admit_kserve(const Route& route);
+  bool authorized(const Route& route);
+  bool matches_signature(const std::vector<const ::inference::ModelInferRequest::InferInputTensor*>&
+                             inputs,
+                         const std::vector<size_t>& byte_lengths);
+
+  grpc::GenericCallbackServerContext* context_;
+  DataPlane* plane_;
+  Protocol protocol_;
+  grpc::ByteBuffer request_bytes_;
+  grpc::ByteBuffer reply_bytes_;
+  std::shared_ptr<const RouteTable> table_;  // keeps `target_` alive
+  const Target* target_ = nullptr;
+  std::string deployment_id_;
+  std::string request_id_;
+  std::string traceparent_;
+  ::inference::ModelInferRequest triton_request_;
+  int rows_ = 0;
+  std::string sharing_key_;
+  std::unique_ptr<class UnaryForward> forward_;
+};
+
+}  // namespace maas::dataplane

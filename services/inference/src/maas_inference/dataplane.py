@@ -1,0 +1,206 @@
+"""The native data plane: a C++ front door that serves plain inference requests itself.
+
+A Python gRPC hop costs about 0.5 ms of CPU per request on these machines, three times what
+Triton spends serving it, so a gateway written in Python cannot keep up with Triton. The
+data plane (`services/inference/native`, built by `make install`) owns the service's public
+port instead. KServe-v2 ModelInfer and Predict requests that it can prove valid (known token
+scoped to the deployment, deployment in the table, tensors matching the signature) go from
+it straight to Triton, with concurrent requests sharing calls; every other call, and every
+request it declines or Triton fails, is relayed unchanged to this service on a loopback port.
+So every rule and every error keeps one implementation, here.
+
+What it may serve is pushed to it as a routing table (JSON lines on its stdin, each
+acknowledged), built from the deployment manager's live routes. A route with a shadow, or a
+signature that cannot be split by rows, is left out: those requests come here. The process
+dies with the service; if it dies alone it is started again on the same port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from maas_runtime import errors
+
+from maas_inference.routing import Route, ServedModel
+
+_log = logging.getLogger(__name__)
+
+BINARY_NAME = "maas-inference-dataplane"
+_UNLIMITED_CALLS = 1 << 30
+_RESTART_DELAY_SECONDS = 0.5
+
+
+def find_binary(configured: str = "") -> Path:
+    """The data plane executable: `configured`, else beside this interpreter, else on PATH."""
+    candidates = [configured] if configured else [
+        os.fspath(Path(sys.executable).parent / BINARY_NAME), shutil.which(BINARY_NAME) or ""]
+    for candidate in candidates:
+        if candidate and os.access(candidate, os.X_OK):
+            return Path(candidate)
+    raise errors.FailedPrecondition(
+        f"the native data plane ({configured or BINARY_NAME}) is not installed: run `make "
+        "install`, or set MAAS_INFERENCE_DATA_PLANE=python", reason="DATA_PLANE_MISSING")
+
+
+def route_table(routes: Mapping[str, Route], triton_ready: bool, calls_per_instance: int) -> dict:
+    """The table the data plane serves from: plain routes only (no shadow, split by rows)."""
+    plain = {
+        deployment_id: {"targets": [_target(model, percent, calls_per_instance)
+                                    for model, percent in route.targets]}
+        for deployment_id, route in routes.items()
+        if route.shadow is None and all(m.signature.splits_by_rows for m, _ in route.targets)
+    }
+    return {"triton_ready": triton_ready, "routes": plain}
+
+
+def _target(model: ServedModel, percent: int, calls_per_instance: int) -> dict:
+    signature = model.signature
+    return {
+        "triton_model": model.triton_model, "version": model.version,
+        "model_id": model.version.split("/")[1], "percent": percent,
+        "max_batch_size": signature.max_batch_size,
+        "max_calls_in_flight": (model.instances * calls_per_instance if calls_per_instance
+                                else _UNLIMITED_CALLS),
+        "inputs": [_tensor(rule) for rule in signature.inputs],
+        "outputs": [_tensor(rule) for rule in signature.outputs],
+    }
+
+
+def _tensor(rule) -> dict:
+    return {"name": rule.name, "datatype": rule.datatype, "shape": list(rule.shape)}
+
+
+class NativeDataPlane:
+    """Runs the data plane process as the service's front door and keeps its table current.
+
+    `table()` gives the current `route_table(...)`; it is pushed (numbered) when the process
+    starts and on every `publish()`.
+    """
+
+    def __init__(self, binary: Path, *, host: str, port: int, triton_target: Callable[[], str],
+                 table: Callable[[], dict], tokens_file: Path | None, max_message_bytes: int,
+                 shutdown_grace_seconds: float, tls_files: tuple[Path | None, ...] = ()):
+        self._binary = binary
+        self._host, self._port = host, port
+        self._triton_target = triton_target
+        self._table = table
+        self._tokens_file = tokens_file
+        self._max_message_bytes = max_message_bytes
+        self._grace = shutdown_grace_seconds
+        self._tls_files = tls_files
+        self._backend_target = ""
+        self._process: asyncio.subprocess.Process | None = None
+        self._lock = asyncio.Lock()
+        self._generation = 0
+        self._watcher: asyncio.Task | None = None
+        self._closing = False
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    async def open(self, backend_target: str) -> int:
+        self._backend_target = backend_target
+        await self._start()
+        self._watcher = asyncio.get_running_loop().create_task(self._restart_when_it_dies())
+        return self._port
+
+    def _arguments(self) -> list[str]:
+        arguments = [f"--listen={self._host}:{self._port}",
+                     f"--control-plane={self._backend_target}",
+                     f"--triton={self._triton_target()}",
+                     f"--max-message-bytes={self._max_message_bytes}",
+                     f"--shutdown-grace-seconds={self._grace}"]
+        if self._tokens_file is not None:
+            arguments.append(f"--tokens-file={self._tokens_file}")
+        for flag, path in zip(("tls-cert", "tls-key", "tls-client-ca"), self._tls_files,
+                              strict=False):
+            if path is not None:
+                arguments.append(f"--{flag}={path}")
+        return arguments
+
+    async def _start(self) -> None:
+        async with self._lock:
+            self._process = await asyncio.create_subprocess_exec(
+                os.fspath(self._binary), *self._arguments(),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+            line = (await self._process.stdout.readline()).decode().split()
+            if line[:1] != ["listening"]:
+                await self._process.wait()
+                raise errors.Unavailable(
+                    f"the data plane could not listen on {self._host}:{self._port} (exit "
+                    f"{self._process.returncode})", reason="DATA_PLANE_FAILED")
+            self._port = int(line[1])  # a restart binds the same port again
+            await self._send_table()
+        _log.info("data plane serving on %s:%d (pid %d)", self._host, self._port,
+                  self._process.pid)
+
+    async def publish(self) -> None:
+        """Push the current table; returns once the data plane serves from it."""
+        async with self._lock:
+            if self._process is None or self._process.returncode is not None:
+                return  # not started yet, or being restarted: it gets the table when it starts
+            try:
+                await self._send_table()
+            except errors.Unavailable:
+                _log.warning("the data plane died while taking its table; its restart takes it")
+
+    async def _send_table(self) -> None:
+        self._generation += 1
+        table = {**self._table(), "generation": self._generation}
+        answer = await self._ask(json.dumps(table))
+        if answer != f"applied {self._generation}":
+            raise errors.Internal(f"the data plane refused its routing table: {answer}")
+
+    async def stats(self) -> dict:
+        """What the data plane did: requests served, declined (relayed here), Triton calls."""
+        async with self._lock:
+            answer = await self._ask('{"stats": true}')
+        return json.loads(answer.removeprefix("stats "))
+
+    async def _ask(self, line: str) -> str:
+        self._process.stdin.write(line.encode() + b"\n")
+        await self._process.stdin.drain()
+        answer = await self._process.stdout.readline()
+        if not answer:
+            raise errors.Unavailable("the data plane stopped", reason="DATA_PLANE_FAILED")
+        return answer.decode().strip()
+
+    async def _restart_when_it_dies(self) -> None:
+        while not self._closing:
+            process = self._process
+            await process.wait()
+            if self._closing:
+                return
+            _log.error("the data plane exited (%s); starting it again", process.returncode)
+            await asyncio.sleep(_RESTART_DELAY_SECONDS)
+            try:
+                await self._start()
+            except (errors.MaasError, OSError):
+                _log.exception("restarting the data plane failed; trying again")
+
+    async def close(self) -> None:
+        """End of its stdin: it stops accepting, finishes what is in flight, and exits."""
+        self._closing = True
+        if self._watcher is not None:
+            self._watcher.cancel()
+        process = self._process
+        if process is None or process.returncode is not None:
+            return
+        process.stdin.close()
+        try:
+            await asyncio.wait_for(process.wait(), self._grace + 5)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
