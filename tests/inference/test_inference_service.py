@@ -448,3 +448,100 @@ async def test_list_deployments_pages_with_tamper_proof_tokens(suite):
         page_size=1, page_token=first.next_page_token[:-2] + "xx")),
         grpc.StatusCode.INVALID_ARGUMENT, "page_token")
     await stub.DeleteDeployment(inf.DeleteDeploymentRequest(name="deployments/second"))
+
+
+# -- the native data plane ---------------------------------------------------------------------
+
+
+def kserve_request(model_name: str, data: np.ndarray, request_id: str = ""):
+    request = service_pb2.ModelInferRequest(model_name=model_name, id=request_id)
+    request.inputs.add(name="features", datatype="FP32", shape=list(data.shape))
+    request.raw_input_contents.append(data.tobytes())
+    return request
+
+
+async def test_the_data_plane_serves_valid_requests_and_the_service_answers_the_rest(suite):
+    """Valid requests are served by the native data plane (its counters say so) with the same
+    answers; every bad one is relayed and gets the service's own code and details."""
+    plane = suite.app.data_plane
+    assert plane is not None, "the native data plane is the default"
+    stub, kserve = suite.predict_stub(), suite.kserve_stub()
+    await create(suite, "native", model="models/digits/versions/2")
+    data = batch(3, seed=31)
+    before = await plane.stats()
+
+    reply = await stub.Predict(predict_request("deployments/native", data, request_id="r-1"))
+    assert reply.request_id == "r-1" and reply.model_version == "models/digits/versions/2"
+    np.testing.assert_allclose(logits(reply), suite.expected(2, data), rtol=1e-4, atol=1e-4)
+    assert len((await stub.Predict(predict_request("deployments/native", data))).request_id) == 32
+    answer = await kserve.ModelInfer(kserve_request("native", data, request_id="k-1"))
+    assert (answer.model_name, answer.model_version, answer.id) == ("native", "2", "k-1")
+    out = np.frombuffer(answer.raw_output_contents[0], np.float32).reshape(3, 10)
+    np.testing.assert_allclose(out, suite.expected(2, data), rtol=1e-4, atol=1e-4)
+    served = await plane.stats()
+    assert served["served"] - before["served"] == 3, served
+    assert served["declined"] == before["declined"], served
+
+    await expect_error(stub.Predict(predict_request(
+        "deployments/native", data, datatype=tensor_pb2.DATA_TYPE_FP64)),
+        grpc.StatusCode.INVALID_ARGUMENT, "inputs[0].datatype")
+    short = kserve_request("native", data)
+    short.raw_input_contents[0] = data.tobytes()[:-4]
+    await expect_error(kserve.ModelInfer(short), grpc.StatusCode.INVALID_ARGUMENT,
+                       "inputs[0].raw_data")
+    await expect_error(kserve.ModelInfer(kserve_request("ghost", data)), grpc.StatusCode.NOT_FOUND)
+    anonymous = inference_service_pb2_grpc.InferenceServiceStub(
+        grpc.aio.insecure_channel(suite.target))
+    await expect_error(anonymous.Predict(predict_request("deployments/native", data)),
+                       grpc.StatusCode.UNAUTHENTICATED)
+    declined = await plane.stats()
+    assert declined["declined"] - served["declined"] == 4, declined
+    assert declined["served"] == served["served"], declined
+    await stub.DeleteDeployment(inf.DeleteDeploymentRequest(name="deployments/native"))
+    await expect_error(stub.Predict(predict_request("deployments/native", data)),
+                       grpc.StatusCode.NOT_FOUND)
+
+
+async def test_a_revoked_token_stops_working_on_the_data_plane_too(suite):
+    import json
+
+    from maas_runtime.auth import Role, add_token, hash_token
+
+    tokens_file = suite.app.settings.resolved_tokens_file
+    token = add_token(tokens_file, "temp", Role.VIEWER)
+    channel = open_channel(suite.target, token=token)
+    try:
+        stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
+        await stub.Predict(predict_request("deployments/digits", batch(1)))  # works at once
+        document = json.loads(tokens_file.read_text())
+        document["tokens"] = [t for t in document["tokens"] if t["sha256"] != hash_token(token)]
+        tokens_file.write_text(json.dumps(document))
+        await asyncio.sleep(1.5)  # both token tables look at the file once a second
+        for _ in range(20):  # every path (data plane or service) refuses it now
+            await expect_error(stub.Predict(predict_request("deployments/digits", batch(1))),
+                               grpc.StatusCode.UNAUTHENTICATED)
+    finally:
+        await channel.close()
+
+
+async def test_kill_9_of_the_data_plane_restarts_it_on_the_same_port(suite):
+    plane = suite.app.data_plane
+    stub = suite.predict_stub()
+    data = batch(2, seed=41)
+    old_pid = plane.pid
+    os.kill(old_pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    reply = None
+    while time.monotonic() - killed_at < 10:
+        try:
+            reply = await stub.Predict(predict_request("deployments/digits", data), timeout=1)
+            if plane.pid != old_pid:
+                break
+        except grpc.aio.AioRpcError as error:
+            assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+        await asyncio.sleep(0.1)
+    assert plane.pid != old_pid and reply is not None, "serving again on the same port"
+    np.testing.assert_allclose(logits(reply), suite.expected(1, data), rtol=1e-4, atol=1e-4)
+    before = (await plane.stats())["served"]
+    await stub.Predict(predict_request("deployments/digits", data))
+    assert (await plane.stats())["served"] == before + 1, "the restarted one got the table"

@@ -1,4 +1,4 @@
-"""Kill -9 of the inference service itself: its Triton goes with it, and a restart on the same
+"""Kill -9 of the inference service itself: its Triton and data plane go with it, and a restart on the same
 state directory brings every deployment back, serving the same answers.
 
 Both services run as real subprocesses; the restarted instance reuses the Triton port, so a
@@ -54,12 +54,15 @@ async def test_kill_9_of_the_service_then_restart_reloads_every_deployment(tmp_p
             before = logits(await stub.Predict(predict_request("deployments/first", data)))
 
         tritons = children_named(inference.process.pid, "tritonserver")
-        assert len(tritons) == 1, tritons
+        data_planes = children_named(inference.process.pid, "maas-inference-dataplane")
+        assert len(tritons) == 1 and len(data_planes) == 1, (tritons, data_planes)
         inference.kill()
         deadline = time.monotonic() + 15
-        while process_alive(tritons[0]) and time.monotonic() < deadline:
+        while (process_alive(tritons[0]) or process_alive(data_planes[0])) \
+                and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         assert not process_alive(tritons[0]), "Triton outlived the service that started it"
+        assert not process_alive(data_planes[0]), "the data plane outlived its service"
 
         restarted_at = time.monotonic()
         await inference.start(timeout=120)

@@ -75,8 +75,9 @@ def process_table() -> dict[int, ProcessInfo]:
 
 
 def children_named(parent_pid: int, command: str) -> list[int]:
+    """Child processes running `command` (Linux keeps the first 15 characters of a name)."""
     return [pid for pid, info in process_table().items()
-            if info.parent == parent_pid and info.command == command]
+            if info.parent == parent_pid and info.command == command[:15]]
 
 
 def process_tree_cpu_seconds(roots: list[int]) -> float:

@@ -1,0 +1,101 @@
+"""The native data plane's table and its absence: what it may serve, and the Python-only mode.
+
+The data plane at work (served and relayed requests, revoked tokens, kill -9) is tested with
+the rest of the service in `test_inference_service.py`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from maas.inference.v1 import deployment_pb2, inference_service_pb2 as inf, inference_service_pb2_grpc
+from maas.registry.v1 import registry_service_pb2 as rs, registry_service_pb2_grpc
+from maas_inference.dataplane import find_binary, route_table
+from maas_inference.routing import Route, ServedModel
+from maas_inference.tensors import ServingSignature
+from maas_runtime import errors
+from tritonclient.grpc import service_pb2_grpc
+
+from tests.inference.model_packages import save_zoo_package, zoo_model
+from tests.inference.test_inference_service import batch, kserve_request, logits, predict_request
+from tests.registry.helpers import model_upload_requests
+from tests.support.processes import ServiceProcess, children_named, free_port
+
+SIGNATURE = {"inputs": [{"name": "x", "datatype": "DATA_TYPE_FP32", "shape": [4]}],
+             "outputs": [{"name": "y", "datatype": "DATA_TYPE_INT64", "shape": [-1]}]}
+
+
+def served(version: int, signature=SIGNATURE, max_batch_size: int = 8, instances: int = 2):
+    return ServedModel(f"models/m/versions/{version}", f"d.m.v{version}",
+                       ServingSignature.from_version(signature, max_batch_size), instances)
+
+
+def test_the_table_holds_plain_routes_with_what_the_data_plane_checks():
+    canary = Route(((served(1), 90), (served(2), 10)))
+    table = route_table({"d": canary}, triton_ready=True, calls_per_instance=3)
+    assert table["triton_ready"] is True
+    first, second = table["routes"]["d"]["targets"]
+    assert first == {
+        "triton_model": "d.m.v1", "version": "models/m/versions/1", "model_id": "m",
+        "percent": 90, "max_batch_size": 8, "max_calls_in_flight": 6,
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [4]}],
+        "outputs": [{"name": "y", "datatype": "INT64", "shape": [-1]}]}
+    assert second["percent"] == 10
+    unlimited = route_table({"d": canary}, triton_ready=False, calls_per_instance=0)
+    assert unlimited["routes"]["d"]["targets"][0]["max_calls_in_flight"] >= 1 << 30
+
+
+def test_routes_the_data_plane_cannot_serve_exactly_are_left_to_the_service():
+    strings = {**SIGNATURE, "inputs": [{"name": "x", "datatype": "DATA_TYPE_BYTES", "shape": [1]}]}
+    routes = {
+        "shadowed": Route(((served(1), 100),), shadow=served(2), shadow_percent=50),
+        "strings": Route(((served(1, signature=strings), 100),)),
+        "unbatched": Route(((served(1, max_batch_size=0), 100),)),
+        "plain": Route(((served(1), 100),)),
+    }
+    assert set(route_table(routes, True, 1)["routes"]) == {"plain"}
+
+
+def test_a_missing_binary_is_a_clear_failed_precondition(tmp_path):
+    with pytest.raises(errors.FailedPrecondition) as caught:
+        find_binary(str(tmp_path / "nowhere"))
+    assert caught.value.reason == "DATA_PLANE_MISSING" and "make install" in caught.value.message
+
+
+@pytest.mark.triton
+async def test_the_python_data_plane_serves_everything_itself(tmp_path):
+    registry = ServiceProcess("registry", tmp_path / "registry")
+    await registry.start()
+    inference = ServiceProcess(
+        "inference", tmp_path / "inference", registry_target=registry.target,
+        client_token_file=str(tmp_path / "registry" / "admin.token"),
+        triton_grpc_port=str(free_port()), data_plane="python")
+    try:
+        module = zoo_model("mlp", {"hidden_sizes": [16]}, [64], seed=5)
+        package = tmp_path / "model.safetensors"
+        save_zoo_package(package, module, kind="mlp", hyperparameters={"hidden_sizes": [16]},
+                         input_shape=[64])
+        async with registry.stub() as channel:
+            stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
+            await stub.CreateModel(rs.CreateModelRequest(model_id="digits"))
+            await stub.UploadModelVersion(model_upload_requests("models/digits", package.read_bytes()))
+        await inference.start(timeout=120)
+        assert children_named(inference.process.pid, "maas-inference-dataplane") == []
+        data = batch(4, seed=8)
+        with torch.inference_mode():
+            expected = module(torch.from_numpy(data)).numpy()
+        async with inference.stub() as channel:
+            stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
+            await stub.CreateDeployment(inf.CreateDeploymentRequest(
+                deployment_id="digits",
+                deployment=deployment_pb2.Deployment(model="models/digits/versions/1")))
+            reply = await stub.Predict(predict_request("deployments/digits", data))
+            np.testing.assert_allclose(logits(reply), expected, rtol=1e-4, atol=1e-4)
+            kserve = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            answer = await kserve.ModelInfer(kserve_request("digits", data))
+            out = np.frombuffer(answer.raw_output_contents[0], np.float32).reshape(4, 10)
+            np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+    finally:
+        inference.terminate()
+        registry.terminate()
