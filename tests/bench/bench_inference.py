@@ -1,5 +1,8 @@
 """Inference benchmark: direct Triton vs the gateway's Predict vs its KServe-v2 endpoint.
 
+The gateway rows go through the service's public port, i.e. its native data plane; the same
+service in `data_plane=python` mode is a reference row, as is a bare Python pass-through.
+
 Same model (64→128→10 MLP maas-package), same client code, one run. The registry and the
 inference service (which supervises the bundled tritonserver) run as subprocesses; the load
 generator runs here. Prints p50/p99 at concurrency 1 and throughput at concurrency 16 for
@@ -124,10 +127,15 @@ async def main() -> None:
             "inference", root / "inference", registry_target=registry.target,
             client_token_file=str(root / "registry" / "admin.token"),
             triton_grpc_port=str(triton_port))
+        python_gateway = ServiceProcess(
+            "inference", root / "inference-python", registry_target=registry.target,
+            client_token_file=str(root / "registry" / "admin.token"), data_plane="python")
         try:
             await inference.start(timeout=120)
-            rows = await measure(root, registry, inference, triton_port, mlserver)
+            await python_gateway.start(timeout=120)
+            rows = await measure(root, registry, inference, triton_port, mlserver, python_gateway)
         finally:
+            python_gateway.terminate()
             inference.terminate()
             registry.terminate()
     print_table(rows)
@@ -135,23 +143,35 @@ async def main() -> None:
         print(f"MLServer {MLSERVER_VERSION} is not in the table: {mlserver_missing}")
 
 
+async def deploy(gateway, name: str, batching: bool) -> None:
+    deployments = inference_service_pb2_grpc.InferenceServiceStub(gateway)
+    await deployments.CreateDeployment(inf.CreateDeploymentRequest(
+        deployment_id=name, deployment=deployment_pb2.Deployment(
+            model="models/mlp/versions/1", serving=deployment_pb2.ServingConfig(
+                max_batch_size=32, dynamic_batching=batching, max_queue_delay_microseconds=100))))
+
+
 async def measure(root: Path, registry, inference, triton_port: int,
-                  mlserver: Path | None) -> list[tuple]:
+                  mlserver: Path | None, python_gateway) -> list[tuple]:
     package = root / "mlp.safetensors"
     module = write_package(package)
     async with registry.stub() as channel:
         stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
         await stub.CreateModel(rs.CreateModelRequest(model_id="mlp"))
         await stub.UploadModelVersion(model_upload_requests("models/mlp", package.read_bytes()))
-    auth_on = (inference.state_dir / "admin.token").exists()
-    gateway = inference.stub() if auth_on else open_channel(inference.target)
+    # The token goes as call metadata, as tritonclient's `headers=` sends it (a Python client
+    # interceptor would cost the load generator more CPU than the hop being measured).
+    token = (("authorization", f"Bearer {inference.admin_token()}"),)
+    python_token = (("authorization", f"Bearer {python_gateway.admin_token()}"),)
+    gateway = open_channel(inference.target)
+    python_channel = open_channel(python_gateway.target)
     deployments = inference_service_pb2_grpc.InferenceServiceStub(gateway)
-    for name, batching in (("bench", True), ("nobatch", False)):
-        await deployments.CreateDeployment(inf.CreateDeploymentRequest(
-            deployment_id=name, deployment=deployment_pb2.Deployment(
-                model="models/mlp/versions/1", serving=deployment_pb2.ServingConfig(
-                    max_batch_size=32, dynamic_batching=batching,
-                    max_queue_delay_microseconds=100))))
+    python_deployments = inference_service_pb2_grpc.InferenceServiceStub(python_channel)
+    async with inference.stub() as admin:
+        for name, batching in (("bench", True), ("nobatch", False)):
+            await deploy(admin, name, batching)
+    async with python_gateway.stub() as admin:
+        await deploy(admin, "bench", True)
 
     row = np.random.default_rng(0).random((1, 64), dtype=np.float32)
     predict = inf.PredictRequest(deployment="deployments/bench", inputs=[tensor_pb2.Tensor(
@@ -188,9 +208,13 @@ async def measure(root: Path, registry, inference, triton_port: int,
             "reference: bare Python pass-through": (
                 lambda: passthrough.ModelInfer(kserve_request_),
                 [passthrough_process.pid, triton_pid]),
-            "gateway Predict": (lambda: deployments.Predict(predict), [inference.process.pid]),
-            "gateway KServe-v2": (lambda: kserve.ModelInfer(kserve_request_),
+            "gateway Predict": (lambda: deployments.Predict(predict, metadata=token),
+                                [inference.process.pid]),
+            "gateway KServe-v2": (lambda: kserve.ModelInfer(kserve_request_, metadata=token),
                                   [inference.process.pid]),
+            "reference: gateway Predict, Python data plane": (
+                lambda: python_deployments.Predict(predict, metadata=python_token),
+                [python_gateway.process.pid]),
         }
         results = {}
         for name, (call, server_pids) in paths.items():
@@ -207,9 +231,10 @@ async def measure(root: Path, registry, inference, triton_port: int,
             finally:
                 await mlserver_channel.close()
                 reference.stop()
-        batched = await throughput(lambda: deployments.Predict(predict), 32, THROUGHPUT_SECONDS)
-        unbatched = await throughput(lambda: deployments.Predict(predict_nobatch), 32,
-                                     THROUGHPUT_SECONDS)
+        batched = await throughput(lambda: deployments.Predict(predict, metadata=token), 32,
+                                   THROUGHPUT_SECONDS)
+        unbatched = await throughput(lambda: deployments.Predict(predict_nobatch, metadata=token),
+                                     32, THROUGHPUT_SECONDS)
         direct_nobatch_request = kserve_request("nobatch.mlp.v1")
         direct_batched = await throughput(lambda: direct.ModelInfer(direct_request), 32,
                                           THROUGHPUT_SECONDS)
@@ -218,6 +243,7 @@ async def measure(root: Path, registry, inference, triton_port: int,
     finally:
         await direct_channel.close()
         await gateway.close()
+        await python_channel.close()
         await passthrough_channel.close()
         passthrough_process.terminate()
         passthrough_process.wait()

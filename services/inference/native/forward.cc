@@ -1,4 +1,4 @@
-// Relaying calls to the control plane: unary (for declined inference requests) and streams.
+// Relaying calls to the control plane, message by message, on the event loop.
 #include "forward.h"
 
 namespace maas::dataplane {
@@ -11,7 +11,7 @@ bool reserved(const std::string& key) {
 
 }  // namespace
 
-void copy_call_context(const grpc::GenericCallbackServerContext& from, grpc::ClientContext* to) {
+void copy_call_context(const grpc::GenericServerContext& from, grpc::ClientContext* to) {
   for (const auto& [key, value] : from.client_metadata()) {
     std::string name(key.data(), key.size());
     if (!reserved(name)) to->AddMetadata(name, std::string(value.data(), value.size()));
@@ -19,78 +19,73 @@ void copy_call_context(const grpc::GenericCallbackServerContext& from, grpc::Cli
   to->set_deadline(from.deadline());
 }
 
-void copy_trailers(const grpc::ClientContext& from, grpc::GenericCallbackServerContext* to) {
+void copy_trailers(const grpc::ClientContext& from, grpc::GenericServerContext* to) {
   for (const auto& [key, value] : from.GetServerTrailingMetadata()) {
     std::string name(key.data(), key.size());
     if (!reserved(name)) to->AddTrailingMetadata(name, std::string(value.data(), value.size()));
   }
 }
 
-UnaryForward::UnaryForward(grpc::GenericCallbackServerContext* server_context,
-                           const grpc::ByteBuffer& request)
-    : server_context_(server_context), request_(request) {
-  copy_call_context(*server_context, &client_context_);
+StreamForward::StreamForward(std::unique_ptr<Incoming> incoming, grpc::GenericStub* control_plane,
+                             grpc::CompletionQueue* queue)
+    : incoming_(std::move(incoming)) {
+  copy_call_context(incoming_->context, &client_context_);
+  upstream_ = control_plane->PrepareCall(&client_context_, incoming_->context.method(), queue);
+  upstream_->StartCall(started_.start());
 }
 
-void UnaryForward::start(grpc::GenericStub* control_plane, std::function<void(grpc::Status)> done) {
-  control_plane->UnaryCall(&client_context_, server_context_->method(), grpc::StubOptions(),
-                           &request_, &response_, std::move(done));
+void StreamForward::on_started(bool ok) {
+  if (!ok) {  // the control plane cannot be reached: its status says why
+    finish_upstream();
+    return;
+  }
+  upstream_->Read(&from_control_plane_, control_plane_message_.start());
+  incoming_->stream.Read(&from_caller_, caller_message_.start());
 }
 
-StreamForward::StreamForward(grpc::GenericCallbackServerContext* context,
-                             grpc::GenericStub* control_plane)
-    : context_(context) {
-  copy_call_context(*context, &client_context_);
-  control_plane->PrepareBidiStreamingCall(&client_context_, context->method(), grpc::StubOptions(),
-                                          &upstream_);
-  upstream_.StartCall();
-  upstream_.StartRead(&from_control_plane_);
-  StartRead(&from_caller_);
-}
-
-void StreamForward::OnReadDone(bool ok) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  if (upstream_done_) return;
+void StreamForward::on_caller_message(bool ok) {
+  if (upstream_finishing_) return;
   if (ok) {
-    upstream_.StartWrite(&from_caller_);
+    upstream_->Write(from_caller_, sent_up_.start());
   } else {
-    upstream_.StartWritesDone();  // the caller half-closed
+    upstream_->WritesDone(writes_done_.start());  // the caller half-closed (or left)
   }
 }
 
-void StreamForward::Upstream::OnWriteDone(bool ok) {
-  std::lock_guard<std::mutex> lock(owner_->mutex_);
-  if (ok && !owner_->upstream_done_) owner_->StartRead(&owner_->from_caller_);
+void StreamForward::on_sent_up(bool ok) {
+  if (ok && !upstream_finishing_) incoming_->stream.Read(&from_caller_, caller_message_.start());
 }
 
-void StreamForward::Upstream::OnReadInitialMetadataDone(bool ok) {
-  if (!ok) return;
-  for (const auto& [key, value] : owner_->client_context_.GetServerInitialMetadata()) {
-    std::string name(key.data(), key.size());
-    if (!reserved(name))
-      owner_->context_->AddInitialMetadata(name, std::string(value.data(), value.size()));
+void StreamForward::on_writes_done(bool) {}
+
+void StreamForward::on_control_plane_message(bool ok) {
+  if (ok) {
+    incoming_->stream.Write(from_control_plane_, sent_down_.start());
+  } else {
+    finish_upstream();  // no more messages: the status is next
   }
 }
 
-void StreamForward::Upstream::OnReadDone(bool ok) {
-  if (ok) owner_->StartWrite(&owner_->from_control_plane_);
-}
-
-void StreamForward::OnWriteDone(bool ok) {
-  if (ok) upstream_.StartRead(&from_control_plane_);
-}
-
-void StreamForward::Upstream::OnDone(const grpc::Status& status) {
-  {
-    std::lock_guard<std::mutex> lock(owner_->mutex_);
-    owner_->upstream_done_ = true;
+void StreamForward::on_sent_down(bool ok) {
+  if (ok) {
+    upstream_->Read(&from_control_plane_, control_plane_message_.start());
+  } else {  // the caller is gone
+    client_context_.TryCancel();
+    finish_upstream();
   }
-  copy_trailers(owner_->client_context_, owner_->context_);
-  owner_->Finish(status);
 }
 
-void StreamForward::OnCancel() { client_context_.TryCancel(); }
+void StreamForward::finish_upstream() {
+  if (upstream_finishing_) return;
+  upstream_finishing_ = true;
+  upstream_->Finish(&status_, control_plane_status_.start());
+}
 
-void StreamForward::OnDone() { delete this; }
+void StreamForward::on_control_plane_status(bool) {
+  copy_trailers(client_context_, &incoming_->context);
+  incoming_->stream.Finish(status_, finished_.start());
+}
+
+void StreamForward::on_finished(bool) { finished(); }
 
 }  // namespace maas::dataplane

@@ -7,68 +7,54 @@
 // every rule and one error model; the data plane only takes the requests it can prove valid.
 #pragma once
 
-#include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 
-#include <functional>
 #include <memory>
-#include <mutex>
+
+#include "event_loop.h"
+#include "incoming.h"
 
 namespace maas::dataplane {
 
 // Copies what a caller sent (metadata, deadline) onto the context of the call passed on.
-void copy_call_context(const grpc::GenericCallbackServerContext& from, grpc::ClientContext* to);
+void copy_call_context(const grpc::GenericServerContext& from, grpc::ClientContext* to);
 
 // Copies the control plane's trailing metadata into the reply (not grpc's own keys).
-void copy_trailers(const grpc::ClientContext& from, grpc::GenericCallbackServerContext* to);
-
-// Sends one request message to the control plane; `start` calls `done` with its answer.
-class UnaryForward {
- public:
-  UnaryForward(grpc::GenericCallbackServerContext* server_context, const grpc::ByteBuffer& request);
-  void start(grpc::GenericStub* control_plane, std::function<void(grpc::Status)> done);
-  grpc::ByteBuffer& response() { return response_; }
-  const grpc::ClientContext& client_context() const { return client_context_; }
-
- private:
-  grpc::GenericCallbackServerContext* server_context_;
-  grpc::ClientContext client_context_;
-  grpc::ByteBuffer request_;
-  grpc::ByteBuffer response_;
-};
+void copy_trailers(const grpc::ClientContext& from, grpc::GenericServerContext* to);
 
 // A whole call of any kind (unary or streaming) relayed message by message both ways.
-class StreamForward : public grpc::ServerGenericBidiReactor {
+class StreamForward : public Operations {
  public:
-  StreamForward(grpc::GenericCallbackServerContext* context, grpc::GenericStub* control_plane);
-
-  void OnReadDone(bool ok) override;
-  void OnWriteDone(bool ok) override;
-  void OnCancel() override;
-  void OnDone() override;
+  StreamForward(std::unique_ptr<Incoming> incoming, grpc::GenericStub* control_plane,
+                grpc::CompletionQueue* queue);
 
  private:
-  // The control plane's side of the call.
-  class Upstream : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
-   public:
-    explicit Upstream(StreamForward* owner) : owner_(owner) {}
-    void OnReadInitialMetadataDone(bool ok) override;
-    void OnReadDone(bool ok) override;
-    void OnWriteDone(bool ok) override;
-    void OnDone(const grpc::Status& status) override;
+  void on_started(bool ok);
+  void on_caller_message(bool ok);
+  void on_sent_up(bool ok);
+  void on_writes_done(bool ok);
+  void on_control_plane_message(bool ok);
+  void on_sent_down(bool ok);
+  void on_control_plane_status(bool ok);
+  void on_finished(bool ok);
+  void finish_upstream();
 
-   private:
-    StreamForward* owner_;
-  };
-
-  grpc::GenericCallbackServerContext* context_;
+  std::unique_ptr<Incoming> incoming_;
   grpc::ClientContext client_context_;
-  Upstream upstream_{this};
+  std::unique_ptr<grpc::GenericClientAsyncReaderWriter> upstream_;
   grpc::ByteBuffer from_caller_;
   grpc::ByteBuffer from_control_plane_;
-  std::mutex mutex_;
-  bool upstream_done_ = false;
+  grpc::Status status_;
+  bool upstream_finishing_ = false;
+  Step<StreamForward> started_{this, &StreamForward::on_started};
+  Step<StreamForward> caller_message_{this, &StreamForward::on_caller_message};
+  Step<StreamForward> sent_up_{this, &StreamForward::on_sent_up};
+  Step<StreamForward> writes_done_{this, &StreamForward::on_writes_done};
+  Step<StreamForward> control_plane_message_{this, &StreamForward::on_control_plane_message};
+  Step<StreamForward> sent_down_{this, &StreamForward::on_sent_down};
+  Step<StreamForward> control_plane_status_{this, &StreamForward::on_control_plane_status};
+  Step<StreamForward> finished_{this, &StreamForward::on_finished};
 };
 
 }  // namespace maas::dataplane

@@ -36,7 +36,7 @@ std::string generated_request_id() {
   return id;
 }
 
-std::string metadata_value(const grpc::GenericCallbackServerContext& context, const char* key) {
+std::string metadata_value(const grpc::GenericServerContext& context, const char* key) {
   auto found = context.client_metadata().find(key);
   if (found == context.client_metadata().end()) return "";
   return std::string(found->second.data(), found->second.size());
@@ -47,40 +47,42 @@ std::string metadata_value(const grpc::GenericCallbackServerContext& context, co
 // -- DataPlane ----------------------------------------------------------------------------------
 
 DataPlane::DataPlane(std::shared_ptr<grpc::Channel> triton,
-                     std::shared_ptr<grpc::Channel> control_plane, std::unique_ptr<TokenTable> tokens)
+                     std::shared_ptr<grpc::Channel> control_plane, std::unique_ptr<TokenTable> tokens,
+                     grpc::CompletionQueue* queue)
     : triton_(::inference::GRPCInferenceService::NewStub(triton)),
       control_plane_(control_plane),
       tokens_(std::move(tokens)),
+      queue_(queue),
       table_(std::make_shared<RouteTable>()) {}
 
 std::shared_ptr<const RouteTable> DataPlane::table() const {
-  std::lock_guard<std::mutex> lock(mutex_);
+  std::lock_guard<std::mutex> lock(table_mutex_);
   return table_;
 }
 
 void DataPlane::set_table(std::shared_ptr<const RouteTable> table) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  std::lock_guard<std::mutex> lock(table_mutex_);
   table_ = std::move(table);
 }
 
 Lane* DataPlane::lane(const std::string& triton_model) {
-  std::lock_guard<std::mutex> lock(mutex_);
   auto& lane = lanes_[triton_model];
-  if (!lane) lane = std::make_unique<Lane>(triton_.get(), &counters_);
+  if (!lane) lane = std::make_unique<Lane>(this);
   return lane.get();
 }
 
 // -- InferCall: admission -------------------------------------------------------------------
 
-InferCall::InferCall(grpc::GenericCallbackServerContext* context, DataPlane* plane,
-                     Protocol protocol)
-    : context_(context), plane_(plane), protocol_(protocol) {
-  StartRead(&request_bytes_);
+InferCall::InferCall(std::unique_ptr<Incoming> incoming, DataPlane* plane, Protocol protocol)
+    : incoming_(std::move(incoming)), plane_(plane), protocol_(protocol) {
+  incoming_->stream.Read(&request_bytes_, request_read_.start());
 }
 
-void InferCall::OnReadDone(bool ok) {
+void InferCall::on_request(bool ok) {
   if (!ok) {
-    finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "the call carried no request"));
+    incoming_->stream.Finish(
+        grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "the call carried no request"),
+        finished_.start());
     return;
   }
   if (admit()) {
@@ -157,7 +159,7 @@ bool InferCall::admit_kserve(const Route& route) {
 bool InferCall::authorized(const Route& route) {
   TokenTable* tokens = plane_->tokens();
   if (tokens == nullptr) return true;
-  auto scopes = tokens->scopes_for(metadata_value(*context_, "authorization"));
+  auto scopes = tokens->scopes_for(metadata_value(incoming_->context, "authorization"));
   if (scopes == nullptr) return false;
   for (const auto& target : route.targets)
     if (!TokenTable::covers(*scopes, target.model_id)) return false;
@@ -195,7 +197,7 @@ bool InferCall::matches_signature(
   for (const auto& output : triton_request_.outputs()) key += "->" + output.name();
   rows_ = static_cast<int>(batch);
   sharing_key_ = std::move(key);
-  traceparent_ = metadata_value(*context_, "traceparent");
+  traceparent_ = metadata_value(incoming_->context, "traceparent");
   return true;
 }
 
@@ -229,36 +231,57 @@ void InferCall::reply(const ::inference::ModelInferResponse& response) {
     serialize(answer, &reply_bytes_);
   }
   plane_->counters().served++;
-  StartWriteAndFinish(&reply_bytes_, grpc::WriteOptions(), grpc::Status::OK);
+  incoming_->stream.WriteAndFinish(reply_bytes_, grpc::WriteOptions(), grpc::Status::OK,
+                                   finished_.start());
 }
 
 void InferCall::decline() {
   plane_->counters().declined++;
-  forward_ = std::make_unique<UnaryForward>(context_, request_bytes_);
-  forward_->start(plane_->control_plane(), [this](grpc::Status status) {
-    copy_trailers(forward_->client_context(), context_);
-    if (status.ok()) {
-      StartWriteAndFinish(&forward_->response(), grpc::WriteOptions(), status);
-    } else {
-      Finish(status);
-    }
-  });
+  forward_context_ = std::make_unique<grpc::ClientContext>();
+  copy_call_context(incoming_->context, forward_context_.get());
+  forward_ = plane_->control_plane()->PrepareUnaryCall(
+      forward_context_.get(), incoming_->context.method(), request_bytes_, plane_->queue());
+  forward_->StartCall();
+  forward_->Finish(&forward_reply_, &forward_status_, forwarded_.start());
 }
 
-void InferCall::finish(const grpc::Status& status) { Finish(status); }
+void InferCall::on_forwarded(bool) {
+  copy_trailers(*forward_context_, &incoming_->context);
+  if (forward_status_.ok()) {
+    incoming_->stream.WriteAndFinish(forward_reply_, grpc::WriteOptions(), forward_status_,
+                                     finished_.start());
+  } else {
+    incoming_->stream.Finish(forward_status_, finished_.start());
+  }
+}
 
-void InferCall::OnDone() { delete this; }
+void InferCall::on_finished(bool) { finished(); }
 
 // -- Lane: shared calls -----------------------------------------------------------------------
 
 namespace {
 
 // One call to Triton on behalf of one or more requests.
-struct TritonCall {
-  grpc::ClientContext context;
-  ::inference::ModelInferRequest merged;  // unused when the call carries a single request
-  ::inference::ModelInferResponse response;
-  std::vector<InferCall*> batch;
+class TritonCall : public Operations {
+ public:
+  TritonCall(Lane* lane, std::vector<InferCall*> batch) : lane_(lane), batch_(std::move(batch)) {}
+
+  void send(::inference::GRPCInferenceService::Stub* triton, grpc::CompletionQueue* queue);
+
+ private:
+  void on_answer(bool) {
+    lane_->finished(std::move(batch_), status_, response_);
+    finished();
+  }
+
+  Lane* lane_;
+  std::vector<InferCall*> batch_;
+  grpc::ClientContext context_;
+  ::inference::ModelInferRequest merged_;  // unused when the call carries a single request
+  ::inference::ModelInferResponse response_;
+  grpc::Status status_;
+  std::unique_ptr<grpc::ClientAsyncResponseReader<::inference::ModelInferResponse>> reader_;
+  Step<TritonCall> answered_{this, &TritonCall::on_answer};
 };
 
 void merge_into(const std::vector<InferCall*>& batch, int rows, ::inference::ModelInferRequest* merged) {
@@ -304,53 +327,49 @@ bool split(const ::inference::ModelInferResponse& response, const std::vector<In
 
 }  // namespace
 
-void Lane::submit(InferCall* call) {
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (in_flight_ >= call->max_calls_in_flight()) {
-      waiting_.push_back(call);
-      return;
-    }
-    ++in_flight_;
+void TritonCall::send(::inference::GRPCInferenceService::Stub* triton,
+                      grpc::CompletionQueue* queue) {
+  int rows = 0;
+  auto deadline = std::chrono::system_clock::time_point::min();
+  for (InferCall* request : batch_) {
+    rows += request->rows();
+    deadline = std::max(deadline, request->deadline());
   }
+  context_.set_deadline(deadline);
+  const std::string& traceparent = batch_.front()->traceparent();
+  if (!traceparent.empty()) context_.AddMetadata("traceparent", traceparent);
+  const ::inference::ModelInferRequest* request = &batch_.front()->triton_request();
+  if (batch_.size() > 1) {
+    merge_into(batch_, rows, &merged_);
+    request = &merged_;
+  }
+  reader_ = triton->PrepareAsyncModelInfer(&context_, *request, queue);
+  reader_->StartCall();
+  reader_->Finish(&response_, &status_, answered_.start());
+}
+
+void Lane::submit(InferCall* call) {
+  if (in_flight_ >= call->max_calls_in_flight()) {
+    waiting_.push_back(call);
+    return;
+  }
+  ++in_flight_;
   send({call});
 }
 
 void Lane::send(std::vector<InferCall*> batch) {
-  auto* call = new TritonCall();
-  call->batch = std::move(batch);
-  int rows = 0;
-  auto deadline = std::chrono::system_clock::time_point::min();
-  for (InferCall* request : call->batch) {
-    rows += request->rows();
-    deadline = std::max(deadline, request->deadline());
-  }
-  call->context.set_deadline(deadline);
-  const std::string& traceparent = call->batch.front()->traceparent();
-  if (!traceparent.empty()) call->context.AddMetadata("traceparent", traceparent);
-  const ::inference::ModelInferRequest* request = &call->batch.front()->triton_request();
-  if (call->batch.size() > 1) {
-    merge_into(call->batch, rows, &call->merged);
-    request = &call->merged;
-  }
-  counters_->triton_calls++;
-  triton_->async()->ModelInfer(&call->context, request, &call->response,
-                               [this, call](grpc::Status status) {
-                                 finished(std::move(call->batch), status, call->response);
-                                 delete call;
-                               });
+  plane_->counters().triton_calls++;
+  (new TritonCall(this, std::move(batch)))->send(plane_->triton(), plane_->queue());
 }
 
-void Lane::finished(std::vector<InferCall*> batch, grpc::Status status,
+void Lane::finished(std::vector<InferCall*> batch, const grpc::Status& status,
                     const ::inference::ModelInferResponse& response) {
-  std::vector<InferCall*> next;
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    next = next_batch();
-    if (next.empty()) --in_flight_;
+  std::vector<InferCall*> next = next_batch();  // Triton gets the next call before replies go
+  if (next.empty()) {
+    --in_flight_;
+  } else {
+    send(std::move(next));
   }
-  if (!next.empty()) send(std::move(next));
-
   if (!status.ok()) {  // the control plane gives each its canonical answer (or serves it)
     for (InferCall* call : batch) call->decline();
     return;
@@ -371,10 +390,6 @@ void Lane::finished(std::vector<InferCall*> batch, grpc::Status status,
 
 std::vector<InferCall*> Lane::next_batch() {
   std::vector<InferCall*> batch;
-  while (!waiting_.empty() && waiting_.front()->cancelled()) {
-    waiting_.front()->finish(grpc::Status(grpc::StatusCode::CANCELLED, "the caller left"));
-    waiting_.pop_front();
-  }
   if (waiting_.empty()) return batch;
   InferCall* head = waiting_.front();
   int rows = 0;

@@ -12,7 +12,6 @@
 // concatenated by rows, and each reply is sliced back (as the Python `RequestCoalescer`).
 #pragma once
 
-#include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 
@@ -24,7 +23,9 @@
 #include <unordered_map>
 #include <vector>
 
+#include "event_loop.h"
 #include "grpc_service.grpc.pb.h"
+#include "incoming.h"
 #include "routes.h"
 
 namespace maas::dataplane {
@@ -38,37 +39,39 @@ struct Counters {
   std::atomic<uint64_t> triton_calls{0};
 };
 
+class DataPlane;
+
 // Requests for one Triton model: at most `max_calls_in_flight` calls open, the rest wait.
+// Used by the loop thread only.
 class Lane {
  public:
-  Lane(::inference::GRPCInferenceService::Stub* triton, Counters* counters)
-      : triton_(triton), counters_(counters) {}
+  explicit Lane(DataPlane* plane) : plane_(plane) {}
   void submit(InferCall* call);
+  void finished(std::vector<InferCall*> batch, const grpc::Status& status,
+                const ::inference::ModelInferResponse& response);
 
  private:
   void send(std::vector<InferCall*> batch);
-  void finished(std::vector<InferCall*> batch, grpc::Status status,
-                const ::inference::ModelInferResponse& response);
-  std::vector<InferCall*> next_batch();  // under mutex_
+  std::vector<InferCall*> next_batch();
 
-  ::inference::GRPCInferenceService::Stub* triton_;
-  Counters* counters_;
-  std::mutex mutex_;
+  DataPlane* plane_;
   int in_flight_ = 0;
   std::deque<InferCall*> waiting_;
 };
 
-// What every inference call needs: the table, tokens, Triton, the control plane.
+// What every inference call needs: the table, tokens, Triton, the control plane, the queue.
 class DataPlane {
  public:
   DataPlane(std::shared_ptr<grpc::Channel> triton, std::shared_ptr<grpc::Channel> control_plane,
-            std::unique_ptr<TokenTable> tokens);
+            std::unique_ptr<TokenTable> tokens, grpc::CompletionQueue* queue);
 
   std::shared_ptr<const RouteTable> table() const;
-  void set_table(std::shared_ptr<const RouteTable> table);
+  void set_table(std::shared_ptr<const RouteTable> table);  // from the control thread
   Lane* lane(const std::string& triton_model);
 
+  ::inference::GRPCInferenceService::Stub* triton() { return triton_.get(); }
   grpc::GenericStub* control_plane() { return &control_plane_; }
+  grpc::CompletionQueue* queue() { return queue_; }
   TokenTable* tokens() { return tokens_.get(); }
   Counters& counters() { return counters_; }
 
@@ -76,21 +79,19 @@ class DataPlane {
   std::unique_ptr<::inference::GRPCInferenceService::Stub> triton_;
   grpc::GenericStub control_plane_;
   std::unique_ptr<TokenTable> tokens_;  // nullptr: auth is off
+  grpc::CompletionQueue* queue_;
   Counters counters_;
-  mutable std::mutex mutex_;
+  mutable std::mutex table_mutex_;
   std::shared_ptr<const RouteTable> table_;
   std::unordered_map<std::string, std::unique_ptr<Lane>> lanes_;
 };
 
 // One ModelInfer (KServe-v2) or Predict call, served here or declined to the control plane.
-class InferCall : public grpc::ServerGenericBidiReactor {
+class InferCall : public Operations {
  public:
   enum class Protocol { kKServe, kPredict };
 
-  InferCall(grpc::GenericCallbackServerContext* context, DataPlane* plane, Protocol protocol);
-
-  void OnReadDone(bool ok) override;
-  void OnDone() override;
+  InferCall(std::unique_ptr<Incoming> incoming, DataPlane* plane, Protocol protocol);
 
   // Used by the lane.
   ::inference::ModelInferRequest& triton_request() { return triton_request_; }
@@ -98,22 +99,23 @@ class InferCall : public grpc::ServerGenericBidiReactor {
   const std::string& sharing_key() const { return sharing_key_; }
   int max_batch_size() const { return target_->max_batch_size; }
   int max_calls_in_flight() const { return target_->max_calls_in_flight; }
-  std::chrono::system_clock::time_point deadline() const { return context_->deadline(); }
+  std::chrono::system_clock::time_point deadline() const { return incoming_->context.deadline(); }
   const std::string& traceparent() const { return traceparent_; }
-  bool cancelled() const { return context_->IsCancelled(); }
   void reply(const ::inference::ModelInferResponse& response);
   void decline();
-  void finish(const grpc::Status& status);
 
  private:
+  void on_request(bool ok);
+  void on_forwarded(bool ok);
+  void on_finished(bool ok);
   bool admit();  // parse, authenticate, route and check; fills triton_request_
   bool admit_kserve(const Route& route);
   bool authorized(const Route& route);
-  bool matches_signature(const std::vector<const ::inference::ModelInferRequest::InferInputTensor*>&
-                             inputs,
-                         const std::vector<size_t>& byte_lengths);
+  bool matches_signature(
+      const std::vector<const ::inference::ModelInferRequest::InferInputTensor*>& inputs,
+      const std::vector<size_t>& byte_lengths);
 
-  grpc::GenericCallbackServerContext* context_;
+  std::unique_ptr<Incoming> incoming_;
   DataPlane* plane_;
   Protocol protocol_;
   grpc::ByteBuffer request_bytes_;
@@ -126,7 +128,14 @@ class InferCall : public grpc::ServerGenericBidiReactor {
   ::inference::ModelInferRequest triton_request_;
   int rows_ = 0;
   std::string sharing_key_;
-  std::unique_ptr<class UnaryForward> forward_;
+  // Declined: the call to the control plane.
+  std::unique_ptr<grpc::ClientContext> forward_context_;
+  std::unique_ptr<grpc::GenericClientAsyncResponseReader> forward_;
+  grpc::ByteBuffer forward_reply_;
+  grpc::Status forward_status_;
+  Step<InferCall> request_read_{this, &InferCall::on_request};
+  Step<InferCall> forwarded_{this, &InferCall::on_forwarded};
+  Step<InferCall> finished_{this, &InferCall::on_finished};
 };
 
 }  // namespace maas::dataplane

@@ -20,8 +20,11 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
+#include <thread>
 
+#include "event_loop.h"
 #include "forward.h"
+#include "incoming.h"
 #include "infer.h"
 
 namespace maas::dataplane {
@@ -96,21 +99,19 @@ std::shared_ptr<grpc::Channel> local_channel(const std::string& target, int max_
   return grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), arguments);
 }
 
-class FrontDoor : public grpc::CallbackGenericService {
- public:
-  explicit FrontDoor(DataPlane* plane) : plane_(plane) {}
-
-  grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* context) override {
-    if (context->method() == kModelInfer)
-      return new InferCall(context, plane_, InferCall::Protocol::kKServe);
-    if (context->method() == kPredict)
-      return new InferCall(context, plane_, InferCall::Protocol::kPredict);
-    return new StreamForward(context, plane_->control_plane());
-  }
-
- private:
-  DataPlane* plane_;
-};
+// Hands each accepted call to what serves its method.
+Dispatch dispatch_by_method(DataPlane* plane) {
+  return [plane](std::unique_ptr<Incoming> incoming) {
+    const std::string& method = incoming->context.method();
+    if (method == kModelInfer) {
+      new InferCall(std::move(incoming), plane, InferCall::Protocol::kKServe);
+    } else if (method == kPredict) {
+      new InferCall(std::move(incoming), plane, InferCall::Protocol::kPredict);
+    } else {
+      new StreamForward(std::move(incoming), plane->control_plane(), plane->queue());
+    }
+  };
+}
 
 void answer(const std::string& line) { std::cout << line << std::endl; }
 
@@ -138,28 +139,34 @@ void serve_control_lines(DataPlane* plane) {
 }
 
 int run(const Options& options) {
-  auto tokens = options.tokens_file.empty() ? nullptr
-                                            : std::make_unique<TokenTable>(options.tokens_file);
-  DataPlane plane(local_channel(options.triton, options.max_message_bytes),
-                  local_channel(options.control_plane, options.max_message_bytes),
-                  std::move(tokens));
-  FrontDoor front_door(&plane);
+  grpc::AsyncGenericService service;
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort(options.listen, server_credentials(options), &port);
   builder.SetMaxReceiveMessageSize(options.max_message_bytes);
   builder.SetMaxSendMessageSize(options.max_message_bytes);
-  builder.RegisterCallbackGenericService(&front_door);
+  builder.RegisterAsyncGenericService(&service);
+  std::unique_ptr<grpc::ServerCompletionQueue> queue = builder.AddCompletionQueue();
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0) {
     std::cerr << "maas-inference-dataplane: cannot listen on " << options.listen << std::endl;
     return 1;
   }
+  auto tokens = options.tokens_file.empty() ? nullptr
+                                            : std::make_unique<TokenTable>(options.tokens_file);
+  DataPlane plane(local_channel(options.triton, options.max_message_bytes),
+                  local_channel(options.control_plane, options.max_message_bytes),
+                  std::move(tokens), queue.get());
+  const Dispatch dispatch = dispatch_by_method(&plane);
+  Incoming::await_next(&service, queue.get(), &dispatch);
+  std::thread loop([&queue] { run_loop(queue.get()); });
+
   answer("listening " + std::to_string(port));
   serve_control_lines(&plane);  // until the control plane closes our stdin
   auto grace = std::chrono::milliseconds(static_cast<int64_t>(options.shutdown_grace_seconds * 1000));
   server->Shutdown(std::chrono::system_clock::now() + grace);
-  server->Wait();
+  queue->Shutdown();
+  loop.join();
   return 0;
 }
 
