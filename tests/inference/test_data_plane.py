@@ -1,4 +1,4 @@
-"""The native data plane's table and its absence: what it may serve, and the Python-only mode.
+"""The native data plane's table, its relay of any call over TLS, and the Python-only mode.
 
 The data plane at work (served and relayed requests, revoked tokens, kill -9) is tested with
 the rest of the service in `test_inference_service.py`.
@@ -6,21 +6,28 @@ the rest of the service in `test_inference_service.py`.
 
 from __future__ import annotations
 
+import grpc
 import numpy as np
 import pytest
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from maas.inference.v1 import deployment_pb2, inference_service_pb2 as inf, inference_service_pb2_grpc
-from maas.registry.v1 import registry_service_pb2 as rs, registry_service_pb2_grpc
-from maas_inference.dataplane import find_binary, route_table
+from maas.registry.v1 import model_pb2, registry_service_pb2 as rs, registry_service_pb2_grpc
+from maas_inference.dataplane import NativeDataPlane, find_binary, route_table
 from maas_inference.routing import Route, ServedModel
 from maas_inference.tensors import ServingSignature
 from maas_runtime import errors
+from maas_runtime.client import open_channel
+from maas_runtime.server import ServiceBinding, ServiceServer
+from maas_runtime.settings import ServiceSettings
+from maas_runtime.tls import channel_credentials
 from tritonclient.grpc import service_pb2_grpc
 
 from tests.inference.model_packages import save_zoo_package, zoo_model
 from tests.inference.test_inference_service import batch, kserve_request, logits, predict_request
 from tests.registry.helpers import model_upload_requests
-from tests.support.processes import ServiceProcess, children_named, free_port
+from tests.support.grpc_asserts import expect_error
+from tests.support.processes import ServiceProcess, children_named, free_port, process_alive
 
 SIGNATURE = {"inputs": [{"name": "x", "datatype": "DATA_TYPE_FP32", "shape": [4]}],
              "outputs": [{"name": "y", "datatype": "DATA_TYPE_INT64", "shape": [-1]}]}
@@ -99,3 +106,67 @@ async def test_the_python_data_plane_serves_everything_itself(tmp_path):
     finally:
         inference.terminate()
         registry.terminate()
+
+
+class _Registry(registry_service_pb2_grpc.RegistryServiceServicer):
+    """Answers GetModel, or refuses a bad name with the suite's error details."""
+
+    async def GetModel(self, request, context):
+        if request.name == "models/bad":
+            raise errors.InvalidArgument.for_field("name", "no such thing")
+        return model_pb2.Model(name=request.name)
+
+
+@pytest.mark.parametrize("mutual", [False, True])
+async def test_the_data_plane_relays_any_call_over_tls_with_its_error_details(tmp_path, mutual):
+    """In front of any service: TLS (and mutual TLS) end at the data plane, calls it does not
+    serve reach the service on loopback, and errors come back with their google.rpc details."""
+    from tests.runtime.test_tracing_and_logs import _make_certificates
+
+    certs = _make_certificates(tmp_path)
+    settings = ServiceSettings(
+        state_dir=tmp_path / "state", auth_enabled=False, port=0,
+        tls_cert_file=certs / "server.pem", tls_key_file=certs / "server.key",
+        tls_client_ca_file=(certs / "ca.pem") if mutual else None)
+    data_plane = NativeDataPlane(
+        find_binary(), host="127.0.0.1", port=0, triton_target=lambda: "127.0.0.1:9",
+        table=lambda: route_table({}, False, 1), tokens_file=None, max_message_bytes=1 << 20,
+        shutdown_grace_seconds=1, tls_files=(settings.tls_cert_file, settings.tls_key_file,
+                                             settings.tls_client_ca_file))
+    server = ServiceServer("registry", settings, [ServiceBinding(
+        "maas.registry.v1.RegistryService",
+        lambda s: registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(_Registry(), s))],
+        front_door=data_plane)
+    port = await server.start()
+    assert port == data_plane.port and data_plane.pid is not None
+    try:
+        credentials = channel_credentials(certs / "ca.pem", certs / "client.pem", certs / "client.key")
+        async with open_channel(f"localhost:{port}", credentials=credentials) as channel:
+            stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
+            reply = await stub.GetModel(rs.GetModelRequest(name="models/tls"))
+            assert reply.name == "models/tls"
+            await expect_error(stub.GetModel(rs.GetModelRequest(name="models/bad")),
+                               grpc.StatusCode.INVALID_ARGUMENT, "name")
+            health = health_pb2_grpc.HealthStub(channel)
+            watch = health.Watch(health_pb2.HealthCheckRequest(service="registry"))
+            first = await watch.read()  # a server stream, relayed
+            assert first.status == health_pb2.HealthCheckResponse.SERVING
+            watch.cancel()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as plaintext:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await registry_service_pb2_grpc.RegistryServiceStub(plaintext).GetModel(
+                    rs.GetModelRequest(name="models/tls"), timeout=2)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        async with open_channel(f"localhost:{port}",
+                                credentials=channel_credentials(certs / "ca.pem")) as no_cert:
+            call = registry_service_pb2_grpc.RegistryServiceStub(no_cert).GetModel(
+                rs.GetModelRequest(name="models/tls"), timeout=2)
+            if mutual:
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await call
+                assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            else:
+                assert (await call).name == "models/tls"
+    finally:
+        await server.stop(0)
+    assert data_plane.pid is not None and not process_alive(data_plane.pid)
