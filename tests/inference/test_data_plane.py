@@ -170,3 +170,28 @@ async def test_the_data_plane_relays_any_call_over_tls_with_its_error_details(tm
     finally:
         await server.stop(0)
     assert data_plane.pid is not None and not process_alive(data_plane.pid)
+
+
+async def test_the_data_plane_counters_are_exported_as_metrics():
+    from maas_inference.dataplane import DataPlaneMetrics
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    class Counting:
+        async def stats(self):
+            return {"served": 7, "declined": 3, "triton_calls": 2, "deployments": {
+                "digits": {"served": 7, "declined": 1}, "": {"served": 0, "declined": 2}}}
+
+    reader = InMemoryMetricReader()
+    metrics = DataPlaneMetrics(Counting(), MeterProvider(metric_readers=[reader]).get_meter("t"))
+    await metrics.refresh()
+    points = {
+        metric.name: {tuple(sorted(p.attributes.items())): p.value for p in metric.data.data_points}
+        for resource in reader.get_metrics_data().resource_metrics
+        for scope in resource.scope_metrics for metric in scope.metrics}
+    assert points["maas.inference.dataplane.requests"] == {
+        (("deployment", "digits"), ("outcome", "served")): 7,
+        (("deployment", "digits"), ("outcome", "declined")): 1,
+        (("deployment", ""), ("outcome", "served")): 0,
+        (("deployment", ""), ("outcome", "declined")): 2}
+    assert points["maas.inference.dataplane.triton_calls"] == {(): 2}

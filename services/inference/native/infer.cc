@@ -4,6 +4,7 @@
 #include <grpcpp/support/proto_buffer_reader.h>
 #include <grpcpp/support/proto_buffer_writer.h>
 
+#include <nlohmann/json.hpp>
 #include <random>
 
 #include "forward.h"
@@ -43,6 +44,36 @@ std::string metadata_value(const grpc::GenericServerContext& context, const char
 }
 
 }  // namespace
+
+// -- Counters -----------------------------------------------------------------------------------
+
+void Counters::served(const std::string& deployment_id) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  by_deployment_[deployment_id].served++;
+}
+
+void Counters::declined(const std::string& deployment_id) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  by_deployment_[deployment_id].declined++;
+}
+
+std::string Counters::to_json() const {
+  nlohmann::json deployments = nlohmann::json::object();
+  uint64_t served = 0, declined = 0;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (const auto& [deployment_id, counts] : by_deployment_) {
+      deployments[deployment_id] = {{"served", counts.served}, {"declined", counts.declined}};
+      served += counts.served;
+      declined += counts.declined;
+    }
+  }
+  return nlohmann::json{{"served", served},
+                        {"declined", declined},
+                        {"triton_calls", triton_calls_.load()},
+                        {"deployments", deployments}}
+      .dump();
+}
 
 // -- DataPlane ----------------------------------------------------------------------------------
 
@@ -99,7 +130,9 @@ bool InferCall::admit() {
     ::inference::ModelInferRequest request;
     if (!parse(request_bytes_, &request)) return false;
     auto route = table_->routes.find(request.model_name());
-    if (route == table_->routes.end() || !authorized(*route->second)) return false;
+    if (route == table_->routes.end()) return false;
+    deployment_id_ = route->first;
+    if (!authorized(*route->second)) return false;
     triton_request_ = std::move(request);
     return admit_kserve(*route->second);
   }
@@ -108,9 +141,10 @@ bool InferCall::admit() {
   const std::string& name = request.deployment();
   if (name.rfind(kDeploymentPrefix, 0) != 0) return false;
   auto route = table_->routes.find(name.substr(sizeof(kDeploymentPrefix) - 1));
-  if (route == table_->routes.end() || !authorized(*route->second)) return false;
-  request_id_ = request.request_id().empty() ? generated_request_id() : request.request_id();
+  if (route == table_->routes.end()) return false;
   deployment_id_ = route->first;
+  if (!authorized(*route->second)) return false;
+  request_id_ = request.request_id().empty() ? generated_request_id() : request.request_id();
   target_ = &route->second->pick(request_id_);
   triton_request_.set_model_name(target_->triton_model);
   triton_request_.set_id(request_id_);
@@ -136,7 +170,6 @@ bool InferCall::admit() {
 
 bool InferCall::admit_kserve(const Route& route) {
   auto& request = triton_request_;
-  deployment_id_ = route.deployment_id;
   request_id_ = request.id().empty() ? generated_request_id() : request.id();
   target_ = &route.pick(request_id_);
   if (!request.model_version().empty() || request.parameters_size() > 0 ||
@@ -230,13 +263,13 @@ void InferCall::reply(const ::inference::ModelInferResponse& response) {
     }
     serialize(answer, &reply_bytes_);
   }
-  plane_->counters().served++;
+  plane_->counters().served(deployment_id_);
   incoming_->stream.WriteAndFinish(reply_bytes_, grpc::WriteOptions(), grpc::Status::OK,
                                    finished_.start());
 }
 
 void InferCall::decline() {
-  plane_->counters().declined++;
+  plane_->counters().declined(deployment_id_);
   forward_context_ = std::make_unique<grpc::ClientContext>();
   copy_call_context(incoming_->context, forward_context_.get());
   forward_ = plane_->control_plane()->PrepareUnaryCall(
@@ -358,7 +391,7 @@ void Lane::submit(InferCall* call) {
 }
 
 void Lane::send(std::vector<InferCall*> batch) {
-  plane_->counters().triton_calls++;
+  plane_->counters().triton_call();
   (new TritonCall(this, std::move(batch)))->send(plane_->triton(), plane_->queue());
 }
 

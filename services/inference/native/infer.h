@@ -32,11 +32,24 @@ namespace maas::dataplane {
 
 class InferCall;
 
-// Counts of what the data plane did, reported to the control plane on request.
-struct Counters {
-  std::atomic<uint64_t> served{0};
-  std::atomic<uint64_t> declined{0};
-  std::atomic<uint64_t> triton_calls{0};
+// Counts of what the data plane did, reported to the control plane on request. Written by
+// the loop thread, read by the control thread.
+class Counters {
+ public:
+  struct PerDeployment {
+    uint64_t served = 0;
+    uint64_t declined = 0;
+  };
+
+  void served(const std::string& deployment_id);
+  void declined(const std::string& deployment_id);  // "" when the request named none we know
+  void triton_call() { triton_calls_++; }
+  std::string to_json() const;
+
+ private:
+  mutable std::mutex mutex_;
+  std::unordered_map<std::string, PerDeployment> by_deployment_;
+  std::atomic<uint64_t> triton_calls_{0};
 };
 
 class DataPlane;

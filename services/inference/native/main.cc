@@ -121,11 +121,7 @@ void serve_control_lines(DataPlane* plane) {
     try {
       auto document = nlohmann::json::parse(line);
       if (document.contains("stats")) {
-        auto& counters = plane->counters();
-        answer("stats " + nlohmann::json{{"served", counters.served.load()},
-                                         {"declined", counters.declined.load()},
-                                         {"triton_calls", counters.triton_calls.load()}}
-                              .dump());
+        answer("stats " + plane->counters().to_json());
         continue;
       }
       auto table = RouteTable::parse(line);

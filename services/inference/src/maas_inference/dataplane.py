@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from maas_runtime import errors
+from opentelemetry.metrics import Observation
 
 from maas_inference.routing import Route, ServedModel
 
@@ -204,3 +205,43 @@ class NativeDataPlane:
         except TimeoutError:
             process.kill()
             await process.wait()
+
+
+class DataPlaneMetrics:
+    """The data plane's counters as OpenTelemetry metrics.
+
+    Requests it serves never reach this process's RPC interceptors, so its own counts are
+    exported instead: `maas.inference.dataplane.requests` by deployment and outcome (served
+    there, or relayed here) and `maas.inference.dataplane.triton_calls`. They are polled every
+    `poll_seconds`; requests naming no deployment it knows count under deployment "".
+    """
+
+    def __init__(self, data_plane: NativeDataPlane, meter, poll_seconds: float = 5.0):
+        self._data_plane = data_plane
+        self._poll_seconds = poll_seconds
+        self._stats: dict = {}
+        meter.create_observable_counter(
+            "maas.inference.dataplane.requests", callbacks=[self._observe_requests],
+            unit="{request}", description="requests the native data plane served or relayed")
+        meter.create_observable_counter(
+            "maas.inference.dataplane.triton_calls", callbacks=[self._observe_triton_calls],
+            unit="{call}", description="calls the native data plane made to Triton")
+
+    async def refresh(self) -> None:
+        self._stats = await self._data_plane.stats()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except errors.MaasError as exc:  # restarting: the next poll catches up
+                _log.debug("no data plane counters this time: %s", exc.message)
+            await asyncio.sleep(self._poll_seconds)
+
+    def _observe_requests(self, _options) -> list[Observation]:
+        return [Observation(counts[outcome], {"deployment": deployment, "outcome": outcome})
+                for deployment, counts in self._stats.get("deployments", {}).items()
+                for outcome in ("served", "declined")]
+
+    def _observe_triton_calls(self, _options) -> list[Observation]:
+        return [Observation(self._stats["triton_calls"])] if self._stats else []

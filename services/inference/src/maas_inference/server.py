@@ -15,7 +15,12 @@ from maas_runtime.pagination import PageTokenCodec
 from maas_runtime.server import ServiceBinding, ServiceServer, run_service
 from maas_runtime.telemetry import Telemetry
 
-from maas_inference.dataplane import NativeDataPlane, find_binary, route_table
+from maas_inference.dataplane import (
+    DataPlaneMetrics,
+    NativeDataPlane,
+    find_binary,
+    route_table,
+)
 from maas_inference.deployments import DeploymentManager, ServingDefaults
 from maas_inference.registry_reader import RegistryReader
 from maas_inference.servicer import (
@@ -75,6 +80,7 @@ class InferenceApp:
         self.manager: DeploymentManager | None = None
         self.triton: TritonClient | None = None
         self._alias_task: asyncio.Task | None = None
+        self._metrics_task: asyncio.Task | None = None
 
     def triton_ready(self) -> bool:
         return self.supervisor.health is TritonHealth.SERVING
@@ -136,12 +142,16 @@ class InferenceApp:
             on_routes_changed=self._publish_routes)
         await self.manager.reload_all()
         self._alias_task = asyncio.create_task(self.manager.follow_alias_moves())
+        if self.data_plane is not None and meter is not None:
+            self._metrics_task = asyncio.create_task(
+                DataPlaneMetrics(self.data_plane, meter).run())
 
     async def stop(self) -> None:
-        if self._alias_task is not None:
-            self._alias_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._alias_task
+        for task in (self._alias_task, self._metrics_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.manager is not None:
             await self.manager.close()
             self.store.close()
