@@ -55,9 +55,9 @@ from tests.support.processes import (
     process_tree_cpu_seconds,
 )
 
-LATENCY_REQUESTS = 2000
+LATENCY_REQUESTS = 1000
 THROUGHPUT_SECONDS = 5.0
-BATCHING_ROUNDS = 3
+ROUNDS = 3
 HYPER = {"hidden_sizes": [128]}
 
 
@@ -92,6 +92,17 @@ async def latency_and_throughput(call, server_pids: list[int]) -> tuple[float, .
     requests, elapsed = await load(call, 16, THROUGHPUT_SECONDS)
     cpu_per_request = (process_tree_cpu_seconds(server_pids) - cpu_before) / requests
     return p50, p99, requests / elapsed, cpu_per_request * 1e6
+
+
+async def interleaved_rounds(paths: dict) -> dict[str, tuple[float, ...]]:
+    """`latency_and_throughput` of every path, ROUNDS times, the paths taking turns; the
+    median of each figure (a 2-core machine shared with the load generator drifts)."""
+    rounds: dict[str, list[tuple[float, ...]]] = {name: [] for name in paths}
+    for _ in range(ROUNDS):
+        for name, (call, server_pids) in paths.items():
+            rounds[name].append(await latency_and_throughput(call, server_pids))
+    return {name: tuple(statistics.median(figures) for figures in zip(*measured, strict=True))
+            for name, measured in rounds.items()}
 
 
 async def throughput(call, concurrency: int, seconds: float) -> float:
@@ -217,30 +228,29 @@ async def measure(root: Path, registry, inference, triton_port: int,
                 lambda: python_deployments.Predict(predict, metadata=python_token),
                 [python_gateway.process.pid]),
         }
-        results = {}
-        for name, (call, server_pids) in paths.items():
-            results[name] = await latency_and_throughput(call, server_pids)
+        results = await interleaved_rounds(paths)
         if mlserver is not None:
             reference = await start_mlserver(mlserver, root / "mlserver", module)
             mlserver_channel = open_channel(reference.grpc_target)
             mlserver_stub = service_pb2_grpc.GRPCInferenceServiceStub(mlserver_channel)
             mlserver_request = kserve_request(MODEL_NAME)
             try:
-                results[f"reference: MLServer {MLSERVER_VERSION} (KServe-v2, TorchScript)"] = \
-                    await latency_and_throughput(lambda: mlserver_stub.ModelInfer(mlserver_request),
-                                                 [reference.process.pid])
+                results.update(await interleaved_rounds({
+                    f"reference: MLServer {MLSERVER_VERSION} (KServe-v2, TorchScript)": (
+                        lambda: mlserver_stub.ModelInfer(mlserver_request),
+                        [reference.process.pid])}))
             finally:
                 await mlserver_channel.close()
                 reference.stop()
         direct_nobatch_request = kserve_request("nobatch.mlp.v1")
-        batching = {  # each measured BATCHING_ROUNDS times, interleaved; medians reported
+        batching = {  # each measured ROUNDS times, interleaved; medians reported
             "gateway on": lambda: deployments.Predict(predict, metadata=token),
             "gateway off": lambda: deployments.Predict(predict_nobatch, metadata=token),
             "direct on": lambda: direct.ModelInfer(direct_request),
             "direct off": lambda: direct.ModelInfer(direct_nobatch_request),
         }
         rounds: dict[str, list[float]] = {name: [] for name in batching}
-        for _ in range(BATCHING_ROUNDS):
+        for _ in range(ROUNDS):
             for name, call in batching.items():
                 rounds[name].append(await throughput(call, 32, THROUGHPUT_SECONDS))
         batched, unbatched, direct_batched, direct_unbatched = (
@@ -279,8 +289,9 @@ def print_table(rows) -> None:
     print("goals: gateway p50 ≤ direct + 0.3 ms; throughput ≥ 0.9× direct; batching ≥ 3×")
     print("server CPU: every serving process of the path (hop + Triton and its model stubs), "
           "per request; the load generator shares the same 2 cores")
-    print("batching rows: medians of interleaved rounds; the gateway shares Triton calls among "
-          "concurrent requests itself, so Triton's own switch matters little behind it")
+    print(f"every figure is the median of {ROUNDS} interleaved rounds; the gateway shares Triton "
+          "calls among concurrent requests itself, so Triton's own batching switch matters little "
+          "behind it")
 
 
 if __name__ == "__main__":
