@@ -23,11 +23,11 @@ from maas_runtime.settings import ServiceSettings
 from maas_runtime.tls import channel_credentials
 from tritonclient.grpc import service_pb2_grpc
 
-from tests.inference.model_packages import save_zoo_package, zoo_model
+from tests.inference.servers import inference_process, register_digits_mlp
 from tests.inference.test_inference_service import batch, kserve_request, logits, predict_request
-from tests.registry.helpers import model_upload_requests
 from tests.support.grpc_asserts import expect_error
-from tests.support.processes import ServiceProcess, children_named, free_port, process_alive
+from tests.support.processes import ServiceProcess, children_named, process_alive
+from tests.support.tls import assert_tls_policy, make_certificates
 
 SIGNATURE = {"inputs": [{"name": "x", "datatype": "DATA_TYPE_FP32", "shape": [4]}],
              "outputs": [{"name": "y", "datatype": "DATA_TYPE_INT64", "shape": [-1]}]}
@@ -74,19 +74,9 @@ def test_a_missing_binary_is_a_clear_failed_precondition(tmp_path):
 async def test_the_python_data_plane_serves_everything_itself(tmp_path):
     registry = ServiceProcess("registry", tmp_path / "registry")
     await registry.start()
-    inference = ServiceProcess(
-        "inference", tmp_path / "inference", registry_target=registry.target,
-        client_token_file=str(tmp_path / "registry" / "admin.token"),
-        triton_grpc_port=str(free_port()), data_plane="python")
+    inference = inference_process(tmp_path, registry, data_plane="python")
     try:
-        module = zoo_model("mlp", {"hidden_sizes": [16]}, [64], seed=5)
-        package = tmp_path / "model.safetensors"
-        save_zoo_package(package, module, kind="mlp", hyperparameters={"hidden_sizes": [16]},
-                         input_shape=[64])
-        async with registry.stub() as channel:
-            stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
-            await stub.CreateModel(rs.CreateModelRequest(model_id="digits"))
-            await stub.UploadModelVersion(model_upload_requests("models/digits", package.read_bytes()))
+        module = await register_digits_mlp(tmp_path, registry, hidden=16, seed=5)
         await inference.start(timeout=120)
         assert children_named(inference.process.pid, "maas-inference-dataplane") == []
         data = batch(4, seed=8)
@@ -121,9 +111,7 @@ class _Registry(registry_service_pb2_grpc.RegistryServiceServicer):
 async def test_the_data_plane_relays_any_call_over_tls_with_its_error_details(tmp_path, mutual):
     """In front of any service: TLS (and mutual TLS) end at the data plane, calls it does not
     serve reach the service on loopback, and errors come back with their google.rpc details."""
-    from tests.runtime.test_tracing_and_logs import _make_certificates
-
-    certs = _make_certificates(tmp_path)
+    certs = make_certificates(tmp_path)
     settings = ServiceSettings(
         state_dir=tmp_path / "state", auth_enabled=False, port=0,
         tls_cert_file=certs / "server.pem", tls_key_file=certs / "server.key",
@@ -139,12 +127,17 @@ async def test_the_data_plane_relays_any_call_over_tls_with_its_error_details(tm
         front_door=data_plane)
     port = await server.start()
     assert port == data_plane.port and data_plane.pid is not None
+
+    async def get_model(channel):
+        reply = await registry_service_pb2_grpc.RegistryServiceStub(channel).GetModel(
+            rs.GetModelRequest(name="models/tls"), timeout=2)
+        assert reply.name == "models/tls"
+
     try:
+        await assert_tls_policy(port, certs, mutual, get_model)
         credentials = channel_credentials(certs / "ca.pem", certs / "client.pem", certs / "client.key")
         async with open_channel(f"localhost:{port}", credentials=credentials) as channel:
             stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
-            reply = await stub.GetModel(rs.GetModelRequest(name="models/tls"))
-            assert reply.name == "models/tls"
             await expect_error(stub.GetModel(rs.GetModelRequest(name="models/bad")),
                                grpc.StatusCode.INVALID_ARGUMENT, "name")
             health = health_pb2_grpc.HealthStub(channel)
@@ -152,21 +145,6 @@ async def test_the_data_plane_relays_any_call_over_tls_with_its_error_details(tm
             first = await watch.read()  # a server stream, relayed
             assert first.status == health_pb2.HealthCheckResponse.SERVING
             watch.cancel()
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as plaintext:
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await registry_service_pb2_grpc.RegistryServiceStub(plaintext).GetModel(
-                    rs.GetModelRequest(name="models/tls"), timeout=2)
-            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-        async with open_channel(f"localhost:{port}",
-                                credentials=channel_credentials(certs / "ca.pem")) as no_cert:
-            call = registry_service_pb2_grpc.RegistryServiceStub(no_cert).GetModel(
-                rs.GetModelRequest(name="models/tls"), timeout=2)
-            if mutual:
-                with pytest.raises(grpc.aio.AioRpcError) as caught:
-                    await call
-                assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-            else:
-                assert (await call).name == "models/tls"
     finally:
         await server.stop(0)
     assert data_plane.pid is not None and not process_alive(data_plane.pid)

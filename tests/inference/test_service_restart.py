@@ -13,12 +13,10 @@ import time
 import numpy as np
 import pytest
 from maas.inference.v1 import deployment_pb2, inference_service_pb2 as inf, inference_service_pb2_grpc
-from maas.registry.v1 import registry_service_pb2 as rs, registry_service_pb2_grpc
 
-from tests.inference.model_packages import save_zoo_package, zoo_model
+from tests.inference.servers import inference_process, register_digits_mlp
 from tests.inference.test_inference_service import batch, logits, predict_request
-from tests.registry.helpers import model_upload_requests
-from tests.support.processes import ServiceProcess, children_named, free_port, process_alive
+from tests.support.processes import ServiceProcess, children_named, process_alive
 
 pytestmark = pytest.mark.triton
 
@@ -28,20 +26,9 @@ HYPER = {"hidden_sizes": [16]}
 async def test_kill_9_of_the_service_then_restart_reloads_every_deployment(tmp_path):
     registry = ServiceProcess("registry", tmp_path / "registry")
     await registry.start()
-    inference = ServiceProcess(
-        "inference", tmp_path / "inference", registry_target=registry.target,
-        client_token_file=str(tmp_path / "registry" / "admin.token"),
-        triton_grpc_port=str(free_port()))
+    inference = inference_process(tmp_path, registry)
     try:
-        module = zoo_model("mlp", HYPER, [64], seed=21)
-        package = tmp_path / "model.safetensors"
-        save_zoo_package(package, module, kind="mlp", hyperparameters=HYPER, input_shape=[64])
-        async with registry.stub() as channel:
-            stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
-            await stub.CreateModel(rs.CreateModelRequest(model_id="digits"))
-            await stub.UploadModelVersion(model_upload_requests("models/digits", package.read_bytes()))
-            await stub.SetModelAlias(rs.SetModelAliasRequest(
-                name="models/digits/aliases/prod", version="models/digits/versions/1"))
+        await register_digits_mlp(tmp_path, registry, hidden=16, seed=21, alias="prod")
 
         await inference.start(timeout=120)
         data = batch(6, seed=3)

@@ -5,9 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-import subprocess
 
-import grpc
 import pytest
 from maas.inference.v1 import deployment_pb2, inference_service_pb2, inference_service_pb2_grpc
 from maas.registry.v1 import model_pb2, registry_service_pb2, registry_service_pb2_grpc
@@ -16,10 +14,11 @@ from maas_runtime.logs import JsonFormatter
 from maas_runtime.server import ServiceBinding, ServiceServer
 from maas_runtime.settings import ServiceSettings
 from maas_runtime.telemetry import Telemetry
-from maas_runtime.tls import channel_credentials
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
+
+from tests.support.tls import assert_tls_policy, make_certificates
 
 
 class Registry(registry_service_pb2_grpc.RegistryServiceServicer):
@@ -96,25 +95,9 @@ async def test_trace_context_crosses_two_services(tmp_path):
     assert log_line["span_id"] == format(registry_server.context.span_id, "016x")
 
 
-def _make_certificates(directory):
-    """A CA, a server cert for 127.0.0.1/localhost and a client cert, with the openssl CLI."""
-    def run(*args):
-        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=maas-test-ca",
-        "-keyout", "ca.key", "-out", "ca.pem")
-    (directory / "san.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    for name in ("server", "client"):
-        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
-            "-keyout", f"{name}.key", "-out", f"{name}.csr")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-days", "2", "-extfile", "san.cnf", "-out", f"{name}.pem")
-    return directory
-
-
 @pytest.mark.parametrize("mutual", [False, True])
 async def test_tls_and_mutual_tls(tmp_path, mutual):
-    certs = _make_certificates(tmp_path)
+    certs = make_certificates(tmp_path)
     settings = ServiceSettings(
         state_dir=tmp_path / "state", auth_enabled=False,
         tls_cert_file=certs / "server.pem", tls_key_file=certs / "server.key",
@@ -123,26 +106,14 @@ async def test_tls_and_mutual_tls(tmp_path, mutual):
         "maas.registry.v1.RegistryService",
         lambda s: registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(Registry(), s))])
     port = await server.start()
-    target = f"localhost:{port}"
-    request = registry_service_pb2.GetModelRequest(name="models/tls")
+
+    async def get_model(channel):
+        reply = await registry_service_pb2_grpc.RegistryServiceStub(channel).GetModel(
+            registry_service_pb2.GetModelRequest(name="models/tls"), timeout=2)
+        assert reply.name == "models/tls"
+
     try:
-        with_cert = channel_credentials(certs / "ca.pem", certs / "client.pem", certs / "client.key")
-        async with open_channel(target, credentials=with_cert) as channel:
-            reply = await registry_service_pb2_grpc.RegistryServiceStub(channel).GetModel(request)
-            assert reply.name == "models/tls"
-        async with grpc.aio.insecure_channel(target) as plaintext:
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await registry_service_pb2_grpc.RegistryServiceStub(plaintext).GetModel(
-                    request, timeout=2)
-            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-        async with open_channel(target, credentials=channel_credentials(certs / "ca.pem")) as no_cert:
-            call = registry_service_pb2_grpc.RegistryServiceStub(no_cert).GetModel(request, timeout=2)
-            if mutual:
-                with pytest.raises(grpc.aio.AioRpcError) as caught:
-                    await call
-                assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-            else:
-                assert (await call).name == "models/tls"
+        await assert_tls_policy(port, certs, mutual, get_model)
     finally:
         await server.stop(0)
 
