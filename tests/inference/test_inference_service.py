@@ -273,6 +273,31 @@ async def test_canary_split_is_weighted_and_sticky_and_shadow_compares(suite):
     await stub.DeleteDeployment(inf.DeleteDeploymentRequest(name="deployments/canary"))
 
 
+async def test_the_data_plane_splits_a_canary_exactly_as_the_service_does(suite):
+    """Without a shadow the data plane serves a split itself; each request id must land on the
+    version the service's own `Route.pick` names, through Predict and KServe-v2 alike."""
+    await create(suite, "split", model="models/digits@prod", traffic=[
+        deployment_pb2.TrafficTarget(model_version="models/digits/versions/1", percent=70),
+        deployment_pb2.TrafficTarget(model_version="models/digits/versions/2", percent=30)])
+    route = suite.app.manager.live_routes()["split"]
+    stub, kserve = suite.predict_stub(), suite.kserve_stub()
+    before = (await suite.app.data_plane.stats())["deployments"].get("split", {"served": 0})
+    for i in range(50):
+        request_id, data = f"canary-{i}", batch(1, i)
+        expected = route.pick(request_id).version
+        reply = await stub.Predict(predict_request("deployments/split", data, request_id))
+        answer = await kserve.ModelInfer(kserve_request("split", data, request_id))
+        assert reply.model_version == expected
+        assert answer.model_version == expected.rsplit("/", 1)[1]
+        version = int(expected.rsplit("/", 1)[1])
+        np.testing.assert_allclose(logits(reply), suite.expected(version, data), rtol=1e-4, atol=1e-4)
+    after = (await suite.app.data_plane.stats())["deployments"]["split"]
+    assert after["served"] - before["served"] == 100, "all served by the data plane"
+    assert {route.pick(f"canary-{i}").version for i in range(50)} == {
+        "models/digits/versions/1", "models/digits/versions/2"}
+    await stub.DeleteDeployment(inf.DeleteDeploymentRequest(name="deployments/split"))
+
+
 async def _load(stub, deployment: str, stop: asyncio.Event, outcomes: list, suite=None):
     """Predict in a loop until `stop`; record the serving version or the error code. With
     `suite`, every reply is also checked against the torch module of the version it names."""

@@ -81,6 +81,7 @@ class InferenceApp:
         self.triton: TritonClient | None = None
         self._alias_task: asyncio.Task | None = None
         self._metrics_task: asyncio.Task | None = None
+        self._background: set[asyncio.Task] = set()
 
     def triton_ready(self) -> bool:
         return self.supervisor.health is TritonHealth.SERVING
@@ -94,10 +95,15 @@ class InferenceApp:
             await self.data_plane.publish()
 
     def _on_health_change(self, health: TritonHealth) -> None:
-        loop = asyncio.get_running_loop()
         if self.server is not None and self.server.port:
-            loop.create_task(self.server.set_serving(health is TritonHealth.SERVING))
-        loop.create_task(self._publish_routes())
+            self._in_background(self.server.set_serving(health is TritonHealth.SERVING))
+        self._in_background(self._publish_routes())
+
+    def _in_background(self, coroutine) -> None:
+        """Run `coroutine` as a task that is kept referenced until it ends."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _on_triton_restart(self) -> None:
         await self.manager.reload_all()
