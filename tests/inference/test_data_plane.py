@@ -6,6 +6,8 @@ the rest of the service in `test_inference_service.py`.
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import numpy as np
 import pytest
@@ -144,7 +146,13 @@ async def test_the_data_plane_relays_any_call_over_tls_with_its_error_details(tm
             watch = health.Watch(health_pb2.HealthCheckRequest(service="registry"))
             first = await watch.read()  # a server stream, relayed
             assert first.status == health_pb2.HealthCheckResponse.SERVING
-            watch.cancel()
+            assert (await data_plane.stats())["open_relays"] == 1
+            watch.cancel()  # a caller giving up an endless stream ends the relay behind it
+            for _ in range(50):
+                if (await data_plane.stats())["open_relays"] == 0:
+                    break
+                await asyncio.sleep(0.1)
+            assert (await data_plane.stats())["open_relays"] == 0
     finally:
         await server.stop(0)
     assert data_plane.pid is not None and not process_alive(data_plane.pid)

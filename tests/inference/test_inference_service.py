@@ -530,6 +530,32 @@ async def test_the_data_plane_serves_valid_requests_and_the_service_answers_the_
                        grpc.StatusCode.NOT_FOUND)
 
 
+async def test_a_request_abandoned_while_it_waits_for_a_shared_call_is_never_sent(suite):
+    """Its caller's deadline passes while the model's one call is stuck (Triton SIGSTOPped):
+    the caller hears DEADLINE_EXCEEDED then, and Triton never sees the request."""
+    plane, stub = suite.app.data_plane, suite.predict_stub()
+    await create(suite, "patient", model="models/digits/versions/1")
+    before = await plane.stats()
+    triton = suite.app.supervisor.server.pid
+    first_data = batch(1, seed=51)
+    os.kill(triton, signal.SIGSTOP)
+    try:
+        first = asyncio.ensure_future(
+            stub.Predict(predict_request("deployments/patient", first_data), timeout=10))
+        await asyncio.sleep(0.3)  # it holds the model's only call, at a stopped Triton
+        await expect_error(
+            stub.Predict(predict_request("deployments/patient", batch(1, seed=52)), timeout=0.3),
+            grpc.StatusCode.DEADLINE_EXCEEDED)
+    finally:
+        os.kill(triton, signal.SIGCONT)
+    reply = await first
+    np.testing.assert_allclose(logits(reply), suite.expected(1, first_data), rtol=1e-4, atol=1e-4)
+    after = await plane.stats()
+    assert after["abandoned"] - before["abandoned"] == 1, after
+    assert after["triton_calls"] - before["triton_calls"] == 1, "only the first was sent"
+    await stub.DeleteDeployment(inf.DeleteDeploymentRequest(name="deployments/patient"))
+
+
 async def test_a_revoked_token_stops_working_on_the_data_plane_too(suite):
     import json
 

@@ -27,8 +27,10 @@ void copy_trailers(const grpc::ClientContext& from, grpc::GenericServerContext* 
 }
 
 StreamForward::StreamForward(std::unique_ptr<Incoming> incoming, grpc::GenericStub* control_plane,
-                             grpc::CompletionQueue* queue)
-    : incoming_(std::move(incoming)) {
+                             grpc::CompletionQueue* queue, std::atomic<int64_t>* open_relays)
+    : incoming_(std::move(incoming)), open_relays_(open_relays) {
+  ++*open_relays_;
+  incoming_->on_cancelled([this] { client_context_.TryCancel(); });  // e.g. a Watch given up
   copy_call_context(incoming_->context, &client_context_);
   upstream_ = control_plane->PrepareCall(&client_context_, incoming_->context.method(), queue);
   upstream_->StartCall(started_.start());
@@ -87,5 +89,7 @@ void StreamForward::on_control_plane_status(bool) {
 }
 
 void StreamForward::on_finished(bool) { finished(); }
+
+StreamForward::~StreamForward() { --*open_relays_; }
 
 }  // namespace maas::dataplane

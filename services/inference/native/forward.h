@@ -10,6 +10,7 @@
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 
+#include <atomic>
 #include <memory>
 
 #include "event_loop.h"
@@ -26,8 +27,10 @@ void copy_trailers(const grpc::ClientContext& from, grpc::GenericServerContext* 
 // A whole call of any kind (unary or streaming) relayed message by message both ways.
 class StreamForward : public Operations {
  public:
+  // `open_relays` counts the relays alive (a caller that gives up a stream must end both).
   StreamForward(std::unique_ptr<Incoming> incoming, grpc::GenericStub* control_plane,
-                grpc::CompletionQueue* queue);
+                grpc::CompletionQueue* queue, std::atomic<int64_t>* open_relays);
+  ~StreamForward() override;
 
  private:
   void on_started(bool ok);
@@ -41,6 +44,7 @@ class StreamForward : public Operations {
   void finish_upstream();
 
   std::unique_ptr<Incoming> incoming_;
+  std::atomic<int64_t>* open_relays_;
   grpc::ClientContext client_context_;
   std::unique_ptr<grpc::GenericClientAsyncReaderWriter> upstream_;
   grpc::ByteBuffer from_caller_;

@@ -71,6 +71,8 @@ std::string Counters::to_json() const {
   return nlohmann::json{{"served", served},
                         {"declined", declined},
                         {"triton_calls", triton_calls_.load()},
+                        {"open_relays", open_relays_.load()},
+                        {"abandoned", abandoned_.load()},
                         {"deployments", deployments}}
       .dump();
 }
@@ -106,7 +108,14 @@ Lane* DataPlane::lane(const std::string& triton_model) {
 
 InferCall::InferCall(std::unique_ptr<Incoming> incoming, DataPlane* plane, Protocol protocol)
     : incoming_(std::move(incoming)), plane_(plane), protocol_(protocol) {
+  incoming_->on_cancelled([this] { abandoned_ = true; });
   incoming_->stream.Read(&request_bytes_, request_read_.start());
+}
+
+void InferCall::give_up() {
+  plane_->counters().abandoned();
+  incoming_->stream.Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the caller gave up"),
+                           finished_.start());
 }
 
 void InferCall::on_request(bool ok) {
@@ -423,12 +432,16 @@ void Lane::finished(std::vector<InferCall*> batch, const grpc::Status& status,
 
 std::vector<InferCall*> Lane::next_batch() {
   std::vector<InferCall*> batch;
-  if (waiting_.empty()) return batch;
-  InferCall* head = waiting_.front();
   int rows = 0;
   while (!waiting_.empty()) {
     InferCall* call = waiting_.front();
-    if (call->sharing_key() != head->sharing_key() || rows + call->rows() > head->max_batch_size())
+    if (call->abandoned()) {  // its caller has its answer (DEADLINE_EXCEEDED or CANCELLED)
+      waiting_.pop_front();
+      call->give_up();
+      continue;
+    }
+    if (!batch.empty() && (call->sharing_key() != batch.front()->sharing_key() ||
+                           rows + call->rows() > batch.front()->max_batch_size()))
       break;
     rows += call->rows();
     batch.push_back(call);

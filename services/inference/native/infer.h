@@ -44,12 +44,16 @@ class Counters {
   void served(const std::string& deployment_id);
   void declined(const std::string& deployment_id);  // "" when the request named none we know
   void triton_call() { triton_calls_++; }
+  void abandoned() { abandoned_++; }
+  std::atomic<int64_t>* open_relays() { return &open_relays_; }
   std::string to_json() const;
 
  private:
   mutable std::mutex mutex_;
   std::unordered_map<std::string, PerDeployment> by_deployment_;
   std::atomic<uint64_t> triton_calls_{0};
+  std::atomic<uint64_t> abandoned_{0};
+  std::atomic<int64_t> open_relays_{0};
 };
 
 class DataPlane;
@@ -114,6 +118,9 @@ class InferCall : public Operations {
   int max_calls_in_flight() const { return target_->max_calls_in_flight; }
   std::chrono::system_clock::time_point deadline() const { return incoming_->context.deadline(); }
   const std::string& traceparent() const { return traceparent_; }
+  // The caller cancelled or its deadline passed: while still waiting it is never sent.
+  bool abandoned() const { return abandoned_; }
+  void give_up();
   void reply(const ::inference::ModelInferResponse& response);
   void decline();
 
@@ -141,6 +148,7 @@ class InferCall : public Operations {
   ::inference::ModelInferRequest triton_request_;
   int rows_ = 0;
   std::string sharing_key_;
+  bool abandoned_ = false;
   // Declined: the call to the control plane.
   std::unique_ptr<grpc::ClientContext> forward_context_;
   std::unique_ptr<grpc::GenericClientAsyncResponseReader> forward_;

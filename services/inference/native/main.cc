@@ -108,7 +108,8 @@ Dispatch dispatch_by_method(DataPlane* plane) {
     } else if (method == kPredict) {
       new InferCall(std::move(incoming), plane, InferCall::Protocol::kPredict);
     } else {
-      new StreamForward(std::move(incoming), plane->control_plane(), plane->queue());
+      new StreamForward(std::move(incoming), plane->control_plane(), plane->queue(),
+                        plane->counters().open_relays());
     }
   };
 }
