@@ -7,6 +7,8 @@ the rest of the service in `test_inference_service.py`.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 
 import grpc
 import numpy as np
@@ -181,3 +183,37 @@ async def test_the_data_plane_counters_are_exported_as_metrics():
         (("deployment", ""), ("outcome", "served")): 0,
         (("deployment", ""), ("outcome", "declined")): 2}
     assert points["maas.inference.dataplane.triton_calls"] == {(): 2}
+
+
+async def test_metrics_polling_outlives_a_data_plane_not_yet_open_or_gone(tmp_path):
+    """The service starts polling before the data plane opens its port, and a data plane can
+    die between polls: both are UNAVAILABLE for one poll, never the end of the polling."""
+    from maas_inference.dataplane import DataPlaneMetrics
+    from opentelemetry.sdk.metrics import MeterProvider
+
+    data_plane = NativeDataPlane(
+        find_binary(), host="127.0.0.1", port=0, triton_target=lambda: "127.0.0.1:9",
+        table=lambda: route_table({}, False, 1), tokens_file=None, max_message_bytes=1 << 20,
+        shutdown_grace_seconds=1)
+    with pytest.raises(errors.Unavailable):
+        await data_plane.stats()  # not open yet
+    metrics = DataPlaneMetrics(data_plane, MeterProvider().get_meter("t"), poll_seconds=0.05)
+    polling = asyncio.ensure_future(metrics.run())
+    backend = ServiceServer("registry", ServiceSettings(state_dir=tmp_path, auth_enabled=False,
+                                                        port=0), [], front_door=data_plane)
+    try:
+        await asyncio.sleep(0.2)
+        assert not polling.done(), "a poll before the port opened ended the polling"
+        await backend.start()
+        await metrics.refresh()
+        os.kill(data_plane.pid, signal.SIGKILL)
+        await asyncio.sleep(0.1)  # dead; its restart waits half a second
+        with pytest.raises(errors.Unavailable):
+            await data_plane.stats()
+        await asyncio.sleep(0.2)
+        assert not polling.done(), "a poll of a dead data plane ended the polling"
+        await asyncio.sleep(0.8)
+        assert "served" in await data_plane.stats(), "answering again once restarted"
+    finally:
+        polling.cancel()
+        await backend.stop(0)

@@ -147,10 +147,14 @@ class NativeDataPlane:
         _log.info("data plane serving on %s:%d (pid %d)", self._host, self._port,
                   self._process.pid)
 
+    @property
+    def _running(self) -> bool:
+        return self._process is not None and self._process.returncode is None
+
     async def publish(self) -> None:
         """Push the current table; returns once the data plane serves from it."""
         async with self._lock:
-            if self._process is None or self._process.returncode is not None:
+            if not self._running:
                 return  # not started yet, or being restarted: it gets the table when it starts
             try:
                 await self._send_table()
@@ -167,13 +171,20 @@ class NativeDataPlane:
     async def stats(self) -> dict:
         """What the data plane did: requests served, declined (relayed here), Triton calls."""
         async with self._lock:
+            if not self._running:
+                raise errors.Unavailable("the data plane is not running (yet)",
+                                         reason="DATA_PLANE_FAILED")
             answer = await self._ask('{"stats": true}')
         return json.loads(answer.removeprefix("stats "))
 
     async def _ask(self, line: str) -> str:
-        self._process.stdin.write(line.encode() + b"\n")
-        await self._process.stdin.drain()
-        answer = await self._process.stdout.readline()
+        """One line to the data plane and its one-line answer; UNAVAILABLE if it has died."""
+        try:
+            self._process.stdin.write(line.encode() + b"\n")
+            await self._process.stdin.drain()
+            answer = await self._process.stdout.readline()
+        except (BrokenPipeError, ConnectionResetError):
+            answer = b""
         if not answer:
             raise errors.Unavailable("the data plane stopped", reason="DATA_PLANE_FAILED")
         return answer.decode().strip()
