@@ -79,7 +79,6 @@ std::shared_ptr<const RouteTable> RouteTable::parse(const std::string& json_line
   table->triton_ready = document.at("triton_ready").get<bool>();
   for (const auto& [deployment_id, body] : document.at("routes").items()) {
     auto route = std::make_shared<Route>();
-    route->deployment_id = deployment_id;
     size_t bucket = 0;
     for (const auto& item : body.at("targets")) {
       Target target;

@@ -42,7 +42,6 @@ struct Target {
 
 // Where one deployment's requests go: weighted targets, sticky by request id.
 struct Route {
-  std::string deployment_id;
   std::vector<Target> targets;
   std::array<int, 100> buckets{};  // bucket -> index into targets
 
