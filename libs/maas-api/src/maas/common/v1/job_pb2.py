@@ -23,9 +23,10 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from maas.common.v1 import field_behavior_pb2 as maas_dot_common_dot_v1_dot_field__behavior__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18maas/common/v1/job.proto\x12\x0emaas.common.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"A\n\x0cJobResources\x12\x0f\n\x07workers\x18\x01 \x01(\x05\x12\x10\n\x08priority\x18\x02 \x01(\x05\x12\x0e\n\x06tenant\x18\x03 \x01(\t\")\n\x08JobError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xdd\x01\n\x08JobEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0cstate_change\x18\x03 \x01(\x0b\x32\x1b.maas.common.v1.StateChangeH\x00\x12\x30\n\x07metrics\x18\x04 \x01(\x0b\x32\x1d.maas.common.v1.MetricsReportH\x00\x12&\n\x03log\x18\x05 \x01(\x0b\x32\x17.maas.common.v1.LogLineH\x00\x42\x06\n\x04kind\"F\n\x0bStateChange\x12\'\n\x05state\x18\x01 \x01(\x0e\x32\x18.maas.common.v1.JobState\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x97\x01\n\rMetricsReport\x12\r\n\x05\x65poch\x18\x01 \x01(\x05\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x39\n\x06values\x18\x03 \x03(\x0b\x32).maas.common.v1.MetricsReport.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\")\n\x07LogLine\x12\r\n\x05level\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x42\x16\n\x12\x64\x65v.maas.common.v1P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18maas/common/v1/job.proto\x12\x0emaas.common.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a#maas/common/v1/field_behavior.proto\"A\n\x0cJobResources\x12\x0f\n\x07workers\x18\x01 \x01(\x05\x12\x10\n\x08priority\x18\x02 \x01(\x05\x12\x0e\n\x06tenant\x18\x03 \x01(\t\")\n\x08JobError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xeb\x01\n\x08JobEvent\x12\x17\n\x08sequence\x18\x01 \x01(\x03\x42\x05\x92\xb5\x18\x01\x01\x12/\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x05\x92\xb5\x18\x01\x01\x12\x33\n\x0cstate_change\x18\x03 \x01(\x0b\x32\x1b.maas.common.v1.StateChangeH\x00\x12\x30\n\x07metrics\x18\x04 \x01(\x0b\x32\x1d.maas.common.v1.MetricsReportH\x00\x12&\n\x03log\x18\x05 \x01(\x0b\x32\x17.maas.common.v1.LogLineH\x00\x42\x06\n\x04kind\"F\n\x0bStateChange\x12\'\n\x05state\x18\x01 \x01(\x0e\x32\x18.maas.common.v1.JobState\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x97\x01\n\rMetricsReport\x12\r\n\x05\x65poch\x18\x01 \x01(\x05\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x39\n\x06values\x18\x03 \x03(\x0b\x32).maas.common.v1.MetricsReport.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\")\n\x07LogLine\x12\r\n\x05level\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x42\x16\n\x12\x64\x65v.maas.common.v1P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,22 +34,26 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'maas.common.v1.job_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\022dev.maas.common.v1P\001'
+  _globals['_JOBEVENT'].fields_by_name['sequence']._loaded_options = None
+  _globals['_JOBEVENT'].fields_by_name['sequence']._serialized_options = b'\222\265\030\001\001'
+  _globals['_JOBEVENT'].fields_by_name['time']._loaded_options = None
+  _globals['_JOBEVENT'].fields_by_name['time']._serialized_options = b'\222\265\030\001\001'
   _globals['_METRICSREPORT_VALUESENTRY']._loaded_options = None
   _globals['_METRICSREPORT_VALUESENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=681
-  _globals['_JOBSTATE']._serialized_end=835
-  _globals['_JOBRESOURCES']._serialized_start=77
-  _globals['_JOBRESOURCES']._serialized_end=142
-  _globals['_JOBERROR']._serialized_start=144
-  _globals['_JOBERROR']._serialized_end=185
-  _globals['_JOBEVENT']._serialized_start=188
-  _globals['_JOBEVENT']._serialized_end=409
-  _globals['_STATECHANGE']._serialized_start=411
-  _globals['_STATECHANGE']._serialized_end=481
-  _globals['_METRICSREPORT']._serialized_start=484
-  _globals['_METRICSREPORT']._serialized_end=635
-  _globals['_METRICSREPORT_VALUESENTRY']._serialized_start=590
-  _globals['_METRICSREPORT_VALUESENTRY']._serialized_end=635
-  _globals['_LOGLINE']._serialized_start=637
-  _globals['_LOGLINE']._serialized_end=678
+  _globals['_JOBSTATE']._serialized_start=732
+  _globals['_JOBSTATE']._serialized_end=886
+  _globals['_JOBRESOURCES']._serialized_start=114
+  _globals['_JOBRESOURCES']._serialized_end=179
+  _globals['_JOBERROR']._serialized_start=181
+  _globals['_JOBERROR']._serialized_end=222
+  _globals['_JOBEVENT']._serialized_start=225
+  _globals['_JOBEVENT']._serialized_end=460
+  _globals['_STATECHANGE']._serialized_start=462
+  _globals['_STATECHANGE']._serialized_end=532
+  _globals['_METRICSREPORT']._serialized_start=535
+  _globals['_METRICSREPORT']._serialized_end=686
+  _globals['_METRICSREPORT_VALUESENTRY']._serialized_start=641
+  _globals['_METRICSREPORT_VALUESENTRY']._serialized_end=686
+  _globals['_LOGLINE']._serialized_start=688
+  _globals['_LOGLINE']._serialized_end=729
 # @@protoc_insertion_point(module_scope)

@@ -23,10 +23,11 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from maas.common.v1 import field_behavior_pb2 as maas_dot_common_dot_v1_dot_field__behavior__pb2
 from maas.common.v1 import job_pb2 as maas_dot_common_dot_v1_dot_job__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(maas/compressor/v1/compression_job.proto\x12\x12maas.compressor.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18maas/common/v1/job.proto\"\x91\x03\n\x0e\x43ompressionJob\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x31\n\x04spec\x18\x02 \x01(\x0b\x32#.maas.compressor.v1.CompressionSpec\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.maas.common.v1.JobState\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x06report\x18\x07 \x01(\x0b\x32%.maas.compressor.v1.CompressionReport\x12\x15\n\rmodel_version\x18\x08 \x01(\t\x12\'\n\x05\x65rror\x18\t \x01(\x0b\x32\x18.maas.common.v1.JobError\x12\x0f\n\x07\x63reator\x18\n \x01(\t\"\x9d\x02\n\x0f\x43ompressionSpec\x12\x1c\n\x14source_model_version\x18\x01 \x01(\t\x12\x32\n\x05steps\x18\x02 \x03(\x0b\x32#.maas.compressor.v1.CompressionStep\x12\x1a\n\x12\x65valuation_dataset\x18\x03 \x01(\t\x12\x1e\n\x11max_accuracy_drop\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x35\n\x06output\x18\x05 \x01(\x0b\x32%.maas.compressor.v1.CompressionOutput\x12/\n\tresources\x18\x06 \x01(\x0b\x32\x1c.maas.common.v1.JobResourcesB\x14\n\x12_max_accuracy_drop\"\xe1\x01\n\x0f\x43ompressionStep\x12.\n\x05prune\x18\x01 \x01(\x0b\x32\x1d.maas.compressor.v1.PruneStepH\x00\x12\x34\n\x08quantize\x18\x02 \x01(\x0b\x32 .maas.compressor.v1.QuantizeStepH\x00\x12\x32\n\x07\x64istill\x18\x03 \x01(\x0b\x32\x1f.maas.compressor.v1.DistillStepH\x00\x12,\n\x04\x66use\x18\x04 \x01(\x0b\x32\x1c.maas.compressor.v1.FuseStepH\x00\x42\x06\n\x04step\"H\n\tPruneStep\x12\x0e\n\x06\x61mount\x18\x01 \x01(\x01\x12\x12\n\nstructured\x18\x02 \x01(\x08\x12\x17\n\x0f\x66inetune_epochs\x18\x03 \x01(\x05\"D\n\x0cQuantizeStep\x12\x34\n\x05\x64type\x18\x01 \x01(\x0e\x32%.maas.compressor.v1.QuantizationDtype\"\x94\x01\n\x0b\x44istillStep\x12\x14\n\x0cstudent_kind\x18\x01 \x01(\t\x12$\n\x1cstudent_hyperparameters_json\x18\x02 \x01(\t\x12\x13\n\x0btemperature\x18\x03 \x01(\x01\x12\r\n\x05\x61lpha\x18\x04 \x01(\x01\x12\x0e\n\x06\x65pochs\x18\x05 \x01(\x05\x12\x15\n\rlearning_rate\x18\x06 \x01(\x01\"3\n\x08\x46useStep\x12\x16\n\x0emodel_versions\x18\x01 \x03(\t\x12\x0f\n\x07weights\x18\x02 \x03(\x01\"4\n\x11\x43ompressionOutput\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05\x61lias\x18\x02 \x01(\t\"|\n\x10ModelMeasurement\x12\x12\n\nsize_bytes\x18\x01 \x01(\x03\x12\x12\n\nparameters\x18\x02 \x01(\x03\x12\x1a\n\x12nonzero_parameters\x18\x03 \x01(\x03\x12\x10\n\x08\x61\x63\x63uracy\x18\x04 \x01(\x01\x12\x12\n\nlatency_ms\x18\x05 \x01(\x01\"\x93\x01\n\x11\x43ompressionReport\x12\x34\n\x06\x62\x65\x66ore\x18\x01 \x01(\x0b\x32$.maas.compressor.v1.ModelMeasurement\x12\x33\n\x05\x61\x66ter\x18\x02 \x01(\x0b\x32$.maas.compressor.v1.ModelMeasurement\x12\x13\n\x0bgate_passed\x18\x03 \x01(\x08*\x8e\x01\n\x11QuantizationDtype\x12\"\n\x1eQUANTIZATION_DTYPE_UNSPECIFIED\x10\x00\x12\x1b\n\x17QUANTIZATION_DTYPE_INT8\x10\x01\x12\x1b\n\x17QUANTIZATION_DTYPE_FP16\x10\x02\x12\x1b\n\x17QUANTIZATION_DTYPE_BF16\x10\x03\x42\x1a\n\x16\x64\x65v.maas.compressor.v1P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(maas/compressor/v1/compression_job.proto\x12\x12maas.compressor.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a#maas/common/v1/field_behavior.proto\x1a\x18maas/common/v1/job.proto\"\xd0\x03\n\x0e\x43ompressionJob\x12\x13\n\x04name\x18\x01 \x01(\tB\x05\x92\xb5\x18\x01\x02\x12\x31\n\x04spec\x18\x02 \x01(\x0b\x32#.maas.compressor.v1.CompressionSpec\x12.\n\x05state\x18\x03 \x01(\x0e\x32\x18.maas.common.v1.JobStateB\x05\x92\xb5\x18\x01\x01\x12\x36\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x05\x92\xb5\x18\x01\x01\x12\x35\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x05\x92\xb5\x18\x01\x01\x12\x33\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x05\x92\xb5\x18\x01\x01\x12<\n\x06report\x18\x07 \x01(\x0b\x32%.maas.compressor.v1.CompressionReportB\x05\x92\xb5\x18\x01\x01\x12\x1c\n\rmodel_version\x18\x08 \x01(\tB\x05\x92\xb5\x18\x01\x01\x12.\n\x05\x65rror\x18\t \x01(\x0b\x32\x18.maas.common.v1.JobErrorB\x05\x92\xb5\x18\x01\x01\x12\x16\n\x07\x63reator\x18\n \x01(\tB\x05\x92\xb5\x18\x01\x01\"\x9d\x02\n\x0f\x43ompressionSpec\x12\x1c\n\x14source_model_version\x18\x01 \x01(\t\x12\x32\n\x05steps\x18\x02 \x03(\x0b\x32#.maas.compressor.v1.CompressionStep\x12\x1a\n\x12\x65valuation_dataset\x18\x03 \x01(\t\x12\x1e\n\x11max_accuracy_drop\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x35\n\x06output\x18\x05 \x01(\x0b\x32%.maas.compressor.v1.CompressionOutput\x12/\n\tresources\x18\x06 \x01(\x0b\x32\x1c.maas.common.v1.JobResourcesB\x14\n\x12_max_accuracy_drop\"\xe1\x01\n\x0f\x43ompressionStep\x12.\n\x05prune\x18\x01 \x01(\x0b\x32\x1d.maas.compressor.v1.PruneStepH\x00\x12\x34\n\x08quantize\x18\x02 \x01(\x0b\x32 .maas.compressor.v1.QuantizeStepH\x00\x12\x32\n\x07\x64istill\x18\x03 \x01(\x0b\x32\x1f.maas.compressor.v1.DistillStepH\x00\x12,\n\x04\x66use\x18\x04 \x01(\x0b\x32\x1c.maas.compressor.v1.FuseStepH\x00\x42\x06\n\x04step\"H\n\tPruneStep\x12\x0e\n\x06\x61mount\x18\x01 \x01(\x01\x12\x12\n\nstructured\x18\x02 \x01(\x08\x12\x17\n\x0f\x66inetune_epochs\x18\x03 \x01(\x05\"D\n\x0cQuantizeStep\x12\x34\n\x05\x64type\x18\x01 \x01(\x0e\x32%.maas.compressor.v1.QuantizationDtype\"\x94\x01\n\x0b\x44istillStep\x12\x14\n\x0cstudent_kind\x18\x01 \x01(\t\x12$\n\x1cstudent_hyperparameters_json\x18\x02 \x01(\t\x12\x13\n\x0btemperature\x18\x03 \x01(\x01\x12\r\n\x05\x61lpha\x18\x04 \x01(\x01\x12\x0e\n\x06\x65pochs\x18\x05 \x01(\x05\x12\x15\n\rlearning_rate\x18\x06 \x01(\x01\"3\n\x08\x46useStep\x12\x16\n\x0emodel_versions\x18\x01 \x03(\t\x12\x0f\n\x07weights\x18\x02 \x03(\x01\"4\n\x11\x43ompressionOutput\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05\x61lias\x18\x02 \x01(\t\"|\n\x10ModelMeasurement\x12\x12\n\nsize_bytes\x18\x01 \x01(\x03\x12\x12\n\nparameters\x18\x02 \x01(\x03\x12\x1a\n\x12nonzero_parameters\x18\x03 \x01(\x03\x12\x10\n\x08\x61\x63\x63uracy\x18\x04 \x01(\x01\x12\x12\n\nlatency_ms\x18\x05 \x01(\x01\"\x93\x01\n\x11\x43ompressionReport\x12\x34\n\x06\x62\x65\x66ore\x18\x01 \x01(\x0b\x32$.maas.compressor.v1.ModelMeasurement\x12\x33\n\x05\x61\x66ter\x18\x02 \x01(\x0b\x32$.maas.compressor.v1.ModelMeasurement\x12\x13\n\x0bgate_passed\x18\x03 \x01(\x08*\x8e\x01\n\x11QuantizationDtype\x12\"\n\x1eQUANTIZATION_DTYPE_UNSPECIFIED\x10\x00\x12\x1b\n\x17QUANTIZATION_DTYPE_INT8\x10\x01\x12\x1b\n\x17QUANTIZATION_DTYPE_FP16\x10\x02\x12\x1b\n\x17QUANTIZATION_DTYPE_BF16\x10\x03\x42\x1a\n\x16\x64\x65v.maas.compressor.v1P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,26 +35,44 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'maas.compressor.v1.compress
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\026dev.maas.compressor.v1P\001'
-  _globals['_QUANTIZATIONDTYPE']._serialized_start=1722
-  _globals['_QUANTIZATIONDTYPE']._serialized_end=1864
-  _globals['_COMPRESSIONJOB']._serialized_start=124
-  _globals['_COMPRESSIONJOB']._serialized_end=525
-  _globals['_COMPRESSIONSPEC']._serialized_start=528
-  _globals['_COMPRESSIONSPEC']._serialized_end=813
-  _globals['_COMPRESSIONSTEP']._serialized_start=816
-  _globals['_COMPRESSIONSTEP']._serialized_end=1041
-  _globals['_PRUNESTEP']._serialized_start=1043
-  _globals['_PRUNESTEP']._serialized_end=1115
-  _globals['_QUANTIZESTEP']._serialized_start=1117
-  _globals['_QUANTIZESTEP']._serialized_end=1185
-  _globals['_DISTILLSTEP']._serialized_start=1188
-  _globals['_DISTILLSTEP']._serialized_end=1336
-  _globals['_FUSESTEP']._serialized_start=1338
-  _globals['_FUSESTEP']._serialized_end=1389
-  _globals['_COMPRESSIONOUTPUT']._serialized_start=1391
-  _globals['_COMPRESSIONOUTPUT']._serialized_end=1443
-  _globals['_MODELMEASUREMENT']._serialized_start=1445
-  _globals['_MODELMEASUREMENT']._serialized_end=1569
-  _globals['_COMPRESSIONREPORT']._serialized_start=1572
-  _globals['_COMPRESSIONREPORT']._serialized_end=1719
+  _globals['_COMPRESSIONJOB'].fields_by_name['name']._loaded_options = None
+  _globals['_COMPRESSIONJOB'].fields_by_name['name']._serialized_options = b'\222\265\030\001\002'
+  _globals['_COMPRESSIONJOB'].fields_by_name['state']._loaded_options = None
+  _globals['_COMPRESSIONJOB'].fields_by_name['state']._serialized_options = b'\222\265\030\001\001'
+  _globals['_COMPRESSIONJOB'].fields_by_name['create_time']._loaded_options = None
+  _globals['_COMPRESSIONJOB'].fields_by_name['create_time']._serialized_options = b'\222\265\030\001\001'
+  _globals['_COMPRESSIONJOB'].fields_by_name['start_time']._loaded_options = None
+  _globals['_COMPRESSIONJOB'].fields_by_name['start_time']._serialized_options = b'\222\265\030\001\001'
+  _globals['_COMPRESSIONJOB'].fields_by_name['end_time']._loaded_options = None
+  _globals['_COMPRESSIONJOB'].fields_by_name['end_time']._serialized_options = b'\222\265\030\001\001'
+  _globals['_COMPRESSIONJOB'].fields_by_name['report']._loaded_options = None
+  _globals['_COMPRESSIONJOB'].fields_by_name['report']._serialized_options = b'\222\265\030\001\001'
+  _globals['_COMPRESSIONJOB'].fields_by_name['model_version']._loaded_options = None
+  _globals['_COMPRESSIONJOB'].fields_by_name['model_version']._serialized_options = b'\222\265\030\001\001'
+  _globals['_COMPRESSIONJOB'].fields_by_name['error']._loaded_options = None
+  _globals['_COMPRESSIONJOB'].fields_by_name['error']._serialized_options = b'\222\265\030\001\001'
+  _globals['_COMPRESSIONJOB'].fields_by_name['creator']._loaded_options = None
+  _globals['_COMPRESSIONJOB'].fields_by_name['creator']._serialized_options = b'\222\265\030\001\001'
+  _globals['_QUANTIZATIONDTYPE']._serialized_start=1822
+  _globals['_QUANTIZATIONDTYPE']._serialized_end=1964
+  _globals['_COMPRESSIONJOB']._serialized_start=161
+  _globals['_COMPRESSIONJOB']._serialized_end=625
+  _globals['_COMPRESSIONSPEC']._serialized_start=628
+  _globals['_COMPRESSIONSPEC']._serialized_end=913
+  _globals['_COMPRESSIONSTEP']._serialized_start=916
+  _globals['_COMPRESSIONSTEP']._serialized_end=1141
+  _globals['_PRUNESTEP']._serialized_start=1143
+  _globals['_PRUNESTEP']._serialized_end=1215
+  _globals['_QUANTIZESTEP']._serialized_start=1217
+  _globals['_QUANTIZESTEP']._serialized_end=1285
+  _globals['_DISTILLSTEP']._serialized_start=1288
+  _globals['_DISTILLSTEP']._serialized_end=1436
+  _globals['_FUSESTEP']._serialized_start=1438
+  _globals['_FUSESTEP']._serialized_end=1489
+  _globals['_COMPRESSIONOUTPUT']._serialized_start=1491
+  _globals['_COMPRESSIONOUTPUT']._serialized_end=1543
+  _globals['_MODELMEASUREMENT']._serialized_start=1545
+  _globals['_MODELMEASUREMENT']._serialized_end=1669
+  _globals['_COMPRESSIONREPORT']._serialized_start=1672
+  _globals['_COMPRESSIONREPORT']._serialized_end=1819
 # @@protoc_insertion_point(module_scope)

@@ -23,9 +23,10 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
+from maas.common.v1 import field_behavior_pb2 as maas_dot_common_dot_v1_dot_field__behavior__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmaas/registry/v1/artifact.proto\x12\x10maas.registry.v1\x1a\x1cgoogle/protobuf/struct.proto\"2\n\x0c\x41rtifactInfo\x12\x12\n\nsize_bytes\x18\x01 \x01(\x03\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"J\n\x07Lineage\x12\x0f\n\x07parents\x18\x01 \x03(\t\x12.\n\toperation\x18\x02 \x01(\x0b\x32\x1b.maas.registry.v1.Operation\"S\n\tOperation\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\x12+\n\nparameters\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructB\x18\n\x14\x64\x65v.maas.registry.v1P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmaas/registry/v1/artifact.proto\x12\x10maas.registry.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a#maas/common/v1/field_behavior.proto\"@\n\x0c\x41rtifactInfo\x12\x19\n\nsize_bytes\x18\x01 \x01(\x03\x42\x05\x92\xb5\x18\x01\x01\x12\x15\n\x06sha256\x18\x02 \x01(\tB\x05\x92\xb5\x18\x01\x01\"J\n\x07Lineage\x12\x0f\n\x07parents\x18\x01 \x03(\t\x12.\n\toperation\x18\x02 \x01(\x0b\x32\x1b.maas.registry.v1.Operation\"S\n\tOperation\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\x12+\n\nparameters\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructB\x18\n\x14\x64\x65v.maas.registry.v1P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +34,14 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'maas.registry.v1.artifact_p
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\024dev.maas.registry.v1P\001'
-  _globals['_ARTIFACTINFO']._serialized_start=83
-  _globals['_ARTIFACTINFO']._serialized_end=133
-  _globals['_LINEAGE']._serialized_start=135
-  _globals['_LINEAGE']._serialized_end=209
-  _globals['_OPERATION']._serialized_start=211
-  _globals['_OPERATION']._serialized_end=294
+  _globals['_ARTIFACTINFO'].fields_by_name['size_bytes']._loaded_options = None
+  _globals['_ARTIFACTINFO'].fields_by_name['size_bytes']._serialized_options = b'\222\265\030\001\001'
+  _globals['_ARTIFACTINFO'].fields_by_name['sha256']._loaded_options = None
+  _globals['_ARTIFACTINFO'].fields_by_name['sha256']._serialized_options = b'\222\265\030\001\001'
+  _globals['_ARTIFACTINFO']._serialized_start=120
+  _globals['_ARTIFACTINFO']._serialized_end=184
+  _globals['_LINEAGE']._serialized_start=186
+  _globals['_LINEAGE']._serialized_end=260
+  _globals['_OPERATION']._serialized_start=262
+  _globals['_OPERATION']._serialized_end=345
 # @@protoc_insertion_point(module_scope)

@@ -24,11 +24,12 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from maas.common.v1 import field_behavior_pb2 as maas_dot_common_dot_v1_dot_field__behavior__pb2
 from maas.registry.v1 import dataset_pb2 as maas_dot_registry_dot_v1_dot_dataset__pb2
 from maas.registry.v1 import model_pb2 as maas_dot_registry_dot_v1_dot_model__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmaas/registry/v1/audit.proto\x12\x10maas.registry.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1emaas/registry/v1/dataset.proto\x1a\x1cmaas/registry/v1/model.proto\"\xe3\x01\n\nAuditEvent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\x03\x12\x11\n\tprincipal\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x10\n\x08resource\x18\x05 \x01(\t\x12\'\n\x06\x62\x65\x66ore\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12&\n\x05\x61\x66ter\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\";\n\x0bLineageNode\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\toperation\x18\x02 \x01(\t\x12\x0b\n\x03job\x18\x03 \x01(\t\",\n\x0bLineageEdge\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\r\n\x05\x63hild\x18\x02 \x01(\t\"x\n\x0cLineageGraph\x12\x0c\n\x04root\x18\x01 \x01(\t\x12,\n\x05nodes\x18\x02 \x03(\x0b\x32\x1d.maas.registry.v1.LineageNode\x12,\n\x05\x65\x64ges\x18\x03 \x03(\x0b\x32\x1d.maas.registry.v1.LineageEdge\"\x97\x03\n\rRegistryEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\x03\x12)\n\x04type\x18\x02 \x01(\x0e\x32\x1b.maas.registry.v1.EventType\x12\x10\n\x08resource\x18\x03 \x01(\t\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\rmodel_version\x18\x05 \x01(\x0b\x32\x1e.maas.registry.v1.ModelVersionH\x00\x12-\n\x05\x61lias\x18\x06 \x01(\x0b\x32\x1c.maas.registry.v1.ModelAliasH\x00\x12(\n\x05model\x18\x07 \x01(\x0b\x32\x17.maas.registry.v1.ModelH\x00\x12;\n\x0f\x64\x61taset_version\x18\x08 \x01(\x0b\x32 .maas.registry.v1.DatasetVersionH\x00\x12,\n\x07\x64\x61taset\x18\t \x01(\x0b\x32\x19.maas.registry.v1.DatasetH\x00\x42\t\n\x07payload*\xf9\x02\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45VENT_TYPE_MODEL_CREATED\x10\x01\x12\x1c\n\x18\x45VENT_TYPE_MODEL_DELETED\x10\x02\x12$\n EVENT_TYPE_MODEL_VERSION_CREATED\x10\x03\x12$\n EVENT_TYPE_MODEL_VERSION_DELETED\x10\x04\x12\x1a\n\x16\x45VENT_TYPE_ALIAS_MOVED\x10\x05\x12\x1c\n\x18\x45VENT_TYPE_ALIAS_DELETED\x10\x06\x12\x1e\n\x1a\x45VENT_TYPE_DATASET_CREATED\x10\x07\x12\x1e\n\x1a\x45VENT_TYPE_DATASET_DELETED\x10\x08\x12&\n\"EVENT_TYPE_DATASET_VERSION_CREATED\x10\t\x12&\n\"EVENT_TYPE_DATASET_VERSION_DELETED\x10\nB\x18\n\x14\x64\x65v.maas.registry.v1P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmaas/registry/v1/audit.proto\x12\x10maas.registry.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a#maas/common/v1/field_behavior.proto\x1a\x1emaas/registry/v1/dataset.proto\x1a\x1cmaas/registry/v1/model.proto\"\x9b\x02\n\nAuditEvent\x12\x13\n\x04name\x18\x01 \x01(\tB\x05\x92\xb5\x18\x01\x02\x12\x17\n\x08\x65vent_id\x18\x02 \x01(\x03\x42\x05\x92\xb5\x18\x01\x01\x12\x18\n\tprincipal\x18\x03 \x01(\tB\x05\x92\xb5\x18\x01\x01\x12\x15\n\x06method\x18\x04 \x01(\tB\x05\x92\xb5\x18\x01\x01\x12\x17\n\x08resource\x18\x05 \x01(\tB\x05\x92\xb5\x18\x01\x01\x12.\n\x06\x62\x65\x66ore\x18\x06 \x01(\x0b\x32\x17.google.protobuf.StructB\x05\x92\xb5\x18\x01\x01\x12-\n\x05\x61\x66ter\x18\x07 \x01(\x0b\x32\x17.google.protobuf.StructB\x05\x92\xb5\x18\x01\x01\x12\x36\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x05\x92\xb5\x18\x01\x01\";\n\x0bLineageNode\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\toperation\x18\x02 \x01(\t\x12\x0b\n\x03job\x18\x03 \x01(\t\",\n\x0bLineageEdge\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\r\n\x05\x63hild\x18\x02 \x01(\t\"x\n\x0cLineageGraph\x12\x0c\n\x04root\x18\x01 \x01(\t\x12,\n\x05nodes\x18\x02 \x03(\x0b\x32\x1d.maas.registry.v1.LineageNode\x12,\n\x05\x65\x64ges\x18\x03 \x03(\x0b\x32\x1d.maas.registry.v1.LineageEdge\"\xd6\x03\n\rRegistryEvent\x12\x17\n\x08\x65vent_id\x18\x01 \x01(\x03\x42\x05\x92\xb5\x18\x01\x01\x12\x30\n\x04type\x18\x02 \x01(\x0e\x32\x1b.maas.registry.v1.EventTypeB\x05\x92\xb5\x18\x01\x01\x12\x17\n\x08resource\x18\x03 \x01(\tB\x05\x92\xb5\x18\x01\x01\x12\x36\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x05\x92\xb5\x18\x01\x01\x12>\n\rmodel_version\x18\x05 \x01(\x0b\x32\x1e.maas.registry.v1.ModelVersionB\x05\x92\xb5\x18\x01\x01H\x00\x12\x34\n\x05\x61lias\x18\x06 \x01(\x0b\x32\x1c.maas.registry.v1.ModelAliasB\x05\x92\xb5\x18\x01\x01H\x00\x12/\n\x05model\x18\x07 \x01(\x0b\x32\x17.maas.registry.v1.ModelB\x05\x92\xb5\x18\x01\x01H\x00\x12\x42\n\x0f\x64\x61taset_version\x18\x08 \x01(\x0b\x32 .maas.registry.v1.DatasetVersionB\x05\x92\xb5\x18\x01\x01H\x00\x12\x33\n\x07\x64\x61taset\x18\t \x01(\x0b\x32\x19.maas.registry.v1.DatasetB\x05\x92\xb5\x18\x01\x01H\x00\x42\t\n\x07payload*\xf9\x02\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45VENT_TYPE_MODEL_CREATED\x10\x01\x12\x1c\n\x18\x45VENT_TYPE_MODEL_DELETED\x10\x02\x12$\n EVENT_TYPE_MODEL_VERSION_CREATED\x10\x03\x12$\n EVENT_TYPE_MODEL_VERSION_DELETED\x10\x04\x12\x1a\n\x16\x45VENT_TYPE_ALIAS_MOVED\x10\x05\x12\x1c\n\x18\x45VENT_TYPE_ALIAS_DELETED\x10\x06\x12\x1e\n\x1a\x45VENT_TYPE_DATASET_CREATED\x10\x07\x12\x1e\n\x1a\x45VENT_TYPE_DATASET_DELETED\x10\x08\x12&\n\"EVENT_TYPE_DATASET_VERSION_CREATED\x10\t\x12&\n\"EVENT_TYPE_DATASET_VERSION_DELETED\x10\nB\x18\n\x14\x64\x65v.maas.registry.v1P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,16 +37,50 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'maas.registry.v1.audit_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\024dev.maas.registry.v1P\001'
-  _globals['_EVENTTYPE']._serialized_start=1045
-  _globals['_EVENTTYPE']._serialized_end=1422
-  _globals['_AUDITEVENT']._serialized_start=176
-  _globals['_AUDITEVENT']._serialized_end=403
-  _globals['_LINEAGENODE']._serialized_start=405
-  _globals['_LINEAGENODE']._serialized_end=464
-  _globals['_LINEAGEEDGE']._serialized_start=466
-  _globals['_LINEAGEEDGE']._serialized_end=510
-  _globals['_LINEAGEGRAPH']._serialized_start=512
-  _globals['_LINEAGEGRAPH']._serialized_end=632
-  _globals['_REGISTRYEVENT']._serialized_start=635
-  _globals['_REGISTRYEVENT']._serialized_end=1042
+  _globals['_AUDITEVENT'].fields_by_name['name']._loaded_options = None
+  _globals['_AUDITEVENT'].fields_by_name['name']._serialized_options = b'\222\265\030\001\002'
+  _globals['_AUDITEVENT'].fields_by_name['event_id']._loaded_options = None
+  _globals['_AUDITEVENT'].fields_by_name['event_id']._serialized_options = b'\222\265\030\001\001'
+  _globals['_AUDITEVENT'].fields_by_name['principal']._loaded_options = None
+  _globals['_AUDITEVENT'].fields_by_name['principal']._serialized_options = b'\222\265\030\001\001'
+  _globals['_AUDITEVENT'].fields_by_name['method']._loaded_options = None
+  _globals['_AUDITEVENT'].fields_by_name['method']._serialized_options = b'\222\265\030\001\001'
+  _globals['_AUDITEVENT'].fields_by_name['resource']._loaded_options = None
+  _globals['_AUDITEVENT'].fields_by_name['resource']._serialized_options = b'\222\265\030\001\001'
+  _globals['_AUDITEVENT'].fields_by_name['before']._loaded_options = None
+  _globals['_AUDITEVENT'].fields_by_name['before']._serialized_options = b'\222\265\030\001\001'
+  _globals['_AUDITEVENT'].fields_by_name['after']._loaded_options = None
+  _globals['_AUDITEVENT'].fields_by_name['after']._serialized_options = b'\222\265\030\001\001'
+  _globals['_AUDITEVENT'].fields_by_name['create_time']._loaded_options = None
+  _globals['_AUDITEVENT'].fields_by_name['create_time']._serialized_options = b'\222\265\030\001\001'
+  _globals['_REGISTRYEVENT'].fields_by_name['event_id']._loaded_options = None
+  _globals['_REGISTRYEVENT'].fields_by_name['event_id']._serialized_options = b'\222\265\030\001\001'
+  _globals['_REGISTRYEVENT'].fields_by_name['type']._loaded_options = None
+  _globals['_REGISTRYEVENT'].fields_by_name['type']._serialized_options = b'\222\265\030\001\001'
+  _globals['_REGISTRYEVENT'].fields_by_name['resource']._loaded_options = None
+  _globals['_REGISTRYEVENT'].fields_by_name['resource']._serialized_options = b'\222\265\030\001\001'
+  _globals['_REGISTRYEVENT'].fields_by_name['create_time']._loaded_options = None
+  _globals['_REGISTRYEVENT'].fields_by_name['create_time']._serialized_options = b'\222\265\030\001\001'
+  _globals['_REGISTRYEVENT'].fields_by_name['model_version']._loaded_options = None
+  _globals['_REGISTRYEVENT'].fields_by_name['model_version']._serialized_options = b'\222\265\030\001\001'
+  _globals['_REGISTRYEVENT'].fields_by_name['alias']._loaded_options = None
+  _globals['_REGISTRYEVENT'].fields_by_name['alias']._serialized_options = b'\222\265\030\001\001'
+  _globals['_REGISTRYEVENT'].fields_by_name['model']._loaded_options = None
+  _globals['_REGISTRYEVENT'].fields_by_name['model']._serialized_options = b'\222\265\030\001\001'
+  _globals['_REGISTRYEVENT'].fields_by_name['dataset_version']._loaded_options = None
+  _globals['_REGISTRYEVENT'].fields_by_name['dataset_version']._serialized_options = b'\222\265\030\001\001'
+  _globals['_REGISTRYEVENT'].fields_by_name['dataset']._loaded_options = None
+  _globals['_REGISTRYEVENT'].fields_by_name['dataset']._serialized_options = b'\222\265\030\001\001'
+  _globals['_EVENTTYPE']._serialized_start=1201
+  _globals['_EVENTTYPE']._serialized_end=1578
+  _globals['_AUDITEVENT']._serialized_start=213
+  _globals['_AUDITEVENT']._serialized_end=496
+  _globals['_LINEAGENODE']._serialized_start=498
+  _globals['_LINEAGENODE']._serialized_end=557
+  _globals['_LINEAGEEDGE']._serialized_start=559
+  _globals['_LINEAGEEDGE']._serialized_end=603
+  _globals['_LINEAGEGRAPH']._serialized_start=605
+  _globals['_LINEAGEGRAPH']._serialized_end=725
+  _globals['_REGISTRYEVENT']._serialized_start=728
+  _globals['_REGISTRYEVENT']._serialized_end=1198
 # @@protoc_insertion_point(module_scope)

@@ -2,6 +2,7 @@ import datetime
 
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from maas.common.v1 import field_behavior_pb2 as _field_behavior_pb2
 from maas.registry.v1 import dataset_pb2 as _dataset_pb2
 from maas.registry.v1 import model_pb2 as _model_pb2
 from google.protobuf.internal import containers as _containers

@@ -23,10 +23,11 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from maas.common.v1 import field_behavior_pb2 as maas_dot_common_dot_v1_dot_field__behavior__pb2
 from maas.registry.v1 import artifact_pb2 as maas_dot_registry_dot_v1_dot_artifact__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1emaas/registry/v1/dataset.proto\x12\x10maas.registry.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1fmaas/registry/v1/artifact.proto\"j\n\rDatasetSchema\x12\x17\n\x0f\x66\x65\x61ture_columns\x18\x01 \x03(\t\x12\x14\n\x0clabel_column\x18\x02 \x01(\t\x12\x15\n\rfeature_shape\x18\x03 \x03(\x03\x12\x13\n\x0bnum_classes\x18\x04 \x01(\x03\"\xb3\x02\n\x07\x44\x61taset\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x35\n\x06labels\x18\x04 \x03(\x0b\x32%.maas.registry.v1.Dataset.LabelsEntry\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\x07 \x01(\t\x12\x19\n\x11latest_version_id\x18\x08 \x01(\x03\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc9\x03\n\x0e\x44\x61tasetVersion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nversion_id\x18\x02 \x01(\x03\x12/\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x1f.maas.registry.v1.DatasetFormat\x12\x30\n\x08\x61rtifact\x18\x04 \x01(\x0b\x32\x1e.maas.registry.v1.ArtifactInfo\x12/\n\x06schema\x18\x05 \x01(\x0b\x32\x1f.maas.registry.v1.DatasetSchema\x12\x11\n\trow_count\x18\x06 \x01(\x03\x12<\n\x06labels\x18\x07 \x03(\x0b\x32,.maas.registry.v1.DatasetVersion.LabelsEntry\x12*\n\x07lineage\x18\x08 \x01(\x0b\x32\x19.maas.registry.v1.Lineage\x12\x13\n\x0b\x64\x65scription\x18\t \x01(\t\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x63reator\x18\x0b \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*_\n\rDatasetFormat\x12\x1e\n\x1a\x44\x41TASET_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12\x44\x41TASET_FORMAT_NPZ\x10\x01\x12\x16\n\x12\x44\x41TASET_FORMAT_CSV\x10\x02\x42\x18\n\x14\x64\x65v.maas.registry.v1P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1emaas/registry/v1/dataset.proto\x12\x10maas.registry.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a#maas/common/v1/field_behavior.proto\x1a\x1fmaas/registry/v1/artifact.proto\"x\n\rDatasetSchema\x12\x17\n\x0f\x66\x65\x61ture_columns\x18\x01 \x03(\t\x12\x14\n\x0clabel_column\x18\x02 \x01(\t\x12\x1c\n\rfeature_shape\x18\x03 \x03(\x03\x42\x05\x92\xb5\x18\x01\x01\x12\x1a\n\x0bnum_classes\x18\x04 \x01(\x03\x42\x05\x92\xb5\x18\x01\x01\"\xcf\x02\n\x07\x44\x61taset\x12\x13\n\x04name\x18\x01 \x01(\tB\x05\x92\xb5\x18\x01\x02\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x35\n\x06labels\x18\x04 \x03(\x0b\x32%.maas.registry.v1.Dataset.LabelsEntry\x12\x36\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x05\x92\xb5\x18\x01\x01\x12\x36\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x05\x92\xb5\x18\x01\x01\x12\x0c\n\x04\x65tag\x18\x07 \x01(\t\x12 \n\x11latest_version_id\x18\x08 \x01(\x03\x42\x05\x92\xb5\x18\x01\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xf3\x03\n\x0e\x44\x61tasetVersion\x12\x13\n\x04name\x18\x01 \x01(\tB\x05\x92\xb5\x18\x01\x02\x12\x19\n\nversion_id\x18\x02 \x01(\x03\x42\x05\x92\xb5\x18\x01\x01\x12/\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x1f.maas.registry.v1.DatasetFormat\x12\x37\n\x08\x61rtifact\x18\x04 \x01(\x0b\x32\x1e.maas.registry.v1.ArtifactInfoB\x05\x92\xb5\x18\x01\x01\x12/\n\x06schema\x18\x05 \x01(\x0b\x32\x1f.maas.registry.v1.DatasetSchema\x12\x18\n\trow_count\x18\x06 \x01(\x03\x42\x05\x92\xb5\x18\x01\x01\x12<\n\x06labels\x18\x07 \x03(\x0b\x32,.maas.registry.v1.DatasetVersion.LabelsEntry\x12*\n\x07lineage\x18\x08 \x01(\x0b\x32\x19.maas.registry.v1.Lineage\x12\x13\n\x0b\x64\x65scription\x18\t \x01(\t\x12\x36\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x05\x92\xb5\x18\x01\x01\x12\x16\n\x07\x63reator\x18\x0b \x01(\tB\x05\x92\xb5\x18\x01\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*_\n\rDatasetFormat\x12\x1e\n\x1a\x44\x41TASET_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12\x44\x41TASET_FORMAT_NPZ\x10\x01\x12\x16\n\x12\x44\x41TASET_FORMAT_CSV\x10\x02\x42\x18\n\x14\x64\x65v.maas.registry.v1P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,20 +35,44 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'maas.registry.v1.dataset_pb
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\024dev.maas.registry.v1P\001'
+  _globals['_DATASETSCHEMA'].fields_by_name['feature_shape']._loaded_options = None
+  _globals['_DATASETSCHEMA'].fields_by_name['feature_shape']._serialized_options = b'\222\265\030\001\001'
+  _globals['_DATASETSCHEMA'].fields_by_name['num_classes']._loaded_options = None
+  _globals['_DATASETSCHEMA'].fields_by_name['num_classes']._serialized_options = b'\222\265\030\001\001'
   _globals['_DATASET_LABELSENTRY']._loaded_options = None
   _globals['_DATASET_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_DATASET'].fields_by_name['name']._loaded_options = None
+  _globals['_DATASET'].fields_by_name['name']._serialized_options = b'\222\265\030\001\002'
+  _globals['_DATASET'].fields_by_name['create_time']._loaded_options = None
+  _globals['_DATASET'].fields_by_name['create_time']._serialized_options = b'\222\265\030\001\001'
+  _globals['_DATASET'].fields_by_name['update_time']._loaded_options = None
+  _globals['_DATASET'].fields_by_name['update_time']._serialized_options = b'\222\265\030\001\001'
+  _globals['_DATASET'].fields_by_name['latest_version_id']._loaded_options = None
+  _globals['_DATASET'].fields_by_name['latest_version_id']._serialized_options = b'\222\265\030\001\001'
   _globals['_DATASETVERSION_LABELSENTRY']._loaded_options = None
   _globals['_DATASETVERSION_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_DATASETFORMAT']._serialized_start=996
-  _globals['_DATASETFORMAT']._serialized_end=1091
-  _globals['_DATASETSCHEMA']._serialized_start=118
-  _globals['_DATASETSCHEMA']._serialized_end=224
-  _globals['_DATASET']._serialized_start=227
-  _globals['_DATASET']._serialized_end=534
-  _globals['_DATASET_LABELSENTRY']._serialized_start=489
-  _globals['_DATASET_LABELSENTRY']._serialized_end=534
-  _globals['_DATASETVERSION']._serialized_start=537
-  _globals['_DATASETVERSION']._serialized_end=994
-  _globals['_DATASETVERSION_LABELSENTRY']._serialized_start=489
-  _globals['_DATASETVERSION_LABELSENTRY']._serialized_end=534
+  _globals['_DATASETVERSION'].fields_by_name['name']._loaded_options = None
+  _globals['_DATASETVERSION'].fields_by_name['name']._serialized_options = b'\222\265\030\001\002'
+  _globals['_DATASETVERSION'].fields_by_name['version_id']._loaded_options = None
+  _globals['_DATASETVERSION'].fields_by_name['version_id']._serialized_options = b'\222\265\030\001\001'
+  _globals['_DATASETVERSION'].fields_by_name['artifact']._loaded_options = None
+  _globals['_DATASETVERSION'].fields_by_name['artifact']._serialized_options = b'\222\265\030\001\001'
+  _globals['_DATASETVERSION'].fields_by_name['row_count']._loaded_options = None
+  _globals['_DATASETVERSION'].fields_by_name['row_count']._serialized_options = b'\222\265\030\001\001'
+  _globals['_DATASETVERSION'].fields_by_name['create_time']._loaded_options = None
+  _globals['_DATASETVERSION'].fields_by_name['create_time']._serialized_options = b'\222\265\030\001\001'
+  _globals['_DATASETVERSION'].fields_by_name['creator']._loaded_options = None
+  _globals['_DATASETVERSION'].fields_by_name['creator']._serialized_options = b'\222\265\030\001\001'
+  _globals['_DATASETFORMAT']._serialized_start=1117
+  _globals['_DATASETFORMAT']._serialized_end=1212
+  _globals['_DATASETSCHEMA']._serialized_start=155
+  _globals['_DATASETSCHEMA']._serialized_end=275
+  _globals['_DATASET']._serialized_start=278
+  _globals['_DATASET']._serialized_end=613
+  _globals['_DATASET_LABELSENTRY']._serialized_start=568
+  _globals['_DATASET_LABELSENTRY']._serialized_end=613
+  _globals['_DATASETVERSION']._serialized_start=616
+  _globals['_DATASETVERSION']._serialized_end=1115
+  _globals['_DATASETVERSION_LABELSENTRY']._serialized_start=568
+  _globals['_DATASETVERSION_LABELSENTRY']._serialized_end=613
 # @@protoc_insertion_point(module_scope)

@@ -23,11 +23,12 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from maas.common.v1 import field_behavior_pb2 as maas_dot_common_dot_v1_dot_field__behavior__pb2
 from maas.common.v1 import tensor_pb2 as maas_dot_common_dot_v1_dot_tensor__pb2
 from maas.registry.v1 import artifact_pb2 as maas_dot_registry_dot_v1_dot_artifact__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmaas/registry/v1/model.proto\x12\x10maas.registry.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bmaas/common/v1/tensor.proto\x1a\x1fmaas/registry/v1/artifact.proto\"\xa4\x03\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0c\n\x04task\x18\x04 \x01(\t\x12\x33\n\x06labels\x18\x05 \x03(\x0b\x32#.maas.registry.v1.Model.LabelsEntry\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\x08 \x01(\t\x12\x19\n\x11latest_version_id\x18\t \x01(\x03\x12\x35\n\x07\x61liases\x18\n \x03(\x0b\x32$.maas.registry.v1.Model.AliasesEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0c\x41liasesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"d\n\tSignature\x12*\n\x06inputs\x18\x01 \x03(\x0b\x32\x1a.maas.common.v1.TensorSpec\x12+\n\x07outputs\x18\x02 \x03(\x0b\x32\x1a.maas.common.v1.TensorSpec\"\xbc\x04\n\x0cModelVersion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nversion_id\x18\x02 \x01(\x03\x12-\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x1d.maas.registry.v1.ModelFormat\x12\x30\n\x08\x61rtifact\x18\x04 \x01(\x0b\x32\x1e.maas.registry.v1.ArtifactInfo\x12.\n\tsignature\x18\x05 \x01(\x0b\x32\x1b.maas.registry.v1.Signature\x12<\n\x07metrics\x18\x06 \x03(\x0b\x32+.maas.registry.v1.ModelVersion.MetricsEntry\x12:\n\x06labels\x18\x07 \x03(\x0b\x32*.maas.registry.v1.ModelVersion.LabelsEntry\x12*\n\x07lineage\x18\x08 \x01(\x0b\x32\x19.maas.registry.v1.Lineage\x12\x13\n\x0b\x64\x65scription\x18\t \x01(\t\x12\x0f\n\x07\x61liases\x18\n \x03(\t\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x63reator\x18\x0c \x01(\t\x12\x0c\n\x04\x65tag\x18\r \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\\\n\nModelAlias\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12/\n\x0bupdate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xa0\x01\n\x0bModelFormat\x12\x1c\n\x18MODEL_FORMAT_UNSPECIFIED\x10\x00\x12\x1d\n\x19MODEL_FORMAT_MAAS_PACKAGE\x10\x01\x12\x1c\n\x18MODEL_FORMAT_TORCHSCRIPT\x10\x02\x12\x15\n\x11MODEL_FORMAT_ONNX\x10\x03\x12\x1f\n\x1bMODEL_FORMAT_HF_TRANSFORMER\x10\x04\x42\x18\n\x14\x64\x65v.maas.registry.v1P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmaas/registry/v1/model.proto\x12\x10maas.registry.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a#maas/common/v1/field_behavior.proto\x1a\x1bmaas/common/v1/tensor.proto\x1a\x1fmaas/registry/v1/artifact.proto\"\xc7\x03\n\x05Model\x12\x13\n\x04name\x18\x01 \x01(\tB\x05\x92\xb5\x18\x01\x02\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0c\n\x04task\x18\x04 \x01(\t\x12\x33\n\x06labels\x18\x05 \x03(\x0b\x32#.maas.registry.v1.Model.LabelsEntry\x12\x36\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x05\x92\xb5\x18\x01\x01\x12\x36\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x05\x92\xb5\x18\x01\x01\x12\x0c\n\x04\x65tag\x18\x08 \x01(\t\x12 \n\x11latest_version_id\x18\t \x01(\x03\x42\x05\x92\xb5\x18\x01\x01\x12<\n\x07\x61liases\x18\n \x03(\x0b\x32$.maas.registry.v1.Model.AliasesEntryB\x05\x92\xb5\x18\x01\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0c\x41liasesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"d\n\tSignature\x12*\n\x06inputs\x18\x01 \x03(\x0b\x32\x1a.maas.common.v1.TensorSpec\x12+\n\x07outputs\x18\x02 \x03(\x0b\x32\x1a.maas.common.v1.TensorSpec\"\xe6\x04\n\x0cModelVersion\x12\x13\n\x04name\x18\x01 \x01(\tB\x05\x92\xb5\x18\x01\x02\x12\x19\n\nversion_id\x18\x02 \x01(\x03\x42\x05\x92\xb5\x18\x01\x01\x12-\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x1d.maas.registry.v1.ModelFormat\x12\x37\n\x08\x61rtifact\x18\x04 \x01(\x0b\x32\x1e.maas.registry.v1.ArtifactInfoB\x05\x92\xb5\x18\x01\x01\x12.\n\tsignature\x18\x05 \x01(\x0b\x32\x1b.maas.registry.v1.Signature\x12<\n\x07metrics\x18\x06 \x03(\x0b\x32+.maas.registry.v1.ModelVersion.MetricsEntry\x12:\n\x06labels\x18\x07 \x03(\x0b\x32*.maas.registry.v1.ModelVersion.LabelsEntry\x12*\n\x07lineage\x18\x08 \x01(\x0b\x32\x19.maas.registry.v1.Lineage\x12\x13\n\x0b\x64\x65scription\x18\t \x01(\t\x12\x16\n\x07\x61liases\x18\n \x03(\tB\x05\x92\xb5\x18\x01\x01\x12\x36\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x05\x92\xb5\x18\x01\x01\x12\x16\n\x07\x63reator\x18\x0c \x01(\tB\x05\x92\xb5\x18\x01\x01\x12\x0c\n\x04\x65tag\x18\r \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"j\n\nModelAlias\x12\x13\n\x04name\x18\x01 \x01(\tB\x05\x92\xb5\x18\x01\x02\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x36\n\x0bupdate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x05\x92\xb5\x18\x01\x01*\xa0\x01\n\x0bModelFormat\x12\x1c\n\x18MODEL_FORMAT_UNSPECIFIED\x10\x00\x12\x1d\n\x19MODEL_FORMAT_MAAS_PACKAGE\x10\x01\x12\x1c\n\x18MODEL_FORMAT_TORCHSCRIPT\x10\x02\x12\x15\n\x11MODEL_FORMAT_ONNX\x10\x03\x12\x1f\n\x1bMODEL_FORMAT_HF_TRANSFORMER\x10\x04\x42\x18\n\x14\x64\x65v.maas.registry.v1P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,26 +40,52 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODEL_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_MODEL_ALIASESENTRY']._loaded_options = None
   _globals['_MODEL_ALIASESENTRY']._serialized_options = b'8\001'
+  _globals['_MODEL'].fields_by_name['name']._loaded_options = None
+  _globals['_MODEL'].fields_by_name['name']._serialized_options = b'\222\265\030\001\002'
+  _globals['_MODEL'].fields_by_name['create_time']._loaded_options = None
+  _globals['_MODEL'].fields_by_name['create_time']._serialized_options = b'\222\265\030\001\001'
+  _globals['_MODEL'].fields_by_name['update_time']._loaded_options = None
+  _globals['_MODEL'].fields_by_name['update_time']._serialized_options = b'\222\265\030\001\001'
+  _globals['_MODEL'].fields_by_name['latest_version_id']._loaded_options = None
+  _globals['_MODEL'].fields_by_name['latest_version_id']._serialized_options = b'\222\265\030\001\001'
+  _globals['_MODEL'].fields_by_name['aliases']._loaded_options = None
+  _globals['_MODEL'].fields_by_name['aliases']._serialized_options = b'\222\265\030\001\001'
   _globals['_MODELVERSION_METRICSENTRY']._loaded_options = None
   _globals['_MODELVERSION_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_MODELVERSION_LABELSENTRY']._loaded_options = None
   _globals['_MODELVERSION_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_MODELFORMAT']._serialized_start=1340
-  _globals['_MODELFORMAT']._serialized_end=1500
-  _globals['_MODEL']._serialized_start=146
-  _globals['_MODEL']._serialized_end=566
-  _globals['_MODEL_LABELSENTRY']._serialized_start=473
-  _globals['_MODEL_LABELSENTRY']._serialized_end=518
-  _globals['_MODEL_ALIASESENTRY']._serialized_start=520
-  _globals['_MODEL_ALIASESENTRY']._serialized_end=566
-  _globals['_SIGNATURE']._serialized_start=568
-  _globals['_SIGNATURE']._serialized_end=668
-  _globals['_MODELVERSION']._serialized_start=671
-  _globals['_MODELVERSION']._serialized_end=1243
-  _globals['_MODELVERSION_METRICSENTRY']._serialized_start=1150
-  _globals['_MODELVERSION_METRICSENTRY']._serialized_end=1196
-  _globals['_MODELVERSION_LABELSENTRY']._serialized_start=473
-  _globals['_MODELVERSION_LABELSENTRY']._serialized_end=518
-  _globals['_MODELALIAS']._serialized_start=1245
-  _globals['_MODELALIAS']._serialized_end=1337
+  _globals['_MODELVERSION'].fields_by_name['name']._loaded_options = None
+  _globals['_MODELVERSION'].fields_by_name['name']._serialized_options = b'\222\265\030\001\002'
+  _globals['_MODELVERSION'].fields_by_name['version_id']._loaded_options = None
+  _globals['_MODELVERSION'].fields_by_name['version_id']._serialized_options = b'\222\265\030\001\001'
+  _globals['_MODELVERSION'].fields_by_name['artifact']._loaded_options = None
+  _globals['_MODELVERSION'].fields_by_name['artifact']._serialized_options = b'\222\265\030\001\001'
+  _globals['_MODELVERSION'].fields_by_name['aliases']._loaded_options = None
+  _globals['_MODELVERSION'].fields_by_name['aliases']._serialized_options = b'\222\265\030\001\001'
+  _globals['_MODELVERSION'].fields_by_name['create_time']._loaded_options = None
+  _globals['_MODELVERSION'].fields_by_name['create_time']._serialized_options = b'\222\265\030\001\001'
+  _globals['_MODELVERSION'].fields_by_name['creator']._loaded_options = None
+  _globals['_MODELVERSION'].fields_by_name['creator']._serialized_options = b'\222\265\030\001\001'
+  _globals['_MODELALIAS'].fields_by_name['name']._loaded_options = None
+  _globals['_MODELALIAS'].fields_by_name['name']._serialized_options = b'\222\265\030\001\002'
+  _globals['_MODELALIAS'].fields_by_name['update_time']._loaded_options = None
+  _globals['_MODELALIAS'].fields_by_name['update_time']._serialized_options = b'\222\265\030\001\001'
+  _globals['_MODELFORMAT']._serialized_start=1468
+  _globals['_MODELFORMAT']._serialized_end=1628
+  _globals['_MODEL']._serialized_start=183
+  _globals['_MODEL']._serialized_end=638
+  _globals['_MODEL_LABELSENTRY']._serialized_start=545
+  _globals['_MODEL_LABELSENTRY']._serialized_end=590
+  _globals['_MODEL_ALIASESENTRY']._serialized_start=592
+  _globals['_MODEL_ALIASESENTRY']._serialized_end=638
+  _globals['_SIGNATURE']._serialized_start=640
+  _globals['_SIGNATURE']._serialized_end=740
+  _globals['_MODELVERSION']._serialized_start=743
+  _globals['_MODELVERSION']._serialized_end=1357
+  _globals['_MODELVERSION_METRICSENTRY']._serialized_start=1264
+  _globals['_MODELVERSION_METRICSENTRY']._serialized_end=1310
+  _globals['_MODELVERSION_LABELSENTRY']._serialized_start=545
+  _globals['_MODELVERSION_LABELSENTRY']._serialized_end=590
+  _globals['_MODELALIAS']._serialized_start=1359
+  _globals['_MODELALIAS']._serialized_end=1465
 # @@protoc_insertion_point(module_scope)

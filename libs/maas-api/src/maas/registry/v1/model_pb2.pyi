@@ -1,6 +1,7 @@
 import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from maas.common.v1 import field_behavior_pb2 as _field_behavior_pb2
 from maas.common.v1 import tensor_pb2 as _tensor_pb2
 from maas.registry.v1 import artifact_pb2 as _artifact_pb2
 from google.protobuf.internal import containers as _containers

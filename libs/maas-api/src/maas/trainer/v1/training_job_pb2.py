@@ -24,10 +24,11 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from maas.common.v1 import field_behavior_pb2 as maas_dot_common_dot_v1_dot_field__behavior__pb2
 from maas.common.v1 import job_pb2 as maas_dot_common_dot_v1_dot_job__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"maas/trainer/v1/training_job.proto\x12\x0fmaas.trainer.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18maas/common/v1/job.proto\"\xe2\x03\n\x0bTrainingJob\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\x04spec\x18\x02 \x01(\x0b\x32\x1d.maas.trainer.v1.TrainingSpec\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.maas.common.v1.JobState\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65poch\x18\x07 \x01(\x05\x12:\n\x07metrics\x18\x08 \x03(\x0b\x32).maas.trainer.v1.TrainingJob.MetricsEntry\x12\x15\n\rmodel_version\x18\t \x01(\t\x12\'\n\x05\x65rror\x18\n \x01(\x0b\x32\x18.maas.common.v1.JobError\x12\x0f\n\x07\x63reator\x18\x0b \x01(\t\x12\x14\n\x0cresume_count\x18\x0c \x01(\x05\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xbe\x03\n\x0cTrainingSpec\x12\x37\n\x0c\x61rchitecture\x18\x01 \x01(\x0b\x32!.maas.trainer.v1.ArchitectureSpec\x12)\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x1b.maas.trainer.v1.DataSource\x12\x31\n\toptimizer\x18\x03 \x01(\x0b\x32\x1e.maas.trainer.v1.OptimizerSpec\x12/\n\x08schedule\x18\x04 \x01(\x0b\x32\x1d.maas.trainer.v1.ScheduleSpec\x12\x0e\n\x06\x65pochs\x18\x05 \x01(\x05\x12\x12\n\nbatch_size\x18\x06 \x01(\x05\x12\x1a\n\x12gradient_clip_norm\x18\x07 \x01(\x01\x12\x36\n\x0e\x65\x61rly_stopping\x18\x08 \x01(\x0b\x32\x1e.maas.trainer.v1.EarlyStopping\x12\x0c\n\x04seed\x18\t \x01(\x03\x12/\n\tresources\x18\n \x01(\x0b\x32\x1c.maas.common.v1.JobResources\x12/\n\x06output\x18\x0b \x01(\x0b\x32\x1f.maas.trainer.v1.TrainingOutput\"R\n\x10\x41rchitectureSpec\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x30\n\x0fhyperparameters\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"Q\n\nDataSource\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x1b\n\x13validation_fraction\x18\x02 \x01(\x01\x12\x15\n\rtest_fraction\x18\x03 \x01(\x01\"\xac\x01\n\rOptimizerSpec\x12,\n\x04kind\x18\x01 \x01(\x0e\x32\x1e.maas.trainer.v1.OptimizerKind\x12\x15\n\rlearning_rate\x18\x02 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x03 \x01(\x01\x12\x10\n\x08momentum\x18\x04 \x01(\x01\x12\x10\n\x08nesterov\x18\x05 \x01(\x08\x12\r\n\x05\x62\x65ta1\x18\x06 \x01(\x01\x12\r\n\x05\x62\x65ta2\x18\x07 \x01(\x01\"t\n\x0cScheduleSpec\x12+\n\x04kind\x18\x01 \x01(\x0e\x32\x1d.maas.trainer.v1.ScheduleKind\x12\x11\n\tstep_size\x18\x02 \x01(\x05\x12\r\n\x05gamma\x18\x03 \x01(\x01\x12\x15\n\rwarmup_epochs\x18\x04 \x01(\x05\"D\n\rEarlyStopping\x12\x0e\n\x06metric\x18\x01 \x01(\t\x12\x10\n\x08patience\x18\x02 \x01(\x05\x12\x11\n\tmin_delta\x18\x03 \x01(\x01\"L\n\x0eTrainingOutput\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05\x61lias\x18\x02 \x01(\t\x12\x19\n\x11min_test_accuracy\x18\x03 \x01(\x01*\xb3\x01\n\rOptimizerKind\x12\x1e\n\x1aOPTIMIZER_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12OPTIMIZER_KIND_SGD\x10\x01\x12\x1b\n\x17OPTIMIZER_KIND_MOMENTUM\x10\x02\x12\x1a\n\x16OPTIMIZER_KIND_RMSPROP\x10\x03\x12\x17\n\x13OPTIMIZER_KIND_ADAM\x10\x04\x12\x18\n\x14OPTIMIZER_KIND_ADAMW\x10\x05*{\n\x0cScheduleKind\x12\x1d\n\x19SCHEDULE_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16SCHEDULE_KIND_CONSTANT\x10\x01\x12\x16\n\x12SCHEDULE_KIND_STEP\x10\x02\x12\x18\n\x14SCHEDULE_KIND_COSINE\x10\x03\x42\x17\n\x13\x64\x65v.maas.trainer.v1P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"maas/trainer/v1/training_job.proto\x12\x0fmaas.trainer.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a#maas/common/v1/field_behavior.proto\x1a\x18maas/common/v1/job.proto\"\xaf\x04\n\x0bTrainingJob\x12\x13\n\x04name\x18\x01 \x01(\tB\x05\x92\xb5\x18\x01\x02\x12+\n\x04spec\x18\x02 \x01(\x0b\x32\x1d.maas.trainer.v1.TrainingSpec\x12.\n\x05state\x18\x03 \x01(\x0e\x32\x18.maas.common.v1.JobStateB\x05\x92\xb5\x18\x01\x01\x12\x36\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x05\x92\xb5\x18\x01\x01\x12\x35\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x05\x92\xb5\x18\x01\x01\x12\x33\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x05\x92\xb5\x18\x01\x01\x12\x14\n\x05\x65poch\x18\x07 \x01(\x05\x42\x05\x92\xb5\x18\x01\x01\x12\x41\n\x07metrics\x18\x08 \x03(\x0b\x32).maas.trainer.v1.TrainingJob.MetricsEntryB\x05\x92\xb5\x18\x01\x01\x12\x1c\n\rmodel_version\x18\t \x01(\tB\x05\x92\xb5\x18\x01\x01\x12.\n\x05\x65rror\x18\n \x01(\x0b\x32\x18.maas.common.v1.JobErrorB\x05\x92\xb5\x18\x01\x01\x12\x16\n\x07\x63reator\x18\x0b \x01(\tB\x05\x92\xb5\x18\x01\x01\x12\x1b\n\x0cresume_count\x18\x0c \x01(\x05\x42\x05\x92\xb5\x18\x01\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xbe\x03\n\x0cTrainingSpec\x12\x37\n\x0c\x61rchitecture\x18\x01 \x01(\x0b\x32!.maas.trainer.v1.ArchitectureSpec\x12)\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x1b.maas.trainer.v1.DataSource\x12\x31\n\toptimizer\x18\x03 \x01(\x0b\x32\x1e.maas.trainer.v1.OptimizerSpec\x12/\n\x08schedule\x18\x04 \x01(\x0b\x32\x1d.maas.trainer.v1.ScheduleSpec\x12\x0e\n\x06\x65pochs\x18\x05 \x01(\x05\x12\x12\n\nbatch_size\x18\x06 \x01(\x05\x12\x1a\n\x12gradient_clip_norm\x18\x07 \x01(\x01\x12\x36\n\x0e\x65\x61rly_stopping\x18\x08 \x01(\x0b\x32\x1e.maas.trainer.v1.EarlyStopping\x12\x0c\n\x04seed\x18\t \x01(\x03\x12/\n\tresources\x18\n \x01(\x0b\x32\x1c.maas.common.v1.JobResources\x12/\n\x06output\x18\x0b \x01(\x0b\x32\x1f.maas.trainer.v1.TrainingOutput\"R\n\x10\x41rchitectureSpec\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x30\n\x0fhyperparameters\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"Q\n\nDataSource\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x1b\n\x13validation_fraction\x18\x02 \x01(\x01\x12\x15\n\rtest_fraction\x18\x03 \x01(\x01\"\xac\x01\n\rOptimizerSpec\x12,\n\x04kind\x18\x01 \x01(\x0e\x32\x1e.maas.trainer.v1.OptimizerKind\x12\x15\n\rlearning_rate\x18\x02 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x03 \x01(\x01\x12\x10\n\x08momentum\x18\x04 \x01(\x01\x12\x10\n\x08nesterov\x18\x05 \x01(\x08\x12\r\n\x05\x62\x65ta1\x18\x06 \x01(\x01\x12\r\n\x05\x62\x65ta2\x18\x07 \x01(\x01\"t\n\x0cScheduleSpec\x12+\n\x04kind\x18\x01 \x01(\x0e\x32\x1d.maas.trainer.v1.ScheduleKind\x12\x11\n\tstep_size\x18\x02 \x01(\x05\x12\r\n\x05gamma\x18\x03 \x01(\x01\x12\x15\n\rwarmup_epochs\x18\x04 \x01(\x05\"D\n\rEarlyStopping\x12\x0e\n\x06metric\x18\x01 \x01(\t\x12\x10\n\x08patience\x18\x02 \x01(\x05\x12\x11\n\tmin_delta\x18\x03 \x01(\x01\"L\n\x0eTrainingOutput\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05\x61lias\x18\x02 \x01(\t\x12\x19\n\x11min_test_accuracy\x18\x03 \x01(\x01*\xb3\x01\n\rOptimizerKind\x12\x1e\n\x1aOPTIMIZER_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12OPTIMIZER_KIND_SGD\x10\x01\x12\x1b\n\x17OPTIMIZER_KIND_MOMENTUM\x10\x02\x12\x1a\n\x16OPTIMIZER_KIND_RMSPROP\x10\x03\x12\x17\n\x13OPTIMIZER_KIND_ADAM\x10\x04\x12\x18\n\x14OPTIMIZER_KIND_ADAMW\x10\x05*{\n\x0cScheduleKind\x12\x1d\n\x19SCHEDULE_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16SCHEDULE_KIND_CONSTANT\x10\x01\x12\x16\n\x12SCHEDULE_KIND_STEP\x10\x02\x12\x18\n\x14SCHEDULE_KIND_COSINE\x10\x03\x42\x17\n\x13\x64\x65v.maas.trainer.v1P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,26 +38,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\023dev.maas.trainer.v1P\001'
   _globals['_TRAININGJOB_METRICSENTRY']._loaded_options = None
   _globals['_TRAININGJOB_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_OPTIMIZERKIND']._serialized_start=1687
-  _globals['_OPTIMIZERKIND']._serialized_end=1866
-  _globals['_SCHEDULEKIND']._serialized_start=1868
-  _globals['_SCHEDULEKIND']._serialized_end=1991
-  _globals['_TRAININGJOB']._serialized_start=145
-  _globals['_TRAININGJOB']._serialized_end=627
-  _globals['_TRAININGJOB_METRICSENTRY']._serialized_start=581
-  _globals['_TRAININGJOB_METRICSENTRY']._serialized_end=627
-  _globals['_TRAININGSPEC']._serialized_start=630
-  _globals['_TRAININGSPEC']._serialized_end=1076
-  _globals['_ARCHITECTURESPEC']._serialized_start=1078
-  _globals['_ARCHITECTURESPEC']._serialized_end=1160
-  _globals['_DATASOURCE']._serialized_start=1162
-  _globals['_DATASOURCE']._serialized_end=1243
-  _globals['_OPTIMIZERSPEC']._serialized_start=1246
-  _globals['_OPTIMIZERSPEC']._serialized_end=1418
-  _globals['_SCHEDULESPEC']._serialized_start=1420
-  _globals['_SCHEDULESPEC']._serialized_end=1536
-  _globals['_EARLYSTOPPING']._serialized_start=1538
-  _globals['_EARLYSTOPPING']._serialized_end=1606
-  _globals['_TRAININGOUTPUT']._serialized_start=1608
-  _globals['_TRAININGOUTPUT']._serialized_end=1684
+  _globals['_TRAININGJOB'].fields_by_name['name']._loaded_options = None
+  _globals['_TRAININGJOB'].fields_by_name['name']._serialized_options = b'\222\265\030\001\002'
+  _globals['_TRAININGJOB'].fields_by_name['state']._loaded_options = None
+  _globals['_TRAININGJOB'].fields_by_name['state']._serialized_options = b'\222\265\030\001\001'
+  _globals['_TRAININGJOB'].fields_by_name['create_time']._loaded_options = None
+  _globals['_TRAININGJOB'].fields_by_name['create_time']._serialized_options = b'\222\265\030\001\001'
+  _globals['_TRAININGJOB'].fields_by_name['start_time']._loaded_options = None
+  _globals['_TRAININGJOB'].fields_by_name['start_time']._serialized_options = b'\222\265\030\001\001'
+  _globals['_TRAININGJOB'].fields_by_name['end_time']._loaded_options = None
+  _globals['_TRAININGJOB'].fields_by_name['end_time']._serialized_options = b'\222\265\030\001\001'
+  _globals['_TRAININGJOB'].fields_by_name['epoch']._loaded_options = None
+  _globals['_TRAININGJOB'].fields_by_name['epoch']._serialized_options = b'\222\265\030\001\001'
+  _globals['_TRAININGJOB'].fields_by_name['metrics']._loaded_options = None
+  _globals['_TRAININGJOB'].fields_by_name['metrics']._serialized_options = b'\222\265\030\001\001'
+  _globals['_TRAININGJOB'].fields_by_name['model_version']._loaded_options = None
+  _globals['_TRAININGJOB'].fields_by_name['model_version']._serialized_options = b'\222\265\030\001\001'
+  _globals['_TRAININGJOB'].fields_by_name['error']._loaded_options = None
+  _globals['_TRAININGJOB'].fields_by_name['error']._serialized_options = b'\222\265\030\001\001'
+  _globals['_TRAININGJOB'].fields_by_name['creator']._loaded_options = None
+  _globals['_TRAININGJOB'].fields_by_name['creator']._serialized_options = b'\222\265\030\001\001'
+  _globals['_TRAININGJOB'].fields_by_name['resume_count']._loaded_options = None
+  _globals['_TRAININGJOB'].fields_by_name['resume_count']._serialized_options = b'\222\265\030\001\001'
+  _globals['_OPTIMIZERKIND']._serialized_start=1801
+  _globals['_OPTIMIZERKIND']._serialized_end=1980
+  _globals['_SCHEDULEKIND']._serialized_start=1982
+  _globals['_SCHEDULEKIND']._serialized_end=2105
+  _globals['_TRAININGJOB']._serialized_start=182
+  _globals['_TRAININGJOB']._serialized_end=741
+  _globals['_TRAININGJOB_METRICSENTRY']._serialized_start=695
+  _globals['_TRAININGJOB_METRICSENTRY']._serialized_end=741
+  _globals['_TRAININGSPEC']._serialized_start=744
+  _globals['_TRAININGSPEC']._serialized_end=1190
+  _globals['_ARCHITECTURESPEC']._serialized_start=1192
+  _globals['_ARCHITECTURESPEC']._serialized_end=1274
+  _globals['_DATASOURCE']._serialized_start=1276
+  _globals['_DATASOURCE']._serialized_end=1357
+  _globals['_OPTIMIZERSPEC']._serialized_start=1360
+  _globals['_OPTIMIZERSPEC']._serialized_end=1532
+  _globals['_SCHEDULESPEC']._serialized_start=1534
+  _globals['_SCHEDULESPEC']._serialized_end=1650
+  _globals['_EARLYSTOPPING']._serialized_start=1652
+  _globals['_EARLYSTOPPING']._serialized_end=1720
+  _globals['_TRAININGOUTPUT']._serialized_start=1722
+  _globals['_TRAININGOUTPUT']._serialized_end=1798
 # @@protoc_insertion_point(module_scope)
