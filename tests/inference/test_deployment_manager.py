@@ -13,7 +13,7 @@ from maas_inference.deployments import DeploymentManager, ServingDefaults
 from maas_inference.store import SqliteDeploymentStore
 from maas_inference.triton.model_repository import ModelRepository
 from maas_runtime import errors
-from maas_runtime.auth import ANONYMOUS_ADMIN
+from maas_runtime.auth import ANONYMOUS_ADMIN, Principal, Role
 from maas_runtime.pagination import PageTokenCodec
 
 VERSION = {
@@ -85,7 +85,7 @@ async def test_restart_during_a_registry_outage_retries_until_it_answers(tmp_pat
             break
         await asyncio.sleep(0.1)
     assert triton.loaded == {"digits.digits.v1"} and registry.calls == 3
-    view = await restarted.get("deployments/digits")
+    view = await restarted.get("deployments/digits", ANONYMOUS_ADMIN)
     assert view["state"] == "DEPLOYMENT_STATE_READY"
     with pytest.raises(errors.NotFound):
         await restarted.predict("deployments/ghost", "", [], [], None, ANONYMOUS_ADMIN)
@@ -111,4 +111,70 @@ async def test_a_model_triton_lost_is_unavailable_not_not_found(tmp_path):
     with pytest.raises(errors.Unavailable) as caught:
         await served.kserve_infer(request, None, ANONYMOUS_ADMIN)
     assert caught.value.reason == "MODEL_NOT_LOADED"
+    await served.close()
+
+
+class TwoModelRegistry(FlakyRegistry):
+    """Resolves any `models/{model}/versions/{n}` to a servable version of that name."""
+
+    async def resolve(self, reference: str) -> dict:
+        return {**VERSION, "name": reference}
+
+
+def scoped(*patterns: str) -> Principal:
+    return Principal("team", Role.EDITOR, patterns)
+
+
+async def test_a_scoped_token_sees_only_deployments_whose_every_model_is_in_scope(tmp_path):
+    served = manager(tmp_path, TwoModelRegistry(), FakeTriton())
+    shadowed = {"model": "models/digits/versions/1",
+                "shadow": {"model_version": "models/secret/versions/1", "percent": 10}}
+    split = {"model": "models/digits/versions/1", "traffic": [
+        {"model_version": "models/digits/versions/1", "percent": 90},
+        {"model_version": "models/secret/versions/2", "percent": 10}]}
+    for deployment_id, fields in [("a-digits", {"model": "models/digits/versions/1"}),
+                                  ("b-secret", {"model": "models/secret/versions/1"}),
+                                  ("c-shadowed", shadowed), ("d-split", split),
+                                  ("e-digits", {"model": "models/digits/versions/2"})]:
+        await served.create(deployment_id, fields, ANONYMOUS_ADMIN)
+    team = scoped("digits")
+
+    assert (await served.get("deployments/a-digits", team))["name"] == "deployments/a-digits"
+    for hidden in ("b-secret", "c-shadowed", "d-split"):  # a canary or shadow target counts
+        with pytest.raises(errors.PermissionDenied) as caught:
+            await served.get(f"deployments/{hidden}", team)
+        assert caught.value.reason == "MODEL_OUT_OF_SCOPE"
+        with pytest.raises(errors.PermissionDenied):
+            served.require_visible(hidden, team)
+    with pytest.raises(errors.NotFound):  # a missing one is NOT_FOUND, as for anyone
+        await served.get("deployments/ghost", team)
+    served.require_visible("e-digits", team)
+
+    visible = [d["name"] for d in await served.visible(team)]
+    assert visible == ["deployments/a-digits", "deployments/e-digits"]
+    assert len(await served.visible(ANONYMOUS_ADMIN)) == 5
+    assert [d["name"] for d in await served.visible(scoped("other"))] == []
+    await served.close()
+
+
+async def test_listing_with_a_scoped_token_fills_every_page_and_ends_exactly(tmp_path):
+    served = manager(tmp_path, TwoModelRegistry(), FakeTriton())
+    for index in range(9):  # digits every third id, secret in between
+        model = "digits" if index % 3 == 0 else "secret"
+        await served.create(f"d{index}", {"model": f"models/{model}/versions/1"},
+                            ANONYMOUS_ADMIN)
+    team = scoped("digit*")
+    pages, token = [], ""
+    while True:
+        items, token = await served.list(2, token, team)
+        pages.append([d["name"] for d in items])
+        if not token:
+            break
+    assert pages == [["deployments/d0", "deployments/d3"], ["deployments/d6"]]
+
+    everything, token = await served.list(9, "", ANONYMOUS_ADMIN)
+    assert len(everything) == 9 and token == ""
+    _, admin_token = await served.list(2, "", ANONYMOUS_ADMIN)
+    with pytest.raises(errors.InvalidArgument):  # a token is bound to the scope it was for
+        await served.list(2, admin_token, team)
     await served.close()

@@ -451,6 +451,29 @@ async def test_scoped_tokens_serve_only_their_models(suite):
                 model="models/digits@prod"))), grpc.StatusCode.PERMISSION_DENIED)
         await expect_error(scoped.Predict(predict_request("deployments/digits", batch(1))),
                            grpc.StatusCode.PERMISSION_DENIED)
+        refused = await expect_error(scoped.GetDeployment(inf.GetDeploymentRequest(
+            name="deployments/digits")), grpc.StatusCode.PERMISSION_DENIED)
+        assert "not scoped to model 'digits'" in refused.details()
+        listed = await scoped.ListDeployments(inf.ListDeploymentsRequest())
+        assert list(listed.deployments) == [] and listed.next_page_token == ""
+        everything = await suite.predict_stub().ListDeployments(inf.ListDeploymentsRequest())
+        assert "deployments/digits" in [d.name for d in everything.deployments]
+    finally:
+        await channel.close()
+
+
+async def test_a_token_scoped_to_the_model_sees_its_deployments(suite):
+    from maas_runtime.auth import Role, add_token
+
+    token = add_token(suite.app.settings.resolved_tokens_file, "digits-team", Role.VIEWER,
+                      ["digits"])
+    channel = open_channel(suite.target, token=token)
+    scoped = inference_service_pb2_grpc.InferenceServiceStub(channel)
+    try:
+        got = await scoped.GetDeployment(inf.GetDeploymentRequest(name="deployments/digits"))
+        assert got.name == "deployments/digits"
+        listed = await scoped.ListDeployments(inf.ListDeploymentsRequest())
+        assert "deployments/digits" in [d.name for d in listed.deployments]
     finally:
         await channel.close()
 

@@ -465,3 +465,19 @@ async def test_scoped_tokens_see_only_their_models_in_events_audit_and_lineage(r
     graph = await scoped.GetLineage(rs.GetLineageRequest(name="models/digits/versions/1"))
     assert [n.name for n in graph.nodes] == ["models/digits/versions/1"]
     assert list(graph.edges) == []
+
+
+async def test_a_scoped_token_reads_neither_versions_nor_aliases_of_other_models(registry):
+    stub = registry.admin
+    for model_id in ("digits", "mnist-a", "secret"):
+        await create_model(stub, model_id)
+    await stub.UploadModelVersion(model_upload_requests("models/secret", mlp_package()))
+    await stub.SetModelAlias(rs.SetModelAliasRequest(name="models/secret/aliases/prod",
+                                                     version="models/secret/versions/1"))
+    scoped = registry.as_role("team", Role.VIEWER, models=["digits", "mnist-*"])
+    for name in ("models/secret/versions/1", "models/secret@prod"):
+        refused = await expect_error(scoped.GetModelVersion(rs.GetModelVersionRequest(name=name)),
+                                     grpc.StatusCode.PERMISSION_DENIED)
+        assert "not scoped to model 'secret'" in refused.details()
+    listed = await scoped.ListModels(rs.ListModelsRequest())
+    assert [m.name for m in listed.models] == ["models/digits", "models/mnist-a"]

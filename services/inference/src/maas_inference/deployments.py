@@ -19,10 +19,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from maas_runtime import errors
+from maas_runtime import errors, scopes
 from maas_runtime.auth import Principal
 from maas_runtime.names import parse_version_name, validate_deployment_id
-from maas_runtime.pagination import PageTokenCodec, clamp_page_size
+from maas_runtime.pagination import PageTokenCodec, clamp_page_size, query_fingerprint
 from maas_runtime.telemetry import trace_metadata
 from tritonclient.grpc import service_pb2
 
@@ -320,19 +320,48 @@ class DeploymentManager:
             await asyncio.to_thread(self._store.put, deployment_id, record)
         return self._view(deployment_id, record)
 
-    async def get(self, name: str) -> dict:
+    async def get(self, name: str, principal: Principal) -> dict:
+        """One deployment; PERMISSION_DENIED (MODEL_OUT_OF_SCOPE) unless the token may see
+        every model it serves, as the registry answers a scoped read."""
         deployment_id = self._parse_name(name, "name")
-        record = await asyncio.to_thread(self._store.get, deployment_id)
+        record = await asyncio.to_thread(self._store.get, deployment_id)  # NOT_FOUND first
+        _require_models(principal, record)
         return self._view(deployment_id, record)
 
-    async def list(self, page_size: int, page_token: str) -> tuple[list[dict], str]:
+    async def list(self, page_size: int, page_token: str,
+                   principal: Principal) -> tuple[list[dict], str]:
+        """A page of the deployments the token may see: full pages, whatever the scope."""
         size = clamp_page_size(page_size)
-        after = self._page_tokens.decode(page_token, "deployments")["after"] if page_token else ""
-        rows = await asyncio.to_thread(self._store.list, after, size + 1)
-        items = [self._view(i, r) for i, r in rows[:size]]
-        if len(rows) <= size:
-            return items, ""
-        return items, self._page_tokens.encode({"after": rows[size - 1][0]}, "deployments")
+        fingerprint = _scope_fingerprint(principal)
+        after = self._page_tokens.decode(page_token, fingerprint)["after"] if page_token else ""
+        items: list[dict] = []
+        last_listed = after
+        while True:
+            rows = await asyncio.to_thread(self._store.list, after, size + 1)
+            for deployment_id, record in rows:
+                after = deployment_id
+                if not scopes.may_see_models(principal, _model_ids(record)):
+                    continue
+                if len(items) == size:  # a visible one beyond this page: there is a next
+                    return items, self._page_tokens.encode({"after": last_listed}, fingerprint)
+                items.append(self._view(deployment_id, record))
+                last_listed = deployment_id
+            if len(rows) <= size:
+                return items, ""
+
+    async def visible(self, principal: Principal) -> list[dict]:
+        """Every deployment the token may see (in id order), for KServe RepositoryIndex."""
+        items, after = [], ""
+        while rows := await asyncio.to_thread(self._store.list, after, 100):
+            after = rows[-1][0]
+            items += [self._view(deployment_id, record) for deployment_id, record in rows
+                      if scopes.may_see_models(principal, _model_ids(record))]
+        return items
+
+    def require_visible(self, deployment_id: str, principal: Principal) -> None:
+        """NOT_FOUND unless the deployment exists; PERMISSION_DENIED (MODEL_OUT_OF_SCOPE)
+        unless the token may see every model it serves (KServe ModelConfig, statistics)."""
+        _require_models(principal, self._store.get(deployment_id))
 
     async def update(self, fields: dict, update_mask: Sequence[str],
                      principal: Principal) -> dict:
@@ -497,8 +526,7 @@ class DeploymentManager:
                       timeout: float | None, principal: Principal) -> Prediction:
         deployment_id = self._parse_name(deployment, "deployment")
         live = self._route(deployment_id)
-        if principal.model_scopes:
-            _require_route_models(principal, live.route)
+        _require_route_models(principal, live.route)
         self._require_triton()
         request_id = request_id or uuid.uuid4().hex
         target = live.route.pick(request_id)
@@ -541,8 +569,7 @@ class DeploymentManager:
         """
         deployment_id = request.model_name
         live = self._route(deployment_id)
-        if principal.model_scopes:
-            _require_route_models(principal, live.route)
+        _require_route_models(principal, live.route)
         self._require_triton()
         request_id = request.id or uuid.uuid4().hex
         target = live.route.pick(request_id)
@@ -606,8 +633,7 @@ class DeploymentManager:
 
     def metadata(self, deployment_id: str, principal: Principal) -> tuple[ServedModel, list[str]]:
         live = self._route(deployment_id)
-        if principal.model_scopes:
-            _require_route_models(principal, live.route)
+        _require_route_models(principal, live.route)
         return live.route.targets[0][0], [m.version for m, _ in live.route.targets]
 
     def is_ready(self, deployment_id: str) -> bool:
@@ -635,21 +661,27 @@ class DeploymentManager:
 
 
 def _model_ids(spec: dict) -> set[str]:
+    """Every model a deployment serves: its model, its traffic split and its shadow."""
     references = [spec["model"], *(t["model_version"] for t in spec.get("traffic") or [])]
     if spec.get("shadow"):
         references.append(spec["shadow"]["model_version"])
-    return {reference.split("/")[1].split("@")[0] for reference in references if reference}
+    return {scopes.model_id_of(reference) or reference for reference in references if reference}
 
 
 def _require_models(principal: Principal, spec: dict) -> None:
-    """A scoped token may only deploy, change or delete what serves its own models."""
-    for model_id in sorted(_model_ids(spec)):
-        principal.require_model(model_id)
+    """A scoped token may only see, deploy, change or delete what serves only its models."""
+    scopes.require_models(principal, _model_ids(spec))
 
 
 def _require_route_models(principal: Principal, route: Route) -> None:
-    for model in {m for m, _ in route.targets}:
-        principal.require_model(model.version.split("/")[1])
+    # A generator: an unscoped token (the hot path) never builds the set.
+    scopes.require_models(principal, (m.version.split("/")[1] for m, _ in route.targets))
+
+
+def _scope_fingerprint(principal: Principal) -> str:
+    """A page token is only good for the scope it was issued under (its cursor is the last
+    id looked at, which may be a deployment this token cannot see)."""
+    return query_fingerprint("deployments", *sorted(principal.model_scopes))
 
 
 _NUMPY_TYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT64": np.int64,

@@ -31,10 +31,12 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         return to_message(deployment, deployment_pb2.Deployment)
 
     async def GetDeployment(self, request, context):
-        return to_message(await self._manager.get(request.name), deployment_pb2.Deployment)
+        deployment = await self._manager.get(request.name, current_principal())
+        return to_message(deployment, deployment_pb2.Deployment)
 
     async def ListDeployments(self, request, context):
-        items, token = await self._manager.list(request.page_size, request.page_token)
+        items, token = await self._manager.list(request.page_size, request.page_token,
+                                               current_principal())
         return inference_service_pb2.ListDeploymentsResponse(
             deployments=[to_message(d, deployment_pb2.Deployment) for d in items],
             next_page_token=token)

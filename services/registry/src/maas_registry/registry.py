@@ -16,7 +16,7 @@ import re
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 
-from maas_runtime import errors
+from maas_runtime import errors, scopes
 from maas_runtime.auth import Principal, Role
 from maas_runtime.filtering import FilterSchema, MapField, ScalarField, ValueKind, parse_filter
 from maas_runtime.names import parse_parent, parse_version_name, validate_alias, validate_id
@@ -136,7 +136,7 @@ class Registry:
         result = await self._run(
             self._list, lambda size, cursor: self._store.list_models(expr, size, cursor),
             page_size, page_token, f"models|{filter_text}")
-        return _scoped(result, principal, lambda m: m["name"].split("/")[1])
+        return _scoped(result, principal)
 
     async def update_model(self, fields: dict, update_mask: list[str],
                            principal: Principal) -> dict:
@@ -472,7 +472,7 @@ class Registry:
             operation = (lineage.get(node) or {}).get("operation") or {}
             nodes.append({"name": node, "operation": operation.get("kind", ""),
                           "job": operation.get("job", "")})
-        visible = {n["name"] for n in nodes if _in_scope(principal, n["name"])}
+        visible = {n["name"] for n in nodes if scopes.may_see_resource(principal, n["name"])}
         return {"root": root, "nodes": [n for n in nodes if n["name"] in visible],
                 "edges": [{"parent": p, "child": c} for p, c in edges
                           if p in visible and c in visible]}
@@ -484,7 +484,8 @@ class Registry:
             self._list, lambda size, cursor: self._store.list_audit_events(expr, size, cursor),
             page_size or 100, page_token, f"audit|{filter_text}")
         # A scoped token sees only its models' records (pages may then come back shorter).
-        return ListResult([e for e in result.items if _in_scope(principal, e["resource"])],
+        return ListResult([e for e in result.items
+                           if scopes.may_see_resource(principal, e["resource"])],
                           result.next_page_token)
 
     async def watch_events(self, after_event_id: int, resource_prefix: str,
@@ -499,7 +500,7 @@ class Registry:
             for event in batch:
                 cursor = event["event_id"]
                 if event["resource"].startswith(resource_prefix) and (
-                        not wanted or event["type"] in wanted) and _in_scope(
+                        not wanted or event["type"] in wanted) and scopes.may_see_resource(
                             principal, event["resource"]):
                     yield event
             if len(batch) == 500:
@@ -633,16 +634,8 @@ def _masked_changes(fields: dict, update_mask: list[str], allowed: frozenset[str
     return changes
 
 
-def _in_scope(principal: Principal, resource: str) -> bool:
-    """Whether a scoped token may see `resource` (datasets and audit-only names are shared)."""
-    if not principal.model_scopes or not resource.startswith("models/"):
-        return True
-    model_id = resource.split("/")[1].split("@")[0]
-    return principal.may_access_model(model_id)
-
-
-def _scoped(result: ListResult, principal: Principal, model_id_of) -> ListResult:
-    if not principal.model_scopes:
-        return result
-    return ListResult([m for m in result.items if principal.may_access_model(model_id_of(m))],
+def _scoped(result: ListResult, principal: Principal) -> ListResult:
+    """Only the items in the token's model scope (pages may then come back shorter)."""
+    return ListResult(scopes.visible(principal, result.items,
+                                     lambda item: [scopes.model_id_of(item["name"])]),
                       result.next_page_token)

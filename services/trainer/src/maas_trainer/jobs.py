@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 
 from maas_jobs.manager import JobListing, JobManager
 from maas_jobs.records import JobDraft, JobEvent, JobRecord
+from maas_runtime import scopes
 from maas_runtime.auth import Principal, Role
 from maas_runtime.errors import FailedPrecondition, FieldViolation, NotFound, ResourceRef
 from maas_runtime.names import parse_parent, validate_id
@@ -48,7 +49,7 @@ class TrainingJobs:
     async def create(self, job_id: str, spec_fields: dict, principal: Principal) -> JobRecord:
         job_id = validate_id(job_id, JOB_ID_FIELD) if job_id else f"train-{uuid.uuid4().hex[:12]}"
         spec = parse_training_spec(spec_fields, default_tenant=tenant_of(principal))
-        principal.require_model(spec.output.model_id)
+        scopes.require_models(principal, [spec.output.model_id])
         if spec.resources.tenant != tenant_of(principal):
             # Fair share is per tenant: only an admin may account work to another team.
             principal.require(Role.ADMIN, "submit jobs for another tenant")
@@ -80,11 +81,9 @@ class TrainingJobs:
     async def list(self, filter_text: str, page_size: int, page_token: str,
                    principal: Principal) -> JobListing:
         listing = await self._manager.list(filter_text, page_size, page_token)
-        if not principal.model_scopes:
-            return listing
         # A scoped token sees only jobs that train its models (pages may come back shorter).
-        return dataclasses.replace(listing, items=[
-            job for job in listing.items if principal.may_access_model(_model_of(job))])
+        return dataclasses.replace(listing, items=scopes.visible(
+            principal, listing.items, lambda job: [_model_of(job)]))
 
     async def cancel(self, name: str, principal: Principal) -> JobRecord:
         job_id = job_id_from_name(name)
@@ -111,6 +110,5 @@ def _model_of(job: JobRecord) -> str:
 
 def _in_scope(principal: Principal, job: JobRecord) -> JobRecord:
     """A token scoped to some models may only see and touch jobs that train them."""
-    if principal.model_scopes:
-        principal.require_model(_model_of(job))
+    scopes.require_models(principal, [_model_of(job)])
     return job
