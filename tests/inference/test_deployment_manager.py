@@ -38,7 +38,7 @@ class FlakyRegistry:
             raise errors.Unavailable("registry is down")
         return VERSION
 
-    async def download(self, version: dict, destination) -> None:
+    async def download_model_version(self, version: dict, destination) -> None:
         destination.write_bytes(b"abc")
 
     async def alias_changes(self):

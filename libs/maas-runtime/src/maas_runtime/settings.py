@@ -43,6 +43,27 @@ class ServiceSettings(BaseSettings):
     tls_client_ca_file: Path | None = None
     """PEM CA bundle; when set, clients must present a certificate signed by it (mTLS)."""
 
+    peer_tls: bool = False
+    """Dial other services (the registry, a remote Triton) over TLS; implied by any
+    `peer_tls_*` file. Trusts `peer_tls_ca_file`, or the system roots when that is empty."""
+
+    peer_tls_ca_file: Path | None = None
+    """PEM CA bundle this service trusts when it dials another service over TLS."""
+
+    peer_tls_cert_file: Path | None = None
+    """PEM client certificate chain this service presents to peers that require mTLS."""
+
+    peer_tls_key_file: Path | None = None
+    """PEM private key of `peer_tls_cert_file`."""
+
+    peer_tls_server_name: str = ""
+    """Name expected in the peers' certificates when it differs from the host dialled
+    (e.g. dialling a pod IP whose certificate names the Service)."""
+
+    registry_timeout_seconds: float = Field(default=120.0, gt=0)
+    """Deadline of each registry call this service makes (a whole download or upload is one
+    call)."""
+
     max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     """Largest single gRPC message accepted or sent; larger ones fail RESOURCE_EXHAUSTED."""
 
@@ -86,6 +107,11 @@ class ServiceSettings(BaseSettings):
     @property
     def tls_enabled(self) -> bool:
         return self.tls_cert_file is not None and self.tls_key_file is not None
+
+    @property
+    def peer_tls_enabled(self) -> bool:
+        return self.peer_tls or any(path is not None for path in (
+            self.peer_tls_ca_file, self.peer_tls_cert_file, self.peer_tls_key_file))
 
     def grpc_message_options(self) -> list[tuple[str, int]]:
         return [

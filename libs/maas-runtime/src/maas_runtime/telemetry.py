@@ -7,6 +7,8 @@ through each hop: client span → server span → downstream client span → Tri
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from opentelemetry import context as otel_context, propagate, trace
@@ -107,6 +109,30 @@ def trace_metadata() -> tuple[tuple[str, str], ...] | None:
     carrier: dict[str, str] = {}
     W3C_PROPAGATOR.inject(carrier)
     return tuple(carrier.items())
+
+
+def current_trace_carrier() -> dict[str, str]:
+    """The current W3C trace context as a plain dict (empty when nothing is sampled), to be
+    stored with work that outlives the request, e.g. a job published long after its Create."""
+    if not trace.get_current_span().get_span_context().trace_flags.sampled:
+        return {}
+    carrier: dict[str, str] = {}
+    W3C_PROPAGATOR.inject(carrier)
+    return carrier
+
+
+@contextlib.contextmanager
+def continued_trace(carrier: dict[str, str] | None) -> Iterator[None]:
+    """Run the block inside the trace `carrier` came from (see `current_trace_carrier`), so
+    calls it makes are children of the request that started the work."""
+    if not carrier:
+        yield
+        return
+    token = otel_context.attach(W3C_PROPAGATOR.extract(carrier))
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
 
 
 class TraceContextInterceptor(WrappingInterceptor):

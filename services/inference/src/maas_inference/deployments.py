@@ -23,6 +23,7 @@ from maas_runtime import errors, scopes
 from maas_runtime.auth import Principal
 from maas_runtime.names import parse_version_name, validate_deployment_id
 from maas_runtime.pagination import PageTokenCodec, clamp_page_size, query_fingerprint
+from maas_runtime.registry_client import RegistryClient
 from maas_runtime.telemetry import trace_metadata
 from tritonclient.grpc import service_pb2
 
@@ -108,7 +109,7 @@ def triton_model_name(deployment_id: str, version_name: str) -> str:
 class DeploymentManager:
     """Use cases of the inference service, one method per RPC, plus reloads and alias tracking."""
 
-    def __init__(self, store: DeploymentStore, registry: RegistryReader, triton,
+    def __init__(self, store: DeploymentStore, registry: RegistryClient, triton,
                  repository: ModelRepository, artifact_dir: Path, defaults: ServingDefaults,
                  triton_ready: Callable[[], bool], page_tokens: PageTokenCodec, meter=None,
                  on_routes_changed: Callable[[], Awaitable[None]] | None = None):
@@ -227,13 +228,13 @@ class DeploymentManager:
         artifact = self._artifacts / version["artifact"]["sha256"]
         async with self._download_locks.setdefault(artifact.name, asyncio.Lock()):
             if not artifact.exists():
-                await self._registry.download(version, artifact)
+                await self._registry.download_model_version(version, artifact)
         spec = TritonModelSpec(
             name=name, artifact_format=ArtifactFormat(format_name),
-            inputs=tuple(TensorSpec(t["name"], t["datatype"].removeprefix("DATA_TYPE_"),
+            inputs=tuple(TensorSpec(t["name"], t["datatype"].removeprefix(contract_enums.DATA_TYPE_PREFIX),
                                     tuple(int(d) for d in t.get("shape", [])))
                          for t in signature["inputs"]),
-            outputs=tuple(TensorSpec(t["name"], t["datatype"].removeprefix("DATA_TYPE_"),
+            outputs=tuple(TensorSpec(t["name"], t["datatype"].removeprefix(contract_enums.DATA_TYPE_PREFIX),
                                      tuple(int(d) for d in t.get("shape", [])))
                           for t in signature["outputs"]),
             batching=BatchingPolicy(

@@ -8,10 +8,10 @@ import logging
 from pathlib import Path
 
 from maas.inference.v1 import inference_service_pb2_grpc
-from maas.registry.v1 import registry_service_pb2_grpc
-from maas_runtime.client import client_interceptors, open_channel
-from maas_runtime.discovery import DiscoveredChannel, discovery_from_settings
+from maas_runtime.discovery import discovery_from_settings
 from maas_runtime.pagination import PageTokenCodec
+from maas_runtime.peers import PeerChannel
+from maas_runtime.registry_client import RegistryClient
 from maas_runtime.server import ServiceBinding, ServiceServer, run_service
 from maas_runtime.telemetry import Telemetry
 
@@ -22,7 +22,7 @@ from maas_inference.dataplane import (
     route_table,
 )
 from maas_inference.deployments import DeploymentManager, ServingDefaults
-from maas_inference.registry_reader import RegistryReader
+from maas_inference.kserve import KServeViews
 from maas_inference.servicer import (
     KSERVE_ROLES,
     KSERVE_SERVICE,
@@ -47,10 +47,10 @@ SERVICE_NAME = "maas.inference.v1.InferenceService"
 
 
 class InferenceApp:
-    """Owns the long-lived parts: Triton supervision, the registry channel, the manager."""
+    """Owns the long-lived parts: Triton supervision, the registry client, the manager."""
 
     def __init__(self, settings: InferenceSettings, telemetry: Telemetry | None = None,
-                 registry_channel=None, discovery=None):
+                 discovery=None):
         self.settings = settings
         self.telemetry = telemetry
         state = settings.state_dir
@@ -64,10 +64,12 @@ class InferenceApp:
         self.supervisor = TritonSupervisor(triton_server, on_restart=self._on_triton_restart,
                                            on_health_change=self._on_health_change)
         self.server: ServiceServer | None = None
-        self._registry_channel = registry_channel
-        self._owns_registry_channel = registry_channel is None
-        self._discovery = discovery
-        self._discovered = None
+        # Round-robin over every healthy registry replica when no target is set (Consul or
+        # static discovery), following changes.
+        self.registry = RegistryClient(
+            PeerChannel.from_settings(settings, "registry", target=settings.registry_target,
+                                      discovery=discovery, telemetry=telemetry),
+            timeout_seconds=settings.registry_timeout_seconds)
         self.data_plane = NativeDataPlane(
             find_binary(settings.data_plane_binary), host=settings.host, port=settings.port,
             triton_target=lambda: self.supervisor.server.grpc_url, table=self._route_table,
@@ -108,31 +110,21 @@ class InferenceApp:
     async def _on_triton_restart(self) -> None:
         await self.manager.reload_all()
 
-    async def _registry_stub(self):
-        """A stub to the registry: the injected channel, `registry_target`, or discovery."""
-        if self._registry_channel is not None:
-            return registry_service_pb2_grpc.RegistryServiceStub(self._registry_channel)
-        token_file = self.settings.resolved_client_token_file
-        token = token_file.read_text().strip() if token_file.exists() else None
-        if self.settings.registry_target:
-            self._registry_channel = open_channel(self.settings.registry_target, token=token,
-                                                  telemetry=self.telemetry)
-            return registry_service_pb2_grpc.RegistryServiceStub(self._registry_channel)
-        # Round-robin over every healthy registry replica, following changes (Consul or static).
-        self._discovered = DiscoveredChannel(self._discovery, "registry",
-                                             interceptors=client_interceptors(token,
-                                                                              self.telemetry))
-        await self._discovered.start()
-        return self._discovered.stub(registry_service_pb2_grpc.RegistryServiceStub)
-
     async def start(self) -> None:
         await self.supervisor.start()
-        self.triton = TritonClient(self.supervisor.server.grpc_url)
+        # Client spans on the data path only when they are exported; otherwise the raw
+        # `traceparent` the gateway forwards (trace_metadata) carries the caller's trace
+        # into Triton at no cost.
+        self.triton = TritonClient(
+            self.supervisor.server.grpc_url,
+            interceptors=(self.telemetry.client_interceptors()
+                          if self.telemetry is not None and self.telemetry.exporting else ()))
+        await self.registry.open()
         meter = self.telemetry.meter("maas.inference") if self.telemetry else None
         self.store = SqliteDeploymentStore(self.settings.state_dir / "deployments.db")
         self.manager = DeploymentManager(
             self.store,
-            RegistryReader(await self._registry_stub()), self.triton,
+            self.registry, self.triton,
             ModelRepository(self.supervisor.server.model_repository),
             self.settings.state_dir / "artifacts",
             ServingDefaults(max_batch_size=self.settings.default_max_batch_size,
@@ -164,24 +156,22 @@ class InferenceApp:
         if self.triton is not None:
             await self.triton.close()
         await self.supervisor.stop()
-        if self._owns_registry_channel and self._registry_channel is not None:
-            await self._registry_channel.close()
-        if self._discovered is not None:
-            await self._discovered.close()
+        await self.registry.close()
 
 
 def build_server(settings: InferenceSettings, telemetry: Telemetry | None = None,
-                 discovery=None, registry_channel=None) -> tuple[ServiceServer, InferenceApp]:
-    if registry_channel is None and not settings.registry_target and discovery is None:
+                 discovery=None) -> tuple[ServiceServer, InferenceApp]:
+    if not settings.registry_target and discovery is None:
         discovery = discovery_from_settings(settings)
-    app = InferenceApp(settings, telemetry, registry_channel, discovery)
+    app = InferenceApp(settings, telemetry, discovery)
 
     def add_inference(server):
         inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(
             InferenceServicer(app.manager), server)
 
     def add_kserve(server):
-        add_kserve_to_server(KServeServicer(app.manager, app.triton_ready), server)
+        views = KServeViews(app.manager, lambda: app.triton)
+        add_kserve_to_server(KServeServicer(app.manager, views, app.triton_ready), server)
 
     server = ServiceServer(
         "inference", settings,

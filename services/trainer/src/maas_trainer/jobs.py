@@ -19,10 +19,11 @@ from maas_runtime import scopes
 from maas_runtime.auth import Principal, Role
 from maas_runtime.errors import FailedPrecondition, FieldViolation, NotFound, ResourceRef
 from maas_runtime.names import parse_parent, validate_id
+from maas_runtime.registry_client import RegistryClient
+from maas_runtime.telemetry import current_trace_carrier
 
 from maas_trainer.datasets import BUILTIN_DATASETS, DatasetFacts, facts_from_dataset_version
 from maas_trainer.plan import TrainingPlan
-from maas_trainer.registry_gateway import RegistryGateway
 from maas_trainer.spec import TrainingSpec, field_path, parse_training_spec
 from maas_trainer.validation import (
     check_against_dataset,
@@ -42,7 +43,7 @@ def job_id_from_name(name: str, field: str = "name") -> str:
 class TrainingJobs:
     """The trainer's domain facade over the job manager and the registry."""
 
-    def __init__(self, manager: JobManager, registry: RegistryGateway):
+    def __init__(self, manager: JobManager, registry: RegistryClient):
         self._manager = manager
         self._registry = registry
 
@@ -57,7 +58,7 @@ class TrainingJobs:
         facts = await self._dataset_facts(spec)
         check_against_dataset(spec, facts)
         await asyncio.to_thread(check_architecture_reads_dataset, spec, facts)
-        draft = JobDraft(job_id=job_id, spec=TrainingPlan(spec, facts).to_dict(),
+        draft = JobDraft(job_id=job_id, spec=TrainingPlan(spec, facts, current_trace_carrier()).to_dict(),
                          tenant=spec.resources.tenant, creator=principal.name,
                          workers=spec.resources.workers, priority=spec.resources.priority)
         return await self._manager.submit(draft)

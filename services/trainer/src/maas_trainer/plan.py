@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +41,21 @@ class TrainingPlan:
 
     spec: TrainingSpec
     dataset: DatasetFacts
+    trace_context: dict[str, str] = field(default_factory=dict)
+    """W3C trace context of the request that created the job (empty when not traced), so
+    staging and publishing continue the creator's trace."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"training": self.spec.to_dict(), "dataset": self.dataset.to_dict()}
+        document = {"training": self.spec.to_dict(), "dataset": self.dataset.to_dict()}
+        if self.trace_context:
+            document["trace_context"] = dict(self.trace_context)
+        return document
 
     @classmethod
     def from_dict(cls, document: dict[str, Any]) -> TrainingPlan:
         return cls(TrainingSpec.from_dict(document["training"]),
-                   DatasetFacts.from_dict(document["dataset"]))
+                   DatasetFacts.from_dict(document["dataset"]),
+                   dict(document.get("trace_context", {})))
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ from maas_jobs.executor import LaunchSpec
 from maas_jobs.manager import JobRunner
 from maas_jobs.records import JobRecord
 from maas_runtime.errors import DeadlineExceeded, FailedPrecondition, Internal, Unavailable
+from maas_runtime.registry_client import ModelPublication, RegistryClient
+from maas_runtime.telemetry import continued_trace
 
 from maas_trainer.datasets import DatasetFacts, write_builtin_dataset
 from maas_trainer.plan import (
@@ -32,7 +34,6 @@ from maas_trainer.plan import (
     RunResult,
     TrainingPlan,
 )
-from maas_trainer.registry_gateway import ModelPublication, RegistryGateway
 
 JOB_PROCESS_MODULE = "maas_trainer.job_process"
 # Publishing outlasts about five minutes of registry outage (a restart, a failover) before a
@@ -40,6 +41,8 @@ JOB_PROCESS_MODULE = "maas_trainer.job_process"
 PUBLISH_ATTEMPTS = 25
 PUBLISH_RETRY_SECONDS = 2.0
 PUBLISH_RETRY_MAX_SECONDS = 15.0
+TRAINING_JOB_LABEL = "training_job"
+"""Label on every version the trainer registers: the id of the job that produced it."""
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,7 @@ def training_lineage(plan: TrainingPlan, job_name: str) -> dict[str, Any]:
 class TrainingJobRunner(JobRunner):
     """The trainer's `JobRunner`."""
 
-    def __init__(self, registry: RegistryGateway, config: RunnerConfig):
+    def __init__(self, registry: RegistryClient, config: RunnerConfig):
         self._registry = registry
         self._config = config
 
@@ -104,7 +107,8 @@ class TrainingJobRunner(JobRunner):
         await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True)
         if await asyncio.to_thread(RunResult.read, workdir) is not None:
             return None  # trained before a restart; only publishing is left
-        await self._stage_dataset(plan.dataset, workdir / plan.dataset.staged_filename)
+        with continued_trace(plan.trace_context):
+            await self._stage_dataset(plan.dataset, workdir / plan.dataset.staged_filename)
         await asyncio.to_thread(
             RunConfig(self._job_name(job), plan, self._config.torch_threads).write, workdir)
         return LaunchSpec(
@@ -118,7 +122,9 @@ class TrainingJobRunner(JobRunner):
         if facts.registry_version is None:
             await asyncio.to_thread(write_builtin_dataset, facts.source, destination)
         else:
-            await self._registry.download_dataset_version(facts.source, facts.sha256, destination)
+            await self._registry.download_dataset_version(
+                facts.source, destination, sha256=facts.sha256,
+                size_bytes=facts.size_bytes or None)
 
     async def complete(self, job: JobRecord, workdir: Path) -> dict[str, Any]:
         plan = TrainingPlan.from_dict(job.spec)
@@ -135,14 +141,16 @@ class TrainingJobRunner(JobRunner):
                 metadata={"test_accuracy": f"{test_accuracy:.6f}",
                           "min_test_accuracy": f"{output.min_test_accuracy:.6f}"})
         publication = ModelPublication(
-            model_id=output.model_id, package_path=workdir / PACKAGE_FILENAME, job_id=job.job_id,
+            model_id=output.model_id, package_path=workdir / PACKAGE_FILENAME,
+            job_label=(TRAINING_JOB_LABEL, job.job_id),
             metrics=result.metrics, lineage=training_lineage(plan, self._job_name(job)),
             alias=output.alias,
             description=f"Trained by {self._job_name(job)}: {plan.spec.architecture.kind} on "
                         f"{plan.spec.data.dataset}, {result.epochs_completed} epochs.")
         for attempt in range(1, PUBLISH_ATTEMPTS + 1):
             try:
-                return {"model_version": await self._registry.publish(publication)}
+                with continued_trace(plan.trace_context):
+                    return {"model_version": await self._registry.publish(publication)}
             except (Unavailable, DeadlineExceeded):
                 # A registry restart must not throw away a finished training run; publishing
                 # is idempotent, so trying again cannot register the model twice.

@@ -29,9 +29,6 @@ class TrainerSettings(ServiceSettings):
     registry_target: str = ""
     """host:port of the registry; when empty it is found through discovery ("registry")."""
 
-    registry_timeout_seconds: float = Field(default=120.0, gt=0)
-    """Deadline of each registry call (a download or upload is one call)."""
-
     python_executable: str = sys.executable
     """Interpreter that runs job processes (it must have maas-trainer installed)."""
 

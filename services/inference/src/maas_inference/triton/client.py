@@ -208,9 +208,14 @@ class TritonClient:
         *,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         control_timeout_seconds: float = 300.0,
+        control_key: str = "",
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     ) -> None:
+        """`interceptors` wrap the data path's calls (client spans when traces are exported)."""
         self.grpc_url = grpc_url
         self._control_timeout_seconds = control_timeout_seconds
+        # Load/unload are Triton's restricted model-repository protocol (`lockdown`).
+        self._control_headers = control_headers(control_key)
         channel_options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -219,7 +224,8 @@ class TritonClient:
         self._control = InferenceServerClient(grpc_url, channel_args=channel_options)
         # Own channel for the data path, so bulk inference and control calls do not share
         # one HTTP/2 connection's flow control.
-        self._channel = grpc.aio.insecure_channel(grpc_url, options=channel_options)
+        self._channel = grpc.aio.insecure_channel(grpc_url, options=channel_options,
+                                                  interceptors=list(interceptors) or None)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._infer_serialized = self._channel.unary_unary(MODEL_INFER_METHOD)
 
