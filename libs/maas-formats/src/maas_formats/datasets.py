@@ -20,7 +20,7 @@ import re
 import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import IO
 
 import numpy as np
 from maas_runtime.errors import InvalidArgument, ViolationCollector
@@ -224,7 +224,7 @@ def _npy_chunks(
         ) from None
 
 
-def _skip_npy_header(stream: BinaryIO) -> None:
+def _skip_npy_header(stream: IO[bytes]) -> None:
     version = np.lib.format.read_magic(stream)
     if version == (1, 0):
         np.lib.format.read_array_header_1_0(stream)

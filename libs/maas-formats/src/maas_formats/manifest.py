@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
 
 from maas_runtime.errors import FieldViolation, InvalidArgument
 from pydantic import (
@@ -27,7 +27,7 @@ from pydantic import (
 
 from maas_formats.safetensors_header import SAFETENSORS_DTYPE_BITS
 
-MANIFEST_FORMAT_VERSION = 1
+MANIFEST_FORMAT_VERSION: Final = 1
 
 # The KServe v2 datatype names, as in maas.common.v1.DataType without the DATA_TYPE_ prefix.
 KServeDatatype = Literal[
@@ -46,7 +46,10 @@ KServeDatatype = Literal[
     "BF16",
     "BYTES",
 ]
-SafetensorsDtype = Literal[tuple(SAFETENSORS_DTYPE_BITS)]
+if TYPE_CHECKING:  # the literal is built from the table, which a type checker cannot follow
+    SafetensorsDtype = str
+else:
+    SafetensorsDtype = Literal[tuple(SAFETENSORS_DTYPE_BITS)]
 
 NonEmptyText = Annotated[str, StringConstraints(min_length=1)]
 

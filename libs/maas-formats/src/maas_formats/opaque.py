@@ -195,9 +195,10 @@ def _walk_top_level_fields(stream: BinaryIO, file_size: int) -> set[int]:
         elif wire_type == 1:
             payload_length = 8
         elif wire_type == 2:
-            payload_length = _read_varint(stream)
-            if payload_length is None:
+            declared_length = _read_varint(stream)
+            if declared_length is None:
                 raise EOFError(f"file ends inside field {field_number}")
+            payload_length = declared_length
         elif wire_type == 5:
             payload_length = 4
         else:

@@ -17,7 +17,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 from maas_runtime.errors import InvalidArgument
 
@@ -90,7 +90,7 @@ class SafetensorsHeader:
 
 
 def read_safetensors_header(
-    source: str | os.PathLike[str] | BinaryIO,
+    source: str | os.PathLike[str] | IO[bytes],
     *,
     size: int | None = None,
     field_path: str = "artifact",
@@ -129,14 +129,14 @@ class _Complaint:
         return InvalidArgument.for_field(self.field_path, f"{self.label}: {description}")
 
 
-def _remaining_size(stream: BinaryIO) -> int:
+def _remaining_size(stream: IO[bytes]) -> int:
     start = stream.tell()
     end = stream.seek(0, os.SEEK_END)
     stream.seek(start)
     return end - start
 
 
-def _read_exactly(stream: BinaryIO, length: int) -> bytes:
+def _read_exactly(stream: IO[bytes], length: int) -> bytes:
     # File objects may return short reads (pipes, zip members); loop until done or EOF.
     chunks = []
     remaining = length
@@ -149,7 +149,7 @@ def _read_exactly(stream: BinaryIO, length: int) -> bytes:
     return b"".join(chunks)
 
 
-def _parse_header(stream: BinaryIO, size: int, complaint: _Complaint) -> SafetensorsHeader:
+def _parse_header(stream: IO[bytes], size: int, complaint: _Complaint) -> SafetensorsHeader:
     if size < HEADER_LENGTH_BYTES:
         raise complaint(
             f"file is {size} bytes, too short for the {HEADER_LENGTH_BYTES}-byte header length"

@@ -72,7 +72,10 @@ class JobProcess:
 
     def __init__(self, process: asyncio.subprocess.Process, launch: LaunchSpec,
                  max_plain_log_lines: int) -> None:
+        if process.stdout is None or process.stderr is None:
+            raise ValueError("a job process is started with piped stdout and stderr")
         self._process = process
+        self._stdout, self._stderr = process.stdout, process.stderr
         self._launch = launch
         self._plain_lines_left = max_plain_log_lines
         self._reported_error: JobError | None = None
@@ -99,8 +102,8 @@ class JobProcess:
         """Forward progress until the process exits; then reap what is left of its group."""
         with self._launch.log_path.open("a", encoding="utf-8", errors="replace") as log_file:
             await asyncio.gather(
-                self._forward(self._process.stdout, sink, log_file, LogLevel.INFO),
-                self._forward(self._process.stderr, sink, log_file, LogLevel.WARNING))
+                self._forward(self._stdout, sink, log_file, LogLevel.INFO),
+                self._forward(self._stderr, sink, log_file, LogLevel.WARNING))
         returncode = await self._process.wait()
         self._kill_group(signal.SIGKILL)  # helpers the job left behind
         return ProcessOutcome(returncode, self._reported_error, self.stopped)

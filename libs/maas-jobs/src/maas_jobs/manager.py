@@ -305,10 +305,13 @@ class JobManager:
             self._wake.set()
 
     async def _schedule_forever(self) -> None:
+        wake = self._wake
+        if wake is None:
+            raise RuntimeError("the scheduler runs only after start()")
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.config.schedule_interval_seconds)
-            self._wake.clear()
+                await asyncio.wait_for(wake.wait(), self.config.schedule_interval_seconds)
+            wake.clear()
             try:
                 await self._schedule_once()
             except Exception:

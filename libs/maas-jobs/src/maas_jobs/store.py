@@ -9,12 +9,13 @@ a job's completion is decided by whichever commits first, never by both.
 from __future__ import annotations
 
 import abc
+import builtins
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from maas_runtime.errors import AlreadyExists, InvalidArgument, NotFound
 from maas_runtime.filtering import (
@@ -41,7 +42,7 @@ from maas_jobs.records import (
 )
 
 JOB_FILTER_SCHEMA = FilterSchema([
-    ScalarField("state", ValueKind.ENUM, {state.value for state in JobState}),
+    ScalarField("state", ValueKind.ENUM, frozenset(state.value for state in JobState)),
     ScalarField("tenant", ValueKind.STRING),
     ScalarField("creator", ValueKind.STRING),
     ScalarField("create_time", ValueKind.TIMESTAMP),
@@ -53,6 +54,10 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+@overload
+def _aware(value: datetime) -> datetime: ...
+@overload
+def _aware(value: None) -> None: ...
 def _aware(value: datetime | None) -> datetime | None:
     # SQLite hands back naive datetimes; they were stored as UTC.
     if value is not None and value.tzinfo is None:
@@ -84,7 +89,7 @@ class JobStore(abc.ABC):
              cursor: dict | None) -> JobPage: ...
 
     @abc.abstractmethod
-    def in_states(self, states: Iterable[JobState]) -> list[JobRecord]:
+    def in_states(self, states: Iterable[JobState]) -> builtins.list[JobRecord]:
         """Jobs in any of `states`, oldest submission first."""
 
     @abc.abstractmethod
@@ -114,7 +119,7 @@ class JobStore(abc.ABC):
     def set_process(self, job_id: str, process_id: int | None) -> None: ...
 
     @abc.abstractmethod
-    def events_after(self, job_id: str, after_sequence: int, limit: int) -> list[JobEvent]: ...
+    def events_after(self, job_id: str, after_sequence: int, limit: int) -> builtins.list[JobEvent]: ...
 
     @abc.abstractmethod
     def tenant_last_start_times(self) -> dict[str, datetime]:
@@ -258,7 +263,7 @@ class SqlJobStore(JobStore):
         next_cursor = {"before_pk": rows[-1].pk} if has_more else None
         return JobPage([self._record(row) for row in rows], next_cursor)
 
-    def in_states(self, states: Iterable[JobState]) -> list[JobRecord]:
+    def in_states(self, states: Iterable[JobState]) -> builtins.list[JobRecord]:
         names = [state.value for state in states]
         with self._read() as connection:
             rows = connection.execute(
@@ -322,7 +327,7 @@ class SqlJobStore(JobStore):
             connection.execute(update(t.jobs).where(t.jobs.c.job_id == job_id)
                                .values(process_id=process_id))
 
-    def events_after(self, job_id: str, after_sequence: int, limit: int) -> list[JobEvent]:
+    def events_after(self, job_id: str, after_sequence: int, limit: int) -> builtins.list[JobEvent]:
         with self._read() as connection:
             row = self._row(connection, job_id)
             rows = connection.execute(

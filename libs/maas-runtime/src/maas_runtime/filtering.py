@@ -139,7 +139,8 @@ class FilterSchema:
     ) -> None:
         self.scalar_fields: dict[str, ScalarField] = {}
         self.map_fields: dict[str, MapField] = {}
-        for declared in [*scalar_fields, *map_fields]:
+        every: list[ScalarField | MapField] = [*scalar_fields, *map_fields]
+        for declared in every:
             if declared.name in self.scalar_fields or declared.name in self.map_fields:
                 raise ValueError(f"field {declared.name!r} is declared twice")
             if isinstance(declared, ScalarField):

@@ -134,7 +134,7 @@ class RequestCoalescer:
         request may share a call; `max_rows` is the model's max_batch_size; `max_in_flight`
         the calls to keep open for the model before requests wait and share (0: never)."""
         key = sharing_key(request) if rows and max_in_flight > 0 else None
-        if key is None:
+        if key is None or not rows:
             return await self._send(request, timeout=timeout, metadata=metadata)
         lane = self._lanes.get(key)
         if lane is None:
@@ -161,7 +161,8 @@ class RequestCoalescer:
     def _dispatch(self, key: tuple, lane: _Lane) -> None:
         """Start calls for waiting requests while slots are free; forget an idle lane."""
         while lane.in_flight < lane.max_in_flight and lane.waiting:
-            batch, rows = [], 0
+            batch: list[_Waiting] = []
+            rows = 0
             while lane.waiting and (not batch or rows + lane.waiting[0].rows <= lane.max_rows):
                 waiting = lane.waiting.popleft()
                 if not waiting.future.done():  # its caller gave up meanwhile
@@ -178,8 +179,9 @@ class RequestCoalescer:
 
     async def _call(self, key: tuple, lane: _Lane, batch: list[_Waiting]) -> None:
         loop = asyncio.get_running_loop()
-        deadlines = [waiting.deadline for waiting in batch]
-        timeout = None if None in deadlines else max(0.001, max(deadlines) - loop.time())
+        deadlines = [waiting.deadline for waiting in batch if waiting.deadline is not None]
+        timeout = (max(0.001, max(deadlines) - loop.time()) if len(deadlines) == len(batch)
+                   else None)
         try:
             if len(batch) == 1:
                 replies = [await self._send(batch[0].request, timeout=timeout,

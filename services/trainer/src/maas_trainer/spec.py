@@ -298,15 +298,18 @@ def parse_training_spec(fields: dict[str, Any], default_tenant: str) -> Training
                      f"must be at least 0 (0 disables clipping), got {clip}")
     seed = int(fields.get("seed", 0))
     violations.check(0 <= seed < 2**63, field_path("seed"), f"must not be negative, got {seed}")
-    spec_parts = {
-        "architecture": _parse_architecture(fields.get("architecture") or {}, violations),
-        "data": _parse_data(fields.get("data") or {}, violations),
-        "optimizer": _parse_optimizer(fields.get("optimizer") or {}, violations),
-        "schedule": _parse_schedule(fields.get("schedule") or {}, epochs, violations),
-        "early_stopping": _parse_early_stopping(fields.get("early_stopping"), violations),
-        "resources": _parse_resources(fields.get("resources") or {}, default_tenant, violations),
-        "output": _parse_output(fields.get("output") or {}, violations),
-    }
+    # Every part is parsed before raising, so one answer lists every mistake.
+    architecture = _parse_architecture(fields.get("architecture") or {}, violations)
+    data = _parse_data(fields.get("data") or {}, violations)
+    optimizer = _parse_optimizer(fields.get("optimizer") or {}, violations)
+    schedule = _parse_schedule(fields.get("schedule") or {}, epochs, violations)
+    early_stopping = _parse_early_stopping(fields.get("early_stopping"), violations)
+    resources = _parse_resources(fields.get("resources") or {}, default_tenant, violations)
+    output = _parse_output(fields.get("output") or {}, violations)
     violations.raise_if_any("invalid training job")
-    return TrainingSpec(epochs=epochs, batch_size=batch_size, gradient_clip_norm=clip, seed=seed,
-                        **spec_parts)
+    if architecture is None:  # never: a missing architecture always added a violation above
+        raise InvalidArgument.for_field(field_path("architecture"), "is required")
+    return TrainingSpec(architecture=architecture, data=data, optimizer=optimizer,
+                        schedule=schedule, epochs=epochs, batch_size=batch_size,
+                        gradient_clip_norm=clip, early_stopping=early_stopping, seed=seed,
+                        resources=resources, output=output)

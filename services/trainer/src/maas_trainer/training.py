@@ -139,7 +139,7 @@ class EarlyStopper:
         if self._spec is None:
             return False
         value = metrics[self._spec.metric]
-        if self.best_value is None or self._improves(value):
+        if self.best_value is None or self._improves(self._spec, self.best_value, value):
             self.best_value, self.best_epoch = value, epoch
             self.epochs_without_improvement = 0
             self.best_model_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -147,10 +147,11 @@ class EarlyStopper:
         self.epochs_without_improvement += 1
         return self.epochs_without_improvement >= self._spec.patience
 
-    def _improves(self, value: float) -> bool:
-        if self._spec.lower_is_better:
-            return value < self.best_value - self._spec.min_delta
-        return value > self.best_value + self._spec.min_delta
+    @staticmethod
+    def _improves(spec: EarlyStoppingSpec, best_value: float, value: float) -> bool:
+        if spec.lower_is_better:
+            return value < best_value - spec.min_delta
+        return value > best_value + spec.min_delta
 
     def state(self) -> dict[str, Any]:
         return {"best_value": self.best_value, "best_epoch": self.best_epoch,
@@ -342,12 +343,14 @@ def run_training(config: RunConfig, workdir: Path, reporter: ProgressReporter,
 
     if world.distributed:
         on_gpu = world.device.startswith("cuda")
-        trained = DistributedDataParallel(
+        trained: nn.Module = DistributedDataParallel(
             model, device_ids=[torch.device(world.device).index] if on_gpu else None)
     else:
         trained = model
-    sampler = DistributedSampler(range(len(data.train_y)), num_replicas=world.size,
-                                 rank=world.rank, shuffle=True, seed=spec.seed)
+    # The sampler only ever indexes its dataset's length: a range of example indices will do.
+    sampler: DistributedSampler = DistributedSampler(
+        range(len(data.train_y)),  # type: ignore[arg-type]
+        num_replicas=world.size, rank=world.rank, shuffle=True, seed=spec.seed)
     rank_batch_size = math.ceil(spec.batch_size / world.size)
     last_epoch = first_epoch - 1
     for epoch in range(first_epoch, spec.epochs + 1):
@@ -375,7 +378,7 @@ def run_training(config: RunConfig, workdir: Path, reporter: ProgressReporter,
                 rng_states=rng_states, progress=progress,
                 best_model_state=stopper.best_model_state))
         last_epoch = epoch
-        if stop:
+        if stop and spec.early_stopping is not None:
             reporter.log(LogLevel.INFO,
                          f"early stopping after epoch {epoch}: {spec.early_stopping.metric} has "
                          f"not improved since epoch {stopper.best_epoch}")

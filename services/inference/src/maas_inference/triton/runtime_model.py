@@ -249,4 +249,4 @@ class TritonPythonModel:
             ]
 
     def finalize(self) -> None:
-        self.module = None
+        del self.module  # frees the weights before the stub exits
