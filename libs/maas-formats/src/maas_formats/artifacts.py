@@ -10,6 +10,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from maas_runtime import contract_enums
 from maas_runtime.errors import InvalidArgument
 
 from maas_formats.manifest import ModelManifest, ModelSignature
@@ -19,16 +20,16 @@ from maas_formats.package import validate_model_package
 MODEL_FORMATS = ("maas-package", "torchscript", "onnx", "hf-transformer")
 
 # The contracts' enum value names (maas.registry.v1.ModelFormat / DatasetFormat) → the format
-# names used here, so services translate without this library importing generated stubs.
+# names used here and stored by the registry; the one translation every service uses.
 MODEL_FORMAT_BY_PROTO_NAME: Mapping[str, str] = {
-    "MODEL_FORMAT_MAAS_PACKAGE": "maas-package",
-    "MODEL_FORMAT_TORCHSCRIPT": "torchscript",
-    "MODEL_FORMAT_ONNX": "onnx",
-    "MODEL_FORMAT_HF_TRANSFORMER": "hf-transformer",
+    contract_enums.MODEL_FORMAT_MAAS_PACKAGE: "maas-package",
+    contract_enums.MODEL_FORMAT_TORCHSCRIPT: "torchscript",
+    contract_enums.MODEL_FORMAT_ONNX: "onnx",
+    contract_enums.MODEL_FORMAT_HF_TRANSFORMER: "hf-transformer",
 }
 DATASET_FORMAT_BY_PROTO_NAME: Mapping[str, str] = {
-    "DATASET_FORMAT_NPZ": "npz",
-    "DATASET_FORMAT_CSV": "csv",
+    contract_enums.DATASET_FORMAT_NPZ: "npz",
+    contract_enums.DATASET_FORMAT_CSV: "csv",
 }
 
 

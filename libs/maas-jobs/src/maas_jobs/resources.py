@@ -9,9 +9,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from maas_jobs.records import EventKind, JobEvent, JobRecord
+from maas_runtime.contract_enums import JOB_STATE_PREFIX
 
-JOB_STATE_PREFIX = "JOB_STATE_"
+from maas_jobs.records import EventKind, JobEvent, JobRecord
 
 
 def timestamp(value: datetime) -> str:

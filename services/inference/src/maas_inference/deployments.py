@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from maas_runtime import errors, scopes
+from maas_runtime import contract_enums, errors, scopes
 from maas_runtime.auth import Principal
 from maas_runtime.names import parse_version_name, validate_deployment_id
 from maas_runtime.pagination import PageTokenCodec, clamp_page_size, query_fingerprint
@@ -50,10 +50,11 @@ from maas_inference.triton.model_repository import (
 _log = logging.getLogger(__name__)
 
 READY, CREATING, ROLLING_OUT, FAILED, UNAVAILABLE = (
-    "DEPLOYMENT_STATE_READY", "DEPLOYMENT_STATE_CREATING", "DEPLOYMENT_STATE_ROLLING_OUT",
-    "DEPLOYMENT_STATE_FAILED", "DEPLOYMENT_STATE_UNAVAILABLE")
-SERVABLE_FORMATS = {"MODEL_FORMAT_MAAS_PACKAGE": "maas-package",
-                    "MODEL_FORMAT_TORCHSCRIPT": "torchscript"}
+    contract_enums.DEPLOYMENT_STATE_READY, contract_enums.DEPLOYMENT_STATE_CREATING,
+    contract_enums.DEPLOYMENT_STATE_ROLLING_OUT, contract_enums.DEPLOYMENT_STATE_FAILED,
+    contract_enums.DEPLOYMENT_STATE_UNAVAILABLE)
+SERVABLE_FORMATS = {contract_enums.MODEL_FORMAT_MAAS_PACKAGE: "maas-package",
+                    contract_enums.MODEL_FORMAT_TORCHSCRIPT: "torchscript"}
 UPDATABLE = frozenset({"model", "track_alias", "traffic", "shadow", "serving"})
 
 

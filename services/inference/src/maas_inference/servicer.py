@@ -8,7 +8,7 @@ from google.protobuf.message import DecodeError
 from maas.inference.v1 import deployment_pb2, inference_service_pb2, inference_service_pb2_grpc
 from maas_runtime.auth import Role, current_principal
 from maas_runtime.errors import InvalidArgument
-from maas_runtime.messages import to_dict, to_message
+from maas_runtime.messages import request_fields, to_message
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from maas_inference.deployments import DeploymentManager
@@ -26,8 +26,9 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         self._manager = manager
 
     async def CreateDeployment(self, request, context):
-        deployment = await self._manager.create(request.deployment_id,
-                                                to_dict(request.deployment), current_principal())
+        deployment = await self._manager.create(
+            request.deployment_id, request_fields(request.deployment, "deployment"),
+            current_principal())
         return to_message(deployment, deployment_pb2.Deployment)
 
     async def GetDeployment(self, request, context):
@@ -42,9 +43,9 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             next_page_token=token)
 
     async def UpdateDeployment(self, request, context):
-        deployment = await self._manager.update(to_dict(request.deployment),
-                                                list(request.update_mask.paths),
-                                                current_principal())
+        deployment = await self._manager.update(
+            request_fields(request.deployment, "deployment", keep_identifier=True),
+            list(request.update_mask.paths), current_principal())
         return to_message(deployment, deployment_pb2.Deployment)
 
     async def DeleteDeployment(self, request, context):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from maas.common.v1 import tensor_pb2
+from maas_runtime.contract_enums import DATA_TYPE_PREFIX
 from maas_runtime.errors import InvalidArgument, ViolationCollector
 from tritonclient.grpc import service_pb2
 
@@ -31,8 +32,8 @@ ITEM_BYTES = {
     "FP64": 8,
     "BF16": 2,
 }
-_PREFIX = "DATA_TYPE_"
-ENUM_TO_KSERVE = {value: name[len(_PREFIX) :] for name, value in tensor_pb2.DataType.items() if value}
+ENUM_TO_KSERVE = {value: name.removeprefix(DATA_TYPE_PREFIX)
+                  for name, value in tensor_pb2.DataType.items() if value}
 KSERVE_TO_ENUM = {name: value for value, name in ENUM_TO_KSERVE.items()}
 
 
@@ -64,7 +65,8 @@ class ServingSignature:
         def rules(side):
             return tuple(
                 TensorRule(
-                    t["name"], t["datatype"].removeprefix(_PREFIX), tuple(int(d) for d in t.get("shape", []))
+                    t["name"], t["datatype"].removeprefix(DATA_TYPE_PREFIX),
+                    tuple(int(d) for d in t.get("shape", [])),
                 )
                 for t in signature.get(side, [])
             )

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 
 from maas_runtime import errors, scopes
 from maas_runtime.auth import Principal, Role
+from maas_runtime.contract_enums import DATA_TYPE_PREFIX, DATA_TYPES
 from maas_runtime.filtering import FilterSchema, MapField, ScalarField, ValueKind, parse_filter
 from maas_runtime.names import parse_parent, parse_version_name, validate_alias, validate_id
 from maas_runtime.pagination import PageTokenCodec, clamp_page_size
 
-from maas_registry.blobs import BlobStore, StagedBlob, is_sha256_hex
+from maas_registry.blobs import BlobStore, CommitGate, StagedBlob, is_sha256_hex
 from maas_registry.resources import DATASET_FORMATS, MODEL_FORMATS
 from maas_registry.store import Mutation, Page, RegistryStore, VersionDraft
 
@@ -32,12 +33,7 @@ LABEL_KEY = re.compile(r"^[a-z][a-z0-9_.-]{0,62}$")
 MAX_LABEL_VALUE = 63
 MAX_LABELS = 64
 MAX_DESCRIPTION = 16 * 1024
-DATATYPES = {
-    "DATA_TYPE_BOOL", "DATA_TYPE_UINT8", "DATA_TYPE_UINT16", "DATA_TYPE_UINT32",
-    "DATA_TYPE_UINT64", "DATA_TYPE_INT8", "DATA_TYPE_INT16", "DATA_TYPE_INT32",
-    "DATA_TYPE_INT64", "DATA_TYPE_FP16", "DATA_TYPE_FP32", "DATA_TYPE_FP64", "DATA_TYPE_BF16",
-    "DATA_TYPE_BYTES",
-}
+DATATYPES = frozenset(DATA_TYPES)
 
 MODEL_FILTERS = FilterSchema(
     [ScalarField("task", ValueKind.STRING), ScalarField("display_name", ValueKind.STRING),
@@ -92,6 +88,7 @@ class Registry:
         self._validate_artifact = artifact_validator
         self._validate_dataset = dataset_validator
         self._new_events = asyncio.Condition()
+        self._blob_commits = CommitGate()
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -189,27 +186,33 @@ class Registry:
                 signature=_reconcile_signature(declared_signature, facts.signature),
                 metrics=metrics)
 
-        draft = await self._store_artifact(
+        version = await self._store_artifact(
             chunks, expected_sha256, size_bytes,
-            functools.partial(self._validate_artifact, format_name=format_name), model_draft)
-        version = await self._run(self._store.commit_model_version, model_id, draft,
-                                  self._mutation(principal, "UploadModelVersion"))
+            functools.partial(self._validate_artifact, format_name=format_name), model_draft,
+            functools.partial(self._store.commit_model_version, model_id,
+                              by=self._mutation(principal, "UploadModelVersion")))
         await self._notify()
         return version
 
     async def _store_artifact(self, chunks: AsyncIterator[bytes], expected_sha256: str,
-                              size_bytes: int, validate, make_draft) -> VersionDraft:
-        """Receive, verify and validate the bytes, then move the blob into place. Any failure
-        discards the staged file: nothing partial survives a bad upload."""
+                              size_bytes: int, validate, make_draft, record) -> dict:
+        """Receive, verify and validate the bytes, move the blob into place and `record` the
+        version (no collection in between). Any failure before the move discards the staged
+        file: nothing partial survives a bad upload."""
         staged = await self._receive(chunks, expected_sha256, size_bytes)
         try:
             facts = await self._run(validate, staged.path)
             draft = make_draft(staged, facts)
-            await self._run(self._blobs.commit, staged)
         except BaseException:
             self._blobs.discard(staged)
             raise
-        return draft
+        async with self._blob_commits.committing():
+            try:
+                await self._run(self._blobs.commit, staged)
+            except BaseException:
+                self._blobs.discard(staged)
+                raise
+            return await self._run(record, draft)
 
     async def _receive(self, chunks: AsyncIterator[bytes], expected_sha256: str,
                        size_bytes: int) -> StagedBlob:
@@ -314,8 +317,9 @@ class Registry:
     async def _release_blob(self, sha256: str) -> None:
         """Delete a blob once its last reference is gone and it is past the grace period (an
         upload of the same bytes may be about to reference it); collection is the backstop."""
-        if not await self._run(self._store.is_referenced, sha256):
-            await self._run(self._blobs.collect_one, sha256, self._limits.gc_grace_seconds)
+        async with self._blob_commits.collecting():
+            if not await self._run(self._store.is_referenced, sha256):
+                await self._run(self._blobs.collect_one, sha256, self._limits.gc_grace_seconds)
 
     # -- aliases --------------------------------------------------------------------------
 
@@ -415,13 +419,13 @@ class Registry:
                         "feature_shape": list(facts.feature_shape),
                         "num_classes": facts.num_classes})
 
-        draft = await self._store_artifact(
+        version = await self._store_artifact(
             chunks, expected_sha256, size_bytes,
             functools.partial(self._validate_dataset, format_name=format_name,
                               feature_columns=feature_columns, label_column=label_column),
-            dataset_draft)
-        version = await self._run(self._store.commit_dataset_version, dataset_id, draft,
-                                  self._mutation(principal, "UploadDatasetVersion"))
+            dataset_draft,
+            functools.partial(self._store.commit_dataset_version, dataset_id,
+                              by=self._mutation(principal, "UploadDatasetVersion")))
         await self._notify()
         return version
 
@@ -516,8 +520,9 @@ class Registry:
     async def collect_garbage(self, grace_seconds: float | None = None) -> list[str]:
         """Delete blobs no version references (and abandoned staging files)."""
         grace = self._limits.gc_grace_seconds if grace_seconds is None else grace_seconds
-        referenced = await self._run(self._store.referenced_digests)
-        removed = await self._run(self._blobs.collect, referenced, grace)
+        async with self._blob_commits.collecting():
+            referenced = await self._run(self._store.referenced_digests)
+            removed = await self._run(self._blobs.collect, referenced, grace)
         if removed:
             _log.info("collected %d unreferenced blobs", len(removed))
         return removed
@@ -611,7 +616,7 @@ def _reconcile_signature(declared: dict | None, from_artifact) -> dict:
     agree with it."""
     if from_artifact is None:
         return declared or {}
-    manifest = {side: [{"name": s.name, "datatype": f"DATA_TYPE_{s.datatype}",
+    manifest = {side: [{"name": s.name, "datatype": f"{DATA_TYPE_PREFIX}{s.datatype}",
                         "shape": list(s.shape)} for s in getattr(from_artifact, side)]
                 for side in ("inputs", "outputs")}
     if declared and declared != manifest:

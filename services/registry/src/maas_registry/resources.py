@@ -9,15 +9,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-MODEL_FORMATS = {
-    "MODEL_FORMAT_MAAS_PACKAGE": "maas-package",
-    "MODEL_FORMAT_TORCHSCRIPT": "torchscript",
-    "MODEL_FORMAT_ONNX": "onnx",
-    "MODEL_FORMAT_HF_TRANSFORMER": "hf-transformer",
-}
+from maas_formats import DATASET_FORMAT_BY_PROTO_NAME, MODEL_FORMAT_BY_PROTO_NAME
+
+MODEL_FORMATS = MODEL_FORMAT_BY_PROTO_NAME
 """Contract enum name → short name stored in the database and used in filters."""
 
-DATASET_FORMATS = {"DATASET_FORMAT_NPZ": "npz", "DATASET_FORMAT_CSV": "csv"}
+DATASET_FORMATS = DATASET_FORMAT_BY_PROTO_NAME
 
 MODEL_FORMAT_ENUM = {short: enum for enum, short in MODEL_FORMATS.items()}
 DATASET_FORMAT_ENUM = {short: enum for enum, short in DATASET_FORMATS.items()}

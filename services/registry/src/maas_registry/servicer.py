@@ -15,7 +15,7 @@ from maas.registry.v1 import (
 )
 from maas_runtime.auth import current_principal
 from maas_runtime.errors import InvalidArgument
-from maas_runtime.messages import to_dict, to_message
+from maas_runtime.messages import request_fields, to_message
 
 from maas_registry.registry import Registry
 
@@ -53,8 +53,8 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         self._registry = registry
 
     async def CreateModel(self, request, context):
-        model = await self._registry.create_model(request.model_id, to_dict(request.model),
-                                                  current_principal())
+        model = await self._registry.create_model(
+            request.model_id, request_fields(request.model, "model"), current_principal())
         return to_message(model, model_pb2.Model)
 
     async def GetModel(self, request, context):
@@ -70,7 +70,8 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
 
     async def UpdateModel(self, request, context):
         model = await self._registry.update_model(
-            to_dict(request.model), list(request.update_mask.paths), current_principal())
+            request_fields(request.model, "model", keep_identifier=True),
+            list(request.update_mask.paths), current_principal())
         return to_message(model, model_pb2.Model)
 
     async def DeleteModel(self, request, context):
@@ -81,8 +82,8 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
     async def UploadModelVersion(self, request_iterator, context):
         header, chunks = await _upload_parts(request_iterator)
         version = await self._registry.upload_model_version(
-            header.parent, to_dict(header.model_version), header.expected_sha256,
-            header.size_bytes, chunks, current_principal())
+            header.parent, request_fields(header.model_version, "header.model_version"),
+            header.expected_sha256, header.size_bytes, chunks, current_principal())
         return to_message(version, model_pb2.ModelVersion)
 
     async def GetModelVersion(self, request, context):
@@ -99,7 +100,8 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
 
     async def UpdateModelVersion(self, request, context):
         version = await self._registry.update_model_version(
-            to_dict(request.model_version), list(request.update_mask.paths), current_principal())
+            request_fields(request.model_version, "model_version", keep_identifier=True),
+            list(request.update_mask.paths), current_principal())
         return to_message(version, model_pb2.ModelVersion)
 
     async def DeleteModelVersion(self, request, context):
@@ -131,7 +133,7 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
 
     async def CreateDataset(self, request, context):
         dataset = await self._registry.create_dataset(
-            request.dataset_id, to_dict(request.dataset), current_principal())
+            request.dataset_id, request_fields(request.dataset, "dataset"), current_principal())
         return to_message(dataset, dataset_pb2.Dataset)
 
     async def GetDataset(self, request, context):
@@ -146,7 +148,8 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
 
     async def UpdateDataset(self, request, context):
         dataset = await self._registry.update_dataset(
-            to_dict(request.dataset), list(request.update_mask.paths), current_principal())
+            request_fields(request.dataset, "dataset", keep_identifier=True),
+            list(request.update_mask.paths), current_principal())
         return to_message(dataset, dataset_pb2.Dataset)
 
     async def DeleteDataset(self, request, context):
@@ -156,8 +159,8 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
     async def UploadDatasetVersion(self, request_iterator, context):
         header, chunks = await _upload_parts(request_iterator)
         version = await self._registry.upload_dataset_version(
-            header.parent, to_dict(header.dataset_version), header.expected_sha256,
-            header.size_bytes, chunks, current_principal())
+            header.parent, request_fields(header.dataset_version, "header.dataset_version"),
+            header.expected_sha256, header.size_bytes, chunks, current_principal())
         return to_message(version, dataset_pb2.DatasetVersion)
 
     async def GetDatasetVersion(self, request, context):

@@ -16,6 +16,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from maas_runtime.contract_enums import (
+    EVENT_TYPE_ALIAS_DELETED,
+    EVENT_TYPE_ALIAS_MOVED,
+    EVENT_TYPE_DATASET_CREATED,
+    EVENT_TYPE_DATASET_DELETED,
+    EVENT_TYPE_DATASET_VERSION_CREATED,
+    EVENT_TYPE_DATASET_VERSION_DELETED,
+    EVENT_TYPE_MODEL_CREATED,
+    EVENT_TYPE_MODEL_DELETED,
+    EVENT_TYPE_MODEL_VERSION_CREATED,
+    EVENT_TYPE_MODEL_VERSION_DELETED,
+)
 from maas_runtime.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
 from maas_runtime.filtering import apply_operator, compile_filter
 from sqlalchemy import (
@@ -284,7 +296,7 @@ class SqlRegistryStore(RegistryStore):
                     etag=_etag(values), last_version_id=0, **values))
                 model = self._load_model(connection, model_id)
                 self._record(connection, by, model["name"], None, model,
-                             "EVENT_TYPE_MODEL_CREATED", "model", model)
+                             EVENT_TYPE_MODEL_CREATED, "model", model)
                 return model
         except IntegrityError:
             raise AlreadyExists("model", model_name(model_id)) from None
@@ -340,15 +352,15 @@ class SqlRegistryStore(RegistryStore):
                 name = alias_name(model_id, alias)
                 self._record(connection, by, name,
                              {"name": name, "version": model_version_name(model_id, version_id)},
-                             None, "EVENT_TYPE_ALIAS_DELETED")
+                             None, EVENT_TYPE_ALIAS_DELETED)
             for name in names:
                 self._record(connection, by, name, {"name": name}, None,
-                             "EVENT_TYPE_MODEL_VERSION_DELETED")
+                             EVENT_TYPE_MODEL_VERSION_DELETED)
             self._delete_lineage_of(connection, names)
             connection.execute(delete(t.aliases).where(t.aliases.c.model_pk == row.pk))
             connection.execute(delete(t.model_versions).where(t.model_versions.c.model_pk == row.pk))
             connection.execute(delete(t.models).where(t.models.c.pk == row.pk))
-            self._record(connection, by, before["name"], before, None, "EVENT_TYPE_MODEL_DELETED")
+            self._record(connection, by, before["name"], before, None, EVENT_TYPE_MODEL_DELETED)
 
     # -- model versions ------------------------------------------------------------------
 
@@ -392,7 +404,7 @@ class SqlRegistryStore(RegistryStore):
                 select(t.model_versions).where(t.model_versions.c.pk == version_pk)).one()
             version = self._version_resource_with(row, model_id, [])
             self._record(connection, by, name, None, version,
-                         "EVENT_TYPE_MODEL_VERSION_CREATED", "model_version", version)
+                         EVENT_TYPE_MODEL_VERSION_CREATED, "model_version", version)
             return version
 
     @staticmethod
@@ -505,11 +517,11 @@ class SqlRegistryStore(RegistryStore):
                     t.aliases.c.version_pk == row.pk, t.aliases.c.alias == alias))
                 self._record(connection, by, alias_name(model_id, alias),
                              {"name": alias_name(model_id, alias), "version": before["name"]},
-                             None, "EVENT_TYPE_ALIAS_DELETED")
+                             None, EVENT_TYPE_ALIAS_DELETED)
             self._delete_lineage_of(connection, [before["name"]])
             connection.execute(delete(t.model_versions).where(t.model_versions.c.pk == row.pk))
             self._record(connection, by, before["name"], before, None,
-                         "EVENT_TYPE_MODEL_VERSION_DELETED")
+                         EVENT_TYPE_MODEL_VERSION_DELETED)
 
     # -- aliases -------------------------------------------------------------------------
 
@@ -541,7 +553,7 @@ class SqlRegistryStore(RegistryStore):
                      "update_time": timestamp(now)}
             before = ({"name": name, "version": model_version_name(model_id, current_version)}
                       if current else None)
-            self._record(connection, by, name, before, after, "EVENT_TYPE_ALIAS_MOVED",
+            self._record(connection, by, name, before, after, EVENT_TYPE_ALIAS_MOVED,
                          "alias", after)
             return after
 
@@ -554,7 +566,7 @@ class SqlRegistryStore(RegistryStore):
             name = alias_name(model_id, alias)
             self._record(connection, by, name,
                          {"name": name, "version": model_version_name(model_id, row.version_id)},
-                         None, "EVENT_TYPE_ALIAS_DELETED")
+                         None, EVENT_TYPE_ALIAS_DELETED)
 
     def list_aliases(self, model_id: str) -> list[Resource]:
         with self._read() as connection:
@@ -605,7 +617,7 @@ class SqlRegistryStore(RegistryStore):
                     etag=_etag(values), last_version_id=0, **values))
                 dataset = self._dataset_resource(self._dataset_row(connection, dataset_id))
                 self._record(connection, by, dataset["name"], None, dataset,
-                             "EVENT_TYPE_DATASET_CREATED", "dataset", dataset)
+                             EVENT_TYPE_DATASET_CREATED, "dataset", dataset)
                 return dataset
         except IntegrityError:
             raise AlreadyExists("dataset", dataset_name(dataset_id)) from None
@@ -657,7 +669,7 @@ class SqlRegistryStore(RegistryStore):
                                .where(t.dataset_versions.c.dataset_pk == row.pk))
             connection.execute(delete(t.datasets).where(t.datasets.c.pk == row.pk))
             self._record(connection, by, before["name"], before, None,
-                         "EVENT_TYPE_DATASET_DELETED")
+                         EVENT_TYPE_DATASET_DELETED)
 
     def commit_dataset_version(self, dataset_id: str, draft: VersionDraft,
                                by: Mutation) -> Resource:
@@ -679,7 +691,7 @@ class SqlRegistryStore(RegistryStore):
                 select(t.dataset_versions).where(t.dataset_versions.c.pk == version_pk)).one(),
                 dataset_id)
             self._record(connection, by, name, None, version,
-                         "EVENT_TYPE_DATASET_VERSION_CREATED", "dataset_version", version)
+                         EVENT_TYPE_DATASET_VERSION_CREATED, "dataset_version", version)
             return version
 
     def _dataset_version_row(self, connection: Connection, dataset_id: str, version_id: int):
@@ -720,7 +732,7 @@ class SqlRegistryStore(RegistryStore):
             connection.execute(delete(t.dataset_versions)
                                .where(t.dataset_versions.c.pk == row.pk))
             self._record(connection, by, before["name"], before, None,
-                         "EVENT_TYPE_DATASET_VERSION_DELETED")
+                         EVENT_TYPE_DATASET_VERSION_DELETED)
 
     # -- lineage -------------------------------------------------------------------------
 

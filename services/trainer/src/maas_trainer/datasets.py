@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from maas_formats import DATASET_FORMAT_BY_PROTO_NAME
 
 DATASET_VERSION_PREFIX = "datasets/"
 DIGITS = "builtin:digits"
@@ -79,8 +80,6 @@ BUILTIN_DATASETS: dict[str, DatasetFacts] = {
         class_names=tuple(f"class_{index}" for index in range(_SYNTHETIC_CLASSES))),
 }
 
-_REGISTRY_FORMATS = {"DATASET_FORMAT_NPZ": "npz", "DATASET_FORMAT_CSV": "csv"}
-
 
 def facts_from_dataset_version(version: dict[str, Any]) -> DatasetFacts:
     """Facts of a registry `DatasetVersion` (as a dict in the contract's JSON shape)."""
@@ -91,7 +90,7 @@ def facts_from_dataset_version(version: dict[str, Any]) -> DatasetFacts:
         feature_shape=tuple(int(d) for d in schema.get("feature_shape", ())),
         num_classes=int(schema.get("num_classes", 0)),
         row_count=int(version.get("row_count", 0)),
-        format=_REGISTRY_FORMATS.get(version.get("format", ""), "npz"),
+        format=DATASET_FORMAT_BY_PROTO_NAME.get(version.get("format", ""), "npz"),
         feature_columns=tuple(schema.get("feature_columns", ())),
         label_column=schema.get("label_column", ""),
         sha256=artifact.get("sha256", ""),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from maas.trainer.v1 import trainer_service_pb2, trainer_service_pb2_grpc
 from maas_runtime.auth import current_principal
+from maas_runtime.messages import validated_request
 
 from maas_trainer.jobs import TrainingJobs
 from maas_trainer.messages import job_event_message, spec_fields, training_job_message
@@ -16,8 +17,9 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         self._jobs = jobs
 
     async def CreateTrainingJob(self, request, context):
-        job = await self._jobs.create(request.training_job_id,
-                                      spec_fields(request.training_job.spec), current_principal())
+        training_job = validated_request(request.training_job, "training_job")
+        job = await self._jobs.create(request.training_job_id, spec_fields(training_job.spec),
+                                      current_principal())
         return training_job_message(job)
 
     async def GetTrainingJob(self, request, context):
