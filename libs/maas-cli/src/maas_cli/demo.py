@@ -17,7 +17,6 @@ from maas.common.v1 import job_pb2, tensor_pb2
 from maas.inference.v1 import deployment_pb2, inference_service_pb2 as inf, inference_service_pb2_grpc
 from maas.registry.v1 import registry_service_pb2 as rs, registry_service_pb2_grpc
 from maas.trainer.v1 import trainer_service_pb2 as ts, trainer_service_pb2_grpc, training_job_pb2
-from maas_runtime.client import open_channel
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from maas_cli.local_suite import LocalSuite
@@ -37,9 +36,7 @@ def held_out_digits(test_fraction: float = 0.2, seed: int = 0):
 
 
 async def run_demo(suite: LocalSuite) -> dict:
-    token = suite.token()
-    channels = {name: open_channel(service.target, token=token)
-                for name, service in suite.services.items()}
+    channels = {name: suite.open_channel(name) for name in suite.services}
     try:
         return await _flow(channels)
     finally:

@@ -2,7 +2,9 @@
 
 Every service gets its own state directory under one root, the same tokens file and admin
 token (so one token works everywhere), fixed loopback ports, and static discovery of the
-others. A service that dies is restarted; Ctrl-C stops them all gracefully.
+others. With `SuiteTls` every port speaks TLS (or mTLS) only, and every service dials its
+peers with the matching client settings. A service that dies is restarted; Ctrl-C stops them
+all gracefully.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from maas_runtime.auth import ensure_admin_token
+from maas_runtime.client import open_channel
+from maas_runtime.tls import channel_credentials
 
 _log = logging.getLogger(__name__)
 
@@ -43,6 +47,49 @@ def port_is_free(port: int) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class SuiteTls:
+    """TLS on every port of the suite, and the client side every peer (and `maas`) uses."""
+
+    cert_file: Path
+    """PEM certificate chain every service serves; must name the host dialled (127.0.0.1)."""
+    key_file: Path
+    """PEM private key of `cert_file`."""
+    ca_file: Path
+    """PEM CA bundle that signed the certificates: clients and peers trust it."""
+    mutual: bool = False
+    """Require client certificates signed by `ca_file` (mTLS) on every port."""
+    client_cert_file: Path | None = None
+    """Certificate peers and `maas` present under mTLS; defaults to `cert_file`."""
+    client_key_file: Path | None = None
+    """PEM private key of `client_cert_file`; defaults to `key_file`."""
+    server_name: str = ""
+    """Name to expect in the certificate when it does not name the host dialled."""
+
+    def service_settings(self) -> dict[str, str]:
+        """A service's settings: serve TLS, and dial its peers with TLS."""
+        settings = {"tls_cert_file": str(self.cert_file), "tls_key_file": str(self.key_file),
+                    "peer_tls": "true", "peer_tls_ca_file": str(self.ca_file)}
+        if self.mutual:
+            settings |= {"tls_client_ca_file": str(self.ca_file),
+                         "peer_tls_cert_file": str(self.client_cert_file or self.cert_file),
+                         "peer_tls_key_file": str(self.client_key_file or self.key_file)}
+        if self.server_name:
+            settings["peer_tls_server_name"] = self.server_name
+        return settings
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """Client credentials that the suite's ports accept."""
+        if not self.mutual:
+            return channel_credentials(self.ca_file)
+        return channel_credentials(self.ca_file, self.client_cert_file or self.cert_file,
+                                   self.client_key_file or self.key_file)
+
+    def channel_options(self) -> list[tuple[str, str]]:
+        return ([("grpc.ssl_target_name_override", self.server_name)]
+                if self.server_name else [])
+
+
 @dataclass
 class ServiceProcess:
     """One service run as `python -m maas_<name>.server`, configured by its environment."""
@@ -53,6 +100,8 @@ class ServiceProcess:
     settings: dict[str, str] = field(default_factory=dict)
     base_env: dict[str, str] | None = None
     process: subprocess.Popen | None = None
+    tls: SuiteTls | None = None
+    """How to reach it when its port speaks TLS only (the health checks use it)."""
 
     @property
     def target(self) -> str:
@@ -78,7 +127,9 @@ class ServiceProcess:
 
     async def wait_serving(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
-        async with grpc.aio.insecure_channel(self.target) as channel:
+        async with open_channel(
+                self.target, credentials=self.tls.credentials() if self.tls else None,
+                options=self.tls.channel_options() if self.tls else ()) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if self.process is not None and self.process.poll() is not None:
@@ -112,8 +163,11 @@ class LocalSuite:
     """The services of one installation under `root`, in dependency order."""
 
     def __init__(self, root: Path, services: tuple[str, ...] = ("registry", "trainer", "inference"),
-                 fixed_ports: bool = True):
+                 fixed_ports: bool = True, tls: SuiteTls | None = None,
+                 settings: dict[str, dict[str, str]] | None = None):
+        """`settings` adds per-service settings by service name (e.g. log levels)."""
         self.root = root.resolve()
+        self.tls = tls
         self.tokens_file = self.root / "tokens.json"
         self.admin_token_file = self.root / "admin.token"
         ports = {name: (DEFAULT_PORTS[name] if fixed_ports and port_is_free(DEFAULT_PORTS[name])
@@ -126,13 +180,22 @@ class LocalSuite:
                 "admin_token_file": str(self.admin_token_file),
                 **({"registry_target": f"127.0.0.1:{ports['registry']}"}
                    if name != "registry" and "registry" in ports else {}),
-            }, base_env)
+                **(tls.service_settings() if tls else {}),
+                **(settings or {}).get(name, {}),
+            }, base_env, tls=tls)
             for name, port in ports.items()
         }
         self._watch: asyncio.Task | None = None
 
     def token(self) -> str:
         return self.admin_token_file.read_text().strip()
+
+    def open_channel(self, name: str, **channel_settings) -> grpc.aio.Channel:
+        """An authenticated channel to service `name`, over TLS when the suite speaks it."""
+        return open_channel(
+            self.services[name].target, token=self.token(),
+            credentials=self.tls.credentials() if self.tls else None,
+            options=self.tls.channel_options() if self.tls else (), **channel_settings)
 
     async def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
