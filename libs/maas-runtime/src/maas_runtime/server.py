@@ -87,6 +87,10 @@ class ServiceServer:
     extra_interceptors: Iterable[grpc.aio.ServerInterceptor] = ()
     before_start: list[Callable] = field(default_factory=list)
     """Async callbacks run before the port opens (bring up what the servicers need)."""
+    warm_up: list[Callable] = field(default_factory=list)
+    """Async callbacks run once the port is open but before the service reports SERVING
+    (health NOT_SERVING, liveness SERVING meanwhile), e.g. the registry's start-up blob
+    collection; `start` returns after them."""
     on_start: list[Callable] = field(default_factory=list)
     """Async callbacks run once the server is serving (background loops, supervisors)."""
     on_stop: list[Callable] = field(default_factory=list)
@@ -169,11 +173,17 @@ class ServiceServer:
         else:
             self.port = self._server.add_insecure_port(address)
         await self._server.start()
-        for health_name in ("", self.name, *service_names, LIVENESS_SERVICE):
-            await self.health.set(health_name, SERVING)
+        ready = NOT_SERVING if self.warm_up else SERVING
+        for health_name in ("", self.name, *service_names):
+            await self.health.set(health_name, ready)
+        await self.health.set(LIVENESS_SERVICE, SERVING)
         if self.front_door is not None:
             self.port = await self.front_door.open(f"127.0.0.1:{backend_port}")
         self._stopped = asyncio.Event()
+        for callback in self.warm_up:
+            await callback()
+        if self.warm_up:
+            await self.set_serving(True)
         for callback in self.on_start:
             await callback()
         if self.discovery is not None:

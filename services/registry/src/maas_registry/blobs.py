@@ -4,17 +4,23 @@ An upload streams into `staging/` while its sha256 is computed, is fsynced, and 
 renamed to `sha256/<ab>/<digest>`: a reader can never see a partial blob, and two artifacts
 with the same bytes share one file. Which blobs are still referenced is the database's
 business; `collect` removes the files nobody references.
+
+Collection runs beside uploads. Two things keep it from deleting what an upload is about to
+record: this process's uploads in progress are never swept from staging, and the
+`CommitGate` keeps a collection from running between an upload moving its blob into place
+and recording the version that references it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +53,8 @@ class BlobStore:
         self._objects.mkdir(parents=True, exist_ok=True)
         # Staging names carry host and pid so collection can tell abandoned uploads apart.
         self._owner = f"{socket.gethostname()}-{os.getpid()}"
+        # Staging files of this process's uploads not yet committed or discarded.
+        self._uploading: set[Path] = set()
 
     def path_of(self, sha256: str) -> Path:
         if not is_sha256_hex(sha256):
@@ -58,7 +66,8 @@ class BlobStore:
 
     def new_staging_writer(self, max_bytes: int) -> StagingWriter:
         path = self._staging / f"{self._owner}-{uuid.uuid4().hex}.part"
-        return StagingWriter(path, max_bytes)
+        self._uploading.add(path)
+        return StagingWriter(path, max_bytes, on_abort=self._uploading.discard)
 
     async def put_stream(self, chunks: AsyncIterator[bytes], max_bytes: int) -> StagedBlob:
         """Write `chunks` to staging, hashing as they come; the caller commits or discards.
@@ -85,10 +94,12 @@ class BlobStore:
         else:
             os.replace(staged.path, target)
             _fsync_directory(target.parent)
+        self._uploading.discard(staged.path)
         return target
 
     def discard(self, staged: StagedBlob) -> None:
         staged.path.unlink(missing_ok=True)
+        self._uploading.discard(staged.path)
 
     def read_chunks(self, sha256: str, offset: int, chunk_bytes: int) -> Iterator[bytes]:
         """The blob's bytes from `offset`, in chunks; OUT_OF_RANGE beyond its end."""
@@ -134,6 +145,8 @@ class BlobStore:
             except FileNotFoundError:
                 continue
         for staged in self._staging.glob("*.part"):
+            if staged in self._uploading:
+                continue  # an upload of ours still receiving or about to commit
             try:
                 if not self._is_live_upload(staged) or staged.stat().st_mtime <= deadline:
                     staged.unlink()
@@ -161,9 +174,11 @@ class BlobStore:
 class StagingWriter:
     """One upload in progress: bytes appended, hashed and counted; size limit enforced."""
 
-    def __init__(self, path: Path, max_bytes: int):
+    def __init__(self, path: Path, max_bytes: int,
+                 on_abort: Callable[[Path], None] = lambda path: None):
         self.path = path
         self._max_bytes = max_bytes
+        self._on_abort = on_abort
         self._digest = hashlib.sha256()
         self._size = 0
         self._handle = path.open("xb")
@@ -187,6 +202,43 @@ class StagingWriter:
         if not self._handle.closed:
             self._handle.close()
         self.path.unlink(missing_ok=True)
+        self._on_abort(self.path)
+
+
+class CommitGate:
+    """Uploads hold it shared from moving their blob into place until their version is
+    recorded; a collection holds it alone. So a collection never sees a committed blob whose
+    version is not recorded yet, whatever the grace period (within this process; replicas
+    sharing a blob directory still rely on the grace period)."""
+
+    def __init__(self) -> None:
+        self._changed = asyncio.Condition()
+        self._commits = 0
+        self._collecting = False
+
+    @contextlib.asynccontextmanager
+    async def committing(self) -> AsyncIterator[None]:
+        async with self._changed:
+            await self._changed.wait_for(lambda: not self._collecting)
+            self._commits += 1
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._commits -= 1
+                self._changed.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def collecting(self) -> AsyncIterator[None]:
+        async with self._changed:
+            await self._changed.wait_for(lambda: not self._collecting and not self._commits)
+            self._collecting = True
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._collecting = False
+                self._changed.notify_all()
 
 
 def _fsync_directory(directory: Path) -> None:

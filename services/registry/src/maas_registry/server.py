@@ -54,6 +54,8 @@ def build_server(settings: RegistrySettings, telemetry: Telemetry | None = None,
                                                                                         s))],
         telemetry=telemetry, discovery=discovery)
     collector = _PeriodicCollection(registry, settings.gc_interval_seconds)
+    # SERVING only after the start-up collection: it must not overlap the first uploads.
+    server.warm_up.append(collector.collect_now)
     server.on_start.append(collector.start)
     server.on_stop.append(collector.stop)
     server.on_stop.append(store.close)
@@ -61,12 +63,18 @@ def build_server(settings: RegistrySettings, telemetry: Telemetry | None = None,
 
 
 class _PeriodicCollection:
-    """Collects unreferenced blobs at start-up (after a crash) and then periodically."""
+    """Collects unreferenced blobs at start-up (after a crash), then periodically."""
 
     def __init__(self, registry: Registry, interval_seconds: float):
         self._registry = registry
         self._interval = interval_seconds
         self._task: asyncio.Task | None = None
+
+    async def collect_now(self) -> None:
+        try:
+            await self._registry.collect_garbage()
+        except Exception:
+            _log.exception("blob collection failed")
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop())
@@ -79,11 +87,8 @@ class _PeriodicCollection:
 
     async def _loop(self) -> None:
         while True:
-            try:
-                await self._registry.collect_garbage()
-            except Exception:
-                _log.exception("blob collection failed")
             await asyncio.sleep(self._interval)
+            await self.collect_now()
 
 
 def main() -> None:
