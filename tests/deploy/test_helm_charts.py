@@ -45,7 +45,8 @@ SHARED_FILES = ("_helpers.tpl", "deployment.yaml", "service.yaml", "serviceaccou
 _PRODUCTION_COMMON = {
     "image": {"tag": "1.0.1", "pullPolicy": "Always"},
     "imagePullSecrets": [{"name": "ghcr-pull"}],
-    "tls": {"enabled": True, "secretName": "maas-tls", "requireClientCertificates": True},
+    "tls": {"enabled": True, "secretName": "maas-tls", "requireClientCertificates": True,
+            "peers": {"enabled": True, "presentClientCertificate": True}},
     "otlpEndpoint": "http://otel-collector.observability.svc:4317",
     "logLevel": "WARNING",
     "priorityClassName": "maas-critical",
@@ -310,8 +311,13 @@ def test_env_configures_the_service(manifests, service, profile):
     assert env[f"{prefix}ADMIN_TOKEN_FILE"]["value"] == env[f"{prefix}CLIENT_TOKEN_FILE"]["value"]
 
     if profile == "production":
-        tls_files = {variable: Path(env[f"{prefix}TLS_{variable}"]["value"])
-                     for variable in ("CERT_FILE", "KEY_FILE", "CLIENT_CA_FILE")}
+        tls_files = {variable: Path(env[f"{prefix}{variable}"]["value"])
+                     for variable in ("TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CLIENT_CA_FILE",
+                                      "PEER_TLS_CA_FILE", "PEER_TLS_CERT_FILE",
+                                      "PEER_TLS_KEY_FILE")}
+        # The client side of mTLS comes from the same Secret: its CA, its certificate.
+        assert tls_files["PEER_TLS_CA_FILE"] == tls_files["TLS_CLIENT_CA_FILE"]
+        assert tls_files["PEER_TLS_CERT_FILE"] == tls_files["TLS_CERT_FILE"]
         for path in tls_files.values():
             assert mounts[str(path.parent)][1]["secret"]["secretName"] == "maas-tls"
         assert env[f"{prefix}OTLP_ENDPOINT"]["value"] == "http://otel-collector.observability.svc:4317"
@@ -354,6 +360,7 @@ def test_env_is_read_by_the_services_settings_class(manifests, monkeypatch, serv
     assert settings.resolved_tokens_file == Path(env[f"{prefix}TOKENS_FILE"]["value"])
     assert settings.resolved_admin_token_file == Path(env[f"{prefix}ADMIN_TOKEN_FILE"]["value"])
     assert settings.tls_enabled is (profile == "production")
+    assert settings.peer_tls_enabled is (profile == "production")
     chosen = (values_for(service, profile) or {}).get("settings", {})
     for field, value in chosen.items():
         assert getattr(settings, field) == value, field

@@ -206,6 +206,22 @@ Secret's too (it is also the token the service presents to the others). */}}
   value: {{ printf "%s/ca.crt" (include "maas.tlsMountPath" .) | quote }}
 {{- end }}
 {{- end }}
+{{- /* The client side of the same Secret: peers (the registry) are dialled over TLS trusting
+its ca.crt, presenting its tls.crt/tls.key to peers that require mTLS. */}}
+{{- if .Values.tls.peers.enabled }}
+- name: {{ $prefix }}PEER_TLS_CA_FILE
+  value: {{ printf "%s/ca.crt" (include "maas.tlsMountPath" .) | quote }}
+{{- if .Values.tls.peers.presentClientCertificate }}
+- name: {{ $prefix }}PEER_TLS_CERT_FILE
+  value: {{ printf "%s/tls.crt" (include "maas.tlsMountPath" .) | quote }}
+- name: {{ $prefix }}PEER_TLS_KEY_FILE
+  value: {{ printf "%s/tls.key" (include "maas.tlsMountPath" .) | quote }}
+{{- end }}
+{{- with .Values.tls.peers.serverName }}
+- name: {{ $prefix }}PEER_TLS_SERVER_NAME
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
 {{- with .Values.otlpEndpoint | default .Values.global.maas.otlpEndpoint }}
 - name: {{ $prefix }}OTLP_ENDPOINT
   value: {{ . | quote }}
@@ -254,7 +270,7 @@ Secret's too (it is also the token the service presents to the others). */}}
   mountPath: {{ include "maas.authMountPath" . }}
   readOnly: true
 {{- end }}
-{{- if .Values.tls.enabled }}
+{{- if or .Values.tls.enabled .Values.tls.peers.enabled }}
 - name: tls
   mountPath: {{ include "maas.tlsMountPath" . }}
   readOnly: true
@@ -286,7 +302,7 @@ Secret's too (it is also the token the service presents to the others). */}}
       - key: {{ .Values.auth.clientTokenKey | quote }}
         path: {{ .Values.auth.clientTokenKey | quote }}
 {{- end }}
-{{- if .Values.tls.enabled }}
+{{- if or .Values.tls.enabled .Values.tls.peers.enabled }}
 - name: tls
   secret:
     secretName: {{ .Values.tls.secretName | quote }}
