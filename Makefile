@@ -15,7 +15,9 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 DATAPLANE := $(VENV)/bin/maas-inference-dataplane
 
-install: $(VENV)/.installed $(NODE_TOOLS) $(VENV)/.system-tools $(DATAPLANE)
+PERF_ANALYZER := $(VENV)/perf-analyzer/bin/perf_analyzer
+
+install: $(VENV)/.installed $(NODE_TOOLS) $(VENV)/.system-tools $(DATAPLANE) $(PERF_ANALYZER)
 
 $(VENV)/.installed: constraints.txt $(wildcard libs/*/pyproject.toml services/*/pyproject.toml)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,7 +25,8 @@ $(VENV)/.installed: constraints.txt $(wildcard libs/*/pyproject.toml services/*/
 	# torch first, by exact version: it takes the CPU build that lies on disk.
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -c constraints.txt $(foreach p,$(PACKAGES),-e $(p)) \
-		grpcio-tools pytest pytest-asyncio ruff requests helm-python-sdk kubernetes-validate
+		grpcio-tools pytest pytest-asyncio ruff requests helm-python-sdk kubernetes-validate \
+		nvidia-cuda-runtime-cu12
 	touch $@
 
 $(NODE_TOOLS): tools/package.json
@@ -36,10 +39,11 @@ $(VENV)/.system-tools:
 	command -v protoc >/dev/null && test -f /usr/include/google/protobuf/descriptor.pb.h && \
 		test -f /usr/share/java/protobuf.jar && command -v javac >/dev/null && \
 		command -v grpc_cpp_plugin >/dev/null && test -f /usr/include/grpcpp/grpcpp.h && \
-		test -f /usr/include/nlohmann/json.hpp && test -f /usr/include/openssl/sha.h || \
+		test -f /usr/include/nlohmann/json.hpp && test -f /usr/include/openssl/sha.h && \
+		ldconfig -p | grep -q libb64.so.0d || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 			protobuf-compiler libprotobuf-dev libprotobuf-java default-jdk-headless g++ pkg-config \
-			libgrpc++-dev protobuf-compiler-grpc nlohmann-json3-dev libssl-dev zlib1g-dev \
+			libgrpc++-dev protobuf-compiler-grpc nlohmann-json3-dev libssl-dev zlib1g-dev libb64-0d \
 			>/dev/null; }
 	touch $@
 
@@ -47,6 +51,14 @@ $(VENV)/.system-tools:
 $(DATAPLANE): $(VENV)/.installed $(VENV)/.system-tools $(wildcard services/inference/native/*)
 	$(MAKE) -C services/inference/native -j2 PY=$(abspath $(PY)) BUILD=$(abspath build/dataplane) \
 		OUT=$(abspath $@)
+
+# perf_analyzer, NVIDIA's standard KServe-v2 load generator, as the tritonclient 2.41.0 wheel
+# ships it (later wheels do not): in a folder of its own, the suite's tritonclient being newer.
+# Even on CPU it needs libb64 (libb64-0d, above) and libcudart.so.12 (the
+# nvidia-cuda-runtime-cu12 wheel, on LD_LIBRARY_PATH: see tests/support/perf_analyzer.py).
+$(PERF_ANALYZER): $(VENV)/.installed $(VENV)/.system-tools
+	$(PIP) install -q --no-deps --upgrade --target $(VENV)/perf-analyzer tritonclient==2.41.0
+	touch $@
 
 proto: $(VENV)/.installed
 	$(PY) tools/gen_protos.py --out $(API_OUT)

@@ -15,6 +15,7 @@ namespace {
 
 constexpr char kDeploymentPrefix[] = "deployments/";
 constexpr char kDataTypePrefix[] = "DATA_TYPE_";
+constexpr char kEnableEmptyFinalResponse[] = "triton_enable_empty_final_response";
 
 bool parse(const grpc::ByteBuffer& bytes, google::protobuf::Message* message) {
   grpc::ByteBuffer copy(bytes);  // slices are shared, not copied; the original stays for declining
@@ -77,6 +78,42 @@ std::string Counters::to_json() const {
       .dump();
 }
 
+// -- SpanBuffer -----------------------------------------------------------------------------------
+
+int64_t unix_nanos(std::chrono::system_clock::time_point time) {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(time.time_since_epoch()).count();
+}
+
+void SpanBuffer::record(SpanRecord span) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (spans_.size() == kCapacity) {
+    spans_.pop_front();
+    dropped_++;
+  }
+  spans_.push_back(std::move(span));
+}
+
+std::string SpanBuffer::drain_json() {
+  std::deque<SpanRecord> taken;
+  uint64_t dropped;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    taken.swap(spans_);
+    dropped = dropped_;
+    dropped_ = 0;
+  }
+  nlohmann::json spans = nlohmann::json::array();
+  for (const auto& span : taken)
+    spans.push_back({{"traceparent", span.traceparent},
+                     {"method", span.method},
+                     {"deployment", span.deployment_id},
+                     {"triton_model", span.triton_model},
+                     {"outcome", span.outcome},
+                     {"start_unix_nanos", span.start_unix_nanos},
+                     {"end_unix_nanos", span.end_unix_nanos}});
+  return nlohmann::json{{"spans", spans}, {"dropped", dropped}}.dump();
+}
+
 // -- DataPlane ----------------------------------------------------------------------------------
 
 DataPlane::DataPlane(std::shared_ptr<grpc::Channel> triton,
@@ -112,8 +149,16 @@ InferCall::InferCall(std::unique_ptr<Incoming> incoming, DataPlane* plane, Proto
   incoming_->stream.Read(&request_bytes_, request_read_.start());
 }
 
+void InferCall::record_span(const char* outcome) {
+  if (traceparent_.empty()) return;
+  plane_->spans().record({traceparent_, incoming_->context.method(), deployment_id_,
+                          target_->triton_model, outcome, unix_nanos(accepted_at_),
+                          unix_nanos(std::chrono::system_clock::now())});
+}
+
 void InferCall::give_up() {
   plane_->counters().abandoned();
+  record_span("CANCELLED");
   incoming_->stream.Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the caller gave up"),
                            finished_.start());
 }
@@ -181,6 +226,9 @@ bool InferCall::admit_kserve(const Route& route) {
   auto& request = triton_request_;
   request_id_ = request.id().empty() ? generated_request_id() : request.id();
   target_ = &route.pick(request_id_);
+  // Triton's flag for streams, which perf_analyzer (and tritonclient) put on every request:
+  // it means nothing to a unary call, so it does not make a request the data plane's to decline.
+  request.mutable_parameters()->erase(kEnableEmptyFinalResponse);
   if (!request.model_version().empty() || request.parameters_size() > 0 ||
       request.raw_input_contents_size() != request.inputs_size())
     return false;
@@ -273,6 +321,7 @@ void InferCall::reply(const ::inference::ModelInferResponse& response) {
     serialize(answer, &reply_bytes_);
   }
   plane_->counters().served(deployment_id_);
+  record_span("OK");
   incoming_->stream.WriteAndFinish(reply_bytes_, grpc::WriteOptions(), grpc::Status::OK,
                                    finished_.start());
 }

@@ -56,6 +56,35 @@ class Counters {
   std::atomic<int64_t> open_relays_{0};
 };
 
+// What the control plane needs to emit an OpenTelemetry span for a request served here (the
+// data plane exports nothing itself): kept only for requests that carry a W3C traceparent.
+struct SpanRecord {
+  std::string traceparent;  // the caller's, as it came
+  std::string method;       // e.g. "/maas.inference.v1.InferenceService/Predict"
+  std::string deployment_id;
+  std::string triton_model;
+  std::string outcome;  // a gRPC status code name: "OK", "CANCELLED"
+  int64_t start_unix_nanos = 0;
+  int64_t end_unix_nanos = 0;
+};
+
+// Span records waiting for the control plane to take them; at most `kCapacity` (the oldest are
+// dropped and counted when it does not come). Written by the loop thread, drained by the
+// control thread.
+class SpanBuffer {
+ public:
+  static constexpr size_t kCapacity = 4096;
+  void record(SpanRecord span);
+  std::string drain_json();  // {"spans": [...], "dropped": N}; empties the buffer
+
+ private:
+  std::mutex mutex_;
+  std::deque<SpanRecord> spans_;
+  uint64_t dropped_ = 0;
+};
+
+int64_t unix_nanos(std::chrono::system_clock::time_point time);
+
 class DataPlane;
 
 // Requests for one Triton model: at most `max_calls_in_flight` calls open, the rest wait.
@@ -91,6 +120,7 @@ class DataPlane {
   grpc::CompletionQueue* queue() { return queue_; }
   TokenTable* tokens() { return tokens_.get(); }
   Counters& counters() { return counters_; }
+  SpanBuffer& spans() { return spans_; }
 
  private:
   std::unique_ptr<::inference::GRPCInferenceService::Stub> triton_;
@@ -98,6 +128,7 @@ class DataPlane {
   std::unique_ptr<TokenTable> tokens_;  // nullptr: auth is off
   grpc::CompletionQueue* queue_;
   Counters counters_;
+  SpanBuffer spans_;
   mutable std::mutex table_mutex_;
   std::shared_ptr<const RouteTable> table_;
   std::unordered_map<std::string, std::unique_ptr<Lane>> lanes_;
@@ -134,10 +165,12 @@ class InferCall : public Operations {
   bool matches_signature(
       const std::vector<const ::inference::ModelInferRequest::InferInputTensor*>& inputs,
       const std::vector<size_t>& byte_lengths);
+  void record_span(const char* outcome);  // when the caller sent a traceparent
 
   std::unique_ptr<Incoming> incoming_;
   DataPlane* plane_;
   Protocol protocol_;
+  std::chrono::system_clock::time_point accepted_at_ = std::chrono::system_clock::now();
   grpc::ByteBuffer request_bytes_;
   grpc::ByteBuffer reply_bytes_;
   std::shared_ptr<const RouteTable> table_;  // keeps `target_` alive

@@ -7,7 +7,9 @@
 //
 //   stdin   one JSON object per line: {"generation": N, "triton_ready": bool, "routes": {...}}
 //           replaces the routing table ("applied N" is written once it is in force);
-//           {"stats": true} asks for the counters ("stats {...}"). End of input stops serving.
+//           {"stats": true} asks for the counters ("stats {...}"); {"spans": true} takes the
+//           span records of served requests that carried a traceparent ("spans {...}").
+//           End of input stops serving.
 //   stdout  "listening PORT" once the port is bound, then the answers above.
 //
 // The process dies with its parent (PR_SET_PDEATHSIG), so it never outlives the service.
@@ -123,6 +125,10 @@ void serve_control_lines(DataPlane* plane) {
       auto document = nlohmann::json::parse(line);
       if (document.contains("stats")) {
         answer("stats " + plane->counters().to_json());
+        continue;
+      }
+      if (document.contains("spans")) {
+        answer("spans " + plane->spans().drain_json());
         continue;
       }
       auto table = RouteTable::parse(line);

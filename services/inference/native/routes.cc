@@ -103,7 +103,9 @@ std::shared_ptr<const RouteTable> RouteTable::parse(const std::string& json_line
 }
 
 std::shared_ptr<const std::vector<std::string>> TokenTable::scopes_for(
-    const std::string& authorization) {
+    const std::string& header_value) {
+  // Trimmed as the control plane trims it: perf_analyzer's `-H` keeps the space after ':'.
+  std::string authorization = trim(header_value);
   size_t space = authorization.find(' ');
   if (space == std::string::npos) return nullptr;
   std::string scheme = authorization.substr(0, space);

@@ -114,6 +114,9 @@ class TokenStore:
     _checked_at: float = float("-inf")
 
     def authenticate(self, authorization: str | None) -> Principal:
+        # Header values are taken trimmed: some clients (perf_analyzer's `-H`) send the value
+        # with the space after the colon still in front of it.
+        authorization = (authorization or "").strip()
         if not authorization:
             raise Unauthenticated("missing `authorization: Bearer <token>` metadata",
                                   reason="MISSING_TOKEN")

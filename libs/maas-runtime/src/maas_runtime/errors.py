@@ -159,6 +159,13 @@ class Cancelled(MaasError):
     default_reason = "CANCELLED"
 
 
+class Unimplemented(MaasError):
+    """The method exists in a standard contract but is not offered here, by design."""
+
+    code = "UNIMPLEMENTED"
+    default_reason = "UNIMPLEMENTED"
+
+
 class Internal(MaasError):
     """A bug or broken invariant on the server side; never used for a caller's mistake."""
 

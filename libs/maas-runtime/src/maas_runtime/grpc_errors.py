@@ -31,6 +31,7 @@ _ERROR_CLASSES: dict[str, type[errors.MaasError]] = {
         errors.Unavailable,
         errors.DeadlineExceeded,
         errors.Cancelled,
+        errors.Unimplemented,
         errors.Internal,
     )
 }

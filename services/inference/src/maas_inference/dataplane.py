@@ -26,8 +26,11 @@ import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from google.rpc import code_pb2
 from maas_runtime import errors
+from opentelemetry import trace
 from opentelemetry.metrics import Observation
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from maas_inference.routing import Route, ServedModel
 
@@ -36,6 +39,7 @@ _log = logging.getLogger(__name__)
 BINARY_NAME = "maas-inference-dataplane"
 _UNLIMITED_CALLS = 1 << 30
 _RESTART_DELAY_SECONDS = 0.5
+W3C_TRACE_CONTEXT = TraceContextTextMapPropagator()
 
 
 def find_binary(configured: str = "") -> Path:
@@ -177,6 +181,16 @@ class NativeDataPlane:
             answer = await self._ask('{"stats": true}')
         return json.loads(answer.removeprefix("stats "))
 
+    async def spans(self) -> dict:
+        """Takes the span records of the requests it served for callers that sent a
+        traceparent: `{"spans": [...], "dropped": N}` (records it had no room for)."""
+        async with self._lock:
+            if not self._running:
+                raise errors.Unavailable("the data plane is not running (yet)",
+                                         reason="DATA_PLANE_FAILED")
+            answer = await self._ask('{"spans": true}')
+        return json.loads(answer.removeprefix("spans "))
+
     async def _ask(self, line: str) -> str:
         """One line to the data plane and its one-line answer; UNAVAILABLE if it has died."""
         try:
@@ -256,3 +270,59 @@ class DataPlaneMetrics:
 
     def _observe_triton_calls(self, _options) -> list[Observation]:
         return [Observation(self._stats["triton_calls"])] if self._stats else []
+
+
+class DataPlaneSpans:
+    """Spans for the requests the data plane served, in their callers' traces.
+
+    The data plane exports nothing itself: it keeps, for each request it served that carried
+    a W3C `traceparent`, when it was accepted and answered and how it ended (a bounded buffer).
+    This polls those records every `poll_seconds` and emits each as a SERVER span with its
+    real start and end times, parented on the caller's span; the tracer's sampler decides as
+    for any incoming call (a caller that did not sample gets no span).
+    """
+
+    def __init__(self, data_plane: NativeDataPlane, tracer, poll_seconds: float = 1.0):
+        self._data_plane = data_plane
+        self._tracer = tracer
+        self._poll_seconds = poll_seconds
+        self.dropped = 0
+        """Records the data plane had no room for (it was not polled in time)."""
+
+    async def export(self) -> int:
+        """Emit the spans recorded since the last call; returns how many records there were."""
+        taken = await self._data_plane.spans()
+        self.dropped += taken["dropped"]
+        for record in taken["spans"]:
+            self._emit(record)
+        return len(taken["spans"])
+
+    def _emit(self, record: dict) -> None:
+        caller = W3C_TRACE_CONTEXT.extract({"traceparent": record["traceparent"]})
+        if not trace.get_current_span(caller).get_span_context().is_valid:
+            return  # a malformed traceparent: no trace to join
+        service, _, method = record["method"].strip("/").rpartition("/")
+        span = self._tracer.start_span(
+            f"{service}/{method}", context=caller, kind=trace.SpanKind.SERVER,
+            start_time=record["start_unix_nanos"],
+            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method,
+                        "rpc.grpc.status_code": grpc_status_number(record["outcome"]),
+                        "maas.deployment": record["deployment"],
+                        "maas.triton_model": record["triton_model"],
+                        "maas.served_by": "data-plane"})
+        if record["outcome"] != "OK":
+            span.set_status(trace.Status(trace.StatusCode.ERROR, record["outcome"]))
+        span.end(end_time=record["end_unix_nanos"])
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.export()
+            except errors.MaasError as exc:  # restarting: its records since then are lost
+                _log.debug("no data plane spans this time: %s", exc.message)
+            await asyncio.sleep(self._poll_seconds)
+
+
+def grpc_status_number(code_name: str) -> int:
+    """The numeric gRPC status for a code name ("OK" → 0), as OpenTelemetry records it."""
+    return code_pb2.Code.Value(code_name) if code_name in code_pb2.Code.keys() else 2

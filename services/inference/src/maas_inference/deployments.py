@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -570,19 +570,74 @@ class DeploymentManager:
         (concatenated with others' when calls are shared), never decoded.
         """
         deployment_id = request.model_name
-        live = self._route(deployment_id)
-        _require_route_models(principal, live.route)
-        self._require_triton()
-        request_id = request.id or uuid.uuid4().hex
-        target = live.route.pick(request_id)
-        rows = target.signature.check(kserve_shapes(request), "inputs")
-        request.model_name = target.triton_model
+        live, target, rows, request_id = self._kserve_route(request, principal)
         response = await self._infer(target, request, rows, timeout)
         if live.route.mirrors(request_id):
             self._mirror(live, request, response)
         response.model_name = deployment_id
         response.model_version = target.version.rsplit("/", 1)[-1]
         return response
+
+    def _kserve_route(self, request: service_pb2.ModelInferRequest, principal: Principal
+                      ) -> tuple[_Live, ServedModel, int, str]:
+        """Route a KServe request (model name = deployment id) to one of the deployment's
+        versions, check it against that version's signature and retarget it at the Triton
+        model. Returns the route, the target, the request's rows and its (routing) id."""
+        live = self._route(request.model_name)
+        _require_route_models(principal, live.route)
+        self._require_triton()
+        request_id = request.id or uuid.uuid4().hex
+        target = live.route.pick(request_id)
+        rows = target.signature.check(kserve_shapes(request), "inputs")
+        request.model_name = target.triton_model
+        return live, target, rows, request_id
+
+    async def kserve_stream_infer(
+            self, requests: AsyncIterator[service_pb2.ModelInferRequest], timeout: float | None,
+            principal: Principal) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
+        """KServe-v2 ModelStreamInfer: each request routed as ModelInfer is, then answered on
+        one Triton stream, in order: every response of a request (several for a decoupled
+        model) comes before the first of the next. A request refused here or failed by Triton
+        is answered with `error_message`, as Triton does, and the stream goes on. Shadows are
+        not fed from streams.
+
+        Triton marks a request's last response only when asked to, so every request asks
+        (`triton_enable_empty_final_response`); the empty closing response of a decoupled
+        model is passed on only to callers that asked for it themselves.
+        """
+        stream = None
+        try:
+            async for request in requests:
+                deployment_id = request.model_name
+                try:
+                    _, target, _, _ = self._kserve_route(request, principal)
+                except errors.MaasError as exc:
+                    yield service_pb2.ModelStreamInferResponse(
+                        error_message=exc.message, infer_response=service_pb2.ModelInferResponse(
+                            model_name=deployment_id, id=request.id))
+                    continue
+                asked = request.parameters.get(ENABLE_FINAL_RESPONSE)
+                caller_wants_final = asked is not None and asked.bool_param
+                request.parameters[ENABLE_FINAL_RESPONSE].bool_param = True
+                if stream is None:
+                    stream = self._triton.open_stream(timeout=timeout, metadata=trace_metadata())
+                with self._in_flight.track(target.triton_model):
+                    await stream.send(request)
+                    while True:
+                        response = await stream.receive()
+                        final = _is_final_response(response)
+                        if final and not caller_wants_final and _is_empty_response(response):
+                            break
+                        _as_deployment(response, deployment_id, target)
+                        if not caller_wants_final and \
+                                FINAL_RESPONSE in response.infer_response.parameters:
+                            del response.infer_response.parameters[FINAL_RESPONSE]
+                        yield response
+                        if final:
+                            break
+        finally:
+            if stream is not None:
+                await stream.close()
 
     def _mirror(self, live: _Live, request, primary) -> None:
         """Copy to the shadow without delaying or failing the primary reply."""
@@ -638,6 +693,13 @@ class DeploymentManager:
         _require_route_models(principal, live.route)
         return live.route.targets[0][0], [m.version for m, _ in live.route.targets]
 
+    def served_route(self, deployment_id: str, principal: Principal) -> Route:
+        """The live route of a deployment the token may see: NOT_FOUND when there is no such
+        deployment, UNAVAILABLE while it is not loaded, PERMISSION_DENIED out of scope."""
+        live = self._route(deployment_id)
+        _require_route_models(principal, live.route)
+        return live.route
+
     def is_ready(self, deployment_id: str) -> bool:
         return deployment_id in self._live and self._triton_ready()
 
@@ -684,6 +746,32 @@ def _scope_fingerprint(principal: Principal) -> str:
     """A page token is only good for the scope it was issued under (its cursor is the last
     id looked at, which may be a deployment this token cannot see)."""
     return query_fingerprint("deployments", *sorted(principal.model_scopes))
+
+
+ENABLE_FINAL_RESPONSE = "triton_enable_empty_final_response"
+FINAL_RESPONSE = "triton_final_response"
+
+
+def _is_final_response(response: service_pb2.ModelStreamInferResponse) -> bool:
+    """The last response of its request: Triton flags it (when asked); an unflagged one is
+    the only one (a model that is not decoupled, or an error)."""
+    flag = response.infer_response.parameters.get(FINAL_RESPONSE)
+    return flag is None or flag.bool_param
+
+
+def _is_empty_response(response: service_pb2.ModelStreamInferResponse) -> bool:
+    return not response.error_message and not response.infer_response.outputs
+
+
+def _as_deployment(response: service_pb2.ModelStreamInferResponse, deployment_id: str,
+                   target: ServedModel) -> None:
+    """Name the deployment and its version where Triton named its own model."""
+    reply = response.infer_response
+    reply.model_name = deployment_id
+    reply.model_version = target.version.rsplit("/", 1)[-1]
+    if response.error_message:
+        response.error_message = response.error_message.replace(target.triton_model,
+                                                                deployment_id)
 
 
 _NUMPY_TYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT64": np.int64,

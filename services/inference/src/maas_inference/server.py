@@ -17,6 +17,7 @@ from maas_runtime.telemetry import Telemetry
 
 from maas_inference.dataplane import (
     DataPlaneMetrics,
+    DataPlaneSpans,
     NativeDataPlane,
     find_binary,
     route_table,
@@ -83,6 +84,9 @@ class InferenceApp:
         self.triton: TritonClient | None = None
         self._alias_task: asyncio.Task | None = None
         self._metrics_task: asyncio.Task | None = None
+        self._spans_task: asyncio.Task | None = None
+        self.data_plane_spans: DataPlaneSpans | None = None
+        """Spans for what the data plane serves, when spans are exported."""
         self._background: set[asyncio.Task] = set()
 
     def triton_ready(self) -> bool:
@@ -143,9 +147,14 @@ class InferenceApp:
         if self.data_plane is not None and meter is not None:
             self._metrics_task = asyncio.create_task(
                 DataPlaneMetrics(self.data_plane, meter).run())
+        if self.data_plane is not None and self.telemetry is not None \
+                and self.telemetry.exporting:
+            self.data_plane_spans = DataPlaneSpans(
+                self.data_plane, self.telemetry.tracer("maas.inference.dataplane"))
+            self._spans_task = asyncio.create_task(self.data_plane_spans.run())
 
     async def stop(self) -> None:
-        for task in (self._alias_task, self._metrics_task):
+        for task in (self._alias_task, self._metrics_task, self._spans_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

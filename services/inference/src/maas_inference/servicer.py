@@ -7,11 +7,12 @@ from google.protobuf import empty_pb2
 from google.protobuf.message import DecodeError
 from maas.inference.v1 import deployment_pb2, inference_service_pb2, inference_service_pb2_grpc
 from maas_runtime.auth import Role, current_principal
-from maas_runtime.errors import InvalidArgument
+from maas_runtime.errors import InvalidArgument, MaasError, PermissionDenied, Unimplemented
 from maas_runtime.messages import request_fields, to_message
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from maas_inference.deployments import DeploymentManager
+from maas_inference.kserve import KServeViews
 from maas_inference.tensors import predict_outputs
 
 
@@ -69,17 +70,54 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
 
 
 KSERVE_SERVICE = "inference.GRPCInferenceService"
+
+REFUSED_KSERVE_METHODS: dict[str, MaasError] = {
+    **{method: PermissionDenied(
+        "the gateway loads and unloads models through deployments (CreateDeployment, "
+        "UpdateDeployment, DeleteDeployment of maas.inference.v1.InferenceService), never "
+        "through the model repository", reason="REPOSITORY_CONTROL_REFUSED")
+       for method in ("RepositoryModelLoad", "RepositoryModelUnload")},
+    **{method: Unimplemented(
+        "shared memory is not offered through the gateway (it is a remote service): send "
+        "tensors in the request (raw_input_contents)", reason="SHARED_MEMORY_UNSUPPORTED")
+       for method in ("SystemSharedMemoryStatus", "SystemSharedMemoryRegister",
+                      "SystemSharedMemoryUnregister", "CudaSharedMemoryStatus",
+                      "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister")},
+    **{method: Unimplemented(
+        "trace and log settings belong to the operator: the gateway is traced with "
+        "OpenTelemetry (W3C traceparent) and configured by its settings",
+        reason="SERVER_SETTINGS_UNSUPPORTED")
+       for method in ("TraceSetting", "LogSettings")},
+}
+"""Standard methods refused by design, each with the reason a caller can act on."""
+
 KSERVE_ROLES = {f"/{KSERVE_SERVICE}/{method}": Role.VIEWER
                 for method in ("ServerLive", "ServerReady", "ModelReady", "ModelMetadata",
-                               "ModelInfer", "ServerMetadata")}
-"""KServe-v2 has no role annotations of ours: every supported method is a read."""
+                               "ModelInfer", "ServerMetadata", "ModelConfig", "ModelStatistics",
+                               "RepositoryIndex", "ModelStreamInfer", *REFUSED_KSERVE_METHODS)}
+"""KServe-v2 has no role annotations of ours: every supported method is a read (or an
+inference), and a refused one is refused with its reason, whatever the role."""
+
+
+def _parse_infer_request(serialized: bytes) -> service_pb2.ModelInferRequest:
+    try:
+        return service_pb2.ModelInferRequest.FromString(serialized)
+    except DecodeError:
+        raise InvalidArgument.for_field(
+            "request", "is not a serialized inference.ModelInferRequest") from None
+
+
+async def _parsed_infer_requests(serialized_requests):
+    async for serialized in serialized_requests:
+        yield _parse_infer_request(serialized)
 
 
 class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     """The standard KServe-v2 protocol over deployments (model name = deployment id)."""
 
-    def __init__(self, manager: DeploymentManager, triton_ready):
+    def __init__(self, manager: DeploymentManager, views: KServeViews, triton_ready):
         self._manager = manager
+        self._views = views
         self._triton_ready = triton_ready
 
     async def ServerLive(self, request, context):
@@ -109,26 +147,54 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             platform="maas_triton", inputs=tensors(signature.inputs),
             outputs=tensors(signature.outputs))
 
+    async def ModelConfig(self, request, context):
+        config = await self._views.model_config(request.name, current_principal())
+        return service_pb2.ModelConfigResponse(config=config)
+
+    async def ModelStatistics(self, request, context):
+        statistics = await self._views.model_statistics(request.name, current_principal())
+        return service_pb2.ModelStatisticsResponse(model_stats=statistics)
+
+    async def RepositoryIndex(self, request, context):
+        models = await self._views.repository_index(request.repository_name, request.ready,
+                                                    current_principal())
+        return service_pb2.RepositoryIndexResponse(models=models)
+
     async def ModelInfer(self, request: bytes, context) -> bytes:
-        try:
-            message = service_pb2.ModelInferRequest.FromString(request)
-        except DecodeError:
-            raise InvalidArgument.for_field(
-                "request", "is not a serialized inference.ModelInferRequest") from None
-        reply = await self._manager.kserve_infer(message, _deadline(context), current_principal())
+        reply = await self._manager.kserve_infer(_parse_infer_request(request),
+                                                 _deadline(context), current_principal())
         return reply.SerializeToString()
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        async for response in self._manager.kserve_stream_infer(
+                _parsed_infer_requests(request_iterator), _deadline(context),
+                current_principal()):
+            yield response
+
+
+def _refusal(error: MaasError):
+    async def refuse(request: bytes, context):
+        raise type(error)(error.message, reason=error.reason)  # a fresh one: no traceback piles up
+
+    return refuse
 
 
 def add_kserve_to_server(servicer: KServeServicer, server) -> None:
-    """Register KServe-v2, ModelInfer on raw bytes (parsed by the servicer, so a malformed
-    request is INVALID_ARGUMENT naming `request`, not grpc's INTERNAL deserialization failure)
-    and the other methods on their generated messages."""
+    """Register KServe-v2: ModelInfer and ModelStreamInfer on raw bytes (parsed by the
+    servicer, so a malformed request is INVALID_ARGUMENT naming `request`, not grpc's INTERNAL
+    deserialization failure), the refused methods on raw bytes too (whatever was sent, the
+    answer is the refusal), and the other methods on their generated messages."""
     typed = {
         "ServerLive": (service_pb2.ServerLiveRequest, service_pb2.ServerLiveResponse),
         "ServerReady": (service_pb2.ServerReadyRequest, service_pb2.ServerReadyResponse),
         "ServerMetadata": (service_pb2.ServerMetadataRequest, service_pb2.ServerMetadataResponse),
         "ModelReady": (service_pb2.ModelReadyRequest, service_pb2.ModelReadyResponse),
         "ModelMetadata": (service_pb2.ModelMetadataRequest, service_pb2.ModelMetadataResponse),
+        "ModelConfig": (service_pb2.ModelConfigRequest, service_pb2.ModelConfigResponse),
+        "ModelStatistics": (service_pb2.ModelStatisticsRequest,
+                            service_pb2.ModelStatisticsResponse),
+        "RepositoryIndex": (service_pb2.RepositoryIndexRequest,
+                            service_pb2.RepositoryIndexResponse),
     }
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(
@@ -137,5 +203,10 @@ def add_kserve_to_server(servicer: KServeServicer, server) -> None:
         for name, (request_type, response_type) in typed.items()
     }
     handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(servicer.ModelInfer)
+    handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+        servicer.ModelStreamInfer,
+        response_serializer=service_pb2.ModelStreamInferResponse.SerializeToString)
+    for name, error in REFUSED_KSERVE_METHODS.items():
+        handlers[name] = grpc.unary_unary_rpc_method_handler(_refusal(error))
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(KSERVE_SERVICE, handlers),))

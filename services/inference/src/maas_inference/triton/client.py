@@ -11,6 +11,7 @@ all. Triton's failures are raised as the suite's `MaasError`s with the same cano
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -337,6 +338,15 @@ class TritonClient:
         except grpc.aio.AioRpcError as error:
             raise triton_error(error.code(), error.details() or "", request.model_name) from None
 
+    def open_stream(
+        self,
+        *,
+        timeout: float | None = None,
+        metadata: Sequence[tuple[str, str]] | None = None,
+    ) -> TritonStream:
+        """A `ModelStreamInfer` call: requests written one by one, responses read in turn."""
+        return TritonStream(self._stub.ModelStreamInfer(timeout=timeout, metadata=metadata))
+
     async def infer_serialized(
         self,
         serialized_request: bytes,
@@ -354,3 +364,32 @@ class TritonClient:
             return await self._infer_serialized(serialized_request, timeout=timeout, metadata=metadata)
         except grpc.aio.AioRpcError as error:
             raise triton_error(error.code(), error.details() or "", model_name) from None
+
+
+class TritonStream:
+    """One bidirectional `ModelStreamInfer` call to Triton; failures of the call itself (not
+    of a request, which Triton reports in `error_message`) raise the suite's errors."""
+
+    def __init__(self, call) -> None:
+        self._call = call
+
+    async def send(self, request: service_pb2.ModelInferRequest) -> None:
+        try:
+            await self._call.write(request)
+        except grpc.aio.AioRpcError as error:
+            raise triton_error(error.code(), error.details() or "", request.model_name) from None
+
+    async def receive(self) -> service_pb2.ModelStreamInferResponse:
+        try:
+            response = await self._call.read()
+        except grpc.aio.AioRpcError as error:
+            raise triton_error(error.code(), error.details() or "") from None
+        if response is grpc.aio.EOF:
+            raise Unavailable("Triton ended the inference stream", reason="TRITON_UNAVAILABLE")
+        return response
+
+    async def close(self) -> None:
+        """Half-close, then end the call (a request still being answered is cancelled)."""
+        with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
+            await self._call.done_writing()
+        self._call.cancel()
