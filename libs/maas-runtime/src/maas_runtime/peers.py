@@ -21,6 +21,7 @@ import grpc
 
 from maas_runtime import errors
 from maas_runtime.client import client_interceptors
+from maas_runtime.discovery.channels import DiscoveredChannel
 from maas_runtime.grpc_errors import from_rpc_error
 from maas_runtime.settings import ServiceSettings
 from maas_runtime.tls import channel_credentials
@@ -107,7 +108,7 @@ class PeerChannel:
             *options,
         ]
         self._channel: grpc.aio.Channel | None = None
-        self._discovered = None
+        self._discovered: DiscoveredChannel | None = None
 
     @classmethod
     def from_settings(cls, settings: ServiceSettings, service: str, *, target: str = "",
@@ -134,8 +135,6 @@ class PeerChannel:
                 grpc.aio.insecure_channel(self.target, self._options,
                                           interceptors=self._interceptors))
             return
-        from maas_runtime.discovery import DiscoveredChannel
-
         self._discovered = DiscoveredChannel(
             self._discovery, self.service, credentials=self.transport.credentials,
             options=self._options, interceptors=self._interceptors)
