@@ -9,6 +9,7 @@ inside the trace.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
@@ -206,7 +207,12 @@ class AuthInterceptor(WrappingInterceptor):
             return set_current_principal(principal)
 
         def after(context, token, failure):
-            if token is not None:
+            if token is None:
+                return
+            # grpc finalises a response stream whose caller left (GeneratorExit) from another
+            # task, whose context never held this principal: nothing to undo there, and
+            # `reset` would raise ValueError out of the finaliser.
+            with contextlib.suppress(ValueError):
                 reset_current_principal(token)
 
         return guarded(behaviour, response_streaming, before, reraise, after)

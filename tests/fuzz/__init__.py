@@ -1,0 +1,1 @@
+"""Hostile-request tests against the whole suite running in process."""
