@@ -25,7 +25,7 @@ async def triton(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Trit
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def triton_client(triton: TritonServerProcess) -> AsyncIterator[TritonClient]:
-    async with TritonClient(triton.grpc_url) as client:
+    async with TritonClient(triton.grpc_url, control_key=triton.control_key) as client:
         yield client
 
 

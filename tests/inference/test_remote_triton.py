@@ -2,7 +2,8 @@
 
 The session's tritonserver (started by the fixtures, as a platform team would run it in its
 own pod) plays the external server: the service gets only its gRPC address and the shared
-model repository path (`MAAS_INFERENCE_TRITON_URL`, `MAAS_INFERENCE_TRITON_MODEL_REPOSITORY`).
+model repository path (`MAAS_INFERENCE_TRITON_URL`, `MAAS_INFERENCE_TRITON_MODEL_REPOSITORY`),
+and the key its model control is restricted to (`MAAS_INFERENCE_TRITON_CONTROL_KEY_FILE`).
 """
 
 from __future__ import annotations
@@ -43,9 +44,13 @@ async def test_deployments_load_into_an_external_triton_and_outlive_the_service(
     await registry.CreateModel(rs.CreateModelRequest(model_id="remote"))
     await registry.UploadModelVersion(model_upload_requests("models/remote", package.read_bytes()))
 
+    # The external Triton guards model control with a key, handed over in a file.
+    key_file = tmp_path / "triton-control.key"
+    key_file.write_text(triton.control_key + "\n")
     settings = InferenceSettings(
         state_dir=tmp_path / "inference", port=0, triton_url=triton.grpc_url,
         triton_model_repository=str(triton.model_repository),
+        triton_control_key_file=str(key_file),
         registry_target=f"127.0.0.1:{registry_port}",
         client_token_file=tmp_path / "registry" / "admin.token")
     inference_server, app = build_inference(settings)

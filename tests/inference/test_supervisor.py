@@ -97,7 +97,7 @@ async def test_kill_9_restarts_triton_and_every_model_is_ready_again(tmp_path) -
 
     async def reload_every_model() -> None:
         # What the service does: Triton restarted empty, so load every deployment again.
-        async with TritonClient(process.grpc_url) as control:
+        async with TritonClient(process.grpc_url, control_key=process.control_key) as control:
             await asyncio.gather(*(control.load_model(n) for n in repository.model_names()))
         reloaded.set()
 
@@ -106,7 +106,7 @@ async def test_kill_9_restarts_triton_and_every_model_is_ready_again(tmp_path) -
     )
     await supervisor.start()
     try:
-        async with TritonClient(process.grpc_url) as client:
+        async with TritonClient(process.grpc_url, control_key=process.control_key) as client:
             await client.load_model("mlp")
             first_pid, first_url = process.pid, process.grpc_url
             first_shm_prefix = process.shm_region_prefix

@@ -41,6 +41,7 @@ from maas_inference.triton.launcher import (
     TritonServerProcess,
     TritonSupervisor,
 )
+from maas_inference.triton.lockdown import read_control_key
 from maas_inference.triton.model_repository import ModelRepository
 
 _log = logging.getLogger(__name__)
@@ -56,12 +57,14 @@ class InferenceApp:
         self.telemetry = telemetry
         state = settings.state_dir
         if settings.triton_url:
-            triton_server = RemoteTriton(settings.triton_url,
-                                         Path(settings.triton_model_repository))
+            triton_server = RemoteTriton(
+                settings.triton_url, Path(settings.triton_model_repository),
+                control_key=(read_control_key(Path(settings.triton_control_key_file))
+                             if settings.triton_control_key_file else ""))
         else:
             triton_server = TritonServerProcess(TritonProcessConfig(
                 state_dir=state / "triton", model_repository=state / "triton" / "models",
-                grpc_port=settings.triton_grpc_port))
+                grpc_port=settings.triton_grpc_port, allow_http=settings.triton_http))
         self.supervisor = TritonSupervisor(triton_server, on_restart=self._on_triton_restart,
                                            on_health_change=self._on_health_change)
         self.server: ServiceServer | None = None
@@ -121,6 +124,7 @@ class InferenceApp:
         # into Triton at no cost.
         self.triton = TritonClient(
             self.supervisor.server.grpc_url,
+            control_key=self.supervisor.server.control_key,
             interceptors=(self.telemetry.client_interceptors()
                           if self.telemetry is not None and self.telemetry.exporting else ()))
         await self.registry.open()

@@ -29,6 +29,15 @@ class InferenceSettings(ServiceSettings):
     triton_model_repository: str = ""
     """Remote mode: the model repository path shared with the external Triton."""
 
+    triton_http: bool = False
+    """Local mode: also open the bundled Triton's HTTP endpoint (loopback, administrative APIs
+    restricted like gRPC's). Off by default: the gateway is the way in."""
+
+    triton_control_key_file: str = ""
+    """Remote mode: file holding the key the external Triton's administrative protocols demand
+    (started with `--grpc-restricted-protocol=model-repository,shared-memory,trace,logging:`
+    `maas-control-key=<key>`); empty sends none. Local mode makes a random key per start."""
+
     registry_target: str = ""
     """host:port of the registry; empty resolves "registry" through discovery."""
 

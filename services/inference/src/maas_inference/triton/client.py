@@ -33,6 +33,8 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
+from maas_inference.triton.lockdown import control_headers
+
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 MODEL_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 # Triton is local or a sidecar, so reconnecting is cheap, and after a Triton restart gRPC's
@@ -251,7 +253,8 @@ class TritonClient:
     async def load_model(self, name: str, *, timeout: float | None = None) -> None:
         """Loads (or reloads, from the repository's current files) `name`; returns once done."""
         try:
-            await self._control.load_model(name, client_timeout=timeout or self._control_timeout_seconds)
+            await self._control.load_model(name, headers=self._control_headers,
+                                           client_timeout=timeout or self._control_timeout_seconds)
         except InferenceServerException as error:
             converted = _from_client_exception(error, name)
             if isinstance(converted, Unavailable | DeadlineExceeded):
@@ -264,7 +267,8 @@ class TritonClient:
     async def unload_model(self, name: str, *, timeout: float | None = None) -> None:
         """Unloads `name`; Triton lets in-flight requests finish first."""
         try:
-            await self._control.unload_model(name, client_timeout=timeout or self._control_timeout_seconds)
+            await self._control.unload_model(name, headers=self._control_headers,
+                                             client_timeout=timeout or self._control_timeout_seconds)
         except InferenceServerException as error:
             raise _from_client_exception(error, name) from None
 

@@ -46,6 +46,8 @@ from maas_runtime.errors import FailedPrecondition, Unavailable
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
+from maas_inference.triton.lockdown import new_control_key, redacted, restricted_protocol_args
+
 logger = logging.getLogger(__name__)
 
 PYTHON_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
@@ -209,6 +211,11 @@ class TritonServer(abc.ABC):
     def is_running(self) -> bool:
         """Whether the server is believed up right now."""
 
+    @property
+    def control_key(self) -> str:
+        """The key that opens Triton's administrative protocols (`lockdown`); empty: none."""
+        return ""
+
     @abc.abstractmethod
     async def start(self) -> None:
         """Returns once the server answers ServerReady; raises `TritonStartError` otherwise."""
@@ -273,6 +280,14 @@ class TritonProcessConfig:
     metrics_port: int = 0
     """Fixed metrics port, or 0 to pick a free one at the first start."""
 
+    allow_http: bool = False
+    """Open Triton's HTTP endpoint too (loopback, restricted like gRPC); off by default: the
+    gateway is the way in."""
+
+    control_key: str = ""
+    """The key Triton's administrative protocols demand (`lockdown`); empty makes a random
+    one for this `TritonServerProcess`, kept across its restarts."""
+
     startup_timeout_seconds: float = 60.0
     """How long a start may take until ServerReady answers true."""
 
@@ -324,6 +339,7 @@ class TritonServerProcess(TritonServer):
         self._ports: TritonPorts | None = None
         self._shm_prefix = ""
         self._cleaned_up_pid: int | None = None
+        self._control_key = config.control_key or new_control_key()
         self.start_count = 0
 
     @property
@@ -355,6 +371,10 @@ class TritonServerProcess(TritonServer):
     @property
     def model_repository(self) -> Path:
         return self._config.model_repository
+
+    @property
+    def control_key(self) -> str:
+        return self._control_key
 
     @property
     def pid(self) -> int | None:
@@ -389,7 +409,8 @@ class TritonServerProcess(TritonServer):
             f"--http-port={ports.http}",
             f"--metrics-address={host}",
             f"--metrics-port={ports.metrics}",
-            "--allow-http=true",
+            f"--allow-http={str(self._config.allow_http).lower()}",
+            *restricted_protocol_args(self._control_key, http=self._config.allow_http),
             "--allow-metrics=true",
             f"--exit-timeout-secs={self._config.exit_timeout_seconds}",
             f"--log-verbose={self._config.log_verbose}",
@@ -441,7 +462,8 @@ class TritonServerProcess(TritonServer):
             bundle, config.environment if config.environment is not None else os.environ
         )
         with self.log_file.open("ab") as log:
-            log.write(f"# maas: starting {' '.join(command)}\n".encode())
+            shown = " ".join(redacted(command, self._control_key))
+            log.write(f"# maas: starting {shown}\n".encode())
             log.flush()
             self._process = await asyncio.create_subprocess_exec(
                 *command,
@@ -543,8 +565,10 @@ class RemoteTriton(TritonServer):
         startup_timeout_seconds: float = 60.0,
         probe_interval_seconds: float = 1.0,
         failures_before_down: int = 3,
+        control_key: str = "",
     ) -> None:
         self._grpc_url = grpc_url
+        self._control_key = control_key
         self._model_repository = model_repository
         self._startup_timeout_seconds = startup_timeout_seconds
         self._probe_interval_seconds = probe_interval_seconds
@@ -558,6 +582,10 @@ class RemoteTriton(TritonServer):
     @property
     def model_repository(self) -> Path:
         return self._model_repository
+
+    @property
+    def control_key(self) -> str:
+        return self._control_key
 
     @property
     def is_running(self) -> bool:
