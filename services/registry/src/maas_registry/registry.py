@@ -9,6 +9,7 @@ fully written, fsynced, verified and renamed into place.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
@@ -509,13 +510,14 @@ class Registry:
                     yield event
             if len(batch) == 500:
                 continue
+            # Local writes wake us at once; other replicas' writes within a poll. The timeout
+            # runs in this task (not wait_for's inner one), so when the caller leaves during
+            # the wait, Condition.wait has re-acquired the lock before `async with` releases
+            # it ("Lock is not acquired" otherwise, INTERNAL for the watcher).
             async with self._new_events:
-                try:
-                    # Local writes wake us at once; other replicas' writes within a poll.
-                    await asyncio.wait_for(self._new_events.wait(),
-                                           self._limits.event_poll_seconds)
-                except TimeoutError:
-                    pass
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._limits.event_poll_seconds):
+                        await self._new_events.wait()
 
     async def collect_garbage(self, grace_seconds: float | None = None) -> list[str]:
         """Delete blobs no version references (and abandoned staging files)."""
