@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from maas.common.v1 import tensor_pb2
 from maas.registry.v1 import dataset_pb2, model_pb2, registry_service_pb2
 from safetensors.numpy import save
 
@@ -54,18 +55,31 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def digits_signature() -> model_pb2.Signature:
+    """What an opaque (ONNX, TorchScript) digits classifier must declare to be served."""
+    return model_pb2.Signature(
+        inputs=[tensor_pb2.TensorSpec(name="input", datatype=tensor_pb2.DATA_TYPE_FP32,
+                                      shape=[64])],
+        outputs=[tensor_pb2.TensorSpec(name="logits", datatype=tensor_pb2.DATA_TYPE_FP32,
+                                       shape=[10])])
+
+
 def model_upload_requests(parent: str, data: bytes, *, chunk: int = 64 * 1024,
                           fmt=model_pb2.MODEL_FORMAT_MAAS_PACKAGE, expected: str | None = None,
                           size: int | None = None, metrics=None, labels=None, parents=(),
-                          operation=None):
+                          operation=None, signature: model_pb2.Signature | None = None,
+                          require_existing_model: bool = False):
     version = model_pb2.ModelVersion(format=fmt, metrics=metrics or {}, labels=labels or {})
     version.lineage.parents.extend(parents)
     if operation:
         version.lineage.operation.kind = operation
+    if signature is not None:
+        version.signature.CopyFrom(signature)
     header = registry_service_pb2.UploadModelVersionHeader(
         parent=parent, model_version=version,
         expected_sha256=sha256(data) if expected is None else expected,
-        size_bytes=len(data) if size is None else size)
+        size_bytes=len(data) if size is None else size,
+        require_existing_model=require_existing_model)
     yield registry_service_pb2.UploadModelVersionRequest(header=header)
     for start in range(0, len(data), chunk):
         yield registry_service_pb2.UploadModelVersionRequest(chunk=data[start:start + chunk])

@@ -20,12 +20,14 @@ from tests.registry.helpers import (
     dataset_upload_requests,
     digits_csv,
     digits_npz,
+    digits_signature,
     download,
     mlp_package,
     model_upload_requests,
     sha256,
     staging_files,
 )
+from tests.support.artifacts import onnx_like
 from tests.support.grpc_asserts import expect_error
 
 
@@ -192,9 +194,89 @@ async def test_upload_over_the_limit_is_resource_exhausted(registry):
     assert staging_files(registry.settings.state_dir) == []
 
 
-async def test_upload_to_unknown_model_is_not_found(registry):
-    await expect_error(registry.admin.UploadModelVersion(
-        model_upload_requests("models/ghost", mlp_package())), grpc.StatusCode.NOT_FOUND)
+async def test_upload_to_a_missing_model_creates_it_unless_asked_not_to(registry):
+    stub = registry.admin
+    await expect_error(stub.UploadModelVersion(model_upload_requests(
+        "models/ghost", mlp_package(), require_existing_model=True)), grpc.StatusCode.NOT_FOUND)
+    await expect_error(stub.GetModel(rs.GetModelRequest(name="models/ghost")),
+                       grpc.StatusCode.NOT_FOUND)
+
+    version = await stub.UploadModelVersion(model_upload_requests("models/fresh", mlp_package()))
+    assert version.name == "models/fresh/versions/1"
+    model = await stub.GetModel(rs.GetModelRequest(name="models/fresh"))
+    assert model.name == "models/fresh"
+    audit = await stub.ListAuditEvents(rs.ListAuditEventsRequest(page_size=1000))
+    assert [(e.method, e.resource) for e in audit.audit_events] == [
+        ("UploadModelVersion", "models/fresh"), ("UploadModelVersion", "models/fresh/versions/1")]
+    call = stub.WatchEvents(rs.WatchEventsRequest())
+    created, uploaded = await call.read(), await call.read()
+    call.cancel()
+    assert [(created.type, created.resource), (uploaded.type, uploaded.resource)] == [
+        (audit_pb2.EVENT_TYPE_MODEL_CREATED, "models/fresh"),
+        (audit_pb2.EVENT_TYPE_MODEL_VERSION_CREATED, "models/fresh/versions/1")]
+    # The model exists now: the next upload (existing model required) just adds a version.
+    second = await stub.UploadModelVersion(model_upload_requests(
+        "models/fresh", mlp_package(2), require_existing_model=True))
+    assert second.name == "models/fresh/versions/2"
+
+
+async def test_a_refused_upload_to_a_missing_model_writes_nothing(registry):
+    stub = registry.admin
+    await expect_error(stub.UploadModelVersion(model_upload_requests(
+        "models/ghost", b"not a package")), grpc.StatusCode.INVALID_ARGUMENT)
+    await expect_error(stub.UploadModelVersion(model_upload_requests(
+        "models/ghost", onnx_like(b"graph"), fmt=model_pb2.MODEL_FORMAT_ONNX)),
+        grpc.StatusCode.INVALID_ARGUMENT, "header.model_version.signature")
+    await expect_error(stub.GetModel(rs.GetModelRequest(name="models/ghost")),
+                       grpc.StatusCode.NOT_FOUND)
+    assert list((await stub.ListAuditEvents(rs.ListAuditEventsRequest())).audit_events) == []
+    assert blob_files(registry.settings.state_dir) == []
+    assert staging_files(registry.settings.state_dir) == []
+
+
+@pytest.mark.parametrize("fmt", [model_pb2.MODEL_FORMAT_ONNX, model_pb2.MODEL_FORMAT_TORCHSCRIPT])
+async def test_formats_served_by_signature_need_one_at_upload(registry, fmt):
+    stub = registry.admin
+    await create_model(stub)
+    refused = await expect_error(stub.UploadModelVersion(model_upload_requests(
+        "models/digits", onnx_like(b"graph"), fmt=fmt)),
+        grpc.StatusCode.INVALID_ARGUMENT, "header.model_version.signature")
+    assert model_pb2.ModelFormat.Name(fmt) in refused.details()
+    half = digits_signature()
+    del half.outputs[:]
+    await expect_error(stub.UploadModelVersion(model_upload_requests(
+        "models/digits", onnx_like(b"graph"), fmt=fmt, signature=half)),
+        grpc.StatusCode.INVALID_ARGUMENT, "header.model_version.signature")
+    assert blob_files(registry.settings.state_dir) == []
+
+
+async def test_an_onnx_upload_with_a_signature_is_stored_and_a_package_needs_none(registry):
+    stub = registry.admin
+    await create_model(stub)
+    onnx = await stub.UploadModelVersion(model_upload_requests(
+        "models/digits", onnx_like(b"graph"), fmt=model_pb2.MODEL_FORMAT_ONNX,
+        signature=digits_signature()))
+    assert onnx.signature == digits_signature()
+    package = await stub.UploadModelVersion(model_upload_requests("models/digits", mlp_package()))
+    assert package.signature.inputs[0].name == "input"  # from the manifest
+
+
+@pytest.mark.parametrize(("declared", "data", "actual"), [
+    (model_pb2.MODEL_FORMAT_ONNX, mlp_package(), "MODEL_FORMAT_MAAS_PACKAGE"),
+    (model_pb2.MODEL_FORMAT_MAAS_PACKAGE, onnx_like(b"graph"), "MODEL_FORMAT_ONNX"),
+])
+async def test_bytes_of_another_format_than_declared_are_refused_naming_both(
+        registry, declared, data, actual):
+    stub = registry.admin
+    await create_model(stub)
+    refused = await expect_error(stub.UploadModelVersion(model_upload_requests(
+        "models/digits", data, fmt=declared, signature=digits_signature())),
+        grpc.StatusCode.INVALID_ARGUMENT, "header.model_version.format")
+    assert model_pb2.ModelFormat.Name(declared) in refused.details()
+    assert actual in refused.details()
+    assert blob_files(registry.settings.state_dir) == []
+    listed = await stub.ListModelVersions(rs.ListModelVersionsRequest(parent="models/digits"))
+    assert list(listed.model_versions) == []
 
 
 async def test_aliases_resolve_move_atomically_and_guard_deletion(registry):

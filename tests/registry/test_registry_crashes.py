@@ -18,6 +18,7 @@ from maas.registry.v1 import model_pb2, registry_service_pb2 as rs, registry_ser
 from tests.registry.conftest import _postgres_reachable
 from tests.registry.helpers import (
     blob_files,
+    digits_signature,
     download,
     fresh_postgres_database,
     model_upload_requests,
@@ -43,7 +44,8 @@ async def _upload_some(stub, count: int, seed0: int):
     async def one(index):
         await asyncio.sleep(0.12 * index)
         requests = model_upload_requests("models/m", _artifact(seed0 + index),
-                                         fmt=model_pb2.MODEL_FORMAT_ONNX, chunk=256 * 1024)
+                                         fmt=model_pb2.MODEL_FORMAT_ONNX, chunk=256 * 1024,
+                                         signature=digits_signature())
         try:
             await stub.UploadModelVersion(paced(requests, 0.01))
         except grpc.aio.AioRpcError:
@@ -114,7 +116,8 @@ async def test_two_replicas_on_postgres_allocate_distinct_versions(tmp_path):
                 async with replica.stub() as channel:
                     return await registry_service_pb2_grpc.RegistryServiceStub(
                         channel).UploadModelVersion(model_upload_requests(
-                            "models/m", data, fmt=model_pb2.MODEL_FORMAT_ONNX))
+                            "models/m", data, fmt=model_pb2.MODEL_FORMAT_ONNX,
+                            signature=digits_signature()))
 
             versions = await asyncio.gather(*(upload_through(replicas[i % 2], data)
                                               for i, data in enumerate(payloads)))

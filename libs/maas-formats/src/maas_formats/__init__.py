@@ -14,7 +14,9 @@ from maas_formats.artifacts import (
     DATASET_FORMAT_BY_PROTO_NAME,
     MODEL_FORMAT_BY_PROTO_NAME,
     MODEL_FORMATS,
+    SIGNATURE_REQUIRED_FORMATS,
     ArtifactFacts,
+    sniff_model_format,
     validate_model_artifact,
 )
 from maas_formats.datasets import DATASET_FORMATS, DatasetFacts, load_dataset, validate_dataset
@@ -56,6 +58,7 @@ __all__ = [
     "MANIFEST_METADATA_KEY",
     "MODEL_FORMATS",
     "MODEL_FORMAT_BY_PROTO_NAME",
+    "SIGNATURE_REQUIRED_FORMATS",
     "SAFETENSORS_DTYPE_BITS",
     "ArchitectureSpec",
     "ArtifactFacts",
@@ -78,6 +81,7 @@ __all__ = [
     "signature_from_manifest",
     "validate_dataset",
     "validate_hf_transformer",
+    "sniff_model_format",
     "validate_model_artifact",
     "validate_model_package",
     "validate_onnx",

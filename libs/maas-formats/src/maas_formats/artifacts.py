@@ -31,6 +31,13 @@ DATASET_FORMAT_BY_PROTO_NAME: Mapping[str, str] = {
     contract_enums.DATASET_FORMAT_NPZ: "npz",
     contract_enums.DATASET_FORMAT_CSV: "csv",
 }
+_PROTO_NAME_BY_MODEL_FORMAT = {short: proto for proto, short in MODEL_FORMAT_BY_PROTO_NAME.items()}
+
+SIGNATURE_REQUIRED_FORMATS = frozenset({"torchscript", "onnx"})
+"""Formats whose artifact carries no signature of its own but that need one to be served
+(the serving config names every input and output tensor), so a version must declare it. A
+maas-package takes it from its manifest; an hf-transformer is served from its config and
+tokenizer."""
 
 
 @dataclass(frozen=True)
@@ -91,11 +98,46 @@ def validate_model_artifact(
     field_path: str = "artifact",
     format_field: str = "format",
 ) -> ArtifactFacts:
-    """Validate `path` as `format_name` (one of MODEL_FORMATS); InvalidArgument if it is not."""
+    """Validate `path` as `format_name` (one of MODEL_FORMATS); InvalidArgument if it is not.
+
+    Bytes of another format than the declared one are refused on `format_field`, naming both
+    (reason FORMAT_MISMATCH), rather than with the declared format's complaint about them.
+    """
     validator = _VALIDATORS.get(format_name)
     if validator is None:
         raise InvalidArgument.for_field(
             format_field,
             f"unknown model format {format_name!r}; expected one of {', '.join(MODEL_FORMATS)}",
         )
-    return validator(path, field_path)
+    try:
+        return validator(path, field_path)
+    except InvalidArgument:
+        actual = sniff_model_format(path, excluding=format_name)
+        if actual is None:
+            raise
+    raise InvalidArgument.for_field(
+        format_field,
+        f"declared {_describe(format_name)} but the artifact is {_describe(actual)}; "
+        f"declare {_PROTO_NAME_BY_MODEL_FORMAT.get(actual, actual)} or upload the "
+        f"{format_name} file",
+        reason="FORMAT_MISMATCH",
+        metadata={"declared_format": format_name, "artifact_format": actual},
+    )
+
+
+def sniff_model_format(path: str | os.PathLike[str], *, excluding: str = "") -> str | None:
+    """The model format the bytes at `path` validate as (other than `excluding`), or None."""
+    for format_name, validator in _VALIDATORS.items():
+        if format_name == excluding:
+            continue
+        try:
+            validator(path, "artifact")
+        except InvalidArgument:
+            continue
+        return format_name
+    return None
+
+
+def _describe(format_name: str) -> str:
+    proto_name = _PROTO_NAME_BY_MODEL_FORMAT.get(format_name)
+    return f"{format_name} ({proto_name})" if proto_name else format_name

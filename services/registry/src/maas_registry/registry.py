@@ -17,6 +17,7 @@ import re
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 
+from maas_formats import SIGNATURE_REQUIRED_FORMATS
 from maas_runtime import errors, scopes
 from maas_runtime.auth import Principal, Role
 from maas_runtime.contract_enums import DATA_TYPE_PREFIX, DATA_TYPES
@@ -160,7 +161,10 @@ class Registry:
 
     async def upload_model_version(self, parent: str, metadata: dict, expected_sha256: str,
                                    size_bytes: int, chunks: AsyncIterator[bytes],
-                                   principal: Principal) -> dict:
+                                   principal: Principal,
+                                   require_existing_model: bool = False) -> dict:
+        """A new version of `parent`'s model, created along with it when it does not exist
+        (unless `require_existing_model`). A refused upload writes nothing at all."""
         model_id = parse_parent(parent, "models", "header.parent")
         principal.require_model(model_id)
         violations = errors.ViolationCollector()
@@ -174,10 +178,29 @@ class Registry:
                                  "header.model_version.metrics")
         declared_signature = _check_signature(violations, metadata.get("signature"),
                                               "header.model_version.signature")
+        violations.check(
+            format_name not in SIGNATURE_REQUIRED_FORMATS or _is_complete(declared_signature),
+            "header.model_version.signature",
+            f"is required for {metadata.get('format')}: the artifact carries none and serving "
+            "names every input and output tensor (name, datatype, shape)")
         lineage = await self._check_lineage(violations, metadata.get("lineage", {}),
                                             "header.model_version.lineage")
         violations.raise_if_any("invalid upload header")
-        await self._run(self._store.get_model, model_id)  # NOT_FOUND before reading any bytes
+        if require_existing_model:
+            await self._run(self._store.get_model, model_id)  # NOT_FOUND before any bytes
+        mutation = self._mutation(principal, "UploadModelVersion")
+
+        def record(draft: VersionDraft) -> dict:
+            try:
+                return self._store.commit_model_version(model_id, draft, mutation)
+            except errors.NotFound:
+                if require_existing_model:
+                    raise
+            # As the trainer's publish does: the first version brings its model along
+            # (audited and announced as created by this upload).
+            with contextlib.suppress(errors.AlreadyExists):
+                self._store.create_model(model_id, {}, mutation)
+            return self._store.commit_model_version(model_id, draft, mutation)
 
         def model_draft(staged: StagedBlob, facts) -> VersionDraft:
             return VersionDraft(
@@ -189,9 +212,9 @@ class Registry:
 
         version = await self._store_artifact(
             chunks, expected_sha256, size_bytes,
-            functools.partial(self._validate_artifact, format_name=format_name), model_draft,
-            functools.partial(self._store.commit_model_version, model_id,
-                              by=self._mutation(principal, "UploadModelVersion")))
+            functools.partial(self._validate_artifact, format_name=format_name,
+                              format_field="header.model_version.format"),
+            model_draft, record)
         await self._notify()
         return version
 
@@ -611,6 +634,10 @@ def _check_signature(violations, signature: dict | None, field_path: str) -> dic
             specs.append({"name": name, "datatype": datatype, "shape": shape})
         normalized[side] = specs
     return normalized
+
+
+def _is_complete(signature: dict | None) -> bool:
+    return bool(signature and signature.get("inputs") and signature.get("outputs"))
 
 
 def _reconcile_signature(declared: dict | None, from_artifact) -> dict:

@@ -83,7 +83,8 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         header, chunks = await _upload_parts(request_iterator)
         version = await self._registry.upload_model_version(
             header.parent, request_fields(header.model_version, "header.model_version"),
-            header.expected_sha256, header.size_bytes, chunks, current_principal())
+            header.expected_sha256, header.size_bytes, chunks, current_principal(),
+            require_existing_model=header.require_existing_model)
         return to_message(version, model_pb2.ModelVersion)
 
     async def GetModelVersion(self, request, context):

@@ -75,16 +75,18 @@ class DeleteModelRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., force: _Optional[bool] = ..., etag: _Optional[str] = ...) -> None: ...
 
 class UploadModelVersionHeader(_message.Message):
-    __slots__ = ("parent", "model_version", "expected_sha256", "size_bytes")
+    __slots__ = ("parent", "model_version", "expected_sha256", "size_bytes", "require_existing_model")
     PARENT_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_SHA256_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REQUIRE_EXISTING_MODEL_FIELD_NUMBER: _ClassVar[int]
     parent: str
     model_version: _model_pb2.ModelVersion
     expected_sha256: str
     size_bytes: int
-    def __init__(self, parent: _Optional[str] = ..., model_version: _Optional[_Union[_model_pb2.ModelVersion, _Mapping]] = ..., expected_sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+    require_existing_model: bool
+    def __init__(self, parent: _Optional[str] = ..., model_version: _Optional[_Union[_model_pb2.ModelVersion, _Mapping]] = ..., expected_sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., require_existing_model: _Optional[bool] = ...) -> None: ...
 
 class UploadModelVersionRequest(_message.Message):
     __slots__ = ("header", "chunk")

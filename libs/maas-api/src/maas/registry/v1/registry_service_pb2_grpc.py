@@ -220,6 +220,9 @@ class RegistryServiceServicer:
     def UploadModelVersion(self, request_iterator, context):
         """Uploads a new model version: a header message first, then the artifact in chunks. The
         version becomes visible only once the whole artifact is stored and its digest verified.
+        A missing model is created unless the header asks otherwise; a format that needs a
+        signature to be served is refused without one; bytes of another format than declared are
+        refused naming both.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
