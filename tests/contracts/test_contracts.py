@@ -179,9 +179,11 @@ def test_breaking_fails_when_an_rpc_is_renamed(contract_repo):
 def test_breaking_passes_an_additive_change(contract_repo):
     edit(
         contract_repo / "protos/maas/registry/v1/model.proto",
-        "  map<string, int64> aliases = 10;\n",
-        "  map<string, int64> aliases = 10;\n  // Output only. Who owns the model.\n"
-        "  string owner = 11;\n",
+        "  map<string, int64> aliases = 10 [(maas.common.v1.field_behavior) = "
+        "FIELD_BEHAVIOR_OUTPUT_ONLY];\n",
+        "  map<string, int64> aliases = 10 [(maas.common.v1.field_behavior) = "
+        "FIELD_BEHAVIOR_OUTPUT_ONLY];\n  // Output only. Who owns the model.\n"
+        "  string owner = 11 [(maas.common.v1.field_behavior) = FIELD_BEHAVIOR_OUTPUT_ONLY];\n",
     )
     edit(
         contract_repo / "protos/maas/registry/v1/registry_service.proto",
