@@ -53,7 +53,8 @@ class PerfRun:
 
 
 async def run_perf_analyzer(target: str, model: str, *, concurrency: int = 1,
-                            token: str = "", measurement_ms: int = 500, stability_runs: int = 3,
+                            token: str = "", measurement_ms: int = 500,
+                            stability_percent: int = 20, max_trials: int = 9,
                             extra: tuple[str, ...] = (), timeout: float = 120.0) -> PerfRun:
     """perf_analyzer over gRPC against `target` for `model` (a subprocess, so servers on this
     event loop keep serving). `token` goes as perf_analyzer's own `-H` header."""
@@ -62,7 +63,7 @@ async def run_perf_analyzer(target: str, model: str, *, concurrency: int = 1,
         arguments = ["-i", "grpc", "-u", target, "-m", model,
                      "--concurrency-range", f"{concurrency}:{concurrency}",
                      "--measurement-interval", str(measurement_ms),
-                     "--max-trials", str(stability_runs * 3), "-s", "20",
+                     "--max-trials", str(max_trials), "-s", str(stability_percent),
                      "-f", str(report), *extra]
         if token:
             arguments += ["-H", f"authorization: Bearer {token}"]
