@@ -28,7 +28,6 @@ from maas_runtime.telemetry import trace_metadata
 from tritonclient.grpc import service_pb2
 
 from maas_inference.coalescing import RequestCoalescer
-from maas_inference.registry_reader import RegistryReader
 from maas_inference.routing import InFlight, Route, ServedModel
 from maas_inference.store import DeploymentStore
 from maas_inference.tensors import (

@@ -29,7 +29,7 @@ from maas_runtime.contract_enums import (
     EVENT_TYPE_MODEL_VERSION_DELETED,
 )
 from maas_runtime.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
-from maas_runtime.filtering import apply_operator, compile_filter
+from maas_runtime.filtering import Operator, apply_operator, compile_filter
 from sqlalchemy import (
     Connection,
     Engine,
@@ -322,8 +322,9 @@ class SqlRegistryStore(RegistryStore):
         with self._write() as connection:
             before = self._load_model(connection, model_id)
             _check_etag(before, etag)
-            values = {key: changes[key] for key in ("display_name", "description", "task",
-                                                    "labels") if key in changes}
+            values: dict[str, Any] = {
+                key: changes[key] for key in ("display_name", "description", "task", "labels")
+                if key in changes}
             merged = {k: before[k] for k in ("display_name", "description", "task", "labels")}
             merged.update(values)
             connection.execute(update(t.models).where(t.models.c.model_id == model_id).values(
@@ -446,7 +447,7 @@ class SqlRegistryStore(RegistryStore):
             t.model_versions.c.model_pk == model.pk,
             t.model_versions.c.version_id == version_id)).first()
         if row is None:
-            raise NotFound("model version", model_version_name(model_id, version_id))
+            raise NotFound("model version", model_version_name(model_id, version_id or 0))
         return row
 
     def get_model_version(self, model_id: str, version_id: int | None = None,
@@ -551,7 +552,7 @@ class SqlRegistryStore(RegistryStore):
             name = alias_name(model_id, alias)
             after = {"name": name, "version": model_version_name(model_id, version_id),
                      "update_time": timestamp(now)}
-            before = ({"name": name, "version": model_version_name(model_id, current_version)}
+            before = ({"name": name, "version": model_version_name(model_id, current.version_id)}
                       if current else None)
             self._record(connection, by, name, before, after, EVENT_TYPE_ALIAS_MOVED,
                          "alias", after)
@@ -643,7 +644,7 @@ class SqlRegistryStore(RegistryStore):
         with self._write() as connection:
             before = self._dataset_resource(self._dataset_row(connection, dataset_id))
             _check_etag(before, etag)
-            values = {k: changes[k] for k in ("display_name", "description", "labels")
+            values: dict[str, Any] = {k: changes[k] for k in ("display_name", "description", "labels")
                       if k in changes}
             merged = {k: before[k] for k in ("display_name", "description", "labels")}
             merged.update(values)
@@ -854,9 +855,9 @@ class _MapColumns:
     """Filter resolver for tables whose labels/metrics live in key-value side tables."""
 
     scalars: dict = {}
-    labels_table = None
-    metrics_table = None
-    owner_pk = None
+    labels_table: Any = None
+    metrics_table: Any = None
+    owner_pk: Any = None
 
     def scalar(self, field: str):
         return self.scalars[field]
@@ -864,7 +865,7 @@ class _MapColumns:
     def _map_table(self, map_name: str):
         return {"labels": self.labels_table, "metrics": self.metrics_table}[map_name]
 
-    def map_compare(self, map_name: str, key: str, op: str, value):
+    def map_compare(self, map_name: str, key: str, op: Operator, value):
         table = self._map_table(map_name)
         comparison = apply_operator(table.c.value, op, value)
         return exists().where(table.c.version_pk == self.owner_pk, table.c.key == key,
@@ -879,12 +880,12 @@ class _JsonLabelColumns:
     """Filter resolver for tables whose labels live only in a JSON column (few rows)."""
 
     scalars: dict = {}
-    labels_column = None
+    labels_column: Any = None
 
     def scalar(self, field: str):
         return self.scalars[field]
 
-    def map_compare(self, map_name: str, key: str, op: str, value):
+    def map_compare(self, map_name: str, key: str, op: Operator, value):
         return apply_operator(self.labels_column[key].as_string(), op, value)
 
     def map_has(self, map_name: str, key: str):
