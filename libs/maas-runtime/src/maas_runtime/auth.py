@@ -175,7 +175,8 @@ def add_token(
     token = secrets.token_urlsafe(32)
     tokens_file.parent.mkdir(parents=True, exist_ok=True)
     document = json.loads(tokens_file.read_text()) if tokens_file.exists() else {"tokens": []}
-    entry = {"sha256": hash_token(token), "principal": principal, "role": role.name.lower()}
+    entry: dict[str, str | list[str]] = {
+        "sha256": hash_token(token), "principal": principal, "role": role.name.lower()}
     if models:
         entry["models"] = list(models)
     document["tokens"].append(entry)

@@ -19,7 +19,7 @@ import logging
 import signal
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -36,6 +36,9 @@ from maas_runtime.interceptors import (
 from maas_runtime.settings import ServiceSettings
 from maas_runtime.telemetry import Telemetry
 from maas_runtime.tls import server_credentials
+
+if TYPE_CHECKING:
+    from maas_runtime.discovery import ServiceDiscovery
 
 _log = logging.getLogger(__name__)
 
@@ -82,7 +85,7 @@ class ServiceServer:
     settings: ServiceSettings
     bindings: list[ServiceBinding]
     telemetry: Telemetry | None = None
-    discovery: object | None = None
+    discovery: ServiceDiscovery | None = None
     """A `maas_runtime.discovery.ServiceDiscovery`, or None to skip registration."""
     extra_interceptors: Iterable[grpc.aio.ServerInterceptor] = ()
     before_start: list[Callable] = field(default_factory=list)
@@ -164,7 +167,7 @@ class ServiceServer:
         address = f"{self.settings.host}:{self.settings.port}"
         if self.front_door is not None:
             backend_port = self._server.add_insecure_port("127.0.0.1:0")
-        elif self.settings.tls_enabled:
+        elif self.settings.tls_cert_file and self.settings.tls_key_file:  # tls_enabled
             self.port = self._server.add_secure_port(
                 address,
                 server_credentials(self.settings.tls_cert_file, self.settings.tls_key_file,

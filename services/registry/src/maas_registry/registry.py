@@ -16,6 +16,7 @@ import math
 import re
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from maas_formats import SIGNATURE_REQUIRED_FORMATS
 from maas_runtime import errors, scopes
@@ -42,7 +43,7 @@ MODEL_FILTERS = FilterSchema(
      ScalarField("create_time", ValueKind.TIMESTAMP)],
     [MapField("labels", ValueKind.STRING)])
 VERSION_FILTERS = FilterSchema(
-    [ScalarField("format", ValueKind.ENUM, MODEL_FORMATS.values()),
+    [ScalarField("format", ValueKind.ENUM, frozenset(MODEL_FORMATS.values())),
      ScalarField("create_time", ValueKind.TIMESTAMP),
      ScalarField("version_id", ValueKind.NUMBER), ScalarField("creator", ValueKind.STRING)],
     [MapField("labels", ValueKind.STRING), MapField("metrics", ValueKind.NUMBER)])
@@ -50,7 +51,7 @@ DATASET_FILTERS = FilterSchema(
     [ScalarField("display_name", ValueKind.STRING), ScalarField("create_time", ValueKind.TIMESTAMP)],
     [MapField("labels", ValueKind.STRING)])
 DATASET_VERSION_FILTERS = FilterSchema(
-    [ScalarField("format", ValueKind.ENUM, DATASET_FORMATS.values()),
+    [ScalarField("format", ValueKind.ENUM, frozenset(DATASET_FORMATS.values())),
      ScalarField("create_time", ValueKind.TIMESTAMP), ScalarField("version_id", ValueKind.NUMBER)],
     [MapField("labels", ValueKind.STRING)])
 AUDIT_FILTERS = FilterSchema(
@@ -168,8 +169,8 @@ class Registry:
         model_id = parse_parent(parent, "models", "header.parent")
         principal.require_model(model_id)
         violations = errors.ViolationCollector()
-        format_name = MODEL_FORMATS.get(metadata.get("format", ""))
-        violations.check(format_name is not None, "header.model_version.format",
+        format_name = MODEL_FORMATS.get(metadata.get("format", ""), "")
+        violations.check(bool(format_name), "header.model_version.format",
                          f"must be one of {sorted(MODEL_FORMATS)}")
         _check_upload_header(violations, expected_sha256, size_bytes,
                              self._limits.max_artifact_bytes)
@@ -281,7 +282,7 @@ class Registry:
         if operation:
             violations.check(bool(operation.get("kind")), f"{field_path}.operation.kind",
                              "is required when an operation is given")
-        result = {"parents": [name for _, name in wellformed]}
+        result: dict[str, Any] = {"parents": [name for _, name in wellformed]}
         if operation:
             result["operation"] = operation
         return result
@@ -416,8 +417,8 @@ class Registry:
                                      principal: Principal) -> dict:
         dataset_id = parse_parent(parent, "datasets", "header.parent")
         violations = errors.ViolationCollector()
-        format_name = DATASET_FORMATS.get(metadata.get("format", ""))
-        violations.check(format_name is not None, "header.dataset_version.format",
+        format_name = DATASET_FORMATS.get(metadata.get("format", ""), "")
+        violations.check(bool(format_name), "header.dataset_version.format",
                          f"must be one of {sorted(DATASET_FORMATS)}")
         _check_upload_header(violations, expected_sha256, size_bytes,
                              self._limits.max_artifact_bytes)
@@ -671,5 +672,5 @@ def _masked_changes(fields: dict, update_mask: list[str], allowed: frozenset[str
 def _scoped(result: ListResult, principal: Principal) -> ListResult:
     """Only the items in the token's model scope (pages may then come back shorter)."""
     return ListResult(scopes.visible(principal, result.items,
-                                     lambda item: [scopes.model_id_of(item["name"])]),
+                                     lambda item: [item["name"].split("/")[1]]),
                       result.next_page_token)

@@ -7,6 +7,7 @@ float, and each of those would need undoing here anyway.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from google.protobuf import struct_pb2
@@ -35,7 +36,7 @@ _OPTIMIZER_ENUMS = {name: number for number, name in _OPTIMIZER_KINDS.items()}
 _SCHEDULE_ENUMS = {name: number for number, name in _SCHEDULE_KINDS.items()}
 
 
-def _enum_short_name(value: int, known: dict[int, str]) -> str:
+def _enum_short_name(value: int, known: Mapping[Any, str]) -> str:
     # Unset is "" (the domain says "is required"); an unknown number stays visible as itself.
     if value == 0:
         return ""
