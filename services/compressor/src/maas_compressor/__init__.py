@@ -1,0 +1,1 @@
+"""The MaaS compressor service: compression pipelines run as jobs, measured, gated, registered."""

@@ -1,0 +1,1 @@
+"""Compression steps: each takes the model under compression and returns a changed one."""
