@@ -22,12 +22,14 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from maas.common.v1 import architecture_pb2 as maas_dot_common_dot_v1_dot_architecture__pb2
 from maas.common.v1 import field_behavior_pb2 as maas_dot_common_dot_v1_dot_field__behavior__pb2
 from maas.common.v1 import job_pb2 as maas_dot_common_dot_v1_dot_job__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(maas/compressor/v1/compression_job.proto\x12\x12maas.compressor.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a#maas/common/v1/field_behavior.proto\x1a\x18maas/common/v1/job.proto\"\xd0\x03\n\x0e\x43ompressionJob\x12\x13\n\x04name\x18\x01 \x01(\tB\x05\x92\xb5\x18\x01\x02\x12\x31\n\x04spec\x18\x02 \x01(\x0b\x32#.maas.compressor.v1.CompressionSpec\x12.\n\x05state\x18\x03 \x01(\x0e\x32\x18.maas.common.v1.JobStateB\x05\x92\xb5\x18\x01\x01\x12\x36\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x05\x92\xb5\x18\x01\x01\x12\x35\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x05\x92\xb5\x18\x01\x01\x12\x33\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x05\x92\xb5\x18\x01\x01\x12<\n\x06report\x18\x07 \x01(\x0b\x32%.maas.compressor.v1.CompressionReportB\x05\x92\xb5\x18\x01\x01\x12\x1c\n\rmodel_version\x18\x08 \x01(\tB\x05\x92\xb5\x18\x01\x01\x12.\n\x05\x65rror\x18\t \x01(\x0b\x32\x18.maas.common.v1.JobErrorB\x05\x92\xb5\x18\x01\x01\x12\x16\n\x07\x63reator\x18\n \x01(\tB\x05\x92\xb5\x18\x01\x01\"\x9d\x02\n\x0f\x43ompressionSpec\x12\x1c\n\x14source_model_version\x18\x01 \x01(\t\x12\x32\n\x05steps\x18\x02 \x03(\x0b\x32#.maas.compressor.v1.CompressionStep\x12\x1a\n\x12\x65valuation_dataset\x18\x03 \x01(\t\x12\x1e\n\x11max_accuracy_drop\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x35\n\x06output\x18\x05 \x01(\x0b\x32%.maas.compressor.v1.CompressionOutput\x12/\n\tresources\x18\x06 \x01(\x0b\x32\x1c.maas.common.v1.JobResourcesB\x14\n\x12_max_accuracy_drop\"\xe1\x01\n\x0f\x43ompressionStep\x12.\n\x05prune\x18\x01 \x01(\x0b\x32\x1d.maas.compressor.v1.PruneStepH\x00\x12\x34\n\x08quantize\x18\x02 \x01(\x0b\x32 .maas.compressor.v1.QuantizeStepH\x00\x12\x32\n\x07\x64istill\x18\x03 \x01(\x0b\x32\x1f.maas.compressor.v1.DistillStepH\x00\x12,\n\x04\x66use\x18\x04 \x01(\x0b\x32\x1c.maas.compressor.v1.FuseStepH\x00\x42\x06\n\x04step\"H\n\tPruneStep\x12\x0e\n\x06\x61mount\x18\x01 \x01(\x01\x12\x12\n\nstructured\x18\x02 \x01(\x08\x12\x17\n\x0f\x66inetune_epochs\x18\x03 \x01(\x05\"D\n\x0cQuantizeStep\x12\x34\n\x05\x64type\x18\x01 \x01(\x0e\x32%.maas.compressor.v1.QuantizationDtype\"\x94\x01\n\x0b\x44istillStep\x12\x14\n\x0cstudent_kind\x18\x01 \x01(\t\x12$\n\x1cstudent_hyperparameters_json\x18\x02 \x01(\t\x12\x13\n\x0btemperature\x18\x03 \x01(\x01\x12\r\n\x05\x61lpha\x18\x04 \x01(\x01\x12\x0e\n\x06\x65pochs\x18\x05 \x01(\x05\x12\x15\n\rlearning_rate\x18\x06 \x01(\x01\"3\n\x08\x46useStep\x12\x16\n\x0emodel_versions\x18\x01 \x03(\t\x12\x0f\n\x07weights\x18\x02 \x03(\x01\"4\n\x11\x43ompressionOutput\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05\x61lias\x18\x02 \x01(\t\"|\n\x10ModelMeasurement\x12\x12\n\nsize_bytes\x18\x01 \x01(\x03\x12\x12\n\nparameters\x18\x02 \x01(\x03\x12\x1a\n\x12nonzero_parameters\x18\x03 \x01(\x03\x12\x10\n\x08\x61\x63\x63uracy\x18\x04 \x01(\x01\x12\x12\n\nlatency_ms\x18\x05 \x01(\x01\"\x93\x01\n\x11\x43ompressionReport\x12\x34\n\x06\x62\x65\x66ore\x18\x01 \x01(\x0b\x32$.maas.compressor.v1.ModelMeasurement\x12\x33\n\x05\x61\x66ter\x18\x02 \x01(\x0b\x32$.maas.compressor.v1.ModelMeasurement\x12\x13\n\x0bgate_passed\x18\x03 \x01(\x08*\x8e\x01\n\x11QuantizationDtype\x12\"\n\x1eQUANTIZATION_DTYPE_UNSPECIFIED\x10\x00\x12\x1b\n\x17QUANTIZATION_DTYPE_INT8\x10\x01\x12\x1b\n\x17QUANTIZATION_DTYPE_FP16\x10\x02\x12\x1b\n\x17QUANTIZATION_DTYPE_BF16\x10\x03\x42\x1a\n\x16\x64\x65v.maas.compressor.v1P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(maas/compressor/v1/compression_job.proto\x12\x12maas.compressor.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a!maas/common/v1/architecture.proto\x1a#maas/common/v1/field_behavior.proto\x1a\x18maas/common/v1/job.proto\"\xfc\x04\n\x0e\x43ompressionJob\x12\x13\n\x04name\x18\x01 \x01(\tB\x05\x92\xb5\x18\x01\x02\x12\x31\n\x04spec\x18\x02 \x01(\x0b\x32#.maas.compressor.v1.CompressionSpec\x12.\n\x05state\x18\x03 \x01(\x0e\x32\x18.maas.common.v1.JobStateB\x05\x92\xb5\x18\x01\x01\x12\x36\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x05\x92\xb5\x18\x01\x01\x12\x35\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x05\x92\xb5\x18\x01\x01\x12\x33\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x05\x92\xb5\x18\x01\x01\x12<\n\x06report\x18\x07 \x01(\x0b\x32%.maas.compressor.v1.CompressionReportB\x05\x92\xb5\x18\x01\x01\x12\x1c\n\rmodel_version\x18\x08 \x01(\tB\x05\x92\xb5\x18\x01\x01\x12.\n\x05\x65rror\x18\t \x01(\x0b\x32\x18.maas.common.v1.JobErrorB\x05\x92\xb5\x18\x01\x01\x12\x16\n\x07\x63reator\x18\n \x01(\tB\x05\x92\xb5\x18\x01\x01\x12G\n\x07metrics\x18\x0b \x03(\x0b\x32/.maas.compressor.v1.CompressionJob.MetricsEntryB\x05\x92\xb5\x18\x01\x01\x12\x1b\n\x0cresume_count\x18\x0c \x01(\x05\x42\x05\x92\xb5\x18\x01\x01\x12\x14\n\x05\x65poch\x18\r \x01(\x05\x42\x05\x92\xb5\x18\x01\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xab\x02\n\x0f\x43ompressionSpec\x12\x1c\n\x14source_model_version\x18\x01 \x01(\t\x12\x32\n\x05steps\x18\x02 \x03(\x0b\x32#.maas.compressor.v1.CompressionStep\x12\x1a\n\x12\x65valuation_dataset\x18\x03 \x01(\t\x12\x1e\n\x11max_accuracy_drop\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x35\n\x06output\x18\x05 \x01(\x0b\x32%.maas.compressor.v1.CompressionOutput\x12/\n\tresources\x18\x06 \x01(\x0b\x32\x1c.maas.common.v1.JobResources\x12\x0c\n\x04seed\x18\x07 \x01(\x03\x42\x14\n\x12_max_accuracy_drop\"\x95\x02\n\x0f\x43ompressionStep\x12.\n\x05prune\x18\x01 \x01(\x0b\x32\x1d.maas.compressor.v1.PruneStepH\x00\x12\x34\n\x08quantize\x18\x02 \x01(\x0b\x32 .maas.compressor.v1.QuantizeStepH\x00\x12\x32\n\x07\x64istill\x18\x03 \x01(\x0b\x32\x1f.maas.compressor.v1.DistillStepH\x00\x12,\n\x04\x66use\x18\x04 \x01(\x0b\x32\x1c.maas.compressor.v1.FuseStepH\x00\x12\x32\n\x07\x63onvert\x18\x05 \x01(\x0b\x32\x1f.maas.compressor.v1.ConvertStepH\x00\x42\x06\n\x04step\"\x8e\x01\n\tPruneStep\x12\x0e\n\x06\x61mount\x18\x01 \x01(\x01\x12\x12\n\nstructured\x18\x02 \x01(\x08\x12\x17\n\x0f\x66inetune_epochs\x18\x03 \x01(\x05\x12-\n\x05scope\x18\x04 \x01(\x0e\x32\x1e.maas.compressor.v1.PruneScope\x12\x15\n\rlearning_rate\x18\x05 \x01(\x01\"\xfd\x01\n\x0cQuantizeStep\x12\x34\n\x05\x64type\x18\x01 \x01(\x0e\x32%.maas.compressor.v1.QuantizationDtype\x12\x32\n\x04mode\x18\x02 \x01(\x0e\x32$.maas.compressor.v1.QuantizationMode\x12\x18\n\x0bper_channel\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x1b\n\x13\x63\x61libration_samples\x18\x04 \x01(\x05\x12\x16\n\x0e\x61\x63\x63uracy_aware\x18\x05 \x01(\x08\x12\x16\n\ttolerance\x18\x06 \x01(\x01H\x01\x88\x01\x01\x42\x0e\n\x0c_per_channelB\x0c\n\n_tolerance\"\xdb\x01\n\x0b\x44istillStep\x12\x14\n\x0cstudent_kind\x18\x01 \x01(\t\x12$\n\x1cstudent_hyperparameters_json\x18\x02 \x01(\t\x12\x13\n\x0btemperature\x18\x03 \x01(\x01\x12\r\n\x05\x61lpha\x18\x04 \x01(\x01\x12\x0e\n\x06\x65pochs\x18\x05 \x01(\x05\x12\x15\n\rlearning_rate\x18\x06 \x01(\x01\x12\x31\n\x07student\x18\x07 \x01(\x0b\x32 .maas.common.v1.ArchitectureSpec\x12\x12\n\nbatch_size\x18\x08 \x01(\x05\"e\n\x08\x46useStep\x12\x16\n\x0emodel_versions\x18\x01 \x03(\t\x12\x0f\n\x07weights\x18\x02 \x03(\x01\x12\x30\n\x06method\x18\x03 \x01(\x0e\x32 .maas.compressor.v1.FusionMethod\"\x1c\n\x0b\x43onvertStep\x12\r\n\x05opset\x18\x01 \x01(\x05\"4\n\x11\x43ompressionOutput\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05\x61lias\x18\x02 \x01(\t\"\xda\x01\n\x10ModelMeasurement\x12\x19\n\nsize_bytes\x18\x01 \x01(\x03\x42\x05\x92\xb5\x18\x01\x01\x12\x19\n\nparameters\x18\x02 \x01(\x03\x42\x05\x92\xb5\x18\x01\x01\x12!\n\x12nonzero_parameters\x18\x03 \x01(\x03\x42\x05\x92\xb5\x18\x01\x01\x12\x17\n\x08\x61\x63\x63uracy\x18\x04 \x01(\x01\x42\x05\x92\xb5\x18\x01\x01\x12\x19\n\nlatency_ms\x18\x05 \x01(\x01\x42\x05\x92\xb5\x18\x01\x01\x12!\n\x12latency_ms_batch32\x18\x06 \x01(\x01\x42\x05\x92\xb5\x18\x01\x01\x12\x16\n\x07runtime\x18\x07 \x01(\tB\x05\x92\xb5\x18\x01\x01\"s\n\nStepReport\x12\x13\n\x04kind\x18\x01 \x01(\tB\x05\x92\xb5\x18\x01\x01\x12/\n\x07\x64\x65tails\x18\x02 \x01(\x0b\x32\x17.google.protobuf.StructB\x05\x92\xb5\x18\x01\x01\x12\x1f\n\x10\x64uration_seconds\x18\x03 \x01(\x01\x42\x05\x92\xb5\x18\x01\x01\"\xd6\x02\n\x11\x43ompressionReport\x12;\n\x06\x62\x65\x66ore\x18\x01 \x01(\x0b\x32$.maas.compressor.v1.ModelMeasurementB\x05\x92\xb5\x18\x01\x01\x12:\n\x05\x61\x66ter\x18\x02 \x01(\x0b\x32$.maas.compressor.v1.ModelMeasurementB\x05\x92\xb5\x18\x01\x01\x12\x1a\n\x0bgate_passed\x18\x03 \x01(\x08\x42\x05\x92\xb5\x18\x01\x01\x12\x19\n\nsize_ratio\x18\x04 \x01(\x01\x42\x05\x92\xb5\x18\x01\x01\x12\x1c\n\raccuracy_drop\x18\x05 \x01(\x01\x42\x05\x92\xb5\x18\x01\x01\x12\x34\n\x05steps\x18\x06 \x03(\x0b\x32\x1e.maas.compressor.v1.StepReportB\x05\x92\xb5\x18\x01\x01\x12\x1d\n\x0espeedup_batch1\x18\x07 \x01(\x01\x42\x05\x92\xb5\x18\x01\x01\x12\x1e\n\x0fspeedup_batch32\x18\x08 \x01(\x01\x42\x05\x92\xb5\x18\x01\x01*\\\n\nPruneScope\x12\x1b\n\x17PRUNE_SCOPE_UNSPECIFIED\x10\x00\x12\x16\n\x12PRUNE_SCOPE_GLOBAL\x10\x01\x12\x19\n\x15PRUNE_SCOPE_PER_LAYER\x10\x02*\xab\x01\n\x11QuantizationDtype\x12\"\n\x1eQUANTIZATION_DTYPE_UNSPECIFIED\x10\x00\x12\x1b\n\x17QUANTIZATION_DTYPE_INT8\x10\x01\x12\x1b\n\x17QUANTIZATION_DTYPE_FP16\x10\x02\x12\x1b\n\x17QUANTIZATION_DTYPE_BF16\x10\x03\x12\x1b\n\x17QUANTIZATION_DTYPE_INT4\x10\x04*\x8e\x01\n\x10QuantizationMode\x12!\n\x1dQUANTIZATION_MODE_UNSPECIFIED\x10\x00\x12\x1d\n\x19QUANTIZATION_MODE_DYNAMIC\x10\x01\x12\x1c\n\x18QUANTIZATION_MODE_STATIC\x10\x02\x12\x1a\n\x16QUANTIZATION_MODE_AUTO\x10\x03*\x83\x01\n\x0c\x46usionMethod\x12\x1d\n\x19\x46USION_METHOD_UNSPECIFIED\x10\x00\x12\x19\n\x15\x46USION_METHOD_UNIFORM\x10\x01\x12\x1a\n\x16\x46USION_METHOD_WEIGHTED\x10\x02\x12\x1d\n\x19\x46USION_METHOD_GREEDY_SOUP\x10\x03\x42\x1a\n\x16\x64\x65v.maas.compressor.v1P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,6 +37,8 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'maas.compressor.v1.compress
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\026dev.maas.compressor.v1P\001'
+  _globals['_COMPRESSIONJOB_METRICSENTRY']._loaded_options = None
+  _globals['_COMPRESSIONJOB_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_COMPRESSIONJOB'].fields_by_name['name']._loaded_options = None
   _globals['_COMPRESSIONJOB'].fields_by_name['name']._serialized_options = b'\222\265\030\001\002'
   _globals['_COMPRESSIONJOB'].fields_by_name['state']._loaded_options = None
@@ -53,26 +57,80 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COMPRESSIONJOB'].fields_by_name['error']._serialized_options = b'\222\265\030\001\001'
   _globals['_COMPRESSIONJOB'].fields_by_name['creator']._loaded_options = None
   _globals['_COMPRESSIONJOB'].fields_by_name['creator']._serialized_options = b'\222\265\030\001\001'
-  _globals['_QUANTIZATIONDTYPE']._serialized_start=1822
-  _globals['_QUANTIZATIONDTYPE']._serialized_end=1964
-  _globals['_COMPRESSIONJOB']._serialized_start=161
-  _globals['_COMPRESSIONJOB']._serialized_end=625
-  _globals['_COMPRESSIONSPEC']._serialized_start=628
-  _globals['_COMPRESSIONSPEC']._serialized_end=913
-  _globals['_COMPRESSIONSTEP']._serialized_start=916
-  _globals['_COMPRESSIONSTEP']._serialized_end=1141
-  _globals['_PRUNESTEP']._serialized_start=1143
-  _globals['_PRUNESTEP']._serialized_end=1215
-  _globals['_QUANTIZESTEP']._serialized_start=1217
-  _globals['_QUANTIZESTEP']._serialized_end=1285
-  _globals['_DISTILLSTEP']._serialized_start=1288
-  _globals['_DISTILLSTEP']._serialized_end=1436
-  _globals['_FUSESTEP']._serialized_start=1438
-  _globals['_FUSESTEP']._serialized_end=1489
-  _globals['_COMPRESSIONOUTPUT']._serialized_start=1491
-  _globals['_COMPRESSIONOUTPUT']._serialized_end=1543
-  _globals['_MODELMEASUREMENT']._serialized_start=1545
-  _globals['_MODELMEASUREMENT']._serialized_end=1669
-  _globals['_COMPRESSIONREPORT']._serialized_start=1672
-  _globals['_COMPRESSIONREPORT']._serialized_end=1819
+  _globals['_COMPRESSIONJOB'].fields_by_name['metrics']._loaded_options = None
+  _globals['_COMPRESSIONJOB'].fields_by_name['metrics']._serialized_options = b'\222\265\030\001\001'
+  _globals['_COMPRESSIONJOB'].fields_by_name['resume_count']._loaded_options = None
+  _globals['_COMPRESSIONJOB'].fields_by_name['resume_count']._serialized_options = b'\222\265\030\001\001'
+  _globals['_COMPRESSIONJOB'].fields_by_name['epoch']._loaded_options = None
+  _globals['_COMPRESSIONJOB'].fields_by_name['epoch']._serialized_options = b'\222\265\030\001\001'
+  _globals['_MODELMEASUREMENT'].fields_by_name['size_bytes']._loaded_options = None
+  _globals['_MODELMEASUREMENT'].fields_by_name['size_bytes']._serialized_options = b'\222\265\030\001\001'
+  _globals['_MODELMEASUREMENT'].fields_by_name['parameters']._loaded_options = None
+  _globals['_MODELMEASUREMENT'].fields_by_name['parameters']._serialized_options = b'\222\265\030\001\001'
+  _globals['_MODELMEASUREMENT'].fields_by_name['nonzero_parameters']._loaded_options = None
+  _globals['_MODELMEASUREMENT'].fields_by_name['nonzero_parameters']._serialized_options = b'\222\265\030\001\001'
+  _globals['_MODELMEASUREMENT'].fields_by_name['accuracy']._loaded_options = None
+  _globals['_MODELMEASUREMENT'].fields_by_name['accuracy']._serialized_options = b'\222\265\030\001\001'
+  _globals['_MODELMEASUREMENT'].fields_by_name['latency_ms']._loaded_options = None
+  _globals['_MODELMEASUREMENT'].fields_by_name['latency_ms']._serialized_options = b'\222\265\030\001\001'
+  _globals['_MODELMEASUREMENT'].fields_by_name['latency_ms_batch32']._loaded_options = None
+  _globals['_MODELMEASUREMENT'].fields_by_name['latency_ms_batch32']._serialized_options = b'\222\265\030\001\001'
+  _globals['_MODELMEASUREMENT'].fields_by_name['runtime']._loaded_options = None
+  _globals['_MODELMEASUREMENT'].fields_by_name['runtime']._serialized_options = b'\222\265\030\001\001'
+  _globals['_STEPREPORT'].fields_by_name['kind']._loaded_options = None
+  _globals['_STEPREPORT'].fields_by_name['kind']._serialized_options = b'\222\265\030\001\001'
+  _globals['_STEPREPORT'].fields_by_name['details']._loaded_options = None
+  _globals['_STEPREPORT'].fields_by_name['details']._serialized_options = b'\222\265\030\001\001'
+  _globals['_STEPREPORT'].fields_by_name['duration_seconds']._loaded_options = None
+  _globals['_STEPREPORT'].fields_by_name['duration_seconds']._serialized_options = b'\222\265\030\001\001'
+  _globals['_COMPRESSIONREPORT'].fields_by_name['before']._loaded_options = None
+  _globals['_COMPRESSIONREPORT'].fields_by_name['before']._serialized_options = b'\222\265\030\001\001'
+  _globals['_COMPRESSIONREPORT'].fields_by_name['after']._loaded_options = None
+  _globals['_COMPRESSIONREPORT'].fields_by_name['after']._serialized_options = b'\222\265\030\001\001'
+  _globals['_COMPRESSIONREPORT'].fields_by_name['gate_passed']._loaded_options = None
+  _globals['_COMPRESSIONREPORT'].fields_by_name['gate_passed']._serialized_options = b'\222\265\030\001\001'
+  _globals['_COMPRESSIONREPORT'].fields_by_name['size_ratio']._loaded_options = None
+  _globals['_COMPRESSIONREPORT'].fields_by_name['size_ratio']._serialized_options = b'\222\265\030\001\001'
+  _globals['_COMPRESSIONREPORT'].fields_by_name['accuracy_drop']._loaded_options = None
+  _globals['_COMPRESSIONREPORT'].fields_by_name['accuracy_drop']._serialized_options = b'\222\265\030\001\001'
+  _globals['_COMPRESSIONREPORT'].fields_by_name['steps']._loaded_options = None
+  _globals['_COMPRESSIONREPORT'].fields_by_name['steps']._serialized_options = b'\222\265\030\001\001'
+  _globals['_COMPRESSIONREPORT'].fields_by_name['speedup_batch1']._loaded_options = None
+  _globals['_COMPRESSIONREPORT'].fields_by_name['speedup_batch1']._serialized_options = b'\222\265\030\001\001'
+  _globals['_COMPRESSIONREPORT'].fields_by_name['speedup_batch32']._loaded_options = None
+  _globals['_COMPRESSIONREPORT'].fields_by_name['speedup_batch32']._serialized_options = b'\222\265\030\001\001'
+  _globals['_PRUNESCOPE']._serialized_start=2939
+  _globals['_PRUNESCOPE']._serialized_end=3031
+  _globals['_QUANTIZATIONDTYPE']._serialized_start=3034
+  _globals['_QUANTIZATIONDTYPE']._serialized_end=3205
+  _globals['_QUANTIZATIONMODE']._serialized_start=3208
+  _globals['_QUANTIZATIONMODE']._serialized_end=3350
+  _globals['_FUSIONMETHOD']._serialized_start=3353
+  _globals['_FUSIONMETHOD']._serialized_end=3484
+  _globals['_COMPRESSIONJOB']._serialized_start=226
+  _globals['_COMPRESSIONJOB']._serialized_end=862
+  _globals['_COMPRESSIONJOB_METRICSENTRY']._serialized_start=816
+  _globals['_COMPRESSIONJOB_METRICSENTRY']._serialized_end=862
+  _globals['_COMPRESSIONSPEC']._serialized_start=865
+  _globals['_COMPRESSIONSPEC']._serialized_end=1164
+  _globals['_COMPRESSIONSTEP']._serialized_start=1167
+  _globals['_COMPRESSIONSTEP']._serialized_end=1444
+  _globals['_PRUNESTEP']._serialized_start=1447
+  _globals['_PRUNESTEP']._serialized_end=1589
+  _globals['_QUANTIZESTEP']._serialized_start=1592
+  _globals['_QUANTIZESTEP']._serialized_end=1845
+  _globals['_DISTILLSTEP']._serialized_start=1848
+  _globals['_DISTILLSTEP']._serialized_end=2067
+  _globals['_FUSESTEP']._serialized_start=2069
+  _globals['_FUSESTEP']._serialized_end=2170
+  _globals['_CONVERTSTEP']._serialized_start=2172
+  _globals['_CONVERTSTEP']._serialized_end=2200
+  _globals['_COMPRESSIONOUTPUT']._serialized_start=2202
+  _globals['_COMPRESSIONOUTPUT']._serialized_end=2254
+  _globals['_MODELMEASUREMENT']._serialized_start=2257
+  _globals['_MODELMEASUREMENT']._serialized_end=2475
+  _globals['_STEPREPORT']._serialized_start=2477
+  _globals['_STEPREPORT']._serialized_end=2592
+  _globals['_COMPRESSIONREPORT']._serialized_start=2595
+  _globals['_COMPRESSIONREPORT']._serialized_end=2937
 # @@protoc_insertion_point(module_scope)
