@@ -160,12 +160,3 @@ def fit_preprocessing(facts: DatasetFacts, train_features: np.ndarray) -> dict[s
     # A constant feature carries nothing; dividing by ~0 would only blow up noise.
     std = np.where(std < _MIN_STD, 1.0, std)
     return {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
-
-
-def apply_preprocessing(preprocessing: dict[str, Any], features: np.ndarray) -> np.ndarray:
-    flat = features.reshape(len(features), -1).astype(np.float32)
-    flat = flat * np.float32(preprocessing.get("scale", 1.0))
-    if "mean" in preprocessing:
-        flat = (flat - np.asarray(preprocessing["mean"], np.float32)) / np.asarray(
-            preprocessing["std"], np.float32)
-    return flat.reshape(features.shape)

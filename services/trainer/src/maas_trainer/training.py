@@ -33,6 +33,7 @@ from maas_formats.manifest import (
     SignatureSpec,
     TensorSignatureSpec,
 )
+from maas_formats.preprocessing import apply_preprocessing
 from maas_formats.torch_io import save_torch_package
 from maas_jobs.progress import ProgressReporter
 from maas_jobs.records import LogLevel
@@ -45,7 +46,6 @@ from torch.utils.data.distributed import DistributedSampler
 from maas_trainer.checkpoints import TrainingCheckpoint, load_checkpoint, save_checkpoint
 from maas_trainer.datasets import (
     DatasetFacts,
-    apply_preprocessing,
     fit_preprocessing,
     split_indices,
     split_sizes,
