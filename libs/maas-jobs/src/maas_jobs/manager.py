@@ -50,6 +50,16 @@ ACTIVE_STATES = (JobState.QUEUED, JobState.RUNNING)
 _EVENT_PAGE = 500
 
 
+class JobFailedWithResult(Exception):
+    """Raised by `JobRunner.complete` to fail a job while keeping what it produced in the
+    job's `result` (e.g. a compression report that missed its accuracy gate)."""
+
+    def __init__(self, error: MaasError, result: dict[str, Any]):
+        super().__init__(error.message)
+        self.error = error
+        self.result = result
+
+
 class JobRunner(abc.ABC):
     """The part of running a job that depends on what the job does."""
 
@@ -384,6 +394,10 @@ class JobManager:
             await self._finish(job.job_id, [JobState.RUNNING], JobState.SUCCEEDED, result=result)
         except asyncio.CancelledError:
             raise
+        except JobFailedWithResult as failure:
+            await self._finish(job.job_id, [JobState.RUNNING], JobState.FAILED,
+                               error=JobError(failure.error.code, failure.error.message),
+                               result=failure.result)
         except MaasError as error:
             await self._finish(job.job_id, [JobState.RUNNING], JobState.FAILED,
                                error=JobError(error.code, error.message))

@@ -59,6 +59,9 @@ class ModelPublication:
     alias: str = ""
     description: str = ""
     labels: dict[str, str] = field(default_factory=dict)
+    signature: dict[str, Any] = field(default_factory=dict)
+    """The registry `Signature` (contract JSON shape); required for ONNX and TorchScript, and
+    taken from the manifest of a maas-package when empty."""
 
 
 class RegistryClient:
@@ -176,6 +179,21 @@ class RegistryClient:
                 name=f"{parent}/aliases/{publication.alias}", version=version_name))
         return version_name
 
+    async def publish_patiently(self, publication: ModelPublication, *, attempts: int = 25,
+                                retry_seconds: float = 2.0,
+                                max_retry_seconds: float = 15.0) -> str:
+        """`publish`, tried again while the registry is unreachable (a restart, a failover):
+        a finished job's result must not be thrown away for an outage of a few minutes (the
+        defaults outlast about five). Idempotent publishing makes the retries safe."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return await self.publish(publication)
+            except (errors.Unavailable, errors.DeadlineExceeded):
+                if attempt == attempts:
+                    raise
+                await asyncio.sleep(min(retry_seconds * attempt, max_retry_seconds))
+        raise AssertionError("unreachable")
+
     async def _version_of_job(self, parent: str, job_label: tuple[str, str],
                               sha256: str) -> str | None:
         """The version this job already registered: its label and its exact bytes."""
@@ -198,6 +216,7 @@ class RegistryClient:
             "labels": {**publication.labels, key: job_id},
             "lineage": publication.lineage,
             "description": publication.description,
+            **({"signature": publication.signature} if publication.signature else {}),
         }, model_pb2.ModelVersion)
         header = rs.UploadModelVersionHeader(
             parent=parent, model_version=version, expected_sha256=sha256,

@@ -10,10 +10,11 @@ exists has finished training: only publishing remains.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from maas_jobs.files import write_json_atomically
 
 from maas_trainer.datasets import DatasetFacts
 from maas_trainer.spec import TrainingSpec
@@ -23,16 +24,6 @@ RESULT_FILENAME = "result.json"
 CHECKPOINT_FILENAME = "checkpoint.safetensors"
 PACKAGE_FILENAME = "model.safetensors"
 LOG_FILENAME = "job.log"
-
-
-def write_json_atomically(path: Path, document: dict[str, Any]) -> None:
-    """A reader (or a restarted service) sees the old file or the whole new one."""
-    temporary = path.with_name(f".{path.name}.partial")
-    with temporary.open("w", encoding="utf-8") as handle:
-        json.dump(document, handle, indent=2, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import Any
 from maas_jobs.executor import LaunchSpec
 from maas_jobs.manager import JobRunner
 from maas_jobs.records import JobRecord
-from maas_runtime.errors import DeadlineExceeded, FailedPrecondition, Internal, Unavailable
+from maas_runtime.errors import FailedPrecondition, Internal
 from maas_runtime.registry_client import ModelPublication, RegistryClient
 from maas_runtime.telemetry import continued_trace
 
@@ -147,18 +147,12 @@ class TrainingJobRunner(JobRunner):
             alias=output.alias,
             description=f"Trained by {self._job_name(job)}: {plan.spec.architecture.kind} on "
                         f"{plan.spec.data.dataset}, {result.epochs_completed} epochs.")
-        for attempt in range(1, PUBLISH_ATTEMPTS + 1):
-            try:
-                with continued_trace(plan.trace_context):
-                    return {"model_version": await self._registry.publish(publication)}
-            except (Unavailable, DeadlineExceeded):
-                # A registry restart must not throw away a finished training run; publishing
-                # is idempotent, so trying again cannot register the model twice.
-                if attempt == PUBLISH_ATTEMPTS:
-                    raise
-                await asyncio.sleep(min(PUBLISH_RETRY_SECONDS * attempt,
-                                        PUBLISH_RETRY_MAX_SECONDS))
-        raise AssertionError("unreachable")
+        with continued_trace(plan.trace_context):
+            # A registry restart must not throw away a finished training run; publishing is
+            # idempotent, so trying again cannot register the model twice.
+            return {"model_version": await self._registry.publish_patiently(
+                publication, attempts=PUBLISH_ATTEMPTS, retry_seconds=PUBLISH_RETRY_SECONDS,
+                max_retry_seconds=PUBLISH_RETRY_MAX_SECONDS)}
 
     async def discard_work(self, job: JobRecord, workdir: Path) -> None:
         """Keep run.json, result.json and job.log as the job's record; the checkpoint, the

@@ -1,0 +1,164 @@
+"""Checks of a parsed spec against the versions and the dataset it names, before queueing.
+
+They run at Create on the staged (downloaded and verified) files, so a request that cannot
+work fails at once with its code and field rather than minutes later as a failed job:
+
+- a source that is neither a maas-package nor ONNX, or a maas-package step (prune, distill,
+  fuse, convert) on an ONNX source → FAILED_PRECONDITION naming the field;
+- a dataset whose examples do not fill the model's input → FAILED_PRECONDITION on
+  `evaluation_dataset`;
+- fuse members of another architecture (or signature) than the model → INVALID_ARGUMENT on
+  the member;
+- a student the zoo cannot build for the model's input, or whose outputs differ from the
+  teacher's → INVALID_ARGUMENT / FAILED_PRECONDITION on the student;
+- quantizing a graph that is already quantized → FAILED_PRECONDITION on the dtype.
+
+These read manifests and graphs and build tiny torch modules: call them off the event loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from maas_formats.manifest import ModelSignature
+from maas_runtime.contract_enums import MODEL_FORMAT_MAAS_PACKAGE, MODEL_FORMAT_ONNX
+from maas_runtime.errors import FailedPrecondition, FieldViolation, InvalidArgument
+
+from maas_compressor.data import check_dataset_fits, signature_from_registry
+from maas_compressor.plan import CompressionPlan, InputVersion
+from maas_compressor.spec import TORCH_STEPS, field_path
+
+COMPRESSIBLE_FORMATS = (MODEL_FORMAT_MAAS_PACKAGE, MODEL_FORMAT_ONNX)
+ARCHITECTURE_CHANGING_STEPS = frozenset({"distill"})
+
+
+@dataclass(frozen=True)
+class InspectedModel:
+    """What the checks need to know of a staged version."""
+
+    signature: ModelSignature
+    architecture: dict[str, Any] | None
+    """Zoo spec of a maas-package (hyperparameters resolved); None for ONNX."""
+
+
+def check_format(version: InputVersion, where: str) -> None:
+    if version.format not in COMPRESSIBLE_FORMATS:
+        description = (f"{version.name} is {version.format or 'of no format'}; the compressor "
+                       f"reads {', '.join(COMPRESSIBLE_FORMATS)}")
+        raise FailedPrecondition(f"{where}: {description}", reason="FORMAT_NOT_COMPRESSIBLE",
+                                 field_violations=[FieldViolation(where, description)])
+
+
+def inspect(version: InputVersion, path: Path, where: str) -> InspectedModel:
+    """Signature and architecture of a staged version (no weights loaded)."""
+    if version.is_onnx:
+        signature = signature_from_registry(version.signature)
+        if not signature.inputs or not signature.outputs:
+            description = f"{version.name} is ONNX without a signature"
+            raise FailedPrecondition(f"{where}: {description}", reason="SIGNATURE_MISSING",
+                                     field_violations=[FieldViolation(where, description)])
+        return InspectedModel(signature, None)
+    from maas_formats import validate_model_package
+    from maas_zoo import resolve_hyperparameters
+
+    info = validate_model_package(path)
+    kind = info.manifest.architecture.kind
+    return InspectedModel(info.signature, {
+        "kind": kind,
+        "hyperparameters": resolve_hyperparameters(kind, info.manifest.architecture.hyperparameters)})
+
+
+def _step_field(index: int, kind: str, relative: str = "") -> str:
+    return field_path(f"steps[{index}].{kind}" + (f".{relative}" if relative else ""))
+
+
+def check_student(student: dict[str, Any], signature: ModelSignature, where: str) -> None:
+    """The zoo builds the student for the teacher's input, and its logits have the teacher's
+    shape (a student that cannot learn the teacher's outputs is refused)."""
+    import torch
+    from maas_zoo import build_model
+
+    input_shape = list(signature.inputs[0].shape)
+    teacher_shape = list(signature.outputs[0].shape)
+    try:
+        module = build_model(student["kind"], student["hyperparameters"], input_shape,
+                             teacher_shape[-1])
+        with torch.inference_mode():
+            student_shape = list(module.eval()(torch.zeros(1, *input_shape)).shape[1:])
+    except InvalidArgument as error:
+        raise InvalidArgument(
+            f"{where}: {error.message}", reason="STUDENT_UNBUILDABLE",
+            field_violations=[FieldViolation(where, f"{student['kind']} cannot read the "
+                                             f"teacher's input {input_shape}: {v.description}")
+                              for v in error.field_violations]) from None
+    except RuntimeError as error:
+        description = f"{student['kind']} cannot read the teacher's input {input_shape}: {error}"
+        raise InvalidArgument(f"{where}: {description}", reason="STUDENT_UNBUILDABLE",
+                              field_violations=[FieldViolation(where, description)]) from None
+    if student_shape != teacher_shape:
+        description = (f"the student's outputs have shape {student_shape}, the teacher's "
+                       f"{teacher_shape}: it cannot learn the teacher's logits")
+        raise FailedPrecondition(f"{where}: {description}", reason="STUDENT_OUTPUT_MISMATCH",
+                                 field_violations=[FieldViolation(where, description)])
+
+
+def _already_quantized(path: Path) -> str | None:
+    import onnx
+
+    from maas_compressor.steps.quantize import quantization_already_applied
+
+    return quantization_already_applied(onnx.load(str(path), load_external_data=False))
+
+
+def check_plan(plan: CompressionPlan, workdir: Path) -> None:
+    """Every check above, on the files staged in `workdir`."""
+    source_field = field_path("source_model_version")
+    source = inspect(plan.source, workdir / plan.source.filename, source_field)
+    check_dataset_fits(plan.dataset, source.signature)
+    onnx_since: int | None = None if source.architecture is not None else -1
+    architecture_changed = False
+    for index, step in enumerate(plan.spec.steps):
+        if step.kind in (*TORCH_STEPS, "convert") and onnx_since == -1:
+            description = (f"{step.kind} works on a maas-package (zoo architecture) and the "
+                           f"source {plan.source.name} is ONNX")
+            where = field_path(f"steps[{index}]")
+            raise FailedPrecondition(f"{where}: {description}", reason="STEP_NEEDS_TORCH_MODEL",
+                                     field_violations=[FieldViolation(where, description)])
+        if step.kind == "quantize" and onnx_since == -1:
+            reason = _already_quantized(workdir / plan.source.filename)
+            if reason:
+                where = _step_field(index, "quantize", "dtype")
+                description = f"{plan.source.name} is already quantized ({reason})"
+                raise FailedPrecondition(f"{where}: {description}", reason="ALREADY_QUANTIZED",
+                                         field_violations=[FieldViolation(where, description)])
+        if step.kind == "distill":
+            check_student(step.parameters["student_architecture"], source.signature,
+                          _step_field(index, "distill", "student"))
+        if step.kind == "fuse" and not architecture_changed:
+            for position, name in enumerate(step.parameters["model_versions"]):
+                member = plan.member(name)
+                where = _step_field(index, "fuse", f"model_versions[{position}]")
+                inspected = inspect(member, workdir / member.filename, where)
+                if (inspected.architecture != source.architecture
+                        or inspected.signature != source.signature):
+                    description = (
+                        f"{member.name} is {_describe(inspected)} but the model is "
+                        f"{_describe(source)}: only versions of one architecture can be "
+                        "averaged")
+                    raise InvalidArgument(f"{where}: {description}",
+                                          reason="ARCHITECTURE_MISMATCH",
+                                          field_violations=[FieldViolation(where, description)])
+        if step.kind in ARCHITECTURE_CHANGING_STEPS or (
+                step.kind == "prune" and step.parameters["structured"]):
+            architecture_changed = True
+        if step.kind in ("convert", "quantize") and onnx_since is None:
+            onnx_since = index
+
+
+def _describe(model: InspectedModel) -> str:
+    if model.architecture is None:
+        return "an ONNX graph"
+    return f"a {model.architecture['kind']} {model.architecture['hyperparameters']}"
+
