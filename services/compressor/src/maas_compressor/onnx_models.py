@@ -10,6 +10,7 @@ count.
 
 from __future__ import annotations
 
+import ast
 import functools
 import shutil
 from collections.abc import Iterable
@@ -25,6 +26,7 @@ from onnx import numpy_helper
 from maas_compressor.steps.base import ModelUnderCompression, OnnxForm
 
 ONNX_DEFAULT_DOMAINS = frozenset({"", "ai.onnx"})
+NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 
 # Inputs (by position) that hold quantization bookkeeping rather than weights: scales and
 # zero points. They are not parameters of the model the user trained.
@@ -61,6 +63,33 @@ def default_opset(model: onnx.ModelProto) -> int:
         if entry.domain in ONNX_DEFAULT_DOMAINS:
             return int(entry.version)
     raise FailedPrecondition("the ONNX model imports no opset of the default domain")
+
+
+def strip_exporter_metadata(path: Path) -> None:
+    """Drops the exporter's per-node debugging metadata (fx nodes, stack traces with this
+    machine's paths, class hierarchies) from the file, in place: it is most of a small
+    model's bytes and nothing a runtime reads. The torch module path of each node
+    (`NAME_SCOPES_KEY`) stays, for reports that name layers."""
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        kept = [prop for prop in node.metadata_props if prop.key == NAME_SCOPES_KEY]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
+        node.doc_string = ""
+    onnx.save(model, str(path))
+
+
+def torch_module_of(node: onnx.NodeProto) -> str:
+    """The torch module a node was exported from (e.g. `features.0`), or "" when unknown."""
+    for prop in node.metadata_props:
+        if prop.key == NAME_SCOPES_KEY:
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return ""
+            # The last scope is the aten op (`conv2d`); the one before it is the module.
+            return str(scopes[-2]) if isinstance(scopes, list) and len(scopes) >= 2 else ""
+    return ""
 
 
 def load_onnx(path: Path, signature: ModelSignature, workdir: Path) -> ModelUnderCompression:
@@ -164,6 +193,7 @@ def onnx_parameter_counts(form: OnnxForm) -> tuple[int, int]:
     nodes = list(model.graph.node)
     bookkeeping = _bookkeeping_initializers(nodes)
     packed = _matmul_nbits_weights(nodes)
+    dequantized = {node.input[0] for node in nodes if node.op_type == "DequantizeLinear"}
     parameters = nonzero = 0
     for initializer in model.graph.initializer:
         if initializer.name in bookkeeping:
@@ -180,7 +210,10 @@ def onnx_parameter_counts(form: OnnxForm) -> tuple[int, int]:
             else:
                 nonzero += int(np.count_nonzero(codes != _MATMUL_NBITS_DEFAULT_ZERO_POINT.get(bits, 8)))
             continue
-        if initializer.data_type not in _WEIGHT_ELEMENT_TYPES:
+        # A scalar is a constant of the graph (a preprocessing scale), not a weight; a static
+        # quantizer's int32 bias is a weight (it feeds a DequantizeLinear).
+        is_weight = initializer.data_type in _WEIGHT_ELEMENT_TYPES or initializer.name in dequantized
+        if not is_weight or not initializer.dims:
             continue
         values = numpy_helper.to_array(initializer)
         parameters += int(values.size)

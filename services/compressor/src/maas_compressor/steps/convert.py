@@ -27,8 +27,9 @@ import onnx
 import torch
 from maas_runtime.errors import FailedPrecondition, InvalidArgument
 
-from maas_compressor.onnx_models import default_opset, predict_onnx
+from maas_compressor.onnx_models import default_opset, predict_onnx, strip_exporter_metadata
 from maas_compressor.steps.base import ModelUnderCompression, OnnxForm, StepContext, StepResult, TorchForm
+from maas_compressor.torch_models import predict_torch
 
 DEFAULT_OPSET = 18
 # onnxscript's torchlib translates aten ops for these default-domain opsets.
@@ -45,6 +46,10 @@ class PreprocessedInputs(torch.nn.Module):
     """The network behind the manifest's preprocessing `(x * scale - mean) / std`, with the
     same semantics as the Triton runtime's (a number, or one value per element of an example
     flattened row-major), so the exported graph takes raw inputs."""
+
+    scale: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(
         self, network: torch.nn.Module, preprocessing: Mapping[str, Any], example_shape: tuple[int, ...]
@@ -136,6 +141,7 @@ def export_onnx(model: ModelUnderCompression, form: TorchForm, opset: int, ctx: 
             if program is None:  # only the legacy exporter writes without returning
                 raise RuntimeError("the dynamo exporter returned no program")
             program.save(str(target), external_data=False)
+        strip_exporter_metadata(target)
     except FailedPrecondition:
         raise
     except Exception as error:  # the exporter raises many unrelated types for one cause
@@ -146,21 +152,12 @@ def export_onnx(model: ModelUnderCompression, form: TorchForm, opset: int, ctx: 
     return OnnxForm(path=target, opset=default_opset(onnx.load(str(target), load_external_data=False)))
 
 
-def torch_logits(model: ModelUnderCompression, form: TorchForm, x: np.ndarray) -> np.ndarray:
-    """The torch form's logits for raw inputs (its preprocessing applied as the runtime does)."""
-    network = form.module.eval()
-    if model.preprocessing:
-        network = PreprocessedInputs(network, model.preprocessing, tuple(x.shape[1:])).eval()
-    with torch.inference_mode():
-        return network(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy()
-
-
 def verify_against_torch(
     model: ModelUnderCompression, form: TorchForm, exported: OnnxForm, x: np.ndarray
 ) -> dict[str, float]:
     """Max abs logit difference and argmax agreement of the graph against torch on `x`;
     FailedPrecondition when the graph computes something else."""
-    expected = torch_logits(model, form, x)
+    expected = predict_torch(form, x, preprocessing=model.preprocessing)
     actual = predict_onnx(exported, x)
     if actual.shape != expected.shape:
         raise FailedPrecondition(
