@@ -1,0 +1,227 @@
+"""Compressor benchmark: what each compression saves and costs, beside its fp32 source.
+
+Prints one table. Every row compresses a source trained in this run on scikit-learn's digits
+and measures source and result with the same `maas_compressor.measure.measure` (accuracy on
+the held-out split, parameters, non-zero parameters, artifact bytes, CPU p50 latency on ONE
+thread at batch 1 and 32), so the ratios compare like with like on this machine:
+- digits CNN, 90% global unstructured pruning + fine-tune: accuracy drop (goal ≤ 1 pt;
+  Han et al. 2015: 9-13× fewer weights with no loss);
+- digits CNN, structured pruning of 50% of the channels: speed-up at batch 32 (goal ≥ 2×)
+  and drop (≤ 2 pt);
+- distillation of the CNN into a student with ≤ 25% of its parameters (goal ≥ 97% of the
+  teacher's accuracy; DistilBERT: 97%);
+- greedy soup of 3 fine-tuned runs (goal ≥ the best single run − 0.2 pt; Wortsman et al. 2022).
+The ONNX rows (int8 static CNN, 1024-wide MLP int8 dynamic, accuracy-aware int8) join
+`ONNX_ROWS` below. Timings are reported, never gated on. Run: `make bench` (or
+`.venv/bin/python -m tests.bench.bench_compressor`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import statistics
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from maas_compressor.measure import Measurement, accuracy, latency_ms, measure
+from maas_compressor.steps.base import DataSplits, ModelUnderCompression
+from maas_compressor.steps.distill import distill
+from maas_compressor.steps.fuse import fuse
+from maas_compressor.steps.prune import prune
+
+from tests.compressor.torch_helpers import (
+    RecordingContext,
+    copy_of,
+    digits_splits,
+    train_in_place,
+    zoo_model,
+)
+
+TORCH_THREADS = 1
+LATENCY_REPEATS = 300
+"""Timed passes per latency; the p50 of this many passes is steady on a shared machine."""
+LATENCY_ROUNDS = 6
+"""Source and result take turns this often; a latency is the median of its rounds' p50s."""
+CNN = {"channels": [64, 128], "kernel_size": 3, "dropout": 0.1}
+CNN_EPOCHS = 30
+LEARNING_RATE = 2e-3
+PRUNE_FINETUNE_EPOCHS = 20
+STUDENT_CNN = {"channels": [32, 48], "kernel_size": 3, "dropout": 0.0}
+SOUP_RUNS = 3
+SOUP_FINETUNE_EPOCHS = 3
+
+
+@dataclass
+class Bench:
+    """What the rows share: the data, a work directory, and the sources trained once."""
+
+    data: DataSplits
+    workdir: Path
+
+    def context(self, name: str, seed: int = 0) -> RecordingContext:
+        workdir = self.workdir / name
+        workdir.mkdir(parents=True, exist_ok=True)
+        return RecordingContext(data=self.data, workdir=workdir, seed=seed)
+
+    @functools.cached_property
+    def digits_cnn(self) -> ModelUnderCompression:
+        return train_in_place(zoo_model("cnn", CNN), self.context("source-cnn"),
+                              epochs=CNN_EPOCHS, learning_rate=LEARNING_RATE)
+
+    def measured(self, model: ModelUnderCompression, name: str) -> Measurement:
+        return measure(model, self.data, self.workdir / f"measure-{name}", repeats=LATENCY_REPEATS)
+
+    def measured_pair(self, source: ModelUnderCompression, result: ModelUnderCompression,
+                      name: str) -> tuple[Measurement, Measurement]:
+        """Source and result measured alike, their latencies taken in alternating rounds so
+        that a neighbour's load on the shared cores weighs on both the same."""
+        measured = [self.measured(source, f"{name}-source"), self.measured(result, name)]
+        repeats = LATENCY_REPEATS // LATENCY_ROUNDS
+        rounds: list[list[tuple[float, float]]] = [[], []]
+        for _ in range(LATENCY_ROUNDS):
+            for taken, model in zip(rounds, (source, result), strict=True):
+                taken.append((latency_ms(model, self.data.eval_x, 1, repeats),
+                              latency_ms(model, self.data.eval_x, 32, repeats)))
+        before, after = (
+            dataclasses.replace(
+                measurement,
+                latency_ms_batch1=statistics.median(b1 for b1, _ in taken),
+                latency_ms_batch32=statistics.median(b32 for _, b32 in taken),
+            )
+            for measurement, taken in zip(measured, rounds, strict=True)
+        )
+        return before, after
+
+
+@dataclass(frozen=True)
+class Row:
+    """One compression beside its fp32 source, with its goal and whether this run met it."""
+
+    name: str
+    source: Measurement
+    result: Measurement
+    goal: str
+    met: bool
+
+    def cells(self) -> tuple[str, ...]:
+        source, result = self.source, self.result
+        return (
+            self.name,
+            f"{source.accuracy:.4f}",
+            f"{result.accuracy:.4f}",
+            f"{(source.accuracy - result.accuracy) * 100:+.2f}",
+            f"{result.parameters / source.parameters:.3f}",
+            f"{result.nonzero_parameters / source.nonzero_parameters:.3f}",
+            f"{result.artifact_bytes / source.artifact_bytes:.3f}",
+            f"{source.latency_ms_batch1 / result.latency_ms_batch1:.2f}",
+            f"{source.latency_ms_batch32 / result.latency_ms_batch32:.2f}",
+            f"{source.runtime}→{result.runtime}",
+            self.goal,
+            "yes" if self.met else "NO",
+        )
+
+
+HEADER = ("row", "acc fp32", "acc result", "drop pt", "params ×", "non-zero ×", "bytes ×",
+          "speed-up b1", "speed-up b32", "runtime", "goal", "met")
+
+RowFunction = Callable[[Bench], Row]
+
+
+def drop_points(source: Measurement, result: Measurement) -> float:
+    return (source.accuracy - result.accuracy) * 100
+
+
+def cnn_unstructured_90(bench: Bench) -> Row:
+    source = bench.digits_cnn
+    pruned = prune(source, {"amount": 0.9, "structured": False, "scope": "global",
+                            "finetune_epochs": PRUNE_FINETUNE_EPOCHS, "learning_rate": 1e-3},
+                   bench.context("unstructured")).model
+    before, after = bench.measured_pair(source, pruned, "unstructured")
+    return Row("digits CNN, 90% global unstructured + fine-tune", before, after, "drop ≤ 1 pt",
+               drop_points(before, after) <= 1.0)
+
+
+def cnn_structured_50(bench: Bench) -> Row:
+    source = bench.digits_cnn
+    pruned = prune(source, {"amount": 0.5, "structured": True, "finetune_epochs": PRUNE_FINETUNE_EPOCHS,
+                            "learning_rate": 1e-3}, bench.context("structured")).model
+    before, after = bench.measured_pair(source, pruned, "structured")
+    speed_up = before.latency_ms_batch32 / after.latency_ms_batch32
+    return Row("digits CNN, structured 50% channels + fine-tune", before, after,
+               "b32 ≥ 2× faster, drop ≤ 2 pt", speed_up >= 2.0 and drop_points(before, after) <= 2.0)
+
+
+def cnn_distilled(bench: Bench) -> Row:
+    teacher = bench.digits_cnn
+    student = distill(teacher, {"student_architecture": {"kind": "cnn", "hyperparameters": STUDENT_CNN},
+                                "temperature": 4.0, "alpha": 0.7, "epochs": CNN_EPOCHS,
+                                "learning_rate": LEARNING_RATE, "batch_size": 64},
+                      bench.context("distill")).model
+    before, after = bench.measured_pair(teacher, student, "student")
+    small_enough = after.parameters <= 0.25 * before.parameters
+    return Row("distill CNN → CNN student ≤ 25% parameters", before, after,
+               "≥ 97% of teacher acc", small_enough and after.accuracy >= 0.97 * before.accuracy)
+
+
+def greedy_soup_of_fine_tuned_runs(bench: Bench) -> Row:
+    runs = []
+    for seed in range(1, SOUP_RUNS + 1):
+        # Each run continues from the shared source with its own example order: the soup's
+        # members need a common initialisation to be averaged meaningfully.
+        runs.append(train_in_place(copy_of(bench.digits_cnn), bench.context(f"run{seed}", seed),
+                                   epochs=SOUP_FINETUNE_EPOCHS, learning_rate=LEARNING_RATE / 2))
+    run_accuracy = [accuracy(run, bench.data.eval_x, bench.data.eval_y) for run in runs]
+    best_index = max(range(len(runs)), key=lambda i: run_accuracy[i])
+    context = bench.context("soup")
+    context.versions = {f"run{index}": run for index, run in enumerate(runs) if index != best_index}
+    soup = fuse(runs[best_index], {"model_versions": list(context.versions), "method": "greedy_soup"},
+                context)
+    before, after = bench.measured_pair(runs[best_index], soup.model, "soup")
+    used = len(soup.details["members_used"])
+    return Row(f"greedy soup of {SOUP_RUNS} fine-tuned runs ({used} used) vs best single", before,
+               after, "≥ best single − 0.2 pt", drop_points(before, after) <= 0.2)
+
+
+TORCH_ROWS: list[RowFunction] = [
+    cnn_unstructured_90,
+    cnn_structured_50,
+    cnn_distilled,
+    greedy_soup_of_fine_tuned_runs,
+]
+
+# ONNX rows (int8 static CNN, 1024-wide MLP int8 dynamic, accuracy-aware int8): append row
+# functions here. Each takes the `Bench` (its `digits_cnn` is the shared fp32 source) and
+# returns a `Row` of the source and the result, both measured with `bench.measured_pair`.
+ONNX_ROWS: list[RowFunction] = []
+
+
+def print_table(rows: list[Row]) -> None:
+    lines = [HEADER, *(row.cells() for row in rows)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(HEADER))]
+    print()
+    for line in lines:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))
+    print("\n× = result / source (speed-up: source / result latency), CPU p50 over "
+          f"{LATENCY_REPEATS} passes in {LATENCY_ROUNDS} alternating rounds, {TORCH_THREADS} "
+          "thread; drop pt = source − result accuracy")
+    sys.stdout.flush()
+
+
+def main() -> None:
+    torch.set_num_threads(TORCH_THREADS)
+    bench_dir = Path(os.environ.get("MAAS_BENCH_DIR", ".maas/bench"))
+    bench_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=bench_dir) as tmp:
+        bench = Bench(data=digits_splits(), workdir=Path(tmp))
+        rows = [row(bench) for row in (*TORCH_ROWS, *ONNX_ROWS)]
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
