@@ -62,9 +62,7 @@ def classifier_shape(signature: ModelSignature) -> tuple[list[int], int]:
 def build_zoo_module(architecture: Mapping[str, Any], signature: ModelSignature) -> torch.nn.Module:
     """A freshly initialised zoo module for `architecture` and the signature's shapes."""
     input_shape, num_classes = classifier_shape(signature)
-    return build_model(
-        architecture["kind"], architecture["hyperparameters"], input_shape, num_classes
-    )
+    return build_model(architecture["kind"], architecture["hyperparameters"], input_shape, num_classes)
 
 
 def load_package(path: Path) -> ModelUnderCompression:
@@ -82,13 +80,13 @@ def load_package(path: Path) -> ModelUnderCompression:
         form=TorchForm(module=module.eval(), architecture=architecture),
         signature=signature,
         preprocessing=manifest.preprocessing,
+        labels=manifest.labels,
     )
 
 
 def _signature_spec(signature: ModelSignature) -> SignatureSpec:
     def tensors(specs) -> list[TensorSignatureSpec]:
-        return [TensorSignatureSpec(name=s.name, datatype=s.datatype, shape=list(s.shape))
-                for s in specs]
+        return [TensorSignatureSpec(name=s.name, datatype=s.datatype, shape=list(s.shape)) for s in specs]
 
     return SignatureSpec(inputs=tensors(signature.inputs), outputs=tensors(signature.outputs))
 
@@ -112,6 +110,7 @@ def write_package(model: ModelUnderCompression, path: Path) -> Path:
         ),
         signature=_signature_spec(model.signature),
         preprocessing=model.preprocessing,
+        labels=model.labels,
         framework=FrameworkInfo(name="torch", version=torch.__version__),
     )
     save_torch_package(path, manifest, form.module.state_dict())
@@ -134,7 +133,7 @@ def predict_torch(
     outputs = []
     with torch_threads(threads), torch.inference_mode():
         for begin in range(0, max(len(x), 1), _PREDICTION_BATCH):
-            batch = module_inputs(preprocessing, x[begin:begin + _PREDICTION_BATCH])
+            batch = module_inputs(preprocessing, x[begin : begin + _PREDICTION_BATCH])
             outputs.append(module(batch).float().numpy())
     return np.concatenate(outputs) if len(outputs) > 1 else outputs[0]
 
@@ -145,4 +144,3 @@ def count_parameters(module: torch.nn.Module) -> tuple[int, int]:
     total = sum(t.numel() for t in tensors)
     nonzero = sum(int(torch.count_nonzero(t)) for t in tensors)
     return total, nonzero
-

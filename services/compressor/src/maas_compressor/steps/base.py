@@ -11,6 +11,7 @@ to fail with a reason.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,12 @@ class ModelUnderCompression:
     signature: ModelSignature
     preprocessing: dict[str, Any] | None = None
     """The source manifest's preprocessing, carried into every result unchanged."""
+    labels: list[str] | None = None
+    """The source manifest's class names, carried into every result unchanged."""
+
+    def with_form(self, form: Form) -> ModelUnderCompression:
+        """The same model (signature, preprocessing, labels) in another form: what a step returns."""
+        return dataclasses.replace(self, form=form)
 
 
 @dataclass

@@ -44,12 +44,15 @@ def distill(model: ModelUnderCompression, params: Mapping[str, Any], ctx: StepCo
     targets = torch.from_numpy(ctx.data.train_y.astype("int64"))
 
     def distillation_loss(student_logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
-        soft = functional.kl_div(
-            functional.log_softmax(student_logits / temperature, dim=1),
-            functional.log_softmax(teacher_logits[batch] / temperature, dim=1),
-            reduction="batchmean",
-            log_target=True,
-        ) * temperature**2
+        soft = (
+            functional.kl_div(
+                functional.log_softmax(student_logits / temperature, dim=1),
+                functional.log_softmax(teacher_logits[batch] / temperature, dim=1),
+                reduction="batchmean",
+                log_target=True,
+            )
+            * temperature**2
+        )
         hard = functional.cross_entropy(student_logits, targets[batch])
         return alpha * soft + (1.0 - alpha) * hard
 
@@ -75,11 +78,7 @@ def distill(model: ModelUnderCompression, params: Mapping[str, Any], ctx: StepCo
     if isinstance(model.form, TorchForm):
         details["teacher_parameters"] = count_parameters(model.form.module)[0]
     return StepResult(
-        model=ModelUnderCompression(
-            TorchForm(module=student, architecture=architecture),
-            model.signature,
-            model.preprocessing,
-        ),
+        model=model.with_form(TorchForm(module=student, architecture=architecture)),
         details=details,
     )
 
@@ -97,8 +96,7 @@ def _student(spec: Mapping[str, Any], model: ModelUnderCompression) -> tuple[dic
         raise InvalidArgument(
             f"{STUDENT_FIELD}: {error.message}",
             field_violations=[
-                FieldViolation(_student_field(v.field), v.description)
-                for v in error.field_violations
+                FieldViolation(_student_field(v.field), v.description) for v in error.field_violations
             ],
         ) from None
     return architecture, module
@@ -106,7 +104,7 @@ def _student(spec: Mapping[str, Any], model: ModelUnderCompression) -> tuple[dic
 
 def _student_field(zoo_field: str) -> str:
     if zoo_field.startswith(HYPERPARAMETERS_FIELD):
-        return f"{STUDENT_FIELD}.hyperparameters{zoo_field[len(HYPERPARAMETERS_FIELD):]}"
+        return f"{STUDENT_FIELD}.hyperparameters{zoo_field[len(HYPERPARAMETERS_FIELD) :]}"
     if zoo_field == "architecture.kind":
         return f"{STUDENT_FIELD}.kind"
     return STUDENT_FIELD
@@ -120,8 +118,10 @@ def _check_output_shape(
         student_shape = tuple(student.eval()(torch.zeros(1, *input_shape)).shape[1:])
     teacher_shape = tuple(teacher_logits.shape[1:])
     if student_shape != teacher_shape:
-        description = (f"the student's outputs have shape {list(student_shape)}, the teacher's "
-                       f"{list(teacher_shape)}: it cannot learn the teacher's logits")
+        description = (
+            f"the student's outputs have shape {list(student_shape)}, the teacher's "
+            f"{list(teacher_shape)}: it cannot learn the teacher's logits"
+        )
         raise FailedPrecondition(
             f"{STUDENT_FIELD}: {description}",
             field_violations=[FieldViolation(STUDENT_FIELD, description)],

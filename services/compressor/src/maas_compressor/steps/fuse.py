@@ -45,7 +45,7 @@ def fuse(model: ModelUnderCompression, params: Mapping[str, Any], ctx: StepConte
     details["members_used"] = [names[i] for i in used]
     details["weights"] = weights
     ctx.log(f"fused {len(used)} of {len(forms)} members: {', '.join(details['members_used'])}")
-    return StepResult(ModelUnderCompression(fused, model.signature, model.preprocessing), details)
+    return StepResult(model.with_form(fused), details)
 
 
 def _same_architecture_forms(
@@ -54,17 +54,18 @@ def _same_architecture_forms(
     forms = []
     for index, member in enumerate(members):
         if not isinstance(member.form, TorchForm):
-            _refuse(_member_field(index),
-                    "is an ONNX model; weights are averaged in torch, before convert")
+            _refuse(_member_field(index), "is an ONNX model; weights are averaged in torch, before convert")
         forms.append(member.form)
     reference = forms[0].architecture
     for index, (member, form) in enumerate(zip(members, forms, strict=True)):
         if form.architecture != reference or member.signature != members[0].signature:
-            _refuse(_member_field(index),
-                    f"{names[index]} is a {form.architecture['kind']} "
-                    f"{form.architecture['hyperparameters']} but the source is a "
-                    f"{reference['kind']} {reference['hyperparameters']} (or their signatures "
-                    "differ): only versions of one architecture can be averaged")
+            _refuse(
+                _member_field(index),
+                f"{names[index]} is a {form.architecture['kind']} "
+                f"{form.architecture['hyperparameters']} but the source is a "
+                f"{reference['kind']} {reference['hyperparameters']} (or their signatures "
+                "differ): only versions of one architecture can be averaged",
+            )
     return forms
 
 
@@ -74,9 +75,7 @@ def _member_field(index: int) -> str:
 
 
 def _refuse(field: str, description: str) -> NoReturn:
-    raise FailedPrecondition(
-        f"{field}: {description}", field_violations=[FieldViolation(field, description)]
-    )
+    raise FailedPrecondition(f"{field}: {description}", field_violations=[FieldViolation(field, description)])
 
 
 def _member_weights(given: Sequence[float], count: int, method: str) -> list[float]:
@@ -92,8 +91,7 @@ def _member_weights(given: Sequence[float], count: int, method: str) -> list[flo
     return [float(w) / total for w in given]
 
 
-def _average(forms: Sequence[TorchForm], weights: Sequence[float],
-             model: ModelUnderCompression) -> TorchForm:
+def _average(forms: Sequence[TorchForm], weights: Sequence[float], model: ModelUnderCompression) -> TorchForm:
     states = [form.module.state_dict() for form in forms]
     averaged = {}
     for name, first in states[0].items():
@@ -116,8 +114,9 @@ def _validation_slice(ctx: StepContext) -> tuple[np.ndarray, np.ndarray]:
     return ctx.data.train_x[chosen], ctx.data.train_y[chosen]
 
 
-def _greedy_soup(forms: Sequence[TorchForm], names: Sequence[str], model: ModelUnderCompression,
-                 ctx: StepContext) -> tuple[list[int], dict[str, float]]:
+def _greedy_soup(
+    forms: Sequence[TorchForm], names: Sequence[str], model: ModelUnderCompression, ctx: StepContext
+) -> tuple[list[int], dict[str, float]]:
     x, y = _validation_slice(ctx)
 
     def accuracy(form: TorchForm) -> float:

@@ -64,10 +64,9 @@ def prune(model: ModelUnderCompression, params: Mapping[str, Any], ctx: StepCont
         details["sparsity"] = _sparsity(pruned.module, masks)
     if losses:
         details["finetune_final_loss"] = losses[-1]
-    ctx.log(f"pruned: {parameters_before} → {parameters_after} parameters, "
-            f"{nonzero_after} non-zero")
+    ctx.log(f"pruned: {parameters_before} → {parameters_after} parameters, {nonzero_after} non-zero")
     return StepResult(
-        model=ModelUnderCompression(pruned, model.signature, model.preprocessing), details=details
+        model=model.with_form(pruned), details=details
     )
 
 
@@ -99,11 +98,13 @@ def _prune_unstructured(
         keep_flat = _keep_largest(magnitudes, amount)
         masks, offset = {}, 0
         for name, weight in weights.items():
-            masks[name] = keep_flat[offset:offset + weight.numel()].reshape(weight.shape)
+            masks[name] = keep_flat[offset : offset + weight.numel()].reshape(weight.shape)
             offset += weight.numel()
     else:
-        masks = {name: _keep_largest(w.detach().abs().flatten(), amount).reshape(w.shape)
-                 for name, w in weights.items()}
+        masks = {
+            name: _keep_largest(w.detach().abs().flatten(), amount).reshape(w.shape)
+            for name, w in weights.items()
+        }
     with torch.no_grad():
         for name, weight in weights.items():
             weight.mul_(masks[name])
@@ -160,8 +161,9 @@ def _structured_plans() -> dict[str, _StructuredPlan]:
         ),
         "transformer": _StructuredPlan(
             "dim_feedforward",
-            lambda m: [layer.linear1 for layer in m.modules()
-                       if isinstance(layer, torch.nn.TransformerEncoderLayer)],
+            lambda m: [
+                layer.linear1 for layer in m.modules() if isinstance(layer, torch.nn.TransformerEncoderLayer)
+            ],
             torch_pruning.prune_linear_out_channels,
             one_width_for_all=True,
         ),
@@ -223,13 +225,15 @@ def _prune_structured(
 def _unwrapped_parameters(module: torch.nn.Module) -> list[tuple[torch.nn.Parameter, int]]:
     # Parameters held by no leaf layer (the transformer's position embedding): tell DepGraph
     # their channel dimension (the last) instead of letting it guess with a warning.
-    in_layers = {id(p) for m in module.modules() if not list(m.children())
-                 for p in m.parameters(recurse=False)}
+    in_layers = {
+        id(p) for m in module.modules() if not list(m.children()) for p in m.parameters(recurse=False)
+    }
     return [(p, p.dim() - 1) for p in module.parameters() if id(p) not in in_layers]
 
 
-def _rebuilt(pruned: torch.nn.Module, architecture: dict[str, Any],
-             model: ModelUnderCompression) -> torch.nn.Module:
+def _rebuilt(
+    pruned: torch.nn.Module, architecture: dict[str, Any], model: ModelUnderCompression
+) -> torch.nn.Module:
     """The zoo module of the smaller spec holding the pruned weights, checked to compute the
     same outputs (anything else would mean the spec does not describe the pruned network)."""
     rebuilt = build_zoo_module(architecture, model.signature)
@@ -241,16 +245,23 @@ def _rebuilt(pruned: torch.nn.Module, architecture: dict[str, Any],
     with torch.inference_mode():
         difference = float((rebuilt(probe) - pruned(probe)).abs().max())
     if difference > _REBUILD_TOLERANCE:
-        raise Internal(f"the pruned {architecture['kind']} rebuilt from its smaller spec differs "
-                       f"from the pruned network by {difference:g}")
+        raise Internal(
+            f"the pruned {architecture['kind']} rebuilt from its smaller spec differs "
+            f"from the pruned network by {difference:g}"
+        )
     return rebuilt
 
 
 # -- fine-tuning ------------------------------------------------------------------------------
 
 
-def _finetune(model: ModelUnderCompression, form: TorchForm, masks: Mapping[str, torch.Tensor],
-              params: Mapping[str, Any], ctx: StepContext) -> list[float]:
+def _finetune(
+    model: ModelUnderCompression,
+    form: TorchForm,
+    masks: Mapping[str, torch.Tensor],
+    params: Mapping[str, Any],
+    ctx: StepContext,
+) -> list[float]:
     epochs = int(params.get("finetune_epochs", 0))
     if epochs == 0:
         return []
@@ -264,7 +275,11 @@ def _finetune(model: ModelUnderCompression, form: TorchForm, masks: Mapping[str,
     targets = torch.from_numpy(ctx.data.train_y.astype("int64"))
     ctx.log(f"fine-tuning the pruned model for {epochs} epochs")
     return train_epochs(
-        form.module, inputs, label_loss(targets), epochs=epochs,
-        learning_rate=float(params.get("learning_rate", DEFAULT_LEARNING_RATE)), context=ctx,
+        form.module,
+        inputs,
+        label_loss(targets),
+        epochs=epochs,
+        learning_rate=float(params.get("learning_rate", DEFAULT_LEARNING_RATE)),
+        context=ctx,
         after_step=reapply_masks if masks else None,
     )
