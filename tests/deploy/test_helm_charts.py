@@ -35,8 +35,8 @@ SERVICES = tuple(PORTS)
 SETTINGS_CLASSES = {
     "registry": "maas_registry.settings:RegistrySettings",
     "trainer": "maas_trainer.settings:TrainerSettings",
+    "compressor": "maas_compressor.settings:CompressorSettings",
     "inference": "maas_inference.settings:InferenceSettings",
-    # compressor: the service (and its settings class) does not exist yet.
 }
 # Files every service chart shares byte for byte (see deploy/README.md).
 SHARED_FILES = ("_helpers.tpl", "deployment.yaml", "service.yaml", "serviceaccount.yaml",
@@ -80,7 +80,8 @@ PRODUCTION = {
         "settings": {"worker_slots": 8, "registry_timeout_seconds": 600},
         "persistence": {"storageClass": "fast-ssd", "size": "500Gi"},
     },
-    "compressor": {**_PRODUCTION_COMMON, "settings": {"accuracy_gate": 0.99}},
+    "compressor": {**_PRODUCTION_COMMON, "settings": {"worker_slots": 2,
+                                                      "registry_timeout_seconds": 300}},
     "inference": {
         **_PRODUCTION_COMMON,
         "settings": {"default_max_batch_size": 64, "rollout_drain_seconds": 45},
@@ -529,7 +530,7 @@ def test_umbrella_depends_on_the_local_service_charts_and_optional_consul():
         defaults = umbrella.values
     assert conditions == {name: f"{name}.enabled" for name in [*SERVICES, "consul"]}
     assert declared["consul"]["repository"] == "https://helm.releases.hashicorp.com"
-    assert defaults["consul"]["enabled"] is False and defaults["compressor"]["enabled"] is False
+    assert defaults["consul"]["enabled"] is False and defaults["compressor"]["enabled"] is True
 
 
 def _static_endpoints_match_services(documents: list[dict], expected: set[str]) -> None:
@@ -548,7 +549,7 @@ def _static_endpoints_match_services(documents: list[dict], expected: set[str]) 
 
 def test_umbrella_wires_static_discovery_between_the_enabled_services(manifests):
     documents = manifests("maas")
-    _static_endpoints_match_services(documents, {"registry", "trainer", "inference"})
+    _static_endpoints_match_services(documents, {"registry", "trainer", "compressor", "inference"})
     for deployment in of_kind(documents, "Deployment").values():
         assert all(e["name"] != "CONSUL_HTTP_ADDR" for e in container_of(deployment).get("env", []))
 
@@ -563,7 +564,7 @@ def test_umbrella_wires_every_service_to_the_bundled_consul(manifests):
 
 
 @pytest.mark.parametrize(("values", "complaint"), [
-    ({"compressor": {"enabled": True}}, "global.maas.peers has no compressor entry"),
+    ({"compressor": {"enabled": False}}, "lists compressor, which is disabled"),
     ({"trainer": {"enabled": False}}, "lists trainer, which is disabled"),
     ({"registry": {"service": {"port": 6000}}}, "registry.service.port is 6000"),
     ({"consul": {"enabled": True}}, "set global.maas.consul.enabled too"),

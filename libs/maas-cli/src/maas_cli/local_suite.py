@@ -163,7 +163,8 @@ class ServiceProcess:
 class LocalSuite:
     """The services of one installation under `root`, in dependency order."""
 
-    def __init__(self, root: Path, services: tuple[str, ...] = ("registry", "trainer", "inference"),
+    def __init__(self, root: Path,
+                 services: tuple[str, ...] = ("registry", "trainer", "compressor", "inference"),
                  fixed_ports: bool = True, tls: SuiteTls | None = None,
                  settings: dict[str, dict[str, str]] | None = None):
         """`settings` adds per-service settings by service name (e.g. log levels)."""

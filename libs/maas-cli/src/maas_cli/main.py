@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-dir", type=Path, default=Path(".maas"),
                         help="root of the suite's state (default .maas)")
     commands = parser.add_subparsers(dest="command", required=True)
-    up = commands.add_parser("up", help="run registry, trainer and inference (with Triton) locally")
+    up = commands.add_parser("up", help="run registry, trainer, compressor and inference (with Triton) "
+                                            "locally")
     demo = commands.add_parser("demo", help="train, register, deploy and query digits end to end")
     for command in (up, demo):
         _add_tls_arguments(command)
