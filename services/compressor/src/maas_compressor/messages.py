@@ -11,6 +11,7 @@ filled in) and the job record (state, times, report).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from google.protobuf import struct_pb2
@@ -35,13 +36,13 @@ _METHODS = {cj.FUSION_METHOD_UNIFORM: "uniform", cj.FUSION_METHOD_WEIGHTED: "wei
             cj.FUSION_METHOD_GREEDY_SOUP: "greedy_soup"}
 
 
-def _short(value: int, known: dict[int, str]) -> str:
+def _short(value: int, known: Mapping[Any, str]) -> str:
     # Unset is "" (the domain applies the default or says "is required"); an unknown number
     # was already refused by validated_request.
     return known.get(value, "")
 
 
-def _enum(name: str, known: dict[int, str]) -> int:
+def _enum(name: str, known: Mapping[Any, str]) -> Any:
     return {short: number for number, short in known.items()}[name]
 
 

@@ -131,7 +131,7 @@ class _StepParser:
 
     def prune(self, fields: dict[str, Any]) -> dict[str, Any]:
         amount = fields.get("amount")
-        self.check(_finite(amount) and 0 < amount < 1, "amount",
+        self.check(_finite(amount) and 0 < float(amount or 0) < 1, "amount",
                    f"must be a fraction strictly between 0 and 1, got {amount}")
         scope = fields.get("scope") or "global"
         self.check(scope in PRUNE_SCOPES, "scope", f"must be one of {list(PRUNE_SCOPES)}")
