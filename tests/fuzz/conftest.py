@@ -1,5 +1,5 @@
-"""The whole suite in process for the hostile-request tests: registry, trainer and inference
-(with its real tritonserver), seeded with a model, two versions, an alias, a dataset and a
+"""The whole suite in process for the hostile-request tests: registry, trainer, compressor and
+inference (with its real tritonserver), seeded with a model, two versions, an alias, a dataset and a
 READY deployment so hostile requests also reach the code behind the name checks. Every log
 record the services write while it runs is captured, to be searched for unhandled errors."""
 
@@ -13,6 +13,8 @@ import grpc
 import pytest_asyncio
 from maas.inference.v1 import deployment_pb2, inference_service_pb2 as inf, inference_service_pb2_grpc
 from maas.registry.v1 import dataset_pb2, registry_service_pb2 as rs, registry_service_pb2_grpc
+from maas_compressor.server import build_server as build_compressor
+from maas_compressor.settings import CompressorSettings
 from maas_inference.server import build_server as build_inference
 from maas_inference.settings import InferenceSettings
 from maas_registry.server import build_server as build_registry
@@ -112,6 +114,17 @@ async def fuzz_suite(tmp_path_factory):
             "trainer", f"127.0.0.1:{trainer_port}",
             (root / "trainer" / "admin.token").read_text().strip(),
             ("maas.trainer.v1.TrainerService",), trainer)
+
+        compressor = build_compressor(CompressorSettings(
+            state_dir=root / "compressor", port=0, registry_target=f"127.0.0.1:{port}",
+            client_token_file=token_file, worker_slots=1, schedule_interval_seconds=0.2,
+            watch_poll_seconds=0.2, job_stop_grace_seconds=5))
+        compressor_port = await compressor.start()
+        started.append(compressor)
+        suite.services["compressor"] = Service(
+            "compressor", f"127.0.0.1:{compressor_port}",
+            (root / "compressor" / "admin.token").read_text().strip(),
+            ("maas.compressor.v1.CompressorService",), compressor)
 
         inference, _ = build_inference(
             InferenceSettings(state_dir=root / "inference", port=0, rollout_drain_seconds=1,
