@@ -44,7 +44,9 @@ from maas_inference.triton.model_repository import (
     ModelRepository,
     TensorSpec,
     TritonModelSpec,
+    runtime_description,
 )
+from maas_inference.triton.runtimes import OnnxBackendProbe
 
 _log = logging.getLogger(__name__)
 
@@ -53,7 +55,8 @@ READY, CREATING, ROLLING_OUT, FAILED, UNAVAILABLE = (
     contract_enums.DEPLOYMENT_STATE_ROLLING_OUT, contract_enums.DEPLOYMENT_STATE_FAILED,
     contract_enums.DEPLOYMENT_STATE_UNAVAILABLE)
 SERVABLE_FORMATS = {contract_enums.MODEL_FORMAT_MAAS_PACKAGE: "maas-package",
-                    contract_enums.MODEL_FORMAT_TORCHSCRIPT: "torchscript"}
+                    contract_enums.MODEL_FORMAT_TORCHSCRIPT: "torchscript",
+                    contract_enums.MODEL_FORMAT_ONNX: "onnx"}
 UPDATABLE = frozenset({"model", "track_alias", "traffic", "shadow", "serving"})
 
 
@@ -117,6 +120,7 @@ class DeploymentManager:
         self._registry = registry
         self._triton = triton
         self._repository = repository
+        self._onnx_backend = OnnxBackendProbe(triton, repository)
         self._artifacts = artifact_dir
         self._artifacts.mkdir(parents=True, exist_ok=True)
         self._defaults = defaults
@@ -229,8 +233,10 @@ class DeploymentManager:
         async with self._download_locks.setdefault(artifact.name, asyncio.Lock()):
             if not artifact.exists():
                 await self._registry.download_model_version(version, artifact)
+        artifact_format = ArtifactFormat(format_name)
+        runtime = await self._onnx_backend.runtime_for(artifact_format)
         spec = TritonModelSpec(
-            name=name, artifact_format=ArtifactFormat(format_name),
+            name=name, artifact_format=artifact_format, runtime=runtime,
             inputs=tuple(TensorSpec(t["name"], t["datatype"].removeprefix(contract_enums.DATA_TYPE_PREFIX),
                                     tuple(int(d) for d in t.get("shape", [])))
                          for t in signature["inputs"]),
@@ -248,7 +254,8 @@ class DeploymentManager:
         await self._triton.wait_model_ready(name, timeout=self._defaults.load_timeout_seconds)
         return ServedModel(version["name"], name,
                            ServingSignature.from_version(signature, serving["max_batch_size"]),
-                           instances=serving["instance_count"])
+                           instances=serving["instance_count"],
+                           runtime=runtime_description(artifact_format, runtime))
 
     async def _build_route(self, deployment_id: str, spec: dict,
                            pinned: dict | None = None) -> tuple[Route, dict]:
@@ -293,6 +300,12 @@ class DeploymentManager:
     def _record(self, deployment_id: str, spec: dict, state: str, *, route: Route | None = None,
                 resolved: dict | None = None, message: str = "", created: str | None = None
                 ) -> dict:
+        if route and not message:
+            # The runtime of each served version is recorded on the deployment here: the
+            # contract has no field of its own for it.
+            served = [model for model, _ in route.targets]
+            served += [route.shadow] if route.shadow is not None else []
+            message = "; ".join(f"{m.version} runs on {m.runtime}" for m in served if m.runtime)
         return {
             "name": f"deployments/{deployment_id}", **spec, "state": state, "message": message,
             "serving_versions": [m.version for m, _ in route.targets] if route else [],

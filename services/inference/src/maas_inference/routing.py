@@ -29,6 +29,8 @@ class ServedModel:
     """A `maas_inference.tensors.ServingSignature`."""
     instances: int = 1
     """Model instances in Triton: how many batches it executes at once."""
+    runtime: str = ""
+    """What runs it, e.g. "onnxruntime in Triton's Python backend" (reported on the deployment)."""
 
 
 @dataclass(frozen=True)

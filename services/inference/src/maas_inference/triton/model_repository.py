@@ -4,7 +4,12 @@ One Triton model serves one model artifact, laid out as Triton's Python backend 
 
     <repository>/<triton model name>/config.pbtxt
     <repository>/<triton model name>/1/model.py            (this package's runtime_model.py)
-    <repository>/<triton model name>/1/model.safetensors   (or model.pt for TorchScript)
+    <repository>/<triton model name>/1/model.safetensors   (model.pt for TorchScript,
+                                                            model.onnx for ONNX)
+
+or, for an ONNX graph on a Triton that has its own onnxruntime backend
+(`ServingRuntime.ONNXRUNTIME_BACKEND`), as that backend expects: `platform:
+"onnxruntime_onnx"` in the config and `1/model.onnx`, without `model.py`.
 
 `config.pbtxt` is built as a `ModelConfig` message from the model's signature and rendered
 with protobuf's text format, so it is always syntactically valid. The artifact is referred to
@@ -76,6 +81,9 @@ class ArtifactFormat(enum.StrEnum):
     TORCHSCRIPT = "torchscript"
     """An opaque TorchScript archive, loaded with torch.jit.load (never unpickled)."""
 
+    ONNX = "onnx"
+    """An ONNX graph, run by onnxruntime (in the Python backend or Triton's own backend)."""
+
     @property
     def artifact_file_name(self) -> str:
         """The artifact's file name inside the model's version directory."""
@@ -85,7 +93,32 @@ class ArtifactFormat(enum.StrEnum):
 ARTIFACT_FILE_NAMES = {
     ArtifactFormat.MAAS_PACKAGE: "model.safetensors",
     ArtifactFormat.TORCHSCRIPT: "model.pt",
+    ArtifactFormat.ONNX: "model.onnx",
 }
+
+
+class ServingRuntime(enum.StrEnum):
+    """Which Triton backend runs a model."""
+
+    PYTHON_BACKEND = "python"
+    """`runtime_model.py` in Triton's Python backend: torch, or onnxruntime for ONNX."""
+
+    ONNXRUNTIME_BACKEND = "onnxruntime"
+    """Triton's own onnxruntime backend (`platform: "onnxruntime_onnx"`), where it has one."""
+
+
+ONNXRUNTIME_PLATFORM = "onnxruntime_onnx"
+# Thread settings Triton's onnxruntime backend reads from the config's parameters.
+ONNXRUNTIME_INTRA_OP_PARAMETER = "intra_op_thread_count"
+ONNXRUNTIME_INTER_OP_PARAMETER = "inter_op_thread_count"
+
+
+def runtime_description(artifact_format: ArtifactFormat, runtime: ServingRuntime) -> str:
+    """How a deployment reports what runs its model, e.g. "onnxruntime in Triton's Python backend"."""
+    if runtime is ServingRuntime.ONNXRUNTIME_BACKEND:
+        return "Triton's onnxruntime backend"
+    engine = "onnxruntime" if artifact_format is ArtifactFormat.ONNX else "torch"
+    return f"{engine} in Triton's Python backend"
 
 
 class InstanceKind(enum.StrEnum):
@@ -151,7 +184,9 @@ class TritonModelSpec:
     instance_count: int = 1
     instance_kind: InstanceKind = InstanceKind.CPU
     torch_threads: int = 1
-    """Intra-op threads per instance; 1 keeps N instances from oversubscribing N cores."""
+    """Intra-op threads per instance (torch or onnxruntime); 1 keeps N instances from
+    oversubscribing N cores."""
+    runtime: ServingRuntime = ServingRuntime.PYTHON_BACKEND
 
     @classmethod
     def from_signature(
@@ -244,6 +279,11 @@ def validate_spec(spec: TritonModelSpec) -> None:
     violations.check(
         spec.torch_threads >= 1, "torch_threads", f"must be at least 1, got {spec.torch_threads}"
     )
+    violations.check(
+        spec.runtime is ServingRuntime.PYTHON_BACKEND or spec.artifact_format is ArtifactFormat.ONNX,
+        "runtime",
+        f"Triton's onnxruntime backend serves ONNX graphs, not {spec.artifact_format.value}",
+    )
     violations.raise_if_any(f"cannot serve Triton model {spec.name!r}")
 
 
@@ -259,9 +299,18 @@ def build_model_config(spec: TritonModelSpec) -> model_config_pb2.ModelConfig:
     validate_spec(spec)
     batching = spec.batching
     batched = batching.max_batch_size > 0
-    config = model_config_pb2.ModelConfig(
-        name=spec.name, backend="python", max_batch_size=batching.max_batch_size
-    )
+    if spec.runtime is ServingRuntime.ONNXRUNTIME_BACKEND:
+        config = model_config_pb2.ModelConfig(
+            name=spec.name,
+            platform=ONNXRUNTIME_PLATFORM,
+            backend="onnxruntime",
+            max_batch_size=batching.max_batch_size,
+            default_model_filename=spec.artifact_format.artifact_file_name,
+        )
+    else:
+        config = model_config_pb2.ModelConfig(
+            name=spec.name, backend="python", max_batch_size=batching.max_batch_size
+        )
     for tensor in spec.inputs:
         _add_tensor(config.input, tensor, batched)
     for tensor in spec.outputs:
@@ -273,11 +322,17 @@ def build_model_config(spec: TritonModelSpec) -> model_config_pb2.ModelConfig:
         kind=model_config_pb2.ModelInstanceGroup.Kind.Value(spec.instance_kind.value),
         count=spec.instance_count,
     )
-    parameters = {
-        ARTIFACT_PATH_PARAMETER: spec.artifact_format.artifact_file_name,
-        ARTIFACT_FORMAT_PARAMETER: spec.artifact_format.value,
-        TORCH_THREADS_PARAMETER: str(spec.torch_threads),
-    }
+    if spec.runtime is ServingRuntime.ONNXRUNTIME_BACKEND:
+        parameters = {
+            ONNXRUNTIME_INTRA_OP_PARAMETER: str(spec.torch_threads),
+            ONNXRUNTIME_INTER_OP_PARAMETER: "1",
+        }
+    else:
+        parameters = {
+            ARTIFACT_PATH_PARAMETER: spec.artifact_format.artifact_file_name,
+            ARTIFACT_FORMAT_PARAMETER: spec.artifact_format.value,
+            TORCH_THREADS_PARAMETER: str(spec.torch_threads),
+        }
     for key, value in parameters.items():
         config.parameters[key].string_value = value
     return config
@@ -322,7 +377,8 @@ class ModelRepository:
             version_dir = staging / MODEL_VERSION
             version_dir.mkdir(parents=True)
             (staging / CONFIG_FILE).write_text(render_config_pbtxt(config))
-            (version_dir / RUNTIME_FILE).write_bytes(runtime_source())
+            if spec.runtime is ServingRuntime.PYTHON_BACKEND:
+                (version_dir / RUNTIME_FILE).write_bytes(runtime_source())
             shutil.copyfile(artifact, version_dir / spec.artifact_format.artifact_file_name)
             self._move_into_place(staging, self.model_dir(spec.name))
         finally:

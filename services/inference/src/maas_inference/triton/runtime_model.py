@@ -1,9 +1,9 @@
 """Triton Python-backend runtime for MaaS model artifacts (copied as each model's `model.py`).
 
 This file runs inside Triton's `triton_python_backend_stub` process, never in the inference
-service (which does not need torch). It needs torch, numpy, `maas_formats` (the package
-format, over safetensors) and `maas_zoo` (the architectures) — so a remote Triton image
-needs those and nothing of the service.
+service (which does not need torch). It needs numpy, and per format: torch, `maas_formats`
+(the package format, over safetensors) and `maas_zoo` (the architectures) for torch models,
+onnxruntime for ONNX — so a remote Triton image needs those and nothing of the service.
 
 Per model instance, `initialize` loads the artifact once:
 
@@ -13,6 +13,10 @@ Per model instance, `initialize` loads the artifact once:
   the manifest's architecture and signature, the weights are loaded strictly (every tensor
   must match), and the manifest's preprocessing is applied before the forward pass.
 * `torchscript`: an opaque archive loaded with `torch.jit.load`.
+* `onnx`: an ONNX graph run by onnxruntime (CPU provider, `maas.torch_threads` intra-op
+  threads), fed by input name. torch is not imported for it: an ONNX model starts in the time
+  onnxruntime takes to load, and a Triton image for ONNX needs numpy and onnxruntime only.
+  (A Triton with its own onnxruntime backend serves ONNX without this file at all.)
 
 `execute` receives every request Triton's dynamic batcher gathered, concatenates each input
 across them, runs ONE forward pass in inference mode and splits the outputs back per request:
@@ -30,16 +34,22 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import onnxruntime
+    import torch
 
 ARTIFACT_PATH_PARAMETER = "maas.artifact_path"
 ARTIFACT_FORMAT_PARAMETER = "maas.artifact_format"
 TORCH_THREADS_PARAMETER = "maas.torch_threads"
 PREPROCESSING_KEYS = frozenset({"scale", "mean", "std"})
 
-Preprocess = Callable[[torch.Tensor], torch.Tensor]
+Preprocess = Callable[["torch.Tensor"], "torch.Tensor"]
+Runner = Callable[[list[np.ndarray]], list[np.ndarray]]
+"""A loaded model: input arrays in config order → output arrays in config order."""
 
 
 class ArtifactError(ValueError):
@@ -64,6 +74,8 @@ def build_preprocessing(spec: dict | None, example_shape: Sequence[int]) -> Prep
             f"unsupported preprocessing {', '.join(unknown)}; supported: "
             f"{', '.join(sorted(PREPROCESSING_KEYS))}"
         )
+    import torch
+
     example_size = math.prod(example_shape)
 
     def constant(key: str, default: float) -> torch.Tensor:
@@ -91,14 +103,18 @@ def build_preprocessing(spec: dict | None, example_shape: Sequence[int]) -> Prep
     return preprocess
 
 
-class _PreprocessedModule(torch.nn.Module):
-    def __init__(self, module: torch.nn.Module, preprocess: Preprocess) -> None:
-        super().__init__()
-        self.module = module
-        self._preprocess = preprocess
+def _preprocessed_module(module: torch.nn.Module, preprocess: Preprocess) -> torch.nn.Module:
+    import torch
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.module(self._preprocess(inputs))
+    class PreprocessedModule(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.module = module
+
+        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+            return self.module(preprocess(inputs))
+
+    return PreprocessedModule()
 
 
 def load_maas_package(artifact: Path) -> torch.nn.Module:
@@ -125,28 +141,83 @@ def load_maas_package(artifact: Path) -> torch.nn.Module:
     module.load_state_dict(state_dict, strict=True)
     preprocess = build_preprocessing(manifest.preprocessing, model_input.shape)
     if preprocess is not None:
-        module = _PreprocessedModule(module, preprocess)
+        module = _preprocessed_module(module, preprocess)
     return module.eval()
 
 
 def load_torchscript(artifact: Path) -> torch.nn.Module:
+    import torch
+
     return torch.jit.load(str(artifact), map_location="cpu").eval()
 
 
 ARTIFACT_LOADERS = {"maas-package": load_maas_package, "torchscript": load_torchscript}
+ONNX_FORMAT = "onnx"
 
 
 def load_artifact(artifact: Path, artifact_format: str) -> torch.nn.Module:
     loader = ARTIFACT_LOADERS.get(artifact_format)
     if loader is None:
         raise ArtifactError(
-            f"unknown artifact format {artifact_format!r}; known: {', '.join(ARTIFACT_LOADERS)}"
+            f"unknown artifact format {artifact_format!r}; known: "
+            f"{', '.join([*ARTIFACT_LOADERS, ONNX_FORMAT])}"
         )
     return loader(artifact)
 
 
 def as_tuple(outputs) -> tuple[torch.Tensor, ...]:
     return tuple(outputs) if isinstance(outputs, list | tuple) else (outputs,)
+
+
+def torch_runner(module: torch.nn.Module, device: torch.device) -> Runner:
+    """One forward pass in inference mode per call, tensors moved to `device` and back."""
+    import torch
+
+    def run(arrays: list[np.ndarray]) -> list[np.ndarray]:
+        tensors = [torch.from_numpy(array).to(device) for array in arrays]
+        with torch.inference_mode():
+            results = as_tuple(module(*tensors))
+        return [result.detach().cpu().numpy() for result in results]
+
+    return run
+
+
+def load_onnx_session(artifact: Path, threads: int) -> onnxruntime.InferenceSession:
+    """An onnxruntime CPU session over the graph, `threads` intra-op threads, one inter-op."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        return onnxruntime.InferenceSession(
+            str(artifact), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+    except Exception as error:  # onnxruntime raises its own exception types per failure
+        raise ArtifactError(f"onnxruntime cannot load the graph: {error}") from error
+
+
+def onnx_runner(session: onnxruntime.InferenceSession, input_names: Sequence[str],
+                output_names: Sequence[str]) -> Runner:
+    """Feeds the graph by the config's tensor names (the signature's), returns its outputs in
+    the config's order; a graph whose names differ is refused at load, not per request."""
+    graph_inputs = [value.name for value in session.get_inputs()]
+    graph_outputs = {value.name for value in session.get_outputs()}
+    missing = [name for name in input_names if name not in graph_inputs] + [
+        name for name in output_names if name not in graph_outputs
+    ]
+    if missing or len(graph_inputs) != len(input_names):
+        raise ArtifactError(
+            f"the ONNX graph's inputs {graph_inputs} and outputs {sorted(graph_outputs)} do not "
+            f"match the signature's {list(input_names)} and {list(output_names)}"
+        )
+
+    def run(arrays: list[np.ndarray]) -> list[np.ndarray]:
+        feed = dict(zip(input_names, arrays, strict=True))
+        return list(session.run(list(output_names), feed))
+
+    return run
 
 
 class TritonPythonModel:
@@ -160,16 +231,23 @@ class TritonPythonModel:
         }
         # One intra-op thread per instance: instances, not threads, use the cores, and more
         # threads than cores (2 here) only adds contention.
-        torch.set_num_threads(int(parameters.get(TORCH_THREADS_PARAMETER, "1")))
-        self.device = torch.device(
-            f"cuda:{args['model_instance_device_id']}" if args.get("model_instance_kind") == "GPU" else "cpu"
-        )
+        threads = int(parameters.get(TORCH_THREADS_PARAMETER, "1"))
         version_dir = Path(args["model_repository"]) / args["model_version"]
         artifact = version_dir / parameters[ARTIFACT_PATH_PARAMETER]
-        module = load_artifact(artifact, parameters[ARTIFACT_FORMAT_PARAMETER])
-        self.module = module.to(self.device)
+        artifact_format = parameters[ARTIFACT_FORMAT_PARAMETER]
+        input_names = [tensor["name"] for tensor in config["input"]]
+        output_names = [tensor["name"] for tensor in config["output"]]
+        if artifact_format == ONNX_FORMAT:
+            self.runner = onnx_runner(load_onnx_session(artifact, threads), input_names, output_names)
+        else:
+            import torch
+
+            torch.set_num_threads(threads)
+            on_gpu = args.get("model_instance_kind") == "GPU"
+            device = torch.device(f"cuda:{args['model_instance_device_id']}" if on_gpu else "cpu")
+            self.runner = torch_runner(load_artifact(artifact, artifact_format).to(device), device)
         self.batched = config.get("max_batch_size", 0) > 0
-        self.input_names = [tensor["name"] for tensor in config["input"]]
+        self.input_names = input_names
         self.outputs = [
             (tensor["name"], pb_utils.triton_string_to_numpy(tensor["data_type"]))
             for tensor in config["output"]
@@ -190,15 +268,13 @@ class TritonPythonModel:
         )
 
     def _forward(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        tensors = [torch.from_numpy(array).to(self.device) for array in arrays]
-        with torch.inference_mode():
-            results = as_tuple(self.module(*tensors))
+        results = self.runner(arrays)
         if len(results) != len(self.outputs):
             raise ArtifactError(
                 f"model returned {len(results)} outputs, the config declares {len(self.outputs)}"
             )
         return [
-            result.detach().cpu().numpy().astype(dtype, copy=False)
+            np.asarray(result).astype(dtype, copy=False)
             for result, (_, dtype) in zip(results, self.outputs, strict=True)
         ]
 
@@ -249,4 +325,4 @@ class TritonPythonModel:
             ]
 
     def finalize(self) -> None:
-        del self.module  # frees the weights before the stub exits
+        del self.runner  # frees the weights (and an onnxruntime session) before the stub exits
