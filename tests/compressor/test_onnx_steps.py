@@ -5,6 +5,8 @@ int4, bad parameters)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import pytest
@@ -301,3 +303,13 @@ def test_bad_quantize_parameters_are_refused_naming_the_field(onnx_mlp, context,
     with pytest.raises(InvalidArgument) as refused:
         quantize(onnx_mlp, params, context)
     assert refused.value.field_violations[0].field == field
+
+
+def test_convert_and_quantize_keep_the_signature_preprocessing_and_labels(trained_mlp, context):
+    labelled = dataclasses.replace(trained_mlp, labels=[f"digit {i}" for i in range(10)])
+    converted = convert(labelled, {}, context).model
+    quantized = quantize(converted, {"dtype": "int8"}, context).model
+    for result in (converted, quantized):
+        assert result.labels == labelled.labels
+        assert result.signature == labelled.signature
+        assert result.preprocessing == labelled.preprocessing

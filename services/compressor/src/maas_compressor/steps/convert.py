@@ -188,9 +188,7 @@ def convert(model: ModelUnderCompression, params: Mapping[str, Any], ctx: StepCo
         f"convert: verified in onnxruntime on {len(ctx.data.eval_x)} examples: max abs difference "
         f"{verification['max_abs_difference']:.3g}, argmax agreement {verification['argmax_agreement']:.4f}"
     )
-    result = ModelUnderCompression(
-        form=exported, signature=model.signature, preprocessing=model.preprocessing
-    )
+    result = model.with_form(exported)
     details = {
         "opset": exported.opset,
         "exporter": f"torch.onnx dynamo (torch {torch.__version__}, onnx {onnx.__version__})",

@@ -405,13 +405,13 @@ def quantize(model: ModelUnderCompression, params: Mapping[str, Any], ctx: StepC
     details["mode"] = mode
     preprocessed = _preprocess(source, ctx.workdir, mode)
     eval_x, eval_y = ctx.data.eval_x, ctx.data.eval_y
-    signature, preprocessing = model.signature, model.preprocessing
+    onnx_model = model
 
     def accuracy_of(form: OnnxForm) -> float:
-        return accuracy(ModelUnderCompression(form, signature, preprocessing), eval_x, eval_y)
+        return accuracy(onnx_model.with_form(form), eval_x, eval_y)
 
     def latency_of(form: OnnxForm) -> float:
-        return latency_ms(ModelUnderCompression(form, signature, preprocessing), eval_x, LATENCY_BATCH)
+        return latency_ms(onnx_model.with_form(form), eval_x, LATENCY_BATCH)
 
     baseline_accuracy = accuracy_of(source)
     target = ctx.workdir / f"{source.path.stem}-{settings.dtype}.onnx"
@@ -480,10 +480,7 @@ def quantize(model: ModelUnderCompression, params: Mapping[str, Any], ctx: StepC
         f"quantize: {settings.dtype} ({details['mode']}) accuracy {baseline_accuracy:.4f} → "
         f"{quantized_accuracy:.4f}, size ×{details['size_ratio']:.2f}"
     )
-    result = ModelUnderCompression(
-        form=quantized, signature=model.signature, preprocessing=model.preprocessing
-    )
-    return StepResult(model=result, details=details)
+    return StepResult(model=model.with_form(quantized), details=details)
 
 
 def _half_precision(preprocessed: Path, target: Path, source: OnnxForm, dtype: str) -> OnnxForm:
