@@ -8,6 +8,9 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <chrono>
+#include <functional>
+
 namespace maas::dataplane {
 
 class Tag {
@@ -59,10 +62,30 @@ class Operations {
 };
 
 // Runs the loop until the queue is shut down and drained.
-inline void run_loop(grpc::CompletionQueue* queue) {
+//
+// While `awaiting_answers()` (calls to Triton are open) the queue is polled without sleeping,
+// for at most `spin` after the last event: the answer is caught by a thread that is awake,
+// which saves the wake-up of a sleeping one (tens of microseconds on a virtual machine, most
+// of what the hop adds at low concurrency). With nothing open the thread sleeps at once, so
+// an idle data plane costs no CPU.
+inline void run_loop(grpc::CompletionQueue* queue, const std::function<bool()>& awaiting_answers,
+                     std::chrono::microseconds spin) {
   void* tag = nullptr;
   bool ok = false;
-  while (queue->Next(&tag, &ok)) static_cast<Tag*>(tag)->complete(ok);
+  auto spin_until = std::chrono::steady_clock::now();
+  while (true) {
+    auto status = grpc::CompletionQueue::TIMEOUT;
+    if (awaiting_answers() && std::chrono::steady_clock::now() < spin_until) {
+      status = queue->AsyncNext(&tag, &ok, gpr_time_0(GPR_CLOCK_MONOTONIC));
+      if (status == grpc::CompletionQueue::TIMEOUT) continue;
+    } else {
+      status = queue->Next(&tag, &ok) ? grpc::CompletionQueue::GOT_EVENT
+                                      : grpc::CompletionQueue::SHUTDOWN;
+    }
+    if (status == grpc::CompletionQueue::SHUTDOWN) return;
+    static_cast<Tag*>(tag)->complete(ok);
+    spin_until = std::chrono::steady_clock::now() + spin;
+  }
 }
 
 }  // namespace maas::dataplane

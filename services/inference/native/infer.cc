@@ -450,11 +450,13 @@ void Lane::submit(InferCall* call) {
 
 void Lane::send(std::vector<InferCall*> batch) {
   plane_->counters().triton_call();
+  plane_->triton_call_opened();
   (new TritonCall(this, std::move(batch)))->send(plane_->triton(), plane_->queue());
 }
 
 void Lane::finished(std::vector<InferCall*> batch, const grpc::Status& status,
                     const ::inference::ModelInferResponse& response) {
+  plane_->triton_call_closed();
   std::vector<InferCall*> next = next_batch();  // Triton gets the next call before replies go
   if (next.empty()) {
     --in_flight_;

@@ -121,6 +121,10 @@ class DataPlane {
   TokenTable* tokens() { return tokens_.get(); }
   Counters& counters() { return counters_; }
   SpanBuffer& spans() { return spans_; }
+  // Calls to Triton open now (the loop stays awake for their answers). Loop thread only.
+  int triton_calls_open() const { return triton_calls_open_; }
+  void triton_call_opened() { ++triton_calls_open_; }
+  void triton_call_closed() { --triton_calls_open_; }
 
  private:
   std::unique_ptr<::inference::GRPCInferenceService::Stub> triton_;
@@ -129,6 +133,7 @@ class DataPlane {
   grpc::CompletionQueue* queue_;
   Counters counters_;
   SpanBuffer spans_;
+  int triton_calls_open_ = 0;
   mutable std::mutex table_mutex_;
   std::shared_ptr<const RouteTable> table_;
   std::unordered_map<std::string, std::unique_ptr<Lane>> lanes_;

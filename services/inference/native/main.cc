@@ -38,6 +38,8 @@ constexpr char kPredict[] = "/maas.inference.v1.InferenceService/Predict";
 struct Options {
   std::string listen, control_plane, triton, tokens_file, tls_cert, tls_key, tls_client_ca;
   int max_message_bytes = 64 << 20;
+  // How long the loop stays awake after an event while Triton calls are open (0: never).
+  int spin_microseconds = 1000;
   double shutdown_grace_seconds = 10;
 };
 
@@ -70,6 +72,8 @@ Options parse_options(int argc, char** argv) {
   options.tls_client_ca = take("tls-client-ca", false);
   if (auto bytes = take("max-message-bytes", false); !bytes.empty())
     options.max_message_bytes = std::stoi(bytes);
+  if (auto spin = take("spin-microseconds", false); !spin.empty())
+    options.spin_microseconds = std::stoi(spin);
   if (auto grace = take("shutdown-grace-seconds", false); !grace.empty())
     options.shutdown_grace_seconds = std::stod(grace);
   if (!given.empty()) throw std::invalid_argument("unknown option --" + given.begin()->first);
@@ -162,7 +166,9 @@ int run(const Options& options) {
                   std::move(tokens), queue.get());
   const Dispatch dispatch = dispatch_by_method(&plane);
   Incoming::await_next(&service, queue.get(), &dispatch);
-  std::thread loop([&queue] { run_loop(queue.get()); });
+  const std::function<bool()> awaiting_answers = [&plane] { return plane.triton_calls_open() > 0; };
+  const auto spin = std::chrono::microseconds(options.spin_microseconds);
+  std::thread loop([&] { run_loop(queue.get(), awaiting_answers, spin); });
 
   answer("listening " + std::to_string(port));
   serve_control_lines(&plane);  // until the control plane closes our stdin
