@@ -36,6 +36,8 @@ class CompressorSuite:
     compressor: compressor_service_pb2_grpc.CompressorServiceStub
     compressor_state: Path
     sources: Sources
+    compressor_target: str
+    tokens_file: Path
 
 
 def _package_bytes(model, path: Path) -> bytes:
@@ -112,7 +114,8 @@ async def compressor_suite(tmp_path_factory):
     sources = await register_sources(registry, train_sources(root / "sources"))
     yield CompressorSuite(f"127.0.0.1:{registry_port}", registry_token_file, registry,
                           compressor_service_pb2_grpc.CompressorServiceStub(channel),
-                          settings.state_dir, sources)
+                          settings.state_dir, sources, f"127.0.0.1:{compressor_port}",
+                          settings.resolved_tokens_file)
     await channel.close()
     await compressor_server.stop(0)
     await registry_channel.close()

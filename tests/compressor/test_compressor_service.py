@@ -330,3 +330,66 @@ def _pids_mentioning(marker: str) -> list[int]:
     from tests.trainer.helpers import job_processes
 
     return job_processes(marker)
+
+
+async def test_the_deprecated_student_fields_still_name_the_student(compressor_suite):
+    suite = compressor_suite
+    step = cj.CompressionStep(distill=cj.DistillStep(
+        student_kind="mlp", student_hyperparameters_json='{"hidden_sizes": [8]}', epochs=1))
+    job = await create_job(suite.compressor, spec(suite.sources.mlp, step, model_id="legacy"))
+    assert job.spec.steps[0].distill.student.kind == "mlp"
+    assert json_format.MessageToDict(job.spec.steps[0].distill.student.hyperparameters) == {
+        "hidden_sizes": [8.0]}
+    await suite.compressor.CancelCompressionJob(cs.CancelCompressionJobRequest(name=job.name))
+    broken = cj.CompressionStep(distill=cj.DistillStep(
+        student_kind="mlp", student_hyperparameters_json="{hidden", epochs=1))
+    await expect_error(create_job(suite.compressor, spec(suite.sources.mlp, broken)),
+                       grpc.StatusCode.INVALID_ARGUMENT,
+                       S + "steps[0].distill.student_hyperparameters_json")
+
+
+async def test_a_registry_dataset_version_is_measured_on_and_becomes_a_parent(compressor_suite):
+    from sklearn.datasets import load_digits
+
+    suite = compressor_suite
+    digits = load_digits()
+    buffer = io.BytesIO()
+    np.savez(buffer, pixels=digits.data.astype(np.float32), digit=digits.target.astype(np.int64))
+    await suite.registry.CreateDataset(rs.CreateDatasetRequest(dataset_id="digits-npz"))
+    dataset = await suite.registry.UploadDatasetVersion(dataset_upload_requests(
+        "datasets/digits-npz", buffer.getvalue(), dataset_pb2.DATASET_FORMAT_NPZ, ["pixels"],
+        "digit"))
+    job = await create_job(suite.compressor, spec(suite.sources.mlp, prune(0.3),
+                                                  dataset=dataset.name, model_id="on-registry"))
+    job = await wait_until_final(suite.compressor, job.name)
+    version = await _registered(suite, job, suite.sources.mlp)
+    assert list(version.lineage.parents) == [suite.sources.mlp, dataset.name]
+    assert job.report.before.accuracy > 0.8
+
+
+async def test_scoped_tokens_reach_only_jobs_whose_every_model_is_in_scope(compressor_suite, finished):
+    from maas.compressor.v1 import compressor_service_pb2_grpc
+    from maas_runtime.auth import Role, add_token
+    from maas_runtime.client import open_channel
+
+    suite = compressor_suite
+    token = add_token(suite.tokens_file, "team", Role.EDITOR, ["digits-mlp*", "mlp-*"])
+    channel = open_channel(suite.compressor_target, token=token)
+    scoped = compressor_service_pb2_grpc.CompressorServiceStub(channel)
+    try:
+        seen = await scoped.GetCompressionJob(cs.GetCompressionJobRequest(
+            name=finished["prune-unstructured"].name))  # digits-mlp → mlp-pruned: in scope
+        assert seen.model_version
+        await expect_error(scoped.GetCompressionJob(cs.GetCompressionJobRequest(
+            name=finished["quantize-int8"].name)), grpc.StatusCode.PERMISSION_DENIED)
+        await expect_error(scoped.CancelCompressionJob(cs.CancelCompressionJobRequest(
+            name=finished["quantize-int8"].name)), grpc.StatusCode.PERMISSION_DENIED)
+        listed = await scoped.ListCompressionJobs(cs.ListCompressionJobsRequest(page_size=100))
+        names = {job.name for job in listed.compression_jobs}
+        assert finished["prune-unstructured"].name in names
+        assert finished["quantize-int8"].name not in names
+        await expect_error(create_job(scoped, spec(suite.sources.mlp, prune(0.5),
+                                                   model_id="elsewhere")),
+                           grpc.StatusCode.PERMISSION_DENIED)
+    finally:
+        await channel.close()
