@@ -13,7 +13,7 @@ import onnx
 import pytest
 import pytest_asyncio
 from google.protobuf import json_format
-from maas.common.v1 import job_pb2
+from maas.common.v1 import job_pb2, tensor_pb2
 from maas.compressor.v1 import compression_job_pb2 as cj, compressor_service_pb2 as cs
 from maas.registry.v1 import dataset_pb2, model_pb2, registry_service_pb2 as rs
 
@@ -26,6 +26,7 @@ from tests.compressor.service_helpers import (
     quantize,
     spec,
     states_of,
+    upload,
     versions_of,
     wait_until_final,
     watch_events,
@@ -393,3 +394,24 @@ async def test_scoped_tokens_reach_only_jobs_whose_every_model_is_in_scope(compr
                            grpc.StatusCode.PERMISSION_DENIED)
     finally:
         await channel.close()
+
+
+async def test_a_source_the_job_process_cannot_load_fails_the_job_with_the_reason(
+        compressor_suite, finished):
+    """An ONNX version whose declared signature names other tensors than its graph: Create
+    accepts it (the registry vouches for the bytes), the job process refuses it."""
+    suite = compressor_suite
+    _, graph = await download(suite.registry.DownloadModelVersion(
+        rs.DownloadModelVersionRequest(name=finished["convert"].model_version)))
+    signature = model_pb2.Signature()
+    signature.inputs.add(name="pixels", datatype=tensor_pb2.DATA_TYPE_FP32, shape=[64])
+    signature.outputs.add(name="scores", datatype=tensor_pb2.DATA_TYPE_FP32, shape=[10])
+    mislabelled = await upload(suite.registry, "mislabelled", graph,
+                               fmt=model_pb2.MODEL_FORMAT_ONNX, signature=signature)
+    job = await create_job(suite.compressor, spec(
+        mislabelled.name, quantize(mode=cj.QUANTIZATION_MODE_DYNAMIC), model_id="never"))
+    job = await wait_until_final(suite.compressor, job.name)
+    assert job.state == job_pb2.JOB_STATE_FAILED
+    assert job.error.code == "FAILED_PRECONDITION"
+    assert "pixels" in job.error.message and "input" in job.error.message
+    assert await versions_of(suite.registry, "never") == []
