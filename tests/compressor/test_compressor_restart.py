@@ -85,3 +85,64 @@ async def test_kill_9_mid_job_then_restart_resumes_to_one_registered_version(tmp
         await channel.close()
     finally:
         compressor.terminate()
+
+
+async def test_kill_9_while_publishing_to_an_unreachable_registry_registers_once_later(tmp_path):
+    """The work is done but the registry is down: the job keeps retrying its registration;
+    the compressor is killed meanwhile; after both restart, the finished result (not a rerun)
+    is registered exactly once."""
+    from maas.compressor.v1 import compressor_service_pb2 as cs
+    from maas_cli.local_suite import free_port
+
+    from tests.compressor.service_helpers import prune
+    from tests.compressor.torch_helpers import RecordingContext, digits_splits, train_in_place, zoo_model
+
+    settings = RegistrySettings(state_dir=tmp_path / "registry", port=free_port())
+    registry = build_registry_server(settings)
+    await registry.start()
+    token_file = settings.state_dir / "admin.token"
+    target = f"127.0.0.1:{settings.port}"
+    registry_channel = open_channel(target, token=token_file.read_text().strip())
+    registry_stub = registry_service_pb2_grpc.RegistryServiceStub(registry_channel)
+    model = train_in_place(zoo_model("mlp", {"hidden_sizes": [32]}),
+                           RecordingContext(digits_splits(), tmp_path), epochs=3)
+    source = (await upload(registry_stub, "teacher",
+                           _package_bytes(model, tmp_path / "m.safetensors"))).name
+    await registry_channel.close()
+    compressor = CompressorProcess(tmp_path / "compressor", target, token_file)
+    await compressor.start()
+    try:
+        channel = compressor.channel()
+        stub = compressor.stub(channel)
+        job = await create_job(stub, spec(source, prune(0.3), model_id="pruned"), job_id="late")
+        await registry.stop(0)  # inputs are staged: the job runs without the registry
+
+        async for event in stub.WatchCompressionJob(cs.WatchCompressionJobRequest(name=job.name),
+                                                    timeout=120):
+            if event.WhichOneof("kind") == "log" and "publishing" in event.log.message:
+                break  # the process finished; registration is being retried
+        await asyncio.sleep(1.0)
+        await channel.close()
+        compressor.kill()
+        result = tmp_path / "compressor" / "jobs" / "late" / "result.json"
+        assert result.exists()
+        finished_at = result.stat().st_mtime_ns
+
+        registry = build_registry_server(settings)
+        await registry.start()
+        await compressor.start()
+        channel = compressor.channel()
+        stub = compressor.stub(channel)
+        finished = await wait_until_final(stub, job.name, timeout=120)
+        assert finished.state == job_pb2.JOB_STATE_SUCCEEDED, finished.error
+        assert finished.resume_count == 1
+        assert result.stat().st_mtime_ns == finished_at  # registered, not compressed again
+        await channel.close()
+        registry_channel = open_channel(target, token=token_file.read_text().strip())
+        versions = await versions_of(registry_service_pb2_grpc.RegistryServiceStub(
+            registry_channel), "pruned")
+        await registry_channel.close()
+        assert [v.name for v in versions] == [finished.model_version]
+    finally:
+        compressor.terminate()
+        await registry.stop(0)
