@@ -25,7 +25,7 @@ $(VENV)/.installed: constraints.txt $(wildcard libs/*/pyproject.toml services/*/
 	# torch first, by exact version: it takes the CPU build that lies on disk.
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -c constraints.txt $(foreach p,$(PACKAGES),-e $(p)) \
-		grpcio-tools pytest pytest-asyncio ruff requests helm-python-sdk kubernetes-validate \
+		grpcio-tools pytest pytest-asyncio ruff mypy requests helm-python-sdk kubernetes-validate \
 		nvidia-cuda-runtime-cu12
 	touch $@
 
@@ -78,6 +78,7 @@ kserve-descriptors: $(VENV)/.installed
 
 lint: install
 	$(VENV)/bin/ruff check libs services tests tools
+	$(VENV)/bin/mypy
 	cd protos && ../tools/node_modules/.bin/buf lint
 
 test: install proto-check lint proto-breaking

@@ -135,17 +135,27 @@ class NativeDataPlane:
                 arguments.append(f"--{flag}={path}")
         return arguments
 
+    def _running_process(self) -> tuple[asyncio.subprocess.Process, asyncio.StreamWriter,
+                                        asyncio.StreamReader]:
+        """The data plane's process and its control pipes; UNAVAILABLE before it started."""
+        process = self._process
+        if process is None or process.stdin is None or process.stdout is None:
+            raise errors.Unavailable("the data plane is not running (yet)",
+                                     reason="DATA_PLANE_FAILED")
+        return process, process.stdin, process.stdout
+
     async def _start(self) -> None:
         async with self._lock:
             self._process = await asyncio.create_subprocess_exec(
                 os.fspath(self._binary), *self._arguments(),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
-            line = (await self._process.stdout.readline()).decode().split()
+            process, _, stdout = self._running_process()
+            line = (await stdout.readline()).decode().split()
             if line[:1] != ["listening"]:
-                await self._process.wait()
+                await process.wait()
                 raise errors.Unavailable(
                     f"the data plane could not listen on {self._host}:{self._port} (exit "
-                    f"{self._process.returncode})", reason="DATA_PLANE_FAILED")
+                    f"{process.returncode})", reason="DATA_PLANE_FAILED")
             self._port = int(line[1])  # a restart binds the same port again
             await self._send_table()
         _log.info("data plane serving on %s:%d (pid %d)", self._host, self._port,
@@ -193,10 +203,11 @@ class NativeDataPlane:
 
     async def _ask(self, line: str) -> str:
         """One line to the data plane and its one-line answer; UNAVAILABLE if it has died."""
+        _, stdin, stdout = self._running_process()
         try:
-            self._process.stdin.write(line.encode() + b"\n")
-            await self._process.stdin.drain()
-            answer = await self._process.stdout.readline()
+            stdin.write(line.encode() + b"\n")
+            await stdin.drain()
+            answer = await stdout.readline()
         except (BrokenPipeError, ConnectionResetError):
             answer = b""
         if not answer:
@@ -205,7 +216,7 @@ class NativeDataPlane:
 
     async def _restart_when_it_dies(self) -> None:
         while not self._closing:
-            process = self._process
+            process, _, _ = self._running_process()
             await process.wait()
             if self._closing:
                 return
@@ -224,7 +235,8 @@ class NativeDataPlane:
         process = self._process
         if process is None or process.returncode is not None:
             return
-        process.stdin.close()
+        if process.stdin is not None:
+            process.stdin.close()
         try:
             await asyncio.wait_for(process.wait(), self._grace + 5)
         except TimeoutError:

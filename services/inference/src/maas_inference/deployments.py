@@ -9,11 +9,12 @@ for requests on the old version to drain, then unloads it: no request fails duri
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import hashlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence, Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -284,14 +285,15 @@ class DeploymentManager:
             raise
         resolved = {t["model_version"]: m.version for t, (m, _) in zip(targets, served,
                                                                         strict=True)}
-        if spec["shadow"]:
+        if shadow_model is not None:
             resolved[spec["shadow"]["model_version"]] = shadow_model.version
         return route, resolved
 
     def _models_in_use(self) -> set[str]:
         return {name for live in self._live.values() for name in live.route.models}
 
-    async def _unload(self, triton_models: set[str], keep: set[str] = frozenset()) -> None:
+    async def _unload(self, triton_models: AbstractSet[str],
+                      keep: AbstractSet[str] = frozenset()) -> None:
         for name in triton_models - keep:
             with contextlib.suppress(errors.MaasError):
                 await self._triton.unload_model(name)
@@ -363,7 +365,7 @@ class DeploymentManager:
             if len(rows) <= size:
                 return items, ""
 
-    async def visible(self, principal: Principal) -> list[dict]:
+    async def visible(self, principal: Principal) -> builtins.list[dict]:
         """Every deployment the token may see (in id order), for KServe RepositoryIndex."""
         items, after = [], ""
         while rows := await asyncio.to_thread(self._store.list, after, 100):
@@ -656,6 +658,8 @@ class DeploymentManager:
         if self._shadow_slots.locked():
             return  # saturated: skip rather than queue behind the primary traffic
         shadow = live.route.shadow
+        if shadow is None:
+            return
         copy = type(request)()
         copy.CopyFrom(request)
         copy.model_name = shadow.triton_model
@@ -700,7 +704,8 @@ class DeploymentManager:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
 
-    def metadata(self, deployment_id: str, principal: Principal) -> tuple[ServedModel, list[str]]:
+    def metadata(self, deployment_id: str,
+                 principal: Principal) -> tuple[ServedModel, builtins.list[str]]:
         live = self._route(deployment_id)
         _require_route_models(principal, live.route)
         return live.route.targets[0][0], [m.version for m, _ in live.route.targets]

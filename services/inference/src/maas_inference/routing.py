@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 from maas_runtime.errors import InvalidArgument
 
+from maas_inference.tensors import ServingSignature
+
 _BUCKETS = 100
 
 
@@ -25,8 +27,7 @@ class ServedModel:
     version: str
     """Registry resource name, e.g. "models/digits/versions/3"."""
     triton_model: str
-    signature: object
-    """A `maas_inference.tensors.ServingSignature`."""
+    signature: ServingSignature
     instances: int = 1
     """Model instances in Triton: how many batches it executes at once."""
     runtime: str = ""

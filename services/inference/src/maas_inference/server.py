@@ -56,6 +56,7 @@ class InferenceApp:
         self.settings = settings
         self.telemetry = telemetry
         state = settings.state_dir
+        triton_server: RemoteTriton | TritonServerProcess
         if settings.triton_url:
             triton_server = RemoteTriton(
                 settings.triton_url, Path(settings.triton_model_repository),
@@ -115,7 +116,8 @@ class InferenceApp:
         task.add_done_callback(self._background.discard)
 
     async def _on_triton_restart(self) -> None:
-        await self.manager.reload_all()
+        if self.manager is not None:
+            await self.manager.reload_all()
 
     async def start(self) -> None:
         await self.supervisor.start()

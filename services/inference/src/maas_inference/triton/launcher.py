@@ -530,7 +530,7 @@ class TritonServerProcess(TritonServer):
 
     def kill(self) -> None:
         """SIGKILL to the server alone, like a crash (tests and fault drills)."""
-        if self.is_running:
+        if self._process is not None and self.is_running:
             os.kill(self._process.pid, signal.SIGKILL)
 
     def _clean_up_after_exit(self) -> None:
