@@ -43,9 +43,11 @@ class PeerTransport:
     """Env prefix of the settings that configure it, for error messages that say what to set."""
 
     @classmethod
-    def from_settings(cls, settings: ServiceSettings) -> PeerTransport:
+    def from_settings(cls, settings: ServiceSettings, *, tls: bool = False) -> PeerTransport:
+        """The transport `settings` configure (`tls` forces TLS even when no `peer_tls_*` is
+        set, trusting the system's CAs: for a peer known to serve TLS)."""
         prefix = str(settings.model_config.get("env_prefix") or "MAAS_<SERVICE>_")
-        if not settings.peer_tls_enabled:
+        if not (tls or settings.peer_tls_enabled):
             return cls(settings_prefix=prefix)
         if (settings.peer_tls_cert_file is None) != (settings.peer_tls_key_file is None):
             raise ValueError(f"{prefix}PEER_TLS_CERT_FILE and {prefix}PEER_TLS_KEY_FILE go "

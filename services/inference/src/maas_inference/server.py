@@ -10,7 +10,7 @@ from pathlib import Path
 from maas.inference.v1 import inference_service_pb2_grpc
 from maas_runtime.discovery import discovery_from_settings
 from maas_runtime.pagination import PageTokenCodec
-from maas_runtime.peers import PeerChannel
+from maas_runtime.peers import PeerChannel, PeerTransport
 from maas_runtime.registry_client import RegistryClient
 from maas_runtime.server import ServiceBinding, ServiceServer, run_service
 from maas_runtime.telemetry import Telemetry
@@ -61,7 +61,9 @@ class InferenceApp:
             triton_server = RemoteTriton(
                 settings.triton_url, Path(settings.triton_model_repository),
                 control_key=(read_control_key(Path(settings.triton_control_key_file))
-                             if settings.triton_control_key_file else ""))
+                             if settings.triton_control_key_file else ""),
+                transport=(PeerTransport.from_settings(settings, tls=True)
+                           if settings.triton_tls else None))
         else:
             triton_server = TritonServerProcess(TritonProcessConfig(
                 state_dir=state / "triton", model_repository=state / "triton" / "models",
@@ -127,6 +129,7 @@ class InferenceApp:
         self.triton = TritonClient(
             self.supervisor.server.grpc_url,
             control_key=self.supervisor.server.control_key,
+            transport=self.supervisor.server.transport,
             interceptors=(self.telemetry.client_interceptors()
                           if self.telemetry is not None and self.telemetry.exporting else ()))
         await self.registry.open()

@@ -33,6 +33,11 @@ class InferenceSettings(ServiceSettings):
     """Local mode: also open the bundled Triton's HTTP endpoint (loopback, administrative APIs
     restricted like gRPC's). Off by default: the gateway is the way in."""
 
+    triton_tls: bool = False
+    """Remote mode: dial the external Triton over TLS with the peer settings (`peer_tls_ca_file`,
+    and `peer_tls_cert_file`/`peer_tls_key_file` for mTLS, `peer_tls_server_name`), as every
+    other peer is dialled."""
+
     triton_control_key_file: str = ""
     """Remote mode: file holding the key the external Triton's administrative protocols demand
     (started with `--grpc-restricted-protocol=model-repository,shared-memory,trace,logging:`

@@ -29,11 +29,21 @@ from maas_runtime.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from maas_runtime.peers import PeerTransport
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
 from maas_inference.triton.lockdown import control_headers
+
+
+def control_client(grpc_url: str, transport: PeerTransport,
+                   channel_args: Sequence[tuple[str, object]]) -> InferenceServerClient:
+    """tritonclient's client of one Triton, dialled as `transport` says (plaintext, TLS or
+    mTLS, from the service's `peer_tls_*` settings): the one way this package reaches Triton
+    for control calls and probes."""
+    return InferenceServerClient(grpc_url, creds=transport.credentials,
+                                 channel_args=[*channel_args, *transport.options])
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 MODEL_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
@@ -213,8 +223,11 @@ class TritonClient:
         control_timeout_seconds: float = 300.0,
         control_key: str = "",
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+        transport: PeerTransport | None = None,
     ) -> None:
-        """`interceptors` wrap the data path's calls (client spans when traces are exported)."""
+        """`interceptors` wrap the data path's calls (client spans when traces are exported);
+        `transport` is how Triton is dialled (plaintext unless a remote Triton serves TLS)."""
+        transport = transport or PeerTransport()
         self.grpc_url = grpc_url
         self._control_timeout_seconds = control_timeout_seconds
         # Load/unload are Triton's restricted model-repository protocol (`lockdown`).
@@ -224,11 +237,16 @@ class TritonClient:
             ("grpc.max_receive_message_length", max_message_bytes),
             *TRITON_CHANNEL_RECONNECT_OPTIONS,
         ]
-        self._control = InferenceServerClient(grpc_url, channel_args=channel_options)
+        self._control = control_client(grpc_url, transport, channel_options)
         # Own channel for the data path, so bulk inference and control calls do not share
         # one HTTP/2 connection's flow control.
-        self._channel = grpc.aio.insecure_channel(grpc_url, options=channel_options,
-                                                  interceptors=list(interceptors) or None)
+        data_options = [*channel_options, *transport.options]
+        self._channel = (
+            grpc.aio.secure_channel(grpc_url, transport.credentials, options=data_options,
+                                    interceptors=list(interceptors) or None)
+            if transport.credentials is not None else
+            grpc.aio.insecure_channel(grpc_url, options=data_options,
+                                      interceptors=list(interceptors) or None))
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._infer_serialized = self._channel.unary_unary(MODEL_INFER_METHOD)
 

@@ -43,9 +43,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from maas_runtime.errors import FailedPrecondition, Unavailable
-from tritonclient.grpc.aio import InferenceServerClient
+from maas_runtime.peers import PeerTransport
 from tritonclient.utils import InferenceServerException
 
+from maas_inference.triton.client import control_client
 from maas_inference.triton.lockdown import new_control_key, redacted, restricted_protocol_args
 
 logger = logging.getLogger(__name__)
@@ -216,6 +217,11 @@ class TritonServer(abc.ABC):
         """The key that opens Triton's administrative protocols (`lockdown`); empty: none."""
         return ""
 
+    @property
+    def transport(self) -> PeerTransport:
+        """How the service dials it: plaintext, or TLS/mTLS from the `peer_tls_*` settings."""
+        return PeerTransport()
+
     @abc.abstractmethod
     async def start(self) -> None:
         """Returns once the server answers ServerReady; raises `TritonStartError` otherwise."""
@@ -229,8 +235,9 @@ class TritonServer(abc.ABC):
         """Returns when the server has gone away; its loaded models are then lost."""
 
 
-async def _probe_until_ready(grpc_url: str, probe_interval_seconds: float) -> None:
-    async with InferenceServerClient(grpc_url, channel_args=_PROBE_CHANNEL_ARGS) as client:
+async def _probe_until_ready(grpc_url: str, probe_interval_seconds: float,
+                             transport: PeerTransport) -> None:
+    async with control_client(grpc_url, transport, _PROBE_CHANNEL_ARGS) as client:
         while True:
             with contextlib.suppress(InferenceServerException):
                 if await client.is_server_ready(client_timeout=1.0):
@@ -244,10 +251,12 @@ async def wait_for_server_ready(
     *,
     gave_up: asyncio.Future | None = None,
     probe_interval_seconds: float = 0.05,
+    transport: PeerTransport | None = None,
 ) -> bool:
     """True once ServerReady answers true; False after `timeout_seconds` or when `gave_up`
     (e.g. the process exiting) completes first."""
-    probing = asyncio.ensure_future(_probe_until_ready(grpc_url, probe_interval_seconds))
+    probing = asyncio.ensure_future(
+        _probe_until_ready(grpc_url, probe_interval_seconds, transport or PeerTransport()))
     waiters = {probing} if gave_up is None else {probing, gave_up}
     done, _ = await asyncio.wait(waiters, timeout=timeout_seconds, return_when=asyncio.FIRST_COMPLETED)
     if probing in done:
@@ -302,6 +311,10 @@ class TritonProcessConfig:
 
     extra_args: tuple[str, ...] = ()
     """More `tritonserver` flags, appended last."""
+
+    client_transport: PeerTransport = PeerTransport()
+    """How the service dials it: plaintext on loopback, TLS when `extra_args` make it serve
+    TLS (`--grpc-use-ssl`)."""
 
     environment: Mapping[str, str] | None = None
     """Base environment; the service's own when None."""
@@ -375,6 +388,10 @@ class TritonServerProcess(TritonServer):
     @property
     def control_key(self) -> str:
         return self._control_key
+
+    @property
+    def transport(self) -> PeerTransport:
+        return self._config.client_transport
 
     @property
     def pid(self) -> int | None:
@@ -478,7 +495,8 @@ class TritonServerProcess(TritonServer):
         logger.info("tritonserver started (pid %d, grpc %s)", self._process.pid, self.grpc_url)
         exited = asyncio.ensure_future(self._process.wait())
         try:
-            ready = await wait_for_server_ready(self.grpc_url, config.startup_timeout_seconds, gave_up=exited)
+            ready = await wait_for_server_ready(self.grpc_url, config.startup_timeout_seconds,
+                                                gave_up=exited, transport=config.client_transport)
         finally:
             if not exited.done():
                 exited.cancel()
@@ -566,9 +584,11 @@ class RemoteTriton(TritonServer):
         probe_interval_seconds: float = 1.0,
         failures_before_down: int = 3,
         control_key: str = "",
+        transport: PeerTransport | None = None,
     ) -> None:
         self._grpc_url = grpc_url
         self._control_key = control_key
+        self._transport = transport or PeerTransport()
         self._model_repository = model_repository
         self._startup_timeout_seconds = startup_timeout_seconds
         self._probe_interval_seconds = probe_interval_seconds
@@ -588,11 +608,16 @@ class RemoteTriton(TritonServer):
         return self._control_key
 
     @property
+    def transport(self) -> PeerTransport:
+        return self._transport
+
+    @property
     def is_running(self) -> bool:
         return self._running
 
     async def start(self) -> None:
-        if not await wait_for_server_ready(self._grpc_url, self._startup_timeout_seconds):
+        if not await wait_for_server_ready(self._grpc_url, self._startup_timeout_seconds,
+                                           transport=self._transport):
             raise TritonStartError(
                 f"remote Triton at {self._grpc_url} was not ready within {self._startup_timeout_seconds:g} s"
             )
@@ -603,7 +628,7 @@ class RemoteTriton(TritonServer):
 
     async def wait_until_down(self) -> None:
         failures = 0
-        async with InferenceServerClient(self._grpc_url, channel_args=_PROBE_CHANNEL_ARGS) as client:
+        async with control_client(self._grpc_url, self._transport, _PROBE_CHANNEL_ARGS) as client:
             while failures < self._failures_before_down:
                 await asyncio.sleep(self._probe_interval_seconds)
                 try:
