@@ -10,6 +10,7 @@ that are real fields of each service's settings class, HPA, Triton, and the umbr
 
 from __future__ import annotations
 
+import base64
 import copy
 import functools
 import importlib
@@ -22,6 +23,7 @@ import helm_python as helm
 import kubernetes_validate
 import pytest
 import yaml
+from maas_inference.triton.lockdown import CONTROL_KEY_NAME, RESTRICTED_PROTOCOLS
 from maas_runtime.discovery import parse_consul_address, parse_static_endpoints
 
 REPO = Path(__file__).resolve().parents[2]
@@ -473,6 +475,34 @@ def test_inference_drives_a_triton_deployment_over_a_shared_model_repository(man
     assert reader_mount.get("readOnly") is True and not writer_mount.get("readOnly")
     pvc = of_kind(documents, "PersistentVolumeClaim")[claim]
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+@pytest.mark.parametrize("own_secret", ["", "team-triton-key"])
+def test_triton_control_is_restricted_to_a_key_only_the_inference_service_mounts(own_secret):
+    documents = render(HELM_DIR / "inference", {"triton": {"controlKeySecret": own_secret}})
+    deployments = of_kind(documents, "Deployment")
+    server = container_of(deployments[f"{RELEASE}-inference-triton"])
+    inference = deployments[f"{RELEASE}-inference"]
+    secret_name = own_secret or f"{RELEASE}-inference-triton-control-key"
+
+    # Triton restricts exactly the protocols the service's own launcher restricts, to the key.
+    setting = (f"{','.join(RESTRICTED_PROTOCOLS)}:{CONTROL_KEY_NAME}=$(MAAS_TRITON_CONTROL_KEY)")
+    assert f"--grpc-restricted-protocol={setting}" in server["args"]
+    assert f"--http-restricted-api={setting}" in server["args"]
+    key_ref = env_of(server)["MAAS_TRITON_CONTROL_KEY"]["valueFrom"]["secretKeyRef"]
+    assert key_ref == {"name": secret_name, "key": "control-key"}
+
+    # The inference service reads the same key from a read-only file.
+    key_file = env_of(container_of(inference))["MAAS_INFERENCE_TRITON_CONTROL_KEY_FILE"]["value"]
+    mount, volume = mounts_by_path(inference)[str(Path(key_file).parent)]
+    assert mount["readOnly"] is True and volume["secret"]["secretName"] == secret_name
+
+    secrets = of_kind(documents, "Secret")
+    if own_secret:
+        assert secret_name not in secrets, "a Secret of the team's own is used, not made"
+    else:
+        key = base64.b64decode(secrets[secret_name]["data"]["control-key"])
+        assert len(key) >= 32
 
 
 def test_triton_gpus_are_configurable_down_to_cpu_only():

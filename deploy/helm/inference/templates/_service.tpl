@@ -54,6 +54,13 @@ app.kubernetes.io/part-of: maas
 {{- toYaml $resources -}}
 {{- end -}}
 
+{{/* The Secret holding the key of Triton's restricted administrative protocols. */}}
+{{- define "inference.tritonControlKeySecretName" -}}
+{{- .Values.triton.controlKeySecret | default (printf "%s-triton-control-key" (include "maas.fullname" .)) -}}
+{{- end -}}
+
+{{- define "inference.tritonControlKeyDir" -}}/var/run/maas/triton-control-key{{- end -}}
+
 {{- define "inference.env" -}}
 {{- with .Values.registryTarget }}
 - name: MAAS_INFERENCE_REGISTRY_TARGET
@@ -64,6 +71,8 @@ app.kubernetes.io/part-of: maas
   value: {{ include "inference.tritonUrl" . | quote }}
 - name: MAAS_INFERENCE_TRITON_MODEL_REPOSITORY
   value: {{ .Values.triton.modelRepository.mountPath | quote }}
+- name: MAAS_INFERENCE_TRITON_CONTROL_KEY_FILE
+  value: {{ printf "%s/control-key" (include "inference.tritonControlKeyDir" .) | quote }}
 {{- end }}
 {{- end -}}
 
@@ -74,6 +83,9 @@ app.kubernetes.io/part-of: maas
 {{- if include "inference.remoteTriton" . }}
 - name: model-repository
   mountPath: {{ .Values.triton.modelRepository.mountPath | quote }}
+- name: triton-control-key
+  mountPath: {{ include "inference.tritonControlKeyDir" . | quote }}
+  readOnly: true
 {{- end }}
 {{- end -}}
 
@@ -86,6 +98,10 @@ app.kubernetes.io/part-of: maas
 - name: model-repository
   persistentVolumeClaim:
     claimName: {{ include "inference.modelRepositoryClaimName" . | quote }}
+- name: triton-control-key
+  secret:
+    secretName: {{ include "inference.tritonControlKeySecretName" . | quote }}
+    defaultMode: 0400
 {{- end }}
 {{- end -}}
 
