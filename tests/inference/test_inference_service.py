@@ -273,6 +273,30 @@ async def test_canary_split_is_weighted_and_sticky_and_shadow_compares(suite):
     await stub.DeleteDeployment(inf.DeleteDeploymentRequest(name="deployments/canary"))
 
 
+async def test_a_deployment_reports_the_signature_and_runtime_of_each_version_it_serves(suite):
+    stub = suite.predict_stub()
+    created = await create(
+        suite, "signatures", model="models/digits@prod",
+        traffic=[deployment_pb2.TrafficTarget(model_version="models/digits@prod", percent=80),
+                 deployment_pb2.TrafficTarget(model_version="models/digits/versions/2", percent=20)],
+        shadow=deployment_pb2.ShadowConfig(model_version="models/digits/versions/2", percent=10))
+    read = await stub.GetDeployment(inf.GetDeploymentRequest(name="deployments/signatures"))
+    await stub.DeleteDeployment(inf.DeleteDeploymentRequest(name="deployments/signatures"))
+
+    assert read.served_versions == created.served_versions
+    served = [(v.model_version, v.percent, v.shadow) for v in read.served_versions]
+    assert served == [("models/digits/versions/1", 80, False),
+                      ("models/digits/versions/2", 20, False),
+                      ("models/digits/versions/2", 0, True)]
+    for version in read.served_versions:
+        assert [(t.name, t.datatype, list(t.shape)) for t in version.inputs] == [
+            ("features", tensor_pb2.DATA_TYPE_FP32, [64])]
+        assert [(t.datatype, list(t.shape)) for t in version.outputs] == [
+            (tensor_pb2.DATA_TYPE_FP32, [10])]
+        assert version.max_batch_size == 32
+        assert "Triton" in version.runtime
+
+
 async def test_the_data_plane_splits_a_canary_exactly_as_the_service_does(suite):
     """Without a shadow the data plane serves a split itself; each request id must land on the
     version the service's own `Route.pick` names, through Predict and KServe-v2 alike."""

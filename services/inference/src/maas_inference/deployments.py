@@ -33,6 +33,7 @@ from maas_inference.routing import InFlight, Route, ServedModel
 from maas_inference.store import DeploymentStore
 from maas_inference.tensors import (
     ServingSignature,
+    TensorRule,
     check_output_names,
     infer_request_from_predict,
     kserve_shapes,
@@ -311,6 +312,7 @@ class DeploymentManager:
         return {
             "name": f"deployments/{deployment_id}", **spec, "state": state, "message": message,
             "serving_versions": [m.version for m, _ in route.targets] if route else [],
+            "served_versions": _served_versions(route) if route else [],
             "resolved": resolved or {}, "create_time": created or _now(), "update_time": _now(),
             "etag": uuid.uuid4().hex[:16],
         }
@@ -739,6 +741,21 @@ class DeploymentManager:
             raise errors.InvalidArgument.for_field(
                 field_path, f"must look like 'deployments/{{id}}', got {name!r}")
         return validate_deployment_id(name.removeprefix("deployments/"), field_path)
+
+
+def _served_versions(route: Route) -> list[dict]:
+    """The deployment's `served_versions`: each loaded version with its signature and runtime."""
+
+    def specs(rules: Sequence[TensorRule]) -> list[dict]:
+        return [{"name": rule.name, "datatype": contract_enums.DATA_TYPE_PREFIX + rule.datatype,
+                 "shape": list(rule.shape)} for rule in rules]
+
+    served = [(model, percent, False) for model, percent in route.targets]
+    served += [(route.shadow, 0, True)] if route.shadow is not None else []
+    return [{"model_version": model.version, "percent": percent, "shadow": shadow,
+             "inputs": specs(model.signature.inputs), "outputs": specs(model.signature.outputs),
+             "max_batch_size": model.signature.max_batch_size, "runtime": model.runtime}
+            for model, percent, shadow in served]
 
 
 def _model_ids(spec: dict) -> set[str]:

@@ -24,9 +24,10 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from maas.common.v1 import field_behavior_pb2 as maas_dot_common_dot_v1_dot_field__behavior__pb2
+from maas.common.v1 import tensor_pb2 as maas_dot_common_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"maas/inference/v1/deployment.proto\x12\x11maas.inference.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a#maas/common/v1/field_behavior.proto\"\x8a\x04\n\nDeployment\x12\x13\n\x04name\x18\x01 \x01(\tB\x05\x92\xb5\x18\x01\x02\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0btrack_alias\x18\x03 \x01(\x08\x12\x31\n\x07traffic\x18\x04 \x03(\x0b\x32 .maas.inference.v1.TrafficTarget\x12/\n\x06shadow\x18\x05 \x01(\x0b\x32\x1f.maas.inference.v1.ShadowConfig\x12\x31\n\x07serving\x18\x06 \x01(\x0b\x32 .maas.inference.v1.ServingConfig\x12\x38\n\x05state\x18\x07 \x01(\x0e\x32\".maas.inference.v1.DeploymentStateB\x05\x92\xb5\x18\x01\x01\x12\x16\n\x07message\x18\x08 \x01(\tB\x05\x92\xb5\x18\x01\x01\x12\x1f\n\x10serving_versions\x18\t \x03(\tB\x05\x92\xb5\x18\x01\x01\x12;\n\x0cshadow_stats\x18\n \x01(\x0b\x32\x1e.maas.inference.v1.ShadowStatsB\x05\x92\xb5\x18\x01\x01\x12\x36\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x05\x92\xb5\x18\x01\x01\x12\x36\n\x0bupdate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x05\x92\xb5\x18\x01\x01\x12\x0c\n\x04\x65tag\x18\r \x01(\t\"7\n\rTrafficTarget\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x0f\n\x07percent\x18\x02 \x01(\x05\"6\n\x0cShadowConfig\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x0f\n\x07percent\x18\x02 \x01(\x05\"\\\n\x0bShadowStats\x12\x10\n\x08\x63ompared\x18\x01 \x01(\x03\x12\x15\n\rargmax_agreed\x18\x02 \x01(\x03\x12\x14\n\x0cmax_abs_diff\x18\x03 \x01(\x01\x12\x0e\n\x06\x65rrors\x18\x04 \x01(\x03\"\xb8\x01\n\rServingConfig\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\x05\x12\x1d\n\x10\x64ynamic_batching\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12$\n\x1cmax_queue_delay_microseconds\x18\x03 \x01(\x05\x12\x1d\n\x15preferred_batch_sizes\x18\x04 \x03(\x05\x12\x16\n\x0einstance_count\x18\x05 \x01(\x05\x42\x13\n\x11_dynamic_batching*\xcf\x01\n\x0f\x44\x65ploymentState\x12 \n\x1c\x44\x45PLOYMENT_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x44\x45PLOYMENT_STATE_CREATING\x10\x01\x12\x1a\n\x16\x44\x45PLOYMENT_STATE_READY\x10\x02\x12 \n\x1c\x44\x45PLOYMENT_STATE_ROLLING_OUT\x10\x03\x12\x1b\n\x17\x44\x45PLOYMENT_STATE_FAILED\x10\x04\x12 \n\x1c\x44\x45PLOYMENT_STATE_UNAVAILABLE\x10\x05\x42\x19\n\x15\x64\x65v.maas.inference.v1P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"maas/inference/v1/deployment.proto\x12\x11maas.inference.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a#maas/common/v1/field_behavior.proto\x1a\x1bmaas/common/v1/tensor.proto\"\xcc\x04\n\nDeployment\x12\x13\n\x04name\x18\x01 \x01(\tB\x05\x92\xb5\x18\x01\x02\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0btrack_alias\x18\x03 \x01(\x08\x12\x31\n\x07traffic\x18\x04 \x03(\x0b\x32 .maas.inference.v1.TrafficTarget\x12/\n\x06shadow\x18\x05 \x01(\x0b\x32\x1f.maas.inference.v1.ShadowConfig\x12\x31\n\x07serving\x18\x06 \x01(\x0b\x32 .maas.inference.v1.ServingConfig\x12\x38\n\x05state\x18\x07 \x01(\x0e\x32\".maas.inference.v1.DeploymentStateB\x05\x92\xb5\x18\x01\x01\x12\x16\n\x07message\x18\x08 \x01(\tB\x05\x92\xb5\x18\x01\x01\x12\x1f\n\x10serving_versions\x18\t \x03(\tB\x05\x92\xb5\x18\x01\x01\x12;\n\x0cshadow_stats\x18\n \x01(\x0b\x32\x1e.maas.inference.v1.ShadowStatsB\x05\x92\xb5\x18\x01\x01\x12\x36\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x05\x92\xb5\x18\x01\x01\x12\x36\n\x0bupdate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x05\x92\xb5\x18\x01\x01\x12\x0c\n\x04\x65tag\x18\r \x01(\t\x12@\n\x0fserved_versions\x18\x0e \x03(\x0b\x32 .maas.inference.v1.ServedVersionB\x05\x92\xb5\x18\x01\x01\"\xc9\x01\n\rServedVersion\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x0f\n\x07percent\x18\x02 \x01(\x05\x12\x0e\n\x06shadow\x18\x03 \x01(\x08\x12*\n\x06inputs\x18\x04 \x03(\x0b\x32\x1a.maas.common.v1.TensorSpec\x12+\n\x07outputs\x18\x05 \x03(\x0b\x32\x1a.maas.common.v1.TensorSpec\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\x05\x12\x0f\n\x07runtime\x18\x07 \x01(\t\"7\n\rTrafficTarget\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x0f\n\x07percent\x18\x02 \x01(\x05\"6\n\x0cShadowConfig\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x0f\n\x07percent\x18\x02 \x01(\x05\"\\\n\x0bShadowStats\x12\x10\n\x08\x63ompared\x18\x01 \x01(\x03\x12\x15\n\rargmax_agreed\x18\x02 \x01(\x03\x12\x14\n\x0cmax_abs_diff\x18\x03 \x01(\x01\x12\x0e\n\x06\x65rrors\x18\x04 \x01(\x03\"\xb8\x01\n\rServingConfig\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\x05\x12\x1d\n\x10\x64ynamic_batching\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12$\n\x1cmax_queue_delay_microseconds\x18\x03 \x01(\x05\x12\x1d\n\x15preferred_batch_sizes\x18\x04 \x03(\x05\x12\x16\n\x0einstance_count\x18\x05 \x01(\x05\x42\x13\n\x11_dynamic_batching*\xcf\x01\n\x0f\x44\x65ploymentState\x12 \n\x1c\x44\x45PLOYMENT_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x44\x45PLOYMENT_STATE_CREATING\x10\x01\x12\x1a\n\x16\x44\x45PLOYMENT_STATE_READY\x10\x02\x12 \n\x1c\x44\x45PLOYMENT_STATE_ROLLING_OUT\x10\x03\x12\x1b\n\x17\x44\x45PLOYMENT_STATE_FAILED\x10\x04\x12 \n\x1c\x44\x45PLOYMENT_STATE_UNAVAILABLE\x10\x05\x42\x19\n\x15\x64\x65v.maas.inference.v1P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,16 +49,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEPLOYMENT'].fields_by_name['create_time']._serialized_options = b'\222\265\030\001\001'
   _globals['_DEPLOYMENT'].fields_by_name['update_time']._loaded_options = None
   _globals['_DEPLOYMENT'].fields_by_name['update_time']._serialized_options = b'\222\265\030\001\001'
-  _globals['_DEPLOYMENTSTATE']._serialized_start=1047
-  _globals['_DEPLOYMENTSTATE']._serialized_end=1254
-  _globals['_DEPLOYMENT']._serialized_start=128
-  _globals['_DEPLOYMENT']._serialized_end=650
-  _globals['_TRAFFICTARGET']._serialized_start=652
-  _globals['_TRAFFICTARGET']._serialized_end=707
-  _globals['_SHADOWCONFIG']._serialized_start=709
-  _globals['_SHADOWCONFIG']._serialized_end=763
-  _globals['_SHADOWSTATS']._serialized_start=765
-  _globals['_SHADOWSTATS']._serialized_end=857
-  _globals['_SERVINGCONFIG']._serialized_start=860
-  _globals['_SERVINGCONFIG']._serialized_end=1044
+  _globals['_DEPLOYMENT'].fields_by_name['served_versions']._loaded_options = None
+  _globals['_DEPLOYMENT'].fields_by_name['served_versions']._serialized_options = b'\222\265\030\001\001'
+  _globals['_DEPLOYMENTSTATE']._serialized_start=1346
+  _globals['_DEPLOYMENTSTATE']._serialized_end=1553
+  _globals['_DEPLOYMENT']._serialized_start=157
+  _globals['_DEPLOYMENT']._serialized_end=745
+  _globals['_SERVEDVERSION']._serialized_start=748
+  _globals['_SERVEDVERSION']._serialized_end=949
+  _globals['_TRAFFICTARGET']._serialized_start=951
+  _globals['_TRAFFICTARGET']._serialized_end=1006
+  _globals['_SHADOWCONFIG']._serialized_start=1008
+  _globals['_SHADOWCONFIG']._serialized_end=1062
+  _globals['_SHADOWSTATS']._serialized_start=1064
+  _globals['_SHADOWSTATS']._serialized_end=1156
+  _globals['_SERVINGCONFIG']._serialized_start=1159
+  _globals['_SERVINGCONFIG']._serialized_end=1343
 # @@protoc_insertion_point(module_scope)

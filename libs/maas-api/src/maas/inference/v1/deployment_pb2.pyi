@@ -2,6 +2,7 @@ import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from maas.common.v1 import field_behavior_pb2 as _field_behavior_pb2
+from maas.common.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -27,7 +28,7 @@ DEPLOYMENT_STATE_FAILED: DeploymentState
 DEPLOYMENT_STATE_UNAVAILABLE: DeploymentState
 
 class Deployment(_message.Message):
-    __slots__ = ("name", "model", "track_alias", "traffic", "shadow", "serving", "state", "message", "serving_versions", "shadow_stats", "create_time", "update_time", "etag")
+    __slots__ = ("name", "model", "track_alias", "traffic", "shadow", "serving", "state", "message", "serving_versions", "shadow_stats", "create_time", "update_time", "etag", "served_versions")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TRACK_ALIAS_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +42,7 @@ class Deployment(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
     ETAG_FIELD_NUMBER: _ClassVar[int]
+    SERVED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: str
     track_alias: bool
@@ -54,7 +56,26 @@ class Deployment(_message.Message):
     create_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
     etag: str
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., track_alias: _Optional[bool] = ..., traffic: _Optional[_Iterable[_Union[TrafficTarget, _Mapping]]] = ..., shadow: _Optional[_Union[ShadowConfig, _Mapping]] = ..., serving: _Optional[_Union[ServingConfig, _Mapping]] = ..., state: _Optional[_Union[DeploymentState, str]] = ..., message: _Optional[str] = ..., serving_versions: _Optional[_Iterable[str]] = ..., shadow_stats: _Optional[_Union[ShadowStats, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., etag: _Optional[str] = ...) -> None: ...
+    served_versions: _containers.RepeatedCompositeFieldContainer[ServedVersion]
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., track_alias: _Optional[bool] = ..., traffic: _Optional[_Iterable[_Union[TrafficTarget, _Mapping]]] = ..., shadow: _Optional[_Union[ShadowConfig, _Mapping]] = ..., serving: _Optional[_Union[ServingConfig, _Mapping]] = ..., state: _Optional[_Union[DeploymentState, str]] = ..., message: _Optional[str] = ..., serving_versions: _Optional[_Iterable[str]] = ..., shadow_stats: _Optional[_Union[ShadowStats, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., etag: _Optional[str] = ..., served_versions: _Optional[_Iterable[_Union[ServedVersion, _Mapping]]] = ...) -> None: ...
+
+class ServedVersion(_message.Message):
+    __slots__ = ("model_version", "percent", "shadow", "inputs", "outputs", "max_batch_size", "runtime")
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PERCENT_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    model_version: str
+    percent: int
+    shadow: bool
+    inputs: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorSpec]
+    outputs: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorSpec]
+    max_batch_size: int
+    runtime: str
+    def __init__(self, model_version: _Optional[str] = ..., percent: _Optional[int] = ..., shadow: _Optional[bool] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., runtime: _Optional[str] = ...) -> None: ...
 
 class TrafficTarget(_message.Message):
     __slots__ = ("model_version", "percent")
