@@ -202,3 +202,44 @@ def _write_private(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """What the tokens file knows of a token: never the token itself, only its hash."""
+
+    sha256: str
+    principal: str
+    role: str
+    models: tuple[str, ...] = ()
+
+
+def list_tokens(tokens_file: Path) -> list[TokenInfo]:
+    """Every token recorded in the tokens file (none when it does not exist)."""
+    if not tokens_file.exists():
+        return []
+    return [TokenInfo(entry["sha256"], entry["principal"], entry["role"],
+                      tuple(entry.get("models", ())))
+            for entry in json.loads(tokens_file.read_text()).get("tokens", [])]
+
+
+def revoke_tokens(tokens_file: Path, principal_or_hash: str) -> int:
+    """Remove every token of a principal, or the one whose sha256 starts with the given hex
+    prefix (at least 8 characters); returns how many were removed. Services stop accepting
+    them within their `recheck_seconds`."""
+    if not tokens_file.exists():
+        return 0
+    document = json.loads(tokens_file.read_text())
+    wanted = principal_or_hash.strip()
+    by_hash = len(wanted) >= 8 and all(c in "0123456789abcdef" for c in wanted.lower())
+
+    def revoked(entry: dict) -> bool:
+        return entry["principal"] == wanted or (
+            by_hash and entry["sha256"].startswith(wanted.lower()))
+
+    kept = [entry for entry in document.get("tokens", []) if not revoked(entry)]
+    removed = len(document.get("tokens", [])) - len(kept)
+    if removed:
+        document["tokens"] = kept
+        _write_private(tokens_file, json.dumps(document, indent=2))
+    return removed

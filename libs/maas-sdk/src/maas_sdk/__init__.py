@@ -1,0 +1,1 @@
+"""The implementation of the MaaS Python SDK; users import it as `maas` (`maas.Client`)."""

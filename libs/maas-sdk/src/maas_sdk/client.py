@@ -1,0 +1,753 @@
+"""`maas.Client`: the whole suite from Python in a few lines.
+
+    import maas
+    client = maas.Client()                       # the local suite (`maas up`), its admin token
+    version = client.upload_module("digits", net, example_input=x)
+    client.deploy("digits", "models/digits@production")
+    client.predict("digits", x)                  # {"output": array(...)}
+
+Calls are synchronous; underneath, grpc.aio channels (one `maas_runtime.peers.PeerChannel`
+per service, opened on first use and reused) run on the client's private event loop, so a
+client works from any thread and inside notebooks. Resources come back as the contract's
+protobuf messages (`maas.registry.v1.model_pb2.ModelVersion`, ...); a failed call raises the
+typed error of its status (`maas.NotFound`, `maas.InvalidArgument` with field violations,
+`maas.Unauthenticated`, ...). Close the client (or use it as a context manager) when done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import os
+import re
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from google.protobuf import field_mask_pb2, json_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from maas.common.v1 import job_pb2
+from maas.compressor.v1 import (
+    compression_job_pb2 as cj,
+    compressor_service_pb2 as cs,
+    compressor_service_pb2_grpc,
+)
+from maas.inference.v1 import (
+    deployment_pb2,
+    inference_service_pb2 as inf,
+    inference_service_pb2_grpc,
+)
+from maas.registry.v1 import (
+    audit_pb2,
+    dataset_pb2,
+    model_pb2,
+    registry_service_pb2 as rs,
+    registry_service_pb2_grpc,
+)
+from maas.trainer.v1 import trainer_service_pb2 as ts, trainer_service_pb2_grpc, training_job_pb2 as tj
+from maas_runtime.auth import Role, TokenInfo, add_token, list_tokens, revoke_tokens
+from maas_runtime.discovery import ServiceDiscovery
+from maas_runtime.grpc_errors import from_rpc_error
+from maas_runtime.messages import to_dict
+from maas_runtime.peers import PeerChannel
+from maas_runtime.registry_client import RegistryClient, file_sha256
+from tritonclient.grpc import service_pb2 as kserve_pb2, service_pb2_grpc as kserve_grpc
+
+from maas_sdk import jobs as job_specs
+from maas_sdk.connection import SERVICES, TOKENS_FILE, Connection, EventLoopThread
+from maas_sdk.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    JobFailed,
+    MaasError,
+    NotFound,
+    Unavailable,
+)
+from maas_sdk.jobs import FINAL_STATES, JobProgress, progress_of, state_name
+from maas_sdk.lineage import LineageTree
+from maas_sdk.model_files import (
+    model_format,
+    signature_from_onnx,
+    signature_from_torchscript,
+    write_module,
+)
+from maas_sdk.tensors import from_tensor, named_inputs, to_tensor
+
+__all__ = ["Client", "ServiceStatus"]
+
+CHUNK_BYTES = 1024 * 1024
+PAGE_SIZE = 500
+_Stub = TypeVar("_Stub")
+Job = tj.TrainingJob | cj.CompressionJob
+ProgressCallback = Callable[[JobProgress], None]
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    """Health of one service (or of the Triton behind the inference service)."""
+
+    name: str
+    target: str
+    status: str
+    """"SERVING", "NOT_SERVING", "UNREACHABLE", or for Triton "READY" / "NOT_READY"."""
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("SERVING", "READY")
+
+
+def model_name(model: str) -> str:
+    """`digits` → `models/digits`."""
+    return model if model.startswith("models/") else f"models/{model}"
+
+
+def version_name(reference: str) -> str:
+    """`digits@production`, `digits/3`, `digits/versions/3` or a full name → the resource
+    name the registry resolves (`models/digits@production`, `models/digits/versions/3`)."""
+    reference = model_name(reference)
+    match = re.fullmatch(r"models/([^/@]+)/(\d+)", reference)
+    return f"models/{match[1]}/versions/{match[2]}" if match else reference
+
+
+def dataset_name(dataset: str) -> str:
+    return dataset if dataset.startswith("datasets/") else f"datasets/{dataset}"
+
+
+def dataset_version_name(reference: str) -> str:
+    reference = dataset_name(reference)
+    match = re.fullmatch(r"datasets/([^/@]+)/(\d+)", reference)
+    return f"datasets/{match[1]}/versions/{match[2]}" if match else reference
+
+
+def deployment_name(deployment: str) -> str:
+    return deployment if deployment.startswith("deployments/") else f"deployments/{deployment}"
+
+
+class Client:
+    """One connection to the suite: registry, trainer, compressor and inference.
+
+    Where: `target` ("host:port" for every service, or "registry=host:port;inference=...")
+    or `targets` (service → "host:port"), or `discovery` (a `maas_runtime.discovery`
+    backend) / `consul` (a Consul agent's address); by default `MAAS_TARGET`,
+    `CONSUL_HTTP_ADDR`, `MAAS_STATIC_ENDPOINTS`, then the suite `maas up` runs on
+    `state_dir`. Who: `token`, else `MAAS_TOKEN`, else the local suite's admin token. TLS:
+    `ca_file` (and `cert_file` + `key_file` for mTLS, `server_name` when the certificate
+    names another host). `timeout` bounds every unary call, in seconds.
+    """
+
+    def __init__(self, target: str | None = None, *, targets: Mapping[str, str] | None = None,
+                 discovery: ServiceDiscovery | None = None, consul: str | None = None,
+                 token: str | None = None, state_dir: str | os.PathLike[str] | None = None,
+                 ca_file: str | os.PathLike[str] | None = None,
+                 cert_file: str | os.PathLike[str] | None = None,
+                 key_file: str | os.PathLike[str] | None = None, server_name: str = "",
+                 timeout: float = 60.0):
+        self.connection = Connection.resolve(
+            target=target, targets=targets, discovery=discovery, consul=consul, token=token,
+            state_dir=state_dir, ca_file=ca_file, cert_file=cert_file, key_file=key_file,
+            server_name=server_name)
+        self.timeout = timeout
+        self._runner = EventLoopThread()
+        self._peers: dict[str, PeerChannel] = {}
+        self._stubs: dict[tuple[str, type], Any] = {}
+        self._input_names: dict[str, list[str]] = {}
+
+    # Lifecycle -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close every channel and stop the client's event loop."""
+        if self._runner.loop.is_closed():
+            return
+        self._runner.run(self._close_peers())
+        self._runner.close()
+
+    async def _close_peers(self) -> None:
+        for peer in self._peers.values():
+            await peer.close()
+        self._peers.clear()
+        self._stubs.clear()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # Plumbing --------------------------------------------------------------------------------
+
+    async def _stub(self, service: str, stub_class: Callable[[grpc.aio.Channel], _Stub]) -> _Stub:
+        key = (service, stub_class)
+        stub = self._stubs.get(key)  # type: ignore[arg-type]
+        if stub is not None:
+            return stub
+        peer = self._peers.get(service)
+        if peer is None:
+            peer = self.connection.peer(service)
+            await peer.open()
+            self._peers[service] = peer
+        stub = peer.stub(stub_class)
+        if peer.target:  # a discovered peer's stub follows the endpoint set: fetch it each time
+            self._stubs[key] = stub  # type: ignore[index]
+        return stub
+
+    def _error(self, service: str, rpc_error: grpc.RpcError) -> MaasError:
+        error = from_rpc_error(rpc_error)
+        if isinstance(error, Unavailable) and not _carries_status(rpc_error):
+            peer = self._peers.get(service)
+            where = peer.where if peer else service
+            transport = peer.transport.name if peer else "plaintext"
+            error.message = (f"{service} at {where} is unreachable over {transport}: "
+                             f"{error.message}")
+        return error
+
+    async def _unary(self, service: str, stub_class, method: str, request, timeout=None):
+        stub = await self._stub(service, stub_class)
+        try:
+            return await getattr(stub, method)(request, timeout=timeout or self.timeout)
+        except grpc.aio.AioRpcError as rpc_error:
+            raise self._error(service, rpc_error) from None
+
+    def _call(self, service: str, stub_class, method: str, request, timeout=None):
+        return self._runner.run(self._unary(service, stub_class, method, request, timeout))
+
+    def _registry(self, method: str, request):
+        return self._call("registry", registry_service_pb2_grpc.RegistryServiceStub, method,
+                          request)
+
+    def _inference(self, method: str, request, timeout=None):
+        return self._call("inference", inference_service_pb2_grpc.InferenceServiceStub, method,
+                          request, timeout)
+
+    def _trainer(self, method: str, request):
+        return self._call("trainer", trainer_service_pb2_grpc.TrainerServiceStub, method, request)
+
+    def _compressor(self, method: str, request):
+        return self._call("compressor", compressor_service_pb2_grpc.CompressorServiceStub,
+                          method, request)
+
+    def _pages(self, call: Callable[[Any], Any], request, items: str) -> list:
+        results: list = []
+        while True:
+            page = call(request)
+            results.extend(getattr(page, items))
+            if not page.next_page_token:
+                return results
+            request.page_token = page.next_page_token
+
+    # Models and versions -----------------------------------------------------------------------
+
+    def list_models(self, filter: str = "") -> list[model_pb2.Model]:
+        """Every model (AIP-160 `filter`, e.g. `labels.team = "vision"`)."""
+        return self._pages(lambda r: self._registry("ListModels", r),
+                           rs.ListModelsRequest(page_size=PAGE_SIZE, filter=filter), "models")
+
+    def get_model(self, model: str) -> model_pb2.Model:
+        return self._registry("GetModel", rs.GetModelRequest(name=model_name(model)))
+
+    def create_model(self, model_id: str, *, description: str = "",
+                     labels: Mapping[str, str] | None = None) -> model_pb2.Model:
+        return self._registry("CreateModel", rs.CreateModelRequest(
+            model_id=model_id, model=model_pb2.Model(description=description,
+                                                      labels=dict(labels or {}))))
+
+    def delete_model(self, model: str) -> None:
+        self._registry("DeleteModel", rs.DeleteModelRequest(name=model_name(model)))
+
+    def list_versions(self, model: str, filter: str = "") -> list[model_pb2.ModelVersion]:
+        return self._pages(lambda r: self._registry("ListModelVersions", r),
+                           rs.ListModelVersionsRequest(parent=model_name(model),
+                                                       page_size=PAGE_SIZE, filter=filter),
+                           "model_versions")
+
+    def get_version(self, reference: str) -> model_pb2.ModelVersion:
+        """A version by name or alias: `digits@production`, `models/digits/versions/3`."""
+        return self._registry("GetModelVersion",
+                              rs.GetModelVersionRequest(name=version_name(reference)))
+
+    def delete_version(self, reference: str) -> None:
+        self._registry("DeleteModelVersion",
+                       rs.DeleteModelVersionRequest(name=version_name(reference)))
+
+    def set_alias(self, model: str, alias: str, version: str) -> model_pb2.ModelAlias:
+        """Point `models/{model}@{alias}` at `version` (a number or a version name)."""
+        target = (f"{model_name(model)}/versions/{version}" if str(version).isdigit()
+                  else version_name(version))
+        return self._registry("SetModelAlias", rs.SetModelAliasRequest(
+            name=f"{model_name(model)}/aliases/{alias}", version=target))
+
+    def delete_alias(self, model: str, alias: str) -> None:
+        self._registry("DeleteModelAlias", rs.DeleteModelAliasRequest(
+            name=f"{model_name(model)}/aliases/{alias}"))
+
+    def lineage(self, reference: str, *, max_depth: int = 0) -> LineageTree:
+        """Where a version came from and what was derived from it, as a tree."""
+        graph: audit_pb2.LineageGraph = self._registry("GetLineage", rs.GetLineageRequest(
+            name=version_name(reference) if not reference.startswith("datasets/") else reference,
+            max_depth=max_depth))
+        origins = LineageTree.from_graph(graph)
+        if len(origins) == 1:
+            return origins[0]
+        return LineageTree("", children=origins)
+
+    # Uploads ---------------------------------------------------------------------------------
+
+    def upload_module(self, model: str, module, example_input, *, format: str = "torchscript",
+                      alias: str = "", description: str = "",
+                      metrics: Mapping[str, float] | None = None,
+                      labels: Mapping[str, str] | None = None,
+                      parents: Sequence[str] = ()) -> model_pb2.ModelVersion:
+        """Register a torch `nn.Module` as a new version of `model` (created when missing).
+
+        The module is written as TorchScript (traced) or ONNX (`format="onnx"`), and its
+        signature inferred by running it on `example_input` (batch first)."""
+        with tempfile.TemporaryDirectory(prefix="maas-sdk-") as directory:
+            path, format_name, signature = write_module(module, example_input, Path(directory),
+                                                        format)
+            return self._upload_version(model, path, format_name, signature, alias=alias,
+                                        description=description, metrics=metrics, labels=labels,
+                                        parents=parents, operation="upload")
+
+    def upload_model(self, model: str, path: str | os.PathLike[str], *, format: str | None = None,
+                     signature: Mapping[str, Any] | model_pb2.Signature | None = None,
+                     example_input=None, alias: str = "", description: str = "",
+                     metrics: Mapping[str, float] | None = None,
+                     labels: Mapping[str, str] | None = None,
+                     parents: Sequence[str] = ()) -> model_pb2.ModelVersion:
+        """Register a model file: ONNX (signature read from the graph), TorchScript
+        (signature from `signature` or by running `example_input`) or a maas-package
+        (signature in its manifest). `format` defaults to what the suffix says."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such model file: {path}")
+        format_name = model_format(path, format)
+        described: dict[str, Any] = {}
+        if isinstance(signature, model_pb2.Signature):
+            described = json_format.MessageToDict(signature, preserving_proto_field_name=True)
+        elif signature is not None:
+            described = dict(signature)
+        elif format_name == "MODEL_FORMAT_ONNX":
+            described = signature_from_onnx(path)
+        elif format_name == "MODEL_FORMAT_TORCHSCRIPT":
+            if example_input is None:
+                raise InvalidArgument.for_field(
+                    "signature", "a TorchScript file needs signature= or example_input=")
+            described = signature_from_torchscript(path, example_input)
+        return self._upload_version(model, path, format_name, described, alias=alias,
+                                    description=description, metrics=metrics, labels=labels,
+                                    parents=parents, operation="upload")
+
+    def _upload_version(self, model: str, path: Path, format_name: str,
+                        signature: Mapping[str, Any], *, alias: str, description: str,
+                        metrics, labels, parents: Sequence[str],
+                        operation: str) -> model_pb2.ModelVersion:
+        model_id = model_name(model).removeprefix("models/")
+        version = json_format.ParseDict({
+            "format": format_name, "description": description,
+            "metrics": dict(metrics or {}), "labels": dict(labels or {}),
+            "lineage": {"parents": [version_name(p) for p in parents],
+                        "operation": {"kind": operation}},
+            **({"signature": dict(signature)} if signature else {}),
+        }, model_pb2.ModelVersion())
+        self._ensure(lambda: self.create_model(model_id))
+        header = rs.UploadModelVersionHeader(
+            parent=f"models/{model_id}", model_version=version,
+            expected_sha256=file_sha256(path), size_bytes=path.stat().st_size)
+        created = self._runner.run(self._stream_upload(
+            "UploadModelVersion", rs.UploadModelVersionRequest, header, path))
+        if alias:
+            self.set_alias(model_id, alias, created.name)
+            created = self.get_version(created.name)
+        return created
+
+    def upload_dataset(self, dataset: str, data: str | os.PathLike[str] | np.ndarray, *,
+                       labels: np.ndarray | None = None, feature_column: str = "features",
+                       label_column: str = "label", description: str = "",
+                       version_labels: Mapping[str, str] | None = None) -> dataset_pb2.DatasetVersion:
+        """Register a dataset version: an `.npz` file (arrays `feature_column` and
+        `label_column`), a `.csv` file (every column but `label_column` is a feature), or a
+        features array with its `labels` array."""
+        dataset_id = dataset_name(dataset).removeprefix("datasets/")
+        with tempfile.TemporaryDirectory(prefix="maas-sdk-") as directory:
+            if isinstance(data, np.ndarray):
+                if labels is None:
+                    raise InvalidArgument.for_field("labels", "a features array needs its labels")
+                path = Path(directory) / "data.npz"
+                np.savez(path, **{feature_column: data, label_column: np.asarray(labels)})
+            else:
+                path = Path(data)
+                if not path.is_file():
+                    raise FileNotFoundError(f"no such dataset file: {path}")
+            suffix = path.suffix.lower()
+            if suffix == ".npz":
+                format_name, features = "DATASET_FORMAT_NPZ", [feature_column]
+            elif suffix == ".csv":
+                with path.open(newline="") as handle:
+                    header = next(csv.reader(handle), [])
+                format_name = "DATASET_FORMAT_CSV"
+                features = [column for column in header if column != label_column]
+            else:
+                raise InvalidArgument.for_field("data", f"{path.name}: expected .npz or .csv")
+            version = dataset_pb2.DatasetVersion(
+                format=dataset_pb2.DatasetFormat.Value(format_name), description=description,
+                labels=dict(version_labels or {}),
+                schema=dataset_pb2.DatasetSchema(feature_columns=features,
+                                                 label_column=label_column))
+            self._ensure(lambda: self._registry("CreateDataset",
+                                                rs.CreateDatasetRequest(dataset_id=dataset_id)))
+            header = rs.UploadDatasetVersionHeader(
+                parent=f"datasets/{dataset_id}", dataset_version=version,
+                expected_sha256=file_sha256(path), size_bytes=path.stat().st_size)
+            return self._runner.run(self._stream_upload(
+                "UploadDatasetVersion", rs.UploadDatasetVersionRequest, header, path))
+
+    def _ensure(self, create: Callable[[], Any]) -> None:
+        try:
+            create()
+        except AlreadyExists:
+            pass
+
+    async def _stream_upload(self, method: str, request_type, header, path: Path):
+        async def requests() -> AsyncIterator[Any]:
+            yield request_type(header=header)
+            with path.open("rb") as handle:
+                while chunk := await asyncio.to_thread(handle.read, CHUNK_BYTES):
+                    yield request_type(chunk=chunk)
+
+        stub = await self._stub("registry", registry_service_pb2_grpc.RegistryServiceStub)
+        try:
+            return await getattr(stub, method)(requests(), timeout=max(self.timeout, 600))
+        except grpc.aio.AioRpcError as rpc_error:
+            raise self._error("registry", rpc_error) from None
+
+    # Datasets ------------------------------------------------------------------------------
+
+    def list_datasets(self, filter: str = "") -> list[dataset_pb2.Dataset]:
+        return self._pages(lambda r: self._registry("ListDatasets", r),
+                           rs.ListDatasetsRequest(page_size=PAGE_SIZE, filter=filter), "datasets")
+
+    def get_dataset(self, dataset: str) -> dataset_pb2.Dataset:
+        return self._registry("GetDataset", rs.GetDatasetRequest(name=dataset_name(dataset)))
+
+    def delete_dataset(self, dataset: str) -> None:
+        self._registry("DeleteDataset", rs.DeleteDatasetRequest(name=dataset_name(dataset)))
+
+    def list_dataset_versions(self, dataset: str) -> list[dataset_pb2.DatasetVersion]:
+        return self._pages(lambda r: self._registry("ListDatasetVersions", r),
+                           rs.ListDatasetVersionsRequest(parent=dataset_name(dataset),
+                                                         page_size=PAGE_SIZE),
+                           "dataset_versions")
+
+    def get_dataset_version(self, reference: str) -> dataset_pb2.DatasetVersion:
+        return self._registry("GetDatasetVersion", rs.GetDatasetVersionRequest(
+            name=dataset_version_name(reference)))
+
+    # Downloads -------------------------------------------------------------------------------
+
+    def download(self, reference: str, destination: str | os.PathLike[str]) -> Path:
+        """A model version (`digits@production`) or dataset version
+        (`datasets/d/versions/1`) written to `destination` (a file, or a directory to put it
+        in), verified against the sha256 the registry records."""
+        path = Path(destination)
+        if reference.startswith("datasets/"):
+            version: Any = self.get_dataset_version(reference)
+            suffix = ".npz" if version.format == dataset_pb2.DATASET_FORMAT_NPZ else ".csv"
+        else:
+            version = self.get_version(reference)
+            suffix = {model_pb2.MODEL_FORMAT_ONNX: ".onnx",
+                      model_pb2.MODEL_FORMAT_TORCHSCRIPT: ".pt"}.get(version.format,
+                                                                     ".safetensors")
+        if path.is_dir():
+            path = path / (version.name.replace("/", "_") + suffix)
+        elif not path.parent.is_dir():
+            raise FileNotFoundError(f"no such directory: {path.parent}")
+        self._runner.run(self._download(version, path))
+        return path
+
+    async def _download(self, version, destination: Path) -> None:
+        await self._stub("registry", registry_service_pb2_grpc.RegistryServiceStub)
+        registry = RegistryClient(self._peers["registry"], timeout_seconds=max(self.timeout, 600))
+        if isinstance(version, dataset_pb2.DatasetVersion):
+            await registry.download_dataset_version(
+                version.name, destination, sha256=version.artifact.sha256,
+                size_bytes=version.artifact.size_bytes)
+        else:
+            await registry.download_model_version(to_dict(version), destination)
+
+    # Training and compression -----------------------------------------------------------------
+
+    def train(self, *, dataset: str, arch: str, model: str, epochs: int = 3,
+              hyperparameters: Mapping[str, Any] | None = None, batch_size: int = 32,
+              learning_rate: float = 0.003, optimizer: str = "adam", alias: str = "",
+              min_test_accuracy: float = 0.0, seed: int = 0, job_id: str = "",
+              spec: tj.TrainingSpec | None = None) -> tj.TrainingJob:
+        """Start a training job (`dataset` "builtin:digits" or "datasets/d/versions/1", `arch`
+        a zoo entry: "mlp", "cnn", "transformer"); the result is registered as a version of
+        `model`. Returns at once; `wait(job)` follows it."""
+        spec = spec or job_specs.training_spec(
+            dataset=dataset, arch=arch, model=model, epochs=epochs,
+            hyperparameters=hyperparameters, batch_size=batch_size, learning_rate=learning_rate,
+            optimizer=optimizer, alias=alias, min_test_accuracy=min_test_accuracy, seed=seed)
+        return self._trainer("CreateTrainingJob", ts.CreateTrainingJobRequest(
+            training_job_id=job_id, training_job=tj.TrainingJob(spec=spec)))
+
+    def compress(self, source: str, steps: Sequence[str | cj.CompressionStep] = (), *,
+                 dataset: str = "builtin:digits", output: str = "", alias: str = "",
+                 max_accuracy_drop: float | None = None, seed: int = 0, job_id: str = "",
+                 spec: cj.CompressionSpec | None = None) -> cj.CompressionJob:
+        """Start a compression job on `source` (`digits@production`): `steps` in the short
+        form (`prune:amount=0.5`, `quantize:dtype=int8`, `convert`) or as messages; the result
+        is registered as a version of `output`. Returns at once; `wait(job)` follows it."""
+        if spec is None:
+            if not output:
+                raise InvalidArgument.for_field("output.model_id", "name the output model")
+            spec = job_specs.compression_spec(
+                version_name(source), list(steps), dataset=dataset, output_model=output,
+                alias=alias, max_accuracy_drop=max_accuracy_drop, seed=seed)
+        return self._compressor("CreateCompressionJob", cs.CreateCompressionJobRequest(
+            compression_job_id=job_id, compression_job=cj.CompressionJob(spec=spec)))
+
+    def get_job(self, job: str | Job) -> Job:
+        name = job if isinstance(job, str) else job.name
+        if name.startswith("compressionJobs/"):
+            return self._compressor("GetCompressionJob", cs.GetCompressionJobRequest(name=name))
+        if name.startswith("trainingJobs/"):
+            return self._trainer("GetTrainingJob", ts.GetTrainingJobRequest(name=name))
+        raise InvalidArgument.for_field("name", f"{name!r} is neither trainingJobs/… nor "
+                                        "compressionJobs/…")
+
+    def list_jobs(self, kind: str = "all", filter: str = "") -> list[Job]:
+        """Training and/or compression jobs (`kind` "training", "compression" or "all")."""
+        found: list[Job] = []
+        if kind in ("all", "training"):
+            found += self._pages(lambda r: self._trainer("ListTrainingJobs", r),
+                                 ts.ListTrainingJobsRequest(page_size=PAGE_SIZE, filter=filter),
+                                 "training_jobs")
+        if kind in ("all", "compression"):
+            found += self._pages(lambda r: self._compressor("ListCompressionJobs", r),
+                                 cs.ListCompressionJobsRequest(page_size=PAGE_SIZE,
+                                                               filter=filter),
+                                 "compression_jobs")
+        return found
+
+    def cancel_job(self, job: str | Job) -> Job:
+        name = job if isinstance(job, str) else job.name
+        if name.startswith("compressionJobs/"):
+            return self._compressor("CancelCompressionJob",
+                                    cs.CancelCompressionJobRequest(name=name))
+        return self._trainer("CancelTrainingJob", ts.CancelTrainingJobRequest(name=name))
+
+    def wait(self, job: str | Job, progress: ProgressCallback | None = None, *,
+             timeout: float | None = None, check: bool = True) -> Job:
+        """Follow the job's Watch stream until it ends, calling `progress` with each event
+        (on the client's event-loop thread); the final job. A job that did not succeed
+        raises `JobFailed` unless `check` is False."""
+        name = job if isinstance(job, str) else job.name
+        current = self.get_job(name)
+        total = current.spec.epochs if isinstance(current, tj.TrainingJob) else 0
+        if current.state not in FINAL_STATES:
+            self._runner.run(self._watch(name, progress, total, timeout))
+            current = self.get_job(name)
+        if check and current.state != job_pb2.JOB_STATE_SUCCEEDED:
+            raise JobFailed(current, f"{name} ended {state_name(current.state)}: "
+                            f"{current.error.code} {current.error.message}".rstrip())
+        return current
+
+    async def _watch(self, name: str, progress: ProgressCallback | None, total: int,
+                     timeout: float | None) -> None:
+        if name.startswith("compressionJobs/"):
+            service = "compressor"
+            stub: Any = await self._stub(service, compressor_service_pb2_grpc.CompressorServiceStub)
+            open_stream = lambda after: stub.WatchCompressionJob(  # noqa: E731
+                cs.WatchCompressionJobRequest(name=name, after_sequence=after), timeout=timeout)
+        else:
+            service = "trainer"
+            stub = await self._stub(service, trainer_service_pb2_grpc.TrainerServiceStub)
+            open_stream = lambda after: stub.WatchTrainingJob(  # noqa: E731
+                ts.WatchTrainingJobRequest(name=name, after_sequence=after), timeout=timeout)
+        state, last = "", 0
+        try:
+            async for event in open_stream(last):
+                last = event.sequence
+                update = progress_of(name, event, state, total)
+                state = update.state
+                if progress is not None:
+                    progress(update)
+        except grpc.aio.AioRpcError as rpc_error:
+            raise self._error(service, rpc_error) from None
+
+    # Deployments -----------------------------------------------------------------------------
+
+    def deploy(self, deployment: str, model: str, *, track_alias: bool | None = None,
+               max_batch_size: int = 0, instance_count: int = 0,
+               replace: bool = False) -> deployment_pb2.Deployment:
+        """Serve `model` (`digits@production` or a version) as `deployment` on Triton; ready
+        when this returns. An alias is followed when it moves unless `track_alias=False`.
+        `replace` deletes an existing deployment of that name first."""
+        reference = version_name(model)
+        deployment_id = deployment_name(deployment).removeprefix("deployments/")
+        if replace:
+            try:
+                self.delete_deployment(deployment_id)
+            except NotFound:
+                pass
+        self._input_names.pop(deployment_name(deployment_id), None)
+        return self._inference("CreateDeployment", inf.CreateDeploymentRequest(
+            deployment_id=deployment_id, deployment=deployment_pb2.Deployment(
+                model=reference, track_alias="@" in reference if track_alias is None else track_alias,
+                serving=deployment_pb2.ServingConfig(max_batch_size=max_batch_size,
+                                                     instance_count=instance_count))),
+            timeout=max(self.timeout, 600))
+
+    def get_deployment(self, deployment: str) -> deployment_pb2.Deployment:
+        return self._inference("GetDeployment",
+                               inf.GetDeploymentRequest(name=deployment_name(deployment)))
+
+    def list_deployments(self) -> list[deployment_pb2.Deployment]:
+        return self._pages(lambda r: self._inference("ListDeployments", r),
+                           inf.ListDeploymentsRequest(page_size=PAGE_SIZE), "deployments")
+
+    def delete_deployment(self, deployment: str) -> None:
+        self._input_names.pop(deployment_name(deployment), None)
+        self._inference("DeleteDeployment",
+                        inf.DeleteDeploymentRequest(name=deployment_name(deployment)))
+
+    def _update(self, deployment: str, paths: Iterable[str],
+                **fields: Any) -> deployment_pb2.Deployment:
+        name = deployment_name(deployment)
+        self._input_names.pop(name, None)
+        return self._inference("UpdateDeployment", inf.UpdateDeploymentRequest(
+            deployment=deployment_pb2.Deployment(name=name, **fields),
+            update_mask=field_mask_pb2.FieldMask(paths=list(paths))),
+            timeout=max(self.timeout, 600))
+
+    def rollout(self, deployment: str, model: str, *,
+                track_alias: bool | None = None) -> deployment_pb2.Deployment:
+        """Move the deployment to another version (or alias), all traffic to it: the new one
+        is loaded before requests go to it, the old one unloaded after they drained."""
+        reference = version_name(model)
+        return self._update(deployment, ("model", "track_alias", "traffic"), model=reference,
+                            track_alias="@" in reference if track_alias is None else track_alias)
+
+    def split_traffic(self, deployment: str,
+                      percents: Mapping[str, int]) -> deployment_pb2.Deployment:
+        """A canary: version → percent of requests (adding up to 100), sticky per request id."""
+        return self._update(deployment, ("traffic",), traffic=[
+            deployment_pb2.TrafficTarget(model_version=version_name(version), percent=percent)
+            for version, percent in percents.items()])
+
+    def shadow(self, deployment: str, model: str | None,
+               percent: int = 100) -> deployment_pb2.Deployment:
+        """Copy `percent` of the requests to `model` as well (its answers are compared, never
+        returned); `None` stops shadowing."""
+        config = (deployment_pb2.ShadowConfig(model_version=version_name(model), percent=percent)
+                  if model else deployment_pb2.ShadowConfig())
+        return self._update(deployment, ("shadow",), shadow=config)
+
+    # Predictions -----------------------------------------------------------------------------
+
+    def input_names(self, deployment: str) -> list[str]:
+        """The input names of the version the deployment serves (looked up once)."""
+        name = deployment_name(deployment)
+        names = self._input_names.get(name)
+        if names is None:
+            served = self.get_deployment(name)
+            reference = (served.serving_versions[0] if served.serving_versions
+                         else served.model)
+            signature = self.get_version(reference).signature
+            names = self._input_names[name] = [spec.name for spec in signature.inputs]
+        return names
+
+    def predict(self, deployment: str, inputs: np.ndarray | Mapping[str, Any], *,
+                output_names: Sequence[str] = (), request_id: str = "",
+                timeout: float | None = None) -> dict[str, np.ndarray]:
+        """Run `inputs` (name → array, or one array for a single-input model; batch first)
+        through the deployment; output name → array (read-only views of the reply)."""
+        name = deployment_name(deployment)
+        if isinstance(inputs, Mapping):
+            arrays = {key: np.asarray(value) for key, value in inputs.items()}
+        else:
+            arrays = named_inputs(inputs, self._input_names.get(name) or self.input_names(name),
+                                  name)
+        request = inf.PredictRequest(deployment=name, request_id=request_id,
+                                     inputs=[to_tensor(key, value) for key, value in arrays.items()],
+                                     output_names=output_names)
+        reply = self._runner.run(self._predict(request, timeout or self.timeout))
+        return {tensor.name: from_tensor(tensor) for tensor in reply.outputs}
+
+    async def _predict(self, request: inf.PredictRequest, timeout: float) -> inf.PredictResponse:
+        stub = await self._stub("inference", inference_service_pb2_grpc.InferenceServiceStub)
+        try:
+            return await stub.Predict(request, timeout=timeout)
+        except grpc.aio.AioRpcError as rpc_error:
+            raise self._error("inference", rpc_error) from None
+
+    # Tokens (local suite) --------------------------------------------------------------------
+
+    @property
+    def tokens_file(self) -> Path:
+        return self.connection.state_dir / TOKENS_FILE
+
+    def create_token(self, principal: str, role: str = "viewer",
+                     models: Sequence[str] = ()) -> str:
+        """Mint a token in the local suite's tokens file (the services pick it up within a
+        second); returns the token, which is stored only as its sha256."""
+        return add_token(self.tokens_file, principal, Role.parse(role), models)
+
+    def list_tokens(self) -> list[TokenInfo]:
+        return list_tokens(self.tokens_file)
+
+    def revoke_token(self, principal_or_hash: str) -> int:
+        """Revoke every token of a principal, or the one whose sha256 starts with the given
+        hex prefix (8 characters at least); how many were revoked."""
+        return revoke_tokens(self.tokens_file, principal_or_hash)
+
+    # Status --------------------------------------------------------------------------------
+
+    def status(self, timeout: float = 3.0) -> list[ServiceStatus]:
+        """Health of every service and whether the inference service's Triton is ready."""
+        return self._runner.run(self._status(timeout))
+
+    async def _status(self, timeout: float) -> list[ServiceStatus]:
+        return list(await asyncio.gather(
+            *(self._health(service, timeout) for service in SERVICES),
+            self._triton_ready(timeout)))
+
+    def _where(self, service: str) -> str:
+        return self.connection.targets.get(service) or f"{service} (via discovery)"
+
+    async def _health(self, service: str, timeout: float) -> ServiceStatus:
+        try:
+            stub = await self._stub(service, health_pb2_grpc.HealthStub)
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=service),
+                                     timeout=timeout)
+        except grpc.aio.AioRpcError as rpc_error:
+            return ServiceStatus(service, self._where(service), "UNREACHABLE",
+                                 self._error(service, rpc_error).message)
+        except MaasError as error:
+            return ServiceStatus(service, self._where(service), "UNREACHABLE", error.message)
+        return ServiceStatus(service, self._where(service),
+                             health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+    async def _triton_ready(self, timeout: float) -> ServiceStatus:
+        try:
+            stub = await self._stub("inference", kserve_grpc.GRPCInferenceServiceStub)
+            reply = await stub.ServerReady(kserve_pb2.ServerReadyRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError as rpc_error:
+            return ServiceStatus("triton", self._where("inference"), "UNREACHABLE",
+                                 self._error("inference", rpc_error).message)
+        except MaasError as error:
+            return ServiceStatus("triton", self._where("inference"), "UNREACHABLE", error.message)
+        return ServiceStatus("triton", self._where("inference"),
+                             "READY" if reply.ready else "NOT_READY")
+
+
+def _carries_status(rpc_error: grpc.RpcError) -> bool:
+    """Whether a server answered with a `google.rpc.Status` (else the channel itself failed)."""
+    trailing = rpc_error.trailing_metadata() if hasattr(rpc_error, "trailing_metadata") else ()
+    return any(key == "grpc-status-details-bin" for key, _ in trailing or ())
+
