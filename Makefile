@@ -11,7 +11,7 @@ API_OUT := libs/maas-api/src
 NODE_TOOLS := tools/node_modules/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install proto proto-check proto-breaking kserve-descriptors lint test bench demo up clean
+.PHONY: install proto proto-check proto-breaking kserve-descriptors clients lint test bench demo up clean
 
 DATAPLANE := $(VENV)/bin/maas-inference-dataplane
 
@@ -29,8 +29,13 @@ $(VENV)/.installed: constraints.txt $(wildcard libs/*/pyproject.toml services/*/
 		nvidia-cuda-runtime-cu12
 	touch $@
 
-$(NODE_TOOLS): tools/package.json
-	cd tools && npm install --no-audit --no-fund --loglevel=error
+# npm ci installs exactly the lockfile (complete: every platform's optional buf binary) and
+# never rewrites it, as npm install did; the checksum proves the work tree is left as it was.
+$(NODE_TOOLS): tools/package.json tools/package-lock.json
+	cd tools && lock=$$(sha256sum package-lock.json) && \
+		npm ci --no-audit --no-fund --loglevel=error && \
+		{ echo "$$lock" | sha256sum --check --quiet || \
+			{ echo "npm ci rewrote tools/package-lock.json" >&2; exit 1; }; }
 	touch $@
 
 # Debian's protoc with its matching C++ headers and Java runtime: used only to prove that the
@@ -39,11 +44,16 @@ $(VENV)/.system-tools:
 	command -v protoc >/dev/null && test -f /usr/include/google/protobuf/descriptor.pb.h && \
 		test -f /usr/share/java/protobuf.jar && command -v javac >/dev/null && \
 		command -v grpc_cpp_plugin >/dev/null && test -f /usr/include/grpcpp/grpcpp.h && \
+		command -v grpc_java_plugin >/dev/null && command -v protoc-gen-go >/dev/null && \
+		command -v protoc-gen-go-grpc >/dev/null && \
 		test -f /usr/include/nlohmann/json.hpp && test -f /usr/include/openssl/sha.h && \
-		ldconfig -p | grep -q libb64.so.0d || \
+		ldconfig -p | grep -q libb64.so.0d && command -v promtool >/dev/null && \
+		command -v prometheus >/dev/null || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 			protobuf-compiler libprotobuf-dev libprotobuf-java default-jdk-headless g++ pkg-config \
 			libgrpc++-dev protobuf-compiler-grpc nlohmann-json3-dev libssl-dev zlib1g-dev libb64-0d \
+			protobuf-compiler-grpc-java-plugin protoc-gen-go protoc-gen-go-grpc \
+			prometheus \
 			>/dev/null; }
 	touch $@
 
@@ -75,6 +85,11 @@ proto-breaking: $(NODE_TOOLS) $(VENV)/.installed
 # The standard KServe-v2 contract, exported from tritonclient's stubs for other languages.
 kserve-descriptors: $(VENV)/.installed
 	$(PY) tools/contracts/export_kserve_descriptors.py --out build/kserve/grpc_service.binpb
+
+# One self-contained bundle for clients in other languages: our protos, google/rpc, the
+# well-known types and KServe-v2 as .proto, with Node, Go, Java and C++ stubs (build/clients).
+clients: $(VENV)/.installed $(NODE_TOOLS) $(VENV)/.system-tools
+	$(PY) tools/contracts/client_bundle.py --require-all --out build/clients
 
 lint: install
 	$(VENV)/bin/ruff check libs services tests tools

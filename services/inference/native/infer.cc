@@ -48,9 +48,15 @@ std::string metadata_value(const grpc::GenericServerContext& context, const char
 
 // -- Counters -----------------------------------------------------------------------------------
 
-void Counters::served(const std::string& deployment_id) {
+void Counters::served(const std::string& deployment_id, double latency_ms) {
+  size_t bucket = 0;
+  while (bucket < latency_bounds_ms_.size() && latency_ms > latency_bounds_ms_[bucket]) ++bucket;
   std::lock_guard<std::mutex> lock(mutex_);
-  by_deployment_[deployment_id].served++;
+  auto& counts = by_deployment_[deployment_id];
+  counts.served++;
+  counts.latency_buckets.resize(latency_bounds_ms_.size() + 1);
+  counts.latency_buckets[bucket]++;
+  counts.latency_sum_ms += latency_ms;
 }
 
 void Counters::declined(const std::string& deployment_id) {
@@ -64,7 +70,10 @@ std::string Counters::to_json() const {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     for (const auto& [deployment_id, counts] : by_deployment_) {
-      deployments[deployment_id] = {{"served", counts.served}, {"declined", counts.declined}};
+      deployments[deployment_id] = {{"served", counts.served},
+                                    {"declined", counts.declined},
+                                    {"latency_buckets", counts.latency_buckets},
+                                    {"latency_sum_ms", counts.latency_sum_ms}};
       served += counts.served;
       declined += counts.declined;
     }
@@ -74,6 +83,7 @@ std::string Counters::to_json() const {
                         {"triton_calls", triton_calls_.load()},
                         {"open_relays", open_relays_.load()},
                         {"abandoned", abandoned_.load()},
+                        {"latency_bounds_ms", latency_bounds_ms_},
                         {"deployments", deployments}}
       .dump();
 }
@@ -105,6 +115,8 @@ std::string SpanBuffer::drain_json() {
   nlohmann::json spans = nlohmann::json::array();
   for (const auto& span : taken)
     spans.push_back({{"traceparent", span.traceparent},
+                     {"principal", span.principal},
+                     {"sampled", span.sampled},
                      {"method", span.method},
                      {"deployment", span.deployment_id},
                      {"triton_model", span.triton_model},
@@ -150,10 +162,11 @@ InferCall::InferCall(std::unique_ptr<Incoming> incoming, DataPlane* plane, Proto
 }
 
 void InferCall::record_span(const char* outcome) {
-  if (traceparent_.empty()) return;
-  plane_->spans().record({traceparent_, incoming_->context.method(), deployment_id_,
-                          target_->triton_model, outcome, unix_nanos(accepted_at_),
-                          unix_nanos(std::chrono::system_clock::now())});
+  bool sampled = plane_->spans().take_sample();
+  if (traceparent_.empty() && !sampled) return;
+  plane_->spans().record({traceparent_, principal_, sampled, incoming_->context.method(),
+                          deployment_id_, target_->triton_model, outcome,
+                          unix_nanos(accepted_at_), unix_nanos(std::chrono::system_clock::now())});
 }
 
 void InferCall::give_up() {
@@ -249,7 +262,8 @@ bool InferCall::admit_kserve(const Route& route) {
 bool InferCall::authorized(const Route& route) {
   TokenTable* tokens = plane_->tokens();
   if (tokens == nullptr) return true;
-  auto scopes = tokens->scopes_for(metadata_value(incoming_->context, "authorization"));
+  auto scopes = tokens->scopes_for(metadata_value(incoming_->context, "authorization"),
+                                   &principal_);
   if (scopes == nullptr) return false;
   for (const auto& target : route.targets)
     if (!TokenTable::covers(*scopes, target.model_id)) return false;
@@ -320,7 +334,9 @@ void InferCall::reply(const ::inference::ModelInferResponse& response) {
     }
     serialize(answer, &reply_bytes_);
   }
-  plane_->counters().served(deployment_id_);
+  plane_->counters().served(
+      deployment_id_, std::chrono::duration<double, std::milli>(
+                          std::chrono::system_clock::now() - accepted_at_).count());
   record_span("OK");
   incoming_->stream.WriteAndFinish(reply_bytes_, grpc::WriteOptions(), grpc::Status::OK,
                                    finished_.start());

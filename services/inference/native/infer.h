@@ -39,9 +39,15 @@ class Counters {
   struct PerDeployment {
     uint64_t served = 0;
     uint64_t declined = 0;
+    // Latency of served requests (accepted to answered): counts per bucket of
+    // `latency_bounds_ms` (the last one above every bound) and their sum.
+    std::vector<uint64_t> latency_buckets;
+    double latency_sum_ms = 0;
   };
 
-  void served(const std::string& deployment_id);
+  // Upper bounds (ms, ascending) of the latency histogram; set once before serving.
+  void set_latency_bounds(std::vector<double> bounds_ms) { latency_bounds_ms_ = std::move(bounds_ms); }
+  void served(const std::string& deployment_id, double latency_ms);
   void declined(const std::string& deployment_id);  // "" when the request named none we know
   void triton_call() { triton_calls_++; }
   void abandoned() { abandoned_++; }
@@ -50,6 +56,7 @@ class Counters {
 
  private:
   mutable std::mutex mutex_;
+  std::vector<double> latency_bounds_ms_;
   std::unordered_map<std::string, PerDeployment> by_deployment_;
   std::atomic<uint64_t> triton_calls_{0};
   std::atomic<uint64_t> abandoned_{0};
@@ -57,9 +64,12 @@ class Counters {
 };
 
 // What the control plane needs to emit an OpenTelemetry span for a request served here (the
-// data plane exports nothing itself): kept only for requests that carry a W3C traceparent.
+// data plane exports nothing itself), or an access log line: kept for requests that carry a
+// W3C traceparent, and for one in every `access_sample_every` served requests (`sampled`).
 struct SpanRecord {
-  std::string traceparent;  // the caller's, as it came
+  std::string traceparent;  // the caller's, as it came; may be empty when sampled
+  std::string principal;    // the token's principal ("" with auth off)
+  bool sampled = false;     // chosen for the access log
   std::string method;       // e.g. "/maas.inference.v1.InferenceService/Predict"
   std::string deployment_id;
   std::string triton_model;
@@ -74,6 +84,9 @@ struct SpanRecord {
 class SpanBuffer {
  public:
   static constexpr size_t kCapacity = 4096;
+  // One in every `every` served requests is sampled for the access log (0: none).
+  void set_sample_every(uint64_t every) { sample_every_ = every; }
+  bool take_sample() { return sample_every_ != 0 && served_seen_.fetch_add(1) % sample_every_ == 0; }
   void record(SpanRecord span);
   std::string drain_json();  // {"spans": [...], "dropped": N}; empties the buffer
 
@@ -81,6 +94,8 @@ class SpanBuffer {
   std::mutex mutex_;
   std::deque<SpanRecord> spans_;
   uint64_t dropped_ = 0;
+  uint64_t sample_every_ = 0;
+  std::atomic<uint64_t> served_seen_{0};
 };
 
 int64_t unix_nanos(std::chrono::system_clock::time_point time);
@@ -170,7 +185,7 @@ class InferCall : public Operations {
   bool matches_signature(
       const std::vector<const ::inference::ModelInferRequest::InferInputTensor*>& inputs,
       const std::vector<size_t>& byte_lengths);
-  void record_span(const char* outcome);  // when the caller sent a traceparent
+  void record_span(const char* outcome);  // traceparent sent, or sampled for the access log
 
   std::unique_ptr<Incoming> incoming_;
   DataPlane* plane_;
@@ -183,6 +198,7 @@ class InferCall : public Operations {
   std::string deployment_id_;
   std::string request_id_;
   std::string traceparent_;
+  std::string principal_;
   ::inference::ModelInferRequest triton_request_;
   int rows_ = 0;
   std::string sharing_key_;

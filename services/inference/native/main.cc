@@ -8,7 +8,10 @@
 //   stdin   one JSON object per line: {"generation": N, "triton_ready": bool, "routes": {...}}
 //           replaces the routing table ("applied N" is written once it is in force);
 //           {"stats": true} asks for the counters ("stats {...}"); {"spans": true} takes the
-//           span records of served requests that carried a traceparent ("spans {...}").
+//           span records of served requests that carried a traceparent, or were sampled
+//           for the access log ("spans {...}").
+//   --latency-buckets-ms=0.5,1,...  bounds of the per-deployment latency histogram (stats)
+//   --access-sample-every=N         one in N served requests is recorded for the access log
 //           End of input stops serving.
 //   stdout  "listening PORT" once the port is bound, then the answers above.
 //
@@ -23,6 +26,7 @@
 #include <sstream>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "event_loop.h"
 #include "forward.h"
@@ -41,6 +45,8 @@ struct Options {
   // How long the loop stays awake after an event while Triton calls are open (0: never).
   int spin_microseconds = 1000;
   double shutdown_grace_seconds = 10;
+  std::vector<double> latency_buckets_ms;
+  uint64_t access_sample_every = 0;
 };
 
 Options parse_options(int argc, char** argv) {
@@ -76,6 +82,13 @@ Options parse_options(int argc, char** argv) {
     options.spin_microseconds = std::stoi(spin);
   if (auto grace = take("shutdown-grace-seconds", false); !grace.empty())
     options.shutdown_grace_seconds = std::stod(grace);
+  if (auto buckets = take("latency-buckets-ms", false); !buckets.empty()) {
+    std::stringstream list(buckets);
+    for (std::string bound; std::getline(list, bound, ',');)
+      options.latency_buckets_ms.push_back(std::stod(bound));
+  }
+  if (auto every = take("access-sample-every", false); !every.empty())
+    options.access_sample_every = std::stoull(every);
   if (!given.empty()) throw std::invalid_argument("unknown option --" + given.begin()->first);
   return options;
 }
@@ -164,6 +177,8 @@ int run(const Options& options) {
   DataPlane plane(local_channel(options.triton, options.max_message_bytes),
                   local_channel(options.control_plane, options.max_message_bytes),
                   std::move(tokens), queue.get());
+  plane.counters().set_latency_bounds(options.latency_buckets_ms);
+  plane.spans().set_sample_every(options.access_sample_every);
   const Dispatch dispatch = dispatch_by_method(&plane);
   Incoming::await_next(&service, queue.get(), &dispatch);
   const std::function<bool()> awaiting_answers = [&plane] { return plane.triton_calls_open() > 0; };

@@ -103,7 +103,7 @@ std::shared_ptr<const RouteTable> RouteTable::parse(const std::string& json_line
 }
 
 std::shared_ptr<const std::vector<std::string>> TokenTable::scopes_for(
-    const std::string& header_value) {
+    const std::string& header_value, std::string* principal) {
   // Trimmed as the control plane trims it: perf_analyzer's `-H` keeps the space after ':'.
   std::string authorization = trim(header_value);
   size_t space = authorization.find(' ');
@@ -116,7 +116,9 @@ std::shared_ptr<const std::vector<std::string>> TokenTable::scopes_for(
   std::lock_guard<std::mutex> lock(mutex_);
   reload_if_changed();
   auto found = by_hash_.find(digest);
-  return found == by_hash_.end() ? nullptr : found->second;
+  if (found == by_hash_.end()) return nullptr;
+  if (principal != nullptr) *principal = principal_by_hash_[digest];
+  return found->second;
 }
 
 bool TokenTable::covers(const std::vector<std::string>& scopes, const std::string& model_id) {
@@ -139,18 +141,22 @@ void TokenTable::reload_if_changed() {
   int64_t mtime_ns = int64_t(info.st_mtim.tv_sec) * 1000000000 + info.st_mtim.tv_nsec;
   if (mtime_ns == loaded_mtime_ns_) return;
   std::unordered_map<std::string, std::shared_ptr<const std::vector<std::string>>> by_hash;
+  std::unordered_map<std::string, std::string> principal_by_hash;
   try {
     std::ifstream file(path_);
     auto document = nlohmann::json::parse(file);
     for (const auto& entry : document.value("tokens", nlohmann::json::array())) {
       auto scopes = std::make_shared<std::vector<std::string>>(
           entry.value("models", std::vector<std::string>{}));
-      by_hash[entry.at("sha256").get<std::string>()] = std::move(scopes);
+      const auto digest = entry.at("sha256").get<std::string>();
+      by_hash[digest] = std::move(scopes);
+      principal_by_hash[digest] = entry.value("principal", std::string());
     }
   } catch (const std::exception&) {
     return;  // half-written or broken: keep the last good table; the control plane reports it
   }
   by_hash_ = std::move(by_hash);
+  principal_by_hash_ = std::move(principal_by_hash);
   loaded_mtime_ns_ = mtime_ns;
 }
 

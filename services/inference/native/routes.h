@@ -66,7 +66,9 @@ class TokenTable {
 
   // The scopes of the bearer token in `authorization` ("Bearer <token>"); nullptr when the
   // header is missing, malformed or names no known token (the control plane explains why).
-  std::shared_ptr<const std::vector<std::string>> scopes_for(const std::string& authorization);
+  // `principal`, when given, receives the token's principal (for the access log).
+  std::shared_ptr<const std::vector<std::string>> scopes_for(const std::string& authorization,
+                                                             std::string* principal = nullptr);
 
   // Whether scopes (empty: every model) cover `model_id`, as fnmatch.fnmatchcase would.
   static bool covers(const std::vector<std::string>& scopes, const std::string& model_id);
@@ -79,6 +81,7 @@ class TokenTable {
   std::chrono::steady_clock::time_point checked_at_{};
   int64_t loaded_mtime_ns_ = -1;
   std::unordered_map<std::string, std::shared_ptr<const std::vector<std::string>>> by_hash_;
+  std::unordered_map<std::string, std::string> principal_by_hash_;
 };
 
 }  // namespace maas::dataplane

@@ -1,8 +1,8 @@
 """Runs the services of the suite as supervised processes on one machine (`maas up`).
 
 Every service gets its own state directory under one root, the same tokens file and admin
-token (so one token works everywhere), fixed loopback ports, and static discovery of the
-others. With `SuiteTls` every port speaks TLS (or mTLS) only, and every service dials its
+token (so one token works everywhere), fixed loopback ports (and a fixed Prometheus metrics
+port each, `DEFAULT_METRICS_PORTS`), and static discovery of the others. With `SuiteTls` every port speaks TLS (or mTLS) only, and every service dials its
 peers with the matching client settings. A service that dies is restarted; Ctrl-C stops them
 all gracefully.
 """
@@ -30,6 +30,8 @@ from maas_runtime.tls import channel_credentials
 _log = logging.getLogger(__name__)
 
 DEFAULT_PORTS = {"registry": 50051, "trainer": 50052, "compressor": 50053, "inference": 50054}
+DEFAULT_METRICS_PORTS = {"registry": 9451, "trainer": 9452, "compressor": 9453, "inference": 9454}
+"""Where each service's Prometheus `/metrics` listens under `maas up` (loopback)."""
 
 
 def free_port() -> int:
@@ -108,6 +110,12 @@ class ServiceProcess:
         return f"127.0.0.1:{self.port}"
 
     @property
+    def metrics_url(self) -> str:
+        """The service's Prometheus endpoint, or "" when its metrics port is off."""
+        port = self.settings.get("metrics_port", "")
+        return f"http://127.0.0.1:{port}/metrics" if port else ""
+
+    @property
     def log_file(self) -> Path:
         return self.state_dir / f"{self.name}.log"
 
@@ -174,12 +182,17 @@ class LocalSuite:
         self.admin_token_file = self.root / "admin.token"
         ports = {name: (DEFAULT_PORTS[name] if fixed_ports and port_is_free(DEFAULT_PORTS[name])
                         else free_port()) for name in services}
+        metrics_ports = {
+            name: (DEFAULT_METRICS_PORTS[name]
+                   if fixed_ports and port_is_free(DEFAULT_METRICS_PORTS[name]) else free_port())
+            for name in services}
         endpoints = ";".join(f"{name}=127.0.0.1:{port}" for name, port in ports.items())
         base_env = {**os.environ, "MAAS_STATIC_ENDPOINTS": endpoints}
         self.services = {
             name: ServiceProcess(name, self.root / name, port, {
                 "tokens_file": str(self.tokens_file),
                 "admin_token_file": str(self.admin_token_file),
+                "metrics_port": str(metrics_ports[name]),
                 **({"registry_target": f"127.0.0.1:{ports['registry']}"}
                    if name != "registry" and "registry" in ports else {}),
                 **(tls.service_settings() if tls else {}),
@@ -191,6 +204,11 @@ class LocalSuite:
 
     def token(self) -> str:
         return self.admin_token_file.read_text().strip()
+
+    def describe(self) -> list[str]:
+        """One line per service (gRPC target, metrics URL, log file), as `maas up` prints."""
+        return [f"{service.name:10s} {service.target}   metrics: {service.metrics_url or 'off'}"
+                f"   logs: {service.log_file}" for service in self.services.values()]
 
     def open_channel(self, name: str, **channel_settings) -> grpc.aio.Channel:
         """An authenticated channel to service `name`, over TLS when the suite speaks it."""
@@ -206,7 +224,8 @@ class LocalSuite:
             for service in self.services.values():
                 service.spawn()
                 await service.wait_serving()
-                _log.info("%s serving on %s", service.name, service.target)
+                _log.info("%s serving on %s (metrics %s)", service.name, service.target,
+                          service.metrics_url or "off")
         except BaseException:  # a service that cannot start (or Ctrl-C): leave nothing behind
             await self.stop()
             raise

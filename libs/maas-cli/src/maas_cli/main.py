@@ -22,8 +22,8 @@ async def _up(root: Path, tls: SuiteTls | None) -> None:
         loop.add_signal_handler(signum, stop.set)
     await suite.start()  # stops what it started if it fails
     try:
-        for service in suite.services.values():
-            print(f"{service.name:10s} {service.target}   logs: {service.log_file}", flush=True)
+        for line in suite.describe():
+            print(line, flush=True)
         print(f"admin token: {suite.admin_token_file}   (Ctrl-C stops the suite)", flush=True)
         await stop.wait()
     finally:

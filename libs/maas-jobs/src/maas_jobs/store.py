@@ -125,6 +125,18 @@ class JobStore(abc.ABC):
     def tenant_last_start_times(self) -> dict[str, datetime]:
         """When each tenant last had a job started: the fair-share scheduler's memory."""
 
+    @abc.abstractmethod
+    def state_summary(self) -> JobStateSummary:
+        """How many jobs are in each state, and when the oldest queued one was submitted."""
+
+
+@dataclass(frozen=True)
+class JobStateSummary:
+    """Counts by state (every state present, 0 when none) and the oldest queued submission."""
+
+    counts: dict[JobState, int]
+    oldest_queued: datetime | None
+
 
 def create_sqlite_engine(path: Path) -> Engine:
     """SQLite in WAL mode: readers (Get, List, Watch) never wait for the job runners' writes."""
@@ -342,3 +354,14 @@ class SqlJobStore(JobStore):
                 select(t.jobs.c.tenant, func.max(t.jobs.c.start_time))
                 .where(t.jobs.c.start_time.is_not(None)).group_by(t.jobs.c.tenant)).all()
         return {tenant: _aware(started) for tenant, started in rows}
+
+    def state_summary(self) -> JobStateSummary:
+        with self._read() as connection:
+            rows = connection.execute(
+                select(t.jobs.c.state, func.count()).group_by(t.jobs.c.state)).all()
+            oldest = connection.execute(
+                select(func.min(t.jobs.c.create_time))
+                .where(t.jobs.c.state == JobState.QUEUED.value)).scalar()
+        counts = dict.fromkeys(JobState, 0)
+        counts.update({JobState(state): count for state, count in rows})
+        return JobStateSummary(counts, _aware(oldest))

@@ -19,6 +19,7 @@ import grpc
 from google.protobuf import descriptor_pool
 
 from maas_runtime import errors
+from maas_runtime.access import annotate_call, close_call, open_call
 from maas_runtime.auth import (
     Principal,
     Role,
@@ -203,6 +204,7 @@ class AuthInterceptor(WrappingInterceptor):
             authorization = next((value for key, value in context.invocation_metadata() or ()
                                   if key == "authorization"), None)
             principal: Principal = self._tokens.authenticate(authorization)
+            annotate_call(principal=principal.name)
             principal.require(required, f"call {method.rsplit('/', 1)[-1]}")
             return set_current_principal(principal)
 
@@ -218,37 +220,66 @@ class AuthInterceptor(WrappingInterceptor):
         return guarded(behaviour, response_streaming, before, reraise, after)
 
 
-class AccessLogInterceptor(WrappingInterceptor):
-    """One structured log line and two metrics (count, duration) per RPC."""
+RequestLabeller = Callable[[str, object], Mapping[str, str]]
+"""`(method, request) -> labels` for a unary request, e.g. {"deployment": "digits"}."""
 
-    def __init__(self, meter=None):
+
+class AccessLogInterceptor(WrappingInterceptor):
+    """One structured log line and two metrics (count, duration) per RPC.
+
+    The line carries the method, outcome (gRPC code), duration, principal, what the service's
+    `request_labels` names (the inference service: the deployment) and, from the log
+    formatter, the trace id. The metrics carry the service, method, code and those labels.
+    """
+
+    def __init__(self, meter=None, *, service: str = "",
+                 request_labels: RequestLabeller | None = None):
         super().__init__()
+        self._service = service
+        self._request_labels = request_labels
         self._requests = self._duration = None
         if meter is not None:
             self._requests = meter.create_counter(
-                "maas.rpc.server.requests", description="RPCs handled, by method and code"
-            )
+                "maas.rpc.server.requests", unit="{request}",
+                description="RPCs handled, by service, method and gRPC code")
             self._duration = meter.create_histogram(
-                "maas.rpc.server.duration", unit="ms", description="RPC handling time"
-            )
+                "maas.rpc.server.duration", unit="ms", description="RPC handling time")
+
+    def _labelled(self, behaviour: Behaviour, method: str) -> Behaviour:
+        labeller = self._request_labels
+        if labeller is None:
+            return behaviour
+
+        def labelled(request, context):
+            if hasattr(request, "DESCRIPTOR"):  # a message, not a request stream
+                annotate_call(**labeller(method, request))
+            return behaviour(request, context)
+
+        return labelled
 
     def wrap(self, behaviour, method, response_streaming):
         def before(context):
-            return time.perf_counter()
+            return time.perf_counter(), open_call()
 
-        def after(context, started, failure):
+        def after(context, state, failure):
+            started, token = state
             elapsed_ms = (time.perf_counter() - started) * 1000
             code = _outcome_code(context, failure)
+            record = close_call(token)
+            labels = {key: value for key, value in record.items() if key != "principal"}
             if self._requests is not None:
-                attributes = {"rpc.method": method, "rpc.grpc.status_code": code}
+                attributes = {"service": self._service, "rpc.method": method,
+                              "rpc.grpc.status_code": code, **labels}
                 self._requests.add(1, attributes)
                 self._duration.record(elapsed_ms, attributes)
             level = logging.INFO if code in ("OK", "CANCELLED") else logging.WARNING
             _log.log(level, "rpc %s %s %.2fms", method, code, elapsed_ms,
-                     extra={"rpc_method": method, "grpc_code": code,
-                            "duration_ms": round(elapsed_ms, 3)})
+                     extra={"rpc_method": method, "grpc_code": code, "outcome": code,
+                            "duration_ms": round(elapsed_ms, 3),
+                            "principal": record.get("principal", ""), **labels})
 
-        return guarded(behaviour, response_streaming, before, reraise, after)
+        return guarded(self._labelled(behaviour, method), response_streaming, before, reraise,
+                       after)
 
 
 def _outcome_code(context, failure: BaseException | None) -> str:

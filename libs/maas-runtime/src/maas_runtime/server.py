@@ -31,6 +31,7 @@ from maas_runtime.interceptors import (
     AccessLogInterceptor,
     AuthInterceptor,
     ErrorInterceptor,
+    RequestLabeller,
     method_roles_from_descriptors,
 )
 from maas_runtime.settings import ServiceSettings
@@ -99,6 +100,9 @@ class ServiceServer:
     on_stop: list[Callable] = field(default_factory=list)
     """Async callbacks run after the server stopped (close stores, stop subprocesses)."""
     front_door: FrontDoor | None = None
+    request_labels: RequestLabeller | None = None
+    """Labels a unary request adds to its access log line and RPC metrics (the inference
+    service: the deployment it names)."""
 
     health: HealthServicer = field(init=False)
     port: int = field(init=False, default=0)
@@ -112,7 +116,8 @@ class ServiceServer:
         if self.telemetry is not None:
             chain.append(self.telemetry.server_interceptor())
             meter = self.telemetry.meter("maas.rpc")
-        chain.append(AccessLogInterceptor(meter))
+        chain.append(AccessLogInterceptor(meter, service=self.name,
+                                          request_labels=self.request_labels))
         chain.append(ErrorInterceptor())
         if self.settings.auth_enabled:
             chain.append(AuthInterceptor(TokenStore(self.settings.resolved_tokens_file),
@@ -244,7 +249,11 @@ def run_service(name: str, settings: ServiceSettings, build_server) -> None:
     from maas_runtime.logs import configure_logging
 
     configure_logging(name, settings.log_level)
-    telemetry = Telemetry.create(name, otlp_endpoint=settings.otlp_endpoint)
+    telemetry = Telemetry.create(name, otlp_endpoint=settings.otlp_endpoint,
+                                 metrics_port=settings.metrics_port, metrics_host=settings.host)
+    if telemetry.prometheus is not None:
+        _log.info("%s metrics on %s", name, telemetry.prometheus.url,
+                  extra={"metrics_port": telemetry.prometheus.port})
     server = build_server(settings, telemetry, discovery_from_settings(settings))
     try:
         asyncio.run(server.serve_until_signal())

@@ -73,6 +73,11 @@ class ServiceSettings(BaseSettings):
     otlp_endpoint: str = ""
     """OTLP/gRPC collector for traces and metrics, e.g. http://127.0.0.1:4317; off when empty."""
 
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    """Port of the Prometheus endpoint (`http://<host>:<port>/metrics`) exposing this
+    service's OpenTelemetry metrics; off when unset, 0 picks a free port (tests). `maas up`
+    sets a fixed one per service."""
+
     log_level: str = "INFO"
     """Root log level."""
 

@@ -3,6 +3,12 @@
 Providers are built by `Telemetry.create` in a service's `main()` (never at import) and
 handed to the server and to every client channel, so a trace started by a caller continues
 through each hop: client span → server span → downstream client span → Triton.
+
+Metrics leave two ways, both from the same meters: OTLP when an endpoint is set, and a
+Prometheus endpoint (`/metrics` on `metrics_port`) through OpenTelemetry's Prometheus
+exporter, on a registry of its own so services sharing a process (tests) stay apart.
+Series that OpenTelemetry cannot model (histograms counted elsewhere, e.g. by the native
+data plane, and Triton's own metrics re-exported) join the same endpoint as collectors.
 """
 
 from __future__ import annotations
@@ -14,8 +20,9 @@ from dataclasses import dataclass
 from opentelemetry import context as otel_context, propagate, trace
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
 from opentelemetry.propagators.composite import CompositePropagator
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics import Histogram, MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanProcessor
@@ -26,6 +33,45 @@ from maas_runtime.interceptors import WrappingInterceptor, guarded, reraise
 
 W3C_PROPAGATOR = CompositePropagator([TraceContextTextMapPropagator()])
 
+LATENCY_BUCKETS_MS = (0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0,
+                      2500.0, 5000.0, 10000.0, 30000.0)
+"""Bucket bounds of every latency histogram (milliseconds): fine below 10 ms, where the data
+plane and Triton answer, up to the 30 s of a slow upload."""
+
+
+class PrometheusEndpoint:
+    """`/metrics` over HTTP for one service: OpenTelemetry's Prometheus reader plus extra
+    collectors, on a private `CollectorRegistry`."""
+
+    def __init__(self, host: str, port: int):
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from prometheus_client import CollectorRegistry
+
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.reader = PrometheusMetricReader(registry=self.registry)
+        self._host, self._wanted_port = host, port
+        self._http = None
+        self.port = 0
+
+    def start(self) -> int:
+        """Serve `/metrics`; returns the bound port (a free one when asked for 0)."""
+        from prometheus_client import start_http_server
+
+        self._http, _thread = start_http_server(self._wanted_port, self._host,
+                                                registry=self.registry)
+        self.port = self._http.server_port
+        return self.port
+
+    @property
+    def url(self) -> str:
+        return f"http://{self._host}:{self.port}/metrics"
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
 
 @dataclass
 class Telemetry:
@@ -35,6 +81,8 @@ class Telemetry:
     meter_provider: MeterProvider
     exporting: bool = False
     """Whether spans go anywhere; when not, servers only carry incoming trace context."""
+    prometheus: PrometheusEndpoint | None = None
+    """The `/metrics` endpoint, when a metrics port is configured (serving once created)."""
 
     @classmethod
     def create(
@@ -44,8 +92,12 @@ class Telemetry:
         otlp_endpoint: str = "",
         span_processors: tuple[SpanProcessor, ...] = (),
         metric_readers: tuple = (),
+        metrics_port: int | None = None,
+        metrics_host: str = "127.0.0.1",
     ) -> Telemetry:
-        """Providers for `service_name`; spans and metrics go to OTLP when an endpoint is set."""
+        """Providers for `service_name`; spans and metrics go to OTLP when an endpoint is set,
+        and metrics to a Prometheus endpoint on `metrics_host:metrics_port` when a port is set
+        (0: a free one, see `prometheus.port`)."""
         resource = Resource.create({"service.name": service_name})
         exporting = bool(otlp_endpoint or span_processors)
         # Without an exporter, record only what a caller asked to sample: incoming trace
@@ -58,10 +110,25 @@ class Telemetry:
         if otlp_endpoint:
             tracer_provider.add_span_processor(BatchSpanProcessor(_otlp_span_exporter(otlp_endpoint)))
             readers.append(PeriodicExportingMetricReader(_otlp_metric_exporter(otlp_endpoint)))
+        prometheus = None
+        if metrics_port is not None:
+            prometheus = PrometheusEndpoint(metrics_host, metrics_port)
+            readers.append(prometheus.reader)
         # W3C trace context is the one wire format every hop (Triton included) understands.
         propagate.set_global_textmap(W3C_PROPAGATOR)
-        return cls(tracer_provider, MeterProvider(resource=resource, metric_readers=readers),
-                   exporting)
+        latency_view = View(instrument_type=Histogram, instrument_name="*duration*",
+                            aggregation=ExplicitBucketHistogramAggregation(LATENCY_BUCKETS_MS))
+        telemetry = cls(tracer_provider, MeterProvider(resource=resource, metric_readers=readers,
+                                                       views=[latency_view]),
+                        exporting, prometheus)
+        if prometheus is not None:
+            prometheus.start()
+        return telemetry
+
+    def register_collector(self, collector) -> None:
+        """Add a `prometheus_client` collector to `/metrics` (nothing without a metrics port)."""
+        if self.prometheus is not None:
+            self.prometheus.registry.register(collector)
 
     def server_interceptor(self):
         """Server spans when they are exported; otherwise only the incoming W3C context is
@@ -83,6 +150,8 @@ class Telemetry:
     def shutdown(self) -> None:
         self.tracer_provider.shutdown()
         self.meter_provider.shutdown()
+        if self.prometheus is not None:
+            self.prometheus.close()
 
 
 def _otlp_span_exporter(endpoint: str) -> SpanExporter:

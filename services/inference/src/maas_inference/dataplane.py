@@ -35,6 +35,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from maas_inference.routing import Route, ServedModel
 
 _log = logging.getLogger(__name__)
+_access_log = logging.getLogger("maas.access")
 
 BINARY_NAME = "maas-inference-dataplane"
 _UNLIMITED_CALLS = 1 << 30
@@ -91,7 +92,8 @@ class NativeDataPlane:
 
     def __init__(self, binary: Path, *, host: str, port: int, triton_target: Callable[[], str],
                  table: Callable[[], dict], tokens_file: Path | None, max_message_bytes: int,
-                 shutdown_grace_seconds: float, tls_files: tuple[Path | None, ...] = ()):
+                 shutdown_grace_seconds: float, tls_files: tuple[Path | None, ...] = (),
+                 latency_buckets_ms: tuple[float, ...] = (), access_sample_every: int = 0):
         self._binary = binary
         self._host, self._port = host, port
         self._triton_target = triton_target
@@ -100,6 +102,8 @@ class NativeDataPlane:
         self._max_message_bytes = max_message_bytes
         self._grace = shutdown_grace_seconds
         self._tls_files = tls_files
+        self._latency_buckets_ms = latency_buckets_ms
+        self._access_sample_every = access_sample_every
         self._backend_target = ""
         self._process: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
@@ -129,6 +133,11 @@ class NativeDataPlane:
                      f"--shutdown-grace-seconds={self._grace}"]
         if self._tokens_file is not None:
             arguments.append(f"--tokens-file={self._tokens_file}")
+        if self._latency_buckets_ms:
+            arguments.append("--latency-buckets-ms="
+                             + ",".join(repr(float(b)) for b in self._latency_buckets_ms))
+        if self._access_sample_every:
+            arguments.append(f"--access-sample-every={self._access_sample_every}")
         for flag, path in zip(("tls-cert", "tls-key", "tls-client-ca"), self._tls_files,
                               strict=False):
             if path is not None:
@@ -193,7 +202,8 @@ class NativeDataPlane:
 
     async def spans(self) -> dict:
         """Takes the span records of the requests it served for callers that sent a
-        traceparent: `{"spans": [...], "dropped": N}` (records it had no room for)."""
+        traceparent, and of those it sampled for the access log (`"sampled": true`):
+        `{"spans": [...], "dropped": N}` (records it had no room for)."""
         async with self._lock:
             if not self._running:
                 raise errors.Unavailable("the data plane is not running (yet)",
@@ -245,12 +255,15 @@ class NativeDataPlane:
 
 
 class DataPlaneMetrics:
-    """The data plane's counters as OpenTelemetry metrics.
+    """The data plane's counters as OpenTelemetry metrics, and its latency as a histogram.
 
     Requests it serves never reach this process's RPC interceptors, so its own counts are
     exported instead: `maas.inference.dataplane.requests` by deployment and outcome (served
     there, or relayed here) and `maas.inference.dataplane.triton_calls`. They are polled every
     `poll_seconds`; requests naming no deployment it knows count under deployment "".
+    The latency of what it served, bucketed by the data plane itself, has no OpenTelemetry
+    instrument (histograms cannot be observed), so `collector()` gives it to the Prometheus
+    endpoint as `maas_inference_dataplane_duration_milliseconds` by deployment.
     """
 
     def __init__(self, data_plane: NativeDataPlane, meter, poll_seconds: float = 5.0):
@@ -283,31 +296,90 @@ class DataPlaneMetrics:
     def _observe_triton_calls(self, _options) -> list[Observation]:
         return [Observation(self._stats["triton_calls"])] if self._stats else []
 
+    def collector(self) -> DataPlaneLatencyCollector:
+        return DataPlaneLatencyCollector(lambda: self._stats)
+
+
+class DataPlaneLatencyCollector:
+    """A `prometheus_client` collector of the data plane's per-deployment latency buckets."""
+
+    NAME = "maas_inference_dataplane_duration_milliseconds"
+
+    def __init__(self, stats: Callable[[], dict]):
+        self._stats = stats
+
+    def describe(self) -> list:
+        return []  # unknown until the first poll; nothing to check at registration
+
+    def collect(self):
+        from prometheus_client.core import HistogramMetricFamily
+
+        stats = self._stats()
+        bounds = stats.get("latency_bounds_ms", [])
+        family = HistogramMetricFamily(
+            self.NAME, "time the native data plane took to serve a request (accepted to "
+            "answered)", labels=["deployment"])
+        for deployment, counts in stats.get("deployments", {}).items():
+            per_bucket = counts.get("latency_buckets") or []
+            if not per_bucket:
+                continue
+            cumulative, buckets = 0, []
+            for bound, count in zip([*map(_le, bounds), "+Inf"], per_bucket, strict=False):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            family.add_metric([deployment], buckets, counts.get("latency_sum_ms", 0.0))
+        yield family
+
+
+def _le(bound: float) -> str:
+    return repr(float(bound))
+
 
 class DataPlaneSpans:
-    """Spans for the requests the data plane served, in their callers' traces.
+    """Spans and access log lines for the requests the data plane served.
 
     The data plane exports nothing itself: it keeps, for each request it served that carried
-    a W3C `traceparent`, when it was accepted and answered and how it ended (a bounded buffer).
-    This polls those records every `poll_seconds` and emits each as a SERVER span with its
-    real start and end times, parented on the caller's span; the tracer's sampler decides as
-    for any incoming call (a caller that did not sample gets no span).
+    a W3C `traceparent`, and for one in every `access_sample_every` it served, when it was
+    accepted and answered, by whom and how it ended (a bounded buffer). This polls those
+    records every `poll_seconds`; with a `tracer` each traced one becomes a SERVER span with
+    its real start and end times, parented on the caller's span (the sampler decides as for
+    any incoming call); each sampled one becomes an access log line like the interceptor's
+    (`served_by: data-plane`, `sample_every`), with the caller's trace id when it sent one.
     """
 
-    def __init__(self, data_plane: NativeDataPlane, tracer, poll_seconds: float = 1.0):
+    def __init__(self, data_plane: NativeDataPlane, tracer=None, poll_seconds: float = 1.0,
+                 sample_every: int = 0):
         self._data_plane = data_plane
         self._tracer = tracer
         self._poll_seconds = poll_seconds
+        self._sample_every = sample_every
         self.dropped = 0
         """Records the data plane had no room for (it was not polled in time)."""
 
     async def export(self) -> int:
-        """Emit the spans recorded since the last call; returns how many records there were."""
+        """Emit the spans and log lines recorded since the last call; returns how many
+        records there were."""
         taken = await self._data_plane.spans()
         self.dropped += taken["dropped"]
         for record in taken["spans"]:
-            self._emit(record)
+            if self._tracer is not None and record["traceparent"]:
+                self._emit(record)
+            if record.get("sampled"):
+                self._log_access(record)
         return len(taken["spans"])
+
+    def _log_access(self, record: dict) -> None:
+        duration_ms = (record["end_unix_nanos"] - record["start_unix_nanos"]) / 1e6
+        extra = {"rpc_method": record["method"], "grpc_code": record["outcome"],
+                 "outcome": record["outcome"], "duration_ms": round(duration_ms, 3),
+                 "principal": record.get("principal", ""), "deployment": record["deployment"],
+                 "served_by": "data-plane", "sample_every": self._sample_every}
+        trace_id = _trace_id(record["traceparent"])
+        if trace_id:
+            extra["trace_id"] = trace_id
+        level = logging.INFO if record["outcome"] in ("OK", "CANCELLED") else logging.WARNING
+        _access_log.log(level, "rpc %s %s %.2fms", record["method"], record["outcome"],
+                        duration_ms, extra=extra)
 
     def _emit(self, record: dict) -> None:
         caller = W3C_TRACE_CONTEXT.extract({"traceparent": record["traceparent"]})
@@ -333,6 +405,12 @@ class DataPlaneSpans:
             except errors.MaasError as exc:  # restarting: its records since then are lost
                 _log.debug("no data plane spans this time: %s", exc.message)
             await asyncio.sleep(self._poll_seconds)
+
+
+def _trace_id(traceparent: str) -> str:
+    """The trace id of a W3C traceparent ("00-<trace id>-<span id>-<flags>"), or ""."""
+    parts = traceparent.split("-")
+    return parts[1] if len(parts) == 4 and len(parts[1]) == 32 else ""
 
 
 def grpc_status_number(code_name: str) -> int:

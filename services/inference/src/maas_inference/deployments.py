@@ -145,6 +145,10 @@ class DeploymentManager:
         """Every loaded deployment's current route (what the data plane's table is built from)."""
         return {deployment_id: live.route for deployment_id, live in self._live.items()}
 
+    def shadow_stats(self) -> dict[str, ShadowStats]:
+        """Every loaded deployment's shadow comparisons so far (exported as metrics)."""
+        return {deployment_id: live.shadow_stats for deployment_id, live in self._live.items()}
+
     async def _routes_changed(self) -> None:
         if self._on_routes_changed is not None:
             await self._on_routes_changed()

@@ -13,7 +13,7 @@ from maas_runtime.pagination import PageTokenCodec
 from maas_runtime.peers import PeerChannel, PeerTransport
 from maas_runtime.registry_client import RegistryClient
 from maas_runtime.server import ServiceBinding, ServiceServer, run_service
-from maas_runtime.telemetry import Telemetry
+from maas_runtime.telemetry import LATENCY_BUCKETS_MS, Telemetry
 
 from maas_inference.dataplane import (
     DataPlaneMetrics,
@@ -24,6 +24,7 @@ from maas_inference.dataplane import (
 )
 from maas_inference.deployments import DeploymentManager, ServingDefaults
 from maas_inference.kserve import KServeViews
+from maas_inference.observability import TritonMetricsCollector, register_inference_metrics
 from maas_inference.servicer import (
     KSERVE_ROLES,
     KSERVE_SERVICE,
@@ -85,14 +86,17 @@ class InferenceApp:
             shutdown_grace_seconds=settings.shutdown_grace_seconds,
             tls_files=(settings.tls_cert_file, settings.tls_key_file,
                        settings.tls_client_ca_file),
+            latency_buckets_ms=LATENCY_BUCKETS_MS,
+            access_sample_every=settings.access_log_sample_every,
         ) if settings.data_plane == "native" else None
         self.manager: DeploymentManager | None = None
         self.triton: TritonClient | None = None
         self._alias_task: asyncio.Task | None = None
         self._metrics_task: asyncio.Task | None = None
         self._spans_task: asyncio.Task | None = None
+        self._triton_metrics_task: asyncio.Task | None = None
         self.data_plane_spans: DataPlaneSpans | None = None
-        """Spans for what the data plane serves, when spans are exported."""
+        """Spans (when exported) and sampled access log lines for what the data plane serves."""
         self._background: set[asyncio.Task] = set()
 
     def triton_ready(self) -> bool:
@@ -153,17 +157,42 @@ class InferenceApp:
             on_routes_changed=self._publish_routes)
         await self.manager.reload_all()
         self._alias_task = asyncio.create_task(self.manager.follow_alias_moves())
+        self._start_observability(meter)
+
+    def _start_observability(self, meter) -> None:
+        """Metrics of the data plane, Triton and shadows; the data plane's spans and sampled
+        access log lines."""
+        settings, telemetry, manager = self.settings, self.telemetry, self.manager
+        if meter is not None and manager is not None:
+            register_inference_metrics(meter, self.triton_ready, manager.shadow_stats)
         if self.data_plane is not None and meter is not None:
-            self._metrics_task = asyncio.create_task(
-                DataPlaneMetrics(self.data_plane, meter).run())
-        if self.data_plane is not None and self.telemetry is not None \
-                and self.telemetry.exporting:
+            data_plane_metrics = DataPlaneMetrics(self.data_plane, meter,
+                                                  settings.triton_metrics_poll_seconds)
+            if telemetry is not None:
+                telemetry.register_collector(data_plane_metrics.collector())
+            self._metrics_task = asyncio.create_task(data_plane_metrics.run())
+        exporting = self.telemetry is not None and self.telemetry.exporting
+        if self.data_plane is not None and (exporting or settings.access_log_sample_every):
             self.data_plane_spans = DataPlaneSpans(
-                self.data_plane, self.telemetry.tracer("maas.inference.dataplane"))
+                self.data_plane,
+                self.telemetry.tracer("maas.inference.dataplane") if exporting and
+                self.telemetry is not None else None,
+                sample_every=settings.access_log_sample_every)
             self._spans_task = asyncio.create_task(self.data_plane_spans.run())
+        if telemetry is not None and telemetry.prometheus is not None and manager is not None:
+            triton_metrics = TritonMetricsCollector(
+                self._triton_metrics_url, manager.live_routes,
+                settings.triton_metrics_poll_seconds)
+            telemetry.register_collector(triton_metrics)
+            self._triton_metrics_task = asyncio.create_task(triton_metrics.run())
+
+    def _triton_metrics_url(self) -> str:
+        return self.settings.triton_metrics_url or getattr(self.supervisor.server,
+                                                           "metrics_url", "")
 
     async def stop(self) -> None:
-        for task in (self._alias_task, self._metrics_task, self._spans_task):
+        for task in (self._alias_task, self._metrics_task, self._spans_task,
+                     self._triton_metrics_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -195,11 +224,25 @@ def build_server(settings: InferenceSettings, telemetry: Telemetry | None = None
         "inference", settings,
         [ServiceBinding(SERVICE_NAME, add_inference),
          ServiceBinding(KSERVE_SERVICE, add_kserve, method_roles=KSERVE_ROLES)],
-        telemetry=telemetry, discovery=discovery, front_door=app.data_plane)
+        telemetry=telemetry, discovery=discovery, front_door=app.data_plane,
+        request_labels=deployment_labels)
     server.before_start.append(app.start)
     server.on_stop.append(app.stop)
     app.server = server
     return server, app
+
+
+def deployment_labels(method: str, request) -> dict[str, str]:
+    """The deployment a request names, for its access log line and RPC metrics: Predict's
+    `deployment`, KServe's `model_name`, a deployment resource's `name`."""
+    for field_name in ("deployment", "name", "model_name"):
+        value = getattr(request, field_name, "")
+        if isinstance(value, str) and value:
+            if field_name == "model_name":
+                return {"deployment": value}
+            if value.startswith("deployments/"):
+                return {"deployment": value.removeprefix("deployments/").split("/")[0]}
+    return {}
 
 
 def main() -> None:

@@ -72,3 +72,16 @@ class InferenceSettings(ServiceSettings):
 
     default_max_queue_delay_microseconds: int = Field(default=100, ge=0)
     """Dynamic-batching queue delay when a deployment does not say."""
+
+    access_log_sample_every: int = Field(default=100, ge=0)
+    """One in this many requests the native data plane serves gets an access log line here
+    (principal, deployment, outcome, trace id, duration); 0 logs none. Requests it relays are
+    logged like every other call."""
+
+    triton_metrics_url: str = ""
+    """Triton's Prometheus endpoint (e.g. http://triton:8002/metrics) in remote mode; the
+    bundled Triton's is known. Its series are re-exported on `metrics_port` with deployment
+    labels; empty in remote mode re-exports none."""
+
+    triton_metrics_poll_seconds: float = Field(default=5.0, gt=0)
+    """How often Triton's metrics and the data plane's counters are fetched for re-export."""

@@ -55,6 +55,10 @@ class BlobStore:
         self._owner = f"{socket.gethostname()}-{os.getpid()}"
         # Staging files of this process's uploads not yet committed or discarded.
         self._uploading: set[Path] = set()
+        self.bytes_received = 0
+        """Bytes streamed into staging by this process (uploads), for the metrics."""
+        self.bytes_sent = 0
+        """Bytes read out by `read_chunks` in this process (downloads), for the metrics."""
 
     def path_of(self, sha256: str) -> Path:
         if not is_sha256_hex(sha256):
@@ -79,6 +83,7 @@ class BlobStore:
         try:
             async for chunk in chunks:
                 await asyncio.to_thread(writer.write, chunk)
+                self.bytes_received += len(chunk)
             return await asyncio.to_thread(writer.finish)
         except BaseException:
             writer.abort()
@@ -116,6 +121,7 @@ class BlobStore:
                                  metadata={"size_bytes": str(size)})
             handle.seek(offset)
             while chunk := handle.read(chunk_bytes):
+                self.bytes_sent += len(chunk)
                 yield chunk
 
     def collect_one(self, sha256: str, grace_seconds: float) -> bool:
@@ -128,6 +134,17 @@ class BlobStore:
         except FileNotFoundError:
             return False
         return True
+
+    def stored_bytes(self) -> tuple[int, int]:
+        """(blobs, bytes) committed under the store: a directory walk, so call it rarely."""
+        count = total = 0
+        for shard in os.scandir(self._objects):
+            if shard.is_dir():
+                for entry in os.scandir(shard.path):
+                    with contextlib.suppress(FileNotFoundError):  # collected meanwhile
+                        total += entry.stat().st_size
+                        count += 1
+        return count, total
 
     def stored_digests(self) -> set[str]:
         return {p.name for p in self._objects.glob("??/*") if is_sha256_hex(p.name)}

@@ -15,6 +15,7 @@ from maas_runtime.telemetry import Telemetry
 
 from maas_registry.blobs import BlobStore
 from maas_registry.database import create_database_engine, migrate
+from maas_registry.metrics import RegistryMetrics
 from maas_registry.registry import Registry, RegistryLimits
 from maas_registry.servicer import RegistryServicer
 from maas_registry.settings import RegistrySettings
@@ -24,7 +25,8 @@ _log = logging.getLogger(__name__)
 SERVICE_NAME = "maas.registry.v1.RegistryService"
 
 
-def build_registry(settings: RegistrySettings) -> tuple[Registry, SqlRegistryStore]:
+def build_registry(settings: RegistrySettings
+                   ) -> tuple[Registry, SqlRegistryStore, BlobStore]:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     url = settings.database_url or f"sqlite:///{settings.state_dir.resolve() / 'registry.db'}"
     engine = create_database_engine(url)
@@ -40,12 +42,12 @@ def build_registry(settings: RegistrySettings) -> tuple[Registry, SqlRegistrySto
         event_poll_seconds=settings.event_poll_seconds)
     registry = Registry(store, blobs, PageTokenCodec.from_secret_file(secret_file), limits,
                         validate_model_artifact, validate_dataset)
-    return registry, store
+    return registry, store, blobs
 
 
 def build_server(settings: RegistrySettings, telemetry: Telemetry | None = None,
                  discovery=None) -> ServiceServer:
-    registry, store = build_registry(settings)
+    registry, store, blobs = build_registry(settings)
     servicer = RegistryServicer(registry)
     server = ServiceServer(
         "registry", settings,
@@ -59,6 +61,11 @@ def build_server(settings: RegistrySettings, telemetry: Telemetry | None = None,
     server.on_start.append(collector.start)
     server.on_stop.append(collector.stop)
     server.on_stop.append(store.close)
+    if telemetry is not None:
+        metrics = RegistryMetrics(blobs, telemetry.meter("maas.registry"),
+                                  settings.storage_metrics_poll_seconds)
+        server.on_start.append(metrics.start)
+        server.on_stop.insert(0, metrics.stop)
     return server
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from maas.trainer.v1 import trainer_service_pb2_grpc
 from maas_jobs.manager import JobManager, JobManagerConfig
+from maas_jobs.metrics import JobMetrics
 from maas_jobs.records import JobCollection
 from maas_jobs.store import SqlJobStore
 from maas_runtime.pagination import PageTokenCodec
@@ -61,6 +62,10 @@ def build_server(settings: TrainerSettings, telemetry: Telemetry | None = None,
 
     server.on_start.extend([registry.open, manager.start])
     server.on_stop.extend([manager.stop, registry.close, close_store])
+    if telemetry is not None:
+        job_metrics = JobMetrics(store, JOB_COLLECTION, telemetry.meter("maas.jobs"))
+        server.on_start.append(job_metrics.start)
+        server.on_stop.insert(0, job_metrics.stop)
     return server
 
 
