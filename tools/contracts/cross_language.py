@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -72,23 +73,38 @@ def matching_versions(protoc: str) -> str:
     return protoc_version
 
 
-def generate(protoc: str, proto_root: Path, include: Path, cpp_out: Path, java_out: Path) -> None:
+def protoc_command(
+    protoc: str,
+    includes: Sequence[Path],
+    protos: Sequence[str],
+    outputs: Mapping[str, Path],
+    plugins: Mapping[str, str] = {},
+    options: Mapping[str, Sequence[str]] = {},
+) -> list[str]:
+    """One protoc invocation: outputs maps a generator ("cpp", "grpc-java", ...) to its
+    directory (created here), plugins a generator to its executable, options a generator to
+    its `--<generator>_opt` values. Shared by this check and `make clients`."""
+    command = [protoc, *(f"-I{include}" for include in includes)]
+    for generator, executable in plugins.items():
+        command.append(f"--plugin=protoc-gen-{generator}={executable}")
+    for generator, out in outputs.items():
+        out.mkdir(parents=True, exist_ok=True)
+        command.append(f"--{generator}_out={out}")
+        command += [f"--{generator}_opt={option}" for option in options.get(generator, ())]
+    return [*command, *protos]
+
+
+def proto_files(proto_root: Path) -> list[str]:
+    """Every .proto under proto_root, as the import path protoc takes."""
     protos = sorted(str(p.relative_to(proto_root)) for p in proto_root.rglob("*.proto"))
     if not protos:
         raise CompileError(f"no .proto files under {proto_root}")
-    cpp_out.mkdir(parents=True, exist_ok=True)
-    java_out.mkdir(parents=True, exist_ok=True)
-    run(
-        [
-            protoc,
-            f"-I{proto_root}",
-            f"-I{include}",
-            f"--cpp_out={cpp_out}",
-            f"--java_out={java_out}",
-            *protos,
-        ],
-        "protoc",
-    )
+    return protos
+
+
+def generate(protoc: str, proto_root: Path, include: Path, cpp_out: Path, java_out: Path) -> None:
+    outputs = {"cpp": cpp_out, "java": java_out}
+    run(protoc_command(protoc, [proto_root, include], proto_files(proto_root), outputs), "protoc")
 
 
 def compile_cpp(cpp_out: Path, jobs: int) -> int:
