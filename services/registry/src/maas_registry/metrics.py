@@ -1,6 +1,6 @@
 """The registry's storage series: bytes stored, bytes moved, and room left on the blob disk.
 
-`maas.registry.blob.bytes_stored` / `maas.registry.blobs` come from a walk of the blob store
+`maas.registry.blob.stored` / `maas.registry.blobs` come from a walk of the blob store
 every `poll_seconds` (off the event loop); upload and download bytes are counters of what
 this process streamed (`rate()` gives bytes per second); free and total bytes of the file
 system holding the blobs feed the "disk nearly full" alert. No grpc here.
@@ -30,22 +30,22 @@ class RegistryMetrics:
         self._disk: tuple[int, int] | None = None
         self._task: asyncio.Task | None = None
         meter.create_observable_gauge(
-            "maas.registry.blob.bytes_stored", unit="By", callbacks=[self._observe_bytes],
+            "maas.registry.blob.stored", unit="By", callbacks=[self._observe_bytes],
             description="bytes of committed blobs (content-addressed, so shared ones once)")
         meter.create_observable_gauge(
             "maas.registry.blobs", unit="{blob}", callbacks=[self._observe_blobs],
             description="committed blobs")
         meter.create_observable_counter(
-            "maas.registry.upload.bytes", unit="By", callbacks=[self._observe_upload],
+            "maas.registry.upload", unit="By", callbacks=[self._observe_upload],
             description="bytes uploaded (artifacts and datasets) into this replica")
         meter.create_observable_counter(
-            "maas.registry.download.bytes", unit="By", callbacks=[self._observe_download],
+            "maas.registry.download", unit="By", callbacks=[self._observe_download],
             description="bytes downloaded from this replica")
         meter.create_observable_gauge(
-            "maas.registry.disk.free_bytes", unit="By", callbacks=[self._observe_free],
+            "maas.registry.disk.free", unit="By", callbacks=[self._observe_free],
             description="free bytes on the file system holding the blobs")
         meter.create_observable_gauge(
-            "maas.registry.disk.size_bytes", unit="By", callbacks=[self._observe_size],
+            "maas.registry.disk.size", unit="By", callbacks=[self._observe_size],
             description="size of the file system holding the blobs")
 
     async def refresh(self) -> None:

@@ -38,7 +38,7 @@ class RegistrySettings(ServiceSettings):
     """How often unreferenced blobs are collected."""
 
     storage_metrics_poll_seconds: float = Field(default=30.0, gt=0)
-    """How often the blob store is measured for `maas_registry_blob_bytes_stored` and the
+    """How often the blob store is measured for `maas_registry_blob_stored_bytes` and the
     disk's free bytes (a directory walk)."""
 
     event_poll_seconds: float = Field(default=0.5, gt=0)
