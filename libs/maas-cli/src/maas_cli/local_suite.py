@@ -27,6 +27,8 @@ from maas_runtime.auth import ensure_admin_token
 from maas_runtime.client import open_channel
 from maas_runtime.tls import channel_credentials
 
+from maas_cli.suite_state import SuiteLock, remove_suite_file, write_suite_file
+
 _log = logging.getLogger(__name__)
 
 DEFAULT_PORTS = {"registry": 50051, "trainer": 50052, "compressor": 50053, "inference": 50054}
@@ -86,6 +88,16 @@ class SuiteTls:
             return channel_credentials(self.ca_file)
         return channel_credentials(self.ca_file, self.client_cert_file or self.cert_file,
                                    self.client_key_file or self.key_file)
+
+    def client_files(self) -> dict[str, str]:
+        """The files a client (`maas.Client`, the CLI) dials the suite with."""
+        files = {"ca_file": str(self.ca_file)}
+        if self.mutual:
+            files |= {"cert_file": str(self.client_cert_file or self.cert_file),
+                      "key_file": str(self.client_key_file or self.key_file)}
+        if self.server_name:
+            files["server_name"] = self.server_name
+        return files
 
     def channel_options(self) -> list[tuple[str, str]]:
         return ([("grpc.ssl_target_name_override", self.server_name)]
@@ -201,6 +213,7 @@ class LocalSuite:
             for name, port in ports.items()
         }
         self._watch: asyncio.Task | None = None
+        self._lock = SuiteLock(self.root)
 
     def token(self) -> str:
         return self.admin_token_file.read_text().strip()
@@ -218,7 +231,9 @@ class LocalSuite:
             options=self.tls.channel_options() if self.tls else (), **channel_settings)
 
     async def start(self) -> None:
+        """Start every service; `SuiteAlreadyRunning` when a suite runs on `root` already."""
         self.root.mkdir(parents=True, exist_ok=True)
+        self._lock.acquire()
         ensure_admin_token(self.admin_token_file, self.tokens_file)
         try:
             for service in self.services.values():
@@ -229,6 +244,8 @@ class LocalSuite:
         except BaseException:  # a service that cannot start (or Ctrl-C): leave nothing behind
             await self.stop()
             raise
+        write_suite_file(self.root, {name: service.target for name, service in self.services.items()},
+                         self.tls.client_files() if self.tls else None)
         self._watch = asyncio.create_task(self._restart_crashed())
 
     async def _restart_crashed(self) -> None:
@@ -249,3 +266,5 @@ class LocalSuite:
                 await self._watch
         for service in reversed(list(self.services.values())):
             await asyncio.to_thread(service.stop)
+        remove_suite_file(self.root)
+        self._lock.release()
