@@ -31,10 +31,15 @@ class ResourceRef:
 
 
 class MaasError(Exception):
-    """Base of every error a caller may see. `code` is a canonical gRPC status code name."""
+    """Base of every error a caller may see. `code` is a canonical gRPC status code name.
+
+    `reason` (ErrorInfo.reason) names the problem, never the code again: a raise passes its
+    own, or the class derives one (`default_reason`, `FIELD_INVALID`, `MODEL_NOT_FOUND`, ...);
+    tests/contracts/test_error_reasons.py holds every raise in libs/ and services/ to that.
+    """
 
     code = "INTERNAL"
-    default_reason = "INTERNAL"
+    default_reason = "INTERNAL_ERROR"
 
     def __init__(
         self,
@@ -47,17 +52,24 @@ class MaasError(Exception):
     ) -> None:
         super().__init__(message)
         self.message = message
-        self.reason = reason or self.default_reason
         self.metadata = dict(metadata or {})
         self.field_violations = tuple(field_violations)
         self.resource = resource
+        self.reason = reason or self.derived_reason()  # derived from the fields above
+
+    def derived_reason(self) -> str:
+        """The reason of a raise that names none."""
+        return self.default_reason
 
 
 class InvalidArgument(MaasError):
     """The request is malformed; `field_violations` names every offending field."""
 
     code = "INVALID_ARGUMENT"
-    default_reason = "INVALID_ARGUMENT"
+    default_reason = "REQUEST_INVALID"
+
+    def derived_reason(self) -> str:
+        return "FIELD_INVALID" if self.field_violations else self.default_reason
 
     @classmethod
     def for_field(cls, field_path: str, description: str, **kwargs) -> InvalidArgument:
@@ -74,6 +86,9 @@ class NotFound(MaasError):
     code = "NOT_FOUND"
     default_reason = "RESOURCE_NOT_FOUND"
 
+    def derived_reason(self) -> str:
+        return _resource_reason(self.resource, "NOT_FOUND") or self.default_reason
+
     def __init__(self, resource_type: str, resource_name: str, message: str | None = None):
         super().__init__(
             message or f"{resource_type} {resource_name!r} not found",
@@ -88,6 +103,9 @@ class AlreadyExists(MaasError):
     code = "ALREADY_EXISTS"
     default_reason = "RESOURCE_EXISTS"
 
+    def derived_reason(self) -> str:
+        return _resource_reason(self.resource, "ALREADY_EXISTS") or self.default_reason
+
     def __init__(self, resource_type: str, resource_name: str, message: str | None = None):
         super().__init__(
             message or f"{resource_type} {resource_name!r} already exists",
@@ -100,7 +118,7 @@ class FailedPrecondition(MaasError):
     """The system is not in a state that allows the operation (e.g. alias points at version)."""
 
     code = "FAILED_PRECONDITION"
-    default_reason = "FAILED_PRECONDITION"
+    default_reason = "PRECONDITION_UNMET"
 
 
 class Aborted(MaasError):
@@ -114,21 +132,21 @@ class OutOfRange(MaasError):
     """A value is valid in general but beyond the current bounds (e.g. a download offset)."""
 
     code = "OUT_OF_RANGE"
-    default_reason = "OUT_OF_RANGE"
+    default_reason = "VALUE_OUT_OF_RANGE"
 
 
 class Unauthenticated(MaasError):
     """No credentials, or credentials that do not identify anyone."""
 
     code = "UNAUTHENTICATED"
-    default_reason = "UNAUTHENTICATED"
+    default_reason = "CREDENTIALS_INVALID"
 
 
 class PermissionDenied(MaasError):
     """The caller is known but not allowed to do this."""
 
     code = "PERMISSION_DENIED"
-    default_reason = "PERMISSION_DENIED"
+    default_reason = "ACCESS_DENIED"
 
 
 class ResourceExhausted(MaasError):
@@ -142,32 +160,40 @@ class Unavailable(MaasError):
     """A dependency (Triton, the registry, a discovered service) cannot be reached right now."""
 
     code = "UNAVAILABLE"
-    default_reason = "UNAVAILABLE"
+    default_reason = "DEPENDENCY_UNAVAILABLE"
 
 
 class DeadlineExceeded(MaasError):
     """The caller's deadline ran out before the work finished."""
 
     code = "DEADLINE_EXCEEDED"
-    default_reason = "DEADLINE_EXCEEDED"
+    default_reason = "DEADLINE_PASSED"
 
 
 class Cancelled(MaasError):
     """The operation was cancelled."""
 
     code = "CANCELLED"
-    default_reason = "CANCELLED"
+    default_reason = "OPERATION_CANCELLED"
 
 
 class Unimplemented(MaasError):
     """The method exists in a standard contract but is not offered here, by design."""
 
     code = "UNIMPLEMENTED"
-    default_reason = "UNIMPLEMENTED"
+    default_reason = "METHOD_NOT_OFFERED"
 
 
 class Internal(MaasError):
     """A bug or broken invariant on the server side; never used for a caller's mistake."""
+
+
+def _resource_reason(resource: ResourceRef | None, problem: str) -> str | None:
+    """"MODEL_VERSION_NOT_FOUND" of a "model version" (any spelling) that was not found."""
+    if resource is None or not resource.resource_type:
+        return None
+    words = "".join(c if c.isalnum() else " " for c in resource.resource_type).upper().split()
+    return "_".join([*words, problem]) if words else None
 
 
 @dataclass
