@@ -66,7 +66,8 @@ async def suite(tmp_path_factory):
     s.registry = build_registry(registry_settings)
     registry_port = await s.registry.start()
     registry_token = (root / "registry" / "admin.token").read_text().strip()
-    s.registry_channel = open_channel(f"127.0.0.1:{registry_port}", token=registry_token)
+    s.registry_target, s.registry_token = f"127.0.0.1:{registry_port}", registry_token
+    s.registry_channel = open_channel(s.registry_target, token=registry_token)
     registry = registry_service_pb2_grpc.RegistryServiceStub(s.registry_channel)
     s.registry_stub = registry
     await registry.CreateModel(rs.CreateModelRequest(model_id="digits"))
