@@ -14,6 +14,7 @@ import base64
 import copy
 import functools
 import importlib
+import json
 import os
 import re
 import shutil
@@ -32,6 +33,9 @@ RELEASE = "maas"
 NAMESPACE = "ml"
 KUBE_VERSION = kubernetes_validate.latest_version()
 
+ALERT_RULES = HELM_DIR / "maas" / "files" / "maas-alerts.yml"
+DASHBOARD = HELM_DIR / "maas" / "files" / "maas-dashboard.json"
+METRICS_PORT = 9090
 PORTS = {"registry": 50051, "trainer": 50052, "compressor": 50053, "inference": 50054}
 SERVICES = tuple(PORTS)
 SETTINGS_CLASSES = {
@@ -42,7 +46,7 @@ SETTINGS_CLASSES = {
 }
 # Files every service chart shares byte for byte (see deploy/README.md).
 SHARED_FILES = ("_helpers.tpl", "deployment.yaml", "service.yaml", "serviceaccount.yaml",
-                "hpa.yaml", "pdb.yaml", "pvc-state.yaml", "NOTES.txt")
+                "hpa.yaml", "pdb.yaml", "pvc-state.yaml", "servicemonitor.yaml", "NOTES.txt")
 
 _PRODUCTION_COMMON = {
     "image": {"tag": "1.0.1", "pullPolicy": "Always"},
@@ -237,8 +241,73 @@ def test_service_chart_renders_its_resources(manifests, chart, profile):
     kinds = {doc["kind"] for doc in manifests(chart, profile)}
     assert {"Deployment", "Service", "ServiceAccount", "PodDisruptionBudget"} <= kinds
     service = of_kind(manifests(chart, profile), "Service")[f"{RELEASE}-{chart}"]
-    (port,) = service["spec"]["ports"]
+    port, metrics = service["spec"]["ports"]
     assert (port["port"], port["targetPort"], port["appProtocol"]) == (PORTS[chart], "grpc", "grpc")
+    assert (metrics["port"], metrics["targetPort"]) == (METRICS_PORT, "metrics")
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_every_service_serves_prometheus_metrics_on_its_metrics_port(manifests, service):
+    deployment = service_deployment(manifests(service), service)
+    container = container_of(deployment)
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports["metrics"] == METRICS_PORT
+    assert env_of(container)[f"MAAS_{service.upper()}_METRICS_PORT"]["value"] == str(METRICS_PORT)
+    if service == "inference":  # Triton's own metrics come from the chart's Triton Service
+        triton = of_kind(manifests(service), "Service")[f"{RELEASE}-inference-triton"]
+        metrics_port = next(p["port"] for p in triton["spec"]["ports"] if p["name"] == "metrics")
+        assert env_of(container)["MAAS_INFERENCE_TRITON_METRICS_URL"]["value"] == (
+            f"http://{RELEASE}-inference-triton.{NAMESPACE}.svc:{metrics_port}/metrics")
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": str(METRICS_PORT),
+                           "prometheus.io/path": "/metrics"}
+    # The production profile's own annotation wins over the chart's.
+    production = service_deployment(manifests(service, "production"), service)
+    assert production["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "false"
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_metrics_off_leaves_no_port_env_or_annotation(service):
+    documents = render(HELM_DIR / service, {"metrics": {"enabled": False}})
+    deployment = service_deployment(documents, service)
+    container = container_of(deployment)
+    assert [port["name"] for port in container["ports"]] == ["grpc"]
+    assert f"MAAS_{service.upper()}_METRICS_PORT" not in env_of(container)
+    assert "annotations" not in deployment["spec"]["template"]["metadata"]
+    assert [p["name"] for p in of_kind(documents, "Service")[f"{RELEASE}-{service}"]["spec"]["ports"]] == ["grpc"]
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_a_service_monitor_scrapes_the_metrics_port_when_asked(service):
+    assert not of_kind(render(HELM_DIR / service), "ServiceMonitor")
+    documents = render(HELM_DIR / service, {"metrics": {"serviceMonitor": {
+        "enabled": True, "interval": "15s", "labels": {"release": "kube-prometheus"}}}})
+    monitor = of_kind(documents, "ServiceMonitor")[f"{RELEASE}-{service}"]
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus"
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics",
+                                             "interval": "15s"}]
+    # The job label is the service's name, as the alert rules' `up{job=...}` expects.
+    service_labels = of_kind(documents, "Service")[f"{RELEASE}-{service}"]["metadata"]["labels"]
+    assert service_labels[monitor["spec"]["jobLabel"]] == service
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service_labels.items()
+
+
+def test_the_umbrella_ships_the_alert_rules_file_itself_as_a_prometheus_rule(umbrella_dir):
+    assert not of_kind(render(umbrella_dir), "PrometheusRule")
+    documents = render(umbrella_dir, {"observability": {"prometheusRule": {
+        "enabled": True, "labels": {"release": "kube-prometheus"}}}})
+    rule = of_kind(documents, "PrometheusRule")[f"{RELEASE}-alerts"]
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus"
+    assert rule["spec"]["groups"] == yaml.safe_load(ALERT_RULES.read_text())["groups"]
+
+
+def test_the_umbrella_ships_the_dashboard_for_the_grafana_sidecar(umbrella_dir):
+    config_map = of_kind(render(umbrella_dir), "ConfigMap")[f"{RELEASE}-dashboard"]
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(config_map["data"]["maas-dashboard.json"]) == json.loads(
+        DASHBOARD.read_text())
+    off = render(umbrella_dir, {"observability": {"grafanaDashboard": {"enabled": False}}})
+    assert f"{RELEASE}-dashboard" not in of_kind(off, "ConfigMap")
 
 
 # --- pods -----------------------------------------------------------------------------------
@@ -274,7 +343,7 @@ def test_every_pod_is_hardened(manifests, chart, profile):
 def test_readiness_checks_the_service_and_liveness_only_the_process(manifests, service):
     """A dependency's outage (Triton, the registry) takes a pod out of rotation, never restarts it."""
     container = container_of(service_deployment(manifests(service), service))
-    assert container["ports"] == [{"name": "grpc", "containerPort": PORTS[service], "protocol": "TCP"}]
+    assert container["ports"][0] == {"name": "grpc", "containerPort": PORTS[service], "protocol": "TCP"}
     assert container["readinessProbe"]["grpc"] == {"port": PORTS[service], "service": service}
     for probe in ("startupProbe", "livenessProbe"):
         assert container[probe]["grpc"] == {"port": PORTS[service], "service": "liveness"}, probe

@@ -73,6 +73,11 @@ app.kubernetes.io/part-of: maas
   value: {{ .Values.triton.modelRepository.mountPath | quote }}
 - name: MAAS_INFERENCE_TRITON_CONTROL_KEY_FILE
   value: {{ printf "%s/control-key" (include "inference.tritonControlKeyDir" .) | quote }}
+{{- if and .Values.triton.enabled .Values.metrics.enabled }}
+{{- /* Triton's own series, re-exported on the metrics port with deployment labels. */}}
+- name: MAAS_INFERENCE_TRITON_METRICS_URL
+  value: {{ printf "http://%s.%s.svc:%d/metrics" (include "inference.tritonName" .) .Release.Namespace (int .Values.triton.metricsPort) | quote }}
+{{- end }}
 {{- end }}
 {{- end -}}
 

@@ -222,6 +222,10 @@ its ca.crt, presenting its tls.crt/tls.key to peers that require mTLS. */}}
   value: {{ . | quote }}
 {{- end }}
 {{- end }}
+{{- if .Values.metrics.enabled }}
+- name: {{ $prefix }}METRICS_PORT
+  value: {{ .Values.metrics.port | quote }}
+{{- end }}
 {{- with .Values.otlpEndpoint | default .Values.global.maas.otlpEndpoint }}
 - name: {{ $prefix }}OTLP_ENDPOINT
   value: {{ . | quote }}
@@ -351,4 +355,18 @@ spec:
 {{- end -}}
 {{- end -}}
 {{- include (printf "%s.validate" .Chart.Name) . -}}
+{{- end -}}
+
+{{/* Pod annotations: prometheus.io/* for annotation-based scraping (when metrics are on and
+.Values.metrics.podAnnotations), then .Values.podAnnotations, which win. */}}
+{{- define "maas.podAnnotations" -}}
+{{- $annotations := dict -}}
+{{- if and .Values.metrics.enabled .Values.metrics.podAnnotations -}}
+{{- $_ := set $annotations "prometheus.io/scrape" "true" -}}
+{{- $_ := set $annotations "prometheus.io/port" (toString .Values.metrics.port) -}}
+{{- $_ := set $annotations "prometheus.io/path" "/metrics" -}}
+{{- end -}}
+{{- with merge (deepCopy (.Values.podAnnotations | default dict)) $annotations -}}
+{{- toYaml . -}}
+{{- end -}}
 {{- end -}}
