@@ -22,10 +22,10 @@ import abc
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from maas_runtime.errors import FailedPrecondition, MaasError
 from maas_runtime.filtering import parse_filter
@@ -45,6 +45,8 @@ from maas_jobs.scheduler import FairShareScheduler, QueuedJob, slots_by_tenant
 from maas_jobs.store import JOB_FILTER_SCHEMA, JobStore
 
 _log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 ACTIVE_STATES = (JobState.QUEUED, JobState.RUNNING)
 _EVENT_PAGE = 500
@@ -126,7 +128,7 @@ class _JobSignals:
         self._waiters: dict[str, set[asyncio.Event]] = {}
 
     @contextlib.contextmanager
-    def subscribe(self, job_id: str):
+    def subscribe(self, job_id: str) -> Iterator[asyncio.Event]:
         signal = asyncio.Event()
         self._waiters.setdefault(job_id, set()).add(signal)
         try:
@@ -184,7 +186,7 @@ class JobManager:
     def pool_size(self) -> int:
         return self.config.pool_size
 
-    async def _store_call(self, function, *args, **kwargs):
+    async def _store_call(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Store calls block on disk I/O: keep them off the event loop."""
         return await asyncio.to_thread(function, *args, **kwargs)
 
@@ -423,8 +425,9 @@ class JobManager:
         except Exception:  # disk hygiene must never disturb the job's outcome
             _log.warning("could not discard the work of %s", job_id, exc_info=True)
 
-    async def _finish(self, job_id: str, from_states, to_state: JobState, *,
-                      error: JobError | None = None, result: dict | None = None) -> None:
+    async def _finish(self, job_id: str, from_states: Iterable[JobState], to_state: JobState, *,
+                      error: JobError | None = None,
+                      result: dict[str, Any] | None = None) -> None:
         reason = error.message if error is not None else to_state.value.lower()
         record = await self._store_call(self.store.transition, job_id, from_states, to_state,
                                         reason, error=error, result=result)

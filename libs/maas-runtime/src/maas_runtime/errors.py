@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 ERROR_DOMAIN = "maas.dev"
 
@@ -72,7 +73,7 @@ class InvalidArgument(MaasError):
         return "FIELD_INVALID" if self.field_violations else self.default_reason
 
     @classmethod
-    def for_field(cls, field_path: str, description: str, **kwargs) -> InvalidArgument:
+    def for_field(cls, field_path: str, description: str, **kwargs: Any) -> InvalidArgument:
         return cls(
             f"{field_path}: {description}",
             field_violations=[FieldViolation(field_path, description)],

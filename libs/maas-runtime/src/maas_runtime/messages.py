@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any, TypeVar
 
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
@@ -36,8 +37,10 @@ _FLOATING_TYPES = (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT)
 _OUTPUT_ONLY = field_behavior_pb2.FIELD_BEHAVIOR_OUTPUT_ONLY
 _IDENTIFIER = field_behavior_pb2.FIELD_BEHAVIOR_IDENTIFIER
 
+M = TypeVar("M", bound=Message)
 
-def to_message(resource: dict, message_type):
+
+def to_message(resource: Mapping[str, Any], message_type: type[M]) -> M:
     """A `message_type` built from a domain dict in the contract's JSON shape.
 
     Strict: an unknown key or enum name raises `json_format.ParseError` (a server bug,
@@ -46,13 +49,14 @@ def to_message(resource: dict, message_type):
     return json_format.ParseDict(resource, message_type())
 
 
-def to_dict(message) -> dict:
+def to_dict(message: Message) -> dict[str, Any]:
     """A message the server trusts (its own, or a peer service's answer) as a dict with proto
     field names (defaults omitted). Requests go through `request_fields` instead."""
     return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
 
-def request_fields(message: Message, field_path: str, *, keep_identifier: bool = False) -> dict:
+def request_fields(message: Message, field_path: str, *,
+                   keep_identifier: bool = False) -> dict[str, Any]:
     """A resource sent by a caller as a domain dict: server-set fields dropped, values checked.
 
     `field_path` is where `message` sits in the request (e.g. "model"), so violations name
@@ -62,8 +66,8 @@ def request_fields(message: Message, field_path: str, *, keep_identifier: bool =
     return to_dict(validated_request(message, field_path, keep_identifier=keep_identifier))
 
 
-def validated_request(message: Message, field_path: str = "", *,
-                      keep_identifier: bool = False) -> Message:
+def validated_request(message: M, field_path: str = "", *,
+                      keep_identifier: bool = False) -> M:
     """A copy of `message` without its server-set fields, every remaining value checked."""
     cleaned = type(message)()
     cleaned.CopyFrom(message)
@@ -95,7 +99,7 @@ def drop_server_fields(message: Message, *, keep_identifier: bool = False) -> No
             drop_server_fields(nested)
 
 
-def _nested_messages(field: FieldDescriptor, value) -> Iterator[Message]:
+def _nested_messages(field: FieldDescriptor, value: Any) -> Iterator[Message]:
     if field.message_type is None:
         return
     if _is_map(field):
@@ -116,7 +120,7 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _key(key) -> str:
+def _key(key: object) -> str:
     return f"[{json.dumps(key, ensure_ascii=False)}]"
 
 
@@ -149,7 +153,7 @@ def invalid_values(message: Message, field_path: str = "") -> Iterator[tuple[str
             yield from _single_value_violations(field, value, path)
 
 
-def _single_value_violations(field: FieldDescriptor, value, path: str) -> Iterator[tuple[str, str]]:
+def _single_value_violations(field: FieldDescriptor, value: Any, path: str) -> Iterator[tuple[str, str]]:
     if field.message_type is not None:
         yield from invalid_values(value, path)
     elif field.enum_type is not None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
@@ -25,6 +25,10 @@ from maas_runtime.discovery.channels import DiscoveredChannel
 from maas_runtime.grpc_errors import from_rpc_error
 from maas_runtime.settings import ServiceSettings
 from maas_runtime.tls import channel_credentials
+
+if TYPE_CHECKING:  # annotations only: no telemetry SDK import for a peer without it
+    from maas_runtime.discovery.base import ServiceDiscovery
+    from maas_runtime.telemetry import Telemetry
 
 __all__ = ["PeerChannel", "PeerTransport"]
 
@@ -89,10 +93,10 @@ class PeerChannel:
         service: str,
         *,
         target: str = "",
-        discovery=None,
+        discovery: ServiceDiscovery | None = None,
         transport: PeerTransport | None = None,
         token: str | None = None,
-        telemetry=None,
+        telemetry: Telemetry | None = None,
         max_message_bytes: int = 16 * 1024 * 1024,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
@@ -114,7 +118,8 @@ class PeerChannel:
 
     @classmethod
     def from_settings(cls, settings: ServiceSettings, service: str, *, target: str = "",
-                      discovery=None, telemetry=None,
+                      discovery: ServiceDiscovery | None = None,
+                      telemetry: Telemetry | None = None,
                       options: Sequence[tuple[str, Any]] = ()) -> PeerChannel:
         """The peer as `settings` configure it: client token file, `peer_tls_*`, limits."""
         return cls(service, target=target, discovery=discovery,
@@ -137,6 +142,8 @@ class PeerChannel:
                 grpc.aio.insecure_channel(self.target, self._options,
                                           interceptors=self._interceptors))
             return
+        if self._discovery is None:  # refused by __init__ already; this tells the type checker
+            raise ValueError(f"the {self.service} peer needs a target or discovery")
         self._discovered = DiscoveredChannel(
             self._discovery, self.service, credentials=self.transport.credentials,
             options=self._options, interceptors=self._interceptors)

@@ -25,9 +25,10 @@ import tempfile
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 from maas.registry.v1 import audit_pb2, model_pb2, registry_service_pb2 as rs
 from maas.registry.v1.registry_service_pb2_grpc import RegistryServiceStub
 
@@ -38,6 +39,8 @@ from maas_runtime.peers import PeerChannel
 __all__ = ["ModelPublication", "RegistryClient", "file_sha256"]
 
 _log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 TRANSFER_CHUNK_BYTES = 1024 * 1024
 ALIAS_EVENT_TYPES = (audit_pb2.EVENT_TYPE_ALIAS_MOVED, audit_pb2.EVENT_TYPE_ALIAS_DELETED)
@@ -82,7 +85,8 @@ class RegistryClient:
     def _stub(self) -> RegistryServiceStub:
         return self._peer.stub(RegistryServiceStub)
 
-    async def _call(self, method: Callable[[RegistryServiceStub], Callable], request):
+    async def _call(self, method: Callable[[RegistryServiceStub], Callable[..., Any]],
+                    request: Message) -> Any:
         try:
             return await method(self._stub())(request, timeout=self._timeout)
         except grpc.aio.AioRpcError as error:
@@ -121,8 +125,9 @@ class RegistryClient:
                 rs.DownloadDatasetVersionRequest(name=name), timeout=self._timeout),
             name, Path(destination), sha256, size_bytes, reason="DATASET_DIGEST_MISMATCH")
 
-    async def _download(self, open_stream, name: str, destination: Path, sha256: str,
-                        size_bytes: int | None, *, reason: str) -> None:
+    async def _download(self, open_stream: Callable[[RegistryServiceStub], Any], name: str,
+                        destination: Path, sha256: str, size_bytes: int | None, *,
+                        reason: str) -> None:
         if not sha256:
             raise errors.FailedPrecondition(f"{name} records no sha256; refusing to download "
                                             "what cannot be verified", reason=reason)
@@ -282,7 +287,7 @@ def _corrupt(name: str, found: str, reason: str) -> errors.FailedPrecondition:
         metadata={"resource": name})
 
 
-async def _off_loop(function, *args):
+async def _off_loop(function: Callable[..., T], *args: Any) -> T:
     """`function(*args)` in a worker thread. If the caller is cancelled meanwhile, the thread
     is still waited for before the cancellation goes on, so no cleanup (closing or removing
     the file) races a write that is still running."""

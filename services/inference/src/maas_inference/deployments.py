@@ -14,18 +14,28 @@ import contextlib
 import hashlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence, Set as AbstractSet
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Sequence,
+    Set as AbstractSet,
+)
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from maas.common.v1 import tensor_pb2
 from maas_runtime import contract_enums, errors, scopes
 from maas_runtime.auth import Principal
 from maas_runtime.names import parse_version_name, validate_deployment_id
 from maas_runtime.pagination import PageTokenCodec, clamp_page_size, query_fingerprint
 from maas_runtime.registry_client import RegistryClient
 from maas_runtime.telemetry import trace_metadata
+from opentelemetry.metrics import Meter
 from tritonclient.grpc import service_pb2
 
 from maas_inference.coalescing import RequestCoalescer
@@ -39,7 +49,7 @@ from maas_inference.tensors import (
     kserve_shapes,
     predict_shapes,
 )
-from maas_inference.triton.client import TritonModelNotFound
+from maas_inference.triton.client import TritonClient, TritonModelNotFound
 from maas_inference.triton.model_repository import (
     ArtifactFormat,
     BatchingPolicy,
@@ -114,10 +124,11 @@ def triton_model_name(deployment_id: str, version_name: str) -> str:
 class DeploymentManager:
     """Use cases of the inference service, one method per RPC, plus reloads and alias tracking."""
 
-    def __init__(self, store: DeploymentStore, registry: RegistryClient, triton,
+    def __init__(self, store: DeploymentStore, registry: RegistryClient, triton: TritonClient,
                  repository: ModelRepository, artifact_dir: Path, defaults: ServingDefaults,
-                 triton_ready: Callable[[], bool], page_tokens: PageTokenCodec, meter=None,
-                 on_routes_changed: Callable[[], Awaitable[None]] | None = None):
+                 triton_ready: Callable[[], bool], page_tokens: PageTokenCodec,
+                 meter: Meter | None = None,
+                 on_routes_changed: Callable[[], Awaitable[None]] | None = None) -> None:
         self._store = store
         self._registry = registry
         self._triton = triton
@@ -485,7 +496,7 @@ class DeploymentManager:
         await asyncio.sleep(delay)
         await self._reload(deployment_id, attempt)
 
-    def _spawn(self, coroutine, tasks: set[asyncio.Task] | None = None) -> None:
+    def _spawn(self, coroutine: Coroutine[Any, Any, None], tasks: set[asyncio.Task] | None = None) -> None:
         tasks = self._background if tasks is None else tasks
         task = asyncio.get_running_loop().create_task(coroutine)
         tasks.add(task)
@@ -544,7 +555,8 @@ class DeploymentManager:
             raise errors.Unavailable("Triton is not serving right now; retry shortly",
                                      reason="TRITON_UNAVAILABLE")
 
-    async def predict(self, deployment: str, request_id: str, inputs, output_names,
+    async def predict(self, deployment: str, request_id: str, inputs: Sequence[tensor_pb2.Tensor],
+                      output_names: Sequence[str],
                       timeout: float | None, principal: Principal) -> Prediction:
         deployment_id = self._parse_name(deployment, "deployment")
         live = self._route(deployment_id)
@@ -659,7 +671,8 @@ class DeploymentManager:
             if stream is not None:
                 await stream.close()
 
-    def _mirror(self, live: _Live, request, primary) -> None:
+    def _mirror(self, live: _Live, request: service_pb2.ModelInferRequest,
+                primary: service_pb2.ModelInferResponse) -> None:
         """Copy to the shadow without delaying or failing the primary reply."""
         if self._shadow_slots.locked():
             return  # saturated: skip rather than queue behind the primary traffic
@@ -671,7 +684,8 @@ class DeploymentManager:
         copy.model_name = shadow.triton_model
         self._spawn(self._compare(live.shadow_stats, copy, primary), self._shadow_tasks)
 
-    async def _compare(self, stats: ShadowStats, request, primary) -> None:
+    async def _compare(self, stats: ShadowStats, request: service_pb2.ModelInferRequest,
+                       primary: service_pb2.ModelInferResponse) -> None:
         async with self._shadow_slots:
             try:
                 with self._in_flight.track(request.model_name):
@@ -816,7 +830,7 @@ _NUMPY_TYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT
                 "INT32": np.int32, "INT8": np.int8, "UINT8": np.uint8}
 
 
-def _first_output(response) -> np.ndarray | None:
+def _first_output(response: service_pb2.ModelInferResponse) -> np.ndarray | None:
     if not response.outputs or not response.raw_output_contents:
         return None
     output = response.outputs[0]

@@ -32,7 +32,7 @@ _INDEX_STATES = {READY: "READY", ROLLING_OUT: "READY", CREATING: "LOADING"}
 class KServeViews:
     """ModelConfig, ModelStatistics and RepositoryIndex answered for deployments."""
 
-    def __init__(self, manager: DeploymentManager, triton: Callable[[], TritonClient]):
+    def __init__(self, manager: DeploymentManager, triton: Callable[[], TritonClient]) -> None:
         self._manager = manager
         self._triton = triton
 

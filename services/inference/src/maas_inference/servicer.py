@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import NoReturn
+
 import grpc
 from google.protobuf import empty_pb2
 from google.protobuf.message import DecodeError
@@ -13,54 +16,65 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from maas_inference.deployments import DeploymentManager
 from maas_inference.kserve import KServeViews
-from maas_inference.tensors import predict_outputs
+from maas_inference.tensors import TensorRule, predict_outputs
 
 
-def _deadline(context) -> float | None:
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return context.time_remaining()
 
 
 class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
     """Deployments and Predict: convert, call the manager, convert back."""
 
-    def __init__(self, manager: DeploymentManager):
+    def __init__(self, manager: DeploymentManager) -> None:
         self._manager = manager
 
-    async def CreateDeployment(self, request, context):
+    async def CreateDeployment(self, request: inference_service_pb2.CreateDeploymentRequest,
+                               context: grpc.aio.ServicerContext) -> deployment_pb2.Deployment:
         deployment = await self._manager.create(
             request.deployment_id, request_fields(request.deployment, "deployment"),
             current_principal())
         return to_message(deployment, deployment_pb2.Deployment)
 
-    async def GetDeployment(self, request, context):
+    async def GetDeployment(self, request: inference_service_pb2.GetDeploymentRequest,
+                            context: grpc.aio.ServicerContext) -> deployment_pb2.Deployment:
         deployment = await self._manager.get(request.name, current_principal())
         return to_message(deployment, deployment_pb2.Deployment)
 
-    async def ListDeployments(self, request, context):
+    async def ListDeployments(
+            self, request: inference_service_pb2.ListDeploymentsRequest, context: grpc.aio.ServicerContext,
+    ) -> inference_service_pb2.ListDeploymentsResponse:
         items, token = await self._manager.list(request.page_size, request.page_token,
                                                current_principal())
         return inference_service_pb2.ListDeploymentsResponse(
             deployments=[to_message(d, deployment_pb2.Deployment) for d in items],
             next_page_token=token)
 
-    async def UpdateDeployment(self, request, context):
+    async def UpdateDeployment(self, request: inference_service_pb2.UpdateDeploymentRequest,
+                               context: grpc.aio.ServicerContext) -> deployment_pb2.Deployment:
         deployment = await self._manager.update(
             request_fields(request.deployment, "deployment", keep_identifier=True),
             list(request.update_mask.paths), current_principal())
         return to_message(deployment, deployment_pb2.Deployment)
 
-    async def DeleteDeployment(self, request, context):
+    async def DeleteDeployment(self, request: inference_service_pb2.DeleteDeploymentRequest,
+                               context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
         await self._manager.delete(request.name, current_principal())
         return empty_pb2.Empty()
 
-    async def Predict(self, request, context):
+    async def Predict(self, request: inference_service_pb2.PredictRequest,
+                      context: grpc.aio.ServicerContext) -> inference_service_pb2.PredictResponse:
         return await self._predict(request, context)
 
-    async def StreamPredict(self, request_iterator, context):
+    async def StreamPredict(
+            self, request_iterator: AsyncIterator[inference_service_pb2.PredictRequest],
+            context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[inference_service_pb2.PredictResponse]:
         async for request in request_iterator:
             yield await self._predict(request, context)
 
-    async def _predict(self, request, context):
+    async def _predict(self, request: inference_service_pb2.PredictRequest,
+                       context: grpc.aio.ServicerContext) -> inference_service_pb2.PredictResponse:
         prediction = await self._manager.predict(
             request.deployment, request.request_id, request.inputs, request.output_names,
             _deadline(context), current_principal())
@@ -107,7 +121,8 @@ def _parse_infer_request(serialized: bytes) -> service_pb2.ModelInferRequest:
             "request", "is not a serialized inference.ModelInferRequest") from None
 
 
-async def _parsed_infer_requests(serialized_requests):
+async def _parsed_infer_requests(
+        serialized_requests: AsyncIterator[bytes]) -> AsyncIterator[service_pb2.ModelInferRequest]:
     async for serialized in serialized_requests:
         yield _parse_infer_request(serialized)
 
@@ -115,30 +130,37 @@ async def _parsed_infer_requests(serialized_requests):
 class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     """The standard KServe-v2 protocol over deployments (model name = deployment id)."""
 
-    def __init__(self, manager: DeploymentManager, views: KServeViews, triton_ready):
+    def __init__(self, manager: DeploymentManager, views: KServeViews,
+                 triton_ready: Callable[[], bool]) -> None:
         self._manager = manager
         self._views = views
         self._triton_ready = triton_ready
 
-    async def ServerLive(self, request, context):
+    async def ServerLive(self, request: service_pb2.ServerLiveRequest,
+                         context: grpc.aio.ServicerContext) -> service_pb2.ServerLiveResponse:
         return service_pb2.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request, context):
+    async def ServerReady(self, request: service_pb2.ServerReadyRequest,
+                          context: grpc.aio.ServicerContext) -> service_pb2.ServerReadyResponse:
         return service_pb2.ServerReadyResponse(ready=self._triton_ready())
 
-    async def ServerMetadata(self, request, context):
+    async def ServerMetadata(self, request: service_pb2.ServerMetadataRequest,
+                             context: grpc.aio.ServicerContext) -> service_pb2.ServerMetadataResponse:
         return service_pb2.ServerMetadataResponse(name="maas-inference", version="1",
                                                   extensions=["model_repository_free"])
 
-    async def ModelReady(self, request, context):
+    async def ModelReady(self, request: service_pb2.ModelReadyRequest,
+                         context: grpc.aio.ServicerContext) -> service_pb2.ModelReadyResponse:
         return service_pb2.ModelReadyResponse(ready=self._manager.is_ready(request.name))
 
-    async def ModelMetadata(self, request, context):
+    async def ModelMetadata(self, request: service_pb2.ModelMetadataRequest,
+                            context: grpc.aio.ServicerContext) -> service_pb2.ModelMetadataResponse:
         served, versions = self._manager.metadata(request.name, current_principal())
         signature = served.signature
         batch = [-1] if signature.max_batch_size > 0 else []
 
-        def tensors(rules):
+        def tensors(
+                rules: Iterable[TensorRule]) -> list[service_pb2.ModelMetadataResponse.TensorMetadata]:
             return [service_pb2.ModelMetadataResponse.TensorMetadata(
                 name=r.name, datatype=r.datatype, shape=batch + list(r.shape)) for r in rules]
 
@@ -147,39 +169,44 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             platform="maas_triton", inputs=tensors(signature.inputs),
             outputs=tensors(signature.outputs))
 
-    async def ModelConfig(self, request, context):
+    async def ModelConfig(self, request: service_pb2.ModelConfigRequest,
+                          context: grpc.aio.ServicerContext) -> service_pb2.ModelConfigResponse:
         config = await self._views.model_config(request.name, current_principal())
         return service_pb2.ModelConfigResponse(config=config)
 
-    async def ModelStatistics(self, request, context):
+    async def ModelStatistics(self, request: service_pb2.ModelStatisticsRequest,
+                              context: grpc.aio.ServicerContext) -> service_pb2.ModelStatisticsResponse:
         statistics = await self._views.model_statistics(request.name, current_principal())
         return service_pb2.ModelStatisticsResponse(model_stats=statistics)
 
-    async def RepositoryIndex(self, request, context):
+    async def RepositoryIndex(self, request: service_pb2.RepositoryIndexRequest,
+                              context: grpc.aio.ServicerContext) -> service_pb2.RepositoryIndexResponse:
         models = await self._views.repository_index(request.repository_name, request.ready,
                                                     current_principal())
         return service_pb2.RepositoryIndexResponse(models=models)
 
-    async def ModelInfer(self, request: bytes, context) -> bytes:
+    async def ModelInfer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         reply = await self._manager.kserve_infer(_parse_infer_request(request),
                                                  _deadline(context), current_principal())
         return reply.SerializeToString()
 
-    async def ModelStreamInfer(self, request_iterator, context):
+    async def ModelStreamInfer(
+            self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
         async for response in self._manager.kserve_stream_infer(
                 _parsed_infer_requests(request_iterator), _deadline(context),
                 current_principal()):
             yield response
 
 
-def _refusal(error: MaasError):
-    async def refuse(request: bytes, context):
+def _refusal(error: MaasError) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[NoReturn]]:
+    async def refuse(request: bytes, context: grpc.aio.ServicerContext) -> NoReturn:
         raise type(error)(error.message, reason=error.reason)  # a fresh one: no traceback piles up
 
     return refuse
 
 
-def add_kserve_to_server(servicer: KServeServicer, server) -> None:
+def add_kserve_to_server(servicer: KServeServicer, server: grpc.aio.Server) -> None:
     """Register KServe-v2: ModelInfer and ModelStreamInfer on raw bytes (parsed by the
     servicer, so a malformed request is INVALID_ARGUMENT naming `request`, not grpc's INTERNAL
     deserialization failure), the refused methods on raw bytes too (whatever was sent, the

@@ -14,11 +14,17 @@ import functools
 import logging
 import math
 import re
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
-from maas_formats import SIGNATURE_REQUIRED_FORMATS
+from maas_formats import (
+    SIGNATURE_REQUIRED_FORMATS,
+    ArtifactFacts,
+    DatasetFacts,
+    ModelSignature,
+)
 from maas_runtime import errors, scopes
 from maas_runtime.auth import Principal, Role
 from maas_runtime.contract_enums import DATA_TYPE_PREFIX, DATA_TYPES
@@ -28,9 +34,18 @@ from maas_runtime.pagination import PageTokenCodec, clamp_page_size
 
 from maas_registry.blobs import BlobStore, CommitGate, StagedBlob, is_sha256_hex
 from maas_registry.resources import DATASET_FORMATS, MODEL_FORMATS
-from maas_registry.store import Mutation, Page, RegistryStore, VersionDraft
+from maas_registry.store import Mutation, Page, RegistryStore, Resource, VersionDraft
 
 _log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Facts = TypeVar("Facts")
+
+ArtifactValidator = Callable[..., ArtifactFacts]
+"""`maas_formats.validate_model_artifact`: (path, format_name, *, format_field) -> facts."""
+DatasetValidator = Callable[..., DatasetFacts]
+"""`maas_formats.validate_dataset`: (path, format_name, feature_columns, label_column)."""
+PageFetch = Callable[[int, dict[str, Any] | None], Page]
 
 LABEL_KEY = re.compile(r"^[a-z][a-z0-9_.-]{0,62}$")
 MAX_LABEL_VALUE = 63
@@ -83,7 +98,8 @@ class Registry:
     """Use cases of the registry, one method per RPC."""
 
     def __init__(self, store: RegistryStore, blobs: BlobStore, tokens: PageTokenCodec,
-                 limits: RegistryLimits, artifact_validator, dataset_validator):
+                 limits: RegistryLimits, artifact_validator: ArtifactValidator,
+                 dataset_validator: DatasetValidator) -> None:
         self._store = store
         self._blobs = blobs
         self._tokens = tokens
@@ -95,11 +111,11 @@ class Registry:
 
     # -- helpers --------------------------------------------------------------------------
 
-    async def _run(self, function, *args):
+    async def _run(self, function: Callable[..., T], *args: Any) -> T:
         """Store calls block on I/O: keep them off the event loop."""
         return await asyncio.to_thread(function, *args)
 
-    def _list(self, fetch, page_size: int, page_token: str, fingerprint: str) -> ListResult:
+    def _list(self, fetch: PageFetch, page_size: int, page_token: str, fingerprint: str) -> ListResult:
         size = clamp_page_size(page_size)
         cursor = self._tokens.decode(page_token, fingerprint) if page_token else None
         page: Page = fetch(size, cursor)
@@ -203,7 +219,7 @@ class Registry:
                 self._store.create_model(model_id, {}, mutation)
             return self._store.commit_model_version(model_id, draft, mutation)
 
-        def model_draft(staged: StagedBlob, facts) -> VersionDraft:
+        def model_draft(staged: StagedBlob, facts: ArtifactFacts) -> VersionDraft:
             return VersionDraft(
                 format=format_name, sha256=staged.sha256, size_bytes=staged.size_bytes,
                 description=metadata.get("description", ""), labels=metadata.get("labels", {}),
@@ -220,7 +236,9 @@ class Registry:
         return version
 
     async def _store_artifact(self, chunks: AsyncIterator[bytes], expected_sha256: str,
-                              size_bytes: int, validate, make_draft, record) -> dict:
+                              size_bytes: int, validate: Callable[[Path], Facts],
+                              make_draft: Callable[[StagedBlob, Facts], VersionDraft],
+                              record: Callable[[VersionDraft], Resource]) -> Resource:
         """Receive, verify and validate the bytes, move the blob into place and `record` the
         version (no collection in between). Any failure before the move discards the staged
         file: nothing partial survives a bad upload."""
@@ -435,7 +453,7 @@ class Registry:
         violations.raise_if_any("invalid upload header")
         await self._run(self._store.get_dataset, dataset_id)
 
-        def dataset_draft(staged: StagedBlob, facts) -> VersionDraft:
+        def dataset_draft(staged: StagedBlob, facts: DatasetFacts) -> VersionDraft:
             return VersionDraft(
                 format=format_name, sha256=staged.sha256, size_bytes=staged.size_bytes,
                 description=metadata.get("description", ""), labels=metadata.get("labels", {}),
@@ -565,7 +583,8 @@ def _parse_alias_name(name: str, field_path: str) -> tuple[str, str]:
     return validate_id(parts[1], field_path), validate_alias(parts[3], field_path)
 
 
-def _check_upload_header(violations, expected_sha256: str, size_bytes: int, limit: int) -> None:
+def _check_upload_header(violations: errors.ViolationCollector, expected_sha256: str,
+                         size_bytes: int, limit: int) -> None:
     if expected_sha256:
         violations.check(is_sha256_hex(expected_sha256), "header.expected_sha256",
                          "must be 64 lower-case hex characters")
@@ -578,7 +597,7 @@ def _check_upload_header(violations, expected_sha256: str, size_bytes: int, limi
                                                     f"exceeds the limit of {limit} bytes")])
 
 
-def _check_metadata_into(violations, fields: dict, prefix: str) -> None:
+def _check_metadata_into(violations: errors.ViolationCollector, fields: Resource, prefix: str) -> None:
     description = fields.get("description", "")
     violations.check(len(description) <= MAX_DESCRIPTION, f"{prefix}.description",
                      f"must be at most {MAX_DESCRIPTION} characters")
@@ -602,7 +621,8 @@ def _validate_metadata(fields: dict, prefix: str, allowed: frozenset[str]) -> No
     violations.raise_if_any()
 
 
-def _check_metrics(violations, metrics: dict, field_path: str) -> dict[str, float]:
+def _check_metrics(violations: errors.ViolationCollector, metrics: dict[str, Any],
+                   field_path: str) -> dict[str, float]:
     result = {}
     for key, value in metrics.items():
         if not LABEL_KEY.match(key):
@@ -614,7 +634,8 @@ def _check_metrics(violations, metrics: dict, field_path: str) -> dict[str, floa
     return result
 
 
-def _check_signature(violations, signature: dict | None, field_path: str) -> dict | None:
+def _check_signature(violations: errors.ViolationCollector, signature: Resource | None,
+                     field_path: str) -> Resource | None:
     if not signature:
         return None
     normalized = {}
@@ -641,7 +662,8 @@ def _is_complete(signature: dict | None) -> bool:
     return bool(signature and signature.get("inputs") and signature.get("outputs"))
 
 
-def _reconcile_signature(declared: dict | None, from_artifact) -> dict:
+def _reconcile_signature(declared: Resource | None,
+                         from_artifact: ModelSignature | None) -> Resource:
     """The manifest's signature (a `maas_formats.ModelSignature`) wins; a declared one must
     agree with it."""
     if from_artifact is None:

@@ -12,6 +12,7 @@ import dataclasses
 import re
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 from maas_jobs.manager import JobListing, JobManager
 from maas_jobs.records import JobDraft, JobEvent, JobRecord
@@ -43,11 +44,12 @@ def job_id_from_name(name: str, field: str = "name") -> str:
 class TrainingJobs:
     """The trainer's domain facade over the job manager and the registry."""
 
-    def __init__(self, manager: JobManager, registry: RegistryClient):
+    def __init__(self, manager: JobManager, registry: RegistryClient) -> None:
         self._manager = manager
         self._registry = registry
 
-    async def create(self, job_id: str, spec_fields: dict, principal: Principal) -> JobRecord:
+    async def create(self, job_id: str, spec_fields: dict[str, Any],
+                     principal: Principal) -> JobRecord:
         job_id = validate_id(job_id, JOB_ID_FIELD) if job_id else f"train-{uuid.uuid4().hex[:12]}"
         spec = parse_training_spec(spec_fields, default_tenant=tenant_of(principal))
         scopes.require_models(principal, [spec.output.model_id])

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from maas.trainer.v1 import trainer_service_pb2, trainer_service_pb2_grpc
+from collections.abc import AsyncIterator
+
+import grpc
+from maas.common.v1 import job_pb2
+from maas.trainer.v1 import trainer_service_pb2, trainer_service_pb2_grpc, training_job_pb2
 from maas_runtime.auth import current_principal
 from maas_runtime.messages import validated_request
 
@@ -13,29 +17,35 @@ from maas_trainer.messages import job_event_message, spec_fields, training_job_m
 class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
     """Thin adapter: validation and behaviour live in `TrainingJobs`."""
 
-    def __init__(self, jobs: TrainingJobs):
+    def __init__(self, jobs: TrainingJobs) -> None:
         self._jobs = jobs
 
-    async def CreateTrainingJob(self, request, context):
+    async def CreateTrainingJob(self, request: trainer_service_pb2.CreateTrainingJobRequest,
+                                context: grpc.aio.ServicerContext) -> training_job_pb2.TrainingJob:
         training_job = validated_request(request.training_job, "training_job")
         job = await self._jobs.create(request.training_job_id, spec_fields(training_job.spec),
                                       current_principal())
         return training_job_message(job)
 
-    async def GetTrainingJob(self, request, context):
+    async def GetTrainingJob(self, request: trainer_service_pb2.GetTrainingJobRequest,
+                             context: grpc.aio.ServicerContext) -> training_job_pb2.TrainingJob:
         return training_job_message(await self._jobs.get(request.name, current_principal()))
 
-    async def ListTrainingJobs(self, request, context):
+    async def ListTrainingJobs(
+            self, request: trainer_service_pb2.ListTrainingJobsRequest, context: grpc.aio.ServicerContext,
+    ) -> trainer_service_pb2.ListTrainingJobsResponse:
         listing = await self._jobs.list(request.filter, request.page_size, request.page_token,
                                         current_principal())
         return trainer_service_pb2.ListTrainingJobsResponse(
             training_jobs=[training_job_message(job) for job in listing.items],
             next_page_token=listing.next_page_token)
 
-    async def CancelTrainingJob(self, request, context):
+    async def CancelTrainingJob(self, request: trainer_service_pb2.CancelTrainingJobRequest,
+                                context: grpc.aio.ServicerContext) -> training_job_pb2.TrainingJob:
         return training_job_message(await self._jobs.cancel(request.name, current_principal()))
 
-    async def WatchTrainingJob(self, request, context):
+    async def WatchTrainingJob(self, request: trainer_service_pb2.WatchTrainingJobRequest,
+                               context: grpc.aio.ServicerContext) -> AsyncIterator[job_pb2.JobEvent]:
         async for event in self._jobs.watch(request.name, request.after_sequence,
                                             current_principal()):
             yield job_event_message(event)
