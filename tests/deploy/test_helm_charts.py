@@ -274,7 +274,8 @@ def test_metrics_off_leaves_no_port_env_or_annotation(service):
     assert [port["name"] for port in container["ports"]] == ["grpc"]
     assert f"MAAS_{service.upper()}_METRICS_PORT" not in env_of(container)
     assert "annotations" not in deployment["spec"]["template"]["metadata"]
-    assert [p["name"] for p in of_kind(documents, "Service")[f"{RELEASE}-{service}"]["spec"]["ports"]] == ["grpc"]
+    service_ports = of_kind(documents, "Service")[f"{RELEASE}-{service}"]["spec"]["ports"]
+    assert [port["name"] for port in service_ports] == ["grpc"]
 
 
 @pytest.mark.parametrize("service", SERVICES)

@@ -2,8 +2,9 @@
 
 Every service gets its own state directory under one root, the same tokens file and admin
 token (so one token works everywhere), fixed loopback ports (and a fixed Prometheus metrics
-port each, `DEFAULT_METRICS_PORTS`), and static discovery of the others. With `SuiteTls` every port speaks TLS (or mTLS) only, and every service dials its
-peers with the matching client settings. A service that dies is restarted; Ctrl-C stops them
+port each, `DEFAULT_METRICS_PORTS`), and static discovery of the others. With `SuiteTls`
+every port speaks TLS (or mTLS) only, and every service dials its peers with the matching
+client settings. A service that dies is restarted; Ctrl-C stops them
 all gracefully.
 """
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from opentelemetry import context as otel_context, propagate, trace
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
@@ -50,16 +51,16 @@ class PrometheusEndpoint:
         self.registry = CollectorRegistry(auto_describe=True)
         self.reader = PrometheusMetricReader(registry=self.registry)
         self._host, self._wanted_port = host, port
-        self._http = None
+        self._http: Any = None
         self.port = 0
 
     def start(self) -> int:
         """Serve `/metrics`; returns the bound port (a free one when asked for 0)."""
         from prometheus_client import start_http_server
 
-        self._http, _thread = start_http_server(self._wanted_port, self._host,
-                                                registry=self.registry)
-        self.port = self._http.server_port
+        http, _thread = start_http_server(self._wanted_port, self._host, registry=self.registry)
+        self._http = http
+        self.port = http.server_port
         return self.port
 
     @property
