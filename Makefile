@@ -39,7 +39,8 @@ $(NODE_TOOLS): tools/package.json tools/package-lock.json
 	touch $@
 
 # Debian's protoc with its matching C++ headers and Java runtime: used only to prove that the
-# contracts also generate and compile for other languages.
+# contracts also generate and compile for other languages. Debian's prometheus: promtool checks
+# and unit-tests the alert rules, and the e2e test scrapes the suite with a real server.
 $(VENV)/.system-tools:
 	command -v protoc >/dev/null && test -f /usr/include/google/protobuf/descriptor.pb.h && \
 		test -f /usr/share/java/protobuf.jar && command -v javac >/dev/null && \
