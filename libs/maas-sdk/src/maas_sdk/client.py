@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import errno
 import os
 import re
 import tempfile
@@ -203,6 +204,7 @@ class Client:
             transport = peer.transport.name if peer else "plaintext"
             error.message = (f"{service} at {where} is unreachable over {transport}: "
                              f"{error.message}")
+            error.args = (error.message,)
         return error
 
     async def _unary(self, service: str, stub_class, method: str, request, timeout=None):
@@ -323,7 +325,7 @@ class Client:
         (signature in its manifest). `format` defaults to what the suffix says."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"no such model file: {path}")
+            raise FileNotFoundError(errno.ENOENT, "no such model file", str(path))
         format_name = model_format(path, format)
         described: dict[str, Any] = {}
         if isinstance(signature, model_pb2.Signature):
@@ -381,7 +383,7 @@ class Client:
             else:
                 path = Path(data)
                 if not path.is_file():
-                    raise FileNotFoundError(f"no such dataset file: {path}")
+                    raise FileNotFoundError(errno.ENOENT, "no such dataset file", str(path))
             suffix = path.suffix.lower()
             if suffix == ".npz":
                 format_name, features = "DATASET_FORMAT_NPZ", [feature_column]
@@ -464,7 +466,7 @@ class Client:
         if path.is_dir():
             path = path / (version.name.replace("/", "_") + suffix)
         elif not path.parent.is_dir():
-            raise FileNotFoundError(f"no such directory: {path.parent}")
+            raise FileNotFoundError(errno.ENOENT, "no such directory", str(path.parent))
         self._runner.run(self._download(version, path))
         return path
 

@@ -8,9 +8,10 @@ every call.
 
 Order of precedence:
 
-- targets: `target` / `targets` arguments, `discovery` / `consul`, `MAAS_TARGET`,
-  `CONSUL_HTTP_ADDR`, `MAAS_STATIC_ENDPOINTS`, the endpoints `maas up` recorded in
-  `<state dir>/suite.json`, and last the suite's default loopback ports;
+- targets: `target` / `targets` arguments, `discovery` / `consul`, the suite running on a
+  `state_dir` named explicitly, `CONSUL_HTTP_ADDR`, `MAAS_TARGET` or `MAAS_STATIC_ENDPOINTS`,
+  the endpoints `maas up` recorded in `<state dir>/suite.json`, and last the suite's default
+  loopback ports;
 - token: `token`, `MAAS_TOKEN`, `<state dir>/admin.token` (written by `maas up`);
 - state dir: `state_dir`, `MAAS_STATE_DIR`, `.maas`, `.maas/local` (what `make up` uses).
 """
@@ -117,9 +118,12 @@ class Connection:
         if target:
             resolved |= parse_targets(target)
         resolved |= dict(targets or {})
-        consul = consul or (None if resolved or discovery else os.environ.get("CONSUL_HTTP_ADDR"))
+        if not (consul or resolved or discovery or (state_dir and suite)):
+            consul = os.environ.get("CONSUL_HTTP_ADDR")
         if consul:
             discovery = ConsulDiscovery(consul, token=os.environ.get("CONSUL_HTTP_TOKEN") or None)
+        if not resolved and discovery is None and state_dir:  # the suite asked for by name
+            resolved = dict(suite.get("endpoints") or {})
         if not resolved and discovery is None:
             spec = os.environ.get("MAAS_TARGET") or os.environ.get("MAAS_STATIC_ENDPOINTS")
             resolved = (parse_targets(spec) if spec else dict(suite.get("endpoints") or {}))

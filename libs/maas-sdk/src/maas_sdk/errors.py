@@ -46,11 +46,11 @@ class JobFailed(FailedPrecondition):
 
 
 def one_line(error: MaasError) -> str:
-    """`CODE (REASON): message [field: description; ...]` on one line, for logs and the CLI."""
+    """`CODE (REASON): message (field: description; ...)` on one line, for logs and the CLI."""
     reason = f" ({error.reason})" if error.reason and error.reason != error.code else ""
     text = f"{error.code}{reason}: {error.message}"
     missing = [f"{v.field}: {v.description}" for v in error.field_violations
                if v.field not in error.message]
     if missing:
-        text += " [" + "; ".join(missing) + "]"
+        text += " (" + "; ".join(missing) + ")"
     return " ".join(text.split())
