@@ -61,6 +61,37 @@ def client_interceptors(token: str | None, telemetry=None) -> list:
     return interceptors
 
 
+def channel_options(max_message_bytes: int,
+                    options: Sequence[tuple[str, object]] = ()) -> list[tuple[str, object]]:
+    """The options every channel of the suite opens with: message limits, then `options`."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        *options,
+    ]
+
+
+def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The `authorization` metadata of `token`, for calls made without the interceptors."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def open_blocking_channel(
+    target: str,
+    *,
+    credentials: grpc.ChannelCredentials | None = None,
+    max_message_bytes: int = 16 * 1024 * 1024,
+    options: Sequence[tuple[str, object]] = (),
+) -> grpc.Channel:
+    """A synchronous channel with the suite's limits and TLS, for hot client paths (the SDK's
+    predict) where an aio call plus an interceptor per call would cost a fifth of the
+    throughput. It carries no token: pass `metadata=bearer_metadata(token)` per call."""
+    all_options = channel_options(max_message_bytes, options)
+    if credentials is not None:
+        return grpc.secure_channel(target, credentials, all_options)
+    return grpc.insecure_channel(target, all_options)
+
+
 def open_channel(
     target: str,
     *,
@@ -71,11 +102,7 @@ def open_channel(
     options: Sequence[tuple[str, object]] = (),
 ) -> grpc.aio.Channel:
     """An aio channel to `target` that authenticates, traces and honours size limits."""
-    all_options = [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-        *options,
-    ]
+    all_options = channel_options(max_message_bytes, options)
     interceptors = client_interceptors(token, telemetry)
     if credentials is not None:
         return grpc.aio.secure_channel(target, credentials, all_options, interceptors=interceptors)

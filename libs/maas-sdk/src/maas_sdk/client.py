@@ -2,16 +2,20 @@
 
     import maas
     client = maas.Client()                       # the local suite (`maas up`), its admin token
-    version = client.upload_module("digits", net, example_input=x)
-    client.deploy("digits", "models/digits@production")
-    client.predict("digits", x)                  # {"output": array(...)}
+    client.upload_module("digits", net, x, alias="production")  # TorchScript, signature from x
+    client.deploy("digits", "digits@production")
+    client.predict("digits", x)                  # {"output": array(...)}, as net(x)
 
 Calls are synchronous; underneath, grpc.aio channels (one `maas_runtime.peers.PeerChannel`
 per service, opened on first use and reused) run on the client's private event loop, so a
-client works from any thread and inside notebooks. Resources come back as the contract's
-protobuf messages (`maas.registry.v1.model_pb2.ModelVersion`, ...); a failed call raises the
-typed error of its status (`maas.NotFound`, `maas.InvalidArgument` with field violations,
-`maas.Unauthenticated`, ...). Close the client (or use it as a context manager) when done.
+client works from any thread and inside notebooks. `predict`, the hot path, calls from the
+caller's own thread over one blocking channel (`maas_runtime.client.open_blocking_channel`,
+same TLS and limits, the token as call metadata), with the request built from the arrays'
+bytes and the outputs read as views of the reply's: about tritonclient's cost per call.
+Resources come back as the contract's protobuf messages (`model_pb2.ModelVersion`, ...); a
+failed call raises the typed error of its status (`maas.NotFound`, `maas.InvalidArgument`
+with field violations, `maas.Unauthenticated`, ...). Close the client (or use it as a
+context manager) when done.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import errno
 import os
 import re
 import tempfile
+import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +56,7 @@ from maas.registry.v1 import (
 )
 from maas.trainer.v1 import trainer_service_pb2 as ts, trainer_service_pb2_grpc, training_job_pb2 as tj
 from maas_runtime.auth import Role, TokenInfo, add_token, list_tokens, revoke_tokens
+from maas_runtime.client import bearer_metadata, open_blocking_channel
 from maas_runtime.discovery import ServiceDiscovery
 from maas_runtime.grpc_errors import from_rpc_error
 from maas_runtime.messages import to_dict
@@ -59,7 +65,13 @@ from maas_runtime.registry_client import RegistryClient, file_sha256
 from tritonclient.grpc import service_pb2 as kserve_pb2, service_pb2_grpc as kserve_grpc
 
 from maas_sdk import jobs as job_specs
-from maas_sdk.connection import SERVICES, TOKENS_FILE, Connection, EventLoopThread
+from maas_sdk.connection import (
+    MAX_MESSAGE_BYTES,
+    SERVICES,
+    TOKENS_FILE,
+    Connection,
+    EventLoopThread,
+)
 from maas_sdk.errors import (
     AlreadyExists,
     InvalidArgument,
@@ -157,6 +169,10 @@ class Client:
         self._peers: dict[str, PeerChannel] = {}
         self._stubs: dict[tuple[str, type], Any] = {}
         self._input_names: dict[str, list[str]] = {}
+        self._predict_channel: grpc.Channel | None = None
+        self._predict_stub: inference_service_pb2_grpc.InferenceServiceStub | None = None
+        self._metadata = bearer_metadata(self.connection.token)
+        self._predict_lock = threading.Lock()
 
     # Lifecycle -------------------------------------------------------------------------------
 
@@ -164,6 +180,9 @@ class Client:
         """Close every channel and stop the client's event loop."""
         if self._runner.loop.is_closed():
             return
+        if self._predict_channel is not None:
+            self._predict_channel.close()
+            self._predict_channel = self._predict_stub = None
         self._runner.run(self._close_peers())
         self._runner.close()
 
@@ -678,15 +697,34 @@ class Client:
         request = inf.PredictRequest(deployment=name, request_id=request_id,
                                      inputs=[to_tensor(key, value) for key, value in arrays.items()],
                                      output_names=output_names)
-        reply = self._runner.run(self._predict(request, timeout or self.timeout))
+        stub = self._predict_stub or self._open_predict_stub()
+        if stub is None:  # the inference service found through discovery: the aio channel
+            reply = self._inference("Predict", request, timeout)
+        else:
+            try:
+                reply = stub.Predict(request, timeout=timeout or self.timeout,
+                                     metadata=self._metadata)
+            except grpc.RpcError as rpc_error:
+                raise self._error("inference", rpc_error) from None
         return {tensor.name: from_tensor(tensor) for tensor in reply.outputs}
 
-    async def _predict(self, request: inf.PredictRequest, timeout: float) -> inf.PredictResponse:
-        stub = await self._stub("inference", inference_service_pb2_grpc.InferenceServiceStub)
-        try:
-            return await stub.Predict(request, timeout=timeout)
-        except grpc.aio.AioRpcError as rpc_error:
-            raise self._error("inference", rpc_error) from None
+    def _open_predict_stub(self) -> inference_service_pb2_grpc.InferenceServiceStub | None:
+        """Predict's own blocking channel to a known inference target: a call from the
+        caller's thread, without the event-loop hop and the interceptor of the aio path."""
+        target = self.connection.targets.get("inference")
+        if not target:
+            return None
+        with self._predict_lock:
+            if self._predict_stub is None:
+                self._predict_stub = self._blocking_inference_stub(target)
+        return self._predict_stub
+
+    def _blocking_inference_stub(self, target: str) -> inference_service_pb2_grpc.InferenceServiceStub:
+        transport = self.connection.tls.transport() if self.connection.tls else None
+        self._predict_channel = open_blocking_channel(
+            target, credentials=transport.credentials if transport else None,
+            max_message_bytes=MAX_MESSAGE_BYTES, options=transport.options if transport else ())
+        return inference_service_pb2_grpc.InferenceServiceStub(self._predict_channel)
 
     # Tokens (local suite) --------------------------------------------------------------------
 
