@@ -10,6 +10,7 @@ exits non-zero: 2 invalid argument, 3 unauthenticated or permission denied, 4 no
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import sys
@@ -107,7 +108,7 @@ _TLS_OPTIONS = dict(
 )
 
 
-async def _up(root: Path, tls: SuiteTls | None) -> None:
+async def _up(root: Path, tls: SuiteTls | None, as_json: bool) -> None:
     suite = LocalSuite(root, tls=tls)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -115,15 +116,21 @@ async def _up(root: Path, tls: SuiteTls | None) -> None:
         loop.add_signal_handler(signum, stop.set)
     await suite.start()  # stops what it started if it fails
     try:
-        for line in suite.describe():
-            print(line, flush=True)
-        print(f"admin token: {suite.admin_token_file}   (Ctrl-C stops the suite)", flush=True)
+        if as_json:
+            print(json.dumps({"services": {
+                name: {"target": service.target, "metrics": service.metrics_url,
+                       "log": str(service.log_file)} for name, service in suite.services.items()},
+                "admin_token_file": str(suite.admin_token_file)}), flush=True)
+        else:
+            for line in suite.describe():
+                print(line, flush=True)
+            print(f"admin token: {suite.admin_token_file}   (Ctrl-C stops the suite)", flush=True)
         await stop.wait()
     finally:
         await suite.stop()
 
 
-async def _demo(root: Path, tls: SuiteTls | None) -> int:
+async def _demo(root: Path, tls: SuiteTls | None, as_json: bool) -> int:
     from maas_cli.demo import run_demo
 
     suite = LocalSuite(root, tls=tls)
@@ -134,7 +141,10 @@ async def _demo(root: Path, tls: SuiteTls | None) -> int:
     finally:
         await suite.stop()
     ok = result["predict_accuracy"] >= 0.9
-    print(f"demo {'passed' if ok else 'FAILED'}: {result}", flush=True)
+    if as_json:
+        print(json.dumps({"passed": ok, **result}), flush=True)
+    else:
+        print(f"demo {'passed' if ok else 'FAILED'}: {result}", flush=True)
     return 0 if ok else 1
 
 
@@ -150,7 +160,7 @@ def up(ctx: typer.Context,
     tls = _suite_tls(tls_cert, tls_key, tls_ca, mtls, tls_client_cert, tls_client_key,
                      tls_server_name, options.json)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    asyncio.run(_up(options.state_dir or DEFAULT_STATE_DIR, tls))
+    asyncio.run(_up(options.state_dir or DEFAULT_STATE_DIR, tls, options.json))
 
 
 @app.command()
@@ -165,7 +175,7 @@ def demo(ctx: typer.Context,
     tls = _suite_tls(tls_cert, tls_key, tls_ca, mtls, tls_client_cert, tls_client_key,
                      tls_server_name, options.json)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    code = asyncio.run(_demo(options.state_dir or DEFAULT_STATE_DIR, tls))
+    code = asyncio.run(_demo(options.state_dir or DEFAULT_STATE_DIR, tls, options.json))
     if code:
         raise typer.Exit(code)
 

@@ -676,11 +676,15 @@ class Client:
         name = deployment_name(deployment)
         names = self._input_names.get(name)
         if names is None:
-            served = self.get_deployment(name)
-            reference = (served.serving_versions[0] if served.serving_versions
-                         else served.model)
-            signature = self.get_version(reference).signature
-            names = self._input_names[name] = [spec.name for spec in signature.inputs]
+            deployment = self.get_deployment(name)
+            answering = [served for served in deployment.served_versions if not served.shadow]
+            if answering:  # the deployment reports the signature it serves
+                names = [spec.name for spec in answering[0].inputs]
+            else:
+                reference = (deployment.serving_versions[0] if deployment.serving_versions
+                             else deployment.model)
+                names = [spec.name for spec in self.get_version(reference).signature.inputs]
+            self._input_names[name] = names
         return names
 
     def predict(self, deployment: str, inputs: np.ndarray | Mapping[str, Any], *,
