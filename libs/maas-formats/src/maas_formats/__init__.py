@@ -4,7 +4,7 @@
   (`maas_formats.package`, schema in `maas_formats.manifest`);
 - TorchScript, ONNX and zipped Hugging Face models, checked as opaque files
   (`maas_formats.opaque`), all reachable through `validate_model_artifact`;
-- NPZ and CSV datasets (`maas_formats.datasets`).
+- NPZ, CSV and text CSV datasets (`maas_formats.datasets`).
 
 torch helpers live in `maas_formats.torch_io`, which is not imported here so that the registry
 and inference images work without torch installed.
@@ -19,7 +19,14 @@ from maas_formats.artifacts import (
     sniff_model_format,
     validate_model_artifact,
 )
-from maas_formats.datasets import DATASET_FORMATS, DatasetFacts, load_dataset, validate_dataset
+from maas_formats.datasets import (
+    DATASET_FORMATS,
+    TEXT_CSV,
+    DatasetFacts,
+    load_dataset,
+    load_text_dataset,
+    validate_dataset,
+)
 from maas_formats.manifest import (
     ArchitectureSpec,
     FrameworkInfo,
@@ -60,6 +67,7 @@ __all__ = [
     "MODEL_FORMAT_BY_PROTO_NAME",
     "SIGNATURE_REQUIRED_FORMATS",
     "SAFETENSORS_DTYPE_BITS",
+    "TEXT_CSV",
     "ArchitectureSpec",
     "ArtifactFacts",
     "DatasetFacts",
@@ -76,6 +84,7 @@ __all__ = [
     "WeightTensorSpec",
     "load_dataset",
     "load_model_package",
+    "load_text_dataset",
     "parse_manifest",
     "read_safetensors_header",
     "signature_from_manifest",

@@ -30,6 +30,7 @@ MODEL_FORMAT_BY_PROTO_NAME: Mapping[str, str] = {
 DATASET_FORMAT_BY_PROTO_NAME: Mapping[str, str] = {
     contract_enums.DATASET_FORMAT_NPZ: "npz",
     contract_enums.DATASET_FORMAT_CSV: "csv",
+    contract_enums.DATASET_FORMAT_TEXT_CSV: "text-csv",
 }
 _PROTO_NAME_BY_MODEL_FORMAT = {short: proto for proto, short in MODEL_FORMAT_BY_PROTO_NAME.items()}
 

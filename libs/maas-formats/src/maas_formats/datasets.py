@@ -1,4 +1,4 @@
-"""Dataset artifacts: NumPy .npz archives and CSV files with a header row.
+"""Dataset artifacts: NumPy .npz archives, CSV files with a header row, and text CSV.
 
 The registry validates every dataset upload with `validate_dataset` and records the facts it
 returns (row count, feature shape, number of classes) in the dataset schema; the trainer loads
@@ -8,6 +8,13 @@ hostile upload costs time, not RAM. No pickle is ever loaded: object arrays are 
 
 Labels are class indices. A CSV label column may instead hold class names; then the distinct
 names, sorted, are numbered 0..n-1 and reported in `DatasetFacts.class_names`.
+
+A text CSV ("text-csv") is a CSV whose single feature column holds UTF-8 text: each example is
+one string, so its feature shape is `()`. It is bounded (`MAX_TEXT_ROWS` rows,
+`MAX_TEXT_CHARACTERS` characters per text); an empty text, bytes that are not UTF-8 or a text
+over the limit is refused naming the line and the column. `load_text_dataset` returns the texts
+as a list of str (never a NumPy string array, whose fixed width would pad every text to the
+longest).
 """
 
 from __future__ import annotations
@@ -25,7 +32,13 @@ from typing import IO
 import numpy as np
 from maas_runtime.errors import InvalidArgument, ViolationCollector
 
-DATASET_FORMATS = ("npz", "csv")
+TEXT_CSV = "text-csv"
+DATASET_FORMATS = ("npz", "csv", TEXT_CSV)
+
+# Bounds of a text dataset: the trainer tokenizes every row in memory, and a text far beyond
+# any model's context only costs time to tokenize before it is truncated.
+MAX_TEXT_ROWS = 100_000
+MAX_TEXT_CHARACTERS = 20_000
 
 # A label column with more distinct values than this is not a classification target (it is
 # probably an id or a measurement); the bound also caps the memory spent counting classes.
@@ -85,6 +98,11 @@ def validate_dataset(
     _check_schema(format_name, feature_columns, label_column, paths, format_field)
     if format_name == "npz":
         return _validate_npz(path, feature_columns[0], label_column, paths)
+    if format_name == TEXT_CSV:
+        texts = _TextColumn(paths)
+        for _text, label in _text_csv_rows(path, feature_columns[0], label_column, paths):
+            texts.add(label)
+        return texts.facts()
     return _validate_csv(path, feature_columns, label_column, paths)
 
 
@@ -105,10 +123,36 @@ def load_dataset(
     paths = _FieldPaths(artifact_field, schema_field)
     feature_columns = list(feature_columns)  # protobuf repeated fields lack list methods
     _check_schema(format_name, feature_columns, label_column, paths, format_field)
+    if format_name == TEXT_CSV:
+        raise InvalidArgument.for_field(
+            format_field, "a text dataset holds strings, not features: use load_text_dataset")
     if format_name == "npz":
         _validate_npz(path, feature_columns[0], label_column, paths)
         return _load_npz(path, feature_columns[0], label_column, paths)
     return _load_csv(path, feature_columns, label_column, paths)
+
+
+def load_text_dataset(
+    path: str | os.PathLike[str],
+    text_column: str,
+    label_column: str,
+    *,
+    artifact_field: str = "artifact",
+    schema_field: str = "schema",
+) -> tuple[list[str], np.ndarray, tuple[str, ...]]:
+    """Load a text CSV: the texts, int64 class indices and the class names (empty when the
+    labels are class indices). Applies the same checks as `validate_dataset`."""
+    paths = _FieldPaths(artifact_field, schema_field)
+    _check_schema(TEXT_CSV, [text_column], label_column, paths, "format")
+    texts: list[str] = []
+    labels: list[str] = []
+    column = _TextColumn(paths)
+    for text, label in _text_csv_rows(path, text_column, label_column, paths):
+        texts.append(text)
+        labels.append(label)
+        column.add(label)
+    facts = column.facts()
+    return texts, column.vocabulary.indexes(labels), facts.class_names
 
 
 def _check_schema(
@@ -130,6 +174,12 @@ def _check_schema(
             len(feature_columns) <= 1,
             paths.feature_columns,
             "an npz dataset names exactly one feature array",
+        )
+    if format_name == TEXT_CSV:
+        collector.check(
+            len(feature_columns) <= 1,
+            paths.feature_columns,
+            "a text dataset names exactly one feature column: the column holding the text",
         )
     for index, column in enumerate(feature_columns):
         collector.check(bool(column), f"{paths.feature_columns}[{index}]", "must not be empty")
@@ -438,6 +488,13 @@ class _LabelVocabulary:
     def class_names(self) -> tuple[str, ...]:
         return () if self.all_class_indexes else tuple(sorted(self._distinct))
 
+    def indexes(self, labels: Sequence[str]) -> np.ndarray:
+        """Every label of `labels` (all added before) as its int64 class index."""
+        if self.all_class_indexes:
+            return np.array([int(label) for label in labels], dtype=np.int64)
+        index_of = {name: index for index, name in enumerate(self.class_names)}
+        return np.array([index_of[label] for label in labels], dtype=np.int64)
+
 
 def _validate_csv(
     path: str | os.PathLike[str],
@@ -477,9 +534,88 @@ def _load_csv(
     if not labels:
         raise InvalidArgument.for_field(paths.artifact, "CSV has a header but no data rows")
     features_array = np.frombuffer(values, dtype=np.float32).reshape(len(labels), -1).copy()
-    if vocabulary.all_class_indexes:
-        label_array = np.array([int(label) for label in labels], dtype=np.int64)
-    else:
-        index_of = {name: index for index, name in enumerate(vocabulary.class_names)}
-        label_array = np.array([index_of[label] for label in labels], dtype=np.int64)
-    return features_array, label_array
+    return features_array, vocabulary.indexes(labels)
+
+
+# --- text csv ------------------------------------------------------------------------------
+
+
+class _TextColumn:
+    """Counts the rows of a text CSV against its bound and collects its labels."""
+
+    def __init__(self, paths: _FieldPaths) -> None:
+        self._paths = paths
+        self.vocabulary = _LabelVocabulary(paths)
+        self.row_count = 0
+
+    def add(self, label: str) -> None:
+        self.row_count += 1
+        if self.row_count > MAX_TEXT_ROWS:
+            raise InvalidArgument.for_field(
+                self._paths.artifact,
+                f"more than {MAX_TEXT_ROWS} rows; a text dataset holds at most {MAX_TEXT_ROWS}",
+                reason="TOO_MANY_ROWS", metadata={"limit": str(MAX_TEXT_ROWS)})
+        self.vocabulary.add(label)
+
+    def facts(self) -> DatasetFacts:
+        if self.row_count == 0:
+            raise InvalidArgument.for_field(self._paths.artifact, "CSV has a header but no data rows")
+        return DatasetFacts(row_count=self.row_count, feature_shape=(),
+                            num_classes=self.vocabulary.num_classes,
+                            class_names=self.vocabulary.class_names)
+
+
+def _undecodable(value: str) -> int | None:
+    """Index of the first byte that was not UTF-8 (read with surrogateescape), or None."""
+    for index, character in enumerate(value):
+        if "\udc80" <= character <= "\udcff":
+            return index
+    return None
+
+
+def _text_csv_rows(
+    path: str | os.PathLike[str], text_column: str, label_column: str, paths: _FieldPaths
+) -> Iterator[tuple[str, str]]:
+    """Yield (text, label) per data row; every problem names its line and column."""
+    try:
+        # surrogateescape keeps bytes that are not UTF-8 as lone surrogates, so the row and
+        # column holding them can be named instead of an offset into a read block.
+        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as stream:
+            reader = csv.reader(stream, strict=True)
+            header = next(reader, [])
+            for index, name in enumerate(header):
+                if _undecodable(name) is not None:
+                    raise InvalidArgument.for_field(
+                        paths.artifact, f"CSV header, column {index + 1}: not UTF-8 text")
+            (text_index,), label_index = _locate_columns(header, [text_column], label_column,
+                                                         paths)
+            for row in reader:
+                if not row:
+                    continue
+                line = reader.line_num
+                if len(row) != len(header):
+                    raise InvalidArgument.for_field(
+                        paths.artifact, f"line {line}: {len(row)} fields, the header has {len(header)}")
+                text, label = row[text_index], row[label_index].strip()
+                for column, value in ((text_column, text), (label_column, label)):
+                    position = _undecodable(value)
+                    if position is not None:
+                        raise InvalidArgument.for_field(
+                            paths.artifact, f"line {line}, column {column!r}: not UTF-8 text "
+                                            f"(character {position})", reason="NOT_UTF8")
+                if not text.strip():
+                    raise InvalidArgument.for_field(
+                        paths.artifact, f"line {line}: text column {text_column!r} is empty",
+                        reason="EMPTY_TEXT")
+                if len(text) > MAX_TEXT_CHARACTERS:
+                    raise InvalidArgument.for_field(
+                        paths.artifact, f"line {line}, column {text_column!r}: {len(text)} "
+                                        f"characters; the limit is {MAX_TEXT_CHARACTERS}",
+                        reason="TEXT_TOO_LONG", metadata={"limit": str(MAX_TEXT_CHARACTERS)})
+                if not label:
+                    raise InvalidArgument.for_field(
+                        paths.artifact, f"line {line}: label column {label_column!r} is empty")
+                yield text, label
+    except csv.Error as error:
+        raise InvalidArgument.for_field(
+            paths.artifact, f"malformed CSV near line {reader.line_num}: {error}") from None

@@ -38,6 +38,7 @@ MODEL_FORMAT_HF_TRANSFORMER = _name(model_pb2.ModelFormat, model_pb2.MODEL_FORMA
 # maas.registry.v1.DatasetFormat
 DATASET_FORMAT_NPZ = _name(dataset_pb2.DatasetFormat, dataset_pb2.DATASET_FORMAT_NPZ)
 DATASET_FORMAT_CSV = _name(dataset_pb2.DatasetFormat, dataset_pb2.DATASET_FORMAT_CSV)
+DATASET_FORMAT_TEXT_CSV = _name(dataset_pb2.DatasetFormat, dataset_pb2.DATASET_FORMAT_TEXT_CSV)
 
 # maas.registry.v1.EventType
 EVENT_TYPE_MODEL_CREATED = _name(audit_pb2.EventType, audit_pb2.EVENT_TYPE_MODEL_CREATED)

@@ -17,9 +17,11 @@ class DatasetFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DATASET_FORMAT_UNSPECIFIED: _ClassVar[DatasetFormat]
     DATASET_FORMAT_NPZ: _ClassVar[DatasetFormat]
     DATASET_FORMAT_CSV: _ClassVar[DatasetFormat]
+    DATASET_FORMAT_TEXT_CSV: _ClassVar[DatasetFormat]
 DATASET_FORMAT_UNSPECIFIED: DatasetFormat
 DATASET_FORMAT_NPZ: DatasetFormat
 DATASET_FORMAT_CSV: DatasetFormat
+DATASET_FORMAT_TEXT_CSV: DatasetFormat
 
 class DatasetSchema(_message.Message):
     __slots__ = ("feature_columns", "label_column", "feature_shape", "num_classes")
