@@ -16,7 +16,7 @@ import re
 import stat
 import zipfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -59,10 +59,45 @@ class HfTransformerInfo:
     root: str
     config: dict
     weights: dict[str, SafetensorsHeader]
+    # The ONNX conversion of the model ("model.onnx" under `root`) when it ships one.
+    onnx_model: str | None = None
+    # Tokenizer files found under `root`, relative to it (see `hf_tokenizer_files`).
+    tokenizer_files: tuple[str, ...] = ()
 
     @property
     def parameter_count(self) -> int:
         return sum(header.parameter_count for header in self.weights.values())
+
+
+# The name the ONNX variant of a Hugging Face directory (the compressor's convert) gives its
+# graph; such a directory carries the tokenizer and config but may hold no safetensors.
+HF_ONNX_WEIGHTS = "model.onnx"
+
+
+def hf_tokenizer_files(names: Collection[str]) -> tuple[str, ...]:
+    """The tokenizer files among `names` (relative to the model folder), or () if incomplete.
+
+    A fast tokenizer's `tokenizer.json` is complete by itself; otherwise `tokenizer_config.json`
+    plus its vocabulary (`vocab.txt` for WordPiece, `vocab.json` + `merges.txt` for BPE, a
+    sentencepiece `*.model`). Both the directory check (maas_text) and the zip check use it.
+    """
+    present = set(names)
+    extras = tuple(
+        sorted(
+            name
+            for name in ("tokenizer_config.json", "special_tokens_map.json")
+            if name in present
+        )
+    )
+    if "tokenizer.json" in present:
+        return ("tokenizer.json", *extras)
+    if "tokenizer_config.json" not in present:
+        return ()
+    sentencepiece = sorted(n for n in present if "/" not in n and n.endswith(".model"))
+    for vocabulary in (("vocab.txt",), ("vocab.json", "merges.txt"), tuple(sentencepiece[:1])):
+        if vocabulary and all(name in present for name in vocabulary):
+            return (*extras, *vocabulary)
+    return ()
 
 
 def _open_zip(path: str | os.PathLike[str], field_path: str, kind: str) -> zipfile.ZipFile:
@@ -232,7 +267,8 @@ def validate_hf_transformer(
 ) -> HfTransformerInfo:
     """Check a zipped Hugging Face model directory.
 
-    Requires a JSON-object config.json and at least one safetensors file whose header parses;
+    Requires a JSON-object config.json, weights as at least one safetensors file whose header
+    parses (or the ONNX conversion `model.onnx`), and a tokenizer (`hf_tokenizer_files`);
     rejects pickle-capable weight files and members that would extract outside the target
     directory. Every offending member is reported, not only the first.
     """
@@ -258,11 +294,36 @@ def validate_hf_transformer(
             for info in files
             if info.filename.startswith(root) and info.filename.lower().endswith(".safetensors")
         }
-    if not weights:
+        relative = [info.filename[len(root) :] for info in files if info.filename.startswith(root)]
+        onnx_model = None
+        if HF_ONNX_WEIGHTS in relative:
+            onnx_model = f"{root}{HF_ONNX_WEIGHTS}"
+            with archive.open(onnx_model) as member:
+                if member.read(1) != bytes([_ONNX_IR_VERSION_TAG]):
+                    raise InvalidArgument.for_field(
+                        field_path, f"member {onnx_model!r} is not an ONNX model"
+                    )
+    if not weights and onnx_model is None:
         raise InvalidArgument.for_field(
-            field_path, f"Hugging Face archive has no .safetensors weights under {root or '/'}"
+            field_path,
+            f"Hugging Face archive has no .safetensors weights (nor {HF_ONNX_WEIGHTS}) "
+            f"under {root or '/'}",
         )
-    return HfTransformerInfo(root=root, config=config, weights=weights)
+    tokenizer_files = hf_tokenizer_files(relative)
+    if not tokenizer_files:
+        raise InvalidArgument.for_field(
+            field_path,
+            f"Hugging Face archive has no tokenizer under {root or '/'} (tokenizer.json, or "
+            "tokenizer_config.json with its vocabulary such as vocab.txt)",
+            reason="TOKENIZER_MISSING",
+        )
+    return HfTransformerInfo(
+        root=root,
+        config=config,
+        weights=weights,
+        onnx_model=onnx_model,
+        tokenizer_files=tokenizer_files,
+    )
 
 
 def _read_config(archive: zipfile.ZipFile, info: zipfile.ZipInfo, field_path: str) -> dict:
