@@ -51,8 +51,8 @@ def test_every_architecture_maps_a_batch_to_logits(kind: str, input_shape: list[
     assert torch.isfinite(logits).all()
 
 
-def test_catalogue_lists_the_three_kinds_with_json_friendly_defaults() -> None:
-    assert set(ARCHITECTURES) == {"mlp", "cnn", "transformer"}
+def test_catalogue_lists_the_four_kinds_with_json_friendly_defaults() -> None:
+    assert set(ARCHITECTURES) == {"mlp", "cnn", "transformer", "text_lstm"}
     for kind in ARCHITECTURES:
         defaults = default_hyperparameters(kind)
         assert json.loads(json.dumps(defaults)) == defaults

@@ -1,7 +1,9 @@
 """The MaaS model zoo: declarative architectures any service can rebuild from a manifest.
 
 A manifest's `architecture` (`kind` + `hyperparameters`) and its signature's input shape
-and class count are all `build_model` needs; the weights come from safetensors.
+and class count are all `build_model` needs; the weights come from safetensors. Text
+classifiers (`text_lstm`) also need their tokenizer, which travels in the package
+(`maas_zoo.text`).
 """
 
 from maas_zoo.architectures import (
@@ -13,11 +15,15 @@ from maas_zoo.architectures import (
     resolve_hyperparameters,
 )
 from maas_zoo.hyperparameters import Hyperparameter
+from maas_zoo.text import WORDPIECE_VOCAB_SIZE, FixedLengthTokenizer, TextLstmClassifier
 
 __all__ = [
     "ARCHITECTURES",
     "Architecture",
+    "FixedLengthTokenizer",
     "Hyperparameter",
+    "TextLstmClassifier",
+    "WORDPIECE_VOCAB_SIZE",
     "build_model",
     "default_hyperparameters",
     "get_architecture",

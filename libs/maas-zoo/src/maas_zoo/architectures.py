@@ -20,6 +20,7 @@ from torch import nn
 from maas_zoo.hyperparameters import (
     HYPERPARAMETERS_FIELD,
     Hyperparameter,
+    boolean,
     integer,
     integer_list,
     one_of,
@@ -32,6 +33,7 @@ from maas_zoo.modules import (
     MultilayerPerceptron,
     TransformerClassifier,
 )
+from maas_zoo.text import TextLstmClassifier
 
 KIND_FIELD = "architecture.kind"
 INPUT_SHAPE_FIELD = "input_shape"
@@ -51,6 +53,9 @@ class Architecture:
     hyperparameters: tuple[Hyperparameter, ...]
     build: ModuleBuilder
     """Makes the module from resolved hyperparameters, a checked input shape and class count."""
+    reads_text: bool = False
+    """True for text classifiers: their input is `[max_length]` token ids from the tokenizer
+    that travels with the model (`maas_zoo.text`), not features of a numeric dataset."""
 
     def default_hyperparameters(self) -> dict[str, Any]:
         return resolve(self.hyperparameters, {})
@@ -143,6 +148,16 @@ def _build_transformer(hyperparameters: dict[str, Any], input_shape: list[int], 
     )
 
 
+def _build_text_lstm(hyperparameters: dict[str, Any], input_shape: list[int], num_classes: int):
+    if input_shape != [hyperparameters["max_length"]]:
+        raise InvalidArgument.for_field(
+            INPUT_SHAPE_FIELD,
+            f"text_lstm reads [max_length] = [{hyperparameters['max_length']}] token ids, "
+            f"got {input_shape}",
+        )
+    return TextLstmClassifier(hyperparameters, num_classes)
+
+
 _DROPOUT_DESCRIPTION = "Probability of zeroing an activation during training, in [0, 1)."
 
 ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType(
@@ -197,6 +212,23 @@ ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType(
                 Hyperparameter("dropout", 0.1, _DROPOUT_DESCRIPTION, probability_below_one()),
             ),
             build=_build_transformer,
+        ),
+        "text_lstm": Architecture(
+            kind="text_lstm",
+            description="Text classifier: WordPiece ids → embedding → LSTM → masked mean → linear.",
+            hyperparameters=(
+                Hyperparameter("embedding_dim", 64, "Width of each token embedding.", integer(1, 1_024)),
+                Hyperparameter("hidden_size", 64, "LSTM state width per direction.", integer(1, 4_096)),
+                Hyperparameter("num_layers", 1, "Stacked LSTM layers.", integer(1, 8)),
+                Hyperparameter("bidirectional", True, "Read the text in both directions.", boolean()),
+                Hyperparameter("dropout", 0.1, _DROPOUT_DESCRIPTION, probability_below_one()),
+                Hyperparameter(
+                    "max_length", 64, "Tokens per text: longer texts are cut, shorter padded.",
+                    integer(8, 512)
+                ),
+            ),
+            build=_build_text_lstm,
+            reads_text=True,
         ),
     }
 )

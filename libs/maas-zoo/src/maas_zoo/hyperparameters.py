@@ -96,6 +96,17 @@ def probability_below_one() -> Normalizer:
     return normalize
 
 
+def boolean() -> Normalizer:
+    """true or false; numbers are refused rather than read as truthy."""
+
+    def normalize(value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise HyperparameterValueError(f"must be true or false, got {value!r}")
+        return value
+
+    return normalize
+
+
 def one_of(choices: Sequence[str]) -> Normalizer:
     """A string from a fixed set."""
 
