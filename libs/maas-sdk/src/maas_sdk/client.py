@@ -27,6 +27,7 @@ import os
 import re
 import tempfile
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -570,8 +571,12 @@ class Client:
         name = job if isinstance(job, str) else job.name
         current = self.get_job(name)
         total = current.spec.epochs if isinstance(current, tj.TrainingJob) else 0
-        if current.state not in FINAL_STATES:
-            self._runner.run(self._watch(name, progress, total, timeout))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        after = 0
+        while current.state not in FINAL_STATES:
+            # A stream that ends early (a service restart) is resumed after the last event.
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+            after = self._runner.run(self._watch(name, progress, total, remaining, after))
             current = self.get_job(name)
         if check and current.state != job_pb2.JOB_STATE_SUCCEEDED:
             raise JobFailed(current, f"{name} ended {state_name(current.state)}: "
@@ -579,7 +584,8 @@ class Client:
         return current
 
     async def _watch(self, name: str, progress: ProgressCallback | None, total: int,
-                     timeout: float | None) -> None:
+                     timeout: float | None, after: int) -> int:
+        """Pass the job's events after sequence `after` to `progress`; the last sequence."""
         if name.startswith("compressionJobs/"):
             service = "compressor"
             stub: Any = await self._stub(service, compressor_service_pb2_grpc.CompressorServiceStub)
@@ -590,9 +596,9 @@ class Client:
             stub = await self._stub(service, trainer_service_pb2_grpc.TrainerServiceStub)
             open_stream = lambda after: stub.WatchTrainingJob(  # noqa: E731
                 ts.WatchTrainingJobRequest(name=name, after_sequence=after), timeout=timeout)
-        state, last = "", 0
+        state, last = "", after
         try:
-            async for event in open_stream(last):
+            async for event in open_stream(after):
                 last = event.sequence
                 update = progress_of(name, event, state, total)
                 state = update.state
@@ -600,6 +606,7 @@ class Client:
                     progress(update)
         except grpc.aio.AioRpcError as rpc_error:
             raise self._error(service, rpc_error) from None
+        return last
 
     # Deployments -----------------------------------------------------------------------------
 
