@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-PACKAGES := libs/maas-api libs/maas-runtime libs/maas-formats libs/maas-zoo libs/maas-text libs/maas-sdk libs/maas-cli \
+PACKAGES := libs/maas-api libs/maas-runtime libs/maas-formats libs/maas-zoo libs/maas-text[encoder] libs/maas-sdk libs/maas-cli \
 	$(wildcard libs/maas-jobs) $(wildcard services/*)
 PROTO_SRC := $(shell find protos -name '*.proto' 2>/dev/null)
 API_OUT := libs/maas-api/src

@@ -719,6 +719,45 @@ class Client:
                 raise self._error("inference", rpc_error) from None
         return {tensor.name: from_tensor(tensor) for tensor in reply.outputs}
 
+    def import_hf(self, directory: str | os.PathLike[str], model: str, *, alias: str = "",
+                  description: str = "", labels: Mapping[str, str] | None = None
+                  ) -> model_pb2.ModelVersion:
+        """Register a Hugging Face model directory (config, model.safetensors or model.onnx,
+        tokenizer) as an HF_TRANSFORMER version: zipped with its tokenizer, served as text in
+        (BYTES `text`) and a normalized FP32 `embedding` out. Nothing is unpickled or fetched."""
+        from maas_sdk.text import hf_version_fields
+
+        with tempfile.TemporaryDirectory(prefix="maas-hf-") as work_dir:
+            archive, signature, facts = hf_version_fields(directory, work_dir)
+            return self._upload_version(
+                model, archive, "MODEL_FORMAT_HF_TRANSFORMER", signature, alias=alias,
+                description=description, metrics=None, labels={**facts, **dict(labels or {})},
+                parents=(), operation="import")
+
+    def embed(self, deployment: str, texts: Sequence[str | bytes], *,
+              timeout: float | None = None, with_truncation: bool = False
+              ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Embeddings [n, dim] (FP32, L2-normalized) of `texts` from a text deployment; with
+        `with_truncation`, also which texts exceeded the model's limit and were cut ([n])."""
+        from maas_sdk.text import EMBEDDING_OUTPUT, TRUNCATED_OUTPUT, text_tensor
+
+        request = inf.PredictRequest(deployment=deployment_name(deployment),
+                                     inputs=[text_tensor(texts)])
+        stub = self._predict_stub or self._open_predict_stub()
+        if stub is None:
+            reply = self._inference("Predict", request, timeout)
+        else:
+            try:
+                reply = stub.Predict(request, timeout=timeout or self.timeout,
+                                     metadata=self._metadata)
+            except grpc.RpcError as rpc_error:
+                raise self._error("inference", rpc_error) from None
+        outputs = {tensor.name: from_tensor(tensor) for tensor in reply.outputs}
+        vectors = outputs[EMBEDDING_OUTPUT]
+        if with_truncation:
+            return vectors, outputs[TRUNCATED_OUTPUT].reshape(-1)
+        return vectors
+
     def _open_predict_stub(self) -> inference_service_pb2_grpc.InferenceServiceStub | None:
         """Predict's own blocking channel to a known inference target: a call from the
         caller's thread, without the event-loop hop and the interceptor of the aio path."""

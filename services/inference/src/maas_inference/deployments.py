@@ -45,6 +45,7 @@ from maas_inference.tensors import (
     ServingSignature,
     TensorRule,
     check_output_names,
+    check_text_inputs,
     infer_request_from_predict,
     kserve_shapes,
     predict_shapes,
@@ -68,7 +69,8 @@ READY, CREATING, ROLLING_OUT, FAILED, UNAVAILABLE = (
     contract_enums.DEPLOYMENT_STATE_UNAVAILABLE)
 SERVABLE_FORMATS = {contract_enums.MODEL_FORMAT_MAAS_PACKAGE: "maas-package",
                     contract_enums.MODEL_FORMAT_TORCHSCRIPT: "torchscript",
-                    contract_enums.MODEL_FORMAT_ONNX: "onnx"}
+                    contract_enums.MODEL_FORMAT_ONNX: "onnx",
+                    contract_enums.MODEL_FORMAT_HF_TRANSFORMER: "hf-transformer"}
 UPDATABLE = frozenset({"model", "track_alias", "traffic", "shadow", "serving"})
 
 
@@ -568,6 +570,8 @@ class DeploymentManager:
         check_output_names(output_names, target.signature, "output_names")
         request = infer_request_from_predict(inputs, output_names, target.triton_model,
                                              request_id)
+        if target.signature.has_text_inputs:
+            check_text_inputs(target.signature, request, "inputs")
         response = await self._infer(target, request, rows, timeout)
         if live.route.mirrors(request_id):
             self._mirror(live, request, response)
@@ -621,6 +625,8 @@ class DeploymentManager:
         request_id = request.id or uuid.uuid4().hex
         target = live.route.pick(request_id)
         rows = target.signature.check(kserve_shapes(request), "inputs")
+        if target.signature.has_text_inputs:
+            check_text_inputs(target.signature, request, "inputs")
         request.model_name = target.triton_model
         return live, target, rows, request_id
 

@@ -80,6 +80,11 @@ class ServingSignature:
         return self.max_batch_size > 0 and all(
             rule.datatype in ITEM_BYTES for rule in (*self.inputs, *self.outputs))
 
+    @cached_property
+    def has_text_inputs(self) -> bool:
+        """A BYTES input: texts to check (UTF-8, not empty) at the gateway."""
+        return any(rule.datatype == "BYTES" for rule in self.inputs)
+
     def check(self, tensors: Sequence[tuple[str, str, Sequence[int], int | None]], field_path: str) -> int:
         """Check (name, datatype, shape, byte length or None) of each input; return the batch.
 
@@ -142,6 +147,39 @@ class ServingSignature:
             violations.add(field_path, f"inputs disagree on the batch size: {sorted(batch_sizes)}")
         violations.raise_if_any("request does not match the signature")
         return next(iter(batch_sizes), 1)
+
+
+def split_bytes_tensor(raw: bytes, field_path: str) -> list[bytes]:
+    """The items of a KServe BYTES tensor: each a 4-byte little-endian length, then the bytes."""
+    items, offset = [], 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise InvalidArgument.for_field(field_path, "BYTES tensor ends inside an item length")
+        length = int.from_bytes(raw[offset:offset + 4], "little")
+        offset += 4
+        if offset + length > len(raw):
+            raise InvalidArgument.for_field(field_path, f"BYTES item of {length} bytes runs past the end")
+        items.append(raw[offset:offset + length])
+        offset += length
+    return items
+
+
+def check_text_inputs(signature: ServingSignature, request: service_pb2.ModelInferRequest,
+                      field_path: str) -> None:
+    """Refuse non-UTF-8 or empty texts in a text model's BYTES inputs before Triton sees them
+    (INVALID_ARGUMENT naming `<input>[item]`), as maas_text's runtime would."""
+    from maas_text.inputs import decode_texts
+
+    text_inputs = {rule.name for rule in signature.inputs if rule.datatype == "BYTES"}
+    for index, tensor in enumerate(request.inputs):
+        if tensor.name not in text_inputs:
+            continue
+        if index < len(request.raw_input_contents):
+            items = split_bytes_tensor(request.raw_input_contents[index], f"{field_path}[{index}]")
+        else:
+            items = list(tensor.contents.bytes_contents)
+        decode_texts(items, input_name=tensor.name,
+                     max_batch=max(signature.max_batch_size, len(items), 1))
 
 
 def infer_request_from_predict(

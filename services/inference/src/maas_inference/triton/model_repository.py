@@ -84,6 +84,10 @@ class ArtifactFormat(enum.StrEnum):
     ONNX = "onnx"
     """An ONNX graph, run by onnxruntime (in the Python backend or Triton's own backend)."""
 
+    HF_TRANSFORMER = "hf-transformer"
+    """A zipped Hugging Face directory (config, safetensors or model.onnx, tokenizer): text in,
+    tokenized and embedded by maas_text inside the Python backend."""
+
     @property
     def artifact_file_name(self) -> str:
         """The artifact's file name inside the model's version directory."""
@@ -94,6 +98,7 @@ ARTIFACT_FILE_NAMES = {
     ArtifactFormat.MAAS_PACKAGE: "model.safetensors",
     ArtifactFormat.TORCHSCRIPT: "model.pt",
     ArtifactFormat.ONNX: "model.onnx",
+    ArtifactFormat.HF_TRANSFORMER: "model.zip",
 }
 
 
@@ -117,6 +122,8 @@ def runtime_description(artifact_format: ArtifactFormat, runtime: ServingRuntime
     """How a deployment reports what runs its model, e.g. "onnxruntime in Triton's Python backend"."""
     if runtime is ServingRuntime.ONNXRUNTIME_BACKEND:
         return "Triton's onnxruntime backend"
+    if artifact_format is ArtifactFormat.HF_TRANSFORMER:
+        return "tokenizer + torch or onnxruntime (maas_text) in Triton's Python backend"
     engine = "onnxruntime" if artifact_format is ArtifactFormat.ONNX else "torch"
     return f"{engine} in Triton's Python backend"
 

@@ -17,6 +17,14 @@ Per model instance, `initialize` loads the artifact once:
   threads), fed by input name. torch is not imported for it: an ONNX model starts in the time
   onnxruntime takes to load, and a Triton image for ONNX needs numpy and onnxruntime only.
   (A Triton with its own onnxruntime backend serves ONNX without this file at all.)
+* `hf-transformer`: a zipped Hugging Face directory, unzipped next to this file (validated by
+  maas_formats: no pickle, no escaping paths) and loaded as a `maas_text.SentenceEncoder`
+  (tokenizer + torch from safetensors, or onnxruntime when it holds model.onnx). Its one input
+  is BYTES text ([batch, 1]); texts are checked (UTF-8, not empty), tokenized together padded
+  to the longest text of everything the dynamic batcher gathered, embedded once and answered
+  per request as `embedding` FP32 [batch, dim] (L2-normalized) and `truncated` BOOL [batch, 1]
+  (true where a text exceeded the model's limit and was cut). A request with a bad text gets
+  an INVALID_ARG error of its own; the others in the batch are served.
 
 `execute` receives every request Triton's dynamic batcher gathered, concatenates each input
 across them, runs ONE forward pass in inference mode and splits the outputs back per request:
@@ -41,6 +49,7 @@ import numpy as np
 if TYPE_CHECKING:
     import onnxruntime
     import torch
+    from maas_text.encoder import SentenceEncoder
 
 ARTIFACT_PATH_PARAMETER = "maas.artifact_path"
 ARTIFACT_FORMAT_PARAMETER = "maas.artifact_format"
@@ -153,6 +162,13 @@ def load_torchscript(artifact: Path) -> torch.nn.Module:
 
 ARTIFACT_LOADERS = {"maas-package": load_maas_package, "torchscript": load_torchscript}
 ONNX_FORMAT = "onnx"
+HF_TRANSFORMER_FORMAT = "hf-transformer"
+
+
+def _invalid_argument(pb_utils, message: str):
+    # TritonError carries a status code from Triton 23.x on; older stubs take the message only.
+    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
+    return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
 
 
 def load_artifact(artifact: Path, artifact_format: str) -> torch.nn.Module:
@@ -237,6 +253,10 @@ class TritonPythonModel:
         artifact_format = parameters[ARTIFACT_FORMAT_PARAMETER]
         input_names = [tensor["name"] for tensor in config["input"]]
         output_names = [tensor["name"] for tensor in config["output"]]
+        self.text_encoder: SentenceEncoder | None = None
+        if artifact_format == HF_TRANSFORMER_FORMAT:
+            self._initialize_text(config, artifact, version_dir, threads, pb_utils)
+            return
         if artifact_format == ONNX_FORMAT:
             self.runner = onnx_runner(load_onnx_session(artifact, threads), input_names, output_names)
         else:
@@ -253,6 +273,54 @@ class TritonPythonModel:
             for tensor in config["output"]
         ]
         self._warm_up(config["input"], pb_utils)
+
+    def _initialize_text(self, config: dict, artifact: Path, version_dir: Path, threads: int,
+                         pb_utils) -> None:
+        from maas_text.directory import unzip_directory
+        from maas_text.encoder import SentenceEncoder
+
+        directory = unzip_directory(artifact, version_dir / "hf-model")
+        encoder = SentenceEncoder.load(directory, threads, prefer_onnx=True)
+        self.text_encoder = encoder
+        self.input_names = [tensor["name"] for tensor in config["input"]]
+        if len(self.input_names) != 1 or config["input"][0]["data_type"] != "TYPE_STRING":
+            raise ArtifactError("a text model takes exactly one BYTES input (the texts)")
+        self.max_batch = max(1, config.get("max_batch_size", 0))
+        self.outputs = [
+            (tensor["name"], pb_utils.triton_string_to_numpy(tensor["data_type"]))
+            for tensor in config["output"]
+        ]
+        encoder.embed(["warm up the tokenizer and the first forward pass"])
+
+    def _execute_text(self, requests, pb_utils):
+        """Embed every valid request's texts in one padded batch; bad requests fail alone."""
+        from maas_runtime.errors import InvalidArgument
+        from maas_text import decode_texts
+
+        responses: list = [None] * len(requests)
+        texts: list[str] = []
+        spans: list[tuple[int, int, int]] = []
+        for index, request in enumerate(requests):
+            raw = pb_utils.get_input_tensor_by_name(request, self.input_names[0]).as_numpy()
+            try:
+                decoded = decode_texts(raw.reshape(-1).tolist(), input_name=self.input_names[0],
+                                       max_batch=self.max_batch)
+            except InvalidArgument as error:
+                responses[index] = pb_utils.InferenceResponse(
+                    output_tensors=[], error=_invalid_argument(pb_utils, error.message))
+                continue
+            spans.append((index, len(texts), len(texts) + len(decoded)))
+            texts.extend(decoded)
+        if texts and self.text_encoder is not None:
+            vectors, truncated = self.text_encoder.embed_with_flags(texts, max_batch=len(texts))
+            flags = np.asarray(truncated, dtype=np.bool_).reshape(-1, 1)
+            by_name = {"embedding": vectors, "truncated": flags}
+            for index, start, stop in spans:
+                responses[index] = pb_utils.InferenceResponse(output_tensors=[
+                    pb_utils.Tensor(name, np.ascontiguousarray(by_name[name][start:stop].astype(dtype)))
+                    for name, dtype in self.outputs
+                ])
+        return responses
 
     def _warm_up(self, inputs: list[dict], pb_utils) -> None:
         # The first forward pass pays for lazy initialisation; pay it before READY instead of
@@ -292,6 +360,8 @@ class TritonPythonModel:
     def execute(self, requests):
         pb_utils = _triton_utils()
         try:
+            if self.text_encoder is not None:
+                return self._execute_text(requests, pb_utils)
             inputs_per_request = [
                 [pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.input_names]
                 for request in requests
@@ -325,4 +395,6 @@ class TritonPythonModel:
             ]
 
     def finalize(self) -> None:
-        del self.runner  # frees the weights (and an onnxruntime session) before the stub exits
+        # Frees the weights (and an onnxruntime session) before the stub exits.
+        self.__dict__.pop("runner", None)
+        self.text_encoder = None
