@@ -61,7 +61,7 @@ from maas_runtime.client import bearer_metadata, open_blocking_channel
 from maas_runtime.discovery import ServiceDiscovery
 from maas_runtime.grpc_errors import from_rpc_error
 from maas_runtime.messages import to_dict
-from maas_runtime.peers import PeerChannel
+from maas_runtime.peers import PeerChannel, PeerTransport
 from maas_runtime.registry_client import RegistryClient, file_sha256
 from tritonclient.grpc import service_pb2 as kserve_pb2, service_pb2_grpc as kserve_grpc
 
@@ -220,8 +220,9 @@ class Client:
         error = from_rpc_error(rpc_error)
         if isinstance(error, Unavailable) and not _carries_status(rpc_error):
             peer = self._peers.get(service)
-            where = peer.where if peer else service
-            transport = peer.transport.name if peer else "plaintext"
+            where = peer.where if peer else self._where(service)
+            transport = (peer.transport if peer else self.connection.tls.transport()
+                         if self.connection.tls else PeerTransport()).name
             error.message = (f"{service} at {where} is unreachable over {transport}: "
                              f"{error.message}")
             error.args = (error.message,)
