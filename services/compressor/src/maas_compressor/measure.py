@@ -16,9 +16,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from maas_runtime.contract_enums import MODEL_FORMAT_MAAS_PACKAGE, MODEL_FORMAT_ONNX
+from maas_runtime.contract_enums import (
+    MODEL_FORMAT_HF_TRANSFORMER,
+    MODEL_FORMAT_MAAS_PACKAGE,
+    MODEL_FORMAT_ONNX,
+)
+from maas_runtime.errors import FailedPrecondition
 
-from maas_compressor.steps.base import DataSplits, ModelUnderCompression, OnnxForm, TorchForm
+from maas_compressor.steps.base import DataSplits, HfForm, ModelUnderCompression, OnnxForm, TorchForm
 from maas_compressor.torch_models import (
     PACKAGE_FILENAME,
     count_parameters,
@@ -56,6 +61,8 @@ def predict(model: ModelUnderCompression, x: np.ndarray, threads: int = 1) -> np
     """Logits for client inputs `x`, from whichever runtime serves the model's form."""
     if isinstance(model.form, TorchForm):
         return predict_torch(model.form, x, threads=threads, preprocessing=model.preprocessing)
+    if isinstance(model.form, HfForm):
+        raise _encoder_not_a_classifier()
     # Imported here: the ONNX side is optional for torch-only steps and their tests.
     from maas_compressor.onnx_models import predict_onnx
 
@@ -73,22 +80,36 @@ def parameter_counts(model: ModelUnderCompression) -> tuple[int, int]:
     """(parameters, non-zero parameters) of the model in its current form."""
     if isinstance(model.form, TorchForm):
         return count_parameters(model.form.module)
+    if isinstance(model.form, HfForm):
+        raise _encoder_not_a_classifier()
     from maas_compressor.onnx_models import onnx_parameter_counts
 
     return onnx_parameter_counts(model.form)
 
 
+def _encoder_not_a_classifier() -> FailedPrecondition:
+    return FailedPrecondition("a sentence encoder has no logits: it is measured by "
+                              "maas_compressor.hf_models.measure_encoder (cosine, Spearman)")
+
+
 def runtime_of(model: ModelUnderCompression) -> str:
+    if isinstance(model.form, HfForm):
+        return model.form.runtime
     return RUNTIME_TORCH if isinstance(model.form, TorchForm) else RUNTIME_ONNXRUNTIME
 
 
 def artifact_of(model: ModelUnderCompression, directory: Path) -> tuple[Path, str]:
     """The file the model would be registered as, and its registry format name.
 
-    A torch form is written as a maas-package into `directory`; an ONNX form is its file.
+    A torch form is written as a maas-package into `directory`; an ONNX form is its file; an
+    encoder directory is zipped as HF_TRANSFORMER (tokenizer and configs included).
     """
     if isinstance(model.form, OnnxForm):
         return model.form.path, MODEL_FORMAT_ONNX
+    if isinstance(model.form, HfForm):
+        from maas_compressor.hf_models import hf_artifact
+
+        return hf_artifact(model.form, directory), MODEL_FORMAT_HF_TRANSFORMER
     directory.mkdir(parents=True, exist_ok=True)
     return write_package(model, directory / PACKAGE_FILENAME), MODEL_FORMAT_MAAS_PACKAGE
 

@@ -1,8 +1,10 @@
 """What every compression step sees and returns; the contract between the pipeline and its steps.
 
 A pipeline holds one `ModelUnderCompression` at a time, in exactly one form: a torch module
-built from a zoo architecture (`TorchForm`: prune, distill and fuse work here) or an ONNX file
-(`OnnxForm`: quantization works here; `convert` turns the first into the second). A step is a
+built from a zoo architecture (`TorchForm`: prune, distill and fuse work here), an ONNX file
+(`OnnxForm`: quantization works here; `convert` turns the first into the second), or a
+Hugging Face sentence-encoder directory (`HfForm`: config, tokenizer and either safetensors for
+torch or model.onnx for onnxruntime; convert, quantize and distill have encoder variants). A step is a
 plain function `(model, parameters, context) -> StepResult`; it never imports grpc, reports
 progress through the context, and raises `maas_runtime.errors` exceptions (InvalidArgument
 naming the step's field, FailedPrecondition when the model cannot take the step) for the job
@@ -55,7 +57,17 @@ class OnnxForm:
     opset: int
 
 
-Form = TorchForm | OnnxForm
+@dataclass
+class HfForm:
+    """A Hugging Face sentence-encoder directory in the job's work directory: config.json, the
+    tokenizer files, sentence-transformers' pooling config, and the weights of one runtime."""
+
+    directory: Path
+    runtime: str
+    """"torch" (model.safetensors) or "onnxruntime" (model.onnx, pooling in the graph)."""
+
+
+Form = TorchForm | OnnxForm | HfForm
 
 
 @dataclass

@@ -28,7 +28,14 @@ import torch
 from maas_runtime.errors import FailedPrecondition, InvalidArgument
 
 from maas_compressor.onnx_models import default_opset, predict_onnx, strip_exporter_metadata
-from maas_compressor.steps.base import ModelUnderCompression, OnnxForm, StepContext, StepResult, TorchForm
+from maas_compressor.steps.base import (
+    HfForm,
+    ModelUnderCompression,
+    OnnxForm,
+    StepContext,
+    StepResult,
+    TorchForm,
+)
 from maas_compressor.torch_models import predict_torch
 
 DEFAULT_OPSET = 18
@@ -177,6 +184,9 @@ def verify_against_torch(
 
 def convert(model: ModelUnderCompression, params: Mapping[str, Any], ctx: StepContext) -> StepResult:
     """TorchForm → OnnxForm (see module doc). Params: `opset` (int, default 18)."""
+    if isinstance(model.form, HfForm):
+        from maas_compressor.steps.transformer import convert_hf
+        return convert_hf(model, params, ctx)
     opset = opset_parameter(params)
     if isinstance(model.form, OnnxForm):
         raise FailedPrecondition("the model is already an ONNX graph; convert exports torch models")

@@ -20,7 +20,7 @@ from maas_zoo import resolve_hyperparameters
 from maas_zoo.hyperparameters import HYPERPARAMETERS_FIELD
 
 from maas_compressor.measure import predict
-from maas_compressor.steps.base import ModelUnderCompression, StepContext, StepResult, TorchForm
+from maas_compressor.steps.base import HfForm, ModelUnderCompression, StepContext, StepResult, TorchForm
 from maas_compressor.torch_models import (
     build_zoo_module,
     classifier_shape,
@@ -36,6 +36,9 @@ DEFAULT_ALPHA = 0.7
 
 def distill(model: ModelUnderCompression, params: Mapping[str, Any], ctx: StepContext) -> StepResult:
     """Train `params["student_architecture"]` on the teacher's soft labels and the hard ones."""
+    if isinstance(model.form, HfForm):
+        from maas_compressor.steps.transformer import distill_hf
+        return distill_hf(model, params, ctx)
     temperature = float(params.get("temperature", DEFAULT_TEMPERATURE))
     alpha = float(params.get("alpha", DEFAULT_ALPHA))
     architecture, student = _student(params[STUDENT_FIELD], model)

@@ -53,7 +53,7 @@ from maas_compressor.onnx_models import (
     strip_exporter_metadata,
     torch_module_of,
 )
-from maas_compressor.steps.base import ModelUnderCompression, OnnxForm, StepContext, StepResult
+from maas_compressor.steps.base import HfForm, ModelUnderCompression, OnnxForm, StepContext, StepResult
 from maas_compressor.steps.convert import convert
 
 DTYPES = ("int8", "int4", "fp16", "bf16")
@@ -388,6 +388,9 @@ def _weight_dtypes(form: OnnxForm) -> dict[str, int]:
 
 def quantize(model: ModelUnderCompression, params: Mapping[str, Any], ctx: StepContext) -> StepResult:
     """Quantizes the model's ONNX graph (a torch model is converted first); see module doc."""
+    if isinstance(model.form, HfForm):
+        from maas_compressor.steps.transformer import quantize_hf
+        return quantize_hf(model, params, ctx)
     settings = parse_parameters(params)
     details: dict[str, Any] = {"dtype": settings.dtype}
     if not isinstance(model.form, OnnxForm):

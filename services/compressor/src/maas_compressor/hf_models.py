@@ -1,0 +1,221 @@
+"""Hugging Face sentence encoders in a compression job: load, embed, write back, measure.
+
+An HF_TRANSFORMER version is a zip of a model directory (config, tokenizer, pooling config,
+weights); `load_hf` unzips it into the job's work directory as an `HfForm`, and `hf_artifact`
+zips a form back (the tokenizer and configs travel with every result). Embeddings come from
+`maas_text.SentenceEncoder`, the same code that serves the model, so what is measured here is
+what a client gets: mean-pooled, L2-normalized FP32 vectors from torch (safetensors) or
+onnxruntime (model.onnx).
+
+The quality of a compressed encoder is judged against the source's embeddings on a fixed
+sentence set: the mean cosine of each sentence's pair of embeddings, and the Spearman rank
+correlation of all pairwise similarities (what a retrieval or clustering user sees). The
+sentences come from the standard library's documentation text (`pydoc_data.topics`), split
+deterministically into a training part (distillation) and a held-out part (measurements).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from maas_formats.manifest import ModelSignature, TensorSignature
+from maas_runtime.errors import FailedPrecondition
+from maas_text import HfDirectory, unzip_directory, zip_directory
+from maas_text.encoder import SentenceEncoder
+
+from maas_compressor.steps.base import HfForm, ModelUnderCompression
+
+RUNTIME_TORCH = "torch"
+RUNTIME_ONNXRUNTIME = "onnxruntime"
+ONNX_WEIGHTS = "model.onnx"
+SAFETENSORS_WEIGHTS = "model.safetensors"
+WEIGHT_FILES = frozenset({ONNX_WEIGHTS, SAFETENSORS_WEIGHTS})
+HF_ARCHIVE_NAME = "model.hf.zip"
+HELD_OUT_EVERY = 8
+"""Every 8th corpus sentence is held out for measurements; the rest may be trained on."""
+DEFAULT_PROBE_SENTENCES = 64
+DEFAULT_LATENCY_REPEATS = 10
+_MIN_SENTENCE_CHARACTERS = 20
+_MAX_SENTENCE_CHARACTERS = 400
+_WARM_UP_RUNS = 2
+
+
+def corpus_sentences() -> list[str]:
+    """The standard library's documentation topics as sentences, in a fixed order."""
+    from pydoc_data.topics import topics
+
+    sentences: list[str] = []
+    for key in sorted(topics):
+        text = re.sub(r"\s+", " ", topics[key])
+        for sentence in re.split(r"(?<=[.!?:])\s+(?=[A-Z])", text):
+            sentence = sentence.strip()
+            if _MIN_SENTENCE_CHARACTERS <= len(sentence) <= _MAX_SENTENCE_CHARACTERS:
+                sentences.append(sentence)
+    return list(dict.fromkeys(sentences))  # topics repeat some boilerplate
+
+
+def training_sentences() -> list[str]:
+    """The corpus less the held-out sentences."""
+    return [s for index, s in enumerate(corpus_sentences()) if index % HELD_OUT_EVERY]
+
+
+def probe_sentences(count: int = DEFAULT_PROBE_SENTENCES) -> list[str]:
+    """The first `count` held-out sentences: the fixed set every measurement uses."""
+    held_out = [s for index, s in enumerate(corpus_sentences()) if index % HELD_OUT_EVERY == 0]
+    return held_out[:count]
+
+
+def text_signature(dimension: int) -> ModelSignature:
+    """Text in, one L2-normalized embedding out (what the served encoder promises)."""
+    return ModelSignature(
+        inputs=(TensorSignature("text", "BYTES", (1,)),),
+        outputs=(TensorSignature("embedding", "FP32", (dimension,)),),
+    )
+
+
+def hf_model(directory: Path) -> ModelUnderCompression:
+    """An unzipped encoder directory as the model under compression."""
+    checked = HfDirectory.open(directory)
+    runtime = RUNTIME_TORCH if checked.weights_format == "safetensors" else RUNTIME_ONNXRUNTIME
+    return ModelUnderCompression(form=HfForm(directory=checked.path, runtime=runtime),
+                                 signature=text_signature(checked.dimension))
+
+
+def load_hf(archive: Path, workdir: Path) -> ModelUnderCompression:
+    """A staged HF_TRANSFORMER zip, unzipped (validated: no pickle, no escaping paths)."""
+    return hf_model(unzip_directory(archive, workdir))
+
+
+def copy_without_weights(source: Path, target: Path) -> None:
+    """`source`'s config, tokenizer and pooling files into `target` (created), no weights:
+    a step writes its own weights next to them."""
+    target.mkdir(parents=True, exist_ok=True)
+    for path in sorted(source.rglob("*")):
+        relative = path.relative_to(source)
+        if path.is_file() and relative.as_posix() not in WEIGHT_FILES:
+            (target / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target / relative)
+
+
+def hf_artifact(form: HfForm, directory: Path) -> Path:
+    """The form zipped as an HF_TRANSFORMER artifact under `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    return zip_directory(form.directory, directory / HF_ARCHIVE_NAME)
+
+
+def weights_path(form: HfForm) -> Path:
+    return form.directory / (ONNX_WEIGHTS if form.runtime == RUNTIME_ONNXRUNTIME else SAFETENSORS_WEIGHTS)
+
+
+def load_encoder(form: HfForm, threads: int = 1) -> SentenceEncoder:
+    """The serving encoder of the form, on the form's runtime."""
+    return SentenceEncoder.load(form.directory, threads=threads,
+                                prefer_onnx=form.runtime == RUNTIME_ONNXRUNTIME)
+
+
+def embed(form: HfForm, sentences: Sequence[str], threads: int = 1, batch_size: int = 32) -> np.ndarray:
+    """Embeddings [n, dimension] of `sentences`, in batches (padding stays per batch)."""
+    encoder = load_encoder(form, threads)
+    parts = [encoder.embed(list(sentences[i:i + batch_size]))
+             for i in range(0, len(sentences), batch_size)]
+    return np.concatenate(parts) if parts else np.zeros((0, encoder.dimension), np.float32)
+
+
+def mean_cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Mean over sentences of the cosine between the two embeddings of each."""
+    if reference.shape != candidate.shape:
+        raise FailedPrecondition(
+            f"embeddings of shape {list(candidate.shape)} cannot be compared with {list(reference.shape)}")
+    norms = np.linalg.norm(reference, axis=1) * np.linalg.norm(candidate, axis=1)
+    return float(np.mean(np.sum(reference * candidate, axis=1) / np.clip(norms, 1e-12, None)))
+
+
+def similarity_spearman(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Spearman correlation of all pairwise cosine similarities (upper triangle) of the two
+    embeddings of one sentence set: 1.0 when the candidate ranks every pair as the reference."""
+    from scipy.stats import spearmanr
+
+    def pairwise(embeddings: np.ndarray) -> np.ndarray:
+        unit = embeddings / np.clip(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12, None)
+        rows, columns = np.triu_indices(len(unit), k=1)
+        return (unit @ unit.T)[rows, columns]
+
+    correlation = spearmanr(pairwise(reference), pairwise(candidate)).statistic
+    return float(correlation)
+
+
+@dataclass(frozen=True)
+class EncoderMeasurement:
+    """One encoder measured on this machine's CPU against a reference's embeddings."""
+
+    runtime: str
+    weights_bytes: int
+    """The weight file's size (model.safetensors or model.onnx): what the saving is about."""
+    artifact_bytes: int
+    """The HF_TRANSFORMER zip's size (weights, tokenizer and configs)."""
+    latency_ms: dict[str, float]
+    """p50 of embedding a batch (tokenizing included), keyed `b1_t1`, `b32_t1`, `b1_tall`,
+    `b32_tall` (batch size, one thread or all of this machine's)."""
+    mean_cosine: float
+    similarity_spearman: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _p50_ms(encoder: SentenceEncoder, batch: list[str], repeats: int) -> float:
+    for _ in range(_WARM_UP_RUNS):
+        encoder.embed(batch)
+    timings = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        encoder.embed(batch)
+        timings.append((time.perf_counter() - started) * 1000.0)
+    return statistics.median(timings)
+
+
+def encoder_latencies(form: HfForm, sentences: Sequence[str], repeats: int = DEFAULT_LATENCY_REPEATS,
+                      batch_sizes: Sequence[int] = (1, 32),
+                      thread_counts: Sequence[int] | None = None) -> dict[str, float]:
+    """p50 latency per batch size and thread count (1 and all cores by default)."""
+    import torch
+
+    all_threads = os.cpu_count() or 1
+    counts = thread_counts if thread_counts is not None else (1, all_threads)
+    previous = torch.get_num_threads()
+    latencies: dict[str, float] = {}
+    try:
+        for threads in counts:
+            encoder = load_encoder(form, threads)
+            for size in batch_sizes:
+                batch = [sentences[i % len(sentences)] for i in range(size)]
+                torch.set_num_threads(threads)  # process-wide: the last encoder loaded set it
+                key = f"b{size}_t{'all' if threads == all_threads and threads != 1 else threads}"
+                latencies[key] = _p50_ms(encoder, batch, repeats)
+    finally:
+        torch.set_num_threads(previous)
+    return latencies
+
+
+def measure_encoder(form: HfForm, reference: np.ndarray, sentences: Sequence[str], workdir: Path,
+                    repeats: int = DEFAULT_LATENCY_REPEATS,
+                    thread_counts: Sequence[int] | None = None) -> EncoderMeasurement:
+    """Size, latencies and agreement with `reference` (embeddings of `sentences`)."""
+    embeddings = embed(form, sentences)
+    return EncoderMeasurement(
+        runtime=form.runtime,
+        weights_bytes=weights_path(form).stat().st_size,
+        artifact_bytes=hf_artifact(form, workdir).stat().st_size,
+        latency_ms=encoder_latencies(form, sentences, repeats, thread_counts=thread_counts),
+        mean_cosine=mean_cosine(reference, embeddings),
+        similarity_spearman=similarity_spearman(reference, embeddings),
+    )

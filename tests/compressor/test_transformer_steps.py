@@ -1,0 +1,185 @@
+"""The encoder steps on the bundled all-MiniLM-L6-v2, called directly with a recording context:
+an HF_TRANSFORMER zip loads as a torch encoder, convert exports the pooled normalized
+embedding to ONNX (dynamic batch and sequence) that serves the same vectors, the int8 search
+stores the MatMuls and the embedding tables in int8 within the cosine minimum, distillation
+into 3 layers improves on the untrained student, and the measurements compare encoders."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from maas_compressor.hf_models import (
+    RUNTIME_ONNXRUNTIME,
+    RUNTIME_TORCH,
+    corpus_sentences,
+    embed,
+    load_hf,
+    mean_cosine,
+    measure_encoder,
+    probe_sentences,
+    similarity_spearman,
+    training_sentences,
+    weights_path,
+)
+from maas_compressor.measure import artifact_of
+from maas_compressor.steps.base import DataSplits, HfForm, ModelUnderCompression
+from maas_compressor.steps.convert import convert
+from maas_compressor.steps.distill import distill
+from maas_compressor.steps.quantize import quantize
+from maas_runtime.contract_enums import MODEL_FORMAT_HF_TRANSFORMER
+from maas_runtime.errors import FailedPrecondition, InvalidArgument
+from maas_text import minilm_directory, zip_directory
+from maas_text.encoder import SentenceEncoder
+
+from tests.compressor.torch_helpers import RecordingContext
+
+_NO_DATA = DataSplits(*(np.zeros((0, 1), np.float32) for _ in range(4)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def context(workdir: Path) -> RecordingContext:
+    workdir.mkdir(parents=True, exist_ok=True)
+    return RecordingContext(data=_NO_DATA, workdir=workdir)
+
+
+@pytest.fixture(scope="module")
+def minilm(tmp_path_factory: pytest.TempPathFactory) -> ModelUnderCompression:
+    """MiniLM as the job stages it: the HF_TRANSFORMER zip, unzipped."""
+    root = tmp_path_factory.mktemp("minilm")
+    return load_hf(zip_directory(minilm_directory(), root / "source.zip"), root / "source")
+
+
+@pytest.fixture(scope="module")
+def reference(minilm: ModelUnderCompression) -> np.ndarray:
+    assert isinstance(minilm.form, HfForm)
+    return embed(minilm.form, probe_sentences())
+
+
+@pytest.fixture(scope="module")
+def converted(minilm: ModelUnderCompression, tmp_path_factory: pytest.TempPathFactory):
+    ctx = context(tmp_path_factory.mktemp("convert"))
+    return convert(minilm, {}, ctx), ctx
+
+
+@pytest.fixture(scope="module")
+def quantized(converted, tmp_path_factory: pytest.TempPathFactory):
+    ctx = context(tmp_path_factory.mktemp("quantize"))
+    return quantize(converted[0].model, {"dtype": "int8", "min_mean_cosine": 0.99}, ctx)
+
+
+def test_the_corpus_splits_into_disjoint_training_and_probe_sentences():
+    corpus, training, probe = corpus_sentences(), training_sentences(), probe_sentences()
+    assert len(corpus) > 1500
+    assert len(probe) == 64
+    assert not set(probe) & set(training)
+
+
+def test_an_hf_transformer_zip_loads_as_a_torch_encoder_and_zips_back_with_its_tokenizer(
+        minilm: ModelUnderCompression, tmp_path: Path):
+    assert isinstance(minilm.form, HfForm) and minilm.form.runtime == RUNTIME_TORCH
+    assert minilm.signature.outputs[0].shape == (384,)
+    artifact, format_name = artifact_of(minilm, tmp_path)
+    assert format_name == MODEL_FORMAT_HF_TRANSFORMER
+    with zipfile.ZipFile(artifact) as archive:
+        assert {"config.json", "tokenizer.json", "model.safetensors"} <= set(archive.namelist())
+
+
+def test_convert_exports_the_pooled_normalized_embedding_with_dynamic_batch_and_sequence(
+        converted, minilm: ModelUnderCompression):
+    result, _ = converted
+    form = result.model.form
+    assert isinstance(form, HfForm) and form.runtime == RUNTIME_ONNXRUNTIME
+    assert not (form.directory / "model.safetensors").exists()
+    assert (form.directory / "tokenizer.json").exists()
+    graph = onnx.load(str(weights_path(form)), load_external_data=False).graph
+    assert [i.name for i in graph.input] == ["input_ids", "attention_mask", "token_type_ids"]
+    output_dims = graph.output[0].type.tensor_type.shape.dim
+    assert len(output_dims) == 2 and output_dims[0].dim_param and output_dims[1].dim_value == 384
+    assert all(dim.dim_param for dim in graph.input[0].type.tensor_type.shape.dim)
+    assert result.details["mean_cosine"] >= 0.9999
+    assert result.details["max_abs_difference"] < 1e-4
+    # Served through maas_text's onnxruntime path, any batch and length gives torch's vectors.
+    texts = ["short", "a considerably longer sentence that pads the others in its batch", "x y z"]
+    assert isinstance(minilm.form, HfForm)
+    onnx_vectors = SentenceEncoder.load(form.directory).embed(texts)
+    torch_vectors = SentenceEncoder.load(minilm.form.directory).embed(texts)
+    assert np.allclose(onnx_vectors, torch_vectors, atol=1e-4)
+    assert np.allclose(np.linalg.norm(onnx_vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_int8_stores_matmuls_and_embedding_tables_in_int8_within_the_cosine_minimum(
+        quantized, converted, reference: np.ndarray):
+    form = quantized.model.form
+    assert isinstance(form, HfForm) and form.runtime == RUNTIME_ONNXRUNTIME
+    graph = onnx.load(str(weights_path(form))).graph
+    # onnxruntime stores a Gather's table as uint8 (asymmetric), a MatMul's weight as int8.
+    eight_bit = {i.name for i in graph.initializer if len(i.dims) == 2
+                 and i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)}
+    gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[0] in eight_bit]
+    matmuls = [n for n in graph.node if n.op_type == "MatMulInteger" and n.input[1] in eight_bit]
+    tables = {i.name: list(i.dims) for i in graph.initializer if i.name in {n.input[0] for n in gathers}}
+    assert [30522, 384] in tables.values()
+    assert not [i for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT
+                and list(i.dims) == [30522, 384]]
+    assert len(matmuls) >= 30
+    fp32_bytes = weights_path(converted[0].model.form).stat().st_size
+    assert weights_path(form).stat().st_size * 2 <= fp32_bytes
+    assert quantized.details["size_ratio"] <= 0.5
+    assert mean_cosine(reference, embed(form, probe_sentences())) >= 0.99
+    assert quantized.details["mean_cosine"] >= 0.99
+
+
+def test_quantize_refuses_an_already_int8_encoder_and_a_dtype_encoders_do_not_take(quantized, tmp_path):
+    with pytest.raises(FailedPrecondition, match="already quantized"):
+        quantize(quantized.model, {"dtype": "int8"}, context(tmp_path))
+    with pytest.raises(InvalidArgument) as error:
+        quantize(quantized.model, {"dtype": "int4"}, context(tmp_path))
+    assert error.value.field_violations[0].field == "dtype"
+
+
+def test_distillation_into_three_layers_improves_on_the_untrained_student(
+        minilm: ModelUnderCompression, tmp_path: Path, reference: np.ndarray):
+    result = distill(minilm, {"layers": [1, 3, 5], "epochs": 1, "training_sentences": 256,
+                              "learning_rate": 2e-4}, context(tmp_path))
+    form = result.model.form
+    assert isinstance(form, HfForm) and form.runtime == RUNTIME_TORCH
+    assert result.details["spearman"] > result.details["spearman_untrained"]
+    student = SentenceEncoder.load(form.directory)
+    vectors = student.embed(probe_sentences())
+    assert similarity_spearman(reference, vectors) == pytest.approx(result.details["spearman"], abs=1e-3)
+    assert (form.directory / "tokenizer.json").exists()
+    import json
+    assert json.loads((form.directory / "config.json").read_text())["num_hidden_layers"] == 3
+
+
+def test_distill_refuses_layers_the_teacher_does_not_have_and_an_onnx_teacher(
+        minilm: ModelUnderCompression, converted, tmp_path: Path):
+    with pytest.raises(InvalidArgument) as error:
+        distill(minilm, {"layers": [0, 7]}, context(tmp_path))
+    assert error.value.field_violations[0].field == "layers"
+    with pytest.raises(FailedPrecondition, match="torch"):
+        distill(converted[0].model, {}, context(tmp_path))
+
+
+def test_measure_encoder_reports_size_latency_cosine_and_spearman(quantized, reference, tmp_path):
+    form = quantized.model.form
+    measured = measure_encoder(form, reference, probe_sentences(), tmp_path, repeats=1,
+                               thread_counts=(1,))
+    assert measured.runtime == RUNTIME_ONNXRUNTIME
+    assert 0 < measured.weights_bytes < measured.artifact_bytes
+    assert set(measured.latency_ms) == {"b1_t1", "b32_t1"}
+    assert all(value > 0 for value in measured.latency_ms.values())
+    assert 0.99 <= measured.mean_cosine <= 1.0 + 1e-6
+    assert 0.9 < measured.similarity_spearman <= 1.0
