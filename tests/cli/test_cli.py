@@ -170,6 +170,8 @@ def test_datasets_and_tokens(maas, tmp_path):
     (["predict", "cli-net", "[[1.0, 2.0, 3.0]]"], 2, "inputs[0].shape"),
     (["compress", "cli-net/1", "--step", "shrink:by=2", "--output", "x"], 2, "steps[0]"),
     (["versions", "get", "no-such@production"], 4, "NOT_FOUND"),
+    (["modles", "list"], 2, "No such command 'modles'"),
+    (["predict", "cli-net"], 2, "Missing argument 'INPUT'"),
 ])
 def test_bad_input_is_one_line_and_a_nonzero_exit(maas, args, code, says):
     args = [arg.replace("{free}", str(free_port())) for arg in args]

@@ -24,6 +24,7 @@ from google.protobuf.message import Message
 from maas_sdk.errors import MaasError, one_line
 from rich.console import Console
 from rich.table import Table
+from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer's bundled click (pinned)
 from typer.core import TyperGroup
 
 from maas_cli.suite_state import SuiteAlreadyRunning
@@ -173,16 +174,36 @@ def _error_details(error: MaasError) -> dict[str, Any]:
                                  for v in error.field_violations]}
 
 
+def _usage_error(error: UsageError, as_json: bool) -> NoReturn:
+    """A usage mistake (unknown command, missing argument) as one line too; bare `maas` (or
+    a bare command group) still shows its help."""
+    if isinstance(error, NoArgsIsHelpError):
+        raise error
+    hint = f" (see '{error.ctx.command_path} --help')" if error.ctx is not None else ""
+    message = error.format_message()
+    fail(f"INVALID_ARGUMENT: {message}{hint}", 2, as_json=as_json,
+         details={"code": "INVALID_ARGUMENT", "message": message})
+
+
 class MaasGroup(TyperGroup):
     """The root command: global options anywhere on the line, failures as one line."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         return super().parse_args(ctx, hoist_global_options(args))
 
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None,
+                     **extra: Any) -> Any:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except UsageError as error:
+            _usage_error(error, as_json="--json" in args)
+
     def invoke(self, ctx: Any) -> Any:
         as_json = bool(ctx.params.get("json_output"))
         try:
             return super().invoke(ctx)
+        except UsageError as error:
+            _usage_error(error, as_json)
         except MaasError as error:
             fail(one_line(error), EXIT_CODES.get(error.code, 1), details=_error_details(error),
                  as_json=as_json)
