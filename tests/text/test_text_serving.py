@@ -9,7 +9,9 @@ empty text, non-UTF-8 bytes (naming the input item), a batch over the limit, an 
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
 
 import grpc
 import numpy as np
@@ -19,7 +21,7 @@ from maas_runtime.errors import InvalidArgument
 from maas_text import SentenceEncoder, minilm_directory
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from tests.support.cli_suite import RunningSuite
+from tests.support.cli_suite import MAAS, RunningSuite
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 
@@ -134,3 +136,19 @@ def test_a_directory_without_tokenizer_is_refused_at_import(client, tmp_path):
         client.import_hf(directory, model="broken")
     assert "no tokenizer" in str(error.value)
     assert not [m for m in client.list_models() if m.name == "models/broken"]
+
+
+def test_cli_imports_a_directory_and_names_a_missing_tokenizer(suite, tmp_path):
+    done = subprocess.run([*MAAS, "--json", "import", "hf", str(minilm_directory()),
+                           "--model", "minilm-cli"], env=suite.env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["name"].startswith("models/minilm-cli/versions/")
+
+    broken = tmp_path / "broken"
+    shutil.copytree(minilm_directory(), broken)
+    (broken / "tokenizer.json").unlink()
+    (broken / "vocab.txt").unlink()
+    refused = subprocess.run([*MAAS, "import", "hf", str(broken), "--model", "minilm-cli"],
+                             env=suite.env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "no tokenizer" in refused.stderr

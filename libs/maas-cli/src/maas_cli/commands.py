@@ -144,6 +144,22 @@ def versions_upload(ctx: typer.Context, model: str, file: Path,
 versions.command("download", help="Download a version's artifact (verified).")(models_download)
 
 
+importer = typer.Typer(help="Import models made elsewhere.", no_args_is_help=True)
+
+
+@importer.command("hf")
+def import_hf(ctx: typer.Context, directory: Path,
+              model: str = typer.Option(..., "--model", help="model to add the version to"),
+              alias_name: str = typer.Option("", "--alias", help="alias to point at it"),
+              description: str = ""):
+    """A Hugging Face model directory (config, model.safetensors or model.onnx, tokenizer) as
+    an HF_TRANSFORMER version of MODEL: text in, normalized embedding out. No pickle, offline."""
+    version = state(ctx).client().import_hf(directory, model, alias=alias_name,
+                                            description=description)
+    state(ctx).output.table([_version_row(version)], ("name", "format", "aliases", "size"),
+                            data=version)
+
+
 # Datasets -----------------------------------------------------------------------------------
 
 def _dataset_version_row(version: dataset_pb2.DatasetVersion) -> dict[str, Any]:
