@@ -82,3 +82,22 @@ def test_the_text_lstm_exports_to_onnx_and_matches_torch(tmp_path, tokenizer_jso
         expected = model(torch.from_numpy(ids)).numpy()
     assert actual.shape == (4, 4)
     np.testing.assert_allclose(actual, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_the_tokenizer_travels_in_the_manifest_preprocessing_and_is_checked(tokenizer_json):
+    from maas_zoo import tokenizer_from_preprocessing, tokenizer_preprocessing
+
+    preprocessing = tokenizer_preprocessing(tokenizer_json, 16, "all-MiniLM-L6-v2")
+    restored = tokenizer_from_preprocessing(preprocessing)
+    original = FixedLengthTokenizer(tokenizer_json, 16)
+    texts = ["Exceptions are raised by the raise statement."]
+    assert (restored(texts).input_ids == original(texts).input_ids).all()
+    altered = {"tokenizer": {**preprocessing["tokenizer"],
+                             "definition": tokenizer_json.replace("[UNK]", "[UNKNOWN]", 1)}}
+    with pytest.raises(InvalidArgument) as caught:
+        tokenizer_from_preprocessing(altered)
+    assert [v.field for v in caught.value.field_violations] == [
+        "manifest.preprocessing.tokenizer.sha256"]
+    with pytest.raises(InvalidArgument) as caught:
+        tokenizer_from_preprocessing({"scale": 1.0})
+    assert [v.field for v in caught.value.field_violations] == ["manifest.preprocessing.tokenizer"]

@@ -15,7 +15,13 @@ from maas_zoo.architectures import (
     resolve_hyperparameters,
 )
 from maas_zoo.hyperparameters import Hyperparameter
-from maas_zoo.text import WORDPIECE_VOCAB_SIZE, FixedLengthTokenizer, TextLstmClassifier
+from maas_zoo.text import (
+    WORDPIECE_VOCAB_SIZE,
+    FixedLengthTokenizer,
+    TextLstmClassifier,
+    tokenizer_from_preprocessing,
+    tokenizer_preprocessing,
+)
 
 __all__ = [
     "ARCHITECTURES",
@@ -28,4 +34,6 @@ __all__ = [
     "default_hyperparameters",
     "get_architecture",
     "resolve_hyperparameters",
+    "tokenizer_from_preprocessing",
+    "tokenizer_preprocessing",
 ]

@@ -9,21 +9,31 @@ dataset and the tokenizer can travel with it as one JSON document (`tokenizer.js
 `FixedLengthTokenizer` turns texts into `[batch, max_length]` int64 ids, truncated and padded
 to exactly `max_length`. Training and serving pad alike, so a bidirectional LSTM reading the
 padding sees the same sequence either way and a text classifies the same in any batch.
+
+The tokenizer travels inside the model package's manifest, under `preprocessing.tokenizer`
+(`tokenizer_preprocessing` writes it, `tokenizer_from_preprocessing` reads it back): the
+tokenizer.json document itself, its sha256 and max_length. Services that copy a manifest
+(compression, conversion) carry it along without knowing about text; a runtime that does not
+know the key refuses the package rather than serve it without its tokenizer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from maas_runtime.errors import InvalidArgument
 from torch import nn
 
 WORDPIECE_VOCAB_SIZE = 30_522
 """Size of all-MiniLM-L6-v2's WordPiece vocabulary: the rows of a text_lstm embedding."""
 PAD_ID = 0
+TOKENIZER_PREPROCESSING_KEY = "tokenizer"
+TOKENIZER_FORMAT = "tokenizers-json"
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,33 @@ class FixedLengthTokenizer:
                 truncated[row] = True
             ids[row, : len(tokens)] = tokens
         return TokenizedTexts(ids, truncated)
+
+
+def tokenizer_preprocessing(tokenizer_json: str, max_length: int, source: str) -> dict[str, Any]:
+    """The manifest `preprocessing` of a text classifier: its whole tokenizer and max_length."""
+    return {TOKENIZER_PREPROCESSING_KEY: {
+        "format": TOKENIZER_FORMAT, "source": source, "max_length": max_length,
+        "sha256": hashlib.sha256(tokenizer_json.encode("utf-8")).hexdigest(),
+        "definition": tokenizer_json}}
+
+
+def tokenizer_from_preprocessing(preprocessing: Mapping[str, Any] | None,
+                                 field_path: str = "manifest.preprocessing") -> FixedLengthTokenizer:
+    """The tokenizer a package carries; InvalidArgument naming what is missing or altered."""
+    entry = (preprocessing or {}).get(TOKENIZER_PREPROCESSING_KEY)
+    path = f"{field_path}.{TOKENIZER_PREPROCESSING_KEY}"
+    if not isinstance(entry, Mapping) or entry.get("format") != TOKENIZER_FORMAT:
+        raise InvalidArgument.for_field(path, f"a text classifier carries its tokenizer here "
+                                              f"(format {TOKENIZER_FORMAT!r})")
+    definition, max_length = entry.get("definition"), entry.get("max_length")
+    if not isinstance(definition, str) or not isinstance(max_length, int) or max_length < 2:
+        raise InvalidArgument.for_field(path, "needs the tokenizer definition and a max_length")
+    if hashlib.sha256(definition.encode("utf-8")).hexdigest() != entry.get("sha256"):
+        raise InvalidArgument.for_field(f"{path}.sha256", "does not match the definition")
+    try:
+        return FixedLengthTokenizer(definition, max_length)
+    except Exception as error:  # tokenizers raises its own exception types for a bad document
+        raise InvalidArgument.for_field(f"{path}.definition", f"unreadable ({error})") from None
 
 
 class TextLstmClassifier(nn.Module):

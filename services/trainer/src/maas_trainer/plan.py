@@ -3,8 +3,9 @@
 The plan (the validated spec plus the facts of its dataset) is what the job table stores.
 In the job's directory, the service writes `run.json` (plan + runtime settings) and the
 staged dataset; the job process writes `checkpoint.safetensors` every epoch, and at the end
-`model.safetensors` (the model package) and `result.json`. A job whose `result.json`
-exists has finished training: only publishing remains.
+`model.safetensors` (the model package) — or `model.zip` (an HF_TRANSFORMER directory) for
+a fine-tuned pretrained encoder — and `result.json`. A job whose `result.json` exists has
+finished training: only publishing remains.
 """
 
 from __future__ import annotations
@@ -15,15 +16,25 @@ from pathlib import Path
 from typing import Any
 
 from maas_jobs.files import write_json_atomically
+from maas_runtime import contract_enums
 
 from maas_trainer.datasets import DatasetFacts
+from maas_trainer.pretrained import PRETRAINED_ARCHITECTURES
 from maas_trainer.spec import TrainingSpec
 
 RUN_CONFIG_FILENAME = "run.json"
 RESULT_FILENAME = "result.json"
 CHECKPOINT_FILENAME = "checkpoint.safetensors"
 PACKAGE_FILENAME = "model.safetensors"
+HF_PACKAGE_FILENAME = "model.zip"
 LOG_FILENAME = "job.log"
+
+
+def artifact_of(spec: TrainingSpec) -> tuple[str, str]:
+    """(file name in the job's directory, registry ModelFormat) of what the job produces."""
+    if spec.architecture.kind in PRETRAINED_ARCHITECTURES:
+        return HF_PACKAGE_FILENAME, contract_enums.MODEL_FORMAT_HF_TRANSFORMER
+    return PACKAGE_FILENAME, contract_enums.MODEL_FORMAT_MAAS_PACKAGE
 
 
 @dataclass(frozen=True)

@@ -28,12 +28,15 @@ from maas_runtime.telemetry import continued_trace
 from maas_trainer.datasets import DatasetFacts, write_builtin_dataset
 from maas_trainer.plan import (
     CHECKPOINT_FILENAME,
+    HF_PACKAGE_FILENAME,
     LOG_FILENAME,
     PACKAGE_FILENAME,
     RunConfig,
     RunResult,
     TrainingPlan,
+    artifact_of,
 )
+from maas_trainer.pretrained import PRETRAINED_ARCHITECTURES, classifier_signature
 
 JOB_PROCESS_MODULE = "maas_trainer.job_process"
 # Publishing outlasts about five minutes of registry outage (a restart, a failover) before a
@@ -140,8 +143,14 @@ class TrainingJobRunner(JobRunner):
                 reason="ACCURACY_BELOW_THRESHOLD",
                 metadata={"test_accuracy": f"{test_accuracy:.6f}",
                           "min_test_accuracy": f"{output.min_test_accuracy:.6f}"})
+        artifact_name, artifact_format = artifact_of(plan.spec)
+        signature: dict[str, Any] = {}
+        if plan.spec.architecture.kind in PRETRAINED_ARCHITECTURES:
+            # An HF_TRANSFORMER carries no maas manifest the registry reads: declare it.
+            signature = await asyncio.to_thread(classifier_signature, workdir / artifact_name)
         publication = ModelPublication(
-            model_id=output.model_id, package_path=workdir / PACKAGE_FILENAME,
+            model_id=output.model_id, package_path=workdir / artifact_name,
+            format=artifact_format, signature=signature,
             job_label=(TRAINING_JOB_LABEL, job.job_id),
             metrics=result.metrics, lineage=training_lineage(plan, self._job_name(job)),
             alias=output.alias,
@@ -158,5 +167,6 @@ class TrainingJobRunner(JobRunner):
         """Keep run.json, result.json and job.log as the job's record; the checkpoint, the
         staged data and the package (now in the registry, or rejected) only cost disk."""
         plan = TrainingPlan.from_dict(job.spec)
-        for name in (CHECKPOINT_FILENAME, PACKAGE_FILENAME, plan.dataset.staged_filename):
+        for name in (CHECKPOINT_FILENAME, PACKAGE_FILENAME, HF_PACKAGE_FILENAME,
+                     plan.dataset.staged_filename):
             await asyncio.to_thread((workdir / name).unlink, missing_ok=True)

@@ -22,8 +22,10 @@ from typing import Any
 from maas_runtime.errors import InvalidArgument, ViolationCollector
 from maas_runtime.names import parse_version_name, validate_alias, validate_id
 from maas_zoo import resolve_hyperparameters
+from maas_zoo.hyperparameters import resolve
 
 from maas_trainer.datasets import BUILTIN_DATASETS, DATASET_VERSION_PREFIX
+from maas_trainer.pretrained import PRETRAINED_ARCHITECTURES
 
 SPEC_FIELD = "training_job.spec"
 OPTIMIZERS = ("sgd", "momentum", "rmsprop", "adam", "adamw")
@@ -163,7 +165,10 @@ def _parse_architecture(fields: dict, violations: ViolationCollector) -> Archite
         return None
     try:
         # The zoo names fields relative to the spec (`architecture.hyperparameters.dropout`).
-        resolved = resolve_hyperparameters(kind, fields.get("hyperparameters") or {})
+        if kind in PRETRAINED_ARCHITECTURES:
+            resolved = resolve(PRETRAINED_ARCHITECTURES[kind], fields.get("hyperparameters") or {})
+        else:
+            resolved = resolve_hyperparameters(kind, fields.get("hyperparameters") or {})
     except InvalidArgument as error:
         _collect(violations, error, SPEC_FIELD)
         return None

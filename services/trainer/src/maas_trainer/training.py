@@ -10,6 +10,9 @@ With several workers (launched by torchrun) every rank trains on its shard of ea
 under `DistributedDataParallel` (gloo on CPU, NCCL when GPUs are present) with a per-rank
 batch of batch_size / workers, so the optimisation matches a single worker's global batch.
 Rank 0 evaluates, reports, checkpoints and writes the package.
+
+Text datasets train the same way on token ids (`maas_trainer.text_training`); the
+pretrained `minilm_classifier` takes its own, head-only path there.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as functional
-from maas_formats import load_dataset, validate_dataset
+from maas_formats import TEXT_CSV, load_dataset, validate_dataset
 from maas_formats.manifest import (
     ArchitectureSpec as ManifestArchitecture,
     FrameworkInfo,
@@ -51,7 +54,13 @@ from maas_trainer.datasets import (
     split_sizes,
 )
 from maas_trainer.plan import CHECKPOINT_FILENAME, PACKAGE_FILENAME, RunConfig, RunResult
+from maas_trainer.pretrained import PRETRAINED_ARCHITECTURES
 from maas_trainer.spec import EarlyStoppingSpec, OptimizerSpec, ScheduleSpec
+from maas_trainer.text_training import (
+    run_minilm_head_training,
+    text_signature,
+    tokenize_text_dataset,
+)
 
 INPUT_TENSOR = "input"
 OUTPUT_TENSOR = "logits"
@@ -183,18 +192,38 @@ class PreparedData:
 def prepare_data(config: RunConfig, workdir: Path) -> PreparedData:
     spec, facts = config.plan.spec, config.plan.dataset
     path = workdir / facts.staged_filename
+    if facts.format == TEXT_CSV:
+        # Token ids, not features: nothing to normalise; the tokenizer is the preprocessing.
+        text = tokenize_text_dataset(path, facts, spec.architecture.hyperparameters["max_length"])
+        return _split(config, torch.from_numpy(text.input_ids), text.labels, text.preprocessing,
+                      list(text.class_names))
     features, labels = load_dataset(path, facts.format, facts.feature_columns, facts.label_column)
     if tuple(features.shape[1:]) != tuple(facts.feature_shape):
         raise FailedPrecondition(
             f"{facts.source} holds features of shape {list(features.shape[1:])}, but the job "
             f"was validated for {list(facts.feature_shape)}", reason="DATASET_CHANGED")
-    # Class indices need not be contiguous in an npz ({0, 3, 7}): the head covers them all.
-    num_classes = max(facts.num_classes, int(labels.max()) + 1)
-    sizes = split_sizes(len(labels), spec.data.validation_fraction, spec.data.test_fraction)
-    split = split_indices(len(labels), sizes, spec.seed)
+    split = _split_of(config, len(labels))
     preprocessing = fit_preprocessing(facts, features[split.train])
     inputs = torch.from_numpy(np.ascontiguousarray(apply_preprocessing(preprocessing, features)))
+    return _split(config, inputs, labels, preprocessing, list(_class_names(
+        facts, path, max(facts.num_classes, int(labels.max()) + 1))))
+
+
+def _split_of(config: RunConfig, rows: int):
+    spec = config.plan.spec
+    sizes = split_sizes(rows, spec.data.validation_fraction, spec.data.test_fraction)
+    return split_indices(rows, sizes, spec.seed)
+
+
+def _split(config: RunConfig, inputs: torch.Tensor, labels: np.ndarray,
+           preprocessing: dict[str, Any], class_names: list[str]) -> PreparedData:
+    facts = config.plan.dataset
+    # Class indices need not be contiguous in an npz ({0, 3, 7}): the head covers them all.
+    num_classes = max(facts.num_classes, int(labels.max()) + 1)
+    split = _split_of(config, len(labels))
     targets = torch.from_numpy(labels.astype(np.int64))
+    if len(class_names) != num_classes:
+        class_names = [str(index) for index in range(num_classes)]
 
     def part(indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.from_numpy(indices)
@@ -204,7 +233,7 @@ def prepare_data(config: RunConfig, workdir: Path) -> PreparedData:
     validation_x, validation_y = part(split.validation)
     test_x, test_y = part(split.test)
     return PreparedData(train_x, train_y, validation_x, validation_y, test_x, test_y, num_classes,
-                        preprocessing, _class_names(facts, path, num_classes))
+                        preprocessing, class_names)
 
 
 def _class_names(facts: DatasetFacts, path: Path, num_classes: int) -> list[str]:
@@ -308,13 +337,16 @@ def run_training(config: RunConfig, workdir: Path, reporter: ProgressReporter,
                  world: World) -> None:
     """Train (or resume), then evaluate on the test split and write package and result."""
     spec, facts = config.plan.spec, config.plan.dataset
+    if spec.architecture.kind in PRETRAINED_ARCHITECTURES:
+        run_minilm_head_training(config, workdir, reporter)
+        return
     torch.set_num_threads(config.torch_threads)
     torch.use_deterministic_algorithms(True)
     data = _on_device(prepare_data(config, workdir), world.device)
 
     torch.manual_seed(spec.seed)
     model = build_model(spec.architecture.kind, spec.architecture.hyperparameters,
-                        list(facts.feature_shape), data.num_classes)
+                        _input_shape(config), data.num_classes)
     model.to(world.device)  # before the optimizer sees the parameters
     torch.manual_seed(_dropout_seed(spec.seed, world.rank))
     parameters = list(model.parameters())
@@ -392,6 +424,14 @@ def run_training(config: RunConfig, workdir: Path, reporter: ProgressReporter,
         dist.barrier()  # the others wait until the package is written, then exit together
 
 
+def _input_shape(config: RunConfig) -> list[int]:
+    """One example as the model reads it: features, or a text's max_length token ids."""
+    facts, architecture = config.plan.dataset, config.plan.spec.architecture
+    if facts.format == TEXT_CSV:
+        return [architecture.hyperparameters["max_length"]]
+    return list(facts.feature_shape)
+
+
 def _finish(config: RunConfig, workdir: Path, reporter: ProgressReporter, model: nn.Module,
             data: PreparedData, progress: dict[str, Any], epochs_completed: int) -> None:
     spec, facts = config.plan.spec, config.plan.dataset
@@ -399,14 +439,15 @@ def _finish(config: RunConfig, workdir: Path, reporter: ProgressReporter, model:
     validation_loss, validation_accuracy = evaluate(model, data.validation_x, data.validation_y)
     reporter.metrics(epochs_completed, "test", {"test_loss": test_loss,
                                                 "test_accuracy": test_accuracy})
+    signature = text_signature(data.num_classes) if facts.format == TEXT_CSV else SignatureSpec(
+        inputs=[TensorSignatureSpec(name=INPUT_TENSOR, datatype="FP32",
+                                    shape=list(facts.feature_shape))],
+        outputs=[TensorSignatureSpec(name=OUTPUT_TENSOR, datatype="FP32",
+                                     shape=[data.num_classes])])
     manifest = ModelManifest(
         architecture=ManifestArchitecture(kind=spec.architecture.kind,
                                           hyperparameters=spec.architecture.hyperparameters),
-        signature=SignatureSpec(
-            inputs=[TensorSignatureSpec(name=INPUT_TENSOR, datatype="FP32",
-                                        shape=list(facts.feature_shape))],
-            outputs=[TensorSignatureSpec(name=OUTPUT_TENSOR, datatype="FP32",
-                                         shape=[data.num_classes])]),
+        signature=signature,
         preprocessing=data.preprocessing,
         labels=data.class_names,
         framework=FrameworkInfo(name="torch", version=torch.__version__))

@@ -6,8 +6,9 @@ These run after `parse_training_spec` succeeded and before anything is queued:
   is fine; this deployment cannot run it);
 - a batch larger than the training split, or smaller than the number of workers, or a split
   that leaves a part empty → INVALID_ARGUMENT naming the field;
-- a dataset the architecture cannot read (a CNN over 20 flat features), or with fewer than
-  two classes → FAILED_PRECONDITION naming the architecture or the dataset.
+- a dataset the architecture cannot read (a CNN over 20 flat features, an MLP over a text
+  dataset, a text classifier over numbers), or with fewer than two classes →
+  FAILED_PRECONDITION naming the architecture or the dataset.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 from maas_runtime.errors import FailedPrecondition, FieldViolation, InvalidArgument, ViolationCollector
 
 from maas_trainer.datasets import DatasetFacts, split_sizes
+from maas_trainer.pretrained import PRETRAINED_ARCHITECTURES
 from maas_trainer.spec import TrainingSpec, field_path
 
 
@@ -54,10 +56,22 @@ def check_architecture_reads_dataset(spec: TrainingSpec, facts: DatasetFacts) ->
     Runs torch (a few milliseconds for zoo-sized models): call it off the event loop.
     """
     import torch
-    from maas_zoo import build_model
+    from maas_formats import TEXT_CSV
+    from maas_zoo import build_model, get_architecture
 
     architecture_field = field_path("architecture")
-    shape = list(facts.feature_shape)
+    kind = spec.architecture.kind
+    pretrained = kind in PRETRAINED_ARCHITECTURES
+    reads_text = pretrained or get_architecture(kind).reads_text
+    if reads_text != (facts.format == TEXT_CSV):
+        reads, holds = ("text", "numeric features") if reads_text else ("numeric features", "text")
+        raise _does_not_fit([FieldViolation(
+            architecture_field, f"{kind} reads {reads} but {facts.source} holds {holds}")])
+    if pretrained:
+        return  # its input is text by construction; the pretrained encoder is loaded by the job
+    # A text classifier reads max_length token ids per example.
+    shape = ([spec.architecture.hyperparameters["max_length"]] if reads_text
+             else list(facts.feature_shape))
     _check_parameter_budget(spec, shape, facts.num_classes)
     try:
         module = build_model(spec.architecture.kind, spec.architecture.hyperparameters, shape,
@@ -96,6 +110,8 @@ def _check_parameter_budget(spec: TrainingSpec, shape: list[int], num_classes: i
     import torch
     from maas_zoo import build_model
 
+    if spec.architecture.kind in PRETRAINED_ARCHITECTURES:
+        return
     try:
         with torch.device("meta"):
             module = build_model(spec.architecture.kind, spec.architecture.hyperparameters,
