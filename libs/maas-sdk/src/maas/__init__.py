@@ -17,6 +17,7 @@ __path__ = pkgutil.extend_path(__path__, __name__)
 _PUBLIC = {
     "Client": "maas_sdk.client",
     "LineageTree": "maas_sdk.lineage",
+    "Prediction": "maas_sdk.client",
     "ServiceStatus": "maas_sdk.client",
     "JobProgress": "maas_sdk.jobs",
     "JobFailed": "maas_sdk.errors",
@@ -41,12 +42,12 @@ _PUBLIC = {
 __all__ = [
     "Aborted", "AlreadyExists", "Cancelled", "Client", "DeadlineExceeded", "FailedPrecondition",
     "FieldViolation", "Internal", "InvalidArgument", "JobFailed", "JobProgress", "LineageTree",
-    "MaasError", "NotFound", "OutOfRange", "PermissionDenied", "ResourceExhausted",
+    "MaasError", "NotFound", "OutOfRange", "PermissionDenied", "Prediction", "ResourceExhausted",
     "ServiceStatus", "Unauthenticated", "Unavailable", "Unimplemented",
 ]
 
 if TYPE_CHECKING:
-    from maas_sdk.client import Client, ServiceStatus
+    from maas_sdk.client import Client, Prediction, ServiceStatus
     from maas_sdk.errors import (
         Aborted,
         AlreadyExists,

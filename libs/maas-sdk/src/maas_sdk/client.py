@@ -142,6 +142,16 @@ def deployment_name(deployment: str) -> str:
     return deployment if deployment.startswith("deployments/") else f"deployments/{deployment}"
 
 
+@dataclass(frozen=True)
+class Prediction:
+    """One Predict reply: the outputs and the version that answered."""
+
+    outputs: dict[str, np.ndarray]
+    """Output name → array (read-only views of the reply)."""
+    model_version: str
+    """The version that served the request, "models/{m}/versions/{v}"."""
+
+
 class Client:
     """One connection to the suite: registry, trainer, compressor and inference.
 
@@ -700,6 +710,13 @@ class Client:
                 timeout: float | None = None) -> dict[str, np.ndarray]:
         """Run `inputs` (name → array, or one array for a single-input model; batch first)
         through the deployment; output name → array (read-only views of the reply)."""
+        return self.predict_detailed(deployment, inputs, output_names=output_names,
+                                     request_id=request_id, timeout=timeout).outputs
+
+    def predict_detailed(self, deployment: str, inputs: np.ndarray | Mapping[str, Any], *,
+                         output_names: Sequence[str] = (), request_id: str = "",
+                         timeout: float | None = None) -> Prediction:
+        """`predict`, also saying which version answered (a canary splits traffic)."""
         name = deployment_name(deployment)
         if isinstance(inputs, Mapping):
             arrays = {key: np.asarray(value) for key, value in inputs.items()}
@@ -718,7 +735,8 @@ class Client:
                                      metadata=self._metadata)
             except grpc.RpcError as rpc_error:
                 raise self._error("inference", rpc_error) from None
-        return {tensor.name: from_tensor(tensor) for tensor in reply.outputs}
+        return Prediction({tensor.name: from_tensor(tensor) for tensor in reply.outputs},
+                          reply.model_version)
 
     def import_hf(self, directory: str | os.PathLike[str], model: str, *, alias: str = "",
                   description: str = "", labels: Mapping[str, str] | None = None
