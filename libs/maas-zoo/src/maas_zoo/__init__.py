@@ -22,10 +22,21 @@ from maas_zoo.text import (
     tokenizer_from_preprocessing,
     tokenizer_preprocessing,
 )
+from maas_zoo.text_classifiers import (
+    Classified,
+    LstmTextClassifier,
+    SentenceHeadClassifier,
+    TextClassifier,
+    is_text_classifier,
+)
 
 __all__ = [
     "ARCHITECTURES",
     "Architecture",
+    "Classified",
+    "LstmTextClassifier",
+    "SentenceHeadClassifier",
+    "TextClassifier",
     "FixedLengthTokenizer",
     "Hyperparameter",
     "TextLstmClassifier",
@@ -33,6 +44,7 @@ __all__ = [
     "build_model",
     "default_hyperparameters",
     "get_architecture",
+    "is_text_classifier",
     "resolve_hyperparameters",
     "tokenizer_from_preprocessing",
     "tokenizer_preprocessing",

@@ -5,7 +5,8 @@
 L2-normalized embeddings. Only the head is trained: the encoder stays frozen, so its
 embeddings are computed once per text and each epoch costs a linear layer, which keeps a job
 to seconds on a CPU. The result is registered as HF_TRANSFORMER: the encoder's directory plus
-`classifier/head.safetensors` and `classifier/classifier.json` (labels, pooling, tensors).
+`classifier/head.safetensors` and `classifier/classifier.json` (labels, pooling, tensors), the
+layout `maas_zoo.text_classifiers` serves.
 
 Declared here without torch, so the service validates a spec without importing it; the
 training itself lives in `maas_trainer.text_training`.
@@ -19,11 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from maas_zoo.hyperparameters import Hyperparameter
+from maas_zoo.text_classifiers import (
+    CLASSIFIER_FOLDER,
+    CLASSIFIER_HEAD,
+    CLASSIFIER_MANIFEST,
+    MINILM_CLASSIFIER,
+)
 
-MINILM_CLASSIFIER = "minilm_classifier"
-CLASSIFIER_FOLDER = "classifier"
-CLASSIFIER_MANIFEST = f"{CLASSIFIER_FOLDER}/classifier.json"
-CLASSIFIER_HEAD = f"{CLASSIFIER_FOLDER}/head.safetensors"
+__all__ = ["CLASSIFIER_FOLDER", "CLASSIFIER_HEAD", "CLASSIFIER_MANIFEST", "MINILM_CLASSIFIER",
+           "PRETRAINED_ARCHITECTURES", "classifier_signature"]
 
 PRETRAINED_ARCHITECTURES: dict[str, tuple[Hyperparameter, ...]] = {
     # Head-only fine-tuning has nothing to choose beyond the job's optimizer and epochs.

@@ -34,6 +34,7 @@ from maas_jobs.progress import ProgressReporter
 from maas_jobs.records import LogLevel
 from maas_runtime import contract_enums
 from maas_zoo import FixedLengthTokenizer, tokenizer_preprocessing
+from maas_zoo.text_classifiers import LABEL_OUTPUT, PROBABILITIES_OUTPUT
 from torch import nn
 
 from maas_trainer.datasets import DatasetFacts, split_indices, split_sizes
@@ -46,8 +47,6 @@ from maas_trainer.pretrained import (
 )
 
 TEXT_INPUT = "text"
-LABEL_OUTPUT = "label"
-PROBABILITIES_OUTPUT = "probabilities"
 TOKENIZER_SOURCE = "sentence-transformers/all-MiniLM-L6-v2"
 _EMBEDDING_BATCH = 64
 
