@@ -25,6 +25,10 @@ Per model instance, `initialize` loads the artifact once:
   per request as `embedding` FP32 [batch, dim] (L2-normalized) and `truncated` BOOL [batch, 1]
   (true where a text exceeded the model's limit and was cut). A request with a bad text gets
   an INVALID_ARG error of its own; the others in the batch are served.
+* text classifiers (`maas_zoo.text_classifiers`): a text_lstm maas-package whose manifest
+  carries its tokenizer, or an hf-transformer zip with `classifier/classifier.json` and a head.
+  Same BYTES text input and per-request error handling as the encoder above; the outputs are
+  `label` BYTES [batch, 1] (the class name) and `probabilities` FP32 [batch, classes].
 
 `execute` receives every request Triton's dynamic batcher gathered, concatenates each input
 across them, runs ONE forward pass in inference mode and splits the outputs back per request:
@@ -50,6 +54,7 @@ if TYPE_CHECKING:
     import onnxruntime
     import torch
     from maas_text.encoder import SentenceEncoder
+    from maas_zoo.text_classifiers import TextClassifier
 
 ARTIFACT_PATH_PARAMETER = "maas.artifact_path"
 ARTIFACT_FORMAT_PARAMETER = "maas.artifact_format"
@@ -165,6 +170,14 @@ ONNX_FORMAT = "onnx"
 HF_TRANSFORMER_FORMAT = "hf-transformer"
 
 
+def _is_text_classifier(artifact: Path, artifact_format: str) -> bool:
+    if artifact_format not in ("maas-package", HF_TRANSFORMER_FORMAT):
+        return False
+    from maas_zoo.text_classifiers import is_text_classifier
+
+    return is_text_classifier(artifact, artifact_format)
+
+
 def _invalid_argument(pb_utils, message: str):
     # TritonError carries a status code from Triton 23.x on; older stubs take the message only.
     code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
@@ -254,6 +267,11 @@ class TritonPythonModel:
         input_names = [tensor["name"] for tensor in config["input"]]
         output_names = [tensor["name"] for tensor in config["output"]]
         self.text_encoder: SentenceEncoder | None = None
+        self.text_classifier: TextClassifier | None = None
+        if _is_text_classifier(artifact, artifact_format):
+            self._initialize_text_classifier(config, artifact, version_dir, artifact_format,
+                                             threads, pb_utils)
+            return
         if artifact_format == HF_TRANSFORMER_FORMAT:
             self._initialize_text(config, artifact, version_dir, threads, pb_utils)
             return
@@ -292,6 +310,42 @@ class TritonPythonModel:
         ]
         encoder.embed(["warm up the tokenizer and the first forward pass"])
 
+    def _initialize_text_classifier(self, config: dict, artifact: Path, version_dir: Path,
+                                    artifact_format: str, threads: int, pb_utils) -> None:
+        import torch
+        from maas_text.directory import unzip_directory
+        from maas_zoo.text_classifiers import LstmTextClassifier, SentenceHeadClassifier
+
+        torch.set_num_threads(threads)
+        if artifact_format == HF_TRANSFORMER_FORMAT:
+            directory = unzip_directory(artifact, version_dir / "hf-model")
+            self.text_classifier = SentenceHeadClassifier.load(directory, threads)
+        else:
+            self.text_classifier = LstmTextClassifier.load(artifact)
+        self.input_names = [tensor["name"] for tensor in config["input"]]
+        if len(self.input_names) != 1 or config["input"][0]["data_type"] != "TYPE_STRING":
+            raise ArtifactError("a text classifier takes exactly one BYTES input (the texts)")
+        self.max_batch = max(1, config.get("max_batch_size", 0))
+        self.outputs = [
+            (tensor["name"], pb_utils.triton_string_to_numpy(tensor["data_type"]))
+            for tensor in config["output"]
+        ]
+        self.text_classifier.classify(["warm up the tokenizer and the first forward pass"])
+
+    def _text_outputs(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """Every output a text model can give for `texts`, by name (the config picks)."""
+        if self.text_classifier is not None:
+            result = self.text_classifier.classify(texts)
+            return {"label": np.array([label.encode("utf-8") for label in result.labels],
+                                      dtype=np.object_).reshape(-1, 1),
+                    "probabilities": result.probabilities,
+                    "truncated": result.truncated.reshape(-1, 1)}
+        if self.text_encoder is None:
+            raise ArtifactError("no text model is loaded")
+        vectors, truncated = self.text_encoder.embed_with_flags(texts, max_batch=len(texts))
+        return {"embedding": vectors,
+                "truncated": np.asarray(truncated, dtype=np.bool_).reshape(-1, 1)}
+
     def _execute_text(self, requests, pb_utils):
         """Embed every valid request's texts in one padded batch; bad requests fail alone."""
         from maas_runtime.errors import InvalidArgument
@@ -311,10 +365,8 @@ class TritonPythonModel:
                 continue
             spans.append((index, len(texts), len(texts) + len(decoded)))
             texts.extend(decoded)
-        if texts and self.text_encoder is not None:
-            vectors, truncated = self.text_encoder.embed_with_flags(texts, max_batch=len(texts))
-            flags = np.asarray(truncated, dtype=np.bool_).reshape(-1, 1)
-            by_name = {"embedding": vectors, "truncated": flags}
+        if texts:
+            by_name = self._text_outputs(texts)
             for index, start, stop in spans:
                 responses[index] = pb_utils.InferenceResponse(output_tensors=[
                     pb_utils.Tensor(name, np.ascontiguousarray(by_name[name][start:stop].astype(dtype)))
@@ -360,7 +412,7 @@ class TritonPythonModel:
     def execute(self, requests):
         pb_utils = _triton_utils()
         try:
-            if self.text_encoder is not None:
+            if self.text_encoder is not None or self.text_classifier is not None:
                 return self._execute_text(requests, pb_utils)
             inputs_per_request = [
                 [pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.input_names]
@@ -398,3 +450,4 @@ class TritonPythonModel:
         # Frees the weights (and an onnxruntime session) before the stub exits.
         self.__dict__.pop("runner", None)
         self.text_encoder = None
+        self.text_classifier = None
