@@ -132,21 +132,9 @@ async def _up(root: Path, tls: SuiteTls | None, as_json: bool) -> None:
 
 
 async def _demo(root: Path, tls: SuiteTls | None, as_json: bool) -> int:
-    from maas_cli.demo import run_demo
+    from maas_cli.demo import run_demo_command
 
-    suite = LocalSuite(root, tls=tls)
-    print(f"starting the suite under {root} …", flush=True)
-    await suite.start()
-    try:
-        result = await run_demo(suite)
-    finally:
-        await suite.stop()
-    ok = result["predict_accuracy"] >= 0.9
-    if as_json:
-        print(json.dumps({"passed": ok, **result}), flush=True)
-    else:
-        print(f"demo {'passed' if ok else 'FAILED'}: {result}", flush=True)
-    return 0 if ok else 1
+    return await run_demo_command(root, tls, as_json)
 
 
 @app.command()
@@ -171,7 +159,7 @@ def demo(ctx: typer.Context,
          tls_client_cert: Path = _TLS_OPTIONS["tls_client_cert"],
          tls_client_key: Path = _TLS_OPTIONS["tls_client_key"],
          tls_server_name: str = _TLS_OPTIONS["tls_server_name"]):
-    """Train, register, deploy and query digits end to end on a fresh local suite."""
+    """Train, compress, gate, deploy (canary + shadow) and query digits on a fresh local suite."""
     options: CliState = ctx.obj
     tls = _suite_tls(tls_cert, tls_key, tls_ca, mtls, tls_client_cert, tls_client_key,
                      tls_server_name, options.json)
