@@ -31,7 +31,7 @@ import tritonclient.grpc as triton_grpc
 from tests.bench.bench_inference import write_package
 from tests.support.processes import ServiceProcess
 
-ROUNDS = 5
+ROUNDS = 7
 WINDOW_SECONDS = 2.0
 BATCH = 8
 CONCURRENCIES = (1, 8)
