@@ -17,19 +17,22 @@ import numpy as np
 import pytest
 import torch
 from maas.common.v1 import job_pb2
-from maas.registry.v1 import dataset_pb2, model_pb2, registry_service_pb2 as rs
-from maas.trainer.v1 import training_job_pb2 as tj
+from maas.registry.v1 import model_pb2, registry_service_pb2 as rs
 from maas_formats import validate_hf_transformer
 from maas_formats.torch_io import load_torch_package
 from maas_zoo import build_model, tokenizer_from_preprocessing
 
-from tests.registry.helpers import dataset_upload_requests, download
-from tests.trainer.helpers import create_job, digits_spec, expect_error, wait_until_final
-from tests.trainer.text_data import pydoc_paragraphs, text_csv
+from tests.registry.helpers import download
+from tests.trainer.helpers import create_job, expect_error, wait_until_final
+from tests.trainer.text_data import (
+    LSTM_HYPERPARAMETERS,
+    pydoc_paragraphs,
+    text_csv,
+    text_spec,
+    upload_text_dataset,
+)
 
 CHANCE = 0.25
-LSTM_HYPERPARAMETERS = {"max_length": 64, "embedding_dim": 64, "hidden_size": 64,
-                        "num_layers": 1, "bidirectional": True, "dropout": 0.1}
 
 
 @pytest.fixture(scope="module")
@@ -37,28 +40,13 @@ def rows() -> list[tuple[str, str]]:
     return pydoc_paragraphs(per_class=80)
 
 
-async def _upload_text_dataset(registry, dataset_id: str, data: bytes,
-                               columns=("text",), label="label") -> dataset_pb2.DatasetVersion:
-    await registry.stub.CreateDataset(rs.CreateDatasetRequest(dataset_id=dataset_id))
-    return await registry.stub.UploadDatasetVersion(dataset_upload_requests(
-        f"datasets/{dataset_id}", data, dataset_pb2.DATASET_FORMAT_TEXT_CSV, list(columns),
-        label))
-
-
-def _text_spec(dataset: str, kind: str, model_id: str, *, epochs: int, learning_rate: float,
-               hyperparameters=None) -> tj.TrainingSpec:
-    return digits_spec(kind=kind, hyperparameters=hyperparameters or {}, dataset=dataset,
-                       epochs=epochs, batch_size=16, learning_rate=learning_rate,
-                       model_id=model_id)
-
-
 async def test_text_lstm_learns_pydoc_topics_and_carries_its_tokenizer(
         trainer, registry, rows, tmp_path):
-    dataset = await _upload_text_dataset(registry, "pydoc-topics", text_csv(rows))
+    dataset = await upload_text_dataset(registry, "pydoc-topics", text_csv(rows))
     assert dataset.row_count == len(rows) and list(dataset.schema.feature_shape) == []
     assert dataset.schema.num_classes == 4
 
-    job = await create_job(trainer.stub, _text_spec(
+    job = await create_job(trainer.stub, text_spec(
         dataset.name, "text_lstm", "topics-lstm", epochs=4, learning_rate=0.005,
         hyperparameters=LSTM_HYPERPARAMETERS))
     job = await wait_until_final(trainer.stub, job.name)
@@ -95,9 +83,9 @@ async def test_minilm_head_is_fine_tuned_and_registered_as_hf_transformer(
         trainer, registry, rows, tmp_path):
     # The frozen encoder costs ~50 ms a paragraph on one thread: rows are interleaved by
     # family, so the first half keeps 40 of each, plenty for a linear head.
-    dataset = await _upload_text_dataset(registry, "pydoc-topics-minilm",
+    dataset = await upload_text_dataset(registry, "pydoc-topics-minilm",
                                          text_csv(rows[:len(rows) // 2]))
-    job = await create_job(trainer.stub, _text_spec(
+    job = await create_job(trainer.stub, text_spec(
         dataset.name, "minilm_classifier", "topics-minilm", epochs=30, learning_rate=0.05))
     job = await wait_until_final(trainer.stub, job.name)
     assert job.state == job_pb2.JOB_STATE_SUCCEEDED, job.error
@@ -133,19 +121,19 @@ async def test_minilm_head_is_fine_tuned_and_registered_as_hf_transformer(
 async def test_bad_text_datasets_are_invalid_argument_naming_the_field(
         registry, data, columns, field, words):
     error = await expect_error(
-        _upload_text_dataset(registry, "bad-texts", data, columns), grpc.StatusCode.INVALID_ARGUMENT)
+        upload_text_dataset(registry, "bad-texts", data, columns), grpc.StatusCode.INVALID_ARGUMENT)
     assert field in error.details() and words in error.details(), error.details()
 
 
 async def test_architecture_and_dataset_must_agree_on_text(trainer, registry, rows):
-    dataset = await _upload_text_dataset(registry, "few-topics", text_csv(rows[:40]))
-    await expect_error(create_job(trainer.stub, _text_spec(
+    dataset = await upload_text_dataset(registry, "few-topics", text_csv(rows[:40]))
+    await expect_error(create_job(trainer.stub, text_spec(
         "builtin:digits", "text_lstm", "lstm-on-digits", epochs=1, learning_rate=0.01)),
         grpc.StatusCode.FAILED_PRECONDITION, "training_job.spec.architecture")
-    await expect_error(create_job(trainer.stub, _text_spec(
+    await expect_error(create_job(trainer.stub, text_spec(
         dataset.name, "mlp", "mlp-on-text", epochs=1, learning_rate=0.01)),
         grpc.StatusCode.FAILED_PRECONDITION, "training_job.spec.architecture")
-    await expect_error(create_job(trainer.stub, _text_spec(
+    await expect_error(create_job(trainer.stub, text_spec(
         dataset.name, "minilm_classifier", "minilm-bad", epochs=1, learning_rate=0.01,
         hyperparameters={"layers": 2})),
         grpc.StatusCode.INVALID_ARGUMENT, "training_job.spec.architecture.hyperparameters.layers")
