@@ -137,3 +137,8 @@ async def test_architecture_and_dataset_must_agree_on_text(trainer, registry, ro
         dataset.name, "minilm_classifier", "minilm-bad", epochs=1, learning_rate=0.01,
         hyperparameters={"layers": 2})),
         grpc.StatusCode.INVALID_ARGUMENT, "training_job.spec.architecture.hyperparameters.layers")
+    spread = text_spec(dataset.name, "minilm_classifier", "minilm-spread", epochs=1,
+                       learning_rate=0.01)
+    spread.resources.workers = 2
+    await expect_error(create_job(trainer.stub, spread), grpc.StatusCode.INVALID_ARGUMENT,
+                       "training_job.spec.resources.workers")

@@ -68,7 +68,13 @@ def check_architecture_reads_dataset(spec: TrainingSpec, facts: DatasetFacts) ->
         raise _does_not_fit([FieldViolation(
             architecture_field, f"{kind} reads {reads} but {facts.source} holds {holds}")])
     if pretrained:
-        return  # its input is text by construction; the pretrained encoder is loaded by the job
+        # Its input is text by construction and the job loads the encoder; the head trains in
+        # seconds on precomputed embeddings, so there is nothing to spread over workers.
+        if spec.resources.workers > 1:
+            raise InvalidArgument.for_field(
+                field_path("resources.workers"),
+                f"{kind} trains its head on one worker; asked for {spec.resources.workers}")
+        return
     # A text classifier reads max_length token ids per example.
     shape = ([spec.architecture.hyperparameters["max_length"]] if reads_text
              else list(facts.feature_shape))
