@@ -96,7 +96,7 @@ class CompressionJob(_message.Message):
     def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[CompressionSpec, _Mapping]] = ..., state: _Optional[_Union[_job_pb2.JobState, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., report: _Optional[_Union[CompressionReport, _Mapping]] = ..., model_version: _Optional[str] = ..., error: _Optional[_Union[_job_pb2.JobError, _Mapping]] = ..., creator: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., resume_count: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class CompressionSpec(_message.Message):
-    __slots__ = ("source_model_version", "steps", "evaluation_dataset", "max_accuracy_drop", "output", "resources", "seed")
+    __slots__ = ("source_model_version", "steps", "evaluation_dataset", "max_accuracy_drop", "output", "resources", "seed", "min_mean_cosine", "min_similarity_spearman")
     SOURCE_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     EVALUATION_DATASET_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +104,8 @@ class CompressionSpec(_message.Message):
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     RESOURCES_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    MIN_MEAN_COSINE_FIELD_NUMBER: _ClassVar[int]
+    MIN_SIMILARITY_SPEARMAN_FIELD_NUMBER: _ClassVar[int]
     source_model_version: str
     steps: _containers.RepeatedCompositeFieldContainer[CompressionStep]
     evaluation_dataset: str
@@ -111,7 +113,9 @@ class CompressionSpec(_message.Message):
     output: CompressionOutput
     resources: _job_pb2.JobResources
     seed: int
-    def __init__(self, source_model_version: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[CompressionStep, _Mapping]]] = ..., evaluation_dataset: _Optional[str] = ..., max_accuracy_drop: _Optional[float] = ..., output: _Optional[_Union[CompressionOutput, _Mapping]] = ..., resources: _Optional[_Union[_job_pb2.JobResources, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
+    min_mean_cosine: float
+    min_similarity_spearman: float
+    def __init__(self, source_model_version: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[CompressionStep, _Mapping]]] = ..., evaluation_dataset: _Optional[str] = ..., max_accuracy_drop: _Optional[float] = ..., output: _Optional[_Union[CompressionOutput, _Mapping]] = ..., resources: _Optional[_Union[_job_pb2.JobResources, _Mapping]] = ..., seed: _Optional[int] = ..., min_mean_cosine: _Optional[float] = ..., min_similarity_spearman: _Optional[float] = ...) -> None: ...
 
 class CompressionStep(_message.Message):
     __slots__ = ("prune", "quantize", "distill", "fuse", "convert")
@@ -158,7 +162,7 @@ class QuantizeStep(_message.Message):
     def __init__(self, dtype: _Optional[_Union[QuantizationDtype, str]] = ..., mode: _Optional[_Union[QuantizationMode, str]] = ..., per_channel: _Optional[bool] = ..., calibration_samples: _Optional[int] = ..., accuracy_aware: _Optional[bool] = ..., tolerance: _Optional[float] = ...) -> None: ...
 
 class DistillStep(_message.Message):
-    __slots__ = ("student_kind", "student_hyperparameters_json", "temperature", "alpha", "epochs", "learning_rate", "student", "batch_size")
+    __slots__ = ("student_kind", "student_hyperparameters_json", "temperature", "alpha", "epochs", "learning_rate", "student", "batch_size", "teacher_layers")
     STUDENT_KIND_FIELD_NUMBER: _ClassVar[int]
     STUDENT_HYPERPARAMETERS_JSON_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +171,7 @@ class DistillStep(_message.Message):
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     STUDENT_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TEACHER_LAYERS_FIELD_NUMBER: _ClassVar[int]
     student_kind: str
     student_hyperparameters_json: str
     temperature: float
@@ -175,7 +180,8 @@ class DistillStep(_message.Message):
     learning_rate: float
     student: _architecture_pb2.ArchitectureSpec
     batch_size: int
-    def __init__(self, student_kind: _Optional[str] = ..., student_hyperparameters_json: _Optional[str] = ..., temperature: _Optional[float] = ..., alpha: _Optional[float] = ..., epochs: _Optional[int] = ..., learning_rate: _Optional[float] = ..., student: _Optional[_Union[_architecture_pb2.ArchitectureSpec, _Mapping]] = ..., batch_size: _Optional[int] = ...) -> None: ...
+    teacher_layers: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, student_kind: _Optional[str] = ..., student_hyperparameters_json: _Optional[str] = ..., temperature: _Optional[float] = ..., alpha: _Optional[float] = ..., epochs: _Optional[int] = ..., learning_rate: _Optional[float] = ..., student: _Optional[_Union[_architecture_pb2.ArchitectureSpec, _Mapping]] = ..., batch_size: _Optional[int] = ..., teacher_layers: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class FuseStep(_message.Message):
     __slots__ = ("model_versions", "weights", "method")
@@ -202,7 +208,7 @@ class CompressionOutput(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., alias: _Optional[str] = ...) -> None: ...
 
 class ModelMeasurement(_message.Message):
-    __slots__ = ("size_bytes", "parameters", "nonzero_parameters", "accuracy", "latency_ms", "latency_ms_batch32", "runtime")
+    __slots__ = ("size_bytes", "parameters", "nonzero_parameters", "accuracy", "latency_ms", "latency_ms_batch32", "runtime", "latency_ms_all_threads", "latency_ms_batch32_all_threads", "weights_bytes")
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     NONZERO_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
@@ -210,6 +216,9 @@ class ModelMeasurement(_message.Message):
     LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
     LATENCY_MS_BATCH32_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_ALL_THREADS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_BATCH32_ALL_THREADS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_BYTES_FIELD_NUMBER: _ClassVar[int]
     size_bytes: int
     parameters: int
     nonzero_parameters: int
@@ -217,7 +226,10 @@ class ModelMeasurement(_message.Message):
     latency_ms: float
     latency_ms_batch32: float
     runtime: str
-    def __init__(self, size_bytes: _Optional[int] = ..., parameters: _Optional[int] = ..., nonzero_parameters: _Optional[int] = ..., accuracy: _Optional[float] = ..., latency_ms: _Optional[float] = ..., latency_ms_batch32: _Optional[float] = ..., runtime: _Optional[str] = ...) -> None: ...
+    latency_ms_all_threads: float
+    latency_ms_batch32_all_threads: float
+    weights_bytes: int
+    def __init__(self, size_bytes: _Optional[int] = ..., parameters: _Optional[int] = ..., nonzero_parameters: _Optional[int] = ..., accuracy: _Optional[float] = ..., latency_ms: _Optional[float] = ..., latency_ms_batch32: _Optional[float] = ..., runtime: _Optional[str] = ..., latency_ms_all_threads: _Optional[float] = ..., latency_ms_batch32_all_threads: _Optional[float] = ..., weights_bytes: _Optional[int] = ...) -> None: ...
 
 class StepReport(_message.Message):
     __slots__ = ("kind", "details", "duration_seconds")
@@ -230,7 +242,7 @@ class StepReport(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., details: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., duration_seconds: _Optional[float] = ...) -> None: ...
 
 class CompressionReport(_message.Message):
-    __slots__ = ("before", "after", "gate_passed", "size_ratio", "accuracy_drop", "steps", "speedup_batch1", "speedup_batch32")
+    __slots__ = ("before", "after", "gate_passed", "size_ratio", "accuracy_drop", "steps", "speedup_batch1", "speedup_batch32", "mean_cosine", "similarity_spearman")
     BEFORE_FIELD_NUMBER: _ClassVar[int]
     AFTER_FIELD_NUMBER: _ClassVar[int]
     GATE_PASSED_FIELD_NUMBER: _ClassVar[int]
@@ -239,6 +251,8 @@ class CompressionReport(_message.Message):
     STEPS_FIELD_NUMBER: _ClassVar[int]
     SPEEDUP_BATCH1_FIELD_NUMBER: _ClassVar[int]
     SPEEDUP_BATCH32_FIELD_NUMBER: _ClassVar[int]
+    MEAN_COSINE_FIELD_NUMBER: _ClassVar[int]
+    SIMILARITY_SPEARMAN_FIELD_NUMBER: _ClassVar[int]
     before: ModelMeasurement
     after: ModelMeasurement
     gate_passed: bool
@@ -247,4 +261,6 @@ class CompressionReport(_message.Message):
     steps: _containers.RepeatedCompositeFieldContainer[StepReport]
     speedup_batch1: float
     speedup_batch32: float
-    def __init__(self, before: _Optional[_Union[ModelMeasurement, _Mapping]] = ..., after: _Optional[_Union[ModelMeasurement, _Mapping]] = ..., gate_passed: _Optional[bool] = ..., size_ratio: _Optional[float] = ..., accuracy_drop: _Optional[float] = ..., steps: _Optional[_Iterable[_Union[StepReport, _Mapping]]] = ..., speedup_batch1: _Optional[float] = ..., speedup_batch32: _Optional[float] = ...) -> None: ...
+    mean_cosine: float
+    similarity_spearman: float
+    def __init__(self, before: _Optional[_Union[ModelMeasurement, _Mapping]] = ..., after: _Optional[_Union[ModelMeasurement, _Mapping]] = ..., gate_passed: _Optional[bool] = ..., size_ratio: _Optional[float] = ..., accuracy_drop: _Optional[float] = ..., steps: _Optional[_Iterable[_Union[StepReport, _Mapping]]] = ..., speedup_batch1: _Optional[float] = ..., speedup_batch32: _Optional[float] = ..., mean_cosine: _Optional[float] = ..., similarity_spearman: _Optional[float] = ...) -> None: ...
