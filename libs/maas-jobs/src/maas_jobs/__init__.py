@@ -6,7 +6,9 @@
 - `executor`: one OS process (group) per job, its progress forwarded;
 - `progress`: the line protocol a job process speaks, and its parent-death watch;
 - `manager`: submit, schedule, run, cancel, watch and recover, around a service's `JobRunner`;
-- `resources`: jobs and events in the contract's JSON shape, for servicers.
+- `resources`: jobs and events in the contract's JSON shape, for servicers;
+- `settings`: the settings fields every job service adds to `ServiceSettings`;
+- `service`: the composition root every job service shares (store, registry, manager, server).
 
 Import from the submodules. Nothing is re-exported here on purpose: a job process imports
 `maas_jobs.progress` at every start, and must not pay for SQLAlchemy and the manager.
