@@ -14,29 +14,40 @@ thread at batch 1 and 32), so the ratios compare like with like on this machine:
 The ONNX rows: the CNN quantized to int8 static QDQ (goal: artifact ≤ 0.3×, ≥ 2.5× faster at
 batch 32, drop ≤ 0.5 pt); a 1024-wide MLP quantized to int8 dynamic against its torch fp32
 source (≥ 3× faster, ≤ 0.3× the bytes); the CNN in accuracy-aware int8 with a 0.5 pt
-tolerance (within it, naming the layers kept in float). Timings are reported, never gated
-on. Run: `make bench` (or `.venv/bin/python -m tests.bench.bench_compressor`).
+tolerance (within it, naming the layers kept in float).
+Then, served through the gateway: the registry and the inference service (supervising the
+bundled tritonserver) start as subprocesses; the fp32 CNN is registered as a maas-package and
+the int8 static ONNX graph of the row above (the same run's quantize step) as its child
+version; both are deployed and batch-32 predictions go through `maas.Client.predict`, the two
+deployments taking turns in SERVED_ROUNDS rounds; a second table prints each p50 and their
+ratio. Timings are reported, never gated on. Run: `make bench` (or
+`.venv/bin/python -m tests.bench.bench_compressor`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import os
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import maas
+import numpy as np
 import torch
-from maas_compressor.measure import Measurement, accuracy, latency_ms, measure
+from maas_compressor.measure import Measurement, accuracy, latency_ms, measure, predict
 from maas_compressor.steps.base import DataSplits, ModelUnderCompression
 from maas_compressor.steps.distill import distill
 from maas_compressor.steps.fuse import fuse
 from maas_compressor.steps.prune import prune
 from maas_compressor.steps.quantize import quantize
+from maas_compressor.torch_models import write_package
 
 from tests.compressor.torch_helpers import (
     RecordingContext,
@@ -45,6 +56,7 @@ from tests.compressor.torch_helpers import (
     train_in_place,
     zoo_model,
 )
+from tests.support.processes import ServiceProcess
 
 TORCH_THREADS = 1
 LATENCY_REPEATS = 300
@@ -76,6 +88,12 @@ class Bench:
     def digits_cnn(self) -> ModelUnderCompression:
         return train_in_place(zoo_model("cnn", CNN), self.context("source-cnn"),
                               epochs=CNN_EPOCHS, learning_rate=LEARNING_RATE)
+
+    @functools.cached_property
+    def digits_cnn_int8_static(self) -> ModelUnderCompression:
+        """The CNN's int8 static QDQ graph: measured in its row, then served beside its source."""
+        return quantize(self.digits_cnn, {"dtype": "int8", "mode": "static"},
+                        self.context("int8-static")).model
 
     def measured(self, model: ModelUnderCompression, name: str) -> Measurement:
         return measure(model, self.data, self.workdir / f"measure-{name}", repeats=LATENCY_REPEATS)
@@ -203,8 +221,7 @@ WIDE_MLP_EPOCHS = 8
 
 
 def cnn_int8_static_onnx(bench: Bench) -> Row:
-    source = bench.digits_cnn
-    quantized = quantize(source, {"dtype": "int8", "mode": "static"}, bench.context("int8-static")).model
+    source, quantized = bench.digits_cnn, bench.digits_cnn_int8_static
     before, after = bench.measured_pair(source, quantized, "int8-static")
     speed_up = before.latency_ms_batch32 / after.latency_ms_batch32
     return Row("digits CNN, int8 static QDQ (ONNX)", before, after,
@@ -244,14 +261,132 @@ ONNX_ROWS: list[RowFunction] = [
 
 
 def print_table(rows: list[Row]) -> None:
-    lines = [HEADER, *(row.cells() for row in rows)]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(HEADER))]
-    print()
-    for line in lines:
-        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))
+    print_lines([HEADER, *(row.cells() for row in rows)])
     print("\n× = result / source (speed-up: source / result latency), CPU p50 over "
           f"{LATENCY_REPEATS} passes in {LATENCY_ROUNDS} alternating rounds, {TORCH_THREADS} "
           "thread; drop pt = source − result accuracy")
+    sys.stdout.flush()
+
+
+SERVED_BATCH = 32
+SERVED_ROUNDS = 7
+SERVED_CALLS = 60
+"""Predictions per deployment per round; a round's p50 is taken over these."""
+
+
+@dataclass(frozen=True)
+class ServedVersion:
+    """One deployment as the gateway serves it: what runs it, its accuracy and latency."""
+
+    version: str
+    runtime: str
+    accuracy: float
+    argmax_agreement: float
+    """Share of the evaluation split where the served argmax equals the in-process one."""
+    p50_ms: float
+
+
+@dataclass(frozen=True)
+class ServedRow:
+    """The int8 ONNX version beside its fp32 source, both served through the gateway."""
+
+    name: str
+    fp32: ServedVersion
+    int8: ServedVersion
+
+    def cells(self) -> tuple[str, ...]:
+        return (self.name, f"{self.fp32.p50_ms:.3f}", f"{self.int8.p50_ms:.3f}",
+                f"{self.fp32.p50_ms / self.int8.p50_ms:.2f}",
+                f"{self.fp32.accuracy:.4f}", f"{self.int8.accuracy:.4f}",
+                f"{self.fp32.argmax_agreement:.4f}/{self.int8.argmax_agreement:.4f}",
+                f"{self.fp32.runtime} → {self.int8.runtime}", "p50 ratio printed")
+
+
+SERVED_HEADER = ("row", "fp32 p50 ms b32", "int8 p50 ms b32", "speed-up b32", "acc fp32 served",
+                 "acc int8 served", "argmax = in-process", "runtime (served)", "goal")
+
+
+def served_predictions(client: maas.Client, deployment: str, x: np.ndarray) -> np.ndarray:
+    """The deployment's logits for `x`, sent in batches of SERVED_BATCH."""
+    return np.concatenate([client.predict(deployment, x[begin:begin + SERVED_BATCH])["logits"]
+                           for begin in range(0, len(x), SERVED_BATCH)])
+
+
+def served_p50_ms(client: maas.Client, deployment: str, batch: np.ndarray) -> float:
+    """p50 wall time of SERVED_CALLS sequential predictions of `batch`, client included."""
+    taken = []
+    for _ in range(SERVED_CALLS):
+        started = time.perf_counter()
+        client.predict(deployment, batch)
+        taken.append((time.perf_counter() - started) * 1000)
+    return statistics.median(taken)
+
+
+def served_int8_vs_fp32(bench: Bench) -> ServedRow:
+    """Start the registry and the inference service (real Triton), serve both, measure."""
+    root = bench.workdir / "served"
+    registry = ServiceProcess("registry", root / "registry")
+    inference = ServiceProcess("inference", root / "inference", registry_target=registry.target,
+                               client_token_file=str(root / "registry" / "admin.token"))
+    asyncio.run(registry.start())
+    try:
+        asyncio.run(inference.start(timeout=180))
+        return serve_and_measure(bench, registry, inference)
+    finally:
+        inference.terminate()
+        registry.terminate()
+
+
+def serve_and_measure(bench: Bench, registry: ServiceProcess,
+                      inference: ServiceProcess) -> ServedRow:
+    source, quantized = bench.digits_cnn, bench.digits_cnn_int8_static
+    package = write_package(source, bench.workdir / "served-cnn-fp32.safetensors")
+    with maas.Client(targets={"registry": registry.target}, token=registry.admin_token()) as admin:
+        versions = {"fp32": admin.upload_model("digits-cnn", package).name}
+        versions["int8"] = admin.upload_model(
+            "digits-cnn-int8", quantized.form.path, format="onnx",  # type: ignore[union-attr]
+            parents=[versions["fp32"]]).name
+    in_process = {"fp32": predict(source, bench.data.eval_x),
+                  "int8": predict(quantized, bench.data.eval_x)}
+    batch = bench.data.eval_x[:SERVED_BATCH]
+    with maas.Client(targets={"inference": inference.target},
+                     token=inference.admin_token()) as client:
+        runtimes, accuracies, agreements = {}, {}, {}
+        for kind, version in versions.items():
+            deployment = client.deploy(f"cnn-{kind}", version, max_batch_size=SERVED_BATCH)
+            runtimes[kind] = deployment.served_versions[0].runtime
+            served = served_predictions(client, f"cnn-{kind}", bench.data.eval_x)
+            accuracies[kind] = float((served.argmax(axis=1) == bench.data.eval_y).mean())
+            agreements[kind] = float(
+                (served.argmax(axis=1) == in_process[kind].argmax(axis=1)).mean())
+            served_p50_ms(client, f"cnn-{kind}", batch)  # warm-up: Triton's first batches
+        rounds: dict[str, list[float]] = {kind: [] for kind in versions}
+        for _ in range(SERVED_ROUNDS):
+            for kind in versions:
+                rounds[kind].append(served_p50_ms(client, f"cnn-{kind}", batch))
+    served_versions = {
+        kind: ServedVersion(versions[kind], runtimes[kind], accuracies[kind], agreements[kind],
+                            statistics.median(rounds[kind]))
+        for kind in versions
+    }
+    return ServedRow("served through the gateway: int8 static ONNX vs fp32 maas-package",
+                     served_versions["fp32"], served_versions["int8"])
+
+
+def print_lines(lines: list[tuple[str, ...]]) -> None:
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    print()
+    for line in lines:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))
+
+
+def print_served_table(row: ServedRow) -> None:
+    print("\nServed through the gateway (registry + inference service + bundled Triton, "
+          "maas.Client.predict):", end="")
+    print_lines([SERVED_HEADER, row.cells()])
+    print(f"\np50 of {SERVED_CALLS} sequential batch-{SERVED_BATCH} predictions per round, median "
+          f"of {SERVED_ROUNDS} rounds taking turns, client round trip included; speed-up = fp32 / "
+          "int8 p50; accuracies over the held-out split as served")
     sys.stdout.flush()
 
 
@@ -262,7 +397,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=bench_dir) as tmp:
         bench = Bench(data=digits_splits(), workdir=Path(tmp))
         rows = [row(bench) for row in (*TORCH_ROWS, *ONNX_ROWS)]
+        served = served_int8_vs_fp32(bench)
     print_table(rows)
+    print_served_table(served)
 
 
 if __name__ == "__main__":
