@@ -8,7 +8,9 @@
 - `manager`: submit, schedule, run, cancel, watch and recover, around a service's `JobRunner`;
 - `resources`: jobs and events in the contract's JSON shape, for servicers;
 - `settings`: the settings fields every job service adds to `ServiceSettings`;
-- `service`: the composition root every job service shares (store, registry, manager, server).
+- `service`: the composition root every job service shares (store, registry, manager, server);
+- `scoped`: get, list, cancel and watch of a service's jobs within the caller's model scopes;
+- `servicer`: job and event messages, and the Get/List/Cancel/Watch RPC bodies.
 
 Import from the submodules. Nothing is re-exported here on purpose: a job process imports
 `maas_jobs.progress` at every start, and must not pay for SQLAlchemy and the manager.

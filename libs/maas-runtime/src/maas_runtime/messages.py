@@ -20,7 +20,7 @@ import math
 from collections.abc import Iterator, Mapping
 from typing import Any, TypeVar
 
-from google.protobuf import json_format
+from google.protobuf import json_format, struct_pb2
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from maas.common.v1 import field_behavior_pb2
@@ -47,6 +47,22 @@ def to_message(resource: Mapping[str, Any], message_type: type[M]) -> M:
     INTERNAL), so a misspelling can never pass as a default value.
     """
     return json_format.ParseDict(resource, message_type())
+
+
+def struct_value_to_python(value: struct_pb2.Value) -> Any:
+    """A Struct value as plain Python; integral numbers become int (Struct only has doubles,
+    and a layer width of 128.0 is meant as 128)."""
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        number = value.number_value
+        return int(number) if number.is_integer() else number
+    if kind == "struct_value":
+        return {key: struct_value_to_python(item) for key, item in value.struct_value.fields.items()}
+    if kind == "list_value":
+        return [struct_value_to_python(item) for item in value.list_value.values]
+    if kind == "null_value":
+        return None
+    return getattr(value, kind) if kind else None
 
 
 def to_dict(message: Message) -> dict[str, Any]:

@@ -10,16 +10,14 @@ files behind.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import re
 import shutil
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 from maas_formats.dataset_sources import BUILTIN_DATASETS, DatasetFacts, facts_from_dataset_version
-from maas_jobs.manager import JobListing, JobManager
-from maas_jobs.records import JobDraft, JobEvent, JobRecord
+from maas_jobs.manager import JobManager
+from maas_jobs.records import JobDraft, JobRecord
+from maas_jobs.scoped import ScopedJobs, tenant_of
 from maas_runtime import scopes
 from maas_runtime.auth import Principal, Role
 from maas_runtime.errors import (
@@ -30,7 +28,7 @@ from maas_runtime.errors import (
     NotFound,
     ResourceRef,
 )
-from maas_runtime.names import parse_parent, validate_id
+from maas_runtime.names import validate_id
 from maas_runtime.registry_client import RegistryClient
 from maas_runtime.telemetry import current_trace_carrier
 
@@ -44,17 +42,12 @@ JOB_ID_FIELD = "compression_job_id"
 _EXTENSIONS = {"MODEL_FORMAT_ONNX": "onnx", "MODEL_FORMAT_MAAS_PACKAGE": "safetensors"}
 
 
-def job_id_from_name(name: str, field: str = "name") -> str:
-    """`compressionJobs/{job}` → job id; INVALID_ARGUMENT on `field` otherwise."""
-    return parse_parent(name, COLLECTION, field)
-
-
-class CompressionJobs:
+class CompressionJobs(ScopedJobs):
     """The compressor's domain facade over the job manager, the runner and the registry."""
 
     def __init__(self, manager: JobManager, runner: CompressionJobRunner,
                  registry: RegistryClient, work_root: Path):
-        self._manager = manager
+        super().__init__(manager, COLLECTION)
         self._runner = runner
         self._registry = registry
         self._work_root = work_root
@@ -123,33 +116,8 @@ class CompressionJobs:
                 resource=ResourceRef("dataset version", spec.dataset_version)) from None
         return facts_from_dataset_version(version)
 
-    async def get(self, name: str, principal: Principal) -> JobRecord:
-        return _in_scope(principal, await self._manager.get(job_id_from_name(name)))
-
-    async def list(self, filter_text: str, page_size: int, page_token: str,
-                   principal: Principal) -> JobListing:
-        listing = await self._manager.list(filter_text, page_size, page_token)
-        # A scoped token sees only jobs all of whose models it may see (pages may be shorter).
-        return dataclasses.replace(listing, items=scopes.visible(
-            principal, listing.items, lambda job: _models_of(CompressionPlan.from_dict(job.spec).spec)))
-
-    async def cancel(self, name: str, principal: Principal) -> JobRecord:
-        job_id = job_id_from_name(name)
-        _in_scope(principal, await self._manager.get(job_id))
-        return await self._manager.cancel(job_id, f"cancelled by {principal.name}")
-
-    async def watch(self, name: str, after_sequence: int,
-                    principal: Principal) -> AsyncIterator[JobEvent]:
-        job_id = job_id_from_name(name)
-        _in_scope(principal, await self._manager.get(job_id))
-        async for event in self._manager.watch(job_id, after_sequence):
-            yield event
-
-
-def tenant_of(principal: Principal) -> str:
-    """The tenant a principal's jobs count against by default: its name as a valid id."""
-    slug = re.sub(r"[^a-z0-9._-]+", "-", principal.name.lower()).strip("-._")[:63]
-    return slug or "default"
+    def models_of(self, job: JobRecord) -> list[str]:
+        return _models_of(CompressionPlan.from_dict(job.spec).spec)
 
 
 def _member_field(spec: CompressionSpec, position: int) -> str:
@@ -170,7 +138,3 @@ def _models_of(spec: CompressionSpec) -> list[str]:
     names = [spec.source_model_version, *spec.fuse_members]
     return [spec.output.model_id, *(model for model in map(scopes.model_id_of, names) if model)]
 
-
-def _in_scope(principal: Principal, job: JobRecord) -> JobRecord:
-    scopes.require_models(principal, _models_of(CompressionPlan.from_dict(job.spec).spec))
-    return job

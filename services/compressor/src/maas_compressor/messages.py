@@ -14,13 +14,12 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from google.protobuf import struct_pb2
 from maas.common.v1 import architecture_pb2, job_pb2
 from maas.compressor.v1 import compression_job_pb2 as cj
-from maas_jobs.records import JobEvent, JobRecord
-from maas_jobs.resources import job_event_resource, job_status_fields
+from maas_jobs.records import JobRecord
+from maas_jobs.servicer import job_message
 from maas_runtime.errors import InvalidArgument
-from maas_runtime.messages import to_message
+from maas_runtime.messages import struct_value_to_python, to_message
 
 from maas_compressor.plan import CompressionPlan
 from maas_compressor.spec import SPEC_FIELD, CompressionSpec, StepSpec
@@ -46,25 +45,10 @@ def _enum(name: str, known: Mapping[Any, str]) -> Any:
     return {short: number for number, short in known.items()}[name]
 
 
-def _python_value(value: struct_pb2.Value) -> Any:
-    """A Struct value as plain Python; integral numbers become int (a width of 32.0 is 32)."""
-    kind = value.WhichOneof("kind")
-    if kind == "number_value":
-        number = value.number_value
-        return int(number) if number.is_integer() else number
-    if kind == "struct_value":
-        return {key: _python_value(item) for key, item in value.struct_value.fields.items()}
-    if kind == "list_value":
-        return [_python_value(item) for item in value.list_value.values]
-    if kind == "null_value":
-        return None
-    return getattr(value, kind) if kind else None
-
-
 def _student(step: cj.DistillStep, path: str) -> dict[str, Any]:
     if step.HasField("student"):
         return {"kind": step.student.kind,
-                "hyperparameters": {key: _python_value(value) for key, value
+                "hyperparameters": {key: struct_value_to_python(value) for key, value
                                     in step.student.hyperparameters.fields.items()}}
     hyperparameters: Any = {}
     if step.student_hyperparameters_json:
@@ -166,14 +150,9 @@ def _spec_message(spec: CompressionSpec) -> cj.CompressionSpec:
 
 
 def compression_job_message(job: JobRecord) -> cj.CompressionJob:
-    message = to_message(job_status_fields(job, f"{COLLECTION}/{job.job_id}"),
-                         cj.CompressionJob)
+    message = job_message(job, COLLECTION, cj.CompressionJob)
     message.spec.CopyFrom(_spec_message(CompressionPlan.from_dict(job.spec).spec))
     message.model_version = job.result.get("model_version", "")
     if "report" in job.result:
         message.report.CopyFrom(to_message(job.result["report"], cj.CompressionReport))
     return message
-
-
-def job_event_message(event: JobEvent) -> job_pb2.JobEvent:
-    return to_message(job_event_resource(event), job_pb2.JobEvent)

@@ -8,18 +8,16 @@ architecture can read the dataset's features. A rejected request leaves no trace
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import re
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
-from maas_jobs.manager import JobListing, JobManager
-from maas_jobs.records import JobDraft, JobEvent, JobRecord
+from maas_jobs.manager import JobManager
+from maas_jobs.records import JobDraft, JobRecord
+from maas_jobs.scoped import ScopedJobs, tenant_of
 from maas_runtime import scopes
 from maas_runtime.auth import Principal, Role
 from maas_runtime.errors import FailedPrecondition, FieldViolation, NotFound, ResourceRef
-from maas_runtime.names import parse_parent, validate_id
+from maas_runtime.names import validate_id
 from maas_runtime.registry_client import RegistryClient
 from maas_runtime.telemetry import current_trace_carrier
 
@@ -36,16 +34,11 @@ COLLECTION = "trainingJobs"
 JOB_ID_FIELD = "training_job_id"
 
 
-def job_id_from_name(name: str, field: str = "name") -> str:
-    """`trainingJobs/{job}` → job id; INVALID_ARGUMENT on `field` otherwise."""
-    return parse_parent(name, COLLECTION, field)
-
-
-class TrainingJobs:
+class TrainingJobs(ScopedJobs):
     """The trainer's domain facade over the job manager and the registry."""
 
     def __init__(self, manager: JobManager, registry: RegistryClient) -> None:
-        self._manager = manager
+        super().__init__(manager, COLLECTION)
         self._registry = registry
 
     async def create(self, job_id: str, spec_fields: dict[str, Any],
@@ -78,40 +71,6 @@ class TrainingJobs:
                 resource=ResourceRef("dataset version", spec.data.dataset)) from None
         return facts_from_dataset_version(version)
 
-    async def get(self, name: str, principal: Principal) -> JobRecord:
-        return _in_scope(principal, await self._manager.get(job_id_from_name(name)))
-
-    async def list(self, filter_text: str, page_size: int, page_token: str,
-                   principal: Principal) -> JobListing:
-        listing = await self._manager.list(filter_text, page_size, page_token)
-        # A scoped token sees only jobs that train its models (pages may come back shorter).
-        return dataclasses.replace(listing, items=scopes.visible(
-            principal, listing.items, lambda job: [_model_of(job)]))
-
-    async def cancel(self, name: str, principal: Principal) -> JobRecord:
-        job_id = job_id_from_name(name)
-        _in_scope(principal, await self._manager.get(job_id))
-        return await self._manager.cancel(job_id, f"cancelled by {principal.name}")
-
-    async def watch(self, name: str, after_sequence: int,
-                    principal: Principal) -> AsyncIterator[JobEvent]:
-        job_id = job_id_from_name(name)
-        _in_scope(principal, await self._manager.get(job_id))
-        async for event in self._manager.watch(job_id, after_sequence):
-            yield event
-
-
-def tenant_of(principal: Principal) -> str:
-    """The tenant a principal's jobs count against by default: its name as a valid id."""
-    slug = re.sub(r"[^a-z0-9._-]+", "-", principal.name.lower()).strip("-._")[:63]
-    return slug or "default"
-
-
-def _model_of(job: JobRecord) -> str:
-    return TrainingPlan.from_dict(job.spec).spec.output.model_id
-
-
-def _in_scope(principal: Principal, job: JobRecord) -> JobRecord:
-    """A token scoped to some models may only see and touch jobs that train them."""
-    scopes.require_models(principal, [_model_of(job)])
-    return job
+    def models_of(self, job: JobRecord) -> list[str]:
+        """A training job involves one model: the one it trains."""
+        return [TrainingPlan.from_dict(job.spec).spec.output.model_id]

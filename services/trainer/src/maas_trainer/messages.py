@@ -10,12 +10,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from google.protobuf import struct_pb2
 from maas.common.v1 import job_pb2
 from maas.trainer.v1 import training_job_pb2
-from maas_jobs.records import JobEvent, JobRecord
-from maas_jobs.resources import job_event_resource, job_status_fields
-from maas_runtime.messages import to_message
+from maas_jobs.records import JobRecord
+from maas_jobs.servicer import job_message
+from maas_runtime.messages import struct_value_to_python
 
 from maas_trainer.jobs import COLLECTION
 from maas_trainer.plan import TrainingPlan
@@ -43,28 +42,12 @@ def _enum_short_name(value: int, known: Mapping[Any, str]) -> str:
     return known.get(value, str(value))
 
 
-def _python_value(value: struct_pb2.Value) -> Any:
-    """A Struct value as plain Python; integral numbers become int (Struct only has doubles,
-    and a layer width of 128.0 is meant as 128)."""
-    kind = value.WhichOneof("kind")
-    if kind == "number_value":
-        number = value.number_value
-        return int(number) if number.is_integer() else number
-    if kind == "struct_value":
-        return {key: _python_value(item) for key, item in value.struct_value.fields.items()}
-    if kind == "list_value":
-        return [_python_value(item) for item in value.list_value.values]
-    if kind == "null_value":
-        return None
-    return getattr(value, kind) if kind else None
-
-
 def spec_fields(spec: training_job_pb2.TrainingSpec) -> dict[str, Any]:
     """A request's TrainingSpec as the dict `parse_training_spec` validates."""
     fields: dict[str, Any] = {
         "architecture": {
             "kind": spec.architecture.kind,
-            "hyperparameters": {key: _python_value(value)
+            "hyperparameters": {key: struct_value_to_python(value)
                                 for key, value in spec.architecture.hyperparameters.fields.items()},
         },
         "data": {"dataset": spec.data.dataset,
@@ -127,12 +110,7 @@ def _spec_message(plan: TrainingPlan) -> training_job_pb2.TrainingSpec:
 
 
 def training_job_message(job: JobRecord) -> training_job_pb2.TrainingJob:
-    message = to_message(job_status_fields(job, f"{COLLECTION}/{job.job_id}"),
-                         training_job_pb2.TrainingJob)
+    message = job_message(job, COLLECTION, training_job_pb2.TrainingJob)
     message.spec.CopyFrom(_spec_message(TrainingPlan.from_dict(job.spec)))
     message.model_version = job.result.get("model_version", "")
     return message
-
-
-def job_event_message(event: JobEvent) -> job_pb2.JobEvent:
-    return to_message(job_event_resource(event), job_pb2.JobEvent)
