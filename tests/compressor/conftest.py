@@ -3,8 +3,11 @@ source models trained for seconds and registered once per test module."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest_asyncio
 from maas.compressor.v1 import compressor_service_pb2_grpc
@@ -88,13 +91,13 @@ async def register_sources(registry, packages: dict[str, bytes]) -> Sources:
     return sources
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def compressor_suite(tmp_path_factory):
-    """Registry and compressor in this process, sources registered; one per test module."""
+@asynccontextmanager
+async def compressor_servers(root: Path, sources: Callable[[Any, str], Awaitable[Sources]]):
+    """A registry and a compressor in this process (gRPC on port 0); `sources(registry stub,
+    registry target)` registers the suite's source versions."""
     from maas_compressor.server import build_server as build_compressor_server
     from maas_compressor.settings import CompressorSettings
 
-    root = tmp_path_factory.mktemp("compressor-suite")
     registry_settings = RegistrySettings(state_dir=root / "registry", port=0)
     registry_server = build_registry_server(registry_settings)
     registry_port = await registry_server.start()
@@ -111,12 +114,26 @@ async def compressor_suite(tmp_path_factory):
     compressor_port = await compressor_server.start()
     channel = open_channel(f"127.0.0.1:{compressor_port}",
                            token=(settings.state_dir / "admin.token").read_text().strip())
-    sources = await register_sources(registry, train_sources(root / "sources"))
-    yield CompressorSuite(f"127.0.0.1:{registry_port}", registry_token_file, registry,
-                          compressor_service_pb2_grpc.CompressorServiceStub(channel),
-                          settings.state_dir, sources, f"127.0.0.1:{compressor_port}",
-                          settings.resolved_tokens_file)
-    await channel.close()
-    await compressor_server.stop(0)
-    await registry_channel.close()
-    await registry_server.stop(0)
+    try:
+        yield CompressorSuite(f"127.0.0.1:{registry_port}", registry_token_file, registry,
+                              compressor_service_pb2_grpc.CompressorServiceStub(channel),
+                              settings.state_dir,
+                              await sources(registry, f"127.0.0.1:{registry_port}"),
+                              f"127.0.0.1:{compressor_port}", settings.resolved_tokens_file)
+    finally:
+        await channel.close()
+        await compressor_server.stop(0)
+        await registry_channel.close()
+        await registry_server.stop(0)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def compressor_suite(tmp_path_factory):
+    """Registry and compressor in this process, sources registered; one per test module."""
+    root = tmp_path_factory.mktemp("compressor-suite")
+
+    async def digits_sources(registry, _target: str) -> Sources:
+        return await register_sources(registry, train_sources(root / "sources"))
+
+    async with compressor_servers(root, digits_sources) as suite:
+        yield suite

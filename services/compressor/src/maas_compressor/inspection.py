@@ -11,7 +11,11 @@ work fails at once with its code and field rather than minutes later as a failed
   the member;
 - a student the zoo cannot build for the model's input, or whose outputs differ from the
   teacher's → INVALID_ARGUMENT / FAILED_PRECONDITION on the student;
-- quantizing a graph that is already quantized → FAILED_PRECONDITION on the dtype.
+- quantizing a graph that is already quantized → FAILED_PRECONDITION on the dtype;
+- a sentence encoder (HF_TRANSFORMER) source takes convert, int8 quantize and distill with
+  `teacher_layers`, is measured on `builtin:pydoc` (or an empty dataset) and gated by
+  `min_mean_cosine` / `min_similarity_spearman`; a classifier takes none of these
+  (`check_encoder_plan`).
 
 These read manifests and graphs and build tiny torch modules: call them off the event loop.
 """
@@ -23,14 +27,19 @@ from pathlib import Path
 from typing import Any
 
 from maas_formats.manifest import ModelSignature
-from maas_runtime.contract_enums import MODEL_FORMAT_MAAS_PACKAGE, MODEL_FORMAT_ONNX
+from maas_runtime.contract_enums import (
+    MODEL_FORMAT_HF_TRANSFORMER,
+    MODEL_FORMAT_MAAS_PACKAGE,
+    MODEL_FORMAT_ONNX,
+)
 from maas_runtime.errors import FailedPrecondition, FieldViolation, InvalidArgument
 
 from maas_compressor.data import check_dataset_fits, signature_from_registry
 from maas_compressor.plan import CompressionPlan, InputVersion
-from maas_compressor.spec import TORCH_STEPS, field_path
+from maas_compressor.spec import PYDOC, TORCH_STEPS, field_path
 
-COMPRESSIBLE_FORMATS = (MODEL_FORMAT_MAAS_PACKAGE, MODEL_FORMAT_ONNX)
+COMPRESSIBLE_FORMATS = (MODEL_FORMAT_MAAS_PACKAGE, MODEL_FORMAT_ONNX, MODEL_FORMAT_HF_TRANSFORMER)
+ENCODER_STEPS = frozenset({"convert", "quantize", "distill"})
 ARCHITECTURE_CHANGING_STEPS = frozenset({"distill"})
 
 
@@ -112,8 +121,76 @@ def _already_quantized(path: Path) -> str | None:
     return quantization_already_applied(onnx.load(str(path), load_external_data=False))
 
 
+def _refuse(where: str, description: str, reason: str, *, invalid: bool = True) -> None:
+    error = InvalidArgument if invalid else FailedPrecondition
+    raise error(f"{where}: {description}", reason=reason,
+                field_violations=[FieldViolation(where, description)])
+
+
+def check_encoder_plan(plan: CompressionPlan, workdir: Path) -> None:
+    """An encoder source's steps, dataset and gates (the archive is checked as it unzips:
+    no pickle, no escaping paths)."""
+    from maas_formats.opaque import validate_hf_transformer
+
+    spec = plan.spec
+    name = plan.source.name
+    if plan.dataset.source != PYDOC:
+        _refuse(field_path("evaluation_dataset"),
+                f"{name} is a sentence encoder, measured on the fixed held-out sentences of "
+                f"{PYDOC}: leave evaluation_dataset empty or set {PYDOC!r}, not "
+                f"{spec.evaluation_dataset!r}", "DATASET_NOT_FOR_ENCODERS")
+    if spec.max_accuracy_drop is not None:
+        _refuse(field_path("max_accuracy_drop"),
+                f"{name} is a sentence encoder without accuracy: gate it with min_mean_cosine "
+                "or min_similarity_spearman", "GATE_NOT_FOR_ENCODERS")
+    for index, step in enumerate(spec.steps):
+        where = field_path(f"steps[{index}]")
+        if step.kind not in ENCODER_STEPS:
+            _refuse(where, f"{step.kind} does not apply to the sentence encoder {name}; "
+                    f"encoders take {', '.join(sorted(ENCODER_STEPS))}",
+                    "STEP_NOT_FOR_ENCODERS", invalid=False)
+        if step.kind == "quantize" and step.parameters["dtype"] != "int8":
+            _refuse(_step_field(index, "quantize", "dtype"),
+                    f"sentence encoders are quantized to int8, not {step.parameters['dtype']}",
+                    "DTYPE_NOT_FOR_ENCODERS")
+        if step.kind == "distill" and "layers" not in step.parameters:
+            _refuse(_step_field(index, "distill", "teacher_layers"),
+                    f"a student of the sentence encoder {name} keeps some of its layers: set "
+                    "teacher_layers (and leave student unset)", "STUDENT_NOT_FOR_ENCODERS")
+    archive = validate_hf_transformer(workdir / plan.source.filename,
+                                      field_path=field_path("source_model_version"))
+    layers = int(archive.config.get("num_hidden_layers") or 0)
+    weights_format = "safetensors" if archive.weights else "onnx"
+    for index, step in enumerate(spec.steps):
+        if step.kind == "distill" and max(step.parameters["layers"]) >= layers:
+            _refuse(_step_field(index, "distill", "teacher_layers"),
+                    f"{name} has {layers} encoder layers (0..{layers - 1}), got "
+                    f"{step.parameters['layers']}", "STUDENT_UNBUILDABLE")
+        if step.kind in TORCH_STEPS | {"convert"} and weights_format != "safetensors":
+            _refuse(field_path(f"steps[{index}]"),
+                    f"{step.kind} works on the torch (safetensors) encoder and {name} is "
+                    f"{weights_format}", "STEP_NEEDS_TORCH_MODEL", invalid=False)
+
+
 def check_plan(plan: CompressionPlan, workdir: Path) -> None:
     """Every check above, on the files staged in `workdir`."""
+    if plan.source.is_encoder:
+        check_encoder_plan(plan, workdir)
+        return
+    for gate, value in plan.spec.encoder_gates.items():
+        _refuse(field_path(gate), f"{plan.source.name} is a classifier: {gate} ({value}) "
+                "gates sentence encoders; use max_accuracy_drop", "GATE_NOT_FOR_CLASSIFIERS")
+    for index, step in enumerate(plan.spec.steps):
+        if step.kind == "distill" and "layers" in step.parameters:
+            _refuse(_step_field(index, "distill", "teacher_layers"),
+                    "picks a sentence encoder's student; a classifier's student is a zoo "
+                    "architecture (set student)", "STUDENT_NOT_FOR_CLASSIFIERS")
+    if plan.dataset.source == PYDOC:
+        dataset_field = field_path("evaluation_dataset")
+        if not plan.spec.evaluation_dataset:
+            _refuse(dataset_field, "is required", "DATASET_REQUIRED")
+        _refuse(dataset_field, f"{PYDOC} measures sentence encoders; {plan.source.name} is "
+                "a classifier", "DATASET_DOES_NOT_FIT", invalid=False)
     source_field = field_path("source_model_version")
     source = inspect(plan.source, workdir / plan.source.filename, source_field)
     check_dataset_fits(plan.dataset, source.signature)

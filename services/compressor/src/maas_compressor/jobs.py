@@ -33,13 +33,14 @@ from maas_runtime.registry_client import RegistryClient
 from maas_runtime.telemetry import current_trace_carrier
 
 from maas_compressor.inspection import check_format, check_plan
-from maas_compressor.plan import INPUTS_DIRECTORY, CompressionPlan, InputVersion
+from maas_compressor.plan import INPUTS_DIRECTORY, PYDOC_SENTENCES, CompressionPlan, InputVersion
 from maas_compressor.runner import CompressionJobRunner
-from maas_compressor.spec import CompressionSpec, field_path, parse_compression_spec
+from maas_compressor.spec import PYDOC, CompressionSpec, field_path, parse_compression_spec
 
 COLLECTION = "compressionJobs"
 JOB_ID_FIELD = "compression_job_id"
-_EXTENSIONS = {"MODEL_FORMAT_ONNX": "onnx", "MODEL_FORMAT_MAAS_PACKAGE": "safetensors"}
+_EXTENSIONS = {"MODEL_FORMAT_ONNX": "onnx", "MODEL_FORMAT_MAAS_PACKAGE": "safetensors",
+               "MODEL_FORMAT_HF_TRANSFORMER": "zip"}
 
 
 class CompressionJobs(ScopedJobs):
@@ -103,6 +104,8 @@ class CompressionJobs(ScopedJobs):
         return input_version
 
     async def _dataset_facts(self, spec: CompressionSpec) -> DatasetFacts:
+        if spec.evaluation_dataset in ("", PYDOC):  # check_plan says whether the source fits
+            return PYDOC_SENTENCES
         if spec.dataset_version is None:
             return BUILTIN_DATASETS[spec.evaluation_dataset]
         where = field_path("evaluation_dataset")

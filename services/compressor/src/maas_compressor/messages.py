@@ -82,7 +82,8 @@ def _step_fields(step: cj.CompressionStep, index: int) -> dict[str, Any]:
         parameters = {
             "student_architecture": _student(d, f"{SPEC_FIELD}.steps[{index}].distill"),
             "temperature": d.temperature, "alpha": d.alpha, "epochs": d.epochs,
-            "learning_rate": d.learning_rate, "batch_size": d.batch_size}
+            "learning_rate": d.learning_rate, "batch_size": d.batch_size,
+            "teacher_layers": list(d.teacher_layers)}
     elif kind == "fuse":
         f = step.fuse
         parameters = {"model_versions": list(f.model_versions), "weights": list(f.weights),
@@ -106,6 +107,9 @@ def spec_fields(spec: cj.CompressionSpec) -> dict[str, Any]:
         "resources": {"workers": spec.resources.workers, "priority": spec.resources.priority,
                       "tenant": spec.resources.tenant},
         "seed": spec.seed,
+        "min_mean_cosine": spec.min_mean_cosine if spec.HasField("min_mean_cosine") else None,
+        "min_similarity_spearman": (spec.min_similarity_spearman
+                                    if spec.HasField("min_similarity_spearman") else None),
     }
 
 
@@ -120,6 +124,9 @@ def _step_message(step: StepSpec) -> cj.CompressionStep:
             dtype=_enum(p["dtype"], _DTYPES), mode=_enum(p["mode"], _MODES),
             per_channel=p["per_channel"], calibration_samples=p["calibration_samples"],
             accuracy_aware=p["accuracy_aware"], tolerance=p["tolerance"]))
+    if step.kind == "distill" and "layers" in p:  # a sentence encoder's student
+        return cj.CompressionStep(distill=cj.DistillStep(
+            teacher_layers=p["layers"], epochs=p["epochs"], learning_rate=p.get("learning_rate", 0.0)))
     if step.kind == "distill":
         student = architecture_pb2.ArchitectureSpec(kind=p["student_architecture"]["kind"])
         student.hyperparameters.update(p["student_architecture"]["hyperparameters"])
@@ -146,6 +153,10 @@ def _spec_message(spec: CompressionSpec) -> cj.CompressionSpec:
         seed=spec.seed)
     if spec.max_accuracy_drop is not None:
         message.max_accuracy_drop = spec.max_accuracy_drop
+    if spec.min_mean_cosine is not None:
+        message.min_mean_cosine = spec.min_mean_cosine
+    if spec.min_similarity_spearman is not None:
+        message.min_similarity_spearman = spec.min_similarity_spearman
     return message
 
 

@@ -17,9 +17,9 @@ from typing import Any
 
 from maas_formats.dataset_sources import DatasetFacts
 from maas_jobs.files import write_json_atomically
-from maas_runtime.contract_enums import MODEL_FORMAT_ONNX
+from maas_runtime.contract_enums import MODEL_FORMAT_HF_TRANSFORMER, MODEL_FORMAT_ONNX
 
-from maas_compressor.spec import CompressionSpec
+from maas_compressor.spec import PYDOC, CompressionSpec
 
 RUN_CONFIG_FILENAME = "run.json"
 RESULT_FILENAME = "result.json"
@@ -27,6 +27,11 @@ LOG_FILENAME = "job.log"
 INPUTS_DIRECTORY = "inputs"
 WORK_DIRECTORY = "work"
 RESULT_DIRECTORY = "result"
+PYDOC_SENTENCES = DatasetFacts(PYDOC, feature_shape=(1,), num_classes=0, row_count=0,
+                               format="text")
+"""The sentence encoders' evaluation set: held-out `pydoc_data.topics` sentences, read from
+the standard library in the job process (nothing staged). Also what an empty
+`evaluation_dataset` resolves to; `inspection.check_plan` refuses it for a classifier."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,11 @@ class InputVersion:
     @property
     def is_onnx(self) -> bool:
         return self.format == MODEL_FORMAT_ONNX
+
+    @property
+    def is_encoder(self) -> bool:
+        """A Hugging Face sentence encoder (zip of config, tokenizer and weights)."""
+        return self.format == MODEL_FORMAT_HF_TRANSFORMER
 
     def as_version(self) -> dict[str, Any]:
         """The `ModelVersion` dict the registry client downloads by."""

@@ -23,7 +23,9 @@ from maas_zoo.architectures import get_architecture, resolve_hyperparameters
 
 SPEC_FIELD = "compression_job.spec"
 DIGITS = "builtin:digits"
-BUILTIN_EVALUATION_DATASETS = (DIGITS,)
+PYDOC = "builtin:pydoc"
+"""The sentence encoders' fixed evaluation set (held-out `pydoc_data.topics` sentences)."""
+BUILTIN_EVALUATION_DATASETS = (DIGITS, PYDOC)
 DATASET_VERSION_PREFIX = "datasets/"
 
 STEP_KINDS = ("prune", "quantize", "distill", "fuse", "convert")
@@ -87,6 +89,17 @@ class CompressionSpec:
     seed: int = 0
     fuse_members: list[str] = field(default_factory=list)
     """Every fuse step's model_versions in order, as the caller named them."""
+    min_mean_cosine: float | None = None
+    """Encoders: the lowest mean cosine to the source's embeddings accepted; None: no gate."""
+    min_similarity_spearman: float | None = None
+    """Encoders: the lowest Spearman of pairwise similarities accepted; None: no gate."""
+
+    @property
+    def encoder_gates(self) -> dict[str, float]:
+        """The encoder gates that are set, by name."""
+        gates = {"min_mean_cosine": self.min_mean_cosine,
+                 "min_similarity_spearman": self.min_similarity_spearman}
+        return {name: value for name, value in gates.items() if value is not None}
 
     @property
     def dataset_version(self) -> str | None:
@@ -107,7 +120,9 @@ class CompressionSpec:
             resources=ResourceSpec(**document["resources"]),
             max_accuracy_drop=document.get("max_accuracy_drop"),
             seed=int(document.get("seed", 0)),
-            fuse_members=list(document.get("fuse_members", [])))
+            fuse_members=list(document.get("fuse_members", [])),
+            min_mean_cosine=document.get("min_mean_cosine"),
+            min_similarity_spearman=document.get("min_similarity_spearman"))
 
 
 def _finite(value: Any) -> bool:
@@ -165,7 +180,10 @@ class _StepParser:
                 "accuracy_aware": bool(fields.get("accuracy_aware")), "tolerance": tolerance}
 
     def distill(self, fields: dict[str, Any]) -> dict[str, Any]:
+        teacher_layers = list(fields.get("teacher_layers") or [])
         student = fields.get("student_architecture") or {}
+        if teacher_layers:
+            return self.distill_encoder(fields, teacher_layers, student)
         kind = student.get("kind") or ""
         hyperparameters = student.get("hyperparameters") or {}
         if not kind:
@@ -196,6 +214,24 @@ class _StepParser:
         return {"student_architecture": {"kind": kind, "hyperparameters": hyperparameters},
                 "temperature": temperature, "alpha": alpha, "epochs": epochs,
                 "learning_rate": rate, "batch_size": batch_size}
+
+    def distill_encoder(self, fields: dict[str, Any], layers: list[Any],
+                        student: dict[str, Any]) -> dict[str, Any]:
+        """A sentence encoder's student: the teacher's layers it keeps (see transformer.py)."""
+        self.check(not student.get("kind"), "student",
+                   "must be unset when teacher_layers picks an encoder's student")
+        self.check(all(isinstance(i, int) and i >= 0 for i in layers)
+                   and len(set(layers)) == len(layers), "teacher_layers",
+                   f"must be distinct layer indices from 0, got {layers}")
+        epochs = int(fields.get("epochs") or 0)
+        self.check(1 <= epochs <= MAX_EPOCHS, "epochs",
+                   f"must be between 1 and {MAX_EPOCHS}, got {epochs}")
+        parameters: dict[str, Any] = {"layers": sorted(layers), "epochs": epochs}
+        rate = fields.get("learning_rate")
+        if rate:  # unset: the encoder recipe's own rate, not the zoo students' 1e-3
+            self.check(_finite(rate) and rate > 0, "learning_rate", f"must be > 0, got {rate}")
+            parameters["learning_rate"] = rate
+        return parameters
 
     def fuse(self, fields: dict[str, Any]) -> dict[str, Any]:
         versions = list(fields.get("model_versions") or [])
@@ -263,8 +299,8 @@ def parse_compression_spec(fields: dict[str, Any], *, default_tenant: str) -> Co
             violations.add(field_path(f"steps[{index}]"),
                            f"the model is ONNX since steps[{onnx_from}]: nothing to convert")
 
+    # Empty is judged once the source is known: an encoder's default, a classifier's error.
     dataset = fields.get("evaluation_dataset") or ""
-    violations.check(bool(dataset), field_path("evaluation_dataset"), "is required")
     violations.check(not dataset or dataset in BUILTIN_EVALUATION_DATASETS or (
         dataset.startswith(DATASET_VERSION_PREFIX) and "/versions/" in dataset),
         field_path("evaluation_dataset"),
@@ -275,6 +311,13 @@ def parse_compression_spec(fields: dict[str, Any], *, default_tenant: str) -> Co
     violations.check(gate is None or (_finite(gate) and 0 <= gate <= 100),
                      field_path("max_accuracy_drop"),
                      f"must be between 0 and 100 points, got {gate}")
+
+    cosine = fields.get("min_mean_cosine")
+    violations.check(cosine is None or (_finite(cosine) and 0 < cosine <= 1),
+                     field_path("min_mean_cosine"), f"must be in (0, 1], got {cosine}")
+    spearman = fields.get("min_similarity_spearman")
+    violations.check(spearman is None or (_finite(spearman) and -1 <= spearman <= 1),
+                     field_path("min_similarity_spearman"), f"must be in [-1, 1], got {spearman}")
 
     output = fields.get("output") or {}
     model_id = output.get("model_id") or ""
@@ -303,7 +346,9 @@ def parse_compression_spec(fields: dict[str, Any], *, default_tenant: str) -> Co
         resources=ResourceSpec(tenant=tenant, priority=int(resources.get("priority") or 0),
                                workers=1),
         max_accuracy_drop=None if gate is None else float(gate),
-        seed=int(fields.get("seed") or 0), fuse_members=members)
+        seed=int(fields.get("seed") or 0), fuse_members=members,
+        min_mean_cosine=None if cosine is None else float(cosine),
+        min_similarity_spearman=None if spearman is None else float(spearman))
 
 
 def _collect(violations: ViolationCollector, check) -> None:
