@@ -5,6 +5,7 @@
 - `scheduler`: fair share of a pool of worker slots between tenants;
 - `executor`: one OS process (group) per job, its progress forwarded;
 - `progress`: the line protocol a job process speaks, and its parent-death watch;
+- `entry`: around a job process's work: its failure reported, a fast exit;
 - `manager`: submit, schedule, run, cancel, watch and recover, around a service's `JobRunner`;
 - `resources`: jobs and events in the contract's JSON shape, for servicers;
 - `settings`: the settings fields every job service adds to `ServiceSettings`;

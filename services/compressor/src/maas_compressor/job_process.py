@@ -11,13 +11,10 @@ simply overwritten.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-import traceback
 from pathlib import Path
 
+from maas_jobs.entry import exit_now, run_reporting_failure
 from maas_jobs.progress import ProgressReporter, exit_when_parent_dies
-from maas_runtime.errors import MaasError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,25 +23,16 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     exit_when_parent_dies()
     reporter = ProgressReporter()
-    try:
+
+    def compress() -> None:
         # Imported here: the parent watch is armed before the slow torch import.
         from maas_compressor.pipeline import run_compression
         from maas_compressor.plan import RunConfig
 
         run_compression(RunConfig.read(arguments.workdir), arguments.workdir, reporter)
-    except MaasError as error:
-        reporter.error(error.code, error.message)
-        return 1
-    except Exception as error:  # reported, then the traceback goes to the job's log
-        reporter.error("INTERNAL", f"compression failed: {type(error).__name__}: {error}")
-        traceback.print_exc(file=sys.stderr)
-        return 1
-    return 0
+
+    return run_reporting_failure(compress, reporter, "compression")
 
 
 if __name__ == "__main__":
-    exit_code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Everything is written and closed; skipping torch's slow teardown frees the slot sooner.
-    os._exit(exit_code)
+    exit_now(main())

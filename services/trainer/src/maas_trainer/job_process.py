@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-import traceback
 from pathlib import Path
 
+from maas_jobs.entry import exit_now, run_reporting_failure
 from maas_jobs.progress import ProgressReporter, exit_when_parent_dies
-from maas_runtime.errors import MaasError
 
 
 def _world(rank: int, world_size: int):
@@ -53,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     reporter = ProgressReporter(enabled=rank == 0)
     failure_reporter = ProgressReporter()  # any rank may be the one that knows what broke
-    try:
+
+    def train() -> None:
         # Imported here: the parent watch is armed before the slow torch import.
         from maas_trainer.plan import RunConfig
         from maas_trainer.training import run_training
@@ -66,21 +65,9 @@ def main(argv: list[str] | None = None) -> int:
                 import torch.distributed as dist
 
                 dist.destroy_process_group()
-    except MaasError as error:
-        failure_reporter.error(error.code, error.message)
-        return 1
-    except Exception as error:  # reported, then the traceback goes to the job's log
-        failure_reporter.error("INTERNAL", f"training failed: {type(error).__name__}: {error}")
-        traceback.print_exc(file=sys.stderr)
-        return 1
-    return 0
+
+    return run_reporting_failure(train, failure_reporter, "training")
 
 
 if __name__ == "__main__":
-    exit_code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Everything the run produced is written, fsynced and closed by now; skipping the
-    # interpreter's teardown (torch's takes the better part of a second) frees the worker
-    # slot that much sooner.
-    os._exit(exit_code)
+    exit_now(main())
