@@ -19,13 +19,12 @@ from maas_compressor.steps.quantize import quantize
 from maas_compressor.torch_models import count_parameters
 from maas_runtime.errors import FailedPrecondition, InvalidArgument
 
+from tests.compressor import torch_helpers
 from tests.compressor.torch_helpers import (
     DIGITS_SIGNATURE,
     RecordingContext,
     copy_of,
-    digits_splits,
-    train_in_place,
-    zoo_model,
+    trained_model_fixture,
 )
 
 CNN = {"channels": [8, 16]}
@@ -34,34 +33,12 @@ SMALL_DROP = 0.02
 """int8 on a digits model loses at most a couple of examples in a hundred."""
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def data():
-    return digits_splits()
-
-
-@pytest.fixture
-def context(data, tmp_path) -> RecordingContext:
-    return RecordingContext(data=data, workdir=tmp_path)
-
-
-@pytest.fixture(scope="module")
-def trained_mlp(data, tmp_path_factory) -> ModelUnderCompression:
-    context = RecordingContext(data=data, workdir=tmp_path_factory.mktemp("mlp"))
-    return train_in_place(zoo_model("mlp", MLP), context, epochs=8, learning_rate=3e-3)
-
-
-@pytest.fixture(scope="module")
-def trained_cnn(data, tmp_path_factory) -> ModelUnderCompression:
-    context = RecordingContext(data=data, workdir=tmp_path_factory.mktemp("cnn"))
-    return train_in_place(zoo_model("cnn", CNN), context, epochs=6, learning_rate=3e-3)
+# The step tests' shared fixtures, by name (one_torch_thread is autouse).
+one_torch_thread = torch_helpers.one_torch_thread
+data = torch_helpers.data
+context = torch_helpers.context
+trained_mlp = trained_model_fixture("mlp", MLP, epochs=8)
+trained_cnn = trained_model_fixture("cnn", CNN, epochs=6)
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,13 @@ from maas_formats.torch_io import load_torch_package
 from maas_runtime.contract_enums import MODEL_FORMAT_MAAS_PACKAGE, MODEL_FORMAT_ONNX
 from maas_runtime.errors import FailedPrecondition, InvalidArgument
 
+from tests.compressor import torch_helpers
 from tests.compressor.torch_helpers import (
     DIGITS_SIGNATURE,
     RecordingContext,
     copy_of,
-    digits_splits,
     train_in_place,
+    trained_model_fixture,
     zoo_model,
 )
 
@@ -31,34 +32,12 @@ SANE_ACCURACY = 0.85
 """Digits after seconds of training: far above chance (0.1), not a leaderboard number."""
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def data():
-    return digits_splits()
-
-
-@pytest.fixture
-def context(data, tmp_path) -> RecordingContext:
-    return RecordingContext(data=data, workdir=tmp_path)
-
-
-@pytest.fixture(scope="module")
-def trained_cnn(data, tmp_path_factory) -> ModelUnderCompression:
-    context = RecordingContext(data=data, workdir=tmp_path_factory.mktemp("cnn"))
-    return train_in_place(zoo_model("cnn", CNN), context, epochs=12, learning_rate=3e-3)
-
-
-@pytest.fixture(scope="module")
-def trained_mlp(data, tmp_path_factory) -> ModelUnderCompression:
-    context = RecordingContext(data=data, workdir=tmp_path_factory.mktemp("mlp"))
-    return train_in_place(zoo_model("mlp", MLP), context, epochs=20, learning_rate=3e-3)
+# The step tests' shared fixtures, by name (one_torch_thread is autouse).
+one_torch_thread = torch_helpers.one_torch_thread
+data = torch_helpers.data
+context = torch_helpers.context
+trained_cnn = trained_model_fixture("cnn", CNN, epochs=12)
+trained_mlp = trained_model_fixture("mlp", MLP, epochs=20)
 
 
 def torch_form(model: ModelUnderCompression) -> TorchForm:

@@ -1,5 +1,10 @@
 """Small real models for compressor tests and benchmarks: digits splits, zoo models trained
-for seconds, and a recording `StepContext` double."""
+for seconds, and a recording `StepContext` double.
+
+The step tests share their fixtures from here (`one_torch_thread`, `data`, `context`, and
+`trained_model_fixture` for a module's trained zoo models): a test module binds those it
+uses to names of its own, which is how pytest finds them.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from maas_compressor.steps.base import DataSplits, ModelUnderCompression, TorchForm
 from maas_compressor.torch_models import build_zoo_module, module_inputs
@@ -56,6 +62,38 @@ class RecordingContext:
 
     def load_version(self, name: str) -> ModelUnderCompression:
         return self.versions[name]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One torch thread while the module runs: the step tests' numbers are single-threaded."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def data() -> DataSplits:
+    return digits_splits()
+
+
+@pytest.fixture
+def context(data, tmp_path) -> RecordingContext:
+    return RecordingContext(data=data, workdir=tmp_path)
+
+
+def trained_model_fixture(kind: str, hyperparameters: Mapping[str, Any], epochs: int,
+                          learning_rate: float = 3e-3):
+    """A module-scoped fixture: the zoo model `kind` trained for `epochs` on the digits `data`."""
+
+    @pytest.fixture(scope="module")
+    def trained(data, tmp_path_factory) -> ModelUnderCompression:
+        context = RecordingContext(data=data, workdir=tmp_path_factory.mktemp(kind))
+        return train_in_place(zoo_model(kind, hyperparameters), context, epochs=epochs,
+                              learning_rate=learning_rate)
+
+    return trained
 
 
 def zoo_model(kind: str, hyperparameters: Mapping[str, Any], seed: int = 0) -> ModelUnderCompression:
