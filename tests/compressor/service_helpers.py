@@ -3,8 +3,6 @@ compressor subprocess for kill -9 tests."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from pathlib import Path
 
 import grpc
@@ -18,9 +16,8 @@ from maas.registry.v1 import model_pb2, registry_service_pb2 as rs
 from maas_runtime.client import open_channel
 
 from tests.registry.helpers import model_upload_requests
+from tests.support.jobs import is_final, states_of, wait_for_job  # noqa: F401 - states_of re-exported
 from tests.support.processes import ServiceProcess
-
-FINAL_STATES = {job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED}
 
 
 def spec(source: str, *steps: cj.CompressionStep, model_id: str = "compressed",
@@ -74,28 +71,17 @@ async def get_job(stub, name: str) -> cj.CompressionJob:
 
 async def wait_for(stub, name: str, predicate, timeout: float = 180.0) -> cj.CompressionJob:
     """Poll Get until `predicate(job)` holds; fail with the job's last state otherwise."""
-    deadline = time.monotonic() + timeout
-    while True:
-        job = await get_job(stub, name)
-        if predicate(job):
-            return job
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{name} never got there; last seen:\n{job}")
-        await asyncio.sleep(0.1)
+    return await wait_for_job(lambda job_name: get_job(stub, job_name), name, predicate, timeout)
 
 
 async def wait_until_final(stub, name: str, timeout: float = 180.0) -> cj.CompressionJob:
-    return await wait_for(stub, name, lambda job: job.state in FINAL_STATES, timeout)
+    return await wait_for(stub, name, is_final, timeout)
 
 
 async def watch_events(stub, name: str, timeout: float = 180.0) -> list[job_pb2.JobEvent]:
     """Every event of a Watch until the server ends the stream (the job is final)."""
     call = stub.WatchCompressionJob(cs.WatchCompressionJobRequest(name=name), timeout=timeout)
     return [event async for event in call]
-
-
-def states_of(events) -> list[int]:
-    return [e.state_change.state for e in events if e.WhichOneof("kind") == "state_change"]
 
 
 async def upload(registry_stub, model_id: str, data: bytes, *,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from pathlib import Path
 
 import grpc
@@ -12,9 +10,8 @@ from maas.trainer.v1 import trainer_service_pb2 as ts, trainer_service_pb2_grpc,
 from maas_runtime.client import open_channel
 
 from tests.support.grpc_asserts import expect_error  # noqa: F401 - re-exported for the trainer tests
+from tests.support.jobs import is_final, states_of, wait_for_job  # noqa: F401 - states_of re-exported
 from tests.support.processes import ServiceProcess, process_alive
-
-FINAL_STATES = {job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED}
 
 
 def digits_spec(*, kind: str = "mlp", hyperparameters=None, epochs: int = 3, batch_size: int = 32,
@@ -59,18 +56,11 @@ async def list_jobs(stub, filter_text: str = "") -> list[tj.TrainingJob]:
 
 async def wait_for(stub, name: str, predicate, timeout: float = 120.0) -> tj.TrainingJob:
     """Poll Get until `predicate(job)` holds; fail with the job's last state otherwise."""
-    deadline = time.monotonic() + timeout
-    while True:
-        job = await get_job(stub, name)
-        if predicate(job):
-            return job
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{name} never got there; last seen:\n{job}")
-        await asyncio.sleep(0.1)
+    return await wait_for_job(lambda job_name: get_job(stub, job_name), name, predicate, timeout)
 
 
 async def wait_until_final(stub, name: str, timeout: float = 120.0) -> tj.TrainingJob:
-    return await wait_for(stub, name, lambda job: job.state in FINAL_STATES, timeout)
+    return await wait_for(stub, name, is_final, timeout)
 
 
 async def watch_events(stub, name: str, after_sequence: int = 0,
@@ -83,12 +73,6 @@ async def watch_events(stub, name: str, after_sequence: int = 0,
     async for event in call:
         events.append(event)
     return events
-
-
-def states_of(events) -> list[int]:
-    return [e.state_change.state for e in events if e.WhichOneof("kind") == "state_change"]
-
-
 
 
 def job_processes(workdir_marker: str) -> list[int]:
