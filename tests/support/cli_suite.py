@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 MAAS = [sys.executable, "-m", "maas_cli.main"]
 
 
@@ -53,3 +55,28 @@ class RunningSuite:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+
+
+def running_suite_fixture(name: str):
+    """A module-scoped `suite` fixture: one `RunningSuite` in a temporary directory `name`."""
+
+    @pytest.fixture(scope="module")
+    def suite(tmp_path_factory):
+        running = RunningSuite(tmp_path_factory.mktemp(name) / "suite").start()
+        yield running
+        running.stop()
+
+    return suite
+
+
+def suite_client_fixture():
+    """A module-scoped `client` fixture: one SDK client of the module's `suite`."""
+
+    @pytest.fixture(scope="module")
+    def client(suite):
+        import maas
+
+        with maas.Client(state_dir=suite.state_dir) as connected:
+            yield connected
+
+    return client

@@ -21,7 +21,7 @@ from maas_runtime.errors import InvalidArgument
 from maas_text import SentenceEncoder, minilm_directory
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from tests.support.cli_suite import MAAS, RunningSuite
+from tests.support.cli_suite import MAAS, running_suite_fixture, suite_client_fixture
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 
@@ -30,19 +30,8 @@ SENTENCES = ["A man is eating food.", "A man eats a meal.", "The stock market fe
 MAX_BATCH = 8
 
 
-@pytest.fixture(scope="module")
-def suite(tmp_path_factory):
-    running = RunningSuite(tmp_path_factory.mktemp("text") / "suite").start()
-    yield running
-    running.stop()
-
-
-@pytest.fixture(scope="module")
-def client(suite):
-    import maas
-
-    with maas.Client(state_dir=suite.state_dir) as connected:
-        yield connected
+suite = running_suite_fixture("text")
+client = suite_client_fixture()
 
 
 @pytest.fixture(scope="module")
