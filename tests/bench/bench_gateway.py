@@ -25,7 +25,7 @@ from maas.registry.v1 import registry_service_pb2 as rs, registry_service_pb2_gr
 from tests.bench.bench_inference import deploy, write_package
 from tests.registry.helpers import model_upload_requests
 from tests.support.perf_analyzer import PerfFigures, run_perf_analyzer
-from tests.support.processes import ServiceProcess, free_port
+from tests.support.processes import ServiceProcess, free_port, inference_process
 
 ROUNDS = 3
 MEASUREMENT_MS = 1500
@@ -51,10 +51,7 @@ async def main() -> None:
         registry = ServiceProcess("registry", root / "registry")
         await registry.start()
         triton_port = free_port()
-        inference = ServiceProcess(
-            "inference", root / "inference", registry_target=registry.target,
-            client_token_file=str(root / "registry" / "admin.token"),
-            triton_grpc_port=str(triton_port))
+        inference = inference_process(root, registry, triton_grpc_port=str(triton_port))
         try:
             await inference.start(timeout=120)
             package = root / "mlp.safetensors"

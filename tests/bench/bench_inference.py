@@ -52,6 +52,7 @@ from tests.support.processes import (
     ServiceProcess,
     children_named,
     free_port,
+    inference_process,
     process_tree_cpu_seconds,
 )
 
@@ -135,13 +136,8 @@ async def main() -> None:
         registry = ServiceProcess("registry", root / "registry")
         await registry.start()
         triton_port = free_port()
-        inference = ServiceProcess(
-            "inference", root / "inference", registry_target=registry.target,
-            client_token_file=str(root / "registry" / "admin.token"),
-            triton_grpc_port=str(triton_port))
-        python_gateway = ServiceProcess(
-            "inference", root / "inference-python", registry_target=registry.target,
-            client_token_file=str(root / "registry" / "admin.token"), data_plane="python")
+        inference = inference_process(root, registry, triton_grpc_port=str(triton_port))
+        python_gateway = inference_process(root, registry, "inference-python", data_plane="python")
         try:
             await inference.start(timeout=120)
             await python_gateway.start(timeout=120)

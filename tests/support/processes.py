@@ -45,6 +45,14 @@ class ServiceProcess(local_suite.ServiceProcess):
                             max_message_bytes=64 * 1024 * 1024)
 
 
+def inference_process(root: Path, registry: ServiceProcess, name: str = "inference",
+                      **settings: str) -> ServiceProcess:
+    """An inference service under `root / name` using `registry` with the registry's admin token
+    (not started)."""
+    return ServiceProcess("inference", root / name, registry_target=registry.target,
+                          client_token_file=str(registry.state_dir / "admin.token"), **settings)
+
+
 class RegistryProcess(ServiceProcess):
     """The registry as a subprocess; start-up collection runs with no grace period."""
 
