@@ -10,8 +10,10 @@ similarities.
 - int8 MiniLM, the compressor's accuracy-aware search (per-channel, MatMul + embedding Gathers,
   minimum mean cosine 0.99): goals ≥ 2.3× smaller, ≥ 1.8× faster, cosine ≥ 0.99;
 - the naive recipe for contrast: per-tensor int8 on every MatMul, embedding table left fp32;
-- the 3-layer student (teacher layers 1, 3, 5) distilled for a few epochs bounded in time:
-  goals ≥ 1.8× faster, Spearman ≥ 0.9.
+- the 3-layer student (teacher layers 1, 3, 5) distilled with the step's recipe (embedding
+  MSE + cosine + in-batch pairwise-similarity loss, sentences and their clauses at ≤ 64
+  tokens, warm-up + cosine learning rate) within a time bound that keeps the whole bench
+  under 6 minutes: goals ≥ 1.8× faster, Spearman ≥ 0.9.
 Timings are reported, never gated on. Run: `make bench` (or
 `.venv/bin/python -m tests.bench.bench_transformers`).
 """
@@ -42,8 +44,8 @@ from maas_text import minilm_directory, zip_directory
 from tests.compressor.torch_helpers import RecordingContext
 
 LATENCY_REPEATS = 5
-DISTILL_SECONDS = 240.0
-DISTILL_EPOCHS = 3
+DISTILL_SECONDS = 180.0
+DISTILL_EPOCHS = 30
 
 
 def _context(workdir: Path) -> RecordingContext:
@@ -97,7 +99,8 @@ def main() -> None:
                                    "max_seconds": DISTILL_SECONDS}, _context(root / "distill"))
         assert isinstance(student.model.form, HfForm)
         row("3-layer student (layers 1,3,5), torch fp32", student.model.form, "≥1.8×, spearman ≥0.9",
-            f"; {student.details['epochs']} epoch(s), untrained spearman "
+            f"; {student.details['epochs']} epoch(s), {student.details['steps']} steps in "
+            f"{student.details['seconds']:.0f}s, untrained spearman "
             f"{student.details['spearman_untrained']:.4f}")
 
     header = ("row", "smaller", "faster b32 1t vs torch", "vs ORT fp32", "cosine", "spearman", "goal")
