@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Protocol, Self, TypeVar
+
+RUN_CONFIG_FILENAME = "run.json"
 
 
 def write_json_atomically(path: Path, document: dict[str, Any]) -> None:
@@ -16,3 +19,37 @@ def write_json_atomically(path: Path, document: dict[str, Any]) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
+
+
+class JobPlan(Protocol):
+    """What a service stores in its job table and hands its job process: a JSON document."""
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+P = TypeVar("P", bound=JobPlan)
+
+
+@dataclass(frozen=True)
+class JobRunConfig(Generic[P]):
+    """`run.json`: everything the job process reads. Each service subclasses it with the
+    one thing that is its own, how its plan is read back (`plan_from_dict`)."""
+
+    job_name: str
+    plan: P
+    torch_threads: int
+
+    @classmethod
+    def plan_from_dict(cls, document: dict[str, Any]) -> P:
+        raise NotImplementedError
+
+    def write(self, workdir: Path) -> None:
+        write_json_atomically(workdir / RUN_CONFIG_FILENAME, {
+            "job_name": self.job_name, "plan": self.plan.to_dict(),
+            "torch_threads": self.torch_threads})
+
+    @classmethod
+    def read(cls, workdir: Path) -> Self:
+        document = json.loads((workdir / RUN_CONFIG_FILENAME).read_text(encoding="utf-8"))
+        return cls(document["job_name"], cls.plan_from_dict(document["plan"]),
+                   int(document["torch_threads"]))

@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from maas_formats.dataset_sources import DatasetFacts
-from maas_jobs.files import write_json_atomically
+from maas_jobs.files import JobRunConfig, write_json_atomically
 from maas_runtime.contract_enums import MODEL_FORMAT_HF_TRANSFORMER, MODEL_FORMAT_ONNX
 
 from maas_compressor.spec import PYDOC, CompressionSpec
 
-RUN_CONFIG_FILENAME = "run.json"
 RESULT_FILENAME = "result.json"
 LOG_FILENAME = "job.log"
 INPUTS_DIRECTORY = "inputs"
@@ -116,23 +115,12 @@ class CompressionPlan:
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(JobRunConfig[CompressionPlan]):
     """`run.json`: everything the job process reads."""
 
-    job_name: str
-    plan: CompressionPlan
-    torch_threads: int
-
-    def write(self, workdir: Path) -> None:
-        write_json_atomically(workdir / RUN_CONFIG_FILENAME, {
-            "job_name": self.job_name, "plan": self.plan.to_dict(),
-            "torch_threads": self.torch_threads})
-
     @classmethod
-    def read(cls, workdir: Path) -> RunConfig:
-        document = json.loads((workdir / RUN_CONFIG_FILENAME).read_text(encoding="utf-8"))
-        return cls(document["job_name"], CompressionPlan.from_dict(document["plan"]),
-                   int(document["torch_threads"]))
+    def plan_from_dict(cls, document: dict[str, Any]) -> CompressionPlan:
+        return CompressionPlan.from_dict(document)
 
 
 @dataclass(frozen=True)

@@ -15,14 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from maas_jobs.files import write_json_atomically
+from maas_jobs.files import JobRunConfig, write_json_atomically
 from maas_runtime import contract_enums
 
 from maas_trainer.datasets import DatasetFacts
 from maas_trainer.pretrained import PRETRAINED_ARCHITECTURES
 from maas_trainer.spec import TrainingSpec
 
-RUN_CONFIG_FILENAME = "run.json"
 RESULT_FILENAME = "result.json"
 CHECKPOINT_FILENAME = "checkpoint.safetensors"
 PACKAGE_FILENAME = "model.safetensors"
@@ -61,23 +60,12 @@ class TrainingPlan:
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(JobRunConfig[TrainingPlan]):
     """`run.json`: everything the job process reads."""
 
-    job_name: str
-    plan: TrainingPlan
-    torch_threads: int
-
-    def write(self, workdir: Path) -> None:
-        write_json_atomically(workdir / RUN_CONFIG_FILENAME, {
-            "job_name": self.job_name, "plan": self.plan.to_dict(),
-            "torch_threads": self.torch_threads})
-
     @classmethod
-    def read(cls, workdir: Path) -> RunConfig:
-        document = json.loads((workdir / RUN_CONFIG_FILENAME).read_text(encoding="utf-8"))
-        return cls(document["job_name"], TrainingPlan.from_dict(document["plan"]),
-                   int(document["torch_threads"]))
+    def plan_from_dict(cls, document: dict[str, Any]) -> TrainingPlan:
+        return TrainingPlan.from_dict(document)
 
 
 @dataclass(frozen=True)
