@@ -76,7 +76,7 @@ def test_the_int8_onnx_directory_is_registered_and_served_by_onnxruntime(client,
     assert version.labels["text.weights_format"] == "onnx"
     served = client.get_deployment(DEPLOYMENT).served_versions
     assert [s.model_version for s in served] == [version.name]
-    assert "onnxruntime" in served[0].runtime
+    assert served[0].runtime == "maas_text tokenizer + onnxruntime in Triton's Python backend"
 
 
 def test_embed_equals_the_in_process_encoder_on_the_same_directory(client, deployed, local):

@@ -71,6 +71,12 @@ def test_import_records_the_format_signature_and_tokenizer(deployed):
     assert deployed.labels["text.max_length"] == "256"
 
 
+def test_the_safetensors_encoder_is_reported_as_served_by_torch(client, deployed):
+    served = client.get_deployment("minilm-embed").served_versions
+    assert [s.model_version for s in served] == [deployed.name]
+    assert served[0].runtime == "maas_text tokenizer + torch in Triton's Python backend"
+
+
 def test_served_embeddings_equal_the_in_process_encoder(client, deployed, local):
     served = client.embed("minilm-embed", SENTENCES)
     expected = local.embed(SENTENCES)

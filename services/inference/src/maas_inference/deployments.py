@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 from maas.common.v1 import tensor_pb2
+from maas_formats import validate_hf_transformer
 from maas_runtime import contract_enums, errors, scopes
 from maas_runtime.auth import Principal
 from maas_runtime.names import parse_version_name, validate_deployment_id
@@ -254,6 +255,8 @@ class DeploymentManager:
                 await self._registry.download_model_version(version, artifact)
         artifact_format = ArtifactFormat(format_name)
         runtime = await self._onnx_backend.runtime_for(artifact_format)
+        ships_onnx_graph = (artifact_format is ArtifactFormat.HF_TRANSFORMER and (
+            await asyncio.to_thread(validate_hf_transformer, artifact)).onnx_model is not None)
         spec = TritonModelSpec(
             name=name, artifact_format=artifact_format, runtime=runtime,
             inputs=tuple(TensorSpec(t["name"], t["datatype"].removeprefix(contract_enums.DATA_TYPE_PREFIX),
@@ -274,7 +277,8 @@ class DeploymentManager:
         return ServedModel(version["name"], name,
                            ServingSignature.from_version(signature, serving["max_batch_size"]),
                            instances=serving["instance_count"],
-                           runtime=runtime_description(artifact_format, runtime))
+                           runtime=runtime_description(artifact_format, runtime,
+                                                       ships_onnx_graph=ships_onnx_graph))
 
     async def _build_route(self, deployment_id: str, spec: dict,
                            pinned: dict | None = None) -> tuple[Route, dict]:

@@ -118,12 +118,18 @@ ONNXRUNTIME_INTRA_OP_PARAMETER = "intra_op_thread_count"
 ONNXRUNTIME_INTER_OP_PARAMETER = "inter_op_thread_count"
 
 
-def runtime_description(artifact_format: ArtifactFormat, runtime: ServingRuntime) -> str:
-    """How a deployment reports what runs its model, e.g. "onnxruntime in Triton's Python backend"."""
+def runtime_description(artifact_format: ArtifactFormat, runtime: ServingRuntime, *,
+                        ships_onnx_graph: bool = False) -> str:
+    """How a deployment reports what runs its model, e.g. "onnxruntime in Triton's Python backend".
+
+    `ships_onnx_graph`: a Hugging Face archive carries its ONNX conversion (`model.onnx`), which
+    the text runtime prefers over the safetensors weights.
+    """
     if runtime is ServingRuntime.ONNXRUNTIME_BACKEND:
         return "Triton's onnxruntime backend"
     if artifact_format is ArtifactFormat.HF_TRANSFORMER:
-        return "tokenizer + torch or onnxruntime (maas_text) in Triton's Python backend"
+        engine = "onnxruntime" if ships_onnx_graph else "torch"
+        return f"maas_text tokenizer + {engine} in Triton's Python backend"
     engine = "onnxruntime" if artifact_format is ArtifactFormat.ONNX else "torch"
     return f"{engine} in Triton's Python backend"
 
