@@ -123,6 +123,15 @@ class ModelManifest(_StrictModel):
     tensors: dict[str, WeightTensorSpec] = Field(default_factory=dict)
     labels: list[str] | None = None
     framework: FrameworkInfo | None = None
+    quantization: dict[str, Any] | None = None
+    """How the weights were quantized when they are not plain float tensors, e.g.
+    `{"scheme": "torchao-int8-weight-only", "library": "torchao", "version": "0.18.0"}`;
+    a loader rebuilds the quantized tensors from the safetensors metadata the scheme names."""
+
+    def to_json(self) -> str:
+        """The JSON stored in the safetensors metadata; an unset `quantization` is left out so
+        float packages read exactly as before by readers that predate the field."""
+        return self.model_dump_json(exclude={"quantization"} if self.quantization is None else None)
 
 
 @dataclass(frozen=True)

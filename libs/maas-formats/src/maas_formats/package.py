@@ -163,7 +163,7 @@ def write_model_package(
         arrays[name] = array if array.flags.c_contiguous else array.copy(order="C")
         specs[name] = WeightTensorSpec(dtype=safetensors_dtype_of(array), shape=list(array.shape))
     completed = manifest_with_tensors(manifest, specs)
-    metadata = {MANIFEST_METADATA_KEY: completed.model_dump_json()}
+    metadata = {MANIFEST_METADATA_KEY: completed.to_json()}
     with atomic_output_path(path) as temporary:
         safetensors.numpy.save_file(arrays, temporary, metadata=metadata)
     return completed

@@ -28,7 +28,13 @@ from maas_formats.manifest import (
     signature_from_manifest,
 )
 from maas_formats.preprocessing import apply_preprocessing
-from maas_formats.torch_io import load_torch_package, save_torch_package
+from maas_formats.torch_io import (
+    TORCHAO_INT8_WEIGHT_ONLY,
+    holds_torchao_tensors,
+    load_torch_package,
+    loads_by_assignment,
+    save_torch_package,
+)
 from maas_runtime.errors import FailedPrecondition
 from maas_zoo import build_model, resolve_hyperparameters
 
@@ -75,7 +81,7 @@ def load_package(path: Path) -> ModelUnderCompression:
         "hyperparameters": resolve_hyperparameters(kind, manifest.architecture.hyperparameters),
     }
     module = build_zoo_module(architecture, signature)
-    module.load_state_dict(state_dict, strict=True)
+    module.load_state_dict(state_dict, strict=True, assign=loads_by_assignment(manifest))
     return ModelUnderCompression(
         form=TorchForm(module=module.eval(), architecture=architecture),
         signature=signature,
@@ -101,9 +107,23 @@ def torch_form_of(model: ModelUnderCompression) -> TorchForm:
     return model.form
 
 
+def quantization_of(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any] | None:
+    """The manifest's `quantization` for a state dict: None for float tensors; the torchao
+    scheme for the int8 weight-only tensors of `steps.quantize_torch` (the only ones made here)."""
+    if not holds_torchao_tensors(state_dict):
+        return None
+    from importlib.metadata import version
+
+    kinds = {type(t).__name__ for t in state_dict.values() if type(t).__module__.startswith("torchao.")}
+    if kinds != {"Int8Tensor"}:
+        raise FailedPrecondition(f"only torchao Int8Tensor weights can be packaged, not {sorted(kinds)}")
+    return {"scheme": TORCHAO_INT8_WEIGHT_ONLY, "library": "torchao", "version": version("torchao")}
+
+
 def write_package(model: ModelUnderCompression, path: Path) -> Path:
     """Write a torch-form model as a maas-package at `path` (atomically) and return `path`."""
     form = torch_form_of(model)
+    state_dict = form.module.state_dict()
     manifest = ModelManifest(
         architecture=ArchitectureSpec(
             kind=form.architecture["kind"], hyperparameters=form.architecture["hyperparameters"]
@@ -112,8 +132,9 @@ def write_package(model: ModelUnderCompression, path: Path) -> Path:
         preprocessing=model.preprocessing,
         labels=model.labels,
         framework=FrameworkInfo(name="torch", version=torch.__version__),
+        quantization=quantization_of(state_dict),
     )
-    save_torch_package(path, manifest, form.module.state_dict())
+    save_torch_package(path, manifest, state_dict)
     return path
 
 
@@ -139,8 +160,9 @@ def predict_torch(
 
 
 def count_parameters(module: torch.nn.Module) -> tuple[int, int]:
-    """(parameters, non-zero parameters) over the state dict, buffers included."""
-    tensors = list(module.state_dict().values())
+    """(parameters, non-zero parameters) over the state dict, buffers included; a torchao
+    quantized weight counts its integer data."""
+    tensors = [getattr(t, "qdata", t) for t in module.state_dict().values()]
     total = sum(t.numel() for t in tensors)
     nonzero = sum(int(torch.count_nonzero(t)) for t in tensors)
     return total, nonzero

@@ -391,6 +391,9 @@ def quantize(model: ModelUnderCompression, params: Mapping[str, Any], ctx: StepC
     if isinstance(model.form, HfForm):
         from maas_compressor.steps.transformer import quantize_hf
         return quantize_hf(model, params, ctx)
+    if params.get("format") == "torch":
+        from maas_compressor.steps.quantize_torch import quantize_torch
+        return quantize_torch(model, params, ctx)
     settings = parse_parameters(params)
     details: dict[str, Any] = {"dtype": settings.dtype}
     if not isinstance(model.form, OnnxForm):

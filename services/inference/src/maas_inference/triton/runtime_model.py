@@ -133,7 +133,7 @@ def _preprocessed_module(module: torch.nn.Module, preprocess: Preprocess) -> tor
 
 def load_maas_package(artifact: Path) -> torch.nn.Module:
     """Rebuilds the package's module with its weights and preprocessing, in eval mode."""
-    from maas_formats.torch_io import load_torch_package
+    from maas_formats.torch_io import load_torch_package, loads_by_assignment
     from maas_zoo import build_model
 
     # Validates the header and the manifest, and that the manifest lists exactly the
@@ -152,7 +152,8 @@ def load_maas_package(artifact: Path) -> torch.nn.Module:
         model_input.shape,
         model_output.shape[-1],
     )
-    module.load_state_dict(state_dict, strict=True)
+    # A torchao-quantized package's int8 tensors replace the float parameters (assign).
+    module.load_state_dict(state_dict, strict=True, assign=loads_by_assignment(manifest))
     preprocess = build_preprocessing(manifest.preprocessing, model_input.shape)
     if preprocess is not None:
         module = _preprocessed_module(module, preprocess)
