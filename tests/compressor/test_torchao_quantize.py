@@ -1,6 +1,7 @@
 """The quantize step's torch path (`format: "torch"`): torchao int8 weight-only on a digits
 zoo model, written as a maas-package whose safetensors hold the int8 weights, loaded back
-without pickle by the compressor and by the Triton runtime's loader (in-process)."""
+without pickle by the compressor and by the Triton runtime's loader (in-process); and the
+QuantizeStep's `format` field as the spec accepts, refuses and round-trips it."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 from maas_compressor.measure import accuracy, predict
+from maas_compressor.messages import _spec_message, spec_fields
+from maas_compressor.spec import parse_compression_spec
 from maas_compressor.steps.base import TorchForm
 from maas_compressor.steps.quantize import quantize
 from maas_compressor.torch_models import load_package, write_package
@@ -120,3 +123,33 @@ def test_other_dtypes_and_already_quantized_models_are_refused(trained_mlp, cont
     quantized = quantize(trained_mlp, TORCH_INT8, context).model
     with pytest.raises(FailedPrecondition, match="already quantized"):
         quantize(quantized, TORCH_INT8, context)
+
+
+def _spec_fields(*steps: dict) -> dict:
+    return {"source_model_version": "models/m@production", "steps": list(steps),
+            "evaluation_dataset": "builtin:digits", "output": {"model_id": "out"}}
+
+
+def test_the_spec_carries_format_torch_through_the_contract_message_unchanged():
+    spec = parse_compression_spec(_spec_fields(
+        {"kind": "prune", "parameters": {"amount": 0.5}},
+        {"kind": "quantize", "parameters": {"dtype": "int8", "format": "torch"}}), default_tenant="t")
+
+    assert spec.steps[1].parameters["format"] == "torch"
+    message = _spec_message(spec)
+    assert message.steps[1].quantize.format == "torch"
+    assert parse_compression_spec(spec_fields(message), default_tenant="t") == spec
+
+
+def test_the_spec_refuses_format_torch_with_other_dtypes_accuracy_aware_or_later_steps():
+    with pytest.raises(InvalidArgument) as refused:
+        parse_compression_spec(_spec_fields(
+            {"kind": "quantize", "parameters": {"dtype": "int4", "format": "torch",
+                                                "accuracy_aware": True}},
+            {"kind": "quantize", "parameters": {"dtype": "int8", "format": "tflite"}}),
+            default_tenant="t")
+
+    named = {violation.field for violation in refused.value.field_violations}
+    prefix = "compression_job.spec.steps"
+    assert named == {f"{prefix}[0].quantize.dtype", f"{prefix}[0].quantize.accuracy_aware",
+                     f"{prefix}[0].quantize.format", f"{prefix}[1].quantize.format"}

@@ -76,7 +76,7 @@ def _step_fields(step: cj.CompressionStep, index: int) -> dict[str, Any]:
             "dtype": _short(q.dtype, _DTYPES), "mode": _short(q.mode, _MODES),
             "per_channel": q.per_channel if q.HasField("per_channel") else None,
             "calibration_samples": q.calibration_samples, "accuracy_aware": q.accuracy_aware,
-            "tolerance": q.tolerance if q.HasField("tolerance") else None}
+            "tolerance": q.tolerance if q.HasField("tolerance") else None, "format": q.format}
     elif kind == "distill":
         d = step.distill
         parameters = {
@@ -123,7 +123,8 @@ def _step_message(step: StepSpec) -> cj.CompressionStep:
         return cj.CompressionStep(quantize=cj.QuantizeStep(
             dtype=_enum(p["dtype"], _DTYPES), mode=_enum(p["mode"], _MODES),
             per_channel=p["per_channel"], calibration_samples=p["calibration_samples"],
-            accuracy_aware=p["accuracy_aware"], tolerance=p["tolerance"]))
+            accuracy_aware=p["accuracy_aware"], tolerance=p["tolerance"],
+            format=p.get("format", "")))
     if step.kind == "distill" and "layers" in p:  # a sentence encoder's student
         return cj.CompressionStep(distill=cj.DistillStep(
             teacher_layers=p["layers"], epochs=p["epochs"], learning_rate=p.get("learning_rate", 0.0)))

@@ -34,6 +34,8 @@ TORCH_STEPS = frozenset({"prune", "distill", "fuse"})
 PRUNE_SCOPES = ("global", "per_layer")
 QUANTIZE_DTYPES = ("int8", "int4", "fp16", "bf16")
 QUANTIZE_MODES = ("dynamic", "static", "auto")
+QUANTIZE_FORMATS = ("onnx", "torch")
+"""onnx: the graph is quantized (the model is ONNX from then on); torch: torchao int8 weights."""
 FUSE_METHODS = ("uniform", "weighted", "greedy_soup")
 
 DEFAULT_LEARNING_RATE = 1e-3
@@ -174,10 +176,20 @@ class _StepParser:
         self.check(_finite(tolerance) and 0 <= tolerance <= 1, "tolerance",
                    f"must be a fraction between 0 and 1, got {tolerance}")
         per_channel = fields.get("per_channel")
-        return {"dtype": dtype, "mode": mode,
-                "per_channel": True if per_channel is None else bool(per_channel),
-                "calibration_samples": samples,
-                "accuracy_aware": bool(fields.get("accuracy_aware")), "tolerance": tolerance}
+        parameters = {"dtype": dtype, "mode": mode,
+                      "per_channel": True if per_channel is None else bool(per_channel),
+                      "calibration_samples": samples,
+                      "accuracy_aware": bool(fields.get("accuracy_aware")), "tolerance": tolerance}
+        artifact_format = fields.get("format") or "onnx"
+        self.check(artifact_format in QUANTIZE_FORMATS, "format",
+                   f"must be one of {list(QUANTIZE_FORMATS)}, got {artifact_format!r}")
+        if artifact_format == "torch":  # absent otherwise: ONNX specs read exactly as before
+            self.check(dtype in ("int8", ""), "dtype",
+                       f"format \"torch\" quantizes to int8 (torchao weight-only), not {dtype}")
+            self.check(not parameters["accuracy_aware"], "accuracy_aware",
+                       "applies to the ONNX format, not \"torch\"")
+            parameters["format"] = artifact_format
+        return parameters
 
     def distill(self, fields: dict[str, Any]) -> dict[str, Any]:
         teacher_layers = list(fields.get("teacher_layers") or [])
@@ -293,7 +305,12 @@ def parse_compression_spec(fields: dict[str, Any], *, default_tenant: str) -> Co
             violations.add(field_path(f"steps[{index}]"),
                            f"{kind} works on the torch model, but steps[{onnx_from}] made it "
                            "ONNX: put it before the convert and quantize steps")
-        if kind in ("convert", "quantize") and onnx_from is None:
+        torch_quantize = kind == "quantize" and steps[-1].parameters.get("format") == "torch"
+        violations.check(not torch_quantize or index == len(raw_steps) - 1,
+                         field_path(f"steps[{index}].quantize.format"),
+                         "a \"torch\" quantize leaves int8 torch weights that no later step "
+                         "takes: make it the last step")
+        if kind in ("convert", "quantize") and onnx_from is None and not torch_quantize:
             onnx_from = index
         if kind == "convert" and onnx_from is not None and onnx_from != index:
             violations.add(field_path(f"steps[{index}]"),

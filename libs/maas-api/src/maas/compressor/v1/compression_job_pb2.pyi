@@ -146,20 +146,22 @@ class PruneStep(_message.Message):
     def __init__(self, amount: _Optional[float] = ..., structured: _Optional[bool] = ..., finetune_epochs: _Optional[int] = ..., scope: _Optional[_Union[PruneScope, str]] = ..., learning_rate: _Optional[float] = ...) -> None: ...
 
 class QuantizeStep(_message.Message):
-    __slots__ = ("dtype", "mode", "per_channel", "calibration_samples", "accuracy_aware", "tolerance")
+    __slots__ = ("dtype", "mode", "per_channel", "calibration_samples", "accuracy_aware", "tolerance", "format")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     PER_CHANNEL_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     ACCURACY_AWARE_FIELD_NUMBER: _ClassVar[int]
     TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
     dtype: QuantizationDtype
     mode: QuantizationMode
     per_channel: bool
     calibration_samples: int
     accuracy_aware: bool
     tolerance: float
-    def __init__(self, dtype: _Optional[_Union[QuantizationDtype, str]] = ..., mode: _Optional[_Union[QuantizationMode, str]] = ..., per_channel: _Optional[bool] = ..., calibration_samples: _Optional[int] = ..., accuracy_aware: _Optional[bool] = ..., tolerance: _Optional[float] = ...) -> None: ...
+    format: str
+    def __init__(self, dtype: _Optional[_Union[QuantizationDtype, str]] = ..., mode: _Optional[_Union[QuantizationMode, str]] = ..., per_channel: _Optional[bool] = ..., calibration_samples: _Optional[int] = ..., accuracy_aware: _Optional[bool] = ..., tolerance: _Optional[float] = ..., format: _Optional[str] = ...) -> None: ...
 
 class DistillStep(_message.Message):
     __slots__ = ("student_kind", "student_hyperparameters_json", "temperature", "alpha", "epochs", "learning_rate", "student", "batch_size", "teacher_layers")
