@@ -111,8 +111,10 @@ def infer_input(data: np.ndarray, client=InferInput) -> InferInput:
 
 async def test_perf_analyzer_completes_a_run_through_the_gateway_with_a_token(gateway):
     served_before = await gateway.served("digits")
+    # A functional run, not a measurement: perf_analyzer's own stability criterion (latency
+    # within ±20% over 3 windows) is out of reach on a loaded CI machine, so it is widened.
     run = await run_perf_analyzer(gateway.target, "digits", concurrency=2, token=gateway.token,
-                                  measurement_ms=300)
+                                  measurement_ms=300, stability_percent=100, max_trials=20)
     assert run.returncode == 0, run.output
     [figures] = run.figures
     assert figures.throughput > 0, run.output
