@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+from collections.abc import Iterator
 from pathlib import Path
 
 from maas_runtime import errors
@@ -40,22 +41,36 @@ def reason_of(node: ast.Call, cls: type[errors.MaasError], for_field: bool) -> s
     return cls("message").reason
 
 
-def test_no_raise_of_a_maas_error_carries_its_code_as_reason():
+def error_calls() -> Iterator[tuple[str, ast.Call, type[errors.MaasError], bool]]:
+    """(`path:line`, call, class, is for_field) of every MaasError call in libs/ and services/."""
     sources = [p for root in ("libs", "services") for p in (REPO / root).rglob("*.py")
                if "maas-api" not in p.parts and "errors.py" != p.name]
-    checked, wrong = 0, []
     for path in sources:
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             found = isinstance(node, ast.Call) and error_call(node)
-            if not found:
-                continue
-            reason = reason_of(node, *found)
-            checked += 1
-            if reason == found[0].code:
-                wrong.append(f"{path.relative_to(REPO)}:{node.lineno}: {found[0].__name__} "
-                             f"with reason {reason}")
+            if found:
+                yield f"{path.relative_to(REPO)}:{node.lineno}", node, *found
+
+
+def test_no_raise_of_a_maas_error_carries_its_code_as_reason():
+    checked, wrong = 0, []
+    for where, node, cls, for_field in error_calls():
+        reason = reason_of(node, cls, for_field)
+        checked += 1
+        if reason == cls.code:
+            wrong.append(f"{where}: {cls.__name__} with reason {reason}")
     assert checked > 200  # the scan sees the raises (there are about 250)
     assert not wrong, "\n".join(wrong)
+
+
+def test_no_invalid_argument_or_failed_precondition_falls_back_on_the_default_reason():
+    """A generic REQUEST_INVALID or PRECONDITION_UNMET tells a caller nothing the code did not;
+    each raise names its problem (`.for_field` derives FIELD_INVALID)."""
+    generic = [f"{where}: {cls.__name__} without reason= (would be {cls.default_reason})"
+               for where, node, cls, for_field in error_calls()
+               if cls in (errors.InvalidArgument, errors.FailedPrecondition) and not for_field
+               and not any(k.arg == "reason" for k in node.keywords)]
+    assert not generic, "\n".join(generic)
 
 
 def test_derived_reasons_name_the_problem():

@@ -348,7 +348,8 @@ def compress(ctx: typer.Context,
     else:
         if not source or not step:
             raise InvalidArgument("give SOURCE and at least one --step, or --spec FILE",
-                                  field_violations=[FieldViolation("steps", "at least one")])
+                                  field_violations=[FieldViolation("steps", "at least one")],
+                                  reason="STEPS_MISSING")
         job = client.compress(source, step, dataset=dataset, output=output, alias=alias_name,
                               max_accuracy_drop=max_accuracy_drop)
     if wait:
@@ -423,7 +424,8 @@ def rollout(ctx: typer.Context, deployment: str,
     client = state(ctx).client()
     if canary and shadow:
         raise InvalidArgument("--canary and --shadow exclude each other",
-                              field_violations=[FieldViolation("canary", "or --shadow")])
+                              field_violations=[FieldViolation("canary", "or --shadow")],
+                              reason="CANARY_AND_SHADOW_EXCLUSIVE")
     if canary:
         current = client.get_deployment(deployment)
         serving = current.serving_versions[0] if current.serving_versions else current.model

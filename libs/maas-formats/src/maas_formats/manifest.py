@@ -171,7 +171,8 @@ def parse_manifest(text: str, *, field_path: str = "artifact.manifest") -> Model
         violations = manifest_violations(error, field_path)
         summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
         raise InvalidArgument(
-            f"invalid model manifest: {summary}", field_violations=violations
+            f"invalid model manifest: {summary}", field_violations=violations,
+            reason="MANIFEST_INVALID",
         ) from None
 
 

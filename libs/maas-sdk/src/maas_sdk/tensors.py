@@ -69,5 +69,6 @@ def named_inputs(inputs: np.ndarray | Mapping[str, Any], input_names: Sequence[s
         raise InvalidArgument(
             f"{deployment} takes {len(input_names)} inputs ({', '.join(input_names)}): "
             "pass a dict of name → array",
-            field_violations=[FieldViolation("inputs", "one array needs a single-input signature")])
+            field_violations=[FieldViolation("inputs", "one array needs a single-input signature")],
+            reason="INPUTS_NOT_NAMED")
     return {input_names[0]: np.asarray(inputs)}

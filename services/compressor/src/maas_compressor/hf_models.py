@@ -134,7 +134,8 @@ def mean_cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
     """Mean over sentences of the cosine between the two embeddings of each."""
     if reference.shape != candidate.shape:
         raise FailedPrecondition(
-            f"embeddings of shape {list(candidate.shape)} cannot be compared with {list(reference.shape)}")
+            f"embeddings of shape {list(candidate.shape)} cannot be compared with {list(reference.shape)}",
+            reason="EMBEDDING_SHAPE_MISMATCH")
     norms = np.linalg.norm(reference, axis=1) * np.linalg.norm(candidate, axis=1)
     return float(np.mean(np.sum(reference * candidate, axis=1) / np.clip(norms, 1e-12, None)))
 

@@ -89,7 +89,8 @@ def parameter_counts(model: ModelUnderCompression) -> tuple[int, int]:
 
 def _encoder_not_a_classifier() -> FailedPrecondition:
     return FailedPrecondition("a sentence encoder has no logits: it is measured by "
-                              "maas_compressor.hf_models.measure_encoder (cosine, Spearman)")
+                              "maas_compressor.hf_models.measure_encoder (cosine, Spearman)",
+                              reason="ENCODER_NOT_CLASSIFIER")
 
 
 def runtime_of(model: ModelUnderCompression) -> str:

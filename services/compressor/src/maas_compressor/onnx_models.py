@@ -62,7 +62,8 @@ def default_opset(model: onnx.ModelProto) -> int:
     for entry in model.opset_import:
         if entry.domain in ONNX_DEFAULT_DOMAINS:
             return int(entry.version)
-    raise FailedPrecondition("the ONNX model imports no opset of the default domain")
+    raise FailedPrecondition("the ONNX model imports no opset of the default domain",
+                             reason="ONNX_OPSET_MISSING")
 
 
 def strip_exporter_metadata(path: Path) -> None:
@@ -103,7 +104,8 @@ def load_onnx(path: Path, signature: ModelSignature, workdir: Path) -> ModelUnde
         model = onnx.load(str(target), load_external_data=False)
         onnx.checker.check_model(model)
     except Exception as error:  # onnx raises several unrelated types for a bad file
-        raise FailedPrecondition(f"the source is not a valid ONNX model: {error}") from error
+        raise FailedPrecondition(f"the source is not a valid ONNX model: {error}",
+                                 reason="ONNX_MODEL_INVALID") from error
     graph_inputs = [value.name for value in model.graph.input if value.name not in _initializer_names(model)]
     graph_outputs = [value.name for value in model.graph.output]
     expected_inputs = [tensor.name for tensor in signature.inputs]
@@ -111,7 +113,8 @@ def load_onnx(path: Path, signature: ModelSignature, workdir: Path) -> ModelUnde
     if graph_inputs != expected_inputs or graph_outputs != expected_outputs:
         raise FailedPrecondition(
             f"the ONNX graph's inputs {graph_inputs} and outputs {graph_outputs} do not match "
-            f"the signature's {expected_inputs} and {expected_outputs}"
+            f"the signature's {expected_inputs} and {expected_outputs}",
+            reason="ONNX_SIGNATURE_MISMATCH",
         )
     return ModelUnderCompression(form=OnnxForm(path=target, opset=default_opset(model)), signature=signature)
 

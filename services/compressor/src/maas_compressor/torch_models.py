@@ -60,7 +60,8 @@ def classifier_shape(signature: ModelSignature) -> tuple[list[int], int]:
     if len(signature.inputs) != 1 or len(signature.outputs) != 1:
         raise FailedPrecondition(
             "the zoo's classifiers have exactly one input and one output; this model has "
-            f"{len(signature.inputs)} and {len(signature.outputs)}"
+            f"{len(signature.inputs)} and {len(signature.outputs)}",
+            reason="SINGLE_INPUT_OUTPUT_REQUIRED",
         )
     return list(signature.inputs[0].shape), signature.outputs[0].shape[-1]
 
@@ -102,7 +103,8 @@ def torch_form_of(model: ModelUnderCompression) -> TorchForm:
     if not isinstance(model.form, TorchForm):
         raise FailedPrecondition(
             "this step works on a torch model, but the model is ONNX by now; "
-            "put it before the convert and quantize steps"
+            "put it before the convert and quantize steps",
+            reason="MODEL_NOT_TORCH",
         )
     return model.form
 
@@ -116,7 +118,8 @@ def quantization_of(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any] | 
 
     kinds = {type(t).__name__ for t in state_dict.values() if type(t).__module__.startswith("torchao.")}
     if kinds != {"Int8Tensor"}:
-        raise FailedPrecondition(f"only torchao Int8Tensor weights can be packaged, not {sorted(kinds)}")
+        raise FailedPrecondition(f"only torchao Int8Tensor weights can be packaged, not {sorted(kinds)}",
+                                 reason="WEIGHT_SCHEME_UNSUPPORTED")
     return {"scheme": TORCHAO_INT8_WEIGHT_ONLY, "library": "torchao", "version": version("torchao")}
 
 

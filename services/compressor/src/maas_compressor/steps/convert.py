@@ -71,7 +71,8 @@ class PreprocessedInputs(torch.nn.Module):
                 return value.reshape(())
             if value.numel() != example_size:
                 raise FailedPrecondition(
-                    f"preprocessing.{key} has {value.numel()} values; an example has {example_size}"
+                    f"preprocessing.{key} has {value.numel()} values; an example has {example_size}",
+                    reason="PREPROCESSING_SIZE_MISMATCH",
                 )
             return value.reshape(example_shape)
 
@@ -120,7 +121,8 @@ def export_onnx(model: ModelUnderCompression, form: TorchForm, opset: int, ctx: 
     if len(model.signature.inputs) != 1 or len(model.signature.outputs) != 1:
         raise FailedPrecondition(
             "convert exports models with one input and one output; this signature has "
-            f"{len(model.signature.inputs)} and {len(model.signature.outputs)}"
+            f"{len(model.signature.inputs)} and {len(model.signature.outputs)}",
+            reason="SINGLE_INPUT_OUTPUT_REQUIRED",
         )
     input_name, output_name = model.signature.inputs[0].name, model.signature.outputs[0].name
     example_shape = tuple(ctx.data.eval_x.shape[1:])
@@ -168,7 +170,8 @@ def verify_against_torch(
     actual = predict_onnx(exported, x)
     if actual.shape != expected.shape:
         raise FailedPrecondition(
-            f"the ONNX graph returns shape {list(actual.shape)}, torch {list(expected.shape)}"
+            f"the ONNX graph returns shape {list(actual.shape)}, torch {list(expected.shape)}",
+            reason="ONNX_OUTPUT_SHAPE_MISMATCH",
         )
     max_abs_difference = float(np.max(np.abs(actual - expected))) if expected.size else 0.0
     agreement = float(np.mean(actual.argmax(axis=1) == expected.argmax(axis=1))) if len(x) else 1.0
@@ -189,7 +192,8 @@ def convert(model: ModelUnderCompression, params: Mapping[str, Any], ctx: StepCo
         return convert_hf(model, params, ctx)
     opset = opset_parameter(params)
     if isinstance(model.form, OnnxForm):
-        raise FailedPrecondition("the model is already an ONNX graph; convert exports torch models")
+        raise FailedPrecondition("the model is already an ONNX graph; convert exports torch models",
+                                 reason="MODEL_ALREADY_ONNX")
     form = model.form
     ctx.log(f"convert: exporting to ONNX opset {opset} (dynamo exporter, dynamic batch)")
     exported = export_onnx(model, form, opset, ctx)

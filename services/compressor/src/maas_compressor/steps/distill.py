@@ -101,6 +101,7 @@ def _student(spec: Mapping[str, Any], model: ModelUnderCompression) -> tuple[dic
             field_violations=[
                 FieldViolation(_student_field(v.field), v.description) for v in error.field_violations
             ],
+            reason="STUDENT_ARCHITECTURE_INVALID",
         ) from None
     return architecture, module
 
@@ -128,4 +129,5 @@ def _check_output_shape(
         raise FailedPrecondition(
             f"{STUDENT_FIELD}: {description}",
             field_violations=[FieldViolation(STUDENT_FIELD, description)],
+            reason="STUDENT_OUTPUT_MISMATCH",
         )

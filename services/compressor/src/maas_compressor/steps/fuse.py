@@ -75,7 +75,8 @@ def _member_field(index: int) -> str:
 
 
 def _refuse(field: str, description: str) -> NoReturn:
-    raise FailedPrecondition(f"{field}: {description}", field_violations=[FieldViolation(field, description)])
+    raise FailedPrecondition(f"{field}: {description}", field_violations=[FieldViolation(field, description)],
+                             reason="FUSE_MEMBER_INCOMPATIBLE")
 
 
 def _member_weights(given: Sequence[float], count: int, method: str) -> list[float]:

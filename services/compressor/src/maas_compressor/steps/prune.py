@@ -180,20 +180,23 @@ def _prune_structured(
     if plan is None:
         raise FailedPrecondition(
             f"structured pruning knows the zoo kinds {', '.join(_structured_plans())}; "
-            f"a {kind!r} model has no smaller spec to prune into"
+            f"a {kind!r} model has no smaller spec to prune into",
+            reason="ARCHITECTURE_NOT_PRUNABLE",
         )
     working = _copy_form(model, form).module
     layers = plan.layers(working)
     if not layers:
         raise FailedPrecondition(
             f"this {kind} has no hidden layers ({plan.hyperparameter} is empty): "
-            "there are no neurons to remove"
+            "there are no neurons to remove",
+            reason="NOTHING_TO_PRUNE",
         )
     widths = [int(layer.weight.shape[0]) for layer in layers]
     kept = [max(1, width - round(width * amount)) for width in widths]
     if kept == widths:
         raise FailedPrecondition(
-            f"amount {amount} removes no neuron from widths {widths}; use a larger amount"
+            f"amount {amount} removes no neuron from widths {widths}; use a larger amount",
+            reason="PRUNE_AMOUNT_TOO_SMALL",
         )
     input_shape, _ = classifier_shape(model.signature)
     graph = torch_pruning.DependencyGraph().build_dependency(

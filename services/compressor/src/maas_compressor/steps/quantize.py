@@ -331,7 +331,8 @@ def _preprocess(source: OnnxForm, workdir: Path, mode: str) -> Path:
     try:
         quant_pre_process(str(source.path), str(preprocessed))
     except Exception as error:  # shape inference raises many unrelated types
-        raise FailedPrecondition(f"onnxruntime's quantization pre-processing failed: {error}") from error
+        raise FailedPrecondition(f"onnxruntime's quantization pre-processing failed: {error}",
+                                 reason="QUANTIZATION_PREPROCESS_FAILED") from error
     if mode in ("dynamic", "weight-only"):
         graph = onnx.load(str(preprocessed))
         if gemm_as_matmul(graph):
@@ -402,7 +403,8 @@ def quantize(model: ModelUnderCompression, params: Mapping[str, Any], ctx: StepC
         details["converted"] = converted.details
     source = model.form
     if not isinstance(source, OnnxForm):
-        raise FailedPrecondition("quantize works on an ONNX graph; the conversion returned none")
+        raise FailedPrecondition("quantize works on an ONNX graph; the conversion returned none",
+                                 reason="MODEL_NOT_ONNX")
     already = quantization_already_applied(onnx.load(str(source.path)))
     if already:
         raise FailedPrecondition(f"the model is already quantized: {already}", reason="ALREADY_QUANTIZED")

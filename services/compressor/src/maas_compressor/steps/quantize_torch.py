@@ -54,7 +54,8 @@ def quantize_torch(model: ModelUnderCompression, params: Mapping[str, Any], ctx:
         name for name, layer in form.module.named_modules() if isinstance(layer, torch.nn.Linear)
     ]
     if not linear_layers:
-        raise FailedPrecondition("torchao int8 weight-only quantizes Linear layers, and this model has none")
+        raise FailedPrecondition("torchao int8 weight-only quantizes Linear layers, and this model has none",
+                                 reason="NO_LINEAR_LAYERS")
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
     module = copy.deepcopy(form.module).eval()

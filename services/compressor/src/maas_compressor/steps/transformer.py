@@ -241,7 +241,7 @@ def quantize_hf(model: ModelUnderCompression, params: Mapping[str, Any], ctx: St
         model, details["converted"] = converted.model, converted.details
     source = model.form
     if not isinstance(source, HfForm):
-        raise FailedPrecondition("quantize_hf works on an encoder directory")
+        raise FailedPrecondition("quantize_hf works on an encoder directory", reason="MODEL_NOT_HF")
     import onnx
 
     already = quantization_already_applied(onnx.load(str(weights_path(source))))

@@ -83,7 +83,8 @@ class BundledTriton:
         # configures third-party loggers as a side effect).
         spec = importlib.util.find_spec("pytriton")
         if spec is None or not spec.submodule_search_locations:
-            raise FailedPrecondition("nvidia-pytriton is not installed: no bundled tritonserver")
+            raise FailedPrecondition("nvidia-pytriton is not installed: no bundled tritonserver",
+                                     reason="TRITON_BINARY_MISSING")
         return cls(Path(next(iter(spec.submodule_search_locations))))
 
     @property
@@ -164,7 +165,8 @@ def prepare_backend_directory(
     version = python_version or running_python_version()
     stub = bundle.python_backend_stub(version)
     if not stub.is_file():
-        raise FailedPrecondition(f"nvidia-pytriton has no Python-backend stub for Python {version} ({stub})")
+        raise FailedPrecondition(f"nvidia-pytriton has no Python-backend stub for Python {version} ({stub})",
+                                 reason="PYTHON_BACKEND_STUB_MISSING")
     target = backends_dir / "python"
     target.mkdir(parents=True, exist_ok=True)
     for name in PYTHON_BACKEND_FILES:
@@ -366,7 +368,7 @@ class TritonServerProcess(TritonServer):
     @property
     def ports(self) -> TritonPorts:
         if self._ports is None:
-            raise FailedPrecondition("tritonserver has not been started")
+            raise FailedPrecondition("tritonserver has not been started", reason="TRITON_NOT_STARTED")
         return self._ports
 
     @property
@@ -445,7 +447,8 @@ class TritonServerProcess(TritonServer):
 
     async def start(self) -> None:
         if self.is_running:
-            raise FailedPrecondition(f"tritonserver is already running (pid {self.pid})")
+            raise FailedPrecondition(f"tritonserver is already running (pid {self.pid})",
+                                     reason="TRITON_ALREADY_RUNNING")
         bundle = self._bundle = self._bundle or BundledTriton.locate()
         self._config.state_dir.mkdir(parents=True, exist_ok=True)
         self._config.model_repository.mkdir(parents=True, exist_ok=True)
