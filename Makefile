@@ -11,7 +11,7 @@ API_OUT := libs/maas-api/src
 NODE_TOOLS := tools/node_modules/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install proto proto-check proto-breaking kserve-descriptors clients lint test bench demo up clean
+.PHONY: install proto proto-check proto-breaking kserve-descriptors clients lint test drills bench demo up clean
 
 DATAPLANE := $(VENV)/bin/maas-inference-dataplane
 
@@ -98,7 +98,12 @@ lint: install
 	cd protos && ../tools/node_modules/.bin/buf lint
 
 test: install proto-check lint proto-breaking
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore=tests/drills
+
+# Heavy drills (images built with buildah, kill drills across replicas, token streaming under
+# load): CI runs them after `make test` (.ci/run); each one is a test that can fail.
+drills: install
+	$(PY) -m pytest -q tests/drills
 
 # Each benchmark prints a table of side-by-side ratios; none gates on an absolute time.
 bench: install

@@ -1,0 +1,1 @@
+"""Heavy drills run by `make drills` (and by CI after `make test`): images, replicas, streams."""
