@@ -44,10 +44,6 @@ SETTINGS_CLASSES = {
     "compressor": "maas_compressor.settings:CompressorSettings",
     "inference": "maas_inference.settings:InferenceSettings",
 }
-# Files every service chart shares byte for byte (see deploy/README.md).
-SHARED_FILES = ("_helpers.tpl", "deployment.yaml", "service.yaml", "serviceaccount.yaml",
-                "hpa.yaml", "pdb.yaml", "pvc-state.yaml", "servicemonitor.yaml", "NOTES.txt")
-
 _PRODUCTION_COMMON = {
     "image": {"tag": "1.0.1", "pullPolicy": "Always"},
     "imagePullSecrets": [{"name": "ghcr-pull"}],
@@ -675,15 +671,6 @@ def test_umbrella_refuses_inconsistent_wiring(umbrella_dir, values, complaint):
 
 
 # --- the charts' own source -----------------------------------------------------------------
-
-@pytest.mark.parametrize("file_name", SHARED_FILES)
-def test_shared_templates_are_identical_in_every_service_chart(file_name):
-    """Shared named templates ("maas.*") are global in an umbrella release: if two charts
-    defined them differently, one definition would silently win."""
-    reference = (HELM_DIR / "registry" / "templates" / file_name).read_bytes()
-    for service in SERVICES:
-        assert (HELM_DIR / service / "templates" / file_name).read_bytes() == reference, service
-
 
 _KEY_LINE = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z0-9_.\-/]+):(?P<rest>.*)$")
 

@@ -1,10 +1,12 @@
 {{/*
-Helpers shared by every MaaS service chart. This file is byte-identical in registry, trainer,
-compressor and inference (tests/deploy checks it): change it in all of them at once.
+Helpers of every MaaS service chart, kept once in this library chart (deploy/helm/maas-common)
+that each service chart depends on (file://../maas-common, vendored as charts/maas-common).
 
-Named templates are global across an umbrella release, which is why the shared ones may keep
-one name ("maas.*") only while they stay identical; everything specific to one service lives in
-its templates/_service.tpl under the "<chart name>.*" prefix.
+Named templates are global across an umbrella release; every service chart carries the same
+library version, so the shared "maas.*" definitions are the same wherever they come from.
+Everything specific to one service lives in its chart's templates/_service.tpl under the
+"<chart name>.*" prefix, which these helpers look up ("<chart name>.env", ".volumes",
+".volumeMounts", ".validate").
 
 The logical service name is the chart name ("registry", "inference", ...): it is the name the
 service reports in grpc.health.v1, registers in discovery, and the MAAS_<NAME>_ env prefix.
