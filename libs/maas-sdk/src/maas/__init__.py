@@ -19,6 +19,7 @@ _PUBLIC = {
     "LineageTree": "maas_sdk.lineage",
     "Prediction": "maas_sdk.client",
     "ServiceStatus": "maas_sdk.client",
+    "RetryPolicy": "maas_sdk.retries",
     "JobProgress": "maas_sdk.jobs",
     "JobFailed": "maas_sdk.errors",
     "MaasError": "maas_sdk.errors",
@@ -43,7 +44,7 @@ __all__ = [
     "Aborted", "AlreadyExists", "Cancelled", "Client", "DeadlineExceeded", "FailedPrecondition",
     "FieldViolation", "Internal", "InvalidArgument", "JobFailed", "JobProgress", "LineageTree",
     "MaasError", "NotFound", "OutOfRange", "PermissionDenied", "Prediction", "ResourceExhausted",
-    "ServiceStatus", "Unauthenticated", "Unavailable", "Unimplemented",
+    "RetryPolicy", "ServiceStatus", "Unauthenticated", "Unavailable", "Unimplemented",
 ]
 
 if TYPE_CHECKING:
@@ -69,6 +70,7 @@ if TYPE_CHECKING:
     )
     from maas_sdk.jobs import JobProgress
     from maas_sdk.lineage import LineageTree
+    from maas_sdk.retries import RetryPolicy
 
 
 def __getattr__(name: str) -> Any:

@@ -58,7 +58,7 @@ from maas.registry.v1 import (
 from maas.trainer.v1 import trainer_service_pb2 as ts, trainer_service_pb2_grpc, training_job_pb2 as tj
 from maas_runtime.auth import Role, TokenInfo, add_token, list_tokens, revoke_tokens
 from maas_runtime.client import bearer_metadata, open_blocking_channel
-from maas_runtime.discovery import ServiceDiscovery
+from maas_runtime.discovery import ServiceDiscovery, round_robin_target
 from maas_runtime.grpc_errors import from_rpc_error
 from maas_runtime.messages import to_dict
 from maas_runtime.peers import PeerChannel, PeerTransport
@@ -72,6 +72,7 @@ from maas_sdk.connection import (
     TOKENS_FILE,
     Connection,
     EventLoopThread,
+    healthy_round_robin_options,
 )
 from maas_sdk.errors import (
     AlreadyExists,
@@ -89,6 +90,7 @@ from maas_sdk.model_files import (
     signature_from_torchscript,
     write_module,
 )
+from maas_sdk.retries import RetryPolicy
 from maas_sdk.tensors import from_tensor, named_inputs, to_tensor
 
 __all__ = ["Client", "ServiceStatus"]
@@ -161,7 +163,12 @@ class Client:
     `CONSUL_HTTP_ADDR`, `MAAS_STATIC_ENDPOINTS`, then the suite `maas up` runs on
     `state_dir`. Who: `token`, else `MAAS_TOKEN`, else the local suite's admin token. TLS:
     `ca_file` (and `cert_file` + `key_file` for mTLS, `server_name` when the certificate
-    names another host). `timeout` bounds every unary call, in seconds.
+    names another host). `timeout` bounds every unary call (each attempt), in seconds.
+
+    Replicas: a service named with several endpoints (`inference=a:50054,b:50054`), or found
+    through discovery, is called round-robin over its replicas that report SERVING; reads
+    and `predict` that fail UNAVAILABLE are sent again to the next one as `retry` says
+    (`maas_sdk.retries`; writes are never repeated).
     """
 
     def __init__(self, target: str | None = None, *, targets: Mapping[str, str] | None = None,
@@ -170,12 +177,13 @@ class Client:
                  ca_file: str | os.PathLike[str] | None = None,
                  cert_file: str | os.PathLike[str] | None = None,
                  key_file: str | os.PathLike[str] | None = None, server_name: str = "",
-                 timeout: float = 60.0):
+                 timeout: float = 60.0, retry: RetryPolicy | None = None):
         self.connection = Connection.resolve(
             target=target, targets=targets, discovery=discovery, consul=consul, token=token,
             state_dir=state_dir, ca_file=ca_file, cert_file=cert_file, key_file=key_file,
             server_name=server_name)
         self.timeout = timeout
+        self.retry = retry or RetryPolicy()
         self._runner = EventLoopThread()
         self._peers: dict[str, PeerChannel] = {}
         self._stubs: dict[tuple[str, type], Any] = {}
@@ -239,11 +247,19 @@ class Client:
         return error
 
     async def _unary(self, service: str, stub_class, method: str, request, timeout=None):
-        stub = await self._stub(service, stub_class)
-        try:
-            return await getattr(stub, method)(request, timeout=timeout or self.timeout)
-        except grpc.aio.AioRpcError as rpc_error:
-            raise self._error(service, rpc_error) from None
+        attempt = 1
+        while True:
+            try:
+                stub = await self._stub(service, stub_class)
+                return await getattr(stub, method)(request, timeout=timeout or self.timeout)
+            except grpc.aio.AioRpcError as rpc_error:
+                error = self._error(service, rpc_error)
+            except Unavailable as unavailable:  # no replica is healthy (discovery)
+                error = unavailable
+            if not self.retry.should_retry(method, error, attempt):
+                raise error from None
+            await asyncio.sleep(self.retry.backoff_seconds(attempt))
+            attempt += 1
 
     def _call(self, service: str, stub_class, method: str, request, timeout=None):
         return self._runner.run(self._unary(service, stub_class, method, request, timeout))
@@ -726,15 +742,7 @@ class Client:
         request = inf.PredictRequest(deployment=name, request_id=request_id,
                                      inputs=[to_tensor(key, value) for key, value in arrays.items()],
                                      output_names=output_names)
-        stub = self._predict_stub or self._open_predict_stub()
-        if stub is None:  # the inference service found through discovery: the aio channel
-            reply = self._inference("Predict", request, timeout)
-        else:
-            try:
-                reply = stub.Predict(request, timeout=timeout or self.timeout,
-                                     metadata=self._metadata)
-            except grpc.RpcError as rpc_error:
-                raise self._error("inference", rpc_error) from None
+        reply = self._predict_reply(request, timeout)
         return Prediction({tensor.name: from_tensor(tensor) for tensor in reply.outputs},
                           reply.model_version)
 
@@ -762,27 +770,44 @@ class Client:
 
         request = inf.PredictRequest(deployment=deployment_name(deployment),
                                      inputs=[text_tensor(texts)])
-        stub = self._predict_stub or self._open_predict_stub()
-        if stub is None:
-            reply = self._inference("Predict", request, timeout)
-        else:
-            try:
-                reply = stub.Predict(request, timeout=timeout or self.timeout,
-                                     metadata=self._metadata)
-            except grpc.RpcError as rpc_error:
-                raise self._error("inference", rpc_error) from None
+        reply = self._predict_reply(request, timeout)
         outputs = {tensor.name: from_tensor(tensor) for tensor in reply.outputs}
         vectors = outputs[EMBEDDING_OUTPUT]
         if with_truncation:
             return vectors, outputs[TRUNCATED_OUTPUT].reshape(-1)
         return vectors
 
+    def _predict_reply(self, request: inf.PredictRequest,
+                       timeout: float | None) -> inf.PredictResponse:
+        """Predict on the blocking channel (the aio one for a discovered service), sent again
+        to the next replica on UNAVAILABLE as the retry policy says."""
+        stub = self._predict_stub or self._open_predict_stub()
+        if stub is None:  # the inference service found through discovery: the aio channel
+            return self._inference("Predict", request, timeout)
+        attempt = 1
+        while True:
+            try:
+                return stub.Predict(request, timeout=timeout or self.timeout,
+                                    metadata=self._metadata)
+            except grpc.RpcError as rpc_error:
+                error = self._error("inference", rpc_error)
+            if not self.retry.should_retry("Predict", error, attempt):
+                raise error from None
+            time.sleep(self.retry.backoff_seconds(attempt))
+            attempt += 1
+
     def _open_predict_stub(self) -> inference_service_pb2_grpc.InferenceServiceStub | None:
-        """Predict's own blocking channel to a known inference target: a call from the
-        caller's thread, without the event-loop hop and the interceptor of the aio path."""
+        """Predict's own blocking channel to known inference targets (round-robin over the
+        healthy ones when there are several): a call from the caller's thread, without the
+        event-loop hop and the interceptor of the aio path."""
         target = self.connection.targets.get("inference")
         if not target:
             return None
+        replicas = self.connection.replicas("inference")
+        if replicas:
+            if any(endpoint.ip_version is None for endpoint in replicas):
+                return None  # host names to resolve: the aio channel's discovery does it
+            target = round_robin_target(replicas)
         with self._predict_lock:
             if self._predict_stub is None:
                 self._predict_stub = self._blocking_inference_stub(target)
@@ -790,9 +815,11 @@ class Client:
 
     def _blocking_inference_stub(self, target: str) -> inference_service_pb2_grpc.InferenceServiceStub:
         transport = self.connection.tls.transport() if self.connection.tls else None
+        options = [*(transport.options if transport else ()),
+                   *(healthy_round_robin_options("inference") if "," in target else ())]
         self._predict_channel = open_blocking_channel(
             target, credentials=transport.credentials if transport else None,
-            max_message_bytes=MAX_MESSAGE_BYTES, options=transport.options if transport else ())
+            max_message_bytes=MAX_MESSAGE_BYTES, options=options)
         return inference_service_pb2_grpc.InferenceServiceStub(self._predict_channel)
 
     # Tokens (local suite) --------------------------------------------------------------------

@@ -11,7 +11,8 @@ Order of precedence:
 - targets: `target` / `targets` arguments, `discovery` / `consul`, the suite running on a
   `state_dir` named explicitly, `CONSUL_HTTP_ADDR`, `MAAS_TARGET` or `MAAS_STATIC_ENDPOINTS`,
   the endpoints `maas up` recorded in `<state dir>/suite.json`, and last the suite's default
-  loopback ports;
+  loopback ports; a service named with several endpoints (`inference=a:1,b:1`) is
+  balanced over those of them that report SERVING, as discovered replicas are;
 - token: `token`, `MAAS_TOKEN`, `<state dir>/admin.token` (written by `maas up`);
 - state dir: `state_dir`, `MAAS_STATE_DIR`, `.maas`, `.maas/local` (what `make up` uses).
 """
@@ -28,7 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from maas_runtime.discovery import ConsulDiscovery, ServiceDiscovery, parse_static_endpoints
+from maas_runtime.discovery import (
+    ConsulDiscovery,
+    Endpoint,
+    ServiceDiscovery,
+    StaticDiscovery,
+    parse_static_endpoints,
+)
 from maas_runtime.peers import PeerChannel, PeerTransport
 from maas_runtime.tls import channel_credentials
 
@@ -138,15 +145,37 @@ class Connection:
                       _path(recorded.get("key_file")), recorded.get("server_name", ""))
         return cls(resolved, discovery, _token(token, root), tls, root)
 
-    def peer(self, service: str) -> PeerChannel:
-        """A (not yet opened) channel to `service` with this connection's token and TLS."""
+    def replicas(self, service: str) -> list[Endpoint]:
+        """The endpoints named for `service` when there are several (`a:1,b:1`), else []."""
         target = self.targets.get(service, "")
-        if not target and self.discovery is None:
+        return [Endpoint.parse(part) for part in target.split(",")] if "," in target else []
+
+    def peer(self, service: str) -> PeerChannel:
+        """A (not yet opened) channel to `service` with this connection's token and TLS.
+
+        Several endpoints named for the service, or found through discovery, are balanced
+        round-robin over those whose gRPC health reports the service SERVING."""
+        target = self.targets.get(service, "")
+        discovery = None if target else self.discovery
+        if not target and discovery is None:
             known = ", ".join(sorted(self.targets)) or "none"
             raise ValueError(f"no target for the {service} service (targets known: {known})")
-        return PeerChannel(service, target=target, discovery=None if target else self.discovery,
+        replicas = self.replicas(service)
+        if replicas:
+            target, discovery = "", StaticDiscovery({service: replicas})
+        return PeerChannel(service, target=target, discovery=discovery,
                            transport=self.tls.transport() if self.tls else PeerTransport(),
-                           token=self.token, max_message_bytes=MAX_MESSAGE_BYTES)
+                           token=self.token, max_message_bytes=MAX_MESSAGE_BYTES,
+                           options=() if target else healthy_round_robin_options(service))
+
+
+def healthy_round_robin_options(service: str) -> list[tuple[str, str]]:
+    """Channel options that balance calls round-robin over the endpoints whose
+    `grpc.health.v1` Watch reports `service` SERVING (gRPC's client-side health checking):
+    a replica still starting, or whose Triton is down, gets no calls until it serves."""
+    config = {"loadBalancingConfig": [{"round_robin": {}}],
+              "healthCheckConfig": {"serviceName": service}}
+    return [("grpc.service_config", json.dumps(config))]
 
 
 def _path(value: str | os.PathLike[str] | None) -> Path | None:

@@ -1,0 +1,185 @@
+"""The SDK over several gateway replicas: round-robin over the healthy ones, idempotent calls
+sent again to the next replica on UNAVAILABLE (bounded, with backoff), writes never repeated.
+
+The replicas are real gRPC servers on loopback (the inference service's contract and the
+stock health service), each answering Predict with its own name as the model version and
+counting the calls it got; the scale drill (tests/drills/test_scale_drill.py) does the same
+against the real services under kill -9.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+import maas
+import numpy as np
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from maas.inference.v1 import deployment_pb2, inference_service_pb2 as inf, inference_service_pb2_grpc
+from maas_runtime.discovery import StaticDiscovery
+from maas_sdk.retries import RetryPolicy, is_idempotent
+
+ROWS = {"input": np.ones((1, 4), np.float32)}
+FAST_RETRIES = RetryPolicy(max_attempts=4, initial_backoff_seconds=0.01, max_backoff_seconds=0.05)
+
+
+class Gateway(inference_service_pb2_grpc.InferenceServiceServicer):
+    """One replica: answers Predict and GetDeployment with its name, or UNAVAILABLE when told."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.calls: Counter[str] = Counter()
+        self.unavailable = False
+        self.health = health.HealthServicer()
+        self.health.set("inference", health_pb2.HealthCheckResponse.SERVING)
+        self.server = grpc.server(futures.ThreadPoolExecutor(8))
+        inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(self, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def serving(self, serving: bool) -> None:
+        self.health.set("inference", health_pb2.HealthCheckResponse.SERVING if serving
+                        else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def _answer(self, method: str, context: grpc.ServicerContext) -> None:
+        self.calls[method] += 1
+        if self.unavailable:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.name} is going away")
+
+    def Predict(self, request, context):  # noqa: N802 - the contract's name
+        self._answer("Predict", context)
+        return inf.PredictResponse(model_version=self.name)
+
+    def GetDeployment(self, request, context):  # noqa: N802
+        self._answer("GetDeployment", context)
+        return deployment_pb2.Deployment(name=request.name, message=self.name)
+
+    def CreateDeployment(self, request, context):  # noqa: N802
+        self._answer("CreateDeployment", context)
+        return deployment_pb2.Deployment(name=f"deployments/{request.deployment_id}")
+
+
+@pytest.fixture
+def gateways() -> Iterator[list[Gateway]]:
+    replicas = [Gateway("a"), Gateway("b")]
+    yield replicas
+    for replica in replicas:
+        replica.server.stop(None)
+
+
+def client_over(replicas: list[Gateway], **options) -> maas.Client:
+    return maas.Client(targets={"inference": ",".join(r.target for r in replicas)},
+                       token="t", retry=FAST_RETRIES, timeout=5, **options)
+
+
+def answered_by(client: maas.Client, calls: int) -> Counter[str]:
+    return Counter(client.predict_detailed("d", ROWS).model_version for _ in range(calls))
+
+
+def wait_until(predicate, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.05)
+
+
+def test_predictions_go_round_robin_over_serving_gateways_and_a_not_serving_one_is_skipped(
+        gateways):
+    with client_over(gateways) as client:
+        wait_until(lambda: len(answered_by(client, 4)) == 2)  # both connected
+        assert answered_by(client, 20) == {"a": 10, "b": 10}
+        gateways[0].serving(False)
+        time.sleep(0.3)  # the health Watch stream tells the channel at once
+        assert answered_by(client, 20) == {"b": 20}
+        gateways[0].serving(True)  # it rejoins
+        wait_until(lambda: answered_by(client, 4)["a"] > 0)
+        assert answered_by(client, 20) == {"a": 10, "b": 10}
+
+
+def test_a_gateway_failing_or_stopped_under_load_costs_no_prediction(gateways):
+    failures: list[Exception] = []
+    answers: Counter[str] = Counter()
+    stop = threading.Event()
+
+    with client_over(gateways) as client:
+        def load() -> None:
+            while not stop.is_set():
+                try:
+                    answers[client.predict_detailed("d", ROWS).model_version] += 1
+                except Exception as error:  # noqa: BLE001 - every failure is the finding
+                    failures.append(error)
+
+        threads = [threading.Thread(target=load) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.3)
+        gateways[0].unavailable = True  # answers UNAVAILABLE (its Triton died, say)
+        time.sleep(0.5)
+        gateways[0].server.stop(None)  # then goes away
+        time.sleep(0.5)
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert failures == []
+    assert answers["a"] > 0 and answers["b"] > 0
+    assert gateways[0].calls["Predict"] > answers["a"]  # it did fail calls, and they were retried
+
+
+def test_retries_are_bounded_and_writes_are_never_repeated(gateways):
+    for replica in gateways:
+        replica.unavailable = True
+    with client_over(gateways) as client:
+        with pytest.raises(maas.Unavailable, match="going away"):
+            client.predict("d", ROWS)
+        assert sum(r.calls["Predict"] for r in gateways) == FAST_RETRIES.max_attempts
+        with pytest.raises(maas.Unavailable):
+            client.get_deployment("d")
+        assert sum(r.calls["GetDeployment"] for r in gateways) == FAST_RETRIES.max_attempts
+        with pytest.raises(maas.Unavailable):
+            client.deploy("d", "m@production")
+        assert sum(r.calls["CreateDeployment"] for r in gateways) == 1
+    with maas.Client(targets={"inference": gateways[0].target}, token="t",
+                     retry=RetryPolicy(max_attempts=1)) as single:
+        with pytest.raises(maas.Unavailable):
+            single.predict("d", ROWS)
+    assert gateways[0].calls["Predict"] + gateways[1].calls["Predict"] == (
+        FAST_RETRIES.max_attempts + 1)
+
+
+def test_gateways_found_through_discovery_are_retried_the_same_way(gateways):
+    gateways[0].unavailable = True
+    discovery = StaticDiscovery({"inference": [r.target for r in gateways]})
+    with maas.Client(discovery=discovery, token="t", retry=FAST_RETRIES, timeout=5) as client:
+        assert {client.predict_detailed("d", ROWS).model_version for _ in range(10)} == {"b"}
+        assert {client.get_deployment("d").message for _ in range(10)} == {"b"}
+    assert gateways[0].calls["Predict"] > 0 and gateways[0].calls["GetDeployment"] > 0
+
+
+def test_only_reads_and_predict_are_idempotent_and_the_policy_is_checked():
+    assert all(map(is_idempotent, ("Predict", "GetModelVersion", "ListDeployments")))
+    assert not any(map(is_idempotent, ("CreateTrainingJob", "UpdateDeployment",
+                                       "DeleteModel", "UploadModelVersion", "SetModelAlias",
+                                       "CancelTrainingJob", "StreamPredict")))
+    policy = RetryPolicy(max_attempts=5, initial_backoff_seconds=0.1, max_backoff_seconds=0.3)
+    assert 0.05 <= policy.backoff_seconds(1) <= 0.1
+    assert 0.15 <= policy.backoff_seconds(4) <= 0.3  # capped
+    unavailable, invalid = maas.Unavailable("gone"), maas.InvalidArgument("bad input")
+    assert policy.should_retry("Predict", unavailable, 4)
+    assert not policy.should_retry("Predict", unavailable, 5)
+    assert not policy.should_retry("Predict", invalid, 1)
+    assert not policy.should_retry("CreateDeployment", unavailable, 1)
+    for bad in ({"max_attempts": 0}, {"initial_backoff_seconds": 2.0},
+                {"backoff_multiplier": 0.5}):
+        with pytest.raises(ValueError):
+            RetryPolicy(**bad)
