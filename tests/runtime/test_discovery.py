@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
-import subprocess
 import time
 import urllib.request
 import uuid
@@ -24,6 +22,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
+from maas_cli.local_suite import free_port
 from maas_runtime.discovery import (
     ConsulDiscovery,
     DiscoveredChannel,
@@ -40,6 +39,7 @@ from maas_runtime.discovery import (
 from maas_runtime.discovery.consul import _next_blocking_index
 from maas_runtime.errors import Unavailable
 
+from tests.support.consul_agent import ConsulUnderTest, consul_agent
 from tests.support.consul_standin import ConsulStandIn
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -119,56 +119,13 @@ def service_name() -> str:
 # --- Consul backends: the stand-in, and a real agent when one is installed ------------
 
 
-@dataclass
-class ConsulUnderTest:
-    http_address: str
-    check_interval_seconds: float
-
-    @property
-    def settle_seconds(self) -> float:
-        """How long health changes may take to show: a few check intervals, plus slack."""
-        return 6 * self.check_interval_seconds + 3.0
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def real_consul_agent() -> Iterator[ConsulUnderTest]:
     binary = shutil.which("consul")
     if binary is None:
         pytest.skip("no consul binary on PATH")
-    http_port = _free_port()
-    ports = (
-        f"ports {{ http = {http_port} dns = -1 grpc = -1 grpc_tls = -1 "
-        f"serf_lan = {_free_port()} serf_wan = {_free_port()} server = {_free_port()} }}"
-    )
-    agent = subprocess.Popen(  # noqa: S603 - fixed argv, binary found on PATH
-        [binary, "agent", "-dev", "-bind=127.0.0.1", "-client=127.0.0.1", "-hcl", ports],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    address = f"http://127.0.0.1:{http_port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"{address}/v1/status/leader", timeout=1) as reply:  # noqa: S310
-                    if json.loads(reply.read()):
-                        break
-            except OSError:
-                pass
-            if agent.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("consul agent -dev did not elect itself leader")
-            time.sleep(0.2)
-        # The agent raises check intervals below one second to one second.
-        yield ConsulUnderTest(address, check_interval_seconds=1.0)
-    finally:
-        agent.terminate()
-        agent.wait(timeout=10)
+    with consul_agent(binary) as agent:
+        yield agent
 
 
 @pytest.fixture(params=["standin", "agent"])
@@ -352,7 +309,7 @@ def test_blocking_index_resets_when_it_goes_backwards_and_never_drops_below_one(
 
 
 async def test_unreachable_consul_raises_discovery_unavailable() -> None:
-    async with ConsulDiscovery(f"127.0.0.1:{_free_port()}") as discovery:
+    async with ConsulDiscovery(f"127.0.0.1:{free_port()}") as discovery:
         with pytest.raises(DiscoveryUnavailable, match="unreachable") as raised:
             await discovery.resolve("registry")
 
