@@ -30,3 +30,16 @@ disjoint queue. */}}
 {{- fail "the compressor runs one replica: its job table is SQLite on its own state volume, so another replica would keep a second, disjoint queue (keep replicaCount 1 and autoscaling.enabled false; give the pod more resources instead)" -}}
 {{- end -}}
 {{- end -}}
+
+{{/* NetworkPolicy (maas.networkpolicy): only clients call the compressor (no suite service
+does); it calls the registry (its job pods too, which carry its name and component "job"). */}}
+{{- define "compressor.callers" -}}
+[]
+{{- end -}}
+
+{{- define "compressor.calls" -}}
+["registry"]
+{{- end -}}
+
+{{- define "compressor.egress" -}}
+{{- end -}}

@@ -118,3 +118,35 @@ app.kubernetes.io/part-of: maas
 {{- fail "set either triton.enabled (a Triton Deployment in this release) or triton.externalUrl (one that already runs), not both" -}}
 {{- end -}}
 {{- end -}}
+
+{{/* NetworkPolicy (maas.networkpolicy): only clients call the inference service; it calls
+the registry, and its own Triton (gRPC for inference and model control, metrics for the
+re-exported series). The Triton pods have their own policy (triton-networkpolicy.yaml). */}}
+{{- define "inference.callers" -}}
+[]
+{{- end -}}
+
+{{- define "inference.calls" -}}
+["registry"]
+{{- end -}}
+
+{{- define "inference.egress" -}}
+{{- if .Values.triton.enabled }}
+- ports:
+    - port: grpc
+      protocol: TCP
+    - port: metrics
+      protocol: TCP
+  to:
+    - podSelector:
+        matchLabels:
+          {{- include "inference.tritonSelectorLabels" . | nindent 10 }}
+{{- else }}
+{{- /* A Triton elsewhere: its port, to any destination (no selector can name it). */}}
+{{- with regexFind ":[0-9]+$" .Values.triton.externalUrl }}
+- ports:
+    - port: {{ trimPrefix ":" . | int }}
+      protocol: TCP
+{{- end }}
+{{- end }}
+{{- end -}}

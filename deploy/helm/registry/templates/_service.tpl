@@ -78,3 +78,16 @@ _helpers.tpl as "<chart name>.env", ".volumes", ".volumeMounts" and ".validate")
 {{- end -}}
 {{- end -}}
 {{- end -}}
+
+{{/* NetworkPolicy (maas.networkpolicy): the suite's services that call the registry, the
+peers it calls (none), and egress of its own (none: PostgreSQL is in the shared policy). */}}
+{{- define "registry.callers" -}}
+["trainer", "compressor", "inference"]
+{{- end -}}
+
+{{- define "registry.calls" -}}
+[]
+{{- end -}}
+
+{{- define "registry.egress" -}}
+{{- end -}}

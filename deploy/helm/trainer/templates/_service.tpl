@@ -30,3 +30,16 @@ disjoint queue. */}}
 {{- fail "the trainer runs one replica: its job table is SQLite on its own state volume, so another replica would keep a second, disjoint queue (keep replicaCount 1 and autoscaling.enabled false; give it more worker slots instead)" -}}
 {{- end -}}
 {{- end -}}
+
+{{/* NetworkPolicy (maas.networkpolicy): only clients call the trainer (no suite service
+does); it calls the registry (its job pods too, which carry its name and component "job"). */}}
+{{- define "trainer.callers" -}}
+[]
+{{- end -}}
+
+{{- define "trainer.calls" -}}
+["registry"]
+{{- end -}}
+
+{{- define "trainer.egress" -}}
+{{- end -}}

@@ -1,0 +1,102 @@
+{{/* The service's NetworkPolicy: who may call it and whom it may call; all else is denied.
+A service chart's templates/networkpolicy.yaml is one line: include "maas.networkpolicy" .
+
+Ingress: the gRPC port from the suite's services that call this one ("<chart>.callers", a
+list of logical names, e.g. the registry's trainer, compressor and inference; their server
+pods and the job pods they start) and from networkPolicy.clients; the metrics port from
+networkPolicy.prometheus. Egress: DNS, Consul, PostgreSQL, OTLP, the gRPC port of the peers
+the service calls ("<chart>.calls"), then "<chart>.egress" (the chart's own rules, e.g. the
+inference service's Triton) and networkPolicy.extraEgress. */}}
+{{- define "maas.networkpolicy" -}}
+{{- $policy := .Values.networkPolicy -}}
+{{- if $policy.enabled -}}
+{{- $callers := include (printf "%s.callers" .Chart.Name) . | fromYamlArray -}}
+{{- $calls := include (printf "%s.calls" .Chart.Name) . | fromYamlArray -}}
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: {{ include "maas.fullname" . }}
+  labels:
+    {{- include "maas.labels" . | nindent 4 }}
+spec:
+  podSelector:
+    matchLabels:
+      {{- include "maas.selectorLabels" . | nindent 6 }}
+  policyTypes: [Ingress, Egress]
+  ingress:
+    {{- if or $callers $policy.clients }}
+    - ports:
+        - port: grpc
+          protocol: TCP
+      from:
+        {{- with $callers }}
+        - podSelector:
+            matchExpressions:
+              {{- include "maas.suitePodSelector" . | nindent 14 }}
+        {{- end }}
+        {{- with $policy.clients }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+    {{- end }}
+    {{- if and .Values.metrics.enabled $policy.prometheus }}
+    - ports:
+        - port: metrics
+          protocol: TCP
+      from:
+        {{- toYaml $policy.prometheus | nindent 8 }}
+    {{- end }}
+    {{- with $policy.extraIngress }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  egress:
+    - ports:
+        - port: 53
+          protocol: UDP
+        - port: 53
+          protocol: TCP
+      {{- with $policy.dns }}
+      to:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+    {{- range $name := list "consul" "postgresql" "otlp" }}
+    {{- $rule := index $policy $name }}
+    {{- if $rule.ports }}
+    - ports:
+        {{- range $rule.ports }}
+        - port: {{ . }}
+          protocol: TCP
+        {{- end }}
+      {{- with $rule.to }}
+      to:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+    {{- end }}
+    {{- end }}
+    {{- with $calls }}
+    - ports:
+        - port: grpc
+          protocol: TCP
+      to:
+        - podSelector:
+            matchExpressions:
+              {{- include "maas.suitePodSelector" . | nindent 14 }}
+    {{- end }}
+    {{- with include (printf "%s.egress" .Chart.Name) . | trim }}
+    {{- . | nindent 4 }}
+    {{- end }}
+    {{- with $policy.extraEgress }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* matchExpressions naming the server pods and job pods of MaaS services by logical name
+(the Triton pods of the inference chart are neither). A list of names. */}}
+{{- define "maas.suitePodSelector" -}}
+- key: app.kubernetes.io/name
+  operator: In
+  values: {{ toJson . }}
+- key: app.kubernetes.io/component
+  operator: In
+  values: ["server", "job"]
+{{- end -}}
