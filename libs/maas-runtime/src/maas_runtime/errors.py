@@ -31,6 +31,15 @@ class ResourceRef:
     description: str = ""
 
 
+@dataclass(frozen=True)
+class QuotaViolation:
+    """One quota a request ran into (becomes a `google.rpc.QuotaFailure` violation): whose
+    quota (`subject`, e.g. "tenant:acme") and which limit with its value (`description`)."""
+
+    subject: str
+    description: str
+
+
 class MaasError(Exception):
     """Base of every error a caller may see. `code` is a canonical gRPC status code name.
 
@@ -50,12 +59,17 @@ class MaasError(Exception):
         metadata: Mapping[str, str] | None = None,
         field_violations: Iterable[FieldViolation] = (),
         resource: ResourceRef | None = None,
+        quota_violations: Iterable[QuotaViolation] = (),
+        retry_delay_seconds: float | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.metadata = dict(metadata or {})
         self.field_violations = tuple(field_violations)
         self.resource = resource
+        self.quota_violations = tuple(quota_violations)
+        self.retry_delay_seconds = retry_delay_seconds
+        """When retrying may succeed (a `google.rpc.RetryInfo` detail); None gives no hint."""
         self.reason = reason or self.derived_reason()  # derived from the fields above
 
     def derived_reason(self) -> str:

@@ -75,6 +75,14 @@ def to_rpc_status(error: errors.MaasError) -> status_pb2.Status:
                 )
             )
         )
+    if error.quota_violations:
+        details.append(_pack(error_details_pb2.QuotaFailure(violations=[
+            error_details_pb2.QuotaFailure.Violation(subject=v.subject, description=v.description)
+            for v in error.quota_violations])))
+    if error.retry_delay_seconds is not None:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromNanoseconds(int(max(error.retry_delay_seconds, 0.0) * 1e9))
+        details.append(_pack(retry))
     return status_pb2.Status(
         code=getattr(code_pb2, error.code), message=error.message, details=details
     )
@@ -111,6 +119,8 @@ def from_rpc_error(rpc_error: grpc.RpcError) -> errors.MaasError:
     info = unpack_detail(status, error_details_pb2.ErrorInfo)
     bad_request = unpack_detail(status, error_details_pb2.BadRequest)
     resource = unpack_detail(status, error_details_pb2.ResourceInfo)
+    quota = unpack_detail(status, error_details_pb2.QuotaFailure)
+    retry = unpack_detail(status, error_details_pb2.RetryInfo)
     message = rpc_error.details() or code_name
     if code_name == "NOT_FOUND":
         return errors.NotFound(
@@ -134,4 +144,7 @@ def from_rpc_error(rpc_error: grpc.RpcError) -> errors.MaasError:
         ]
         if bad_request
         else (),
+        quota_violations=[errors.QuotaViolation(v.subject, v.description)
+                          for v in quota.violations] if quota else (),
+        retry_delay_seconds=retry.retry_delay.ToNanoseconds() / 1e9 if retry else None,
     )

@@ -1,0 +1,500 @@
+"""Per-tenant limits on the data path: requests and tokens per minute, concurrent streams, and
+daily quotas, read from a configuration file that may change while the service runs.
+
+A call's tenant is its token's principal name (`tenant_of`; tokens carry no separate tenant
+yet). Limits come from a YAML or JSON file (`MAAS_INFERENCE_TENANCY_FILE`):
+
+    default:                       # every tenant; a limit left out (or null) is unlimited
+      requests_per_minute: 600
+      tokens_per_minute: 100000
+      concurrent_streams: 8
+      tokens_per_day: 5000000
+      requests_per_day: 100000
+    tenants:                       # per-tenant overrides, field by field over the default
+      acme: {tokens_per_minute: 2000}
+      batch-team: {requests_per_minute: null}     # null: unlimited for this tenant
+
+The file is looked at (its mtime) at most once per `recheck_seconds` on use, and by
+`TenancyConfigSource.watch`; a change applies to the next admission, without a restart. A
+file that cannot be read or parsed keeps the last good configuration, and says why in the log.
+
+Minute windows are sliding over 60 one-second buckets; days are UTC calendar days (seeded at
+start from the usage ledger, so a restart does not hand out a fresh daily quota). Each tenant
+has its own counters: one tenant over its limits never delays or refuses another.
+
+Usage from the Generate path (engineer B's generation module):
+
+    async with limiter.admit(principal, deployment_id, prompt_tokens=len(prompt_ids)) as lease:
+        lease.version = served.version               # once the route picked it
+        async for token_group in stream:
+            if not lease.charge(len(token_group)):   # over tokens/minute or tokens/day
+                finish_reason = "limit"              # stop the stream; tokens so far are charged
+                break
+            yield token_group
+    yield final_response(finish_reason, lease.prompt_tokens, lease.completion_tokens)
+    # Leaving the block frees the stream slot and appends the usage record (outcome OK,
+    # RESOURCE_EXHAUSTED when cut by a limit, CANCELLED on asyncio.CancelledError, the
+    # MaasError's code, INTERNAL otherwise); a finished generation's record is committed
+    # before the block is left, so send the final response after it.
+
+and from Predict (`rows` = the request's batch size; the record is appended on exit):
+
+    async with limiter.admit_request(principal, deployment_id, rows=rows) as call:
+        call.version = served.version
+
+Over a limit, entering raises `QuotaExceeded` (RESOURCE_EXHAUSTED with a RetryInfo of when
+the window frees and a QuotaFailure naming the limit and its value).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import yaml
+from maas_runtime.auth import Principal
+from maas_runtime.errors import MaasError, QuotaViolation, ResourceExhausted
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from maas_inference.usage import UsageLedger, UsageMetrics, UsageRecord
+
+_log = logging.getLogger(__name__)
+
+WINDOW_SECONDS = 60
+SECONDS_PER_DAY = 86400
+CONCURRENCY_RETRY_SECONDS = 1.0
+"""RetryInfo of a refused stream: a slot frees when one of the tenant's streams ends, which
+cannot be foreseen; this is a polite first back-off."""
+
+
+def tenant_of(principal: Principal) -> str:
+    """The tenant a call counts against: its token's principal."""
+    return principal.name
+
+
+class LimitKind(enum.StrEnum):
+    """One limit of a tenant; its value is the configuration key and the QuotaFailure text."""
+
+    REQUESTS_PER_MINUTE = "requests_per_minute"
+    TOKENS_PER_MINUTE = "tokens_per_minute"
+    CONCURRENT_STREAMS = "concurrent_streams"
+    REQUESTS_PER_DAY = "requests_per_day"
+    TOKENS_PER_DAY = "tokens_per_day"
+
+
+class TenantLimits(BaseModel):
+    """The limits of one tenant; None is unlimited."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(default=None, ge=1)
+    concurrent_streams: int | None = Field(default=None, ge=1)
+    requests_per_day: int | None = Field(default=None, ge=1)
+    tokens_per_day: int | None = Field(default=None, ge=1)
+
+    def of(self, kind: LimitKind) -> int | None:
+        value: int | None = getattr(self, kind.value)
+        return value
+
+    @property
+    def limits_requests(self) -> bool:
+        """Whether plain requests (Predict) are limited at all."""
+        return self.requests_per_minute is not None or self.requests_per_day is not None
+
+
+class TenancyConfig(BaseModel):
+    """The whole file: a default for every tenant and per-tenant overrides."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    default: TenantLimits = TenantLimits()
+    tenants: dict[str, TenantLimits] = {}
+
+    def limits_for(self, tenant: str) -> TenantLimits:
+        override = self.tenants.get(tenant)
+        if override is None:
+            return self.default
+        # Only the fields the override names replace the default's (an explicit null too).
+        return self.default.model_copy(update={name: getattr(override, name)
+                                               for name in override.model_fields_set})
+
+    def request_limited(self) -> tuple[bool, frozenset[str]]:
+        """(every tenant's requests are limited, the tenants whose requests are): what the
+        native data plane must leave to this service's admission."""
+        limited = frozenset(name for name in self.tenants
+                            if self.limits_for(name).limits_requests)
+        return self.default.limits_requests, limited
+
+
+def parse_tenancy_config(text: str) -> TenancyConfig:
+    """A configuration from YAML or JSON text (JSON is YAML); ValueError says what is wrong."""
+    try:
+        document = yaml.safe_load(text) if text.strip() else {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"not YAML or JSON: {exc}") from None
+    if document is None:
+        document = {}
+    if not isinstance(document, dict):
+        raise ValueError("the top level must be a mapping with `default` and `tenants`")
+    try:
+        return TenancyConfig.model_validate(document)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ValueError(problems) from None
+
+
+class TenancyConfigSource:
+    """The current configuration of a file, re-read when its mtime changes; no file → none."""
+
+    def __init__(self, path: Path | None, recheck_seconds: float = 1.0,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._path = path
+        self._recheck_seconds = recheck_seconds
+        self._monotonic = monotonic
+        self._config = TenancyConfig()
+        self._loaded_mtime: int | None = None
+        self._checked_at = -math.inf
+        self.version = 0
+        """Bumped on every configuration change that was applied."""
+        self.last_error = ""
+        """Why the newest file was not applied; "" when it was."""
+
+    def current(self) -> TenancyConfig:
+        now = self._monotonic()
+        if now - self._checked_at >= self._recheck_seconds:
+            self._checked_at = now
+            self._reload_if_changed()
+        return self._config
+
+    def reload(self) -> TenancyConfig:
+        """Look at the file now, whatever the recheck delay."""
+        self._checked_at = self._monotonic()
+        self._reload_if_changed()
+        return self._config
+
+    def _reload_if_changed(self) -> None:
+        if self._path is None:
+            return
+        try:
+            mtime = self._path.stat().st_mtime_ns
+        except OSError as exc:
+            self._refuse(mtime=None, why=f"cannot be read ({exc.strerror})")
+            return
+        if mtime == self._loaded_mtime:
+            return
+        try:
+            config = parse_tenancy_config(self._path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            self._refuse(mtime, str(exc))
+            return
+        self._config, self._loaded_mtime, self.last_error = config, mtime, ""
+        self.version += 1
+        _log.info("tenant limits loaded from %s (%d tenant override(s))", self._path,
+                  len(config.tenants))
+
+    def _refuse(self, mtime: int | None, why: str) -> None:
+        if self.last_error != why:  # once per distinct problem, not on every look
+            _log.error("tenant limits file %s %s; keeping the last good limits", self._path,
+                       why if mtime is None else f"is invalid: {why}")
+        self.last_error = why
+        self._loaded_mtime = mtime
+
+    async def watch(self, on_change: Callable[[], Any], poll_seconds: float = 1.0) -> None:
+        """Re-read the file every `poll_seconds` and call `on_change` (maybe a coroutine
+        function) after each applied change; runs until cancelled."""
+        seen = self.version
+        while True:
+            self.reload()
+            if self.version != seen:
+                seen = self.version
+                result = on_change()
+                if asyncio.iscoroutine(result):
+                    await result
+            await asyncio.sleep(poll_seconds)
+
+
+class QuotaExceeded(ResourceExhausted):
+    """A tenant is over one of its limits; `retry_delay_seconds` says when it frees."""
+
+    def __init__(self, tenant: str, kind: LimitKind, limit: int, retry_delay_seconds: float,
+                 detail: str = "") -> None:
+        super().__init__(
+            f"tenant {tenant!r} is over its {kind.value} limit of {limit}{detail}; retry in "
+            f"{retry_delay_seconds:.1f} s",
+            reason="TENANT_QUOTA_EXCEEDED",
+            metadata={"tenant": tenant, "limit": kind.value, "limit_value": str(limit)},
+            quota_violations=[QuotaViolation(f"tenant:{tenant}", f"{kind.value}: {limit}")],
+            retry_delay_seconds=retry_delay_seconds)
+        self.tenant = tenant
+        self.kind = kind
+
+
+class _MinuteWindow:
+    """Amounts over the last 60 seconds, in one-second buckets (at most 60 kept)."""
+
+    def __init__(self) -> None:
+        self._buckets: deque[list[int]] = deque()  # [second, amount], oldest first
+        self.total = 0
+
+    def _expire(self, now: float) -> None:
+        horizon = int(now) - WINDOW_SECONDS
+        while self._buckets and self._buckets[0][0] <= horizon:
+            self.total -= self._buckets.popleft()[1]
+
+    def used(self, now: float) -> int:
+        self._expire(now)
+        return self.total
+
+    def add(self, now: float, amount: int) -> None:
+        if amount <= 0:
+            return
+        self._expire(now)
+        second = int(now)
+        if self._buckets and self._buckets[-1][0] == second:
+            self._buckets[-1][1] += amount
+        else:
+            self._buckets.append([second, amount])
+        self.total += amount
+
+    def seconds_until_room(self, now: float, needed: int, limit: int) -> float:
+        """How long until `needed` more fits under `limit` (a full window when it never fits)."""
+        self._expire(now)
+        if needed > limit:
+            return float(WINDOW_SECONDS)
+        excess = self.total + needed - limit
+        for second, amount in self._buckets:
+            excess -= amount
+            if excess <= 0:
+                return max(second + WINDOW_SECONDS - now, 0.0)
+        return 0.0
+
+
+@dataclass
+class _TenantState:
+    requests_minute: _MinuteWindow = field(default_factory=_MinuteWindow)
+    tokens_minute: _MinuteWindow = field(default_factory=_MinuteWindow)
+    day: int = -1
+    requests_today: int = 0
+    tokens_today: int = 0
+    streams: int = 0
+
+
+@dataclass
+class Lease:
+    """One admitted call: what it is, and (for a generation) the tokens charged so far."""
+
+    tenant: str
+    principal: str
+    deployment: str
+    kind: str
+    start_time: datetime
+    started_monotonic: float
+    version: str = ""
+    """The model version that served the call, set by the caller once it is known."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    rows: int = 0
+    exceeded: QuotaExceeded | None = None
+    """Set when `charge` took the tenant over a token limit: the stream must stop."""
+    outcome: str = ""
+    """Overrides the outcome recorded on exit ("" derives it from how the block ended)."""
+    _limiter: TenantLimiter | None = None
+
+    def charge(self, completion_tokens: int) -> bool:
+        """Charge tokens as they stream; False once the tenant is over a token limit (the
+        tokens are charged all the same: they were produced)."""
+        if self._limiter is None:
+            raise RuntimeError("charge() outside the `async with limiter.admit(...)` block")
+        self.completion_tokens += completion_tokens
+        self.exceeded = self._limiter._charge(self, completion_tokens)
+        return self.exceeded is None
+
+
+class _Admission:
+    """The async context manager `TenantLimiter.admit`/`admit_request` return."""
+
+    def __init__(self, limiter: TenantLimiter, lease: Lease, stream: bool) -> None:
+        self._limiter = limiter
+        self._lease = lease
+        self._stream = stream
+
+    async def __aenter__(self) -> Lease:
+        self._limiter._enter(self._lease, self._stream)
+        return self._lease
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, traceback: TracebackType | None) -> None:
+        record = self._limiter._leave(self._lease, self._stream, exc)
+        ledger = self._limiter._ledger
+        if ledger is None:
+            return
+        if self._stream and exc is None:
+            # A finished generation is committed before its caller sends the final response.
+            await ledger.append_durable(record)
+        else:
+            ledger.append(record)
+
+
+class TenantLimiter:
+    """Admission of calls against their tenant's limits, and the usage record of each.
+
+    `ledger` (optional) receives a `UsageRecord` per admitted call when it ends; `metrics`
+    (optional) counts usage and rejections with a bounded tenant label.
+    """
+
+    def __init__(self, config: TenancyConfigSource, ledger: UsageLedger | None = None,
+                 metrics: UsageMetrics | None = None,
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._config = config
+        self._ledger = ledger
+        self._metrics = metrics
+        self._clock = clock
+        self._monotonic = monotonic
+        self._tenants: dict[str, _TenantState] = {}
+
+    @property
+    def config(self) -> TenancyConfig:
+        return self._config.current()
+
+    def admit(self, principal: Principal, deployment: str, prompt_tokens: int = 0) -> _Admission:
+        """A generation: one concurrent stream, one request and its prompt tokens, with
+        completion tokens charged by `Lease.charge` as they stream."""
+        return _Admission(self, self._lease(principal, deployment, "generation",
+                                            prompt_tokens=prompt_tokens), stream=True)
+
+    def admit_request(self, principal: Principal, deployment: str, rows: int) -> _Admission:
+        """A plain request (Predict, KServe ModelInfer): one request of `rows` rows."""
+        return _Admission(self, self._lease(principal, deployment, "predict", rows=rows),
+                          stream=False)
+
+    def seed_today(self, totals: Mapping[str, tuple[int, int]]) -> None:
+        """Today's (requests, tokens) per tenant so far, e.g. from the ledger at start."""
+        today = self._day(self._clock())
+        for tenant, (requests, tokens) in totals.items():
+            state = self._state(tenant, today)
+            state.requests_today += requests
+            state.tokens_today += tokens
+
+    def _lease(self, principal: Principal, deployment: str, kind: str, *,
+               prompt_tokens: int = 0, rows: int = 0) -> Lease:
+        return Lease(tenant_of(principal), principal.name, deployment, kind,
+                     datetime.fromtimestamp(self._clock(), UTC), self._monotonic(),
+                     prompt_tokens=prompt_tokens, rows=rows, _limiter=self)
+
+    @staticmethod
+    def _day(now: float) -> int:
+        return int(now // SECONDS_PER_DAY)
+
+    def _state(self, tenant: str, today: int) -> _TenantState:
+        state = self._tenants.setdefault(tenant, _TenantState())
+        if state.day != today:
+            state.day, state.requests_today, state.tokens_today = today, 0, 0
+        return state
+
+    def _enter(self, lease: Lease, stream: bool) -> None:
+        now = self._clock()
+        limits = self.config.limits_for(lease.tenant)
+        state = self._state(lease.tenant, self._day(now))
+        tokens = lease.prompt_tokens
+        try:
+            self._check(lease.tenant, limits, state, now, stream, tokens)
+        except QuotaExceeded as refusal:
+            if self._metrics is not None:
+                self._metrics.rejected(lease.tenant, refusal.kind.value)
+            raise
+        state.requests_minute.add(now, 1)
+        state.tokens_minute.add(now, tokens)
+        state.requests_today += 1
+        state.tokens_today += tokens
+        if stream:
+            state.streams += 1
+
+    def _check(self, tenant: str, limits: TenantLimits, state: _TenantState, now: float,
+               stream: bool, tokens: int) -> None:
+        until_tomorrow = (self._day(now) + 1) * SECONDS_PER_DAY - now
+        if stream and limits.concurrent_streams is not None and (
+                state.streams >= limits.concurrent_streams):
+            raise QuotaExceeded(tenant, LimitKind.CONCURRENT_STREAMS, limits.concurrent_streams,
+                                CONCURRENCY_RETRY_SECONDS)
+        rpm = limits.requests_per_minute
+        if rpm is not None and state.requests_minute.used(now) + 1 > rpm:
+            raise QuotaExceeded(tenant, LimitKind.REQUESTS_PER_MINUTE, rpm,
+                                state.requests_minute.seconds_until_room(now, 1, rpm))
+        rpd = limits.requests_per_day
+        if rpd is not None and state.requests_today + 1 > rpd:
+            raise QuotaExceeded(tenant, LimitKind.REQUESTS_PER_DAY, rpd, until_tomorrow)
+        if not stream:
+            return  # a plain request spends no tokens
+        # A stream needs room for its prompt and at least one completion token.
+        needed = max(tokens, 1)
+        tpm = limits.tokens_per_minute
+        if tpm is not None and state.tokens_minute.used(now) + needed > tpm:
+            raise QuotaExceeded(tenant, LimitKind.TOKENS_PER_MINUTE, tpm,
+                                state.tokens_minute.seconds_until_room(now, needed, tpm),
+                                f" ({tokens} prompt tokens asked)")
+        tpd = limits.tokens_per_day
+        if tpd is not None and state.tokens_today + needed > tpd:
+            raise QuotaExceeded(tenant, LimitKind.TOKENS_PER_DAY, tpd, until_tomorrow)
+
+    def _charge(self, lease: Lease, tokens: int) -> QuotaExceeded | None:
+        now = self._clock()
+        state = self._state(lease.tenant, self._day(now))
+        state.tokens_minute.add(now, tokens)
+        state.tokens_today += max(tokens, 0)
+        limits = self.config.limits_for(lease.tenant)
+        exceeded: QuotaExceeded | None = None
+        tpm, tpd = limits.tokens_per_minute, limits.tokens_per_day
+        if tpm is not None and state.tokens_minute.used(now) > tpm:
+            exceeded = QuotaExceeded(lease.tenant, LimitKind.TOKENS_PER_MINUTE, tpm,
+                                     state.tokens_minute.seconds_until_room(now, 0, tpm))
+        elif tpd is not None and state.tokens_today > tpd:
+            exceeded = QuotaExceeded(lease.tenant, LimitKind.TOKENS_PER_DAY, tpd,
+                                     (self._day(now) + 1) * SECONDS_PER_DAY - now)
+        if exceeded is not None and lease.exceeded is None and self._metrics is not None:
+            self._metrics.rejected(lease.tenant, exceeded.kind.value)
+        return exceeded
+
+    def _leave(self, lease: Lease, stream: bool, error: BaseException | None) -> UsageRecord:
+        if stream:
+            state = self._tenants.get(lease.tenant)
+            if state is not None:
+                state.streams = max(state.streams - 1, 0)
+        record = UsageRecord(
+            tenant=lease.tenant, principal=lease.principal, deployment=lease.deployment,
+            version=lease.version, kind=lease.kind, prompt_tokens=lease.prompt_tokens,
+            completion_tokens=lease.completion_tokens, requests=1, rows=lease.rows,
+            start_time=lease.start_time,
+            duration_seconds=max(self._monotonic() - lease.started_monotonic, 0.0),
+            outcome=lease.outcome or outcome_of(error, lease))
+        if self._metrics is not None:
+            self._metrics.record(record)
+        return record
+
+
+def outcome_of(error: BaseException | None, lease: Lease | None = None) -> str:
+    """The outcome a usage record keeps: OK, CANCELLED, or the error's canonical code."""
+    if error is None:
+        return "RESOURCE_EXHAUSTED" if lease is not None and lease.exceeded else "OK"
+    if isinstance(error, asyncio.CancelledError | GeneratorExit):
+        return "CANCELLED"
+    if isinstance(error, MaasError):
+        return error.code
+    return "INTERNAL"
+
+
+def tenants_in(config: TenancyConfig) -> Iterable[str]:
+    """The tenants a configuration names, in name order (the metrics' known tenants)."""
+    return sorted(config.tenants)
+

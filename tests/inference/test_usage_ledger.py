@@ -1,0 +1,158 @@
+"""The usage ledger on SQLite and PostgreSQL: records written, stopped, reopened and listed
+(restart durability), a finished generation committed before `append_durable` returns,
+filters, tenant confinement, time ranges, paging order and sums per tenant/deployment."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from maas_inference.usage import (
+    GENERATION,
+    PREDICT,
+    USAGE_FILTER_SCHEMA,
+    SqlUsageStore,
+    UsageLedger,
+    UsageQuery,
+    UsageRecord,
+)
+from maas_runtime.errors import InvalidArgument
+from maas_runtime.filtering import parse_filter
+
+from tests.registry.helpers import fresh_postgres_database, postgres_admin_url
+
+T0 = datetime(2026, 11, 30, 9, 0, tzinfo=UTC)
+
+
+def postgres_unreachable() -> str | None:
+    url = postgres_admin_url()
+    if not url:
+        return "MAAS_TEST_POSTGRES_URL is not set (.ci/run sets it to the machine's PostgreSQL)"
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(url)
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as exc:  # any connection failure means: not here
+        return f"PostgreSQL at MAAS_TEST_POSTGRES_URL is unreachable: {exc.__class__.__name__}"
+    return None
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_url(request) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield ""  # the default: SQLite in the state directory
+        return
+    reason = postgres_unreachable()
+    if reason:
+        pytest.skip(reason)
+    with fresh_postgres_database() as url:
+        yield url
+
+
+def record(tenant: str, deployment: str, minutes: int, *, kind: str = PREDICT, rows: int = 0,
+           prompt: int = 0, completion: int = 0, outcome: str = "OK") -> UsageRecord:
+    return UsageRecord(tenant=tenant, principal=tenant, deployment=deployment,
+                       version=f"models/{deployment}/versions/1", kind=kind,
+                       start_time=T0 + timedelta(minutes=minutes), duration_seconds=0.5,
+                       outcome=outcome, prompt_tokens=prompt, completion_tokens=completion,
+                       rows=rows)
+
+
+async def open_ledger(database_url: str, state_dir: Path) -> UsageLedger:
+    ledger = UsageLedger(SqlUsageStore.open(database_url, state_dir), flush_seconds=0.05)
+    await ledger.start()
+    return ledger
+
+
+async def test_records_survive_a_restart(tmp_path, database_url):
+    ledger = await open_ledger(database_url, tmp_path)
+    ledger.append(record("alice", "digits", 0, rows=8))
+    ledger.append(record("bob", "digits", 1, rows=2))
+    await ledger.append_durable(record("alice", "chat", 2, kind=GENERATION, prompt=5,
+                                       completion=9))
+    ledger.append(record("alice", "digits", 3, rows=1))  # only buffered: close flushes it
+    await ledger.close()
+
+    reopened = await open_ledger(database_url, tmp_path)
+    try:
+        listed = await reopened.list_records(UsageQuery(), limit=10, before_id=None)
+        assert [(r.tenant, r.deployment, r.rows, r.prompt_tokens, r.completion_tokens)
+                for r in listed] == [("alice", "digits", 1, 0, 0), ("alice", "chat", 0, 5, 9),
+                                     ("bob", "digits", 2, 0, 0), ("alice", "digits", 8, 0, 0)]
+        assert listed[0].record_id > listed[1].record_id  # newest first
+        assert listed[1].start_time == T0 + timedelta(minutes=2)
+    finally:
+        await reopened.close()
+
+
+async def test_a_finished_generation_is_committed_when_append_durable_returns(tmp_path,
+                                                                               database_url):
+    ledger = await open_ledger(database_url, tmp_path)
+    ledger.flush_seconds = 3600  # no periodic flush: only the generation's own
+    try:
+        await ledger.append_durable(record("alice", "chat", 0, kind=GENERATION, completion=3))
+        other = SqlUsageStore.open(database_url, tmp_path)  # a second reader: what is on disk
+        assert [r.completion_tokens for r in other.list_records(UsageQuery(), 10, None)] == [3]
+        other.close()
+    finally:
+        await ledger.close()
+
+
+async def test_filters_tenant_confinement_time_range_and_sums(tmp_path, database_url):
+    ledger = await open_ledger(database_url, tmp_path)
+    try:
+        ledger.append(record("alice", "digits", 0, rows=8))
+        ledger.append(record("alice", "chat", 5, kind=GENERATION, prompt=10, completion=20))
+        ledger.append(record("bob", "digits", 10, rows=3))
+        ledger.append(record("bob", "chat", 15, kind=GENERATION, prompt=1, completion=2,
+                             outcome="CANCELLED"))
+        await ledger.flush()
+
+        def ids(records: list[UsageRecord]) -> list[tuple[str, str]]:
+            return [(r.tenant, r.deployment) for r in records]
+
+        by_filter = UsageQuery(parse_filter('deployment = "digits"', USAGE_FILTER_SCHEMA))
+        assert ids(await ledger.list_records(by_filter, 10, None)) == [
+            ("bob", "digits"), ("alice", "digits")]
+        confined = UsageQuery(parse_filter('deployment = "digits"', USAGE_FILTER_SCHEMA),
+                              tenant="alice")
+        assert ids(await ledger.list_records(confined, 10, None)) == [("alice", "digits")]
+        in_range = UsageQuery(start_time=T0 + timedelta(minutes=5),
+                              end_time=T0 + timedelta(minutes=15))
+        assert ids(await ledger.list_records(in_range, 10, None)) == [
+            ("bob", "digits"), ("alice", "chat")]
+        by_time_filter = UsageQuery(parse_filter(
+            'start_time >= "2026-11-30T09:10:00Z" AND outcome = "CANCELLED"',
+            USAGE_FILTER_SCHEMA))
+        assert ids(await ledger.list_records(by_time_filter, 10, None)) == [("bob", "chat")]
+        first = await ledger.list_records(UsageQuery(), 2, None)
+        rest = await ledger.list_records(UsageQuery(), 10, first[-1].record_id)
+        assert ids(first + rest) == [("bob", "chat"), ("bob", "digits"), ("alice", "chat"),
+                                     ("alice", "digits")]
+
+        per_tenant = await ledger.summarize(UsageQuery(), ("tenant",))
+        assert [(t.tenant, t.requests, t.rows, t.prompt_tokens, t.completion_tokens)
+                for t in per_tenant] == [("alice", 2, 8, 10, 20), ("bob", 2, 3, 1, 2)]
+        per_both = await ledger.summarize(UsageQuery(tenant="bob"), ("tenant", "deployment"))
+        assert [(t.tenant, t.deployment, t.requests) for t in per_both] == [
+            ("bob", "chat", 1), ("bob", "digits", 1)]
+        overall = await ledger.summarize(UsageQuery(), ())
+        assert [(t.requests, t.rows) for t in overall] == [(4, 11)]
+        assert await ledger.summarize(UsageQuery(tenant="nobody"), ()) == []
+        today = await ledger.today_by_tenant(T0 + timedelta(hours=1))
+        assert today == {"alice": (2, 30), "bob": (2, 3)}
+    finally:
+        await ledger.close()
+
+
+@pytest.mark.parametrize("text", ['tenant = ', 'rows > 3', 'kind = "training"',
+                                  'start_time > "yesterday"', "labels.a = 1"])
+def test_bad_filters_are_invalid_argument_on_filter(text):
+    with pytest.raises(InvalidArgument) as refused:
+        parse_filter(text, USAGE_FILTER_SCHEMA)
+    assert [v.field for v in refused.value.field_violations] == ["filter"]
