@@ -5,9 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import uuid
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +12,10 @@ from maas.common.v1 import tensor_pb2
 from maas.registry.v1 import dataset_pb2, model_pb2, registry_service_pb2
 from safetensors.numpy import save
 
-POSTGRES_URL_ENV = "MAAS_TEST_POSTGRES_URL"
+from tests.support.postgres import (  # noqa: F401 (re-exported to the registry tests)
+    fresh_postgres_database,
+    postgres_admin_url,
+)
 
 
 def mlp_package(seed: int = 0, hidden: int = 16) -> bytes:
@@ -115,25 +115,3 @@ def blob_files(state_dir: Path) -> list[Path]:
 
 def staging_files(state_dir: Path) -> list[Path]:
     return sorted((state_dir / "blobs" / "staging").glob("*"))
-
-
-def postgres_admin_url() -> str | None:
-    return os.environ.get(POSTGRES_URL_ENV)
-
-
-@contextmanager
-def fresh_postgres_database():
-    """A throw-away database on the test PostgreSQL server; yields its SQLAlchemy URL."""
-    import sqlalchemy
-
-    base = postgres_admin_url()
-    engine = sqlalchemy.create_engine(base, isolation_level="AUTOCOMMIT")
-    name = f"maas_test_{uuid.uuid4().hex[:12]}"
-    with engine.connect() as connection:
-        connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    try:
-        yield base.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with engine.connect() as connection:
-            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        engine.dispose()

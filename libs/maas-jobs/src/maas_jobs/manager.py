@@ -14,6 +14,13 @@ register a model). The manager owns everything else:
 - At start-up, jobs still RUNNING belonged to a service that died: their leftover
   processes are killed and they are started again, counted in `resume_count`; the runner
   resumes them from their last checkpoint.
+
+Several replicas may share one job table (PostgreSQL). Each runs a job only under its lease
+(`replica_id`, renewed every third of `lease_seconds` while the job runs); a replica that
+stops renewing (killed, cut off) loses its jobs to the others, which take them over in their
+scheduling pass and resume them from the checkpoint in the shared work root, exactly as after
+a restart. A replica that finds it no longer holds a job (taken over, or cancelled through
+another replica) stops the job's process. Watchers on any replica read the shared event log.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import abc
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +107,16 @@ class JobManagerConfig:
     """Watchers are woken on every event; this is the safety net."""
     max_plain_log_lines: int = 200
     """Lines a job prints outside the protocol that become log events (the rest: log file)."""
+    replica_id: str = ""
+    """This replica's name on the leases it holds; empty: `<host>:<work_root>`. It must
+    stay the same across restarts of one replica (it resumes its own jobs at once) and
+    differ between replicas sharing a job table."""
+    lease_seconds: float = 15.0
+    """How long a job stays with a replica that stopped renewing its lease."""
+
+    @property
+    def owner(self) -> str:
+        return self.replica_id or f"{socket.gethostname()}:{self.work_root.resolve()}"
 
 
 @dataclass
@@ -108,6 +126,7 @@ class _RunningJob:
     task: asyncio.Task | None = None
     process: JobProcess | None = None
     cancel_requested: bool = False
+    lease_lost: bool = False
     publishing: bool = False
     phase_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     """Held while cancel decides, and while the job decides to publish: one of them wins."""
@@ -177,10 +196,18 @@ class JobManager:
     _signals: _JobSignals = field(init=False, default_factory=_JobSignals)
     _wake: asyncio.Event | None = field(init=False, default=None)
     _loop_task: asyncio.Task | None = field(init=False, default=None)
+    _lease_task: asyncio.Task | None = field(init=False, default=None)
     _stopping: bool = field(init=False, default=False)
+    _owner: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
         self._scheduler = FairShareScheduler(self.config.pool_size)
+        self._owner = self.config.owner
+
+    @property
+    def replica_id(self) -> str:
+        """The name this manager holds its jobs' leases under."""
+        return self._owner
 
     @property
     def pool_size(self) -> int:
@@ -202,34 +229,89 @@ class JobManager:
         self.config.work_root.mkdir(parents=True, exist_ok=True)
         self._scheduler.remember_service(
             await self._store_call(self.store.tenant_last_start_times))
-        free = self.pool_size
-        for job in await self._store_call(self.store.in_states, [JobState.RUNNING]):
-            reap_stale_process(job.process_id, str(self._workdir(job.job_id)))
-            if job.workers > free:
-                await self._store_call(self.store.transition, job.job_id, [JobState.RUNNING],
-                                       JobState.QUEUED, "waiting for worker slots after a restart")
-                continue
-            free -= job.workers
-            job = await self._store_call(
-                self.store.mark_resumed, job.job_id,
-                "the service restarted; resuming from the last checkpoint")
-            self._launch(job)
+        await self._take_over_lapsed(after_restart=True)
         self._loop_task = asyncio.create_task(self._schedule_forever(), name="job-scheduler")
+        self._lease_task = asyncio.create_task(self._renew_forever(), name="job-leases")
 
     async def stop(self) -> None:
-        """Stop scheduling and end running processes; their jobs stay RUNNING, to resume."""
+        """Stop scheduling and end running processes; their jobs stay RUNNING, to resume
+        (here after a restart, or at once on another replica: the leases are released)."""
         self._stopping = True
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+        for task in (self._loop_task, self._lease_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         running = list(self._running.values())
+        held = list(self._running)
         await asyncio.gather(*(entry.process.stop(self.config.stop_grace_seconds)
                                for entry in running if entry.process is not None))
         tasks = [entry.task for entry in running if entry.task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):  # the database may be what is going away
+            await self._store_call(self.store.release_leases, self._owner, held)
+
+    async def _take_over_lapsed(self, *, after_restart: bool = False) -> None:
+        """Run the RUNNING jobs nobody holds: a previous run of this replica's, or another
+        replica's whose lease lapsed. Right after a restart, own jobs too wide for the free
+        slots go back to the queue (as before replicas); others' wait for a replica with room."""
+        free = self.pool_size - sum(entry.workers for entry in self._running.values())
+        for job in await self._store_call(self.store.lapsed, self._owner):
+            if job.job_id in self._running:
+                continue  # ours, running here: the lease is renewed by `_renew_forever`
+            own = job.lease_owner in (None, self._owner)
+            if job.workers > free:
+                if after_restart and own:
+                    await self._store_call(
+                        self.store.transition, job.job_id, [JobState.RUNNING], JobState.QUEUED,
+                        "waiting for worker slots after a restart")
+                continue
+            reason = ("the service restarted; resuming from the last checkpoint" if own else
+                      f"replica {job.lease_owner} stopped renewing its lease; {self._owner} "
+                      "resumes the job from the last checkpoint")
+            taken = await self._store_call(self.store.take_over, job.job_id, self._owner,
+                                           self.config.lease_seconds, reason)
+            if taken is None:
+                continue  # another replica was quicker, or the holder renewed meanwhile
+            if own:
+                # A process only ever outlives its service on the same host and work root.
+                reap_stale_process(taken.process_id, str(self._workdir(job.job_id)))
+            _log.info("%s: %s", self.collection.name(job.job_id), reason,
+                      extra={"job": self.collection.name(job.job_id)})
+            free -= job.workers
+            self._signals.notify(job.job_id)
+            self._launch(taken)
+
+    async def _renew_forever(self) -> None:
+        interval = self.config.lease_seconds / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._renew_leases()
+            except Exception:
+                _log.exception("renewing job leases failed; retrying")
+
+    async def _renew_leases(self) -> None:
+        """Extend the leases of the jobs running here; stop those this replica lost."""
+        running = dict(self._running)
+        held = await self._store_call(self.store.renew_leases, self._owner, list(running),
+                                      self.config.lease_seconds)
+        for job_id, entry in running.items():
+            if job_id in held or entry.publishing or entry.lease_lost:
+                continue
+            if self._running.get(job_id) is not entry:
+                continue  # finished while the leases were renewed
+            entry.lease_lost = True
+            _log.warning("%s is no longer held by %s (cancelled or taken over); stopping its "
+                         "process", self.collection.name(job_id), self._owner)
+            if entry.process is None:
+                if entry.task is not None:
+                    entry.task.cancel()  # still staging its inputs
+            elif not entry.process.exited:
+                await entry.process.stop(self.config.stop_grace_seconds)
+            # An exited process: its task is recording the outcome, under the owner guard.
 
     # -- use cases ----------------------------------------------------------------------------
 
@@ -265,9 +347,14 @@ class JobManager:
                     "the result; it can no longer be cancelled", reason="JOB_PUBLISHING",
                     metadata={"state": JobState.RUNNING.value})
             record = await self._store_call(self.store.transition, job_id, ACTIVE_STATES,
-                                            JobState.CANCELLED, reason)
+                                            JobState.CANCELLED, reason, unless_publishing=True)
         if record is None:
             current = await self.get(job_id)
+            if current.state is JobState.RUNNING and current.publishing:
+                raise FailedPrecondition(
+                    f"{self.collection.name(job_id)} has finished its work and is publishing "
+                    "the result; it can no longer be cancelled", reason="JOB_PUBLISHING",
+                    metadata={"state": JobState.RUNNING.value})
             raise FailedPrecondition(
                 f"{self.collection.name(job_id)} is {current.state.value}; only queued or "
                 "running jobs can be cancelled", reason="JOB_FINISHED",
@@ -330,6 +417,7 @@ class JobManager:
                 _log.exception("scheduling pass failed; retrying")
 
     async def _schedule_once(self) -> None:
+        await self._take_over_lapsed()
         queued = await self._store_call(self.store.in_states, [JobState.QUEUED])
         held = slots_by_tenant([(entry.tenant, entry.workers) for entry in self._running.values()])
         plan = self._scheduler.plan(
@@ -342,9 +430,9 @@ class JobManager:
                                               f"pool has {self.pool_size}"))
         for job in plan.start:
             record = await self._store_call(
-                self.store.transition, job.job_id, [JobState.QUEUED], JobState.RUNNING,
-                f"started on {job.workers} worker slot(s)")
-            if record is None:  # cancelled since the queue was read
+                self.store.claim, job.job_id, self._owner, self.config.lease_seconds,
+                f"started on {job.workers} worker slot(s) by {self._owner}")
+            if record is None:  # cancelled, or claimed by another replica, since the read
                 self._poke()
                 continue
             self._signals.notify(job.job_id)
@@ -377,7 +465,7 @@ class JobManager:
                 await self._store_call(self.store.set_process, job.job_id, entry.process.pid)
                 outcome = await entry.process.wait_and_forward(_EventSink(self, job.job_id))
                 if outcome.stopped:
-                    return  # whoever stopped it (cancel, shutdown) decided the job's state
+                    return  # whoever stopped it (cancel, shutdown, takeover) decided its state
                 if not outcome.succeeded:
                     error = outcome.reported_error or JobError(
                         "INTERNAL", f"the job process {outcome.describe_exit()}; see "
@@ -385,9 +473,11 @@ class JobManager:
                     await self._finish(job.job_id, [JobState.RUNNING], JobState.FAILED, error=error)
                     return
             async with entry.phase_lock:
-                current = await self.get(job.job_id)
-                if current.state is not JobState.RUNNING:
+                publishing = await self._store_call(self.store.start_publishing, job.job_id,
+                                                    self._owner)
+                if publishing is None:  # cancelled, or no longer this replica's
                     return
+                current = publishing
                 entry.publishing = True
             await self._store_call(self.store.append_log, job.job_id, LogLevel.INFO,
                                    "the work is done; publishing the result")
@@ -429,8 +519,10 @@ class JobManager:
                       error: JobError | None = None,
                       result: dict[str, Any] | None = None) -> None:
         reason = error.message if error is not None else to_state.value.lower()
+        # A running job ends only under this replica's lease: one it lost is another's now.
+        owner = self._owner if JobState.RUNNING in from_states else None
         record = await self._store_call(self.store.transition, job_id, from_states, to_state,
-                                        reason, error=error, result=result)
+                                        reason, error=error, result=result, owner=owner)
         if record is not None:
             _log.info("%s %s: %s", self.collection.name(job_id), to_state.value, reason,
                       extra={"job": self.collection.name(job_id), "state": to_state.value})

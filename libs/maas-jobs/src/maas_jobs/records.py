@@ -104,6 +104,12 @@ class JobRecord:
     """Process (group leader) running the job now, so a restarted service can reap it."""
     queue_position: int = 0
     """Monotonic submission order; ties between equal priorities go to the older job."""
+    lease_owner: str | None = None
+    """The replica running the job (or that ran it last)."""
+    lease_expires: datetime | None = None
+    """Until when `lease_owner` holds a RUNNING job unless it renews; then others take over."""
+    publishing: bool = False
+    """The job's result is being published: it can no longer be cancelled."""
 
 
 @dataclass(frozen=True)

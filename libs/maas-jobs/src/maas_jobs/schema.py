@@ -3,6 +3,12 @@
 `jobs.last_sequence` is the sequence number of the job's newest event; appending an event
 bumps it in the same transaction, so each job's events are numbered 1, 2, 3... without gaps
 and a watcher resuming after sequence N misses nothing.
+
+A RUNNING job is held by one replica through its lease (`lease_owner` until
+`lease_expires`), renewed while the job runs; when it lapses another replica takes the job
+over. `publishing` marks a job whose result is being published: no replica may cancel it.
+
+Changes to these tables are Alembic revisions in `maas_jobs/migrations` (applied at start).
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     ForeignKey,
@@ -19,6 +26,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    false,
 )
 
 metadata = MetaData()
@@ -47,6 +55,9 @@ jobs = Table(
     Column("resume_count", Integer, nullable=False, default=0),
     Column("process_id", Integer),
     Column("last_sequence", BigInteger, nullable=False, default=0),
+    Column("lease_owner", String(256)),
+    Column("lease_expires", DateTime(timezone=True)),
+    Column("publishing", Boolean, nullable=False, default=False, server_default=false()),
     Index("ix_jobs_state", "state"),
     Index("ix_jobs_tenant_start", "tenant", "start_time"),
 )

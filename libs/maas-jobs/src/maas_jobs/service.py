@@ -2,7 +2,8 @@
 
 A job service (trainer, compressor) supplies only what is its own: its runner, built on the
 registry client, and the gRPC binding of its servicer, built on the manager. Everything
-else is wired here once: the SQLite job table under `state_dir`, the registry peer channel
+else is wired here once: the job table (SQLite under `state_dir`, or PostgreSQL at
+`database_url` shared by replicas), the registry peer channel
 (TLS, traces, discovery), page tokens, the manager's pool and timings, job metrics, and the
 order things open and close in.
 """
@@ -51,9 +52,11 @@ def build_job_server(name: str, settings: JobServiceSettings, collection: JobCol
                      binding_for: Callable[[JobServiceParts[R]], ServiceBinding],
                      telemetry: Telemetry | None = None,
                      discovery: ServiceDiscovery | None = None) -> ServiceServer:
-    """The server of job service `name` (its job table is `<state_dir>/<name>.db`)."""
+    """The server of job service `name` (its job table is `database_url`, else
+    `<state_dir>/<name>.db`)."""
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    store = SqlJobStore.open_sqlite(settings.state_dir / f"{name}.db", collection)
+    store = (SqlJobStore.open(settings.database_url, collection) if settings.database_url
+             else SqlJobStore.open_sqlite(settings.state_dir / f"{name}.db", collection))
     if not settings.registry_target and discovery is None:
         env_prefix = settings.model_config.get("env_prefix", "")
         raise ValueError(f"set {env_prefix}REGISTRY_TARGET or configure discovery")
@@ -64,7 +67,7 @@ def build_job_server(name: str, settings: JobServiceSettings, collection: JobCol
     runner = runner_for(registry)
     secret_file = (Path(settings.page_token_secret_file) if settings.page_token_secret_file
                    else settings.state_dir / "page-token.key")
-    work_root = settings.state_dir / "jobs"
+    work_root = Path(settings.jobs_dir) if settings.jobs_dir else settings.state_dir / "jobs"
     manager = JobManager(
         store=store, runner=runner, collection=collection,
         config=JobManagerConfig(
@@ -72,7 +75,8 @@ def build_job_server(name: str, settings: JobServiceSettings, collection: JobCol
             stop_grace_seconds=settings.job_stop_grace_seconds,
             schedule_interval_seconds=settings.schedule_interval_seconds,
             watch_poll_seconds=settings.watch_poll_seconds,
-            max_plain_log_lines=settings.max_logged_output_lines),
+            max_plain_log_lines=settings.max_logged_output_lines,
+            replica_id=settings.lease_owner(), lease_seconds=settings.job_lease_seconds),
         page_tokens=PageTokenCodec.from_secret_file(secret_file))
     binding = binding_for(JobServiceParts(registry, runner, manager, work_root))
     server = ServiceServer(name, settings, [binding], telemetry=telemetry, discovery=discovery)

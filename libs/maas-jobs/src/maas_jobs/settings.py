@@ -6,6 +6,7 @@ the fields whose meaning it explains in its own terms (its pool, its threads, it
 
 from __future__ import annotations
 
+import socket
 import sys
 
 from maas_runtime.settings import ServiceSettings
@@ -41,4 +42,28 @@ class JobServiceSettings(ServiceSettings):
     is kept in the job's `job.log`."""
 
     page_token_secret_file: str = ""
-    """File holding the HMAC key of page tokens; defaults to `<state_dir>/page-token.key`."""
+    """File holding the HMAC key of page tokens; defaults to `<state_dir>/page-token.key`.
+    Replicas must share it."""
+
+    database_url: str = ""
+    """SQLAlchemy URL of the job table; empty: SQLite (WAL) at `<state_dir>/<service>.db`.
+    postgresql+psycopg://… lets several replicas share one table (one database per service:
+    the trainer's and the compressor's tables have the same names)."""
+
+    jobs_dir: str = ""
+    """Where each job's working directory (staged inputs, checkpoints) lives; empty:
+    `<state_dir>/jobs`. Replicas sharing a job table must share it (a volume), so the one
+    that takes a job over resumes it from its checkpoint."""
+
+    replica_id: str = ""
+    """This replica's name on the leases of the jobs it runs; empty: `<host>:<state_dir>`.
+    Keep it stable across restarts (a restarted replica resumes its own jobs at once) and
+    unique among the replicas sharing a job table."""
+
+    job_lease_seconds: float = Field(default=15.0, ge=1.0)
+    """How long a running job stays with a replica that stops renewing its lease (killed,
+    cut off from the database) before another replica takes it over."""
+
+    def lease_owner(self) -> str:
+        """`replica_id`, or `<host>:<state_dir>` (stable across restarts of one replica)."""
+        return self.replica_id or f"{socket.gethostname()}:{self.state_dir.resolve()}"

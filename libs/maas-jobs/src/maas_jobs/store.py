@@ -4,6 +4,13 @@ Every change of a job's state writes the matching `state_change` event in the sa
 transaction, so a job's history and its row can never disagree. State changes are
 compare-and-set (`transition` only moves a job out of the states it names): a cancel racing
 a job's completion is decided by whichever commits first, never by both.
+
+The table lives in SQLite (the embedded default, one service instance) or in PostgreSQL
+(several replicas on one table). Every read-then-write locks the job's row first
+(`SELECT … FOR UPDATE`; SQLite's BEGIN IMMEDIATE serialises writers anyway), and a replica
+starts a job by claiming it (`FOR UPDATE SKIP LOCKED`: a row another replica is claiming
+right now is skipped, not waited for) under a lease it renews while the job runs. A job whose
+lease lapsed is taken over by another replica, which resumes it from its checkpoint.
 """
 
 from __future__ import annotations
@@ -13,10 +20,11 @@ import builtins
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, overload
 
+from maas_runtime.database import create_database_engine, migrate, sqlite_url
 from maas_runtime.errors import AlreadyExists, InvalidArgument, NotFound
 from maas_runtime.filtering import (
     FilterExpr,
@@ -26,7 +34,7 @@ from maas_runtime.filtering import (
     ValueKind,
     compile_filter,
 )
-from sqlalchemy import Connection, Engine, create_engine, event, func, insert, select, update
+from sqlalchemy import Connection, Engine, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from maas_jobs import schema as t
@@ -40,6 +48,10 @@ from maas_jobs.records import (
     JobState,
     LogLevel,
 )
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+VERSION_TABLE = "alembic_version_jobs"
+"""The job table's own Alembic version table: it may share a database with other schemas."""
 
 JOB_FILTER_SCHEMA = FilterSchema([
     ScalarField("state", ValueKind.ENUM, frozenset(state.value for state in JobState)),
@@ -95,8 +107,46 @@ class JobStore(abc.ABC):
     @abc.abstractmethod
     def transition(self, job_id: str, from_states: Iterable[JobState], to_state: JobState,
                    reason: str, *, error: JobError | None = None,
-                   result: dict[str, Any] | None = None) -> JobRecord | None:
-        """Move the job to `to_state` if it is in one of `from_states`; None otherwise."""
+                   result: dict[str, Any] | None = None, owner: str | None = None,
+                   unless_publishing: bool = False) -> JobRecord | None:
+        """Move the job to `to_state` if it is in one of `from_states`; None otherwise.
+
+        With `owner`, only while that replica holds the job's lease; with
+        `unless_publishing`, never while its result is being published. A final or QUEUED
+        job holds no lease.
+        """
+
+    @abc.abstractmethod
+    def claim(self, job_id: str, owner: str, lease_seconds: float,
+              reason: str) -> JobRecord | None:
+        """Start a QUEUED job (RUNNING) under `owner`'s lease; None when it is not queued any
+        more, or another replica is claiming it this instant (its row is skipped)."""
+
+    @abc.abstractmethod
+    def lapsed(self, owner: str) -> builtins.list[JobRecord]:
+        """RUNNING jobs `owner` may take over, oldest submission first: their lease lapsed,
+        they have none, or it is `owner`'s own (a previous run of the same replica)."""
+
+    @abc.abstractmethod
+    def take_over(self, job_id: str, owner: str, lease_seconds: float,
+                  reason: str) -> JobRecord | None:
+        """Hold a lapsed RUNNING job under `owner`'s lease, counted and logged as a resume;
+        None when another replica holds or is taking it. The record keeps the previous run's
+        process id (to reap what it left behind, when that run was the same replica's)."""
+
+    @abc.abstractmethod
+    def renew_leases(self, owner: str, job_ids: Iterable[str],
+                     lease_seconds: float) -> set[str]:
+        """Extend `owner`'s leases on `job_ids`; the ids it still holds (RUNNING, its own)."""
+
+    @abc.abstractmethod
+    def release_leases(self, owner: str, job_ids: Iterable[str]) -> None:
+        """End `owner`'s leases now, so another replica takes the jobs over at once."""
+
+    @abc.abstractmethod
+    def start_publishing(self, job_id: str, owner: str) -> JobRecord | None:
+        """Mark the RUNNING job `owner` holds as publishing its result (no cancel from now
+        on); None when it is not running under `owner`'s lease any more."""
 
     @abc.abstractmethod
     def record_metrics(self, job_id: str, epoch: int, phase: str,
@@ -138,31 +188,6 @@ class JobStateSummary:
     oldest_queued: datetime | None
 
 
-def create_sqlite_engine(path: Path) -> Engine:
-    """SQLite in WAL mode: readers (Get, List, Watch) never wait for the job runners' writes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(f"sqlite:///{path}",
-                           connect_args={"check_same_thread": False, "timeout": 30})
-
-    @event.listens_for(engine, "connect")
-    def _pragmas(dbapi_connection, _record):
-        # The driver must not open transactions itself: BEGIN IMMEDIATE below is the only one.
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=FULL")  # an accepted job survives a power cut
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA busy_timeout=30000")
-        cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _begin_immediate(connection):
-        # Take the write lock up front, so read-then-write transactions cannot deadlock.
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
-
-    return engine
-
-
 class _JobColumns:
     """`compile_filter`'s view of the jobs table."""
 
@@ -184,12 +209,16 @@ class SqlJobStore(JobStore):
         self._collection = collection
 
     @classmethod
-    def open_sqlite(cls, path: Path, collection: JobCollection) -> SqlJobStore:
-        """The store of one service instance: a SQLite file, schema created when missing."""
-        engine = create_sqlite_engine(path)
-        # One schema version so far; a migration tool earns its place with the second.
-        t.metadata.create_all(engine)
+    def open(cls, url: str, collection: JobCollection) -> SqlJobStore:
+        """The job table at SQLAlchemy `url`, migrated to the newest schema first."""
+        engine = create_database_engine(url)
+        migrate(engine, MIGRATIONS, VERSION_TABLE)
         return cls(engine, collection)
+
+    @classmethod
+    def open_sqlite(cls, path: Path, collection: JobCollection) -> SqlJobStore:
+        """The store of one service instance: a SQLite file, migrated when it is older."""
+        return cls.open(sqlite_url(path), collection)
 
     def close(self) -> None:
         self._engine.dispose()
@@ -215,15 +244,19 @@ class SqlJobStore(JobStore):
             create_time=_aware(row.create_time), start_time=_aware(row.start_time),
             end_time=_aware(row.end_time), epoch=row.epoch, metrics=dict(row.metrics),
             error=error, result=dict(row.result), resume_count=row.resume_count,
-            process_id=row.process_id, queue_position=row.pk)
+            process_id=row.process_id, queue_position=row.pk, lease_owner=row.lease_owner,
+            lease_expires=_aware(row.lease_expires), publishing=bool(row.publishing))
 
     @staticmethod
     def _event(job_id: str, row) -> JobEvent:
         return JobEvent(job_id=job_id, sequence=row.sequence, time=_aware(row.time),
                         kind=EventKind(row.kind), payload=dict(row.payload))
 
-    def _row(self, connection: Connection, job_id: str):
-        row = connection.execute(select(t.jobs).where(t.jobs.c.job_id == job_id)).first()
+    def _row(self, connection: Connection, job_id: str, *, lock: bool = False):
+        query = select(t.jobs).where(t.jobs.c.job_id == job_id)
+        if lock:  # PostgreSQL: hold the row until commit (SQLite: BEGIN IMMEDIATE did)
+            query = query.with_for_update()
+        row = connection.execute(query).first()
         if row is None:
             raise NotFound(self._collection.resource_type, self._collection.name(job_id))
         return row
@@ -284,12 +317,17 @@ class SqlJobStore(JobStore):
 
     def transition(self, job_id: str, from_states: Iterable[JobState], to_state: JobState,
                    reason: str, *, error: JobError | None = None,
-                   result: dict[str, Any] | None = None) -> JobRecord | None:
+                   result: dict[str, Any] | None = None, owner: str | None = None,
+                   unless_publishing: bool = False) -> JobRecord | None:
         allowed = {state.value for state in from_states}
         now = utc_now()
         with self._write() as connection:
-            row = self._row(connection, job_id)
+            row = self._row(connection, job_id, lock=True)
             if row.state not in allowed:
+                return None
+            if owner is not None and row.lease_owner != owner:
+                return None
+            if unless_publishing and row.publishing:
                 return None
             changes: dict[str, Any] = {"state": to_state.value}
             if to_state is JobState.RUNNING and row.start_time is None:
@@ -297,6 +335,9 @@ class SqlJobStore(JobStore):
             if to_state.is_final:
                 changes["end_time"] = now
                 changes["process_id"] = None
+            if to_state is not JobState.RUNNING:
+                changes["lease_expires"] = None
+                changes["publishing"] = False
             if error is not None:
                 changes["error_code"], changes["error_message"] = error.code, error.message
             if result is not None:
@@ -306,10 +347,87 @@ class SqlJobStore(JobStore):
                          {"state": to_state.value, "reason": reason}, now)
             return self._record(self._row(connection, job_id))
 
+    def claim(self, job_id: str, owner: str, lease_seconds: float,
+              reason: str) -> JobRecord | None:
+        now = utc_now()
+        with self._write() as connection:
+            row = connection.execute(
+                select(t.jobs)
+                .where(t.jobs.c.job_id == job_id, t.jobs.c.state == JobState.QUEUED.value)
+                .with_for_update(skip_locked=True)).first()
+            if row is None:
+                return None
+            connection.execute(update(t.jobs).where(t.jobs.c.pk == row.pk).values(
+                state=JobState.RUNNING.value, start_time=row.start_time or now,
+                lease_owner=owner, lease_expires=now + timedelta(seconds=lease_seconds),
+                publishing=False))
+            self._append(connection, row, EventKind.STATE_CHANGE,
+                         {"state": JobState.RUNNING.value, "reason": reason}, now)
+            return self._record(self._row(connection, job_id))
+
+    @staticmethod
+    def _may_take_over(owner: str, now: datetime):
+        return (t.jobs.c.state == JobState.RUNNING.value) & or_(
+            t.jobs.c.lease_owner.is_(None), t.jobs.c.lease_owner == owner,
+            t.jobs.c.lease_expires.is_(None), t.jobs.c.lease_expires < now)
+
+    def lapsed(self, owner: str) -> builtins.list[JobRecord]:
+        with self._read() as connection:
+            rows = connection.execute(select(t.jobs).where(self._may_take_over(owner, utc_now()))
+                                      .order_by(t.jobs.c.pk)).all()
+        return [self._record(row) for row in rows]
+
+    def take_over(self, job_id: str, owner: str, lease_seconds: float,
+                  reason: str) -> JobRecord | None:
+        now = utc_now()
+        with self._write() as connection:
+            row = connection.execute(
+                select(t.jobs)
+                .where(t.jobs.c.job_id == job_id, self._may_take_over(owner, now))
+                .with_for_update(skip_locked=True)).first()
+            if row is None:
+                return None
+            connection.execute(update(t.jobs).where(t.jobs.c.pk == row.pk).values(
+                lease_owner=owner, lease_expires=now + timedelta(seconds=lease_seconds),
+                resume_count=row.resume_count + 1, publishing=False))
+            self._append(connection, row, EventKind.LOG,
+                         {"level": LogLevel.INFO.value, "message": reason}, now)
+            return self._record(self._row(connection, job_id))
+
+    def renew_leases(self, owner: str, job_ids: Iterable[str],
+                     lease_seconds: float) -> set[str]:
+        ids = builtins.list(job_ids)
+        if not ids:
+            return set()
+        held = (t.jobs.c.job_id.in_(ids) & (t.jobs.c.lease_owner == owner)
+                & (t.jobs.c.state == JobState.RUNNING.value))
+        with self._write() as connection:
+            connection.execute(update(t.jobs).where(held).values(
+                lease_expires=utc_now() + timedelta(seconds=lease_seconds)))
+            return set(connection.execute(select(t.jobs.c.job_id).where(held)).scalars())
+
+    def release_leases(self, owner: str, job_ids: Iterable[str]) -> None:
+        ids = builtins.list(job_ids)
+        if not ids:
+            return
+        with self._write() as connection:
+            connection.execute(update(t.jobs).where(
+                t.jobs.c.job_id.in_(ids), t.jobs.c.lease_owner == owner,
+                t.jobs.c.state == JobState.RUNNING.value).values(lease_expires=utc_now()))
+
+    def start_publishing(self, job_id: str, owner: str) -> JobRecord | None:
+        with self._write() as connection:
+            row = self._row(connection, job_id, lock=True)
+            if row.state != JobState.RUNNING.value or row.lease_owner != owner:
+                return None
+            connection.execute(update(t.jobs).where(t.jobs.c.pk == row.pk)
+                               .values(publishing=True))
+            return self._record(self._row(connection, job_id))
+
     def record_metrics(self, job_id: str, epoch: int, phase: str,
                        values: dict[str, float]) -> JobEvent | None:
         with self._write() as connection:
-            row = self._row(connection, job_id)
+            row = self._row(connection, job_id, lock=True)
             if JobState(row.state).is_final:
                 return None
             connection.execute(update(t.jobs).where(t.jobs.c.pk == row.pk).values(
@@ -319,7 +437,7 @@ class SqlJobStore(JobStore):
 
     def append_log(self, job_id: str, level: LogLevel, message: str) -> JobEvent | None:
         with self._write() as connection:
-            row = self._row(connection, job_id)
+            row = self._row(connection, job_id, lock=True)
             if JobState(row.state).is_final:
                 return None
             return self._append(connection, row, EventKind.LOG,
@@ -327,7 +445,7 @@ class SqlJobStore(JobStore):
 
     def mark_resumed(self, job_id: str, reason: str) -> JobRecord:
         with self._write() as connection:
-            row = self._row(connection, job_id)
+            row = self._row(connection, job_id, lock=True)
             connection.execute(update(t.jobs).where(t.jobs.c.pk == row.pk)
                                .values(resume_count=row.resume_count + 1))
             self._append(connection, row, EventKind.LOG,

@@ -1,0 +1,1 @@
+"""Alembic scripts of the job table (`maas_jobs.schema`), applied by `SqlJobStore.open`."""

@@ -1,0 +1,1 @@
+"""Migration scripts of the job table, applied in order."""
