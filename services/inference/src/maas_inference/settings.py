@@ -85,3 +85,27 @@ class InferenceSettings(ServiceSettings):
 
     triton_metrics_poll_seconds: float = Field(default=5.0, gt=0)
     """How often Triton's metrics and the data plane's counters are fetched for re-export."""
+
+    database_url: str = ""
+    """SQLAlchemy URL of the service's shared database (postgresql+psycopg://…) for state that
+    replicas share, the usage ledger among it; empty keeps it in SQLite files in the state
+    directory (the usage ledger in `usage.db`)."""
+
+    tenancy_file: str = ""
+    """YAML or JSON file of per-tenant limits (requests and tokens per minute, concurrent
+    streams, daily quotas; see `maas_inference.tenancy`), re-read when it changes; empty
+    limits nobody (usage is still recorded)."""
+
+    tenancy_recheck_seconds: float = Field(default=1.0, gt=0)
+    """How often the limits file's mtime is looked at: a change applies within this delay."""
+
+    usage_flush_seconds: float = Field(default=1.0, gt=0)
+    """Longest a Predict usage record waits in memory before it is written (a kill -9 loses
+    at most this much Predict usage); finished generations are written at once."""
+
+    usage_metrics_tenants: list[str] = Field(default_factory=list)
+    """Tenants given their own `tenant` label on the usage metrics; empty: the first
+    `usage_metrics_max_tenants` (name order) of those the limits file names. Others: "other"."""
+
+    usage_metrics_max_tenants: int = Field(default=20, ge=0)
+    """At most this many tenant label values besides "other" when none are configured."""

@@ -66,7 +66,7 @@ from maas_runtime.auth import Principal
 from maas_runtime.errors import MaasError, QuotaViolation, ResourceExhausted
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from maas_inference.usage import UsageLedger, UsageMetrics, UsageRecord
+from maas_inference.usage import UsageLedger, UsageMetrics, UsageRecord, tenant_of
 
 _log = logging.getLogger(__name__)
 
@@ -75,11 +75,6 @@ SECONDS_PER_DAY = 86400
 CONCURRENCY_RETRY_SECONDS = 1.0
 """RetryInfo of a refused stream: a slot frees when one of the tenant's streams ends, which
 cannot be foreseen; this is a polite first back-off."""
-
-
-def tenant_of(principal: Principal) -> str:
-    """The tenant a call counts against: its token's principal."""
-    return principal.name
 
 
 class LimitKind(enum.StrEnum):

@@ -36,6 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from maas_runtime.auth import Principal, Role
 from maas_runtime.errors import InvalidArgument
 from maas_runtime.filtering import (
     FilterExpr,
@@ -44,7 +45,9 @@ from maas_runtime.filtering import (
     ScalarField,
     ValueKind,
     compile_filter,
+    parse_filter,
 )
+from maas_runtime.pagination import PageTokenCodec, clamp_page_size, query_fingerprint
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -73,6 +76,11 @@ MAX_BUFFERED_RECORDS = 100_000
 and counted, rather than the service running out of memory."""
 OTHER_TENANTS = "other"
 GENERATION, PREDICT = "generation", "predict"
+
+
+def tenant_of(principal: Principal) -> str:
+    """The tenant a call counts against: its token's principal (tokens carry no tenant)."""
+    return principal.name
 
 
 @dataclass(frozen=True)
@@ -400,6 +408,66 @@ class UsageLedger:
         midnight = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
         totals = await self.summarize(UsageQuery(start_time=midnight), ("tenant",))
         return {t.tenant: (t.requests, t.prompt_tokens + t.completion_tokens) for t in totals}
+
+
+@dataclass(frozen=True)
+class UsagePage:
+    """One page of records and the token of the next ("" on the last page)."""
+
+    records: list[UsageRecord]
+    next_page_token: str
+
+
+class UsageReports:
+    """The read use cases of the ledger as a caller may see them: an admin sees every tenant,
+    anybody else only its own tenant's records (whatever its filter says)."""
+
+    def __init__(self, ledger: UsageLedger, page_tokens: PageTokenCodec) -> None:
+        self._ledger = ledger
+        self._page_tokens = page_tokens
+
+    @staticmethod
+    def _query(principal: Principal, filter_text: str, start_time: datetime | None,
+               end_time: datetime | None) -> UsageQuery:
+        if start_time is not None and end_time is not None and end_time <= start_time:
+            raise InvalidArgument.for_field(
+                "end_time", f"must be after start_time ({start_time.isoformat()}), got "
+                            f"{end_time.isoformat()}", reason="TIME_RANGE_EMPTY")
+        return UsageQuery(
+            filter_expr=parse_filter(filter_text, USAGE_FILTER_SCHEMA),
+            tenant=None if principal.role >= Role.ADMIN else tenant_of(principal),
+            start_time=start_time, end_time=end_time)
+
+    async def list(self, principal: Principal, filter_text: str, start_time: datetime | None,
+                   end_time: datetime | None, page_size: int, page_token: str) -> UsagePage:
+        query = self._query(principal, filter_text, start_time, end_time)
+        limit = clamp_page_size(page_size, default=100)
+        fingerprint = query_fingerprint(
+            filter_text, start_time.isoformat() if start_time else "",
+            end_time.isoformat() if end_time else "", query.tenant or "")
+        before_id = None
+        if page_token:
+            cursor = self._page_tokens.decode(page_token, fingerprint)
+            before_id = cursor.get("before_id")
+            if not isinstance(before_id, int):
+                raise InvalidArgument.for_field("page_token", "does not hold a usage cursor",
+                                                reason="PAGE_TOKEN_INVALID")
+        records = await self._ledger.list_records(query, limit + 1, before_id)
+        if len(records) <= limit:
+            return UsagePage(records, "")
+        records = records[:limit]
+        return UsagePage(records, self._page_tokens.encode(
+            {"before_id": records[-1].record_id}, fingerprint))
+
+    async def summarize(self, principal: Principal, filter_text: str,
+                        start_time: datetime | None, end_time: datetime | None,
+                        group_by: Sequence[str]) -> list[UsageTotals]:
+        unknown = set(group_by) - set(GROUP_FIELDS)
+        if unknown:
+            raise InvalidArgument.for_field("group_by", f"cannot group by {sorted(unknown)}",
+                                            reason="GROUPING_UNKNOWN")
+        query = self._query(principal, filter_text, start_time, end_time)
+        return await self._ledger.summarize(query, group_by)
 
 
 class TenantLabels:
