@@ -13,11 +13,12 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("jobs") as batch:
-        batch.add_column(sa.Column("lease_owner", sa.String(256)))
-        batch.add_column(sa.Column("lease_expires", sa.DateTime(timezone=True)))
-        batch.add_column(sa.Column("publishing", sa.Boolean(), nullable=False,
-                                   server_default=sa.false()))
+    # Plain ADD COLUMN, never batch mode: on SQLite a batch copy drops the old `jobs` table,
+    # and with foreign keys on that deletes every job's events through ON DELETE CASCADE.
+    op.add_column("jobs", sa.Column("lease_owner", sa.String(256)))
+    op.add_column("jobs", sa.Column("lease_expires", sa.DateTime(timezone=True)))
+    op.add_column("jobs", sa.Column("publishing", sa.Boolean(), nullable=False,
+                                    server_default=sa.false()))
 
 
 def downgrade() -> None:
