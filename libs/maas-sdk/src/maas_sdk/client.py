@@ -186,6 +186,7 @@ class Client:
         self.retry = retry or RetryPolicy()
         self._runner = EventLoopThread()
         self._peers: dict[str, PeerChannel] = {}
+        self._opening = asyncio.Lock()
         self._stubs: dict[tuple[str, type], Any] = {}
         self._input_names: dict[str, list[str]] = {}
         self._predict_channel: grpc.Channel | None = None
@@ -226,9 +227,12 @@ class Client:
             return stub
         peer = self._peers.get(service)
         if peer is None:
-            peer = self.connection.peer(service)
-            await peer.open()
-            self._peers[service] = peer
+            async with self._opening:  # first calls from several threads open one channel
+                peer = self._peers.get(service)
+                if peer is None:
+                    peer = self.connection.peer(service)
+                    await peer.open()
+                    self._peers[service] = peer
         stub = peer.stub(stub_class)
         if peer.target:  # a discovered peer's stub follows the endpoint set: fetch it each time
             self._stubs[key] = stub  # type: ignore[index]
