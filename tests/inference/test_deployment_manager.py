@@ -1,4 +1,5 @@
-"""DeploymentManager as a domain object: fake registry and Triton, real store and repository.
+"""The deployment controller and predictor as domain objects: fake registry and Triton, real
+store and repository.
 
 Covers what the end-to-end tests cannot stage cheaply: a restart while the registry is
 unreachable must not fail the deployment; it is retried until the registry answers.
@@ -7,9 +8,12 @@ unreachable must not fail the deployment; it is retried until the registry answe
 from __future__ import annotations
 
 import asyncio
+from typing import NamedTuple
 
 import pytest
-from maas_inference.deployments import DeploymentManager, ServingDefaults
+from maas_inference.controller import DeploymentController, ServingDefaults
+from maas_inference.predictor import Predictor
+from maas_inference.routing import RouteTable
 from maas_inference.store import SqliteDeploymentStore
 from maas_inference.triton.model_repository import ModelRepository
 from maas_runtime import errors
@@ -63,32 +67,46 @@ class FakeTriton:
         raise AssertionError("these tests send no inference requests")
 
 
-def manager(tmp_path, registry, triton) -> DeploymentManager:
-    return DeploymentManager(
-        SqliteDeploymentStore(tmp_path / "deployments.db"), registry, triton,
-        ModelRepository(tmp_path / "models"), tmp_path / "artifacts", ServingDefaults(),
-        lambda: True, PageTokenCodec(b"k" * 32))
+class Deployments(NamedTuple):
+    """The controller and the predictor wired to one route table, as the server wires them."""
+
+    controller: DeploymentController
+    predictor: Predictor
+    routes: RouteTable
+
+    async def close(self) -> None:
+        await self.predictor.close()
+        await self.controller.close()
+
+
+def manager(tmp_path, registry, triton) -> Deployments:
+    store = SqliteDeploymentStore(tmp_path / "deployments.db")
+    routes = RouteTable(store.get, lambda: True)
+    controller = DeploymentController(
+        store, registry, triton, ModelRepository(tmp_path / "models"), tmp_path / "artifacts",
+        ServingDefaults(), routes, PageTokenCodec(b"k" * 32))
+    return Deployments(controller, Predictor(routes, triton), routes)
 
 
 async def test_restart_during_a_registry_outage_retries_until_it_answers(tmp_path):
     first = manager(tmp_path, FlakyRegistry(), FakeTriton())
-    await first.create("digits", {"model": "models/digits/versions/1"}, ANONYMOUS_ADMIN)
+    await first.controller.create("digits", {"model": "models/digits/versions/1"}, ANONYMOUS_ADMIN)
     await first.close()
 
     registry, triton = FlakyRegistry(outages=2), FakeTriton()
     restarted = manager(tmp_path, registry, triton)
-    await restarted.reload_all()
+    await restarted.controller.reload_all()
     with pytest.raises(errors.Unavailable):  # known but not loaded yet: retry, not NOT_FOUND
-        await restarted.predict("deployments/digits", "", [], [], None, ANONYMOUS_ADMIN)
+        await restarted.predictor.predict("deployments/digits", "", [], [], None, ANONYMOUS_ADMIN)
     for _ in range(100):
         if triton.loaded:
             break
         await asyncio.sleep(0.1)
     assert triton.loaded == {"digits.digits.v1"} and registry.calls == 3
-    view = await restarted.get("deployments/digits", ANONYMOUS_ADMIN)
+    view = await restarted.controller.get("deployments/digits", ANONYMOUS_ADMIN)
     assert view["state"] == "DEPLOYMENT_STATE_READY"
     with pytest.raises(errors.NotFound):
-        await restarted.predict("deployments/ghost", "", [], [], None, ANONYMOUS_ADMIN)
+        await restarted.predictor.predict("deployments/ghost", "", [], [], None, ANONYMOUS_ADMIN)
     await restarted.close()
 
 
@@ -104,12 +122,12 @@ async def test_a_model_triton_lost_is_unavailable_not_not_found(tmp_path):
             raise TritonModelNotFound(request.model_name, "Request for unknown model")
 
     served = manager(tmp_path, FlakyRegistry(), ForgetfulTriton())
-    await served.create("digits", {"model": "models/digits/versions/1"}, ANONYMOUS_ADMIN)
+    await served.controller.create("digits", {"model": "models/digits/versions/1"}, ANONYMOUS_ADMIN)
     request = service_pb2.ModelInferRequest(model_name="digits")
     request.inputs.add(name="input", datatype="FP32", shape=[1, 64])
     request.raw_input_contents.append(bytes(4 * 64))
     with pytest.raises(errors.Unavailable) as caught:
-        await served.kserve_infer(request, None, ANONYMOUS_ADMIN)
+        await served.predictor.kserve_infer(request, None, ANONYMOUS_ADMIN)
     assert caught.value.reason == "MODEL_NOT_LOADED"
     await served.close()
 
@@ -136,24 +154,24 @@ async def test_a_scoped_token_sees_only_deployments_whose_every_model_is_in_scop
                                   ("b-secret", {"model": "models/secret/versions/1"}),
                                   ("c-shadowed", shadowed), ("d-split", split),
                                   ("e-digits", {"model": "models/digits/versions/2"})]:
-        await served.create(deployment_id, fields, ANONYMOUS_ADMIN)
+        await served.controller.create(deployment_id, fields, ANONYMOUS_ADMIN)
     team = scoped("digits")
 
-    assert (await served.get("deployments/a-digits", team))["name"] == "deployments/a-digits"
+    assert (await served.controller.get("deployments/a-digits", team))["name"] == "deployments/a-digits"
     for hidden in ("b-secret", "c-shadowed", "d-split"):  # a canary or shadow target counts
         with pytest.raises(errors.PermissionDenied) as caught:
-            await served.get(f"deployments/{hidden}", team)
+            await served.controller.get(f"deployments/{hidden}", team)
         assert caught.value.reason == "MODEL_OUT_OF_SCOPE"
         with pytest.raises(errors.PermissionDenied):
-            served.require_visible(hidden, team)
+            served.controller.require_visible(hidden, team)
     with pytest.raises(errors.NotFound):  # a missing one is NOT_FOUND, as for anyone
-        await served.get("deployments/ghost", team)
-    served.require_visible("e-digits", team)
+        await served.controller.get("deployments/ghost", team)
+    served.controller.require_visible("e-digits", team)
 
-    visible = [d["name"] for d in await served.visible(team)]
+    visible = [d["name"] for d in await served.controller.visible(team)]
     assert visible == ["deployments/a-digits", "deployments/e-digits"]
-    assert len(await served.visible(ANONYMOUS_ADMIN)) == 5
-    assert [d["name"] for d in await served.visible(scoped("other"))] == []
+    assert len(await served.controller.visible(ANONYMOUS_ADMIN)) == 5
+    assert [d["name"] for d in await served.controller.visible(scoped("other"))] == []
     await served.close()
 
 
@@ -161,20 +179,20 @@ async def test_listing_with_a_scoped_token_fills_every_page_and_ends_exactly(tmp
     served = manager(tmp_path, TwoModelRegistry(), FakeTriton())
     for index in range(9):  # digits every third id, secret in between
         model = "digits" if index % 3 == 0 else "secret"
-        await served.create(f"d{index}", {"model": f"models/{model}/versions/1"},
+        await served.controller.create(f"d{index}", {"model": f"models/{model}/versions/1"},
                             ANONYMOUS_ADMIN)
     team = scoped("digit*")
     pages, token = [], ""
     while True:
-        items, token = await served.list(2, token, team)
+        items, token = await served.controller.list(2, token, team)
         pages.append([d["name"] for d in items])
         if not token:
             break
     assert pages == [["deployments/d0", "deployments/d3"], ["deployments/d6"]]
 
-    everything, token = await served.list(9, "", ANONYMOUS_ADMIN)
+    everything, token = await served.controller.list(9, "", ANONYMOUS_ADMIN)
     assert len(everything) == 9 and token == ""
-    _, admin_token = await served.list(2, "", ANONYMOUS_ADMIN)
+    _, admin_token = await served.controller.list(2, "", ANONYMOUS_ADMIN)
     with pytest.raises(errors.InvalidArgument):  # a token is bound to the scope it was for
-        await served.list(2, admin_token, team)
+        await served.controller.list(2, admin_token, team)
     await served.close()

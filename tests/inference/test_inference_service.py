@@ -267,7 +267,7 @@ async def test_canary_split_is_weighted_and_sticky_and_shadow_compares(suite):
     for request_id in list(served)[:10]:  # sticky: the same id, the same version
         reply = await stub.Predict(predict_request("deployments/canary", batch(1), request_id))
         assert reply.model_version == served[request_id]
-    await suite.app.manager.drain_background()
+    await suite.app.predictor.drain_background()
     deployment = await stub.GetDeployment(inf.GetDeploymentRequest(name="deployments/canary"))
     assert deployment.shadow_stats.compared >= 60
     assert deployment.shadow_stats.max_abs_diff > 0  # v1 and v2 differ
@@ -304,7 +304,7 @@ async def test_the_data_plane_splits_a_canary_exactly_as_the_service_does(suite)
     await create(suite, "split", model="models/digits@prod", traffic=[
         deployment_pb2.TrafficTarget(model_version="models/digits/versions/1", percent=70),
         deployment_pb2.TrafficTarget(model_version="models/digits/versions/2", percent=30)])
-    route = suite.app.manager.live_routes()["split"]
+    route = suite.app.routes.routes()["split"]
     stub, kserve = suite.predict_stub(), suite.kserve_stub()
     before = (await suite.app.data_plane.stats())["deployments"].get("split", {"served": 0})
     for i in range(50):

@@ -84,8 +84,8 @@ async def requests(*messages):
 async def test_a_decoupled_models_responses_come_in_order_named_after_the_deployment(tmp_path):
     triton = StreamingTriton()
     served = manager(tmp_path, TwoModelRegistry(), triton)
-    await served.create("digits", {"model": "models/digits/versions/1"}, ANONYMOUS_ADMIN)
-    answers = [response async for response in served.kserve_stream_infer(
+    await served.controller.create("digits", {"model": "models/digits/versions/1"}, ANONYMOUS_ADMIN)
+    answers = [response async for response in served.predictor.kserve_stream_infer(
         requests(request("a"), request("missing", model="ghost"),
                  request("b", ask_for_final=True)), None, ANONYMOUS_ADMIN)]
 
@@ -119,12 +119,12 @@ async def test_statistics_are_summed_over_a_deployments_triton_models_and_scoped
     split = {"model": "models/digits/versions/1", "traffic": [
         {"model_version": "models/digits/versions/1", "percent": 90},
         {"model_version": "models/digits/versions/2", "percent": 10}]}
-    await served.create("canary", split, ANONYMOUS_ADMIN)
-    await served.create("secret", {"model": "models/secret/versions/1"}, ANONYMOUS_ADMIN)
+    await served.controller.create("canary", split, ANONYMOUS_ADMIN)
+    await served.controller.create("secret", {"model": "models/secret/versions/1"}, ANONYMOUS_ADMIN)
     triton.statistics = {"canary.digits.v1": statistics("canary.digits.v1", 5, {1: 3, 2: 1}),
                          "canary.digits.v2": statistics("canary.digits.v2", 2, {2: 1, 4: 1}),
                          "secret.secret.v1": statistics("secret.secret.v1", 9, {1: 9})}
-    views = KServeViews(served, lambda: triton)
+    views = KServeViews(served.controller, served.routes, lambda: triton)
 
     [canary] = await views.model_statistics("canary", ANONYMOUS_ADMIN)
     assert (canary.name, canary.inference_count, canary.execution_count) == ("canary", 7, 7)

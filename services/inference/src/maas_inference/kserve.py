@@ -16,13 +16,13 @@ from maas_runtime import errors, scopes
 from maas_runtime.auth import Principal
 from tritonclient.grpc import model_config_pb2, service_pb2
 
-from maas_inference.deployments import (
+from maas_inference.controller import (
     CREATING,
     READY,
     ROLLING_OUT,
-    DeploymentManager,
+    DeploymentController,
 )
-from maas_inference.routing import Route
+from maas_inference.routing import Route, RouteTable
 from maas_inference.triton.client import TritonClient
 
 _INDEX_STATES = {READY: "READY", ROLLING_OUT: "READY", CREATING: "LOADING"}
@@ -32,13 +32,15 @@ _INDEX_STATES = {READY: "READY", ROLLING_OUT: "READY", CREATING: "LOADING"}
 class KServeViews:
     """ModelConfig, ModelStatistics and RepositoryIndex answered for deployments."""
 
-    def __init__(self, manager: DeploymentManager, triton: Callable[[], TritonClient]) -> None:
-        self._manager = manager
+    def __init__(self, controller: DeploymentController, routes: RouteTable,
+                 triton: Callable[[], TritonClient]) -> None:
+        self._controller = controller
+        self._routes = routes
         self._triton = triton
 
     async def model_config(self, deployment_id: str,
                            principal: Principal) -> model_config_pb2.ModelConfig:
-        route = self._manager.served_route(deployment_id, principal)
+        route = self._routes.served(deployment_id, principal).route
         config = await self._triton().model_config(route.targets[0][0].triton_model)
         config.name = deployment_id
         return config
@@ -48,9 +50,9 @@ class KServeViews:
         """One entry per deployment (`deployment_id`, or every loaded one the token may see
         when it is empty), summed over the Triton models behind it."""
         if deployment_id:
-            routes = {deployment_id: self._manager.served_route(deployment_id, principal)}
+            routes = {deployment_id: self._routes.served(deployment_id, principal).route}
         else:
-            routes = _visible_routes(principal, self._manager.live_routes())
+            routes = _visible_routes(principal, self._routes.routes())
         statistics = []
         for name, route in sorted(routes.items()):
             total = service_pb2.ModelStatistics(name=name)
@@ -69,7 +71,7 @@ class KServeViews:
                 "repository_name", "the gateway serves one repository, its deployments: "
                 "leave the name empty")
         index = []
-        for deployment in await self._manager.visible(principal):
+        for deployment in await self._controller.visible(principal):
             state = _INDEX_STATES.get(deployment["state"], "UNAVAILABLE")
             if ready_only and state != "READY":
                 continue

@@ -15,6 +15,7 @@ from maas_runtime.registry_client import RegistryClient
 from maas_runtime.server import ServiceBinding, ServiceServer, run_service
 from maas_runtime.telemetry import LATENCY_BUCKETS_MS, Telemetry
 
+from maas_inference.controller import DeploymentController, ServingDefaults
 from maas_inference.dataplane import (
     DataPlaneMetrics,
     DataPlaneSpans,
@@ -22,9 +23,10 @@ from maas_inference.dataplane import (
     find_binary,
     route_table,
 )
-from maas_inference.deployments import DeploymentManager, ServingDefaults
 from maas_inference.kserve import KServeViews
 from maas_inference.observability import TritonMetricsCollector, register_inference_metrics
+from maas_inference.predictor import Predictor
+from maas_inference.routing import RouteTable
 from maas_inference.servicer import (
     KSERVE_ROLES,
     KSERVE_SERVICE,
@@ -50,7 +52,8 @@ SERVICE_NAME = "maas.inference.v1.InferenceService"
 
 
 class InferenceApp:
-    """Owns the long-lived parts: Triton supervision, the registry client, the manager."""
+    """Owns the long-lived parts: Triton supervision, the registry client, the route table,
+    the deployment controller and the predictor."""
 
     def __init__(self, settings: InferenceSettings, telemetry: Telemetry | None = None,
                  discovery=None):
@@ -89,7 +92,9 @@ class InferenceApp:
             latency_buckets_ms=LATENCY_BUCKETS_MS,
             access_sample_every=settings.access_log_sample_every,
         ) if settings.data_plane == "native" else None
-        self.manager: DeploymentManager | None = None
+        self.routes: RouteTable | None = None
+        self.controller: DeploymentController | None = None
+        self.predictor: Predictor | None = None
         self.triton: TritonClient | None = None
         self._alias_task: asyncio.Task | None = None
         self._metrics_task: asyncio.Task | None = None
@@ -103,7 +108,7 @@ class InferenceApp:
         return self.supervisor.health is TritonHealth.SERVING
 
     def _route_table(self) -> dict:
-        routes = self.manager.live_routes() if self.manager is not None else {}
+        routes = self.routes.routes() if self.routes is not None else {}
         return route_table(routes, self.triton_ready(), self.settings.coalesce_calls_per_instance)
 
     async def _publish_routes(self) -> None:
@@ -122,8 +127,8 @@ class InferenceApp:
         task.add_done_callback(self._background.discard)
 
     async def _on_triton_restart(self) -> None:
-        if self.manager is not None:
-            await self.manager.reload_all()
+        if self.controller is not None:
+            await self.controller.reload_all()
 
     async def start(self) -> None:
         await self.supervisor.start()
@@ -139,7 +144,9 @@ class InferenceApp:
         await self.registry.open()
         meter = self.telemetry.meter("maas.inference") if self.telemetry else None
         self.store = SqliteDeploymentStore(self.settings.state_dir / "deployments.db")
-        self.manager = DeploymentManager(
+        self.routes = RouteTable(self.store.get, self.triton_ready,
+                                 on_changed=self._publish_routes)
+        self.controller = DeploymentController(
             self.store,
             self.registry, self.triton,
             ModelRepository(self.supervisor.server.model_repository),
@@ -148,23 +155,23 @@ class InferenceApp:
                             max_queue_delay_microseconds=(
                                 self.settings.default_max_queue_delay_microseconds),
                             drain_seconds=self.settings.rollout_drain_seconds,
-                            load_timeout_seconds=self.settings.model_load_timeout_seconds,
-                            shadow_max_in_flight=self.settings.shadow_max_in_flight,
-                            coalesce_calls_per_instance=(
-                                self.settings.coalesce_calls_per_instance)),
-            self.triton_ready,
-            PageTokenCodec.from_secret_file(self.settings.state_dir / "page-token.key"), meter,
-            on_routes_changed=self._publish_routes)
-        await self.manager.reload_all()
-        self._alias_task = asyncio.create_task(self.manager.follow_alias_moves())
+                            load_timeout_seconds=self.settings.model_load_timeout_seconds),
+            self.routes,
+            PageTokenCodec.from_secret_file(self.settings.state_dir / "page-token.key"))
+        self.predictor = Predictor(
+            self.routes, self.triton,
+            coalesce_calls_per_instance=self.settings.coalesce_calls_per_instance,
+            shadow_max_in_flight=self.settings.shadow_max_in_flight, meter=meter)
+        await self.controller.reload_all()
+        self._alias_task = asyncio.create_task(self.controller.follow_alias_moves())
         self._start_observability(meter)
 
     def _start_observability(self, meter) -> None:
         """Metrics of the data plane, Triton and shadows; the data plane's spans and sampled
         access log lines."""
-        settings, telemetry, manager = self.settings, self.telemetry, self.manager
-        if meter is not None and manager is not None:
-            register_inference_metrics(meter, self.triton_ready, manager.shadow_stats)
+        settings, telemetry, routes = self.settings, self.telemetry, self.routes
+        if meter is not None and routes is not None:
+            register_inference_metrics(meter, self.triton_ready, routes.shadow_stats)
         if self.data_plane is not None and meter is not None:
             data_plane_metrics = DataPlaneMetrics(self.data_plane, meter,
                                                   settings.triton_metrics_poll_seconds)
@@ -179,9 +186,9 @@ class InferenceApp:
                 self.telemetry is not None else None,
                 sample_every=settings.access_log_sample_every)
             self._spans_task = asyncio.create_task(self.data_plane_spans.run())
-        if telemetry is not None and telemetry.prometheus is not None and manager is not None:
+        if telemetry is not None and telemetry.prometheus is not None and routes is not None:
             triton_metrics = TritonMetricsCollector(
-                self._triton_metrics_url, manager.live_routes,
+                self._triton_metrics_url, routes.routes,
                 settings.triton_metrics_poll_seconds)
             telemetry.register_collector(triton_metrics)
             self._triton_metrics_task = asyncio.create_task(triton_metrics.run())
@@ -197,8 +204,10 @@ class InferenceApp:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        if self.manager is not None:
-            await self.manager.close()
+        if self.predictor is not None:
+            await self.predictor.close()
+        if self.controller is not None:
+            await self.controller.close()
             self.store.close()
         if self.triton is not None:
             await self.triton.close()
@@ -214,11 +223,11 @@ def build_server(settings: InferenceSettings, telemetry: Telemetry | None = None
 
     def add_inference(server):
         inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(
-            InferenceServicer(app.manager), server)
+            InferenceServicer(app.controller, app.predictor), server)
 
     def add_kserve(server):
-        views = KServeViews(app.manager, lambda: app.triton)
-        add_kserve_to_server(KServeServicer(app.manager, views, app.triton_ready), server)
+        views = KServeViews(app.controller, app.routes, lambda: app.triton)
+        add_kserve_to_server(KServeServicer(app.predictor, views, app.triton_ready), server)
 
     server = ServiceServer(
         "inference", settings,

@@ -14,8 +14,9 @@ from maas_runtime.errors import InvalidArgument, MaasError, PermissionDenied, Un
 from maas_runtime.messages import request_fields, to_message
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from maas_inference.deployments import DeploymentManager
+from maas_inference.controller import DeploymentController
 from maas_inference.kserve import KServeViews
+from maas_inference.predictor import Predictor
 from maas_inference.tensors import TensorRule, predict_outputs
 
 
@@ -24,42 +25,43 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
 
 
 class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
-    """Deployments and Predict: convert, call the manager, convert back."""
+    """Deployments and Predict: convert, call the controller or the predictor, convert back."""
 
-    def __init__(self, manager: DeploymentManager) -> None:
-        self._manager = manager
+    def __init__(self, controller: DeploymentController, predictor: Predictor) -> None:
+        self._controller = controller
+        self._predictor = predictor
 
     async def CreateDeployment(self, request: inference_service_pb2.CreateDeploymentRequest,
                                context: grpc.aio.ServicerContext) -> deployment_pb2.Deployment:
-        deployment = await self._manager.create(
+        deployment = await self._controller.create(
             request.deployment_id, request_fields(request.deployment, "deployment"),
             current_principal())
         return to_message(deployment, deployment_pb2.Deployment)
 
     async def GetDeployment(self, request: inference_service_pb2.GetDeploymentRequest,
                             context: grpc.aio.ServicerContext) -> deployment_pb2.Deployment:
-        deployment = await self._manager.get(request.name, current_principal())
+        deployment = await self._controller.get(request.name, current_principal())
         return to_message(deployment, deployment_pb2.Deployment)
 
     async def ListDeployments(
             self, request: inference_service_pb2.ListDeploymentsRequest, context: grpc.aio.ServicerContext,
     ) -> inference_service_pb2.ListDeploymentsResponse:
-        items, token = await self._manager.list(request.page_size, request.page_token,
-                                               current_principal())
+        items, token = await self._controller.list(request.page_size, request.page_token,
+                                                  current_principal())
         return inference_service_pb2.ListDeploymentsResponse(
             deployments=[to_message(d, deployment_pb2.Deployment) for d in items],
             next_page_token=token)
 
     async def UpdateDeployment(self, request: inference_service_pb2.UpdateDeploymentRequest,
                                context: grpc.aio.ServicerContext) -> deployment_pb2.Deployment:
-        deployment = await self._manager.update(
+        deployment = await self._controller.update(
             request_fields(request.deployment, "deployment", keep_identifier=True),
             list(request.update_mask.paths), current_principal())
         return to_message(deployment, deployment_pb2.Deployment)
 
     async def DeleteDeployment(self, request: inference_service_pb2.DeleteDeploymentRequest,
                                context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
-        await self._manager.delete(request.name, current_principal())
+        await self._controller.delete(request.name, current_principal())
         return empty_pb2.Empty()
 
     async def Predict(self, request: inference_service_pb2.PredictRequest,
@@ -75,7 +77,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
 
     async def _predict(self, request: inference_service_pb2.PredictRequest,
                        context: grpc.aio.ServicerContext) -> inference_service_pb2.PredictResponse:
-        prediction = await self._manager.predict(
+        prediction = await self._predictor.predict(
             request.deployment, request.request_id, request.inputs, request.output_names,
             _deadline(context), current_principal())
         return inference_service_pb2.PredictResponse(
@@ -130,9 +132,9 @@ async def _parsed_infer_requests(
 class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     """The standard KServe-v2 protocol over deployments (model name = deployment id)."""
 
-    def __init__(self, manager: DeploymentManager, views: KServeViews,
+    def __init__(self, predictor: Predictor, views: KServeViews,
                  triton_ready: Callable[[], bool]) -> None:
-        self._manager = manager
+        self._predictor = predictor
         self._views = views
         self._triton_ready = triton_ready
 
@@ -151,11 +153,11 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request: service_pb2.ModelReadyRequest,
                          context: grpc.aio.ServicerContext) -> service_pb2.ModelReadyResponse:
-        return service_pb2.ModelReadyResponse(ready=self._manager.is_ready(request.name))
+        return service_pb2.ModelReadyResponse(ready=self._predictor.is_ready(request.name))
 
     async def ModelMetadata(self, request: service_pb2.ModelMetadataRequest,
                             context: grpc.aio.ServicerContext) -> service_pb2.ModelMetadataResponse:
-        served, versions = self._manager.metadata(request.name, current_principal())
+        served, versions = self._predictor.metadata(request.name, current_principal())
         signature = served.signature
         batch = [-1] if signature.max_batch_size > 0 else []
 
@@ -186,14 +188,14 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return service_pb2.RepositoryIndexResponse(models=models)
 
     async def ModelInfer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        reply = await self._manager.kserve_infer(_parse_infer_request(request),
-                                                 _deadline(context), current_principal())
+        reply = await self._predictor.kserve_infer(_parse_infer_request(request),
+                                                   _deadline(context), current_principal())
         return reply.SerializeToString()
 
     async def ModelStreamInfer(
             self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
-        async for response in self._manager.kserve_stream_infer(
+        async for response in self._predictor.kserve_stream_infer(
                 _parsed_infer_requests(request_iterator), _deadline(context),
                 current_principal()):
             yield response

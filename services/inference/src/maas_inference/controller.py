@@ -1,9 +1,10 @@
-"""Deployments: registry versions made into Triton models, routed, rolled out and reloaded.
+"""The deployment controller: registry versions made into Triton models, rolled out, reloaded.
 
 Transport-free domain logic. A deployment's desired state (what it serves, its split, its
-shadow, its Triton settings) lives in the deployment table; its live state is a `Route`
-in memory. A rollout loads the new version first, swaps the route in one assignment, waits
-for requests on the old version to drain, then unloads it: no request fails during it.
+shadow, its Triton settings) lives in the deployment table; its live state is a `Route` in
+the `RouteTable` (which the predictor reads). A rollout loads the new version first, swaps
+the route in one assignment, waits for requests on the old version to drain, then unloads
+it: no request fails during it. Deployments that track an alias follow its moves.
 """
 
 from __future__ import annotations
@@ -15,43 +16,33 @@ import hashlib
 import logging
 import uuid
 from collections.abc import (
-    AsyncIterator,
-    Awaitable,
-    Callable,
     Coroutine,
     Sequence,
     Set as AbstractSet,
 )
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from maas.common.v1 import tensor_pb2
 from maas_formats import validate_hf_transformer
 from maas_runtime import contract_enums, errors, scopes
 from maas_runtime.auth import Principal
 from maas_runtime.names import parse_version_name, validate_deployment_id
 from maas_runtime.pagination import PageTokenCodec, clamp_page_size, query_fingerprint
 from maas_runtime.registry_client import RegistryClient
-from maas_runtime.telemetry import trace_metadata
-from opentelemetry.metrics import Meter
-from tritonclient.grpc import service_pb2
 
-from maas_inference.coalescing import RequestCoalescer
-from maas_inference.routing import InFlight, Route, ServedModel
-from maas_inference.store import DeploymentStore
-from maas_inference.tensors import (
-    ServingSignature,
-    TensorRule,
-    check_output_names,
-    check_text_inputs,
-    infer_request_from_predict,
-    kserve_shapes,
-    predict_shapes,
+from maas_inference.routing import (
+    LiveRoute,
+    Route,
+    RouteTable,
+    ServedModel,
+    ShadowStats,
+    parse_deployment_name,
 )
-from maas_inference.triton.client import TritonClient, TritonModelNotFound
+from maas_inference.store import DeploymentStore
+from maas_inference.tensors import ServingSignature, TensorRule
+from maas_inference.triton.client import TritonClient
 from maas_inference.triton.model_repository import (
     ArtifactFormat,
     BatchingPolicy,
@@ -81,35 +72,6 @@ class ServingDefaults:
     max_queue_delay_microseconds: int = 100
     drain_seconds: float = 30.0
     load_timeout_seconds: float = 120.0
-    shadow_max_in_flight: int = 64
-    coalesce_calls_per_instance: int = 1
-    """Calls open per Triton model instance before concurrent requests share calls (0: never)."""
-
-
-@dataclass
-class ShadowStats:
-    compared: int = 0
-    argmax_agreed: int = 0
-    max_abs_diff: float = 0.0
-    errors: int = 0
-
-    def as_dict(self) -> dict:
-        return {"compared": self.compared, "argmax_agreed": self.argmax_agreed,
-                "max_abs_diff": self.max_abs_diff, "errors": self.errors}
-
-
-@dataclass
-class Prediction:
-    request_id: str
-    version: str
-    response: object
-    """The Triton `ModelInferResponse`."""
-
-
-@dataclass
-class _Live:
-    route: Route
-    shadow_stats: ShadowStats = field(default_factory=ShadowStats)
 
 
 def _now() -> str:
@@ -124,14 +86,14 @@ def triton_model_name(deployment_id: str, version_name: str) -> str:
     return f"{deployment_id}.{model_id}.v{version_id}"
 
 
-class DeploymentManager:
-    """Use cases of the inference service, one method per RPC, plus reloads and alias tracking."""
+class DeploymentController:
+    """Deployments' use cases (one method per CRUD RPC), rollouts, reloads and alias tracking.
+
+    The only writer of the `RouteTable`."""
 
     def __init__(self, store: DeploymentStore, registry: RegistryClient, triton: TritonClient,
                  repository: ModelRepository, artifact_dir: Path, defaults: ServingDefaults,
-                 triton_ready: Callable[[], bool], page_tokens: PageTokenCodec,
-                 meter: Meter | None = None,
-                 on_routes_changed: Callable[[], Awaitable[None]] | None = None) -> None:
+                 routes: RouteTable, page_tokens: PageTokenCodec) -> None:
         self._store = store
         self._registry = registry
         self._triton = triton
@@ -140,32 +102,11 @@ class DeploymentManager:
         self._artifacts = artifact_dir
         self._artifacts.mkdir(parents=True, exist_ok=True)
         self._defaults = defaults
-        self._triton_ready = triton_ready
-        self._on_routes_changed = on_routes_changed
+        self._routes = routes
         self._page_tokens = page_tokens
-        self._live: dict[str, _Live] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._download_locks: dict[str, asyncio.Lock] = {}
-        self._in_flight = InFlight()
-        self._coalescer = RequestCoalescer(triton.infer_request)
-        self._shadow_slots = asyncio.Semaphore(defaults.shadow_max_in_flight)
         self._background: set[asyncio.Task] = set()
-        self._shadow_tasks: set[asyncio.Task] = set()
-        self._shadow_counter = meter.create_counter(
-            "maas.inference.shadow.compared", description="shadow comparisons by outcome"
-        ) if meter is not None else None
-
-    def live_routes(self) -> dict[str, Route]:
-        """Every loaded deployment's current route (what the data plane's table is built from)."""
-        return {deployment_id: live.route for deployment_id, live in self._live.items()}
-
-    def shadow_stats(self) -> dict[str, ShadowStats]:
-        """Every loaded deployment's shadow comparisons so far (exported as metrics)."""
-        return {deployment_id: live.shadow_stats for deployment_id, live in self._live.items()}
-
-    async def _routes_changed(self) -> None:
-        if self._on_routes_changed is not None:
-            await self._on_routes_changed()
 
     def _lock(self, deployment_id: str) -> asyncio.Lock:
         return self._locks.setdefault(deployment_id, asyncio.Lock())
@@ -303,16 +244,14 @@ class DeploymentManager:
             route = Route(tuple(served), shadow_model,
                           spec["shadow"]["percent"] if spec["shadow"] else 0)
         except BaseException:
-            await self._unload({m.triton_model for m in loaded}, keep=self._models_in_use())
+            await self._unload({m.triton_model for m in loaded},
+                               keep=self._routes.models_in_use())
             raise
         resolved = {t["model_version"]: m.version for t, (m, _) in zip(targets, served,
                                                                         strict=True)}
         if shadow_model is not None:
             resolved[spec["shadow"]["model_version"]] = shadow_model.version
         return route, resolved
-
-    def _models_in_use(self) -> set[str]:
-        return {name for live in self._live.values() for name in live.route.models}
 
     async def _unload(self, triton_models: AbstractSet[str],
                       keep: AbstractSet[str] = frozenset()) -> None:
@@ -344,7 +283,7 @@ class DeploymentManager:
         validate_deployment_id(deployment_id, "deployment_id")
         spec = self._normalized_spec(fields)
         _require_models(principal, spec)
-        self._require_triton()
+        self._routes.require_triton()
         async with self._lock(deployment_id):
             await asyncio.to_thread(self._store.create, deployment_id,
                                     self._record(deployment_id, spec, CREATING))
@@ -353,8 +292,7 @@ class DeploymentManager:
             except BaseException:
                 await asyncio.to_thread(self._store.delete, deployment_id)
                 raise
-            self._live[deployment_id] = _Live(route)
-            await self._routes_changed()
+            await self._routes.switch(deployment_id, LiveRoute(route))
             record = self._record(deployment_id, spec, READY, route=route, resolved=resolved)
             await asyncio.to_thread(self._store.put, deployment_id, record)
         return self._view(deployment_id, record)
@@ -362,7 +300,7 @@ class DeploymentManager:
     async def get(self, name: str, principal: Principal) -> dict:
         """One deployment; PERMISSION_DENIED (MODEL_OUT_OF_SCOPE) unless the token may see
         every model it serves, as the registry answers a scoped read."""
-        deployment_id = self._parse_name(name, "name")
+        deployment_id = parse_deployment_name(name, "name")
         record = await asyncio.to_thread(self._store.get, deployment_id)  # NOT_FOUND first
         _require_models(principal, record)
         return self._view(deployment_id, record)
@@ -404,7 +342,7 @@ class DeploymentManager:
 
     async def update(self, fields: dict, update_mask: Sequence[str],
                      principal: Principal) -> dict:
-        deployment_id = self._parse_name(fields.get("name", ""), "deployment.name")
+        deployment_id = parse_deployment_name(fields.get("name", ""), "deployment.name")
         if not update_mask:
             raise errors.InvalidArgument.for_field("update_mask", "name at least one field")
         unknown = sorted(set(update_mask) - UPDATABLE)
@@ -426,7 +364,7 @@ class DeploymentManager:
     async def _roll_out(self, deployment_id: str, current: dict, spec: dict,
                         pinned: dict | None = None) -> dict:
         """Load the new route, switch to it, drain and unload what is no longer used."""
-        self._require_triton()
+        self._routes.require_triton()
         await asyncio.to_thread(self._store.put, deployment_id,
                                 {**current, "state": ROLLING_OUT, "update_time": _now()})
         try:
@@ -435,30 +373,31 @@ class DeploymentManager:
             await asyncio.to_thread(self._store.put, deployment_id, {
                 **current, "message": f"rollout failed: {exc}", "update_time": _now()})
             raise
-        previous = self._live.get(deployment_id)
-        self._live[deployment_id] = _Live(route)  # the switch: one assignment
-        await self._routes_changed()  # … and the data plane's, before anything is drained
+        previous = self._routes.get(deployment_id)
+        # The switch (one assignment), and the data plane's, before anything is drained.
+        await self._routes.switch(deployment_id, LiveRoute(route))
         record = self._record(deployment_id, spec, READY, route=route, resolved=resolved,
                               created=current.get("create_time"))
         await asyncio.to_thread(self._store.put, deployment_id, record)
         if previous is not None:
             retired = previous.route.models - route.models
-            if not await self._in_flight.drained(retired, self._defaults.drain_seconds):
+            if not await self._routes.in_flight.drained(retired,
+                                                        self._defaults.drain_seconds):
                 _log.warning("requests on %s did not drain in time; unloading anyway", retired)
-            await self._unload(retired, keep=self._models_in_use())
+            await self._unload(retired, keep=self._routes.models_in_use())
         return self._view(deployment_id, record)
 
     async def delete(self, name: str, principal: Principal) -> None:
-        deployment_id = self._parse_name(name, "name")
+        deployment_id = parse_deployment_name(name, "name")
         async with self._lock(deployment_id):
             record = await asyncio.to_thread(self._store.get, deployment_id)  # NOT_FOUND first
             _require_models(principal, record)
-            live = self._live.pop(deployment_id, None)
-            await self._routes_changed()
+            live = await self._routes.remove(deployment_id)
             await asyncio.to_thread(self._store.delete, deployment_id)
             if live is not None:
-                await self._in_flight.drained(live.route.models, self._defaults.drain_seconds)
-                await self._unload(live.route.models, keep=self._models_in_use())
+                await self._routes.in_flight.drained(live.route.models,
+                                                     self._defaults.drain_seconds)
+                await self._unload(live.route.models, keep=self._routes.models_in_use())
 
     async def reload_all(self) -> None:
         """After a (re)start of Triton: load every deployment's pinned versions again."""
@@ -490,10 +429,9 @@ class DeploymentManager:
                 await asyncio.to_thread(self._store.put, deployment_id, {
                     **record, "state": FAILED, "message": f"reload failed: {exc.message}"})
                 return
-            previous = self._live.get(deployment_id)
-            self._live[deployment_id] = _Live(
-                route, previous.shadow_stats if previous else ShadowStats())
-            await self._routes_changed()
+            previous = self._routes.get(deployment_id)
+            await self._routes.switch(deployment_id, LiveRoute(
+                route, previous.shadow_stats if previous else ShadowStats()))
             if record["state"] != READY:
                 await asyncio.to_thread(self._store.put, deployment_id,
                                         {**record, "state": READY, "message": ""})
@@ -502,11 +440,16 @@ class DeploymentManager:
         await asyncio.sleep(delay)
         await self._reload(deployment_id, attempt)
 
-    def _spawn(self, coroutine: Coroutine[Any, Any, None], tasks: set[asyncio.Task] | None = None) -> None:
-        tasks = self._background if tasks is None else tasks
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        """Cancel pending reload retries."""
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
 
     async def follow_alias_moves(self) -> None:
         """Roll out `track_alias` deployments whenever the registry moves their alias."""
@@ -545,230 +488,18 @@ class DeploymentManager:
             except errors.MaasError as exc:
                 _log.warning("could not follow alias for %s: %s", deployment_id, exc.message)
 
-    # -- data path ------------------------------------------------------------------------------
-
-    def _route(self, deployment_id: str) -> _Live:
-        live = self._live.get(deployment_id)
-        if live is None:
-            record = self._store.get(deployment_id)  # NOT_FOUND when it really does not exist
-            raise errors.Unavailable(
-                f"deployments/{deployment_id} is not loaded ({record['state']}): "
-                f"{record.get('message') or 'retry shortly'}", reason="DEPLOYMENT_NOT_LOADED")
-        return live
-
-    def _require_triton(self) -> None:
-        if not self._triton_ready():
-            raise errors.Unavailable("Triton is not serving right now; retry shortly",
-                                     reason="TRITON_UNAVAILABLE")
-
-    async def predict(self, deployment: str, request_id: str, inputs: Sequence[tensor_pb2.Tensor],
-                      output_names: Sequence[str],
-                      timeout: float | None, principal: Principal) -> Prediction:
-        deployment_id = self._parse_name(deployment, "deployment")
-        live = self._route(deployment_id)
-        _require_route_models(principal, live.route)
-        self._require_triton()
-        request_id = request_id or uuid.uuid4().hex
-        target = live.route.pick(request_id)
-        rows = target.signature.check(predict_shapes(inputs), "inputs")
-        check_output_names(output_names, target.signature, "output_names")
-        request = infer_request_from_predict(inputs, output_names, target.triton_model,
-                                             request_id)
-        if target.signature.has_text_inputs:
-            check_text_inputs(target.signature, request, "inputs")
-        response = await self._infer(target, request, rows, timeout)
-        if live.route.mirrors(request_id):
-            self._mirror(live, request, response)
-        return Prediction(request_id, target.version, response)
-
-    async def _infer(self, target: ServedModel, request: service_pb2.ModelInferRequest,
-                     rows: int, timeout: float | None) -> service_pb2.ModelInferResponse:
-        """Triton's answer, through the coalescer (concurrent requests may share a call).
-
-        A routed model that Triton does not know was lost with a Triton restart and is being
-        loaded again: that is UNAVAILABLE (retry shortly), never NOT_FOUND for a deployment
-        that exists.
-        """
-        with self._in_flight.track(target.triton_model):
-            try:
-                return await self._coalescer.infer(
-                    request, rows=rows if target.signature.splits_by_rows else None,
-                    max_rows=target.signature.max_batch_size,
-                    max_in_flight=target.instances * self._defaults.coalesce_calls_per_instance,
-                    timeout=timeout, metadata=trace_metadata())
-            except TritonModelNotFound as exc:
-                raise errors.Unavailable(
-                    f"{target.version} is being loaded into Triton again; retry shortly",
-                    reason="MODEL_NOT_LOADED") from exc
-
-    async def kserve_infer(self, request: service_pb2.ModelInferRequest, timeout: float | None,
-                           principal: Principal) -> service_pb2.ModelInferResponse:
-        """KServe-v2 ModelInfer (model name = deployment id).
-
-        The request is sent on under the Triton model's name; the reply carries the
-        deployment's name and version. Tensor bytes are passed along as they came
-        (concatenated with others' when calls are shared), never decoded.
-        """
-        deployment_id = request.model_name
-        live, target, rows, request_id = self._kserve_route(request, principal)
-        response = await self._infer(target, request, rows, timeout)
-        if live.route.mirrors(request_id):
-            self._mirror(live, request, response)
-        response.model_name = deployment_id
-        response.model_version = target.version.rsplit("/", 1)[-1]
-        return response
-
-    def _kserve_route(self, request: service_pb2.ModelInferRequest, principal: Principal
-                      ) -> tuple[_Live, ServedModel, int, str]:
-        """Route a KServe request (model name = deployment id) to one of the deployment's
-        versions, check it against that version's signature and retarget it at the Triton
-        model. Returns the route, the target, the request's rows and its (routing) id."""
-        live = self._route(request.model_name)
-        _require_route_models(principal, live.route)
-        self._require_triton()
-        request_id = request.id or uuid.uuid4().hex
-        target = live.route.pick(request_id)
-        rows = target.signature.check(kserve_shapes(request), "inputs")
-        if target.signature.has_text_inputs:
-            check_text_inputs(target.signature, request, "inputs")
-        request.model_name = target.triton_model
-        return live, target, rows, request_id
-
-    async def kserve_stream_infer(
-            self, requests: AsyncIterator[service_pb2.ModelInferRequest], timeout: float | None,
-            principal: Principal) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
-        """KServe-v2 ModelStreamInfer: each request routed as ModelInfer is, then answered on
-        one Triton stream, in order: every response of a request (several for a decoupled
-        model) comes before the first of the next. A request refused here or failed by Triton
-        is answered with `error_message`, as Triton does, and the stream goes on. Shadows are
-        not fed from streams.
-
-        Triton marks a request's last response only when asked to, so every request asks
-        (`triton_enable_empty_final_response`); the empty closing response of a decoupled
-        model is passed on only to callers that asked for it themselves.
-        """
-        stream = None
-        try:
-            async for request in requests:
-                deployment_id = request.model_name
-                try:
-                    _, target, _, _ = self._kserve_route(request, principal)
-                except errors.MaasError as exc:
-                    yield service_pb2.ModelStreamInferResponse(
-                        error_message=exc.message, infer_response=service_pb2.ModelInferResponse(
-                            model_name=deployment_id, id=request.id))
-                    continue
-                asked = request.parameters.get(ENABLE_FINAL_RESPONSE)
-                caller_wants_final = asked is not None and asked.bool_param
-                request.parameters[ENABLE_FINAL_RESPONSE].bool_param = True
-                if stream is None:
-                    stream = self._triton.open_stream(timeout=timeout, metadata=trace_metadata())
-                with self._in_flight.track(target.triton_model):
-                    await stream.send(request)
-                    while True:
-                        response = await stream.receive()
-                        final = _is_final_response(response)
-                        if final and not caller_wants_final and _is_empty_response(response):
-                            break
-                        _as_deployment(response, deployment_id, target)
-                        if not caller_wants_final and \
-                                FINAL_RESPONSE in response.infer_response.parameters:
-                            del response.infer_response.parameters[FINAL_RESPONSE]
-                        yield response
-                        if final:
-                            break
-        finally:
-            if stream is not None:
-                await stream.close()
-
-    def _mirror(self, live: _Live, request: service_pb2.ModelInferRequest,
-                primary: service_pb2.ModelInferResponse) -> None:
-        """Copy to the shadow without delaying or failing the primary reply."""
-        if self._shadow_slots.locked():
-            return  # saturated: skip rather than queue behind the primary traffic
-        shadow = live.route.shadow
-        if shadow is None:
-            return
-        copy = type(request)()
-        copy.CopyFrom(request)
-        copy.model_name = shadow.triton_model
-        self._spawn(self._compare(live.shadow_stats, copy, primary), self._shadow_tasks)
-
-    async def _compare(self, stats: ShadowStats, request: service_pb2.ModelInferRequest,
-                       primary: service_pb2.ModelInferResponse) -> None:
-        async with self._shadow_slots:
-            try:
-                with self._in_flight.track(request.model_name):
-                    shadow = await self._triton.infer_request(request, timeout=30)
-            except errors.MaasError:
-                stats.errors += 1
-                self._count_shadow("error")
-                return
-        first_primary, first_shadow = _first_output(primary), _first_output(shadow)
-        stats.compared += 1
-        if first_primary is None or first_shadow is None or \
-                first_primary.shape != first_shadow.shape:
-            self._count_shadow("mismatch")
-            return
-        diff = float(np.max(np.abs(first_primary - first_shadow))) if first_primary.size else 0.0
-        stats.max_abs_diff = max(stats.max_abs_diff, diff)
-        agreed = bool(np.array_equal(first_primary.reshape(len(first_primary), -1).argmax(1),
-                                     first_shadow.reshape(len(first_shadow), -1).argmax(1)))
-        stats.argmax_agreed += agreed
-        self._count_shadow("agreed" if agreed else "disagreed")
-
-    def _count_shadow(self, outcome: str) -> None:
-        if self._shadow_counter is not None:
-            self._shadow_counter.add(1, {"outcome": outcome})
-
-    async def drain_background(self) -> None:
-        """Wait for the shadow comparisons in flight (their stats are then complete)."""
-        if self._shadow_tasks:
-            await asyncio.gather(*self._shadow_tasks, return_exceptions=True)
-
-    async def close(self) -> None:
-        """Finish calls and shadow comparisons in flight, cancel pending reload retries."""
-        await self._coalescer.close()
-        await self.drain_background()
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
-
-    def metadata(self, deployment_id: str,
-                 principal: Principal) -> tuple[ServedModel, builtins.list[str]]:
-        live = self._route(deployment_id)
-        _require_route_models(principal, live.route)
-        return live.route.targets[0][0], [m.version for m, _ in live.route.targets]
-
-    def served_route(self, deployment_id: str, principal: Principal) -> Route:
-        """The live route of a deployment the token may see: NOT_FOUND when there is no such
-        deployment, UNAVAILABLE while it is not loaded, PERMISSION_DENIED out of scope."""
-        live = self._route(deployment_id)
-        _require_route_models(principal, live.route)
-        return live.route
-
-    def is_ready(self, deployment_id: str) -> bool:
-        return deployment_id in self._live and self._triton_ready()
-
     # -- views ----------------------------------------------------------------------------------
 
     def _view(self, deployment_id: str, record: dict) -> dict:
         view = {key: value for key, value in record.items() if key != "resolved"}
         if not view.get("shadow"):
             view.pop("shadow", None)
-        if record["state"] == READY and not self._triton_ready():
+        if record["state"] == READY and not self._routes.triton_serving():
             view["state"] = UNAVAILABLE
-        live = self._live.get(deployment_id)
+        live = self._routes.get(deployment_id)
         if live is not None and live.route.shadow is not None:
             view["shadow_stats"] = live.shadow_stats.as_dict()
         return view
-
-    @staticmethod
-    def _parse_name(name: str, field_path: str) -> str:
-        if not name.startswith("deployments/"):
-            raise errors.InvalidArgument.for_field(
-                field_path, f"must look like 'deployments/{{id}}', got {name!r}")
-        return validate_deployment_id(name.removeprefix("deployments/"), field_path)
 
 
 def _served_versions(route: Route) -> list[dict]:
@@ -799,53 +530,7 @@ def _require_models(principal: Principal, spec: dict) -> None:
     scopes.require_models(principal, _model_ids(spec))
 
 
-def _require_route_models(principal: Principal, route: Route) -> None:
-    # A generator: an unscoped token (the hot path) never builds the set.
-    scopes.require_models(principal, (m.version.split("/")[1] for m, _ in route.targets))
-
-
 def _scope_fingerprint(principal: Principal) -> str:
     """A page token is only good for the scope it was issued under (its cursor is the last
     id looked at, which may be a deployment this token cannot see)."""
     return query_fingerprint("deployments", *sorted(principal.model_scopes))
-
-
-ENABLE_FINAL_RESPONSE = "triton_enable_empty_final_response"
-FINAL_RESPONSE = "triton_final_response"
-
-
-def _is_final_response(response: service_pb2.ModelStreamInferResponse) -> bool:
-    """The last response of its request: Triton flags it (when asked); an unflagged one is
-    the only one (a model that is not decoupled, or an error)."""
-    flag = response.infer_response.parameters.get(FINAL_RESPONSE)
-    return flag is None or flag.bool_param
-
-
-def _is_empty_response(response: service_pb2.ModelStreamInferResponse) -> bool:
-    return not response.error_message and not response.infer_response.outputs
-
-
-def _as_deployment(response: service_pb2.ModelStreamInferResponse, deployment_id: str,
-                   target: ServedModel) -> None:
-    """Name the deployment and its version where Triton named its own model."""
-    reply = response.infer_response
-    reply.model_name = deployment_id
-    reply.model_version = target.version.rsplit("/", 1)[-1]
-    if response.error_message:
-        response.error_message = response.error_message.replace(target.triton_model,
-                                                                deployment_id)
-
-
-_NUMPY_TYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT64": np.int64,
-                "INT32": np.int32, "INT8": np.int8, "UINT8": np.uint8}
-
-
-def _first_output(response: service_pb2.ModelInferResponse) -> np.ndarray | None:
-    if not response.outputs or not response.raw_output_contents:
-        return None
-    output = response.outputs[0]
-    dtype = _NUMPY_TYPES.get(output.datatype)
-    if dtype is None:
-        return None
-    array = np.frombuffer(response.raw_output_contents[0], dtype=dtype)
-    return array.reshape(tuple(output.shape)).astype(np.float64)
