@@ -15,7 +15,7 @@ import os
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import IO, Protocol
 
 from maas_jobs.progress import WATCH_PARENT_ENV, parse_progress_line
 from maas_jobs.records import JobError, LogLevel
@@ -67,6 +67,51 @@ class ProgressSink(Protocol):
     async def log(self, level: LogLevel, message: str) -> None: ...
 
 
+class ProgressForwarder:
+    """Turns a job's output lines into progress: protocol lines become metrics, log events
+    and the reported error; other lines become log events, up to a limit (libraries can print
+    a lot: the event log keeps a sample, the job's log file keeps everything).
+
+    Shared by every executor: a local process's pipes and a cluster pod's log stream alike.
+    """
+
+    def __init__(self, sink: ProgressSink, log_name: str, max_plain_log_lines: int) -> None:
+        self._sink = sink
+        self._log_name = log_name
+        self._plain_lines_left = max_plain_log_lines
+        self.reported_error: JobError | None = None
+        """The last error the job reported over the protocol."""
+
+    async def line(self, line: str, plain_level: LogLevel = LogLevel.INFO) -> None:
+        """Forward one line (without its newline)."""
+        message = parse_progress_line(line)
+        try:
+            if message is None:
+                await self._forward_plain(plain_level, line)
+            elif message.type == "metrics":
+                payload = message.payload
+                await self._sink.metrics(int(payload.get("epoch", 0)), str(payload.get("phase", "")),
+                                         {str(k): float(v) for k, v in payload.get("values", {}).items()})
+            elif message.type == "log":
+                level = message.payload.get("level", "INFO")
+                await self._sink.log(LogLevel(level) if level in LogLevel.__members__ else LogLevel.INFO,
+                                     str(message.payload.get("message", "")))
+            else:
+                self.reported_error = JobError(str(message.payload.get("code", "INTERNAL")),
+                                               str(message.payload.get("message", "")))
+        except (TypeError, ValueError, AttributeError):
+            await self._forward_plain(plain_level, line)
+
+    async def _forward_plain(self, level: LogLevel, line: str) -> None:
+        if not line.strip() or self._plain_lines_left < 0:
+            return
+        self._plain_lines_left -= 1
+        if self._plain_lines_left < 0:
+            await self._sink.log(LogLevel.WARNING, f"further output only in {self._log_name}")
+            return
+        await self._sink.log(level, line)
+
+
 class JobProcess:
     """A started job process."""
 
@@ -77,8 +122,7 @@ class JobProcess:
         self._process = process
         self._stdout, self._stderr = process.stdout, process.stderr
         self._launch = launch
-        self._plain_lines_left = max_plain_log_lines
-        self._reported_error: JobError | None = None
+        self._max_plain_log_lines = max_plain_log_lines
         self.stopped = False
 
     @classmethod
@@ -100,15 +144,17 @@ class JobProcess:
 
     async def wait_and_forward(self, sink: ProgressSink) -> ProcessOutcome:
         """Forward progress until the process exits; then reap what is left of its group."""
+        forwarder = ProgressForwarder(sink, self._launch.log_path.name, self._max_plain_log_lines)
         with self._launch.log_path.open("a", encoding="utf-8", errors="replace") as log_file:
             await asyncio.gather(
-                self._forward(self._stdout, sink, log_file, LogLevel.INFO),
-                self._forward(self._stderr, sink, log_file, LogLevel.WARNING))
+                self._forward(self._stdout, forwarder, log_file, LogLevel.INFO),
+                self._forward(self._stderr, forwarder, log_file, LogLevel.WARNING))
         returncode = await self._process.wait()
         self._kill_group(signal.SIGKILL)  # helpers the job left behind
-        return ProcessOutcome(returncode, self._reported_error, self.stopped)
+        return ProcessOutcome(returncode, forwarder.reported_error, self.stopped)
 
-    async def _forward(self, stream: asyncio.StreamReader, sink: ProgressSink, log_file,
+    @staticmethod
+    async def _forward(stream: asyncio.StreamReader, forwarder: ProgressForwarder, log_file: IO[str],
                        plain_level: LogLevel) -> None:
         while True:
             try:
@@ -120,33 +166,7 @@ class JobProcess:
             line = raw.decode("utf-8", errors="replace").rstrip("\n")
             log_file.write(line + "\n")
             log_file.flush()
-            message = parse_progress_line(line)
-            try:
-                if message is None:
-                    await self._forward_plain(sink, plain_level, line)
-                elif message.type == "metrics":
-                    payload = message.payload
-                    await sink.metrics(int(payload.get("epoch", 0)), str(payload.get("phase", "")),
-                                       {str(k): float(v) for k, v in payload.get("values", {}).items()})
-                elif message.type == "log":
-                    level = message.payload.get("level", "INFO")
-                    await sink.log(LogLevel(level) if level in LogLevel.__members__ else LogLevel.INFO,
-                                   str(message.payload.get("message", "")))
-                else:
-                    self._reported_error = JobError(str(message.payload.get("code", "INTERNAL")),
-                                                    str(message.payload.get("message", "")))
-            except (TypeError, ValueError, AttributeError):
-                await self._forward_plain(sink, plain_level, line)
-
-    async def _forward_plain(self, sink: ProgressSink, level: LogLevel, line: str) -> None:
-        # Libraries can print a lot; the event log keeps a sample, the log file keeps it all.
-        if not line.strip() or self._plain_lines_left < 0:
-            return
-        self._plain_lines_left -= 1
-        if self._plain_lines_left < 0:
-            await sink.log(LogLevel.WARNING, f"further output only in {self._launch.log_path.name}")
-            return
-        await sink.log(level, line)
+            await forwarder.line(line, plain_level)
 
     async def stop(self, grace_seconds: float) -> None:
         """End the job: close its stdin (its parent watch fires), SIGTERM, then SIGKILL."""

@@ -12,9 +12,12 @@ import sys
 from maas_runtime.settings import ServiceSettings
 from pydantic import Field
 
+from maas_jobs.kubernetes_executor import KubernetesExecutorSettings
 
-class JobServiceSettings(ServiceSettings):
-    """The pool, the registry and the job runtime of a service that runs jobs."""
+
+class JobServiceSettings(ServiceSettings, KubernetesExecutorSettings):
+    """The pool, the registry and the job runtime of a service that runs jobs (as local
+    processes, or on Kubernetes: `KubernetesExecutorSettings`)."""
 
     worker_slots: int = Field(default=1, ge=1)
     """Size of the resource pool: worker processes that may run at once."""

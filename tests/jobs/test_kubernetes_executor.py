@@ -1,0 +1,439 @@
+"""The Kubernetes job executor: manifests rendered and schema-validated, the launcher driven
+against a stand-in for the API server, and the executor setting's selection.
+
+No cluster is reachable here. `batch/v1` Jobs and Services are validated with
+kubernetes-validate's OpenAPI schema (strict: unknown fields fail) for the Kubernetes version
+it ships last. No installed package carries the Kubeflow PyTorchJob CRD's OpenAPI schema, so
+PyTorchJobs get a structural check of the fields the training operator reads, and their pod
+templates are validated as core/v1 PodTemplateSpecs (a PodTemplate around each).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import sys
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+from maas_compressor.settings import CompressorSettings
+from maas_jobs.executor import JobProcess, LaunchSpec
+from maas_jobs.kubernetes_executor import (
+    COMPLETION_INDEX_LABEL,
+    JOB_SPEC_ENV,
+    KUEUE_QUEUE_LABEL,
+    KubernetesExecutorSettings,
+    KubernetesJob,
+    KubernetesJobLauncher,
+    ProcessLauncher,
+    launcher_for,
+    render_job_manifests,
+    resource_name,
+    work_volume_path,
+)
+from maas_jobs.progress import PROGRESS_PREFIX
+from maas_jobs.records import JobRecord, JobState, LogLevel
+from maas_trainer.runner import JOB_PROCESS_MODULE, RunnerConfig, job_process_command
+from maas_trainer.settings import TrainerSettings
+from pydantic import ValidationError
+
+KUBE_VERSION = kubernetes_validate.latest_version()
+NAMESPACE = "ml"
+STATE_DIR = Path("/var/lib/maas")
+IMAGE = "ghcr.io/maas/trainer:1.0.0"
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def job_record(job_id: str = "j-42", workers: int = 1, tenant: str = "vision") -> JobRecord:
+    return JobRecord(job_id=job_id, spec={"epochs": 3, "data": {"dataset": "datasets/digits"}},
+                     tenant=tenant, creator="alice", workers=workers, priority=0,
+                     state=JobState.RUNNING, create_time=datetime(2026, 1, 1, tzinfo=UTC))
+
+
+def trainer_launch(workers: int, job_id: str = "j-42") -> LaunchSpec:
+    """The launch spec the trainer's runner builds (its real command line)."""
+    workdir = STATE_DIR / "jobs" / job_id
+    config = RunnerConfig(python_executable="/opt/venv/bin/python", torch_threads=2)
+    return LaunchSpec(argv=job_process_command(config, workers, workdir), cwd=workdir,
+                      log_path=workdir / "job.log", env={"OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"})
+
+
+def settings(**overrides: Any) -> KubernetesExecutorSettings:
+    return KubernetesExecutorSettings(job_executor="kubernetes", kubernetes_job_image=IMAGE,
+                                      kubernetes_work_claim="maas-trainer-state",
+                                      kubernetes_service_account="trainer-jobs",
+                                      kubernetes_worker_cpu="4", kubernetes_worker_memory="16Gi",
+                                      **overrides)
+
+
+def render(workers: int = 1, **overrides: Any):
+    return render_job_manifests(service="trainer", job=job_record(workers=workers),
+                                launch=trainer_launch(workers), settings=settings(**overrides),
+                                namespace=NAMESPACE, state_dir=STATE_DIR, run_as=10001)
+
+
+def validate(manifest: dict) -> None:
+    kubernetes_validate.validate(manifest, KUBE_VERSION, strict=True)
+
+
+def pod_spec_of(template: dict) -> dict:
+    """Validate a pod template as a core/v1 PodTemplate (strict) and return its pod spec."""
+    validate({"apiVersion": "v1", "kind": "PodTemplate",
+              "metadata": {"name": "check", "namespace": NAMESPACE}, "template": template})
+    return template["spec"]
+
+
+def env_of(container: dict) -> dict[str, str]:
+    return {entry["name"]: entry["value"] for entry in container["env"]}
+
+
+# --- rendering ----------------------------------------------------------------------------------
+
+def test_a_single_worker_job_is_one_batch_job_running_the_launch_command():
+    rendered = render(workers=1)
+    assert [m["kind"] for m in rendered.manifests] == ["Job"]
+    job = rendered.workload
+    validate(job)
+    assert job["metadata"]["name"] == "trainer-job-j-42" and job["metadata"]["namespace"] == NAMESPACE
+    assert job["spec"]["backoffLimit"] == 0 and job["spec"]["suspend"] is False
+    assert "completionMode" not in job["spec"]
+    (container,) = pod_spec_of(job["spec"]["template"])["containers"]
+    # The same interpreter, module and working directory a local process would get.
+    assert container["command"] == trainer_launch(1).argv
+    assert container["command"][1:3] == ["-m", JOB_PROCESS_MODULE]
+    assert container["workingDir"] == str(STATE_DIR / "jobs" / "j-42")
+    assert container["image"] == IMAGE
+    assert container["resources"]["requests"] == {"cpu": "4", "memory": "16Gi"}
+    env = env_of(container)
+    assert json.loads(env[JOB_SPEC_ENV]) == job_record().spec
+    assert env["OMP_NUM_THREADS"] == "2"
+    assert rendered.lead_pod_selector == "job-name=trainer-job-j-42"
+
+
+def test_job_pods_are_hardened_and_mount_the_shared_state_volume_at_the_same_path():
+    pod = render().workload["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False and pod["restartPolicy"] == "Never"
+    assert pod["serviceAccountName"] == "trainer-jobs"
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
+    (container,) = pod["containers"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[mounts[str(STATE_DIR)]]["persistentVolumeClaim"]["claimName"] == "maas-trainer-state"
+    assert "/tmp" in mounts  # the root filesystem is read-only
+
+
+def test_owner_labels_name_the_service_the_job_and_the_tenant():
+    job = render().workload
+    for labels in (job["metadata"]["labels"], job["spec"]["template"]["metadata"]["labels"]):
+        assert labels["app.kubernetes.io/name"] == "trainer"
+        assert labels["app.kubernetes.io/component"] == "job"
+        assert labels["maas.io/job-id"] == "j-42" and labels["maas.io/tenant"] == "vision"
+    assert KUEUE_QUEUE_LABEL not in job["metadata"]["labels"]
+
+
+def test_torchrun_workers_run_as_an_indexed_job_with_a_headless_rendezvous_service():
+    rendered = render(workers=3)
+    service, job = rendered.manifests
+    assert (service["kind"], job["kind"]) == ("Service", "Job")
+    validate(service)
+    validate(job)
+    name = rendered.name
+    assert service["metadata"]["name"] == name and service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    assert service["spec"]["ports"][0]["port"] == 29500
+    spec = job["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 3, 3)
+    pod = pod_spec_of(spec["template"])
+    assert pod["subdomain"] == name
+    # The Service selects exactly this job's pods.
+    assert service["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
+    (container,) = pod["containers"]
+    command = container["command"]
+    assert command[:3] == ["/opt/venv/bin/python", "-m", "torch.distributed.run"]
+    assert "--nnodes=3" in command and "--nproc-per-node=1" in command
+    assert "--node-rank=$(JOB_COMPLETION_INDEX)" in command
+    assert f"--master-addr={name}-0.{name}.{NAMESPACE}.svc" in command
+    assert command[-3:] == ["-m", JOB_PROCESS_MODULE, str(STATE_DIR / "jobs" / "j-42")]
+    assert rendered.lead_pod_selector == f"job-name={name},{COMPLETION_INDEX_LABEL}=0"
+    # Each worker pod requests one worker's resources.
+    assert container["resources"]["limits"] == {"cpu": "4", "memory": "16Gi"}
+
+
+def test_gpus_per_worker_are_requested_and_limited():
+    pod = render(workers=2, kubernetes_worker_gpus=1).workload["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_a_kueue_queue_labels_the_job_and_creates_it_suspended(workers):
+    rendered = render(workers=workers, kubernetes_kueue_queue="team-vision")
+    job = rendered.workload
+    validate(job)
+    assert job["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "team-vision"
+    assert job["spec"]["suspend"] is True
+
+
+def _check_pytorchjob(manifest: dict) -> None:
+    """The fields of kubeflow.org/v1 PyTorchJob the training operator reads (no offline copy of
+    the CRD's OpenAPI schema exists in any installed package)."""
+    assert manifest["apiVersion"] == "kubeflow.org/v1" and manifest["kind"] == "PyTorchJob"
+    assert _DNS_LABEL.match(manifest["metadata"]["name"]) and manifest["metadata"]["namespace"]
+    spec = manifest["spec"]
+    assert set(spec) <= {"runPolicy", "pytorchReplicaSpecs", "elasticPolicy", "nprocPerNode"}
+    assert set(spec["runPolicy"]) <= {"backoffLimit", "ttlSecondsAfterFinished", "cleanPodPolicy",
+                                      "suspend", "activeDeadlineSeconds", "schedulingPolicy",
+                                      "managedBy"}
+    assert spec["runPolicy"]["cleanPodPolicy"] in ("All", "Running", "None")
+    replicas = spec["pytorchReplicaSpecs"]
+    assert set(replicas) <= {"Master", "Worker"} and replicas["Master"]["replicas"] == 1
+    for replica in replicas.values():
+        assert set(replica) <= {"replicas", "restartPolicy", "template"}
+        assert isinstance(replica["replicas"], int) and replica["replicas"] >= 0
+        assert replica["restartPolicy"] in ("Always", "OnFailure", "Never", "ExitCode")
+        containers = pod_spec_of(replica["template"])["containers"]
+        # The operator injects its env into the container named "pytorch".
+        assert [c["name"] for c in containers] == ["pytorch"]
+
+
+def test_multi_worker_jobs_become_pytorchjobs_when_the_operator_is_installed():
+    rendered = render(workers=4, kubernetes_pytorchjob=True, kubernetes_kueue_queue="team-vision")
+    assert [m["kind"] for m in rendered.manifests] == ["PyTorchJob"]
+    job = rendered.workload
+    _check_pytorchjob(job)
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    assert (replicas["Master"]["replicas"], replicas["Worker"]["replicas"]) == (1, 3)
+    assert job["spec"]["runPolicy"]["suspend"] is True
+    assert job["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "team-vision"
+    command = replicas["Worker"]["template"]["spec"]["containers"][0]["command"]
+    assert "--nnodes=4" in command and "--node-rank=$(RANK)" in command
+    assert "--master-addr=$(MASTER_ADDR)" in command and "--master-port=$(MASTER_PORT)" in command
+    assert replicas["Master"]["template"]["metadata"]["labels"]["maas.io/lead"] == "true"
+    assert replicas["Worker"]["template"]["metadata"]["labels"]["maas.io/lead"] == "false"
+    # A single worker needs no operator: still a plain Job.
+    assert render(workers=1, kubernetes_pytorchjob=True).kind == "Job"
+
+
+def test_the_pytorchjob_check_is_not_vacuous():
+    job = render(workers=2, kubernetes_pytorchjob=True).workload
+    job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["name"] = "job"
+    with pytest.raises(AssertionError):
+        _check_pytorchjob(job)
+    typo = render(workers=2, kubernetes_pytorchjob=True).workload
+    typo["spec"]["pytorchReplicaSpec"] = typo["spec"].pop("pytorchReplicaSpecs")
+    with pytest.raises((AssertionError, KeyError)):
+        _check_pytorchjob(typo)
+
+
+def test_the_kubernetes_validation_rejects_a_broken_job():
+    job = render(workers=3).workload
+    job["spec"]["completionMode"] = 3
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate(job)
+
+
+def test_compressor_jobs_render_the_same_way():
+    workdir = STATE_DIR / "jobs" / "c1"
+    launch = LaunchSpec(argv=["/opt/venv/bin/python", "-m", "maas_compressor.job_process", str(workdir)],
+                        cwd=workdir, log_path=workdir / "job.log")
+    rendered = render_job_manifests(service="compressor", job=job_record("c1"), launch=launch,
+                                    settings=settings(), namespace=NAMESPACE, state_dir=STATE_DIR,
+                                    run_as=10001)
+    validate(rendered.workload)
+    assert rendered.name == "compressor-job-c1"
+    assert rendered.workload["spec"]["template"]["spec"]["containers"][0]["command"] == launch.argv
+
+
+@pytest.mark.parametrize("job_id", ["a.b_c", "x" * 63, "Z" * 3])
+def test_resource_names_are_dns_labels_short_enough_for_indexed_pod_hostnames(job_id):
+    name = resource_name("compressor", job_id)
+    assert _DNS_LABEL.match(name) and len(name) <= 52
+    assert name != resource_name("compressor", job_id + "1")
+
+
+def test_a_command_without_a_module_cannot_run_on_the_cluster():
+    launch = LaunchSpec(argv=["/bin/sh", "-c", "true"], cwd=STATE_DIR, log_path=STATE_DIR / "job.log")
+    with pytest.raises(ValueError, match="python -m"):
+        render_job_manifests(service="trainer", job=job_record(), launch=launch, settings=settings(),
+                             namespace=NAMESPACE, state_dir=STATE_DIR, run_as=10001)
+
+
+# --- selecting the executor ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("settings_class", [TrainerSettings, CompressorSettings])
+def test_the_local_process_executor_stays_the_default(settings_class, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    service_settings = settings_class()
+    assert service_settings.job_executor == "process"
+    assert isinstance(launcher_for(service_settings, "trainer"), ProcessLauncher)
+
+
+def test_the_executor_setting_selects_the_kubernetes_launcher(monkeypatch, tmp_path):
+    monkeypatch.setenv("MAAS_TRAINER_JOB_EXECUTOR", "kubernetes")
+    monkeypatch.setenv("MAAS_TRAINER_KUBERNETES_JOB_IMAGE", IMAGE)
+    monkeypatch.setenv("MAAS_TRAINER_KUBERNETES_NAMESPACE", "training")
+    monkeypatch.setenv("MAAS_TRAINER_KUBERNETES_KUEUE_QUEUE", "team-vision")
+    monkeypatch.setenv("MAAS_TRAINER_KUBERNETES_NODE_SELECTOR", '{"nvidia.com/gpu.present": "true"}')
+    monkeypatch.setenv("MAAS_TRAINER_STATE_DIR", str(tmp_path))
+    launcher = launcher_for(TrainerSettings(), "trainer")
+    assert isinstance(launcher, KubernetesJobLauncher)
+    assert (launcher.service, launcher.namespace, launcher.state_dir) == ("trainer", "training", tmp_path)
+    assert launcher.run_as > 0  # job pods never run as root, even when the service does
+    rendered = launcher.render(job_record(), trainer_launch(1))
+    assert rendered.workload["spec"]["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert rendered.workload["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "team-vision"
+
+
+def test_the_kubernetes_executor_without_an_image_is_refused(monkeypatch):
+    monkeypatch.setenv("MAAS_COMPRESSOR_JOB_EXECUTOR", "kubernetes")
+    with pytest.raises(ValidationError, match="kubernetes_job_image"):
+        CompressorSettings()
+    monkeypatch.setenv("MAAS_COMPRESSOR_JOB_EXECUTOR", "slurm")
+    with pytest.raises(ValidationError, match="job_executor"):
+        CompressorSettings()
+
+
+def test_the_work_volume_is_the_jobs_directory_when_the_service_has_one(tmp_path):
+    base = TrainerSettings(state_dir=tmp_path / "state")
+    assert work_volume_path(base) == (tmp_path / "state").resolve()
+    if "jobs_dir" in TrainerSettings.model_fields:
+        separate = TrainerSettings(state_dir=tmp_path / "state", jobs_dir=str(tmp_path / "jobs"))
+        assert work_volume_path(separate) == (tmp_path / "jobs").resolve()
+
+
+async def test_the_process_launcher_runs_a_local_process(tmp_path):
+    launch = LaunchSpec(argv=[sys.executable, "-c", f"print({PROGRESS_PREFIX!r} + '{{\"type\": \"log\", "
+                              "\"level\": \"INFO\", \"message\": \"hi\"}')"],
+                        cwd=tmp_path, log_path=tmp_path / "job.log")
+    started = await ProcessLauncher().start(job_record(), launch)
+    assert isinstance(started, JobProcess)
+    sink = RecordingSink()
+    outcome = await started.wait_and_forward(sink)
+    assert outcome.succeeded and sink.logs == [(LogLevel.INFO, "hi")]
+
+
+# --- the launcher against a stand-in API server -------------------------------------------------
+
+class RecordingSink:
+    """A ProgressSink keeping what it is given."""
+
+    def __init__(self) -> None:
+        self.metric_reports: list[tuple[int, str, dict[str, float]]] = []
+        self.logs: list[tuple[LogLevel, str]] = []
+
+    async def metrics(self, epoch: int, phase: str, values: dict[str, float]) -> None:
+        self.metric_reports.append((epoch, phase, values))
+
+    async def log(self, level: LogLevel, message: str) -> None:
+        self.logs.append((level, message))
+
+
+class FakeApi:
+    """Holds created objects like an API server would; the job's status and its lead pod's log
+    are scripted by the test."""
+
+    def __init__(self, log_lines: Iterable[str] = (), final: str = "Complete",
+                 running_polls: int = 1) -> None:
+        self.objects: dict[tuple[str, str], dict] = {}
+        self.calls: list[tuple[str, str, str]] = []
+        self.log_lines = list(log_lines)
+        self.final = final
+        self.running_polls = running_polls
+        self.selectors: list[str] = []
+
+    def create(self, manifest: dict[str, Any]) -> None:
+        key = (manifest["kind"], manifest["metadata"]["name"])
+        assert manifest["metadata"]["namespace"] == NAMESPACE
+        assert key not in self.objects, "already exists"
+        self.objects[key] = manifest
+        self.calls.append(("create", *key))
+
+    def delete(self, kind: str, name: str, namespace: str) -> None:
+        self.calls.append(("delete", kind, name))
+        self.objects.pop((kind, name), None)
+
+    def workload_status(self, kind: str, name: str, namespace: str) -> dict[str, Any] | None:
+        if (kind, name) not in self.objects:
+            return None
+        if self.running_polls > 0:
+            self.running_polls -= 1
+            return {"active": 1}
+        condition = "Complete" if self.final == "Complete" else "Failed"
+        return {"conditions": [{"type": condition, "status": "True"}]}
+
+    def pod_phase(self, selector: str, namespace: str) -> tuple[str, str] | None:
+        self.selectors.append(selector)
+        return ("trainer-job-j-42-0", "Running")
+
+    def follow_log(self, pod: str, namespace: str) -> Iterable[str]:
+        yield from self.log_lines
+
+
+def _launcher(api: FakeApi, tmp_path: Path) -> KubernetesJobLauncher:
+    return KubernetesJobLauncher(service="trainer", settings=settings(kubernetes_poll_seconds=0.01),
+                                 namespace=NAMESPACE, state_dir=STATE_DIR, run_as=10001,
+                                 api_factory=lambda: api)
+
+
+def _launch_in(tmp_path: Path, workers: int) -> LaunchSpec:
+    launch = trainer_launch(workers)
+    return LaunchSpec(argv=launch.argv, cwd=launch.cwd, log_path=tmp_path / "job.log", env=launch.env)
+
+
+async def test_the_launcher_submits_follows_the_lead_pod_and_reports_success(tmp_path):
+    metrics = PROGRESS_PREFIX + json.dumps({"type": "metrics", "epoch": 1, "phase": "train",
+                                            "values": {"loss": 0.5}})
+    api = FakeApi(log_lines=["loading data", metrics])
+    started = await _launcher(api, tmp_path).start(job_record(workers=3), _launch_in(tmp_path, 3))
+    assert isinstance(started, KubernetesJob)
+    # Leftovers of an earlier attempt are deleted first; the rendezvous Service precedes the Job.
+    name = started.rendered.name
+    assert api.calls == [("delete", "Job", name), ("delete", "Service", name),
+                         ("create", "Service", name), ("create", "Job", name)]
+    sink = RecordingSink()
+    outcome = await started.wait_and_forward(sink)
+    assert outcome.succeeded and outcome.reported_error is None
+    assert sink.metric_reports == [(1, "train", {"loss": 0.5})]
+    assert sink.logs == [(LogLevel.INFO, "loading data")]
+    assert api.selectors[0] == started.rendered.lead_pod_selector
+    assert (tmp_path / "job.log").read_text().splitlines() == ["loading data", metrics]
+    assert started.exited and started.pid == 0
+
+
+async def test_a_failed_job_reports_the_error_its_process_gave(tmp_path):
+    error = PROGRESS_PREFIX + json.dumps({"type": "error", "code": "INVALID_ARGUMENT",
+                                          "message": "dataset has no labels"})
+    api = FakeApi(log_lines=[error], final="Failed")
+    started = await _launcher(api, tmp_path).start(job_record(), _launch_in(tmp_path, 1))
+    outcome = await started.wait_and_forward(RecordingSink())
+    assert not outcome.succeeded and outcome.returncode == 1
+    assert outcome.reported_error is not None and outcome.reported_error.code == "INVALID_ARGUMENT"
+
+
+async def test_stop_deletes_the_job_and_its_service(tmp_path):
+    api = FakeApi(running_polls=10_000)
+    started = await _launcher(api, tmp_path).start(job_record(workers=2), _launch_in(tmp_path, 2))
+    waiting = asyncio.create_task(started.wait_and_forward(RecordingSink()))
+    await asyncio.sleep(0.05)
+    await started.stop(grace_seconds=1)
+    outcome = await asyncio.wait_for(waiting, 5)
+    assert outcome.stopped and not outcome.succeeded
+    assert api.objects == {}
+    assert api.calls[-2:] == [("delete", "Job", started.rendered.name),
+                              ("delete", "Service", started.rendered.name)]
+
+
+async def test_a_job_deleted_behind_the_services_back_fails(tmp_path):
+    api = FakeApi(running_polls=10_000)
+    started = await _launcher(api, tmp_path).start(job_record(), _launch_in(tmp_path, 1))
+    api.objects.clear()  # e.g. `kubectl delete job`
+    outcome = await asyncio.wait_for(started.wait_and_forward(RecordingSink()), 5)
+    assert not outcome.succeeded and not outcome.stopped
