@@ -22,6 +22,7 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from maas.common.v1 import access_pb2 as maas_dot_common_dot_v1_dot_access__pb2
@@ -29,7 +30,7 @@ from maas.common.v1 import tensor_pb2 as maas_dot_common_dot_v1_dot_tensor__pb2
 from maas.inference.v1 import deployment_pb2 as maas_dot_inference_dot_v1_dot_deployment__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)maas/inference/v1/inference_service.proto\x12\x11maas.inference.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1bmaas/common/v1/access.proto\x1a\x1bmaas/common/v1/tensor.proto\x1a\"maas/inference/v1/deployment.proto\"c\n\x17\x43reateDeploymentRequest\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\x12\x31\n\ndeployment\x18\x02 \x01(\x0b\x32\x1d.maas.inference.v1.Deployment\"$\n\x14GetDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"?\n\x16ListDeploymentsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"f\n\x17ListDeploymentsResponse\x12\x32\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x1d.maas.inference.v1.Deployment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"}\n\x17UpdateDeploymentRequest\x12\x31\n\ndeployment\x18\x01 \x01(\x0b\x32\x1d.maas.inference.v1.Deployment\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"\'\n\x17\x44\x65leteDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"v\n\x0ePredictRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12&\n\x06inputs\x18\x03 \x03(\x0b\x32\x16.maas.common.v1.Tensor\x12\x14\n\x0coutput_names\x18\x04 \x03(\t\"e\n\x0fPredictResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\'\n\x07outputs\x18\x03 \x03(\x0b\x32\x16.maas.common.v1.Tensor2\xc3\x05\n\x10InferenceService\x12\x63\n\x10\x43reateDeployment\x12*.maas.inference.v1.CreateDeploymentRequest\x1a\x1d.maas.inference.v1.Deployment\"\x04\x88\xb5\x18\x02\x12]\n\rGetDeployment\x12\'.maas.inference.v1.GetDeploymentRequest\x1a\x1d.maas.inference.v1.Deployment\"\x04\x88\xb5\x18\x01\x12n\n\x0fListDeployments\x12).maas.inference.v1.ListDeploymentsRequest\x1a*.maas.inference.v1.ListDeploymentsResponse\"\x04\x88\xb5\x18\x01\x12\x63\n\x10UpdateDeployment\x12*.maas.inference.v1.UpdateDeploymentRequest\x1a\x1d.maas.inference.v1.Deployment\"\x04\x88\xb5\x18\x02\x12\\\n\x10\x44\x65leteDeployment\x12*.maas.inference.v1.DeleteDeploymentRequest\x1a\x16.google.protobuf.Empty\"\x04\x88\xb5\x18\x02\x12V\n\x07Predict\x12!.maas.inference.v1.PredictRequest\x1a\".maas.inference.v1.PredictResponse\"\x04\x88\xb5\x18\x01\x12`\n\rStreamPredict\x12!.maas.inference.v1.PredictRequest\x1a\".maas.inference.v1.PredictResponse\"\x04\x88\xb5\x18\x01(\x01\x30\x01\x42\x19\n\x15\x64\x65v.maas.inference.v1P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)maas/inference/v1/inference_service.proto\x12\x11maas.inference.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1bmaas/common/v1/access.proto\x1a\x1bmaas/common/v1/tensor.proto\x1a\"maas/inference/v1/deployment.proto\"c\n\x17\x43reateDeploymentRequest\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\x12\x31\n\ndeployment\x18\x02 \x01(\x0b\x32\x1d.maas.inference.v1.Deployment\"$\n\x14GetDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"?\n\x16ListDeploymentsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"f\n\x17ListDeploymentsResponse\x12\x32\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x1d.maas.inference.v1.Deployment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"}\n\x17UpdateDeploymentRequest\x12\x31\n\ndeployment\x18\x01 \x01(\x0b\x32\x1d.maas.inference.v1.Deployment\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"\'\n\x17\x44\x65leteDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"v\n\x0ePredictRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12&\n\x06inputs\x18\x03 \x03(\x0b\x32\x16.maas.common.v1.Tensor\x12\x14\n\x0coutput_names\x18\x04 \x03(\t\"e\n\x0fPredictResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\'\n\x07outputs\x18\x03 \x03(\x0b\x32\x16.maas.common.v1.Tensor\"\xda\x02\n\x0fGenerateRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x37\n\x0c\x63onversation\x18\x03 \x01(\x0b\x32\x1f.maas.inference.v1.ConversationH\x00\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x11\n\x04seed\x18\t \x01(\x03H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x05\x88\x01\x01\x42\x07\n\x05inputB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"@\n\x0c\x43onversation\x12\x30\n\x08messages\x18\x01 \x03(\x0b\x32\x1e.maas.inference.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x7f\n\x10GenerateResponse\x12-\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x1c.maas.inference.v1.TextDeltaH\x00\x12\x33\n\x05\x66inal\x18\x02 \x01(\x0b\x32\".maas.inference.v1.GenerationFinalH\x00\x42\x07\n\x05\x65vent\".\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\x05\"|\n\x0fGenerationFinal\x12\x36\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1f.maas.inference.v1.FinishReason\x12\x31\n\x05usage\x18\x02 \x01(\x0b\x32\".maas.inference.v1.GenerationUsage\"\x91\x01\n\x0fGenerationUsage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\x12\x36\n\x13time_to_first_token\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xa0\x06\n\x10InferenceService\x12\x63\n\x10\x43reateDeployment\x12*.maas.inference.v1.CreateDeploymentRequest\x1a\x1d.maas.inference.v1.Deployment\"\x04\x88\xb5\x18\x02\x12]\n\rGetDeployment\x12\'.maas.inference.v1.GetDeploymentRequest\x1a\x1d.maas.inference.v1.Deployment\"\x04\x88\xb5\x18\x01\x12n\n\x0fListDeployments\x12).maas.inference.v1.ListDeploymentsRequest\x1a*.maas.inference.v1.ListDeploymentsResponse\"\x04\x88\xb5\x18\x01\x12\x63\n\x10UpdateDeployment\x12*.maas.inference.v1.UpdateDeploymentRequest\x1a\x1d.maas.inference.v1.Deployment\"\x04\x88\xb5\x18\x02\x12\\\n\x10\x44\x65leteDeployment\x12*.maas.inference.v1.DeleteDeploymentRequest\x1a\x16.google.protobuf.Empty\"\x04\x88\xb5\x18\x02\x12V\n\x07Predict\x12!.maas.inference.v1.PredictRequest\x1a\".maas.inference.v1.PredictResponse\"\x04\x88\xb5\x18\x01\x12`\n\rStreamPredict\x12!.maas.inference.v1.PredictRequest\x1a\".maas.inference.v1.PredictResponse\"\x04\x88\xb5\x18\x01(\x01\x30\x01\x12[\n\x08Generate\x12\".maas.inference.v1.GenerateRequest\x1a#.maas.inference.v1.GenerateResponse\"\x04\x88\xb5\x18\x01\x30\x01\x42\x19\n\x15\x64\x65v.maas.inference.v1P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -51,22 +52,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFERENCESERVICE'].methods_by_name['Predict']._serialized_options = b'\210\265\030\001'
   _globals['_INFERENCESERVICE'].methods_by_name['StreamPredict']._loaded_options = None
   _globals['_INFERENCESERVICE'].methods_by_name['StreamPredict']._serialized_options = b'\210\265\030\001'
-  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_start=221
-  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_end=320
-  _globals['_GETDEPLOYMENTREQUEST']._serialized_start=322
-  _globals['_GETDEPLOYMENTREQUEST']._serialized_end=358
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=360
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=423
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=425
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=527
-  _globals['_UPDATEDEPLOYMENTREQUEST']._serialized_start=529
-  _globals['_UPDATEDEPLOYMENTREQUEST']._serialized_end=654
-  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_start=656
-  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_end=695
-  _globals['_PREDICTREQUEST']._serialized_start=697
-  _globals['_PREDICTREQUEST']._serialized_end=815
-  _globals['_PREDICTRESPONSE']._serialized_start=817
-  _globals['_PREDICTRESPONSE']._serialized_end=918
-  _globals['_INFERENCESERVICE']._serialized_start=921
-  _globals['_INFERENCESERVICE']._serialized_end=1628
+  _globals['_INFERENCESERVICE'].methods_by_name['Generate']._loaded_options = None
+  _globals['_INFERENCESERVICE'].methods_by_name['Generate']._serialized_options = b'\210\265\030\001'
+  _globals['_FINISHREASON']._serialized_start=1864
+  _globals['_FINISHREASON']._serialized_end=1988
+  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_start=253
+  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_end=352
+  _globals['_GETDEPLOYMENTREQUEST']._serialized_start=354
+  _globals['_GETDEPLOYMENTREQUEST']._serialized_end=390
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=392
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=455
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=457
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=559
+  _globals['_UPDATEDEPLOYMENTREQUEST']._serialized_start=561
+  _globals['_UPDATEDEPLOYMENTREQUEST']._serialized_end=686
+  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_start=688
+  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_end=727
+  _globals['_PREDICTREQUEST']._serialized_start=729
+  _globals['_PREDICTREQUEST']._serialized_end=847
+  _globals['_PREDICTRESPONSE']._serialized_start=849
+  _globals['_PREDICTRESPONSE']._serialized_end=950
+  _globals['_GENERATEREQUEST']._serialized_start=953
+  _globals['_GENERATEREQUEST']._serialized_end=1299
+  _globals['_CONVERSATION']._serialized_start=1301
+  _globals['_CONVERSATION']._serialized_end=1365
+  _globals['_CHATMESSAGE']._serialized_start=1367
+  _globals['_CHATMESSAGE']._serialized_end=1411
+  _globals['_GENERATERESPONSE']._serialized_start=1413
+  _globals['_GENERATERESPONSE']._serialized_end=1540
+  _globals['_TEXTDELTA']._serialized_start=1542
+  _globals['_TEXTDELTA']._serialized_end=1588
+  _globals['_GENERATIONFINAL']._serialized_start=1590
+  _globals['_GENERATIONFINAL']._serialized_end=1714
+  _globals['_GENERATIONUSAGE']._serialized_start=1717
+  _globals['_GENERATIONUSAGE']._serialized_end=1862
+  _globals['_INFERENCESERVICE']._serialized_start=1991
+  _globals['_INFERENCESERVICE']._serialized_end=2791
 # @@protoc_insertion_point(module_scope)

@@ -74,6 +74,11 @@ class InferenceServiceStub:
                 request_serializer=maas_dot_inference_dot_v1_dot_inference__service__pb2.PredictRequest.SerializeToString,
                 response_deserializer=maas_dot_inference_dot_v1_dot_inference__service__pb2.PredictResponse.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/maas.inference.v1.InferenceService/Generate',
+                request_serializer=maas_dot_inference_dot_v1_dot_inference__service__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=maas_dot_inference_dot_v1_dot_inference__service__pb2.GenerateResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -133,6 +138,16 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Generate(self, request, context):
+        """Generates text with a generative deployment, streamed as it is produced: text deltas,
+        then one final message with the finish reason and the usage. Cancelling the call stops
+        the generation at once (the tokens produced so far are charged). The same deployment
+        also answers KServe-v2 ModelStreamInfer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -170,6 +185,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.StreamPredict,
                     request_deserializer=maas_dot_inference_dot_v1_dot_inference__service__pb2.PredictRequest.FromString,
                     response_serializer=maas_dot_inference_dot_v1_dot_inference__service__pb2.PredictResponse.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=maas_dot_inference_dot_v1_dot_inference__service__pb2.GenerateRequest.FromString,
+                    response_serializer=maas_dot_inference_dot_v1_dot_inference__service__pb2.GenerateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -364,6 +384,33 @@ class InferenceService:
             '/maas.inference.v1.InferenceService/StreamPredict',
             maas_dot_inference_dot_v1_dot_inference__service__pb2.PredictRequest.SerializeToString,
             maas_dot_inference_dot_v1_dot_inference__service__pb2.PredictResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/maas.inference.v1.InferenceService/Generate',
+            maas_dot_inference_dot_v1_dot_inference__service__pb2.GenerateRequest.SerializeToString,
+            maas_dot_inference_dot_v1_dot_inference__service__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
