@@ -1,18 +1,58 @@
-"""Deployment table: what each deployment should serve, persisted across restarts.
+"""Deployment table: what each deployment should serve, persisted across restarts and shared
+by replicas.
 
-A tiny SQLite table (stdlib sqlite3) holding each deployment as JSON: the inference service
-needs no ORM, and on restart (its own or Triton's) it reloads every deployment from here.
+Each deployment is one row holding its record as JSON. The table lives in SQLite (the
+embedded default, one service instance) or in PostgreSQL (`database_url`; every replica of
+the inference service reads and writes the same table). On PostgreSQL every change also
+sends a notification on `CHANGES_CHANNEL` in the same transaction (delivered on commit, so a
+listener never sees a change before it can read it): `{"id": …, "by": <replica>}`. Other
+replicas follow it onto their own Triton (`maas_inference.replicas`). Schema changes are
+Alembic revisions in `maas_inference/migrations`, applied at start.
 """
 
 from __future__ import annotations
 
 import abc
 import json
-import sqlite3
-import threading
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from maas_runtime.database import create_database_engine, is_postgresql, migrate, sqlite_url
 from maas_runtime.errors import AlreadyExists, NotFound
+from sqlalchemy import (
+    JSON,
+    Column,
+    Connection,
+    Engine,
+    MetaData,
+    String,
+    Table,
+    delete,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+VERSION_TABLE = "alembic_version_deployments"
+"""The deployment table's own Alembic version table: it may share a database with others."""
+CHANGES_CHANNEL = "maas_deployments"
+"""The PostgreSQL NOTIFY channel of deployment changes."""
+
+metadata = MetaData()
+
+deployments = Table(
+    "deployments", metadata,
+    Column("id", String(63), primary_key=True),
+    Column("record", JSON, nullable=False),
+)
+
+LocalWriteHook = Callable[[str, dict | None], None]
+"""Called after this process committed a deployment's record (None: deleted)."""
 
 
 class DeploymentStore(abc.ABC):
@@ -34,49 +74,81 @@ class DeploymentStore(abc.ABC):
     def list(self, after: str, limit: int) -> list[tuple[str, dict]]: ...
 
 
-class SqliteDeploymentStore(DeploymentStore):
-    """DeploymentStore in one SQLite file (WAL, fsynced commits)."""
+class SqlDeploymentStore(DeploymentStore):
+    """DeploymentStore on SQLAlchemy Core: SQLite (WAL, fsynced commits) or PostgreSQL."""
 
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS deployments (id TEXT PRIMARY KEY, record TEXT NOT NULL)")
+    def __init__(self, engine: Engine, url: str = "", replica_id: str = ""):
+        self._engine = engine
+        self.url = url
+        """The database's URL, for a replica's change listener."""
+        self.replica_id = replica_id or uuid.uuid4().hex
+        """Names this process's changes in notifications, so it can tell them from others'."""
+        self.shared = is_postgresql(engine)
+        """True when replicas share the table (PostgreSQL) and changes are notified."""
+        self._local_write_hooks: list[LocalWriteHook] = []
 
-    def create(self, deployment_id: str, record: dict) -> None:
-        with self._lock:
-            try:
-                self._db.execute(
-                    "INSERT INTO deployments (id, record) VALUES (?, ?)", (deployment_id, json.dumps(record))
-                )
-            except sqlite3.IntegrityError:
-                raise AlreadyExists("deployment", f"deployments/{deployment_id}") from None
+    @classmethod
+    def open(cls, url: str, replica_id: str = "") -> SqlDeploymentStore:
+        """The deployment table at SQLAlchemy `url`, migrated to the newest schema first."""
+        engine = create_database_engine(url)
+        migrate(engine, MIGRATIONS, VERSION_TABLE)
+        return cls(engine, url, replica_id)
 
-    def get(self, deployment_id: str) -> dict:
-        with self._lock:
-            row = self._db.execute("SELECT record FROM deployments WHERE id = ?", (deployment_id,)).fetchone()
-        if row is None:
-            raise NotFound("deployment", f"deployments/{deployment_id}")
-        return json.loads(row[0])
+    @classmethod
+    def open_sqlite(cls, path: Path) -> SqlDeploymentStore:
+        """The table of one service instance: a SQLite file (the embedded default)."""
+        return cls.open(sqlite_url(path))
 
-    def put(self, deployment_id: str, record: dict) -> None:
-        with self._lock:
-            self._db.execute(
-                "UPDATE deployments SET record = ? WHERE id = ?", (json.dumps(record), deployment_id)
-            )
-
-    def delete(self, deployment_id: str) -> None:
-        with self._lock:
-            self._db.execute("DELETE FROM deployments WHERE id = ?", (deployment_id,))
-
-    def list(self, after: str, limit: int) -> list[tuple[str, dict]]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT id, record FROM deployments WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
-            ).fetchall()
-        return [(deployment_id, json.loads(record)) for deployment_id, record in rows]
+    def on_local_write(self, hook: LocalWriteHook) -> None:
+        """Call `hook` after each change this process commits (the replica follower's view
+        of what the local controller applied itself)."""
+        self._local_write_hooks.append(hook)
 
     def close(self) -> None:
-        self._db.close()
+        self._engine.dispose()
+
+    @contextmanager
+    def _write(self, deployment_id: str, record: dict | None) -> Iterator[Connection]:
+        with self._engine.begin() as connection:
+            yield connection
+            if self.shared:
+                payload = json.dumps({"id": deployment_id, "by": self.replica_id})
+                connection.execute(select(func.pg_notify(CHANGES_CHANNEL, payload)))
+        for hook in self._local_write_hooks:
+            hook(deployment_id, record)
+
+    def create(self, deployment_id: str, record: dict) -> None:
+        try:
+            with self._write(deployment_id, record) as connection:
+                connection.execute(insert(deployments).values(id=deployment_id, record=record))
+        except IntegrityError:
+            raise AlreadyExists("deployment", f"deployments/{deployment_id}") from None
+
+    def get(self, deployment_id: str) -> dict:
+        with self._engine.connect() as connection:
+            record = connection.execute(
+                select(deployments.c.record).where(deployments.c.id == deployment_id)).scalar()
+        if record is None:
+            raise NotFound("deployment", f"deployments/{deployment_id}")
+        return dict(record)
+
+    def put(self, deployment_id: str, record: dict) -> None:
+        with self._write(deployment_id, record) as connection:
+            connection.execute(update(deployments).where(deployments.c.id == deployment_id)
+                               .values(record=record))
+
+    def delete(self, deployment_id: str) -> None:
+        with self._write(deployment_id, None) as connection:
+            connection.execute(delete(deployments).where(deployments.c.id == deployment_id))
+
+    def list(self, after: str, limit: int) -> list[tuple[str, dict]]:
+        with self._engine.connect() as connection:
+            rows = connection.execute(
+                select(deployments.c.id, deployments.c.record)
+                .where(deployments.c.id > after).order_by(deployments.c.id).limit(limit)).all()
+        return [(deployment_id, dict(record)) for deployment_id, record in rows]
+
+
+def SqliteDeploymentStore(path: Path) -> SqlDeploymentStore:  # noqa: N802 (the old class name)
+    """The embedded default: one SQLite file (kept under the name callers know)."""
+    return SqlDeploymentStore.open_sqlite(path)

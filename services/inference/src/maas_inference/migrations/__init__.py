@@ -1,0 +1,1 @@
+"""Alembic scripts of the deployment table, applied by `SqlDeploymentStore.open`."""

@@ -1,0 +1,1 @@
+"""Migration scripts of the deployment table, applied in order."""

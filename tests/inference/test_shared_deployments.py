@@ -1,0 +1,197 @@
+"""The deployment table shared by inference replicas: the store on SQLite and PostgreSQL, its
+migrations, and the follower that makes every replica hear of another's change (LISTEN/NOTIFY)
+and reconcile its live routes through the controller."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import threading
+import time
+
+import pytest
+import sqlalchemy
+from maas_inference.replicas import DeploymentFollower, serving_fingerprint
+from maas_inference.store import VERSION_TABLE, SqlDeploymentStore
+from maas_runtime.errors import AlreadyExists, NotFound
+
+from tests.support.postgres import postgres_database_or_skip
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def table_url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'deployments.db'}"
+        return
+    with postgres_database_or_skip() as url:
+        yield url
+
+
+@pytest.fixture
+def postgres_url():
+    with postgres_database_or_skip() as url:
+        yield url
+
+
+def _record(deployment_id: str, version: int, state: str = "DEPLOYMENT_STATE_READY",
+            batch: int = 8) -> dict:
+    name = f"models/digits/versions/{version}"
+    return {"name": f"deployments/{deployment_id}", "model": "models/digits@prod",
+            "track_alias": False, "traffic": [], "shadow": None,
+            "serving": {"max_batch_size": batch}, "state": state, "message": "",
+            "serving_versions": [name], "resolved": {"models/digits@prod": name},
+            "etag": f"e{version}{state}{batch}"}
+
+
+def test_the_store_keeps_records_on_both_backends(table_url):
+    store = SqlDeploymentStore.open(table_url)
+    try:
+        store.create("b", _record("b", 1))
+        store.create("a", _record("a", 1))
+        with pytest.raises(AlreadyExists):
+            store.create("a", _record("a", 2))
+        store.put("a", _record("a", 2))
+        assert store.get("a")["serving_versions"] == ["models/digits/versions/2"]
+        assert [deployment_id for deployment_id, _ in store.list("", 10)] == ["a", "b"]
+        assert [deployment_id for deployment_id, _ in store.list("a", 10)] == ["b"]
+        store.delete("a")
+        with pytest.raises(NotFound):
+            store.get("a")
+        assert store.shared is table_url.startswith("postgresql")
+    finally:
+        store.close()
+
+
+def test_a_deployment_table_from_before_migrations_is_adopted(tmp_path):
+    path = tmp_path / "deployments.db"
+    with sqlite3.connect(path) as connection:  # what the service wrote with sqlite3
+        connection.execute("CREATE TABLE deployments (id TEXT PRIMARY KEY, record TEXT NOT NULL)")
+        connection.execute("INSERT INTO deployments VALUES (?, ?)",
+                           ("old", json.dumps(_record("old", 3))))
+    store = SqlDeploymentStore.open_sqlite(path)
+    try:
+        assert store.get("old") == _record("old", 3)
+        store.put("old", _record("old", 4))
+    finally:
+        store.close()
+    with sqlite3.connect(path) as connection:
+        (text,) = connection.execute("SELECT record FROM deployments").fetchone()
+    assert json.loads(text)["serving_versions"] == ["models/digits/versions/4"]
+
+
+def test_replicas_starting_together_migrate_the_deployment_table_once(postgres_url):
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    def start_replica() -> None:
+        try:
+            barrier.wait()
+            SqlDeploymentStore.open(postgres_url).close()
+        except BaseException as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start_replica) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    SqlDeploymentStore.open(postgres_url).close()  # idempotent
+    engine = sqlalchemy.create_engine(postgres_url)
+    with engine.connect() as connection:
+        versions = connection.exec_driver_sql(f"SELECT version_num FROM {VERSION_TABLE}").all()
+    engine.dispose()
+    assert versions == [("0001",)]
+
+
+class RecordingController:
+    """Stands in for a replica's controller: serves whatever `follow_table` reads."""
+
+    def __init__(self, store: SqlDeploymentStore) -> None:
+        self.store = store
+        self.live: dict[str, dict] = {}
+        self.follows: list[tuple[str, float]] = []
+        self.changed = asyncio.Event()
+
+    async def follow_table(self, deployment_id: str) -> dict | None:
+        self.follows.append((deployment_id, time.monotonic()))
+        try:
+            record = await asyncio.to_thread(self.store.get, deployment_id)
+            self.live[deployment_id] = record
+        except NotFound:
+            record = None
+            self.live.pop(deployment_id, None)
+        self.changed.set()
+        return record
+
+    def live_deployments(self) -> set[str]:
+        return set(self.live)
+
+
+async def _until(predicate, timeout: float) -> float:
+    started = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - started < timeout, "timed out"
+        await asyncio.sleep(0.01)
+    return time.monotonic() - started
+
+
+async def test_a_change_on_one_replica_is_followed_by_the_other_within_a_second(postgres_url):
+    writer = SqlDeploymentStore.open(postgres_url)
+    reader = SqlDeploymentStore.open(postgres_url)
+    controller = RecordingController(reader)
+    follower = DeploymentFollower(reader, controller, resync_seconds=60)
+    await follower.start()
+    try:
+        await asyncio.wait_for(follower.listening.wait(), 10)
+        await asyncio.to_thread(writer.create, "d", _record("d", 1, "DEPLOYMENT_STATE_CREATING"))
+        await asyncio.sleep(0.3)
+        assert controller.follows == []  # the writer is still loading it: nothing to follow
+
+        await asyncio.to_thread(writer.put, "d", _record("d", 1))
+        assert await _until(lambda: "d" in controller.live, 1.0) < 1.0
+        await asyncio.to_thread(writer.put, "d", {**_record("d", 1), "message": "note"})
+        await asyncio.sleep(0.3)
+        assert len(controller.follows) == 1  # bookkeeping only: nothing to load
+
+        await asyncio.to_thread(writer.put, "d", _record("d", 1, batch=16))
+        assert await _until(lambda: controller.live["d"]["serving"]["max_batch_size"] == 16,
+                            1.0) < 1.0
+        await asyncio.to_thread(writer.put, "d", _record("d", 2))
+        assert await _until(lambda: controller.live["d"]["serving_versions"] ==
+                            ["models/digits/versions/2"], 1.0) < 1.0
+
+        await asyncio.to_thread(reader.put, "d", _record("d", 3))  # the follower's own write
+        await asyncio.sleep(0.3)
+        assert controller.live["d"]["serving_versions"] == ["models/digits/versions/2"]
+
+        await asyncio.to_thread(writer.delete, "d")
+        assert await _until(lambda: "d" not in controller.live, 1.0) < 1.0
+        assert [deployment_id for deployment_id, _ in controller.follows] == ["d"] * 4
+    finally:
+        await follower.stop()
+        writer.close()
+        reader.close()
+
+
+async def test_changes_made_while_a_replica_was_not_listening_are_followed_on_start(
+        postgres_url):
+    writer = SqlDeploymentStore.open(postgres_url)
+    reader = SqlDeploymentStore.open(postgres_url)
+    writer.create("missed", _record("missed", 5))
+    writer.create("gone", _record("gone", 1))
+    controller = RecordingController(reader)
+    controller.live["gone"] = _record("gone", 1)
+    controller.live["stale"] = _record("stale", 1)  # deleted while this replica was away
+    follower = DeploymentFollower(reader, controller, resync_seconds=60)
+    await follower.start()
+    try:
+        await _until(lambda: "missed" in controller.live and "stale" not in controller.live, 5)
+        assert serving_fingerprint(controller.live["missed"]) == serving_fingerprint(
+            _record("missed", 5))
+        assert "gone" not in {deployment_id for deployment_id, _ in controller.follows}
+    finally:
+        await follower.stop()
+        writer.close()
+        reader.close()
