@@ -11,8 +11,9 @@ task writes in batches every `flush_seconds` and on shutdown (`close`). Durabili
 - a Predict record may wait up to `flush_seconds` (default 1 s): a kill -9 loses at most the
   Predict records of the last flush interval (and the data plane's counts since its last poll).
 
-The store is SQL (SQLAlchemy Core): SQLite at `<state_dir>/usage.db` by default, PostgreSQL
-when the inference service's `database_url` is set (the table is created when missing).
+The store is SQL (SQLAlchemy Core, engines from `maas_runtime.database`): SQLite at
+`<state_dir>/usage.db` by default, the service's PostgreSQL when its `database_url` is set;
+the schema is Alembic revisions in `maas_inference/usage_migrations`, applied at start.
 
 Typical use (the composition root):
 
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from maas_runtime.auth import Principal, Role
+from maas_runtime.database import create_database_engine, migrate, sqlite_url
 from maas_runtime.errors import InvalidArgument
 from maas_runtime.filtering import (
     FilterExpr,
@@ -59,8 +61,6 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
-    create_engine,
-    event,
     func,
     insert,
     select,
@@ -70,6 +70,9 @@ from sqlalchemy.sql.elements import ColumnElement
 _log = logging.getLogger(__name__)
 
 USAGE_DB_FILENAME = "usage.db"
+MIGRATIONS = Path(__file__).parent / "usage_migrations"
+VERSION_TABLE = "alembic_version_usage"
+"""The ledger's own Alembic version table: it shares the database with the deployments."""
 DEFAULT_FLUSH_SECONDS = 1.0
 MAX_BUFFERED_RECORDS = 100_000
 """Beyond this many unwritten records (the database down for long) the oldest are dropped
@@ -170,28 +173,6 @@ def _aware(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
-def create_usage_engine(database_url: str, state_dir: Path) -> Engine:
-    """The ledger's engine: `database_url` (PostgreSQL) when set, else SQLite (WAL, fsynced
-    commits) at `<state_dir>/usage.db`."""
-    if database_url and not database_url.startswith("sqlite"):
-        return create_engine(database_url, pool_pre_ping=True, pool_size=4, max_overflow=4)
-    if not database_url:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        database_url = f"sqlite:///{state_dir / USAGE_DB_FILENAME}"
-    engine = create_engine(database_url, connect_args={"check_same_thread": False,
-                                                        "timeout": 30})
-
-    @event.listens_for(engine, "connect")
-    def _pragmas(dbapi_connection: Any, _record: Any) -> None:
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=FULL")  # a committed record survives a power cut
-        cursor.execute("PRAGMA busy_timeout=30000")
-        cursor.close()
-
-    return engine
-
-
 class UsageStore(abc.ABC):
     """Where usage records live."""
 
@@ -228,12 +209,15 @@ class SqlUsageStore(UsageStore):
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        # One schema version so far; a migration earns its place with the second.
-        metadata.create_all(engine)
 
     @classmethod
     def open(cls, database_url: str, state_dir: Path) -> SqlUsageStore:
-        return cls(create_usage_engine(database_url, state_dir))
+        """The ledger at `database_url` (the service's shared database) or, when empty, in
+        `<state_dir>/usage.db`; migrated to the newest schema first."""
+        engine = create_database_engine(
+            database_url or sqlite_url(state_dir / USAGE_DB_FILENAME))
+        migrate(engine, MIGRATIONS, VERSION_TABLE)
+        return cls(engine)
 
     def close(self) -> None:
         self._engine.dispose()
@@ -438,7 +422,7 @@ class UsageReports:
             tenant=None if principal.role >= Role.ADMIN else tenant_of(principal),
             start_time=start_time, end_time=end_time)
 
-    async def list(self, principal: Principal, filter_text: str, start_time: datetime | None,
+    async def list_page(self, principal: Principal, filter_text: str, start_time: datetime | None,
                    end_time: datetime | None, page_size: int, page_token: str) -> UsagePage:
         query = self._query(principal, filter_text, start_time, end_time)
         limit = clamp_page_size(page_size, default=100)

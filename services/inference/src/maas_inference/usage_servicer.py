@@ -69,7 +69,7 @@ class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
     async def ListUsageRecords(self, request: usage_pb2.ListUsageRecordsRequest,
                                context: grpc.aio.ServicerContext,
                                ) -> usage_pb2.ListUsageRecordsResponse:
-        page = await self._reports.list(
+        page = await self._reports.list_page(
             current_principal(), request.filter, _time(request, "start_time"),
             _time(request, "end_time"), request.page_size, request.page_token)
         return usage_pb2.ListUsageRecordsResponse(
