@@ -440,6 +440,40 @@ class DeploymentController:
         await asyncio.sleep(delay)
         await self._reload(deployment_id, attempt)
 
+    # -- replicas sharing the table (maas_inference.replicas) -------------------------------------
+
+    def live_deployments(self) -> set[str]:
+        """Ids of the deployments this replica serves now."""
+        return set(self._routes.routes())
+
+    async def follow_table(self, deployment_id: str) -> dict | None:
+        """Serve what the table holds for the deployment now, after another replica changed
+        it: load its pinned versions on this replica's Triton and switch (retired models
+        drained, then unloaded), or drop the route of a deployment that is gone. Writes
+        nothing: the replica that made the change keeps the record. Returns the record
+        followed, None when the deployment is gone; raises when loading failed (retried by
+        the caller)."""
+        async with self._lock(deployment_id):
+            try:
+                record = await asyncio.to_thread(self._store.get, deployment_id)
+            except errors.NotFound:
+                record = None
+            previous = self._routes.get(deployment_id)
+            if record is None:
+                if previous is not None:
+                    await self._routes.remove(deployment_id)
+            else:
+                self._routes.require_triton()
+                spec = {key: record[key] for key in UPDATABLE}
+                route, _ = await self._build_route(deployment_id, spec, record.get("resolved"))
+                await self._routes.switch(deployment_id, LiveRoute(
+                    route, previous.shadow_stats if previous else ShadowStats()))
+            if previous is not None:
+                retired = previous.route.models - self._routes.models_in_use()
+                await self._routes.in_flight.drained(retired, self._defaults.drain_seconds)
+                await self._unload(retired, keep=self._routes.models_in_use())
+            return record
+
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._background.add(task)

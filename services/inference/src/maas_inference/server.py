@@ -26,6 +26,7 @@ from maas_inference.dataplane import (
 from maas_inference.kserve import KServeViews
 from maas_inference.observability import TritonMetricsCollector, register_inference_metrics
 from maas_inference.predictor import Predictor
+from maas_inference.replicas import DeploymentFollower
 from maas_inference.routing import RouteTable
 from maas_inference.servicer import (
     KSERVE_ROLES,
@@ -35,7 +36,7 @@ from maas_inference.servicer import (
     add_kserve_to_server,
 )
 from maas_inference.settings import InferenceSettings
-from maas_inference.store import SqliteDeploymentStore
+from maas_inference.store import SqlDeploymentStore
 from maas_inference.triton.client import TritonClient
 from maas_inference.triton.launcher import (
     RemoteTriton,
@@ -103,6 +104,8 @@ class InferenceApp:
         self.data_plane_spans: DataPlaneSpans | None = None
         """Spans (when exported) and sampled access log lines for what the data plane serves."""
         self._background: set[asyncio.Task] = set()
+        self.follower: DeploymentFollower | None = None
+        """Follows other replicas' deployment changes (a shared table only)."""
 
     def triton_ready(self) -> bool:
         return self.supervisor.health is TritonHealth.SERVING
@@ -143,7 +146,7 @@ class InferenceApp:
                           if self.telemetry is not None and self.telemetry.exporting else ()))
         await self.registry.open()
         meter = self.telemetry.meter("maas.inference") if self.telemetry else None
-        self.store = SqliteDeploymentStore(self.settings.state_dir / "deployments.db")
+        self.store = await asyncio.to_thread(self._open_store)
         self.routes = RouteTable(self.store.get, self.triton_ready,
                                  on_changed=self._publish_routes)
         self.controller = DeploymentController(
@@ -165,6 +168,16 @@ class InferenceApp:
         await self.controller.reload_all()
         self._alias_task = asyncio.create_task(self.controller.follow_alias_moves())
         self._start_observability(meter)
+        if self.store.shared:  # replicas: follow the others' deployment changes
+            self.follower = DeploymentFollower(self.store, self.controller,
+                                               self.settings.deployment_resync_seconds)
+            await self.follower.start()
+
+    def _open_store(self) -> SqlDeploymentStore:
+        """The deployment table: `database_url` (shared by replicas), else SQLite here."""
+        if self.settings.database_url:
+            return SqlDeploymentStore.open(self.settings.database_url)
+        return SqlDeploymentStore.open_sqlite(self.settings.state_dir / "deployments.db")
 
     def _start_observability(self, meter) -> None:
         """Metrics of the data plane, Triton and shadows; the data plane's spans and sampled
@@ -204,6 +217,8 @@ class InferenceApp:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self.follower is not None:
+            await self.follower.stop()
         if self.predictor is not None:
             await self.predictor.close()
         if self.controller is not None:

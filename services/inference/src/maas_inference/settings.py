@@ -89,7 +89,13 @@ class InferenceSettings(ServiceSettings):
     database_url: str = ""
     """SQLAlchemy URL of the service's shared database (postgresql+psycopg://…) for state that
     replicas share, the usage ledger among it; empty keeps it in SQLite files in the state
-    directory (the usage ledger in `usage.db`)."""
+    directory (the usage ledger in `usage.db`). The deployment table lives there too
+    (`deployments.db` by default): every replica follows the others' deployment changes
+    (LISTEN/NOTIFY) and loads them on its own Triton."""
+
+    deployment_resync_seconds: float = Field(default=30.0, gt=0)
+    """Replicas: how often the whole deployment table is compared with the live routes, a
+    safety net for change notifications missed while the listener reconnected."""
 
     tenancy_file: str = ""
     """YAML or JSON file of per-tenant limits (requests and tokens per minute, concurrent
