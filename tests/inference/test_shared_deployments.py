@@ -9,13 +9,20 @@ import json
 import sqlite3
 import threading
 import time
+from typing import NamedTuple
 
 import pytest
 import sqlalchemy
+from maas_inference.controller import DeploymentController, ServingDefaults
 from maas_inference.replicas import DeploymentFollower, serving_fingerprint
+from maas_inference.routing import RouteTable
 from maas_inference.store import VERSION_TABLE, SqlDeploymentStore
+from maas_inference.triton.model_repository import ModelRepository
+from maas_runtime.auth import ANONYMOUS_ADMIN
 from maas_runtime.errors import AlreadyExists, NotFound
+from maas_runtime.pagination import PageTokenCodec
 
+from tests.inference.test_deployment_manager import VERSION, FakeTriton
 from tests.support.postgres import postgres_database_or_skip
 
 
@@ -195,3 +202,80 @@ async def test_changes_made_while_a_replica_was_not_listening_are_followed_on_st
         await follower.stop()
         writer.close()
         reader.close()
+
+
+# -- two controllers on one table -----------------------------------------------------------------
+
+
+class TwoVersionRegistry:
+    """models/digits/versions/1 and /2; `models/digits@prod` points at `prod`."""
+
+    def __init__(self) -> None:
+        self.prod = 1
+
+    async def resolve(self, reference: str) -> dict:
+        number = self.prod if reference.endswith("@prod") else int(reference.rsplit("/", 1)[1])
+        return {**VERSION, "name": f"models/digits/versions/{number}",
+                "artifact": {"sha256": f"{number}" * 64, "size_bytes": 3}}
+
+    async def download_model_version(self, version: dict, destination) -> None:
+        destination.write_bytes(b"abc")
+
+    async def alias_changes(self):
+        await asyncio.Event().wait()
+        yield ""
+
+
+class Replica(NamedTuple):
+    store: SqlDeploymentStore
+    controller: DeploymentController
+    routes: RouteTable
+    triton: FakeTriton
+    follower: DeploymentFollower
+
+    async def close(self) -> None:
+        await self.follower.stop()
+        await self.controller.close()
+        self.store.close()
+
+
+async def _replica(root, url: str, registry) -> Replica:
+    store = SqlDeploymentStore.open(url)
+    routes = RouteTable(store.get, lambda: True)
+    triton = FakeTriton()
+    controller = DeploymentController(
+        store, registry, triton, ModelRepository(root / "models"), root / "artifacts",
+        ServingDefaults(drain_seconds=1), routes, PageTokenCodec(b"k" * 32))
+    await controller.reload_all()
+    follower = DeploymentFollower(store, controller, resync_seconds=60)
+    await follower.start()
+    await asyncio.wait_for(follower.listening.wait(), 10)
+    return Replica(store, controller, routes, triton, follower)
+
+
+async def test_a_deployment_made_on_one_replica_is_loaded_by_the_other_within_a_second(
+        postgres_url, tmp_path):
+    registry = TwoVersionRegistry()
+    a = await _replica(tmp_path / "a", postgres_url, registry)
+    b = await _replica(tmp_path / "b", postgres_url, registry)
+    try:
+        await a.controller.create("digits", {"model": "models/digits@prod"}, ANONYMOUS_ADMIN)
+        assert await _until(lambda: b.routes.get("digits") is not None, 1.0) < 1.0
+        assert b.triton.loaded == {"digits.digits.v1"}
+        assert b.routes.get("digits").route.models == {"digits.digits.v1"}
+
+        registry.prod = 2  # a rollout on b this time (say, b heard of the alias move first)
+        await b.controller.update({"name": "deployments/digits", "model": "models/digits@prod"},
+                                  ["model"], ANONYMOUS_ADMIN)
+        assert await _until(lambda: a.triton.loaded == {"digits.digits.v2"}, 3.0) < 3.0
+        assert a.routes.get("digits").route.models == {"digits.digits.v2"}
+        view = await a.controller.get("deployments/digits", ANONYMOUS_ADMIN)
+        assert view["serving_versions"] == ["models/digits/versions/2"]
+
+        await a.controller.delete("deployments/digits", ANONYMOUS_ADMIN)
+        assert await _until(lambda: b.routes.get("digits") is None, 1.0) < 1.0
+        assert await _until(lambda: not b.triton.loaded, 3.0) < 3.0
+        assert a.triton.loaded == set()
+    finally:
+        await a.close()
+        await b.close()
