@@ -59,6 +59,17 @@ void Counters::served(const std::string& deployment_id, double latency_ms) {
   counts.latency_sum_ms += latency_ms;
 }
 
+void Counters::used(const std::string& deployment_id, const std::string& version,
+                    const std::string& principal, int rows) {
+  std::string key = deployment_id + "\n" + version + "\n" + principal;
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto found = usage_.find(key);
+  if (found == usage_.end())
+    found = usage_.emplace(key, Usage{deployment_id, version, principal}).first;
+  found->second.requests++;
+  found->second.rows += static_cast<uint64_t>(rows > 0 ? rows : 0);
+}
+
 void Counters::declined(const std::string& deployment_id) {
   std::lock_guard<std::mutex> lock(mutex_);
   by_deployment_[deployment_id].declined++;
@@ -66,9 +77,16 @@ void Counters::declined(const std::string& deployment_id) {
 
 std::string Counters::to_json() const {
   nlohmann::json deployments = nlohmann::json::object();
+  nlohmann::json usage = nlohmann::json::array();
   uint64_t served = 0, declined = 0;
   {
     std::lock_guard<std::mutex> lock(mutex_);
+    for (const auto& [key, used] : usage_)
+      usage.push_back({{"deployment", used.deployment_id},
+                       {"version", used.version},
+                       {"principal", used.principal},
+                       {"requests", used.requests},
+                       {"rows", used.rows}});
     for (const auto& [deployment_id, counts] : by_deployment_) {
       deployments[deployment_id] = {{"served", counts.served},
                                     {"declined", counts.declined},
@@ -84,7 +102,8 @@ std::string Counters::to_json() const {
                         {"open_relays", open_relays_.load()},
                         {"abandoned", abandoned_.load()},
                         {"latency_bounds_ms", latency_bounds_ms_},
-                        {"deployments", deployments}}
+                        {"deployments", deployments},
+                        {"usage", usage}}
       .dump();
 }
 
@@ -261,13 +280,17 @@ bool InferCall::admit_kserve(const Route& route) {
 
 bool InferCall::authorized(const Route& route) {
   TokenTable* tokens = plane_->tokens();
-  if (tokens == nullptr) return true;
+  if (tokens == nullptr) return !relayed_for_admission();
   auto scopes = tokens->scopes_for(metadata_value(incoming_->context, "authorization"),
                                    &principal_);
   if (scopes == nullptr) return false;
   for (const auto& target : route.targets)
     if (!TokenTable::covers(*scopes, target.model_id)) return false;
-  return true;
+  return !relayed_for_admission();
+}
+
+bool InferCall::relayed_for_admission() const {
+  return table_->relay_all || table_->relay_principals.count(principal_) > 0;
 }
 
 bool InferCall::matches_signature(
@@ -337,6 +360,7 @@ void InferCall::reply(const ::inference::ModelInferResponse& response) {
   plane_->counters().served(
       deployment_id_, std::chrono::duration<double, std::milli>(
                           std::chrono::system_clock::now() - accepted_at_).count());
+  plane_->counters().used(deployment_id_, target_->version, principal_, rows_);
   record_span("OK");
   incoming_->stream.WriteAndFinish(reply_bytes_, grpc::WriteOptions(), grpc::Status::OK,
                                    finished_.start());

@@ -47,7 +47,18 @@ class Counters {
 
   // Upper bounds (ms, ascending) of the latency histogram; set once before serving.
   void set_latency_bounds(std::vector<double> bounds_ms) { latency_bounds_ms_ = std::move(bounds_ms); }
+  // What a principal used on one deployment version: the control plane turns the growth of
+  // these counts into usage records.
+  struct Usage {
+    std::string deployment_id;
+    std::string version;
+    std::string principal;
+    uint64_t requests = 0;
+    uint64_t rows = 0;
+  };
   void served(const std::string& deployment_id, double latency_ms);
+  void used(const std::string& deployment_id, const std::string& version,
+            const std::string& principal, int rows);
   void declined(const std::string& deployment_id);  // "" when the request named none we know
   void triton_call() { triton_calls_++; }
   void abandoned() { abandoned_++; }
@@ -58,6 +69,7 @@ class Counters {
   mutable std::mutex mutex_;
   std::vector<double> latency_bounds_ms_;
   std::unordered_map<std::string, PerDeployment> by_deployment_;
+  std::unordered_map<std::string, Usage> usage_;  // key: deployment \n version \n principal
   std::atomic<uint64_t> triton_calls_{0};
   std::atomic<uint64_t> abandoned_{0};
   std::atomic<int64_t> open_relays_{0};
@@ -182,6 +194,8 @@ class InferCall : public Operations {
   bool admit();  // parse, authenticate, route and check; fills triton_request_
   bool admit_kserve(const Route& route);
   bool authorized(const Route& route);
+  // Whether the control plane must admit this principal's requests (tenant limits).
+  bool relayed_for_admission() const;
   bool matches_signature(
       const std::vector<const ::inference::ModelInferRequest::InferInputTensor*>& inputs,
       const std::vector<size_t>& byte_lengths);

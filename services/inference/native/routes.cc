@@ -77,6 +77,9 @@ std::shared_ptr<const RouteTable> RouteTable::parse(const std::string& json_line
   auto table = std::make_shared<RouteTable>();
   table->generation = document.at("generation").get<uint64_t>();
   table->triton_ready = document.at("triton_ready").get<bool>();
+  table->relay_all = document.value("relay_all", false);
+  for (const auto& principal : document.value("relay_principals", nlohmann::json::array()))
+    table->relay_principals.insert(principal.get<std::string>());
   for (const auto& [deployment_id, body] : document.at("routes").items()) {
     auto route = std::make_shared<Route>();
     size_t bucket = 0;

@@ -12,6 +12,7 @@
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 namespace maas::dataplane {
@@ -53,6 +54,10 @@ struct RouteTable {
   uint64_t generation = 0;
   bool triton_ready = false;
   std::unordered_map<std::string, std::shared_ptr<const Route>> routes;
+  // Principals whose requests the control plane must admit (tenant limits it enforces);
+  // `relay_all`: every request's. Such requests are declined here, whatever else holds.
+  bool relay_all = false;
+  std::unordered_set<std::string> relay_principals;
 
   // Parses one JSON line from the control plane; throws std::exception when malformed.
   static std::shared_ptr<const RouteTable> parse(const std::string& json_line);

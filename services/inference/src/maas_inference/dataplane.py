@@ -23,7 +23,9 @@ import logging
 import os
 import shutil
 import sys
+import time
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 
 from google.rpc import code_pb2
@@ -33,6 +35,7 @@ from opentelemetry.metrics import Observation
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from maas_inference.routing import Route, ServedModel
+from maas_inference.usage import PREDICT, UsageLedger, UsageMetrics, UsageRecord, tenant_name
 
 _log = logging.getLogger(__name__)
 _access_log = logging.getLogger("maas.access")
@@ -55,15 +58,22 @@ def find_binary(configured: str = "") -> Path:
         "install`, or set MAAS_INFERENCE_DATA_PLANE=python", reason="DATA_PLANE_MISSING")
 
 
-def route_table(routes: Mapping[str, Route], triton_ready: bool, calls_per_instance: int) -> dict:
-    """The table the data plane serves from: plain routes only (no shadow, split by rows)."""
+def route_table(routes: Mapping[str, Route], triton_ready: bool, calls_per_instance: int,
+                relay: tuple[bool, frozenset[str]] = (False, frozenset())) -> dict:
+    """The table the data plane serves from: plain routes only (no shadow, split by rows).
+
+    `relay` is (every principal, these principals): whose requests it must relay here for
+    admission, because tenant limits on requests apply to them (`TenancyConfig.request_limited`).
+    """
     plain = {
         deployment_id: {"targets": [_target(model, percent, calls_per_instance)
                                     for model, percent in route.targets]}
         for deployment_id, route in routes.items()
         if route.shadow is None and all(m.signature.splits_by_rows for m, _ in route.targets)
     }
-    return {"triton_ready": triton_ready, "routes": plain}
+    relay_all, relay_principals = relay
+    return {"triton_ready": triton_ready, "routes": plain, "relay_all": relay_all,
+            "relay_principals": sorted(relay_principals)}
 
 
 def _target(model: ServedModel, percent: int, calls_per_instance: int) -> dict:
@@ -333,6 +343,66 @@ class DataPlaneLatencyCollector:
 
 def _le(bound: float) -> str:
     return repr(float(bound))
+
+
+class DataPlaneUsage:
+    """Usage records for the requests the native data plane served itself.
+
+    The data plane counts, per deployment, version and principal, the requests it served and
+    their rows (`"usage"` in its stats, cumulative since it started). Every `poll_seconds`
+    the growth since the previous poll becomes one Predict record per (deployment, version,
+    principal) with `requests` and `rows` set, starting at the previous poll and lasting the
+    interval. A restarted data plane (a new pid) counts from zero again; what it served since
+    the last poll before it died is lost, as is the last interval on a kill -9 of this service.
+    Requests it relays here are metered by the Predictor like every other call.
+    """
+
+    def __init__(self, data_plane: NativeDataPlane, ledger: UsageLedger,
+                 metrics: UsageMetrics | None = None, poll_seconds: float = 1.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._data_plane = data_plane
+        self._ledger = ledger
+        self._metrics = metrics
+        self._poll_seconds = poll_seconds
+        self._clock = clock
+        self._seen: dict[tuple[str, str, str], tuple[int, int]] = {}
+        self._seen_pid: int | None = None
+        self._since = clock()
+
+    async def collect(self) -> int:
+        """Append the records of what was served since the last call; returns how many."""
+        stats = await self._data_plane.stats()
+        now = self._clock()
+        if self._data_plane.pid != self._seen_pid:
+            self._seen, self._seen_pid = {}, self._data_plane.pid
+        start = datetime.fromtimestamp(self._since, UTC)
+        appended = 0
+        for entry in stats.get("usage", []):
+            key = (entry["deployment"], entry["version"], entry["principal"])
+            requests, rows = int(entry["requests"]), int(entry["rows"])
+            seen_requests, seen_rows = self._seen.get(key, (0, 0))
+            self._seen[key] = (requests, rows)
+            if requests <= seen_requests:
+                continue
+            record = UsageRecord(
+                tenant=tenant_name(entry["principal"]), principal=entry["principal"],
+                deployment=entry["deployment"], version=entry["version"], kind=PREDICT,
+                start_time=start, duration_seconds=max(now - self._since, 0.0), outcome="OK",
+                requests=requests - seen_requests, rows=max(rows - seen_rows, 0))
+            self._ledger.append(record)
+            if self._metrics is not None:
+                self._metrics.record(record)
+            appended += 1
+        self._since = now
+        return appended
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._poll_seconds)
+            try:
+                await self.collect()
+            except errors.MaasError as exc:  # restarting: its counts since the last poll are lost
+                _log.debug("no data plane usage this time: %s", exc.message)
 
 
 class DataPlaneSpans:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from maas_inference.routing import (
     ShadowStats,
     parse_deployment_name,
 )
+from maas_inference.tenancy import TenancyConfigSource, TenantLimiter
 from maas_inference.tensors import (
     check_output_names,
     check_text_inputs,
@@ -56,8 +58,10 @@ class Predictor:
 
     def __init__(self, routes: RouteTable, triton: TritonClient, *,
                  coalesce_calls_per_instance: int = 1, shadow_max_in_flight: int = 64,
-                 meter: Meter | None = None) -> None:
+                 meter: Meter | None = None, limiter: TenantLimiter | None = None) -> None:
         self._routes = routes
+        self._limiter = limiter or TenantLimiter(TenancyConfigSource(None))
+        """Admits each request against its tenant's limits and records its usage."""
         self._triton = triton
         self._coalesce_calls_per_instance = coalesce_calls_per_instance
         """Calls open per Triton model instance before concurrent requests share calls."""
@@ -82,7 +86,9 @@ class Predictor:
                                              request_id)
         if target.signature.has_text_inputs:
             check_text_inputs(target.signature, request, "inputs")
-        response = await self._infer(target, request, rows, timeout)
+        async with self._limiter.admit_request(principal, deployment_id, rows) as call:
+            call.version = target.version
+            response = await self._infer(target, request, rows, timeout)
         if live.route.mirrors(request_id):
             self._mirror(live, request, response)
         return Prediction(request_id, target.version, response)
@@ -117,7 +123,9 @@ class Predictor:
         """
         deployment_id = request.model_name
         live, target, rows, request_id = self._kserve_route(request, principal)
-        response = await self._infer(target, request, rows, timeout)
+        async with self._limiter.admit_request(principal, deployment_id, rows) as call:
+            call.version = target.version
+            response = await self._infer(target, request, rows, timeout)
         if live.route.mirrors(request_id):
             self._mirror(live, request, response)
         response.model_name = deployment_id
@@ -156,32 +164,37 @@ class Predictor:
         try:
             async for request in requests:
                 deployment_id = request.model_name
+                metered = contextlib.AsyncExitStack()  # the request's admission, left below
                 try:
-                    _, target, _, _ = self._kserve_route(request, principal)
+                    _, target, rows, _ = self._kserve_route(request, principal)
+                    call = await metered.enter_async_context(
+                        self._limiter.admit_request(principal, deployment_id, rows))
                 except errors.MaasError as exc:
                     yield service_pb2.ModelStreamInferResponse(
                         error_message=exc.message, infer_response=service_pb2.ModelInferResponse(
                             model_name=deployment_id, id=request.id))
                     continue
-                asked = request.parameters.get(ENABLE_FINAL_RESPONSE)
-                caller_wants_final = asked is not None and asked.bool_param
-                request.parameters[ENABLE_FINAL_RESPONSE].bool_param = True
-                if stream is None:
-                    stream = self._triton.open_stream(timeout=timeout, metadata=trace_metadata())
-                with self._routes.in_flight.track(target.triton_model):
-                    await stream.send(request)
-                    while True:
-                        response = await stream.receive()
-                        final = is_final_response(response)
-                        if final and not caller_wants_final and _is_empty_response(response):
-                            break
-                        _as_deployment(response, deployment_id, target)
-                        if not caller_wants_final and \
-                                FINAL_RESPONSE in response.infer_response.parameters:
-                            del response.infer_response.parameters[FINAL_RESPONSE]
-                        yield response
-                        if final:
-                            break
+                call.version = target.version
+                async with metered:
+                    asked = request.parameters.get(ENABLE_FINAL_RESPONSE)
+                    caller_wants_final = asked is not None and asked.bool_param
+                    request.parameters[ENABLE_FINAL_RESPONSE].bool_param = True
+                    if stream is None:
+                        stream = self._triton.open_stream(timeout=timeout, metadata=trace_metadata())
+                    with self._routes.in_flight.track(target.triton_model):
+                        await stream.send(request)
+                        while True:
+                            response = await stream.receive()
+                            final = is_final_response(response)
+                            if final and not caller_wants_final and _is_empty_response(response):
+                                break
+                            _as_deployment(response, deployment_id, target)
+                            if not caller_wants_final and \
+                                    FINAL_RESPONSE in response.infer_response.parameters:
+                                del response.infer_response.parameters[FINAL_RESPONSE]
+                            yield response
+                            if final:
+                                break
         finally:
             if stream is not None:
                 await stream.close()

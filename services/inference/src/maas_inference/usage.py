@@ -81,9 +81,14 @@ OTHER_TENANTS = "other"
 GENERATION, PREDICT = "generation", "predict"
 
 
+def tenant_name(principal_name: str) -> str:
+    """The tenant of a principal's calls: the principal itself (tokens carry no tenant)."""
+    return principal_name
+
+
 def tenant_of(principal: Principal) -> str:
-    """The tenant a call counts against: its token's principal (tokens carry no tenant)."""
-    return principal.name
+    """The tenant a call counts against."""
+    return tenant_name(principal.name)
 
 
 @dataclass(frozen=True)
