@@ -3,10 +3,11 @@
 deploy/helm/schema/base.json holds the values every service chart shares (image, probes,
 TLS, auth, metrics, NetworkPolicy, ...); deploy/helm/schema/<chart>.json holds a chart's own
 title, its required keys and its own properties (its `settings`, registry's database, the
-inference chart's Triton, ...). The merge is the base's properties followed by the chart's
-(a chart may not redefine a base property), and the base's required keys followed by the
-chart's. `--check` fails when a committed schema differs from what this script writes, so
-the schemas cannot drift apart.
+inference chart's Triton, ...), and may `include` fragments that several charts share (e.g.
+"jobs": deploy/helm/schema/jobs.json, the values of the charts of services that run jobs).
+The merge is the base's properties, then the fragments', then the chart's (none may redefine
+another's), with the required keys in the same order. `--check` fails when a committed schema
+differs from what this script writes, so the schemas cannot drift apart.
 """
 
 from __future__ import annotations
@@ -30,24 +31,35 @@ def _load(path: Path) -> dict[str, Any]:
     return loaded
 
 
-def merged_schema(base: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
-    """The chart's values schema: the base with the chart's title, properties and required keys."""
-    clashes = sorted(set(base["properties"]) & set(own["properties"]))
-    if clashes:
-        raise ValueError(f"chart schema redefines base properties {clashes}")
+def merged_schema(base: dict[str, Any], own: dict[str, Any],
+                  fragments: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The chart's values schema: the base, the fragments the chart includes, then the chart's
+    own properties and required keys, under the chart's title."""
+    fragments = fragments or {}
+    parts = [base, *(fragments[name] for name in own.get("include", [])), own]
+    properties: dict[str, Any] = {}
+    required: list[str] = []
+    for part in parts:
+        clashes = sorted(set(properties) & set(part["properties"]))
+        if clashes:
+            raise ValueError(f"chart schema redefines base properties {clashes}")
+        properties.update(part["properties"])
+        required.extend(part["required"])
     return {
         "$schema": base["$schema"],
         "title": own["title"],
         "type": "object",
         "additionalProperties": False,
-        "required": [*base["required"], *own["required"]],
-        "properties": {**base["properties"], **own["properties"]},
+        "required": required,
+        "properties": properties,
     }
 
 
 def render(chart: str) -> str:
     """The text of the chart's values.schema.json."""
-    schema = merged_schema(_load(SCHEMA_DIR / "base.json"), _load(SCHEMA_DIR / f"{chart}.json"))
+    own = _load(SCHEMA_DIR / f"{chart}.json")
+    fragments = {name: _load(SCHEMA_DIR / f"{name}.json") for name in own.get("include", [])}
+    schema = merged_schema(_load(SCHEMA_DIR / "base.json"), own, fragments)
     return json.dumps(schema, indent=2) + "\n"
 
 

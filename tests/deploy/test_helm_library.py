@@ -116,3 +116,19 @@ def test_a_chart_part_may_not_redefine_a_base_property():
 
 def test_the_generator_lives_under_tools():
     assert Path(gen_helm_schemas.__file__).resolve() == REPO / "tools" / "gen_helm_schemas.py"
+
+
+def test_the_job_service_charts_include_the_shared_jobs_fragment():
+    fragment = json.loads((HELM_DIR / "schema" / "jobs.json").read_text())
+    for chart in SERVICES:
+        schema = json.loads((HELM_DIR / chart / "values.schema.json").read_text())
+        includes = chart in ("trainer", "compressor")
+        assert ("kubernetesJobs" in schema["properties"]) is includes, chart
+        if includes:
+            assert schema["properties"]["kubernetesJobs"] == fragment["properties"]["kubernetesJobs"]
+            assert "kubernetesJobs" in schema["required"]
+    base = json.loads((HELM_DIR / "schema" / "base.json").read_text())
+    with pytest.raises(ValueError, match="kubernetesJobs"):
+        gen_helm_schemas.merged_schema(
+            base, {"title": "t", "include": ["jobs"], "required": [],
+                   "properties": {"kubernetesJobs": {"type": "object"}}}, {"jobs": fragment})

@@ -31,8 +31,8 @@ spec:
       {{- end }}
     spec:
       serviceAccountName: {{ include "maas.serviceAccountName" . }}
-      # The services never call the Kubernetes API.
-      automountServiceAccountToken: false
+      # Only a service that runs its jobs as Kubernetes Jobs calls the Kubernetes API.
+      automountServiceAccountToken: {{ include "maas.kubernetesJobs.enabled" . | eq "true" }}
       # Service links would inject e.g. MAAS_REGISTRY_PORT=tcp://10.0.0.1:50051 for a Service
       # named maas-registry: a clash with the services' own MAAS_<NAME>_* settings.
       enableServiceLinks: false

@@ -3,7 +3,7 @@ A service chart's templates/networkpolicy.yaml is one line: include "maas.networ
 
 Ingress: the gRPC port from the suite's services that call this one ("<chart>.callers", a
 list of logical names, e.g. the registry's trainer, compressor and inference; their server
-pods and the job pods they start) and from networkPolicy.clients; the metrics port from
+pods) and from networkPolicy.clients; the metrics port from
 networkPolicy.prometheus. Egress: DNS, Consul, PostgreSQL, OTLP, the gRPC port of the peers
 the service calls ("<chart>.calls"), then "<chart>.egress" (the chart's own rules, e.g. the
 inference service's Triton) and networkPolicy.extraEgress. */}}
@@ -90,13 +90,14 @@ spec:
 {{- end }}
 {{- end -}}
 
-{{/* matchExpressions naming the server pods and job pods of MaaS services by logical name
-(the Triton pods of the inference chart are neither). A list of names. */}}
+{{/* matchExpressions naming the server pods of MaaS services by logical name (neither the
+Triton pods of the inference chart nor the job pods of the trainer and compressor, which call
+no service). A list of names. */}}
 {{- define "maas.suitePodSelector" -}}
 - key: app.kubernetes.io/name
   operator: In
   values: {{ toJson . }}
 - key: app.kubernetes.io/component
   operator: In
-  values: ["server", "job"]
+  values: ["server"]
 {{- end -}}

@@ -8,6 +8,7 @@ _helpers.tpl as "<chart name>.env", ".volumes", ".volumeMounts" and ".validate")
 - name: MAAS_TRAINER_REGISTRY_TARGET
   value: {{ . | quote }}
 {{- end }}
+{{- include "maas.kubernetesJobs.env" . }}
 {{- end -}}
 
 {{/* torch worker processes share tensors through /dev/shm, which a container caps at 64 MiB. */}}
@@ -26,13 +27,14 @@ _helpers.tpl as "<chart name>.env", ".volumes", ".volumeMounts" and ".validate")
 {{/* The job table is SQLite on this pod's state volume: a second replica would run a second,
 disjoint queue. */}}
 {{- define "trainer.validate" -}}
+{{- include "maas.kubernetesJobs.validate" . -}}
 {{- if or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1) -}}
 {{- fail "the trainer runs one replica: its job table is SQLite on its own state volume, so another replica would keep a second, disjoint queue (keep replicaCount 1 and autoscaling.enabled false; give it more worker slots instead)" -}}
 {{- end -}}
 {{- end -}}
 
 {{/* NetworkPolicy (maas.networkpolicy): only clients call the trainer (no suite service
-does); it calls the registry (its job pods too, which carry its name and component "job"). */}}
+does); it calls the registry, and the API server when it runs jobs on Kubernetes. */}}
 {{- define "trainer.callers" -}}
 []
 {{- end -}}
@@ -42,4 +44,5 @@ does); it calls the registry (its job pods too, which carry its name and compone
 {{- end -}}
 
 {{- define "trainer.egress" -}}
+{{- include "maas.kubernetesJobs.egress" . }}
 {{- end -}}
