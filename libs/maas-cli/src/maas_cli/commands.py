@@ -2,12 +2,14 @@
 
 models / versions / datasets (list, get, upload, download, delete), alias set, lineage,
 train and compress (live progress from the jobs' Watch streams), jobs (list, get, cancel),
-deploy, rollout, deployments (list, get, delete), predict, status and token.
+deploy, rollout, deployments (list, get, delete), predict, usage, status and token.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -522,6 +524,66 @@ def _json_array(value: Any, dtype: str, field_path: str) -> np.ndarray:
 
 
 # Status and tokens --------------------------------------------------------------------------
+
+# Usage --------------------------------------------------------------------------------------
+
+_RELATIVE_TIME = re.compile(r"(\d+)([smhd])")
+_SECONDS_PER_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(text: str, now: datetime | None = None) -> datetime | None:
+    """`--since`: a duration back from now (`90s`, `30m`, `2h`, `7d`) or an ISO 8601 time
+    (UTC unless it names its offset); "" is no bound."""
+    text = text.strip()
+    if not text:
+        return None
+    relative = _RELATIVE_TIME.fullmatch(text)
+    if relative:
+        seconds = int(relative.group(1)) * _SECONDS_PER_UNIT[relative.group(2)]
+        return (now or datetime.now(UTC)) - timedelta(seconds=seconds)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidArgument.for_field(
+            "since", f"{text!r} is neither a duration (30m, 2h, 7d) nor an ISO 8601 time",
+            reason="TIME_INVALID") from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _usage_row(record) -> dict[str, Any]:
+    return {"start": record.start_time.ToDatetime(tzinfo=UTC).isoformat(timespec="seconds"),
+            "tenant": record.tenant, "deployment": record.deployment.removeprefix("deployments/"),
+            "kind": record.kind, "requests": record.requests, "rows": record.rows,
+            "tokens": f"{record.prompt_tokens}+{record.completion_tokens}",
+            "seconds": record.duration_seconds, "outcome": record.outcome}
+
+
+def usage(ctx: typer.Context,
+          tenant: str = typer.Option("", help="only this tenant's usage"),
+          deployment: str = typer.Option("", help="only this deployment's usage"),
+          since: str = typer.Option("", help="from this long ago (30m, 2h, 7d) or an ISO time"),
+          summary: bool = typer.Option(False, help="sums instead of records"),
+          group_by: str = typer.Option("tenant", help="--summary: tenant, deployment, "
+                                       "tenant,deployment or '' (one total)"),
+          limit: int = typer.Option(100, min=0, help="at most this many records (0: all)")):
+    """Usage recorded by the inference service: generations and predictions per tenant."""
+    client, start = state(ctx).client(), parse_since(since)
+    if summary:
+        totals = client.usage_summary(tenant=tenant, deployment=deployment, since=start,
+                                      group_by=group_by)
+        state(ctx).output.table(
+            ({"tenant": t.tenant, "deployment": t.deployment.removeprefix("deployments/"),
+              "requests": t.requests, "rows": t.rows, "prompt tokens": t.prompt_tokens,
+              "completion tokens": t.completion_tokens} for t in totals),
+            ("tenant", "deployment", "requests", "rows", "prompt tokens", "completion tokens"),
+            data=totals)
+        return
+    records = client.usage(tenant=tenant, deployment=deployment, since=start, limit=limit)
+    state(ctx).output.table(
+        (_usage_row(r) for r in records),
+        ("start", "tenant", "deployment", "kind", "requests", "rows", "tokens", "seconds",
+         "outcome"), data=records)
+
 
 def status(ctx: typer.Context):
     """Health of every service and whether Triton is ready; exits 5 unless all are."""

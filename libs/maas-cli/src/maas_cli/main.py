@@ -66,7 +66,7 @@ app.add_typer(commands.deployments, name="deployments")
 app.add_typer(commands.token, name="token")
 app.add_typer(commands.importer, name="import")
 for command in (commands.lineage, commands.train, commands.compress, commands.deploy,
-                commands.rollout, commands.predict, commands.status):
+                commands.rollout, commands.predict, commands.usage, commands.status):
     app.command()(command)
 
 

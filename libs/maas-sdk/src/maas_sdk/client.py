@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import errno
+import json
 import os
 import re
 import tempfile
@@ -30,6 +31,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -47,6 +49,8 @@ from maas.inference.v1 import (
     deployment_pb2,
     inference_service_pb2 as inf,
     inference_service_pb2_grpc,
+    usage_pb2,
+    usage_pb2_grpc,
 )
 from maas.registry.v1 import (
     audit_pb2,
@@ -826,6 +830,45 @@ class Client:
             max_message_bytes=MAX_MESSAGE_BYTES, options=options)
         return inference_service_pb2_grpc.InferenceServiceStub(self._predict_channel)
 
+    # Usage -------------------------------------------------------------------------------------
+
+    def usage(self, *, tenant: str = "", deployment: str = "", since: datetime | None = None,
+              until: datetime | None = None, filter: str = "",
+              limit: int = 0) -> list[usage_pb2.UsageRecord]:
+        """Usage records of the inference service, newest first: one per generation and per
+        Predict (the data plane's grouped per few seconds). A non-admin token sees its own
+        tenant's only. `limit` > 0 stops after that many."""
+        request = usage_pb2.ListUsageRecordsRequest(
+            page_size=min(limit, PAGE_SIZE) if limit > 0 else PAGE_SIZE,
+            filter=_usage_filter(tenant, deployment, filter))
+        _set_time_range(request, since, until)
+        records: list[usage_pb2.UsageRecord] = []
+        while True:
+            page = self._call("inference", usage_pb2_grpc.UsageServiceStub, "ListUsageRecords",
+                              request)
+            records.extend(page.usage_records)
+            if not page.next_page_token or 0 < limit <= len(records):
+                return records[:limit] if limit > 0 else records
+            request.page_token = page.next_page_token
+
+    def usage_summary(self, *, tenant: str = "", deployment: str = "",
+                      since: datetime | None = None, until: datetime | None = None,
+                      filter: str = "", group_by: str = "tenant") -> list[usage_pb2.UsageTotals]:
+        """Requests, rows and tokens summed per `group_by`: "tenant", "deployment",
+        "tenant,deployment" or "" (one total)."""
+        groupings = {"tenant": usage_pb2.USAGE_GROUPING_TENANT,
+                     "deployment": usage_pb2.USAGE_GROUPING_DEPLOYMENT,
+                     "tenant,deployment": usage_pb2.USAGE_GROUPING_TENANT_AND_DEPLOYMENT,
+                     "": usage_pb2.USAGE_GROUPING_NONE}
+        if group_by not in groupings:
+            raise InvalidArgument.for_field("group_by", f"must be one of {sorted(groupings)}",
+                                            reason="GROUPING_UNKNOWN")
+        request = usage_pb2.SummarizeUsageRequest(
+            filter=_usage_filter(tenant, deployment, filter), group_by=groupings[group_by])
+        _set_time_range(request, since, until)
+        return list(self._call("inference", usage_pb2_grpc.UsageServiceStub, "SummarizeUsage",
+                               request).totals)
+
     # Tokens (local suite) --------------------------------------------------------------------
 
     @property
@@ -884,6 +927,23 @@ class Client:
             return ServiceStatus("triton", self._where("inference"), "UNREACHABLE", error.message)
         return ServiceStatus("triton", self._where("inference"),
                              "READY" if reply.ready else "NOT_READY")
+
+
+def _usage_filter(tenant: str, deployment: str, extra: str) -> str:
+    """The AIP-160 filter of `client.usage`: tenant, deployment id and the caller's own."""
+    terms = [f"{name} = {json.dumps(value, ensure_ascii=False)}" for name, value in (
+        ("tenant", tenant), ("deployment", deployment.removeprefix("deployments/")))
+        if value]
+    if extra.strip():
+        terms.append(f"({extra})")
+    return " AND ".join(terms)
+
+
+def _set_time_range(request: Any, since: datetime | None, until: datetime | None) -> None:
+    for field_name, value in (("start_time", since), ("end_time", until)):
+        if value is not None:
+            getattr(request, field_name).FromDatetime(
+                value if value.tzinfo is not None else value.astimezone())
 
 
 def _carries_status(rpc_error: grpc.RpcError) -> bool:
