@@ -4,6 +4,8 @@
   (`maas_formats.package`, schema in `maas_formats.manifest`);
 - TorchScript, ONNX and zipped Hugging Face models, checked as opaque files
   (`maas_formats.opaque`), all reachable through `validate_model_artifact`;
+- GGUF files, whose header is read as data (`maas_formats.gguf`), and zipped Hugging Face
+  causal LMs (`validate_causal_lm`);
 - NPZ, CSV and text CSV datasets (`maas_formats.datasets`).
 
 torch helpers live in `maas_formats.torch_io`, which is not imported here so that the registry
@@ -41,6 +43,8 @@ from maas_formats.manifest import (
 )
 from maas_formats.opaque import (
     HfTransformerInfo,
+    is_causal_lm_config,
+    validate_causal_lm,
     validate_hf_transformer,
     validate_onnx,
     validate_torchscript,
@@ -90,6 +94,8 @@ __all__ = [
     "signature_from_manifest",
     "validate_dataset",
     "validate_hf_transformer",
+    "validate_causal_lm",
+    "is_causal_lm_config",
     "sniff_model_format",
     "validate_model_artifact",
     "validate_model_package",

@@ -8,16 +8,22 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from maas_runtime import contract_enums
 from maas_runtime.errors import InvalidArgument
 
+from maas_formats.gguf import GgufHeader, read_gguf_header
 from maas_formats.manifest import ModelManifest, ModelSignature
-from maas_formats.opaque import validate_hf_transformer, validate_onnx, validate_torchscript
+from maas_formats.opaque import (
+    validate_causal_lm,
+    validate_hf_transformer,
+    validate_onnx,
+    validate_torchscript,
+)
 from maas_formats.package import validate_model_package
 
-MODEL_FORMATS = ("maas-package", "torchscript", "onnx", "hf-transformer")
+MODEL_FORMATS = ("maas-package", "torchscript", "onnx", "hf-transformer", "gguf", "causal-lm")
 
 # The contracts' enum value names (maas.registry.v1.ModelFormat / DatasetFormat) → the format
 # names used here and stored by the registry; the one translation every service uses.
@@ -26,6 +32,8 @@ MODEL_FORMAT_BY_PROTO_NAME: Mapping[str, str] = {
     contract_enums.MODEL_FORMAT_TORCHSCRIPT: "torchscript",
     contract_enums.MODEL_FORMAT_ONNX: "onnx",
     contract_enums.MODEL_FORMAT_HF_TRANSFORMER: "hf-transformer",
+    contract_enums.MODEL_FORMAT_GGUF: "gguf",
+    contract_enums.MODEL_FORMAT_CAUSAL_LM: "causal-lm",
 }
 DATASET_FORMAT_BY_PROTO_NAME: Mapping[str, str] = {
     contract_enums.DATASET_FORMAT_NPZ: "npz",
@@ -33,6 +41,9 @@ DATASET_FORMAT_BY_PROTO_NAME: Mapping[str, str] = {
     contract_enums.DATASET_FORMAT_TEXT_CSV: "text-csv",
 }
 _PROTO_NAME_BY_MODEL_FORMAT = {short: proto for proto, short in MODEL_FORMAT_BY_PROTO_NAME.items()}
+
+# Label values the registry accepts are at most 63 characters; longer facts are cut.
+MAX_FACT_LABEL_CHARS = 63
 
 SIGNATURE_REQUIRED_FORMATS = frozenset({"torchscript", "onnx"})
 """Formats whose artifact carries no signature of its own but that need one to be served
@@ -51,8 +62,13 @@ class ArtifactFacts:
     manifest: ModelManifest | None = None
     # Known whenever the weights are safetensors (maas-package, hf-transformer).
     parameter_count: int | None = None
-    # hf-transformer only: the folder inside the zip that holds config.json ("" or "name/").
+    # hf-transformer and causal-lm: the folder inside the zip that holds config.json.
     archive_root: str | None = None
+    # gguf only: the parsed header (architecture, context length, vocabulary, quantization).
+    gguf_header: GgufHeader | None = None
+    # Facts read from the artifact itself that the registry records as version labels (the
+    # uploader's own labels cannot override them): a GGUF header's "gguf.architecture", ...
+    labels: Mapping[str, str] = field(default_factory=dict)
 
 
 def _maas_package_facts(path: str | os.PathLike[str], field_path: str) -> ArtifactFacts:
@@ -84,11 +100,36 @@ def _hf_transformer_facts(path: str | os.PathLike[str], field_path: str) -> Arti
     )
 
 
+def _gguf_facts(path: str | os.PathLike[str], field_path: str) -> ArtifactFacts:
+    header = read_gguf_header(path, field_path=field_path)
+    return ArtifactFacts(
+        format_name="gguf",
+        parameter_count=header.parameter_count,
+        gguf_header=header,
+        labels={
+            f"gguf.{key}": value[:MAX_FACT_LABEL_CHARS]
+            for key, value in header.facts().items()
+            if value
+        },
+    )
+
+
+def _causal_lm_facts(path: str | os.PathLike[str], field_path: str) -> ArtifactFacts:
+    info = validate_causal_lm(path, field_path=field_path)
+    return ArtifactFacts(
+        format_name="causal-lm",
+        parameter_count=info.parameter_count,
+        archive_root=info.root,
+    )
+
+
 _VALIDATORS: Mapping[str, Callable[[str | os.PathLike[str], str], ArtifactFacts]] = {
     "maas-package": _maas_package_facts,
     "torchscript": _torchscript_facts,
     "onnx": _onnx_facts,
     "hf-transformer": _hf_transformer_facts,
+    "gguf": _gguf_facts,
+    "causal-lm": _causal_lm_facts,
 }
 
 

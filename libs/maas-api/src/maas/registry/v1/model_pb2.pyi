@@ -20,11 +20,15 @@ class ModelFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODEL_FORMAT_TORCHSCRIPT: _ClassVar[ModelFormat]
     MODEL_FORMAT_ONNX: _ClassVar[ModelFormat]
     MODEL_FORMAT_HF_TRANSFORMER: _ClassVar[ModelFormat]
+    MODEL_FORMAT_GGUF: _ClassVar[ModelFormat]
+    MODEL_FORMAT_CAUSAL_LM: _ClassVar[ModelFormat]
 MODEL_FORMAT_UNSPECIFIED: ModelFormat
 MODEL_FORMAT_MAAS_PACKAGE: ModelFormat
 MODEL_FORMAT_TORCHSCRIPT: ModelFormat
 MODEL_FORMAT_ONNX: ModelFormat
 MODEL_FORMAT_HF_TRANSFORMER: ModelFormat
+MODEL_FORMAT_GGUF: ModelFormat
+MODEL_FORMAT_CAUSAL_LM: ModelFormat
 
 class Model(_message.Message):
     __slots__ = ("name", "display_name", "description", "task", "labels", "create_time", "update_time", "etag", "latest_version_id", "aliases")

@@ -1,0 +1,539 @@
+"""A continuous-batching generation engine for a Hugging Face causal LM, in torch on CPU.
+
+One background thread owns the model. Running streams decode together: each step is one
+forward pass over all of them (batch B, one new token each) against their key/value caches,
+held as one batched cache left-padded to a common length with an attention mask hiding the
+padding, and per-row position ids so each stream sees its own positions. A new stream joins
+between steps: its prompt is prefilled alone, its first token sampled, and its cache merged
+into the batch. A stream that finishes or is cancelled leaves its row at once (the cache rows
+are dropped, and columns that only padding holds are trimmed). Waiting streams queue up to a
+bound; past it `submit` raises `GenerationQueueFull` (RESOURCE_EXHAUSTED).
+
+Each stream receives `TokenGroup`s: the text produced since the previous group (decoded from
+all of its tokens, held back while it ends inside a UTF-8 character or might be the start of
+a stop string), and a last group with the finish reason ("stop", "length" or "cancelled")
+and cumulative usage. Stop strings are text stops and are never emitted; an end-of-sequence
+token ends with "stop" and is neither emitted nor counted.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from maas_runtime.errors import InvalidArgument, MaasError, ResourceExhausted
+from pydantic import BaseModel, ConfigDict, Field
+
+from maas_llm.directory import CausalLmDirectory
+from maas_llm.prompts import PromptRenderer
+from maas_llm.sampling import SamplingParams
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+FINISH_CANCELLED = "cancelled"
+FINISH_ERROR = "error"
+
+
+class GenerationQueueFull(ResourceExhausted):
+    """The engine's waiting queue is full: retry later or elsewhere."""
+
+    default_reason = "GENERATION_QUEUE_FULL"
+
+
+class EngineSettings(BaseModel):
+    """How many streams one engine runs and queues, and the torch threads it uses."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True, frozen=True)
+
+    max_running: int = Field(default=8, ge=1, le=256)
+    """Streams decoded together in one forward pass; more wait in the queue."""
+
+    max_waiting: int = Field(default=32, ge=0, le=10_000)
+    """Streams allowed to wait for a running slot; one more is refused (RESOURCE_EXHAUSTED)."""
+
+    torch_threads: int = Field(default=0, ge=0, le=256)
+    """torch intra-op threads for the engine's forwards; 0 keeps torch's default."""
+
+    idle_poll_seconds: float = Field(default=0.05, gt=0, le=5)
+    """How often an idle engine wakes up to look for cancelled waiting streams."""
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Cumulative token counts of one stream and its time to first token."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token_s: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "time_to_first_token_s": self.time_to_first_token_s,
+        }
+
+
+@dataclass(frozen=True)
+class TokenGroup:
+    """New text of one stream; `finish_reason` is "" until the last group of the stream."""
+
+    text: str
+    finish_reason: str
+    usage: Usage
+    error: str = ""
+
+    @property
+    def final(self) -> bool:
+        return bool(self.finish_reason)
+
+
+EventCallback = Callable[[TokenGroup], None]
+
+
+class GenerationStream:
+    """One submitted generation. Iterate it for its token groups, or pass `on_event`."""
+
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        on_event: EventCallback | None,
+        is_cancelled: Callable[[], bool] | None,
+    ) -> None:
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.submitted_at = time.perf_counter()
+        self._on_event = on_event
+        self._is_cancelled = is_cancelled
+        self._cancelled = threading.Event()
+        self._events: queue.Queue[TokenGroup] = queue.Queue()
+        self.finished = threading.Event()
+
+    def cancel(self) -> None:
+        """Stop generating: the engine frees the stream's slot before its next step."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        if self._cancelled.is_set():
+            return True
+        return bool(self._is_cancelled is not None and self._is_cancelled())
+
+    def _deliver(self, event: TokenGroup) -> None:
+        if event.final:
+            self.finished.set()
+        if self._on_event is not None:
+            self._on_event(event)
+        else:
+            self._events.put(event)
+
+    def __iter__(self) -> Iterator[TokenGroup]:
+        while True:
+            event = self._events.get()
+            yield event
+            if event.final:
+                return
+
+    def text(self) -> tuple[str, TokenGroup]:
+        """Wait for the end; (the whole text, the final group)."""
+        parts = []
+        for event in self:
+            parts.append(event.text)
+            last = event
+        return "".join(parts), last
+
+
+@dataclass
+class _Row:
+    """A running stream's decoding state."""
+
+    stream: GenerationStream
+    generator: Any
+    stop_hold: int
+    generated: list[int] = field(default_factory=list)
+    seen: Any = None
+    position: int = 0
+    pending_token: int = -1
+    emitted_chars: int = 0
+    first_token_at: float | None = None
+
+
+class GenerationEngine:
+    """Continuous batching over one causal LM; `start()` it, `submit()` prompts, `stop()` it."""
+
+    def __init__(
+        self,
+        model: Any,
+        renderer: PromptRenderer,
+        *,
+        eos_token_ids: Sequence[int],
+        context_length: int,
+        settings: EngineSettings | None = None,
+    ) -> None:
+        self.model = model
+        self.renderer = renderer
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.context_length = context_length
+        self.settings = settings or EngineSettings()
+        self._waiting: deque[GenerationStream] = deque()
+        self._rows: list[_Row] = []
+        self._cache: Any = None
+        self._mask: Any = None
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    @classmethod
+    def from_directory(
+        cls, directory: str | os.PathLike[str] | CausalLmDirectory, settings: EngineSettings | None = None
+    ) -> GenerationEngine:
+        """Load a causal-LM directory in bf16 (safetensors only; pickle is refused)."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        checked = (
+            directory if isinstance(directory, CausalLmDirectory) else CausalLmDirectory.open(directory)
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            Path(checked.path), dtype=torch.bfloat16, use_safetensors=True, local_files_only=True
+        )
+        model.eval()
+        return cls(
+            model,
+            PromptRenderer.from_directory(checked),
+            eos_token_ids=checked.eos_token_ids(),
+            context_length=checked.context_length,
+            settings=settings,
+        )
+
+    # ---- public API -------------------------------------------------------------------------
+
+    def start(self) -> GenerationEngine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="generation-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel every stream and end the engine thread."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def running_streams(self) -> int:
+        return len(self._rows)
+
+    @property
+    def waiting_streams(self) -> int:
+        return len(self._waiting)
+
+    def check_prompt(
+        self, prompt: str | Sequence[int], params: SamplingParams, *, field_path: str = "text_input"
+    ) -> list[int]:
+        """The prompt's token ids; InvalidArgument if it is empty or leaves no room to generate."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidArgument.for_field(field_path, "the prompt is empty")
+            prompt_ids = self.renderer.encode(prompt)
+        else:
+            prompt_ids = [int(token) for token in prompt]
+        if not prompt_ids:
+            raise InvalidArgument.for_field(field_path, "the prompt is empty")
+        if len(prompt_ids) >= self.context_length:
+            raise InvalidArgument.for_field(
+                field_path,
+                f"the prompt has {len(prompt_ids)} tokens; the model's context is "
+                f"{self.context_length}",
+                reason="PROMPT_TOO_LONG",
+            )
+        if len(prompt_ids) + params.max_tokens > self.context_length:
+            raise InvalidArgument.for_field(
+                "max_tokens",
+                f"{params.max_tokens} new tokens after a {len(prompt_ids)}-token prompt exceed the "
+                f"model's context of {self.context_length}",
+                reason="MAX_TOKENS_BEYOND_CONTEXT",
+            )
+        return prompt_ids
+
+    def submit(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        on_event: EventCallback | None = None,
+        is_cancelled: Callable[[], bool] | None = None,
+    ) -> GenerationStream:
+        """Queue a generation; its events come through `on_event` (engine thread) or iteration."""
+        params = params or SamplingParams()
+        prompt_ids = self.check_prompt(prompt, params)
+        stream = GenerationStream(prompt_ids, params, on_event, is_cancelled)
+        with self._lock:
+            if self._stopping:
+                raise GenerationQueueFull("the generation engine is shutting down")
+            if len(self._waiting) >= self.settings.max_waiting and (
+                len(self._rows) >= self.settings.max_running or self._waiting
+            ):
+                raise GenerationQueueFull(
+                    f"{len(self._rows)} streams running and {len(self._waiting)} waiting; the "
+                    f"queue holds {self.settings.max_waiting}",
+                    metadata={"max_waiting": str(self.settings.max_waiting)},
+                    retry_delay_seconds=1.0,
+                )
+            self._waiting.append(stream)
+            self._lock.notify_all()
+        return stream
+
+    # ---- engine thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        import torch
+
+        if self.settings.torch_threads:
+            torch.set_num_threads(self.settings.torch_threads)
+        with torch.inference_mode():
+            while True:
+                with self._lock:
+                    if self._stopping:
+                        break
+                    if not self._rows and not self._waiting:
+                        self._lock.wait(self.settings.idle_poll_seconds)
+                        continue
+                    admitted: list[GenerationStream] = []
+                    while self._waiting and len(self._rows) + len(admitted) < self.settings.max_running:
+                        admitted.append(self._waiting.popleft())
+                    waiting_cancelled = [s for s in self._waiting if s.cancelled]
+                    for stream in waiting_cancelled:
+                        self._waiting.remove(stream)
+                for stream in waiting_cancelled:
+                    self._finish_unstarted(stream, FINISH_CANCELLED)
+                try:
+                    for stream in admitted:
+                        self._prefill(stream)
+                    self._drop_rows([row for row in self._rows if row.stream.cancelled], FINISH_CANCELLED)
+                    if self._rows:
+                        self._decode_step()
+                except Exception as error:  # a broken forward ends every stream, not the thread
+                    message = error.message if isinstance(error, MaasError) else repr(error)
+                    self._drop_rows(list(self._rows), FINISH_ERROR, error=message)
+        with self._lock:
+            leftover = list(self._waiting)
+            self._waiting.clear()
+        for stream in leftover:
+            self._finish_unstarted(stream, FINISH_CANCELLED)
+        self._drop_rows(list(self._rows), FINISH_CANCELLED)
+
+    def _usage(self, row_or_stream: _Row | GenerationStream) -> Usage:
+        if isinstance(row_or_stream, GenerationStream):
+            return Usage(len(row_or_stream.prompt_ids), 0, None)
+        row = row_or_stream
+        ttft = None if row.first_token_at is None else row.first_token_at - row.stream.submitted_at
+        return Usage(len(row.stream.prompt_ids), len(row.generated), ttft)
+
+    def _finish_unstarted(self, stream: GenerationStream, reason: str) -> None:
+        stream._deliver(TokenGroup("", reason, self._usage(stream)))
+
+    def _new_generator(self, seed: int | None) -> Any:
+        import torch
+
+        generator = torch.Generator()
+        generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+        return generator
+
+    def _prefill(self, stream: GenerationStream) -> None:
+        import torch
+        from transformers import DynamicCache
+
+        if stream.cancelled:
+            self._finish_unstarted(stream, FINISH_CANCELLED)
+            return
+        params = stream.params
+        row = _Row(
+            stream=stream,
+            generator=self._new_generator(params.seed),
+            stop_hold=max((len(s) for s in params.stop), default=1) - 1,
+            seen=torch.tensor(stream.prompt_ids, dtype=torch.long),
+            position=len(stream.prompt_ids),
+        )
+        input_ids = torch.tensor([stream.prompt_ids], dtype=torch.long)
+        cache = DynamicCache(config=self.model.config)
+        output = self.model(input_ids=input_ids, cache=cache, use_cache=True)
+        logits = output.logits[:, -1, :].float()
+        token = self._sample(row, logits[0])
+        if self._accept(row, token):
+            return
+        # The cache is filled in place.
+        self._merge(row, cache, len(stream.prompt_ids))
+
+    def _merge(self, row: _Row, cache: Any, length: int) -> None:
+        """Add a prefilled stream's cache to the batch, left-padding the shorter side."""
+        import torch
+        import torch.nn.functional as functional
+
+        new_mask = torch.ones((1, length), dtype=torch.long)
+        if self._cache is None:
+            self._cache, self._mask, self._rows = cache, new_mask, [row]
+            return
+        current = self._mask.shape[1]
+        width = max(current, length)
+        for batch_layer, new_layer in zip(self._cache.layers, cache.layers, strict=True):
+            for name in ("keys", "values"):
+                old = getattr(batch_layer, name)
+                new = getattr(new_layer, name)
+                merged = torch.cat(
+                    [
+                        functional.pad(old, (0, 0, width - current, 0)),
+                        functional.pad(new, (0, 0, width - length, 0)),
+                    ],
+                    dim=0,
+                )
+                setattr(batch_layer, name, merged)
+        self._mask = torch.cat(
+            [functional.pad(self._mask, (width - current, 0)), functional.pad(new_mask, (width - length, 0))],
+            dim=0,
+        )
+        self._rows.append(row)
+
+    def _decode_step(self) -> None:
+        import torch
+
+        rows = self._rows
+        input_ids = torch.tensor([[row.pending_token] for row in rows], dtype=torch.long)
+        position_ids = torch.tensor([[row.position] for row in rows], dtype=torch.long)
+        self._mask = torch.cat([self._mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
+        output = self.model(
+            input_ids=input_ids,
+            attention_mask=self._mask,
+            position_ids=position_ids,
+            cache=self._cache,
+            use_cache=True,
+        )
+        logits = output.logits[:, -1, :].float()
+        if all(row.stream.params.greedy and row.stream.params.repetition_penalty == 1.0 for row in rows):
+            tokens = logits.argmax(dim=-1).tolist()
+        else:
+            tokens = [self._sample(row, logits[index]) for index, row in enumerate(rows)]
+        finished = []
+        for row, token in zip(rows, tokens, strict=True):
+            row.position += 1
+            if self._accept(row, int(token)):
+                finished.append(row)
+        self._drop_rows(finished, None)
+
+    def _sample(self, row: _Row, logits: Any) -> int:
+        import torch
+
+        params = row.stream.params
+        if params.repetition_penalty != 1.0:
+            seen = row.seen
+            scores = logits.gather(0, seen)
+            penalty = params.repetition_penalty
+            scores = torch.where(scores < 0, scores * penalty, scores / penalty)
+            logits = logits.scatter(0, seen, scores)
+        if params.greedy:
+            return int(logits.argmax().item())
+        logits = logits / params.temperature
+        if params.top_k and params.top_k < logits.shape[-1]:
+            threshold = torch.topk(logits, params.top_k).values[-1]
+            logits = logits.masked_fill(logits < threshold, float("-inf"))
+        if params.top_p < 1.0:
+            ordered, order = torch.sort(logits, descending=True)
+            probabilities = torch.softmax(ordered, dim=-1)
+            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+            outside = probabilities.cumsum(dim=-1) - probabilities >= params.top_p
+            logits = logits.scatter(0, order, ordered.masked_fill(outside, float("-inf")))
+        probabilities = torch.softmax(logits, dim=-1)
+        return int(torch.multinomial(probabilities, 1, generator=row.generator).item())
+
+    def _accept(self, row: _Row, token: int) -> bool:
+        """Record a sampled token and deliver the text it completes; True when the stream ends."""
+        import torch
+
+        stream, params = row.stream, row.stream.params
+        if row.first_token_at is None:
+            row.first_token_at = time.perf_counter()
+        if token in self.eos_token_ids:
+            self._emit(row, self.renderer.decode(row.generated), FINISH_STOP, final_text_end=None)
+            return True
+        row.generated.append(token)
+        row.pending_token = token
+        if params.repetition_penalty != 1.0:
+            row.seen = torch.cat([row.seen, torch.tensor([token], dtype=torch.long)])
+        text = self.renderer.decode(row.generated)
+        stop_at = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
+        if stop_at >= 0:
+            self._emit(row, text, FINISH_STOP, final_text_end=stop_at)
+            return True
+        if len(row.generated) >= params.max_tokens or row.position + 1 >= self.context_length:
+            self._emit(row, text, FINISH_LENGTH, final_text_end=None)
+            return True
+        safe_end = len(text)
+        if text.endswith("\ufffd"):  # the last tokens end inside a UTF-8 character
+            safe_end = len(text.rstrip("\ufffd"))
+        if params.stop:
+            held = _stop_prefix_length(text, params.stop)
+            safe_end = min(safe_end, max(row.emitted_chars, len(text) - held))
+        if safe_end > row.emitted_chars:
+            delta = text[row.emitted_chars:safe_end]
+            row.emitted_chars = safe_end
+            stream._deliver(TokenGroup(delta, "", self._usage(row)))
+        return False
+
+    def _emit(
+        self, row: _Row, text: str, reason: str, *, final_text_end: int | None, error: str = ""
+    ) -> None:
+        end = len(text) if final_text_end is None else final_text_end
+        if reason == FINISH_LENGTH or reason == FINISH_STOP:
+            text = text[:end].rstrip("\ufffd") if final_text_end is None else text[:end]
+            end = len(text)
+        delta = text[row.emitted_chars:end] if end > row.emitted_chars else ""
+        row.emitted_chars = max(row.emitted_chars, end)
+        row.stream._deliver(TokenGroup(delta, reason, self._usage(row), error=error))
+
+    def _drop_rows(self, rows: list[_Row], reason: str | None, *, error: str = "") -> None:
+        """Remove rows from the batch (delivering `reason` to each when given)."""
+        import torch
+
+        if not rows:
+            return
+        if reason is not None:
+            for row in rows:
+                self._emit(row, "", reason, final_text_end=0, error=error)
+        dropping = {id(row) for row in rows}
+        keep = [index for index, row in enumerate(self._rows) if id(row) not in dropping]
+        if not keep:
+            self._rows, self._cache, self._mask = [], None, None
+            return
+        if len(keep) == len(self._rows):
+            return
+        indices = torch.tensor(keep, dtype=torch.long)
+        mask = self._mask.index_select(0, indices)
+        # Columns that only padding holds any more are dropped with the rows.
+        first_used = int((mask.sum(dim=0) > 0).nonzero()[0].item())
+        self._mask = mask[:, first_used:]
+        for layer in self._cache.layers:
+            layer.keys = layer.keys.index_select(0, indices)[:, :, first_used:, :]
+            layer.values = layer.values.index_select(0, indices)[:, :, first_used:, :]
+        self._rows = [self._rows[index] for index in keep]
+
+
+def _stop_prefix_length(text: str, stops: Sequence[str]) -> int:
+    """The longest end of `text` that could be the beginning of a stop string."""
+    longest = 0
+    for stop in stops:
+        for length in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:length]):
+                longest = length
+                break
+    return longest
