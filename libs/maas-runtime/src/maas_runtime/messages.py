@@ -22,10 +22,10 @@ from typing import Any, TypeVar
 
 from google.protobuf import json_format, struct_pb2
 from google.protobuf.descriptor import FieldDescriptor
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from maas.common.v1 import field_behavior_pb2
 
-from maas_runtime.errors import ViolationCollector
+from maas_runtime.errors import InvalidArgument, ViolationCollector
 
 # The ranges RFC 3339 and the protobuf JSON mapping can represent (timestamp.proto,
 # duration.proto): 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z, ±10,000 years.
@@ -93,6 +93,73 @@ def validated_request(message: M, field_path: str = "", *,
         violations.add(path, description)
     violations.raise_if_any()
     return cleaned
+
+
+def parse_request(message_type: type[M], data: bytes) -> M:
+    """A request parsed from its wire bytes by the servicer itself (registered on raw bytes),
+    so what grpc's own parsing would answer with INTERNAL is an `InvalidArgument` naming the
+    field: a string that is not UTF-8 (proto3 strings must be), or bytes that are no message
+    of the type at all (`request`)."""
+    try:
+        return message_type.FromString(data)
+    except DecodeError:
+        path = _invalid_utf8_path(message_type.DESCRIPTOR, data, "")
+        if path is not None:
+            raise InvalidArgument.for_field(path, "is not valid UTF-8 text",
+                                            reason="TEXT_NOT_UTF8") from None
+        raise InvalidArgument.for_field(
+            "request", f"is not a serialized {message_type.DESCRIPTOR.full_name}",
+            reason="REQUEST_UNPARSABLE") from None
+
+
+def _varint(data: bytes, position: int) -> tuple[int, int]:
+    value = shift = 0
+    while position < len(data):
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, position
+        shift += 7
+    raise IndexError("truncated varint")
+
+
+def _invalid_utf8_path(descriptor: Any, data: bytes, field_path: str) -> str | None:
+    """The path of the first string field whose bytes are not UTF-8, read from the wire
+    format (length-delimited fields only; None when there is none or the bytes are torn)."""
+    seen: dict[int, int] = {}
+    position = 0
+    try:
+        while position < len(data):
+            key, position = _varint(data, position)
+            number, wire_type = key >> 3, key & 7
+            if wire_type == 0:
+                _, position = _varint(data, position)
+            elif wire_type in (1, 5):
+                position += 8 if wire_type == 1 else 4
+            elif wire_type == 2:
+                length, position = _varint(data, position)
+                chunk, position = data[position:position + length], position + length
+                field = descriptor.fields_by_number.get(number)
+                if field is None:
+                    continue
+                index = seen[number] = seen.get(number, -1) + 1
+                path = _join(field_path, field.name) + (f"[{index}]" if field.is_repeated
+                                                        else "")
+                if field.type == FieldDescriptor.TYPE_STRING:
+                    try:
+                        chunk.decode("utf-8")
+                    except UnicodeDecodeError:
+                        return path
+                elif field.type == FieldDescriptor.TYPE_MESSAGE:
+                    found = _invalid_utf8_path(field.message_type, chunk, path)
+                    if found is not None:
+                        return found
+            else:
+                return None
+    except IndexError:
+        return None
+    return None
 
 
 def field_behaviors(field: FieldDescriptor) -> tuple[int, ...]:

@@ -219,7 +219,8 @@ class DeploymentController:
                            ServingSignature.from_version(signature, serving["max_batch_size"]),
                            instances=serving["instance_count"],
                            runtime=runtime_description(artifact_format, runtime,
-                                                       ships_onnx_graph=ships_onnx_graph))
+                                                       ships_onnx_graph=ships_onnx_graph),
+                           artifact=artifact)
 
     async def _build_route(self, deployment_id: str, spec: dict,
                            pinned: dict | None = None) -> tuple[Route, dict]:

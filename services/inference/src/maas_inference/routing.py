@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from maas_runtime import errors, scopes
 from maas_runtime.auth import Principal
@@ -41,6 +42,9 @@ class ServedModel:
     """Model instances in Triton: how many batches it executes at once."""
     runtime: str = ""
     """What runs it, e.g. "onnxruntime in Triton's Python backend" (reported on the deployment)."""
+    artifact: Path | None = None
+    """The version's verified artifact on local disk (a generative version's prompt renderer
+    reads its tokenizer and chat template from it)."""
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ import contextlib
 import logging
 from pathlib import Path
 
-from maas.inference.v1 import inference_service_pb2_grpc
 from maas_runtime.discovery import discovery_from_settings
 from maas_runtime.pagination import PageTokenCodec
 from maas_runtime.peers import PeerChannel, PeerTransport
@@ -23,6 +22,13 @@ from maas_inference.dataplane import (
     find_binary,
     route_table,
 )
+from maas_inference.generation import (
+    GenerationLimits,
+    GenerationMetrics,
+    Generator,
+    PromptRenderers,
+    load_prompt_facts,
+)
 from maas_inference.kserve import KServeViews
 from maas_inference.observability import TritonMetricsCollector, register_inference_metrics
 from maas_inference.predictor import Predictor
@@ -33,6 +39,7 @@ from maas_inference.servicer import (
     KSERVE_SERVICE,
     InferenceServicer,
     KServeServicer,
+    add_inference_to_server,
     add_kserve_to_server,
 )
 from maas_inference.settings import InferenceSettings
@@ -96,6 +103,7 @@ class InferenceApp:
         self.routes: RouteTable | None = None
         self.controller: DeploymentController | None = None
         self.predictor: Predictor | None = None
+        self.generator: Generator | None = None
         self.triton: TritonClient | None = None
         self._alias_task: asyncio.Task | None = None
         self._metrics_task: asyncio.Task | None = None
@@ -165,6 +173,14 @@ class InferenceApp:
             self.routes, self.triton,
             coalesce_calls_per_instance=self.settings.coalesce_calls_per_instance,
             shadow_max_in_flight=self.settings.shadow_max_in_flight, meter=meter)
+        self.generator = Generator(
+            self.routes, self.triton,
+            PromptRenderers(lambda served: load_prompt_facts(
+                served, self.settings.state_dir / "prompts")),
+            limits=GenerationLimits(
+                default_max_tokens=self.settings.generation_default_max_tokens,
+                max_stop_strings=self.settings.generation_max_stop_strings),
+            metrics=GenerationMetrics(meter))
         await self.controller.reload_all()
         self._alias_task = asyncio.create_task(self.controller.follow_alias_moves())
         self._start_observability(meter)
@@ -237,8 +253,8 @@ def build_server(settings: InferenceSettings, telemetry: Telemetry | None = None
     app = InferenceApp(settings, telemetry, discovery)
 
     def add_inference(server):
-        inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(
-            InferenceServicer(app.controller, app.predictor), server)
+        add_inference_to_server(
+            InferenceServicer(app.controller, app.predictor, app.generator), server)
 
     def add_kserve(server):
         views = KServeViews(app.controller, app.routes, lambda: app.triton)

@@ -9,12 +9,20 @@ import grpc
 from google.protobuf import empty_pb2
 from google.protobuf.message import DecodeError
 from maas.inference.v1 import deployment_pb2, inference_service_pb2, inference_service_pb2_grpc
+from maas_llm.prompts import ChatMessage
 from maas_runtime.auth import Role, current_principal
 from maas_runtime.errors import InvalidArgument, MaasError, PermissionDenied, Unimplemented
-from maas_runtime.messages import request_fields, to_message
+from maas_runtime.messages import parse_request, request_fields, to_message
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from maas_inference.controller import DeploymentController
+from maas_inference.generation import (
+    FinishReason,
+    GenerationEnd,
+    GenerationRequest,
+    Generator,
+    TextDelta,
+)
 from maas_inference.kserve import KServeViews
 from maas_inference.predictor import Predictor
 from maas_inference.tensors import TensorRule, predict_outputs
@@ -27,9 +35,11 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
 class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
     """Deployments and Predict: convert, call the controller or the predictor, convert back."""
 
-    def __init__(self, controller: DeploymentController, predictor: Predictor) -> None:
+    def __init__(self, controller: DeploymentController, predictor: Predictor,
+                 generator: Generator) -> None:
         self._controller = controller
         self._predictor = predictor
+        self._generator = generator
 
     async def CreateDeployment(self, request: inference_service_pb2.CreateDeploymentRequest,
                                context: grpc.aio.ServicerContext) -> deployment_pb2.Deployment:
@@ -83,6 +93,77 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         return inference_service_pb2.PredictResponse(
             request_id=prediction.request_id, model_version=prediction.version,
             outputs=predict_outputs(prediction.response))
+
+    async def Generate(self, request: bytes, context: grpc.aio.ServicerContext
+                       ) -> AsyncIterator[inference_service_pb2.GenerateResponse]:
+        """Registered on raw bytes (`add_inference_to_server`): text that is not UTF-8 is
+        INVALID_ARGUMENT naming its field, not grpc's INTERNAL parse failure."""
+        parsed = parse_request(inference_service_pb2.GenerateRequest, request)
+        async for event in self._generator.generate(generation_request(parsed),
+                                                    current_principal(), _deadline(context)):
+            yield generate_response(event)
+
+
+def generation_request(request: inference_service_pb2.GenerateRequest) -> GenerationRequest:
+    messages = None
+    if request.WhichOneof("input") == "conversation":
+        messages = tuple(ChatMessage(m.role, m.content) for m in request.conversation.messages)
+    return GenerationRequest(
+        deployment=request.deployment,
+        prompt=request.prompt if request.WhichOneof("input") == "prompt" else None,
+        messages=messages,
+        max_tokens=request.max_tokens if request.HasField("max_tokens") else None,
+        temperature=request.temperature if request.HasField("temperature") else None,
+        top_p=request.top_p if request.HasField("top_p") else None, top_k=request.top_k,
+        stop=tuple(request.stop), seed=request.seed if request.HasField("seed") else None,
+        repetition_penalty=(request.repetition_penalty
+                            if request.HasField("repetition_penalty") else None))
+
+
+_FINISH_REASONS = {FinishReason.STOP: inference_service_pb2.FINISH_REASON_STOP,
+                   FinishReason.LENGTH: inference_service_pb2.FINISH_REASON_LENGTH,
+                   FinishReason.CANCELLED: inference_service_pb2.FINISH_REASON_CANCELLED}
+
+
+def generate_response(event: TextDelta | GenerationEnd) -> inference_service_pb2.GenerateResponse:
+    if isinstance(event, TextDelta):
+        return inference_service_pb2.GenerateResponse(delta=inference_service_pb2.TextDelta(
+            text=event.text, token_count=event.token_count))
+    usage = inference_service_pb2.GenerationUsage(
+        prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
+        total_tokens=event.total_tokens)
+    if event.time_to_first_token is not None:
+        usage.time_to_first_token.FromNanoseconds(int(event.time_to_first_token * 1e9))
+    return inference_service_pb2.GenerateResponse(final=inference_service_pb2.GenerationFinal(
+        finish_reason=_FINISH_REASONS[event.finish_reason], usage=usage))
+
+
+def add_inference_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """Register InferenceService as its generated code does, except Generate, which takes its
+    request as raw bytes and parses it itself (`parse_request`)."""
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    class Capture:
+        """Receives the generated registration's handlers instead of a server."""
+
+        def add_generic_rpc_handlers(self, generic_handlers: object) -> None:
+            pass
+
+        def add_registered_method_handlers(self, service: str,
+                                           method_handlers: dict[str, grpc.RpcMethodHandler]
+                                           ) -> None:
+            handlers.update(method_handlers)
+
+    inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, Capture())
+    handlers["Generate"] = grpc.unary_stream_rpc_method_handler(
+        servicer.Generate,
+        response_serializer=inference_service_pb2.GenerateResponse.SerializeToString)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(INFERENCE_SERVICE, handlers),))
+    server.add_registered_method_handlers(INFERENCE_SERVICE, handlers)
+
+
+INFERENCE_SERVICE = "maas.inference.v1.InferenceService"
 
 
 KSERVE_SERVICE = "inference.GRPCInferenceService"

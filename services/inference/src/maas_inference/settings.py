@@ -115,3 +115,15 @@ class InferenceSettings(ServiceSettings):
 
     usage_metrics_max_tenants: int = Field(default=20, ge=0)
     """At most this many tenant label values besides "other" when none are configured."""
+
+    generation_default_max_tokens: int = Field(default=512, ge=1)
+    """Tokens a generation may produce when the request sets no max_tokens (capped by the room
+    its prompt leaves in the model's context)."""
+
+    generation_max_stop_strings: int = Field(default=4, ge=0)
+    """Stop strings a generation may name (each at most 64 characters)."""
+
+    openai_port: int | None = Field(default=None, ge=0, le=65535)
+    """TCP port of the OpenAI-compatible HTTP endpoint (/v1/chat/completions, /v1/completions,
+    /v1/models) on `host`, same tokens and scopes as gRPC; unset: no HTTP endpoint; 0 picks a
+    free port."""
