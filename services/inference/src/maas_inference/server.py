@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from datetime import UTC, datetime
 from pathlib import Path
 
+from maas.inference.v1 import usage_pb2_grpc
+from maas_runtime import errors
 from maas_runtime.discovery import discovery_from_settings
 from maas_runtime.pagination import PageTokenCodec
 from maas_runtime.peers import PeerChannel, PeerTransport
@@ -18,6 +21,7 @@ from maas_inference.controller import DeploymentController, ServingDefaults
 from maas_inference.dataplane import (
     DataPlaneMetrics,
     DataPlaneSpans,
+    DataPlaneUsage,
     NativeDataPlane,
     find_binary,
     route_table,
@@ -44,6 +48,7 @@ from maas_inference.servicer import (
 )
 from maas_inference.settings import InferenceSettings
 from maas_inference.store import SqlDeploymentStore
+from maas_inference.tenancy import TenancyConfigSource, TenantLimiter
 from maas_inference.triton.client import TritonClient
 from maas_inference.triton.launcher import (
     RemoteTriton,
@@ -54,6 +59,14 @@ from maas_inference.triton.launcher import (
 )
 from maas_inference.triton.lockdown import read_control_key
 from maas_inference.triton.model_repository import ModelRepository
+from maas_inference.usage import (
+    SqlUsageStore,
+    TenantLabels,
+    UsageLedger,
+    UsageMetrics,
+    UsageReports,
+)
+from maas_inference.usage_servicer import USAGE_SERVICE, UsageServicer
 
 _log = logging.getLogger(__name__)
 SERVICE_NAME = "maas.inference.v1.InferenceService"
@@ -112,6 +125,14 @@ class InferenceApp:
         self.data_plane_spans: DataPlaneSpans | None = None
         """Spans (when exported) and sampled access log lines for what the data plane serves."""
         self._background: set[asyncio.Task] = set()
+        self.tenancy = TenancyConfigSource(
+            Path(settings.tenancy_file) if settings.tenancy_file else None,
+            settings.tenancy_recheck_seconds)
+        self.ledger: UsageLedger | None = None
+        self.limiter: TenantLimiter | None = None
+        self.usage_reports: UsageReports | None = None
+        self.data_plane_usage: DataPlaneUsage | None = None
+        self._usage_tasks: list[asyncio.Task] = []
         self.follower: DeploymentFollower | None = None
         """Follows other replicas' deployment changes (a shared table only)."""
 
@@ -120,7 +141,8 @@ class InferenceApp:
 
     def _route_table(self) -> dict:
         routes = self.routes.routes() if self.routes is not None else {}
-        return route_table(routes, self.triton_ready(), self.settings.coalesce_calls_per_instance)
+        return route_table(routes, self.triton_ready(), self.settings.coalesce_calls_per_instance,
+                           relay=self.tenancy.current().request_limited())
 
     async def _publish_routes(self) -> None:
         if self.data_plane is not None:
@@ -169,10 +191,12 @@ class InferenceApp:
                             load_timeout_seconds=self.settings.model_load_timeout_seconds),
             self.routes,
             PageTokenCodec.from_secret_file(self.settings.state_dir / "page-token.key"))
+        await self._start_usage(meter)
         self.predictor = Predictor(
             self.routes, self.triton,
             coalesce_calls_per_instance=self.settings.coalesce_calls_per_instance,
-            shadow_max_in_flight=self.settings.shadow_max_in_flight, meter=meter)
+            shadow_max_in_flight=self.settings.shadow_max_in_flight, meter=meter,
+            limiter=self.limiter)
         self.generator = Generator(
             self.routes, self.triton,
             PromptRenderers(lambda served: load_prompt_facts(
@@ -194,6 +218,41 @@ class InferenceApp:
         if self.settings.database_url:
             return SqlDeploymentStore.open(self.settings.database_url)
         return SqlDeploymentStore.open_sqlite(self.settings.state_dir / "deployments.db")
+
+    async def _start_usage(self, meter) -> None:
+        """The usage ledger, tenant limits (daily quotas seeded from today's usage), the
+        limits file watch (a change republishes the data plane's table: whom it relays) and
+        the data plane's usage polling."""
+        settings = self.settings
+        store = await asyncio.to_thread(SqlUsageStore.open, settings.database_url,
+                                        settings.state_dir)
+        self.ledger = UsageLedger(store, settings.usage_flush_seconds)
+        await self.ledger.start()
+        metrics = UsageMetrics(meter, TenantLabels(
+            settings.usage_metrics_tenants, lambda: self.tenancy.current().tenants,
+            settings.usage_metrics_max_tenants)) if meter is not None else None
+        self.limiter = TenantLimiter(self.tenancy, self.ledger, metrics)
+        self.limiter.seed_today(await self.ledger.today_by_tenant(datetime.now(UTC)))
+        self.usage_reports = UsageReports(
+            self.ledger, PageTokenCodec.from_secret_file(settings.state_dir / "page-token.key"))
+        self._usage_tasks.append(asyncio.create_task(
+            self.tenancy.watch(self._publish_routes, settings.tenancy_recheck_seconds)))
+        if self.data_plane is not None:
+            self.data_plane_usage = DataPlaneUsage(self.data_plane, self.ledger, metrics,
+                                                   settings.usage_flush_seconds)
+            self._usage_tasks.append(asyncio.create_task(self.data_plane_usage.run()))
+
+    async def _stop_usage(self) -> None:
+        """The data plane's last counts taken, and every buffered record written."""
+        for task in self._usage_tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.data_plane_usage is not None:
+            with contextlib.suppress(errors.MaasError):
+                await self.data_plane_usage.collect()
+        if self.ledger is not None:
+            await self.ledger.close()
 
     def _start_observability(self, meter) -> None:
         """Metrics of the data plane, Triton and shadows; the data plane's spans and sampled
@@ -237,6 +296,7 @@ class InferenceApp:
             await self.follower.stop()
         if self.predictor is not None:
             await self.predictor.close()
+        await self._stop_usage()
         if self.controller is not None:
             await self.controller.close()
             self.store.close()
@@ -256,6 +316,10 @@ def build_server(settings: InferenceSettings, telemetry: Telemetry | None = None
         add_inference_to_server(
             InferenceServicer(app.controller, app.predictor, app.generator), server)
 
+    def add_usage(server):
+        usage_pb2_grpc.add_UsageServiceServicer_to_server(UsageServicer(app.usage_reports),
+                                                          server)
+
     def add_kserve(server):
         views = KServeViews(app.controller, app.routes, lambda: app.triton)
         add_kserve_to_server(KServeServicer(app.predictor, views, app.triton_ready), server)
@@ -263,7 +327,8 @@ def build_server(settings: InferenceSettings, telemetry: Telemetry | None = None
     server = ServiceServer(
         "inference", settings,
         [ServiceBinding(SERVICE_NAME, add_inference),
-         ServiceBinding(KSERVE_SERVICE, add_kserve, method_roles=KSERVE_ROLES)],
+         ServiceBinding(KSERVE_SERVICE, add_kserve, method_roles=KSERVE_ROLES),
+         ServiceBinding(USAGE_SERVICE, add_usage)],
         telemetry=telemetry, discovery=discovery, front_door=app.data_plane,
         request_labels=deployment_labels)
     server.before_start.append(app.start)

@@ -1,0 +1,264 @@
+"""Tenant limits and the usage ledger in the running inference service (real registry, real
+Triton, the native data plane in front): Predict and KServe ModelInfer are counted in requests
+and rows whether the data plane or the service served them; a tenant over its requests per
+minute gets RESOURCE_EXHAUSTED with QuotaFailure and RetryInfo while another tenant is served;
+a limits change applies without a restart; the UsageService shows a tenant only its own usage,
+an admin everything, and refuses bad filters, page tokens and time ranges naming the field."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import pytest_asyncio
+from google.protobuf import timestamp_pb2
+from google.rpc import error_details_pb2
+from maas.inference.v1 import (
+    deployment_pb2,
+    inference_service_pb2 as inf,
+    inference_service_pb2_grpc,
+    usage_pb2,
+    usage_pb2_grpc,
+)
+from maas.registry.v1 import registry_service_pb2 as rs, registry_service_pb2_grpc
+from maas_inference.server import build_server as build_inference
+from maas_inference.settings import InferenceSettings
+from maas_registry.server import build_server as build_registry
+from maas_registry.settings import RegistrySettings
+from maas_runtime.auth import Role, add_token
+from maas_runtime.client import open_channel
+from maas_runtime.discovery import StaticDiscovery
+from maas_runtime.grpc_errors import status_details, unpack_detail
+from tritonclient.grpc import service_pb2_grpc
+
+from tests.inference.model_packages import save_zoo_package, zoo_model
+from tests.inference.test_inference_service import batch, kserve_request, predict_request
+from tests.registry.helpers import model_upload_requests
+from tests.support.grpc_asserts import expect_error
+
+pytestmark = [pytest.mark.triton, pytest.mark.asyncio(loop_scope="session")]
+
+LIMITS = "tenants:\n  limited: {requests_per_minute: 3}\n"
+
+
+class Suite:
+    """The running services, a channel per principal, and the limits file."""
+
+    channels: dict[str, grpc.aio.Channel]
+    limits_file: Path
+
+    def predict(self, principal: str) -> inference_service_pb2_grpc.InferenceServiceStub:
+        return inference_service_pb2_grpc.InferenceServiceStub(self.channels[principal])
+
+    def usage(self, principal: str) -> usage_pb2_grpc.UsageServiceStub:
+        return usage_pb2_grpc.UsageServiceStub(self.channels[principal])
+
+    async def settle_usage(self) -> None:
+        """What the data plane served, polled now, and everything buffered, written."""
+        await self.app.data_plane_usage.collect()
+        await self.app.ledger.flush()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def suite(tmp_path_factory):
+    root: Path = tmp_path_factory.mktemp("usage")
+    s = Suite()
+    s.registry = build_registry(RegistrySettings(state_dir=root / "registry", port=0))
+    registry_port = await s.registry.start()
+    registry_channel = open_channel(f"127.0.0.1:{registry_port}", token=(
+        root / "registry" / "admin.token").read_text().strip())
+    registry = registry_service_pb2_grpc.RegistryServiceStub(registry_channel)
+    await registry.CreateModel(rs.CreateModelRequest(model_id="digits"))
+    module = zoo_model("mlp", {"hidden_sizes": [16]}, [64], seed=1)
+    package = root / "digits.safetensors"
+    save_zoo_package(package, module, kind="mlp", hyperparameters={"hidden_sizes": [16]},
+                     input_shape=[64])
+    await registry.UploadModelVersion(model_upload_requests("models/digits", package.read_bytes()))
+    await registry_channel.close()
+
+    s.limits_file = root / "limits.yaml"
+    s.limits_file.write_text(LIMITS)
+    settings = InferenceSettings(
+        state_dir=root / "inference", port=0, client_token_file=root / "registry" / "admin.token",
+        tenancy_file=str(s.limits_file), tenancy_recheck_seconds=0.2, usage_flush_seconds=0.2)
+    s.inference, s.app = build_inference(
+        settings, discovery=StaticDiscovery({"registry": [f"127.0.0.1:{registry_port}"]}))
+    port = await s.inference.start()
+    target = f"127.0.0.1:{port}"
+    tokens = {"admin": (root / "inference" / "admin.token").read_text().strip()}
+    for principal in ("limited", "free"):
+        tokens[principal] = add_token(settings.resolved_tokens_file, principal, Role.VIEWER)
+    s.channels = {name: open_channel(target, token=token) for name, token in tokens.items()}
+    await s.predict("admin").CreateDeployment(inf.CreateDeploymentRequest(
+        deployment_id="digits",
+        deployment=deployment_pb2.Deployment(model="models/digits/versions/1")))
+    await asyncio.sleep(1.2)  # the new tokens reach the data plane (it rereads once a second)
+    yield s
+    for channel in s.channels.values():
+        await channel.close()
+    await s.inference.stop(0)
+    await s.registry.stop(0)
+
+
+async def records_of(suite, tenant: str) -> list[usage_pb2.UsageRecord]:
+    reply = await suite.usage("admin").ListUsageRecords(usage_pb2.ListUsageRecordsRequest(
+        filter=f'tenant = "{tenant}"', page_size=1000))
+    return list(reply.usage_records)
+
+
+async def test_what_the_data_plane_serves_is_counted_in_requests_and_rows(suite):
+    served_before = (await suite.app.data_plane.stats())["deployments"].get(
+        "digits", {"served": 0})["served"]
+    stub = suite.predict("free")
+    for rows in (1, 2, 3):
+        await stub.Predict(predict_request("deployments/digits", batch(rows)))
+    kserve = service_pb2_grpc.GRPCInferenceServiceStub(suite.channels["free"])
+    await kserve.ModelInfer(kserve_request("digits", batch(4)))
+    served = (await suite.app.data_plane.stats())["deployments"]["digits"]["served"]
+    assert served == served_before + 4, "the unlimited tenant is served by the data plane"
+    await suite.settle_usage()
+    records = await records_of(suite, "free")
+    assert sum(r.requests for r in records) == 4
+    assert sum(r.rows for r in records) == 10
+    assert {(r.deployment, r.model_version, r.kind, r.outcome) for r in records} == {
+        ("deployments/digits", "models/digits/versions/1", "predict", "OK")}
+
+
+async def test_a_tenant_over_its_limit_is_refused_and_another_is_not(suite):
+    stub = suite.predict("limited")
+    for _ in range(3):
+        await stub.Predict(predict_request("deployments/digits", batch(2)))
+    refused = await expect_error(stub.Predict(predict_request("deployments/digits", batch(2))),
+                                 grpc.StatusCode.RESOURCE_EXHAUSTED)
+    status = status_details(refused)
+    quota = unpack_detail(status, error_details_pb2.QuotaFailure)
+    retry = unpack_detail(status, error_details_pb2.RetryInfo)
+    assert [(v.subject, v.description) for v in quota.violations] == [
+        ("tenant:limited", "requests_per_minute: 3")]
+    assert 0 < retry.retry_delay.ToNanoseconds() / 1e9 <= 60
+    kserve = service_pb2_grpc.GRPCInferenceServiceStub(suite.channels["limited"])
+    await expect_error(kserve.ModelInfer(kserve_request("digits", batch(1))),
+                       grpc.StatusCode.RESOURCE_EXHAUSTED)
+    # Another tenant is unaffected, right away.
+    await suite.predict("free").Predict(predict_request("deployments/digits", batch(1)))
+    await suite.settle_usage()
+    limited = await records_of(suite, "limited")
+    assert (sum(r.requests for r in limited), sum(r.rows for r in limited)) == (3, 6)
+
+
+async def test_a_limits_change_applies_without_a_restart(suite):
+    stub = suite.predict("limited")
+    try:
+        await stub.Predict(predict_request("deployments/digits", batch(1)))
+        pytest.fail("the test before leaves `limited` over its limit")
+    except grpc.aio.AioRpcError as refused:
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    suite.limits_file.write_text("tenants:\n  limited: {requests_per_minute: 1000}\n")
+    stamp = time.time_ns() + 1_000_000_000
+    os.utime(suite.limits_file, ns=(stamp, stamp))
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            await stub.Predict(predict_request("deployments/digits", batch(1)))
+            break
+        except grpc.aio.AioRpcError as refused:
+            assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert time.monotonic() < deadline, "the new limit never applied"
+            await asyncio.sleep(0.2)
+    # Without request limits left, the tenant goes back to the data plane: the table says so.
+    for _ in range(25):
+        if not suite.app._route_table()["relay_principals"]:
+            break
+        await asyncio.sleep(0.2)
+    assert suite.app._route_table()["relay_principals"] == ["limited"]  # still 1000/minute
+    suite.limits_file.write_text(LIMITS)
+
+
+async def test_a_tenant_sees_only_its_own_usage_and_an_admin_everything(suite):
+    await suite.settle_usage()
+    mine = await suite.usage("limited").ListUsageRecords(usage_pb2.ListUsageRecordsRequest())
+    assert mine.usage_records and {r.tenant for r in mine.usage_records} == {"limited"}
+    others = await suite.usage("limited").ListUsageRecords(
+        usage_pb2.ListUsageRecordsRequest(filter='tenant = "free"'))
+    assert list(others.usage_records) == []
+    everyone = await suite.usage("admin").SummarizeUsage(usage_pb2.SummarizeUsageRequest(
+        group_by=usage_pb2.USAGE_GROUPING_TENANT))
+    assert {t.tenant for t in everyone.totals} >= {"free", "limited"}
+    own_totals = await suite.usage("free").SummarizeUsage(usage_pb2.SummarizeUsageRequest(
+        group_by=usage_pb2.USAGE_GROUPING_TENANT_AND_DEPLOYMENT))
+    assert [(t.tenant, t.deployment) for t in own_totals.totals] == [
+        ("free", "deployments/digits")]
+    assert own_totals.totals[0].rows == sum(r.rows for r in await records_of(suite, "free"))
+
+
+async def test_usage_pages_follow_each_other_without_overlap(suite):
+    await suite.settle_usage()
+    stub, seen, token = suite.usage("admin"), [], ""
+    while True:
+        page = await stub.ListUsageRecords(usage_pb2.ListUsageRecordsRequest(
+            page_size=2, page_token=token))
+        seen.extend(r.record_id for r in page.usage_records)
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == sorted(seen, reverse=True) and len(seen) == len(set(seen)) >= 4
+
+
+async def test_bad_usage_requests_name_the_field(suite):
+    stub = suite.usage("admin")
+    await expect_error(stub.ListUsageRecords(usage_pb2.ListUsageRecordsRequest(
+        filter="tenant = ")), grpc.StatusCode.INVALID_ARGUMENT, "filter")
+    await expect_error(stub.ListUsageRecords(usage_pb2.ListUsageRecordsRequest(
+        filter="rows > 3")), grpc.StatusCode.INVALID_ARGUMENT, "filter")
+    await expect_error(stub.ListUsageRecords(usage_pb2.ListUsageRecordsRequest(
+        page_token="not-a-token")), grpc.StatusCode.INVALID_ARGUMENT, "page_token")
+    await expect_error(stub.ListUsageRecords(usage_pb2.ListUsageRecordsRequest(
+        page_size=-1)), grpc.StatusCode.INVALID_ARGUMENT, "page_size")
+    first = await stub.ListUsageRecords(usage_pb2.ListUsageRecordsRequest(page_size=1))
+    assert first.next_page_token
+    await expect_error(stub.ListUsageRecords(usage_pb2.ListUsageRecordsRequest(
+        page_size=1, page_token=first.next_page_token, filter='kind = "predict"')),
+        grpc.StatusCode.INVALID_ARGUMENT, "page_token")  # a token of another query
+    later, earlier = timestamp_pb2.Timestamp(seconds=2_000_000_000), timestamp_pb2.Timestamp(
+        seconds=1_000_000_000)
+    await expect_error(stub.SummarizeUsage(usage_pb2.SummarizeUsageRequest(
+        start_time=later, end_time=earlier)), grpc.StatusCode.INVALID_ARGUMENT, "end_time")
+    await expect_error(stub.ListUsageRecords(usage_pb2.ListUsageRecordsRequest(
+        start_time=timestamp_pb2.Timestamp(seconds=10**13))),
+        grpc.StatusCode.INVALID_ARGUMENT, "start_time")
+    await expect_error(stub.SummarizeUsage(usage_pb2.SummarizeUsageRequest(group_by=99)),
+                       grpc.StatusCode.INVALID_ARGUMENT, "group_by")
+    unauthenticated = open_channel(f"127.0.0.1:{suite.inference.port}")
+    try:
+        await expect_error(usage_pb2_grpc.UsageServiceStub(unauthenticated).ListUsageRecords(
+            usage_pb2.ListUsageRecordsRequest()), grpc.StatusCode.UNAUTHENTICATED)
+    finally:
+        await unauthenticated.close()
+
+
+async def test_predicts_relayed_to_the_service_are_counted_with_their_outcome(suite):
+    # A request the data plane declines (a bad shape) is answered by the service: refused
+    # before admission, so it is not usage; a good one through StreamPredict is.
+    stub = suite.predict("free")
+    await expect_error(stub.Predict(predict_request("deployments/digits", batch(2),
+                                                    shape=[2, 63])),
+                       grpc.StatusCode.INVALID_ARGUMENT)
+    before = sum(r.requests for r in await records_of(suite, "free"))
+
+    async def requests():
+        for rows in (2, 5):
+            yield predict_request("deployments/digits", batch(rows))
+
+    replies = [reply async for reply in stub.StreamPredict(requests())]
+    assert len(replies) == 2
+    await suite.settle_usage()
+    records = await records_of(suite, "free")
+    assert sum(r.requests for r in records) == before + 2
+    assert [r.rows for r in records[:2]] == [5, 2]
+    assert all(r.duration_seconds >= 0 for r in records)
+    assert np.all([r.outcome == "OK" for r in records])
