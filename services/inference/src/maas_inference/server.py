@@ -204,7 +204,7 @@ class InferenceApp:
             limits=GenerationLimits(
                 default_max_tokens=self.settings.generation_default_max_tokens,
                 max_stop_strings=self.settings.generation_max_stop_strings),
-            metrics=GenerationMetrics(meter))
+            metrics=GenerationMetrics(meter), limiter=self.limiter)
         await self.controller.reload_all()
         self._alias_task = asyncio.create_task(self.controller.follow_alias_moves())
         self._start_observability(meter)
