@@ -1,0 +1,99 @@
+"""Drill: two inference services on one PostgreSQL deployment table, each with its own
+bundled Triton. A deployment created through one is served by the other (heard through
+LISTEN/NOTIFY, loaded on its own Triton) with the same answers; a rollout through the second
+is followed by the first; a delete through the first leaves neither serving it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from google.protobuf import field_mask_pb2
+from maas.inference.v1 import deployment_pb2, inference_service_pb2 as inf, inference_service_pb2_grpc
+from maas.registry.v1 import registry_service_pb2_grpc
+
+from tests.inference.model_packages import save_zoo_package, zoo_model
+from tests.inference.servers import register_digits_mlp
+from tests.inference.test_inference_service import batch, logits, predict_request
+from tests.registry.helpers import model_upload_requests
+from tests.support.postgres import postgres_database_or_skip
+from tests.support.processes import RegistryProcess, inference_process
+
+pytestmark = pytest.mark.triton
+
+
+async def _first_prediction(stub, deployment: str, data: np.ndarray, timeout: float):
+    """(seconds until the deployment answered, its logits); retries while it is not loaded."""
+    started = time.monotonic()
+    while True:
+        try:
+            reply = await stub.Predict(predict_request(deployment, data), timeout=5)
+            return time.monotonic() - started, logits(reply)
+        except grpc.aio.AioRpcError as error:
+            if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND):
+                raise
+            if time.monotonic() - started > timeout:
+                raise
+            await asyncio.sleep(0.05)
+
+
+async def test_a_deployment_made_through_one_gateway_is_served_by_the_other(tmp_path):
+    with postgres_database_or_skip() as database_url:
+        registry = RegistryProcess(tmp_path / "registry")
+        await registry.start()
+        gateways = [inference_process(tmp_path, registry, name=name, database_url=database_url,
+                                      deployment_resync_seconds="5")
+                    for name in ("inference-a", "inference-b")]
+        try:
+            first = await register_digits_mlp(tmp_path, registry, hidden=16, seed=5)
+            second = zoo_model("mlp", {"hidden_sizes": [16]}, [64], seed=6)
+            package = tmp_path / "digits-2.safetensors"
+            save_zoo_package(package, second, kind="mlp", hyperparameters={"hidden_sizes": [16]},
+                             input_shape=[64])
+            async with registry.stub() as channel:
+                await registry_service_pb2_grpc.RegistryServiceStub(channel).UploadModelVersion(
+                    model_upload_requests("models/digits", package.read_bytes()))
+            await asyncio.gather(*(gateway.start(timeout=180) for gateway in gateways))
+            data = batch(4, seed=8)
+            with torch.inference_mode():
+                expected_1 = first(torch.from_numpy(data)).numpy()
+                expected_2 = second(torch.from_numpy(data)).numpy()
+            async with gateways[0].stub() as channel_a, gateways[1].stub() as channel_b:
+                a = inference_service_pb2_grpc.InferenceServiceStub(channel_a)
+                b = inference_service_pb2_grpc.InferenceServiceStub(channel_b)
+                await a.CreateDeployment(inf.CreateDeploymentRequest(
+                    deployment_id="digits",
+                    deployment=deployment_pb2.Deployment(model="models/digits/versions/1")))
+                seconds, answer = await _first_prediction(b, "deployments/digits", data, 30)
+                np.testing.assert_allclose(answer, expected_1, rtol=1e-4, atol=1e-4)
+                print(f"\nthe other gateway served the new deployment after {seconds:.2f} s")
+
+                await b.UpdateDeployment(inf.UpdateDeploymentRequest(
+                    deployment=deployment_pb2.Deployment(name="deployments/digits",
+                                                         model="models/digits/versions/2"),
+                    update_mask=field_mask_pb2.FieldMask(paths=["model"])))
+                deadline = time.monotonic() + 30
+                while True:
+                    answer = logits(await a.Predict(predict_request("deployments/digits", data)))
+                    if np.allclose(answer, expected_2, rtol=1e-4, atol=1e-4):
+                        break
+                    np.testing.assert_allclose(answer, expected_1, rtol=1e-4, atol=1e-4)
+                    assert time.monotonic() < deadline, "the first gateway never followed"
+                    await asyncio.sleep(0.05)
+                print(f"the first gateway followed the rollout after "
+                      f"{30 - (deadline - time.monotonic()):.2f} s")
+
+                await a.DeleteDeployment(inf.DeleteDeploymentRequest(name="deployments/digits"))
+                for stub in (a, b):
+                    with pytest.raises(grpc.aio.AioRpcError) as gone:
+                        await stub.Predict(predict_request("deployments/digits", data))
+                    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+        finally:
+            for gateway in gateways:
+                if gateway.process is not None:
+                    gateway.terminate()
+            registry.terminate()
