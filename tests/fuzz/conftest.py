@@ -135,7 +135,8 @@ async def fuzz_suite(tmp_path_factory):
         suite.services["inference"] = Service(
             "inference", f"127.0.0.1:{inference_port}",
             (root / "inference" / "admin.token").read_text().strip(),
-            ("maas.inference.v1.InferenceService", "inference.GRPCInferenceService"), inference)
+            ("maas.inference.v1.InferenceService", "inference.GRPCInferenceService",
+             "maas.inference.v1.UsageService"), inference)
         async with suite.channel("inference") as channel:
             deployment = await inference_service_pb2_grpc.InferenceServiceStub(
                 channel).CreateDeployment(inf.CreateDeploymentRequest(
