@@ -65,8 +65,6 @@ def build_job_server(name: str, settings: JobServiceSettings, collection: JobCol
                                   discovery=discovery, telemetry=telemetry),
         timeout_seconds=settings.registry_timeout_seconds)
     runner = runner_for(registry)
-    secret_file = (Path(settings.page_token_secret_file) if settings.page_token_secret_file
-                   else settings.state_dir / "page-token.key")
     work_root = Path(settings.jobs_dir) if settings.jobs_dir else settings.state_dir / "jobs"
     manager = JobManager(
         store=store, runner=runner, collection=collection,
@@ -77,7 +75,7 @@ def build_job_server(name: str, settings: JobServiceSettings, collection: JobCol
             watch_poll_seconds=settings.watch_poll_seconds,
             max_plain_log_lines=settings.max_logged_output_lines,
             replica_id=settings.lease_owner(), lease_seconds=settings.job_lease_seconds),
-        page_tokens=PageTokenCodec.from_secret_file(secret_file))
+        page_tokens=PageTokenCodec.from_secret_file(settings.resolved_page_token_secret_file))
     binding = binding_for(JobServiceParts(registry, runner, manager, work_root))
     server = ServiceServer(name, settings, [binding], telemetry=telemetry, discovery=discovery)
 

@@ -44,10 +44,6 @@ class JobServiceSettings(ServiceSettings, KubernetesExecutorSettings):
     """Lines a job prints outside the progress protocol that become log events; everything
     is kept in the job's `job.log`."""
 
-    page_token_secret_file: str = ""
-    """File holding the HMAC key of page tokens; defaults to `<state_dir>/page-token.key`.
-    Replicas must share it."""
-
     database_url: str = ""
     """SQLAlchemy URL of the job table; empty: SQLite (WAL) at `<state_dir>/<service>.db`.
     postgresql+psycopg://… lets several replicas share one table (one database per service:

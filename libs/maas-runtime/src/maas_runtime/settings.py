@@ -97,6 +97,11 @@ class ServiceSettings(BaseSettings):
     client_token_file: Path | None = None
     """Token this service presents to the others; defaults to the admin token file."""
 
+    page_token_secret_file: Path | None = None
+    """File holding the HMAC key of page tokens; defaults to `<state_dir>/page-token.key`.
+    Replicas of a service must share it (a listing paged through one continues through
+    another)."""
+
     @property
     def resolved_tokens_file(self) -> Path:
         return self.tokens_file or self.state_dir / "tokens.json"
@@ -108,6 +113,10 @@ class ServiceSettings(BaseSettings):
     @property
     def resolved_admin_token_file(self) -> Path:
         return self.admin_token_file or self.state_dir / "admin.token"
+
+    @property
+    def resolved_page_token_secret_file(self) -> Path:
+        return self.page_token_secret_file or self.state_dir / "page-token.key"
 
     @property
     def tls_enabled(self) -> bool:

@@ -190,7 +190,7 @@ class InferenceApp:
                             drain_seconds=self.settings.rollout_drain_seconds,
                             load_timeout_seconds=self.settings.model_load_timeout_seconds),
             self.routes,
-            PageTokenCodec.from_secret_file(self.settings.state_dir / "page-token.key"))
+            PageTokenCodec.from_secret_file(self.settings.resolved_page_token_secret_file))
         await self._start_usage(meter)
         self.predictor = Predictor(
             self.routes, self.triton,
@@ -234,7 +234,7 @@ class InferenceApp:
         self.limiter = TenantLimiter(self.tenancy, self.ledger, metrics)
         self.limiter.seed_today(await self.ledger.today_by_tenant(datetime.now(UTC)))
         self.usage_reports = UsageReports(
-            self.ledger, PageTokenCodec.from_secret_file(settings.state_dir / "page-token.key"))
+            self.ledger, PageTokenCodec.from_secret_file(settings.resolved_page_token_secret_file))
         self._usage_tasks.append(asyncio.create_task(
             self.tenancy.watch(self._publish_routes, settings.tenancy_recheck_seconds)))
         if self.data_plane is not None:

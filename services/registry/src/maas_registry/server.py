@@ -33,15 +33,14 @@ def build_registry(settings: RegistrySettings
     migrate(engine)
     store = SqlRegistryStore(engine)
     blobs = BlobStore(Path(settings.blob_dir) if settings.blob_dir else settings.state_dir / "blobs")
-    secret_file = (Path(settings.page_token_secret_file) if settings.page_token_secret_file
-                   else settings.state_dir / "page-token.key")
     limits = RegistryLimits(
         max_artifact_bytes=settings.max_artifact_bytes,
         download_chunk_bytes=settings.download_chunk_bytes,
         gc_grace_seconds=settings.gc_grace_seconds,
         event_poll_seconds=settings.event_poll_seconds)
-    registry = Registry(store, blobs, PageTokenCodec.from_secret_file(secret_file), limits,
-                        validate_model_artifact, validate_dataset)
+    page_tokens = PageTokenCodec.from_secret_file(settings.resolved_page_token_secret_file)
+    registry = Registry(store, blobs, page_tokens, limits, validate_model_artifact,
+                        validate_dataset)
     return registry, store, blobs
 
 

@@ -43,7 +43,3 @@ class RegistrySettings(ServiceSettings):
 
     event_poll_seconds: float = Field(default=0.5, gt=0)
     """How often WatchEvents looks for events committed by other replicas."""
-
-    page_token_secret_file: str = ""
-    """File holding the HMAC key of page tokens; defaults to `<state_dir>/page-token.key`.
-    Replicas must share it."""
