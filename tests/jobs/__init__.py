@@ -1,0 +1,1 @@
+"""Tests of the job machinery shared by the trainer and the compressor."""
