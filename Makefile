@@ -25,7 +25,7 @@ $(VENV)/.installed: constraints.txt $(wildcard libs/*/pyproject.toml services/*/
 	# torch first, by exact version: it takes the CPU build that lies on disk.
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -c constraints.txt $(foreach p,$(PACKAGES),-e $(p)) \
-		grpcio-tools pytest pytest-asyncio ruff mypy requests helm-python-sdk kubernetes-validate \
+		grpcio-tools pytest pytest-asyncio ruff mypy requests helm-python-sdk kubernetes-validate openai \
 		nvidia-cuda-runtime-cu12
 	touch $@
 

@@ -53,7 +53,7 @@ class WordRenderer:
 class GenerativeRegistry(TwoModelRegistry):
     async def resolve(self, reference: str) -> dict:
         version = await super().resolve(reference)
-        if "/llm/" in reference:
+        if reference.startswith("models/llm"):
             version = {**version, "signature": GENERATIVE_SIGNATURE, "max_batch_size": 0}
         return version
 

@@ -28,7 +28,7 @@ import math
 import struct
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -444,7 +444,7 @@ class Generator:
 
     async def generate(self, request: GenerationRequest, principal: Principal,
                        timeout: float | None = None
-                       ) -> AsyncIterator[TextDelta | GenerationEnd]:
+                       ) -> AsyncGenerator[TextDelta | GenerationEnd, None]:
         """Text deltas as the model produces them, then one `GenerationEnd`."""
         arrived = time.monotonic()
         validate_sampling(request, self._limits)

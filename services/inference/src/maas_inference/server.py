@@ -10,6 +10,7 @@ from pathlib import Path
 
 from maas.inference.v1 import usage_pb2_grpc
 from maas_runtime import errors
+from maas_runtime.auth import TokenStore
 from maas_runtime.discovery import discovery_from_settings
 from maas_runtime.pagination import PageTokenCodec
 from maas_runtime.peers import PeerChannel, PeerTransport
@@ -35,6 +36,7 @@ from maas_inference.generation import (
 )
 from maas_inference.kserve import KServeViews
 from maas_inference.observability import TritonMetricsCollector, register_inference_metrics
+from maas_inference.openai_http import Authenticator, OpenAiEndpoint
 from maas_inference.predictor import Predictor
 from maas_inference.replicas import DeploymentFollower
 from maas_inference.routing import RouteTable
@@ -117,6 +119,8 @@ class InferenceApp:
         self.controller: DeploymentController | None = None
         self.predictor: Predictor | None = None
         self.generator: Generator | None = None
+        self.openai: OpenAiEndpoint | None = None
+        """The OpenAI-compatible HTTP endpoint, when `openai_port` is set."""
         self.triton: TritonClient | None = None
         self._alias_task: asyncio.Task | None = None
         self._metrics_task: asyncio.Task | None = None
@@ -205,6 +209,14 @@ class InferenceApp:
                 default_max_tokens=self.settings.generation_default_max_tokens,
                 max_stop_strings=self.settings.generation_max_stop_strings),
             metrics=GenerationMetrics(meter), limiter=self.limiter)
+        if self.settings.openai_port is not None:
+            self.openai = OpenAiEndpoint(
+                lambda: self.generator, lambda: self.controller,
+                Authenticator(TokenStore(self.settings.resolved_tokens_file)
+                              if self.settings.auth_enabled else None),
+                max_body_bytes=self.settings.max_message_bytes)
+            port = await self.openai.start(self.settings.host, self.settings.openai_port)
+            _log.info("OpenAI-compatible endpoint on http://%s:%d/v1", self.settings.host, port)
         await self.controller.reload_all()
         self._alias_task = asyncio.create_task(self.controller.follow_alias_moves())
         self._start_observability(meter)
@@ -294,6 +306,8 @@ class InferenceApp:
                     await task
         if self.follower is not None:
             await self.follower.stop()
+        if self.openai is not None:
+            await self.openai.stop()
         if self.predictor is not None:
             await self.predictor.close()
         await self._stop_usage()
