@@ -100,7 +100,7 @@ def test_stubs_are_generated_for_node_go_java_and_cpp(bundle):
 NODE_CLIENT = """
 const [loader, registryAddress, registryToken, inferenceAddress, token] = process.argv.slice(2);
 const maas = require(loader);
-const {registry, inference, kserve} = maas.load();
+const {registry, inference, usage, kserve} = maas.load();
 const insecure = maas.grpc.credentials.createInsecure();
 const bearer = (client) => maas.bearer(client === registryClient ? registryToken : token);
 const call = (client, method, request) => new Promise((resolve) =>
@@ -111,6 +111,7 @@ const features = (count) => Buffer.from(new Float32Array(count).fill(1).buffer);
 (async () => {
   const inferenceClient = new inference.InferenceService(inferenceAddress, insecure);
   const kserveClient = new kserve.GRPCInferenceService(inferenceAddress, insecure);
+  const usageClient = new usage.UsageService(inferenceAddress, insecure);
   const models = await call(registryClient, 'listModels', {});
   const deployment = await call(inferenceClient, 'getDeployment', {name: 'deployments/bundle'});
   const prediction = await call(inferenceClient, 'predict', {deployment: 'deployments/bundle',
@@ -120,8 +121,11 @@ const features = (count) => Buffer.from(new Float32Array(count).fill(1).buffer);
   const badShape = await call(inferenceClient, 'predict', {deployment: 'deployments/bundle',
     inputs: [{name: 'features', datatype: 'DATA_TYPE_FP32', shape: [1, 63], raw_data: features(63)}]});
   const missing = await call(inferenceClient, 'getDeployment', {name: 'deployments/nowhere'});
-  console.log(JSON.stringify({models, deployment, prediction, infer, badShape, missing}));
-  for (const client of [registryClient, inferenceClient, kserveClient]) client.close();
+  const usageRecords = await call(usageClient, 'listUsageRecords', {page_size: 5});
+  const badUsageFilter = await call(usageClient, 'listUsageRecords', {filter: 'tenant ='});
+  console.log(JSON.stringify({models, deployment, prediction, infer, badShape, missing,
+                              usageRecords, badUsageFilter}));
+  for (const client of [registryClient, inferenceClient, kserveClient, usageClient]) client.close();
 })();
 """
 
@@ -158,3 +162,8 @@ async def test_a_node_client_built_only_from_the_bundle_works_against_the_suite(
     assert seen["missing"]["code"] == 5  # NOT_FOUND
     info = next(d for d in seen["missing"]["details"] if d["@type"] == "google.rpc.ErrorInfo")
     assert info["reason"] == "DEPLOYMENT_NOT_FOUND"
+    assert isinstance(seen["usageRecords"]["usage_records"], list)  # UsageService reached
+    assert seen["badUsageFilter"]["code"] == 3  # INVALID_ARGUMENT naming the filter
+    usage_details = {d["@type"]: d for d in seen["badUsageFilter"]["details"]}
+    assert [v["field"] for v in usage_details["google.rpc.BadRequest"]["field_violations"]] == [
+        "filter"]

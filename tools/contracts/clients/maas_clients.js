@@ -25,11 +25,12 @@ const SERVICES = {
   trainer: ['maas/trainer/v1/trainer_service.proto', 'maas.trainer.v1'],
   compressor: ['maas/compressor/v1/compressor_service.proto', 'maas.compressor.v1'],
   inference: ['maas/inference/v1/inference_service.proto', 'maas.inference.v1'],
+  usage: ['maas/inference/v1/usage.proto', 'maas.inference.v1'],  // UsageService, same port
   kserve: ['grpc_service.proto', 'inference'],
 };
 const DETAIL_FILES = ['google/rpc/status.proto', 'google/rpc/error_details.proto'];
 
-/** Every service's package ({registry, trainer, compressor, inference, kserve}). */
+/** Every service's package ({registry, trainer, compressor, inference, usage, kserve}). */
 function load(options = {}) {
   const files = Object.values(SERVICES).map(([file]) => file);
   const definition = protoLoader.loadSync(files, {...LOADER_OPTIONS, ...options, includeDirs: [ROOT]});
