@@ -1,15 +1,20 @@
 """Scale drill on loopback: two replicas of the registry, trainer and inference service, found
 through Consul, one of each killed with SIGKILL under load and restarted.
 
-The registries share one PostgreSQL database and one blob directory; each inference service
-runs its own Triton; every process registers in Consul (a real agent when `consul` is on
-PATH, else the stand-in) and the client finds them there. One `maas.Client` balances its calls
-over the healthy replicas and sends reads and predictions that fail UNAVAILABLE again to the
-next one. While threads predict continuously and a training job runs, one registry, one
-trainer and one inference service are killed with SIGKILL. Asserted: no prediction failed
-(after retries), the training job finished, no model version is lost (every replica lists
-every version with its checksum), and each killed replica, restarted, is healthy in Consul and
-serves again.
+Each service's replicas share one PostgreSQL database (one per service): the registries their
+metadata (and one blob directory), the trainers their job table with leases (and one jobs
+directory, where checkpoints are), the inference services their deployment table, each
+loading what the table says on its own Triton. Every process registers in Consul (a real
+agent when `consul` is on PATH, else the stand-in) and the client finds them there: one
+`maas.Client` balances its calls over the healthy replicas and sends reads and predictions
+that fail UNAVAILABLE again to the next one.
+
+While threads predict and read the registry continuously and a training job runs, the
+registry replica, the trainer running the job and the inference replica are killed with
+SIGKILL. Asserted: no prediction or read failed (after retries); the job's lease lapses and
+the surviving trainer resumes it from its checkpoint to the end; no model version is lost
+(every registry replica lists every version with its checksum, the trained one included); and
+each killed replica, restarted, is passing in Consul and takes its share of the load again.
 """
 
 from __future__ import annotations
@@ -30,13 +35,12 @@ from maas.common.v1 import job_pb2
 from maas_runtime.auth import ensure_admin_token
 from maas_runtime.discovery import ConsulDiscovery
 
-from tests.registry.helpers import fresh_postgres_database
 from tests.support.consul_agent import ConsulUnderTest, any_consul
-from tests.support.processes import ServiceProcess
+from tests.support.postgres import POSTGRES_URL_ENV, fresh_postgres_database
+from tests.support.processes import ServiceProcess, process_table, process_tree_cpu_seconds
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.triton]
 
-POSTGRES_URL_ENV = "MAAS_TEST_POSTGRES_URL"
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 """The machine's PostgreSQL (trust auth), as .ci/run sets it."""
 MODEL = "drill"
@@ -45,6 +49,8 @@ ROWS = {"input": np.random.default_rng(0).random((2, 64)).astype(np.float32)}
 DRILL_RETRIES = maas.RetryPolicy(max_attempts=8, initial_backoff_seconds=0.05,
                                  max_backoff_seconds=1.0)
 """Eight attempts over about three seconds: longer than a replica takes to drop out."""
+EPOCHS = 60
+JOB_LEASE_SECONDS = 3
 
 
 @dataclass
@@ -91,7 +97,8 @@ def replica(suite_root: Path, consul: ConsulUnderTest, name: str, state_dir: Pat
 @pytest.fixture
 async def suite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Suite]:
     monkeypatch.setenv(POSTGRES_URL_ENV, os.environ.get(POSTGRES_URL_ENV, DEFAULT_POSTGRES_URL))
-    with any_consul() as consul, fresh_postgres_database() as registry_db:
+    with (any_consul() as consul, fresh_postgres_database() as registry_db,
+          fresh_postgres_database() as trainer_db, fresh_postgres_database() as inference_db):
         root = tmp_path
         ensure_admin_token(root / "admin.token", root / "tokens.json")
         drill = Suite(root, consul)
@@ -99,9 +106,12 @@ async def suite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterato
                                     database_url=registry_db, gc_grace_seconds="0")
                             for _ in range(2)]
         drill.trainers = [replica(root, consul, "trainer", root / f"trainer-{i}",
-                                  worker_slots="1")
+                                  worker_slots="1", database_url=trainer_db,
+                                  jobs_dir=str(root / "trainer-jobs"), replica_id=f"trainer-{i}",
+                                  job_lease_seconds=str(JOB_LEASE_SECONDS))
                           for i in range(2)]
-        drill.inferences = [replica(root, consul, "inference", root / f"inference-{i}")
+        drill.inferences = [replica(root, consul, "inference", root / f"inference-{i}",
+                                    database_url=inference_db)
                             for i in range(2)]
         try:
             await asyncio.gather(*(registry.start() for registry in drill.registries))
@@ -173,6 +183,19 @@ def kill_9(process: ServiceProcess) -> None:
     process.kill()
 
 
+def running_the_job(trainers: list[ServiceProcess]) -> ServiceProcess:
+    """The trainer replica whose child process runs the (only) job."""
+    parents = {info.parent for info in process_table().values()}
+    holding = [trainer for trainer in trainers if trainer.process.pid in parents]
+    assert len(holding) == 1, f"{len(holding)} trainers run a job process"
+    return holding[0]
+
+
+def gateway_cpu_seconds(gateway: ServiceProcess) -> float:
+    """CPU time of the gateway's process tree: service, data plane, Triton, model stubs."""
+    return process_tree_cpu_seconds([gateway.process.pid])
+
+
 def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -216,64 +239,85 @@ def versions_listed(client: maas.Client) -> dict[str, str]:
 
 
 async def test_one_replica_of_each_service_killed_under_load_costs_nothing_and_rejoins(
-        suite: Suite, tmp_path: Path) -> None:
+        suite: Suite) -> None:
     drill_started = time.monotonic()
     client = suite.client()
     try:
         uploaded = upload_versions(client, range(4))
-        for inference in suite.inferences:  # each replica keeps its own deployment table
-            with suite.replica_client(inference) as direct:
-                direct.deploy(DEPLOYMENT, f"{MODEL}@production", max_batch_size=8)
-        job_trainer, spare_trainer = suite.trainers
-        with suite.replica_client(job_trainer) as trainer_client:
-            job = trainer_client.train(dataset="builtin:digits", arch="mlp", model="drill-trained",
-                                       epochs=40, alias="latest")
-            wait_for(lambda: trainer_client.get_job(job.name).epoch >= 1, 120,
-                     "the training job finishing its first epoch")
+        client.deploy(DEPLOYMENT, f"{MODEL}@production", max_batch_size=8)
+        for gateway in suite.inferences:  # the other replica follows the shared table
+            with suite.replica_client(gateway) as direct:
+                wait_for(lambda direct=direct: serves(direct), 120,
+                         f"the deployment served by {gateway.target}")
+        job = client.train(dataset="builtin:digits", arch="mlp", model="drill-trained",
+                           epochs=EPOCHS, alias="latest")
+        wait_for(lambda: client.get_job(job.name).epoch >= 1, 120,
+                 "the training job finishing its first epoch")
 
-            killed_registry, killed_inference = suite.registries[0], suite.inferences[0]
-            with PredictLoad(client) as load, ReadLoad(client) as reads:
-                wait_for(lambda: load.total >= 30, 30, "predictions flowing")
-                kill_9(killed_registry)
-                time.sleep(1.0)
-                kill_9(spare_trainer)
-                time.sleep(1.0)
-                kill_9(killed_inference)
-                before_restart = load.total
-                wait_for(lambda: load.total >= before_restart + 60, 60,
-                         "predictions flowing on the surviving gateway")
-                await wait_healthy_in_consul(suite.consul, killed_inference, present=False)
-                for process in (killed_registry, spare_trainer, killed_inference):
-                    await process.start(timeout=180)
-                for process in (killed_registry, spare_trainer, killed_inference):
-                    await wait_healthy_in_consul(suite.consul, process)
-                rejoined = load.total
-                wait_for(lambda: load.total >= rejoined + 60, 60,
-                         "predictions flowing after the rejoin")
-            assert load.failures == [], load.failures[:5]
-            assert reads.failures == [], reads.failures[:5]
-            assert reads.total > 0
+        killed_registry, killed_inference = suite.registries[0], suite.inferences[0]
+        with PredictLoad(client) as load, ReadLoad(client) as reads:
+            wait_for(lambda: load.total >= 30, 30, "predictions flowing")
+            kill_9(killed_registry)
+            time.sleep(1.0)
+            killed_trainer = running_the_job(suite.trainers)
+            assert client.get_job(job.name).state == job_pb2.JOB_STATE_RUNNING
+            kill_9(killed_trainer)
+            time.sleep(1.0)
+            kill_9(killed_inference)
+            before_restart = load.total
+            wait_for(lambda: load.total >= before_restart + 60, 60,
+                     "predictions flowing on the surviving gateway")
+            await wait_healthy_in_consul(suite.consul, killed_inference, present=False)
+            for process in (killed_registry, killed_trainer, killed_inference):
+                await process.start(timeout=180)
+            for process in (killed_registry, killed_trainer, killed_inference):
+                await wait_healthy_in_consul(suite.consul, process)
+            # The restarted gateway takes its share of the load again.
+            surviving = suite.inferences[1]
+            cpu_before = gateway_cpu_seconds(killed_inference), gateway_cpu_seconds(surviving)
+            rejoined = load.total
+            wait_for(lambda: load.total >= rejoined + 1500, 60,
+                     "predictions flowing after the rejoin")
+            rejoined_cpu = gateway_cpu_seconds(killed_inference) - cpu_before[0]
+            surviving_cpu = gateway_cpu_seconds(surviving) - cpu_before[1]
+        assert load.failures == [], load.failures[:5]
+        assert reads.failures == [], reads.failures[:5]
+        assert reads.total > 0
+        assert rejoined_cpu >= 0.25 * surviving_cpu, (rejoined_cpu, surviving_cpu)
 
-            wait_for(lambda: trainer_client.get_job(job.name).state in (
-                job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED,
-                job_pb2.JOB_STATE_CANCELLED), 180, "the training job finishing")
-            final = trainer_client.get_job(job.name)
-            assert final.state == job_pb2.JOB_STATE_SUCCEEDED, final.error
-            assert final.epoch == 40
+        # The job's lease lapsed; the surviving trainer resumed it from its checkpoint.
+        wait_for(lambda: client.get_job(job.name).state in (
+            job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED,
+            job_pb2.JOB_STATE_CANCELLED), 180, "the training job finishing")
+        final = client.get_job(job.name)
+        assert final.state == job_pb2.JOB_STATE_SUCCEEDED, final.error
+        assert (final.epoch, final.resume_count >= 1) == (EPOCHS, True)
 
-        # Every replica serves again: the restarted gateway from its own Triton, the restarted
-        # registry with every version (and its checksum), the restarted trainer its jobs.
-        with suite.replica_client(killed_inference) as direct:
-            assert [output.shape for output in direct.predict(DEPLOYMENT, ROWS).values()] == [
-                (2, 10)]
+        # Every replica serves again: each gateway from its own Triton, each registry with
+        # every version (and its checksum), each trainer the shared job table.
+        for gateway in suite.inferences:
+            with suite.replica_client(gateway) as direct:
+                assert serves(direct)
         uploaded |= upload_versions(client, range(4, 6))
         for registry in suite.registries:
             with suite.replica_client(registry) as direct:
                 assert versions_listed(direct) == uploaded
                 assert direct.get_version(final.model_version).name == final.model_version
-        with suite.replica_client(spare_trainer) as direct:
-            assert direct.list_jobs("training") == []  # its own (empty) table, serving
+        for trainer in suite.trainers:
+            with suite.replica_client(trainer) as direct:
+                assert [listed.name for listed in direct.list_jobs("training")] == [job.name]
     finally:
         client.close()
     print(f"scale drill: {time.monotonic() - drill_started:.0f} s after start-up; "
-          f"{load.total} predictions, 0 failed; {reads.total} registry reads")
+          f"{load.total} predictions, 0 failed; {reads.total} registry reads; job resumed "
+          f"{final.resume_count}x; CPU s after the rejoin {rejoined_cpu:.1f} (restarted "
+          f"gateway) vs {surviving_cpu:.1f}")
+
+
+def serves(direct: maas.Client) -> bool:
+    """Whether that gateway answers the deployment with a batch of logits."""
+    try:
+        outputs = direct.predict(DEPLOYMENT, ROWS)
+    except (maas.NotFound, maas.Unavailable, maas.FailedPrecondition):
+        return False
+    return [output.shape for output in outputs.values()] == [(2, 10)]

@@ -540,6 +540,14 @@ def _handler_for(agent: ConsulStandIn) -> type[BaseHTTPRequestHandler]:
         def do_PUT(self) -> None:  # noqa: N802 - name fixed by BaseHTTPRequestHandler
             self._dispatch("PUT")
 
+        def handle(self) -> None:
+            try:
+                super().handle()
+            except (BrokenPipeError, ConnectionResetError):
+                # The caller went away (a killed service's blocking query or kept-alive
+                # connection): nothing to answer, nothing to report, as for the agent.
+                self.close_connection = True
+
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
             """Keep test output quiet; failures surface through the client instead."""
 
