@@ -79,14 +79,20 @@ PRODUCTION = {
         **_PRODUCTION_COMMON,
         "resources": {"requests": {"cpu": "8", "memory": "32Gi"},
                       "limits": {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": 1}},
-        "settings": {"worker_slots": 8, "registry_timeout_seconds": 600},
-        "persistence": {"storageClass": "fast-ssd", "size": "500Gi"},
+        "settings": {"worker_slots": 8, "registry_timeout_seconds": 600, "job_lease_seconds": 30},
+        # Two replicas on one PostgreSQL job table, sharing their job directories.
+        "replicaCount": 2,
+        "database": {"existingSecret": "trainer-postgres", "secretKey": "url"},
+        "pageTokenSecret": {"existingSecret": "trainer-page-token"},
+        "persistence": {"storageClass": "nfs", "size": "500Gi", "accessModes": ["ReadWriteMany"]},
     },
     "compressor": {**_PRODUCTION_COMMON, "settings": {"worker_slots": 2,
-                                                      "registry_timeout_seconds": 300}},
+                                                      "registry_timeout_seconds": 300},
+                   "database": {"existingSecret": "compressor-postgres", "secretKey": "url"}},
     "inference": {
         **_PRODUCTION_COMMON,
         "settings": {"default_max_batch_size": 64, "rollout_drain_seconds": 45},
+        "database": {"existingSecret": "inference-postgres", "secretKey": "url"},
         "triton": {
             "gpus": 2,
             "image": {"repository": "ghcr.io/maas/triton", "tag": "24.10-py3-maas1"},
@@ -495,11 +501,48 @@ def test_several_registry_replicas_need_shared_state():
     assert service_deployment(render(registry, shared), "registry")["spec"]["replicas"] == 2
 
 
-@pytest.mark.parametrize("values", [{"autoscaling": {"enabled": True}}, {"replicaCount": 2}])
-@pytest.mark.parametrize("service", ["trainer", "compressor", "inference"])
-def test_single_replica_services_refuse_to_scale(service, values):
-    with pytest.raises(helm.HelmRenderError, match="one replica"):
-        render(HELM_DIR / service, values)
+@pytest.mark.parametrize("scaled", [{"autoscaling": {"enabled": True}}, {"replicaCount": 2}])
+@pytest.mark.parametrize("service", ["trainer", "compressor"])
+def test_job_services_scale_only_on_a_shared_job_table_key_and_volume(service, scaled):
+    chart = HELM_DIR / service
+    with pytest.raises(helm.HelmRenderError, match="need PostgreSQL"):
+        render(chart, scaled)
+    shared = {**scaled, "database": {"existingSecret": "pg", "secretKey": "url"}}
+    with pytest.raises(helm.HelmRenderError, match="page-token key"):
+        render(chart, shared)
+    shared["pageTokenSecret"] = {"existingSecret": "pt", "secretKey": "page-token.key"}
+    with pytest.raises(helm.HelmRenderError, match="ReadWriteMany"):
+        render(chart, shared)
+    shared["persistence"] = {"accessModes": ["ReadWriteMany"]}
+    documents = render(chart, shared)
+    for document in documents:
+        kubernetes_validate.validate(document, KUBE_VERSION, strict=True)
+    deployment = service_deployment(documents, service)
+    env = env_of(container_of(deployment))
+    prefix = f"MAAS_{service.upper()}_"
+    assert env[f"{prefix}DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "pg", "key": "url"}
+    key_file = Path(env[f"{prefix}PAGE_TOKEN_SECRET_FILE"]["value"])
+    mount, volume = mounts_by_path(deployment)[str(key_file.parent)]
+    assert mount["readOnly"] is True and volume["secret"]["secretName"] == "pt"
+
+
+@pytest.mark.parametrize("scaled", [{"autoscaling": {"enabled": True}}, {"replicaCount": 2}])
+def test_inference_scales_only_on_a_shared_table_with_a_triton_per_replica(scaled):
+    chart = HELM_DIR / "inference"
+    with pytest.raises(helm.HelmRenderError, match="need PostgreSQL"):
+        render(chart, scaled)
+    shared = {**scaled, "database": {"existingSecret": "pg", "secretKey": "url"}}
+    with pytest.raises(helm.HelmRenderError, match="their own Triton"):
+        render(chart, shared)
+    shared["triton"] = {"enabled": False}
+    with pytest.raises(helm.HelmRenderError, match="ReadWriteOnce"):
+        render(chart, shared)
+    shared["persistence"] = {"enabled": False}
+    documents = render(chart, shared)
+    assert set(of_kind(documents, "Deployment")) == {f"{RELEASE}-inference"}
+    env = env_of(container_of(service_deployment(documents, "inference")))
+    assert env["MAAS_INFERENCE_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "pg", "key": "url"}
+    assert "MAAS_INFERENCE_PAGE_TOKEN_SECRET_FILE" not in env  # the inference service has no such key
 
 
 # --- Triton ---------------------------------------------------------------------------------

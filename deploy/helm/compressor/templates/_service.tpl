@@ -24,13 +24,9 @@ _helpers.tpl as "<chart name>.env", ".volumes", ".volumeMounts" and ".validate")
     sizeLimit: {{ .Values.shmSizeLimit | quote }}
 {{- end -}}
 
-{{/* The job table is SQLite on this pod's state volume: a second replica would run a second,
-disjoint queue. */}}
+{{/* Replicas need a shared job table, key and volume (maas.jobService.validate). */}}
 {{- define "compressor.validate" -}}
-{{- include "maas.kubernetesJobs.validate" . -}}
-{{- if or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1) -}}
-{{- fail "the compressor runs one replica: its job table is SQLite on its own state volume, so another replica would keep a second, disjoint queue (keep replicaCount 1 and autoscaling.enabled false; give the pod more resources instead)" -}}
-{{- end -}}
+{{- include "maas.jobService.validate" . -}}
 {{- end -}}
 
 {{/* NetworkPolicy (maas.networkpolicy): only clients call the compressor (no suite service

@@ -111,8 +111,17 @@ app.kubernetes.io/part-of: maas
 {{- end -}}
 
 {{- define "inference.validate" -}}
-{{- if or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1) -}}
-{{- fail "the inference service runs one replica: its deployment table is SQLite on its own state volume and it alone loads and unloads models on Triton, so a second replica would serve a diverging set of deployments (keep replicaCount 1 and autoscaling.enabled false)" -}}
+{{- if include "maas.replicated" . -}}
+{{- if not .Values.database.existingSecret -}}
+{{- fail "several inference replicas need PostgreSQL: set database.existingSecret (the default SQLite deployment table belongs to one pod, so another replica would serve a diverging set of deployments)" -}}
+{{- end -}}
+{{- if include "inference.remoteTriton" . -}}
+{{- fail "several inference replicas each load and unload models on their own Triton: use the Triton bundled in the pod (triton.enabled false, no triton.externalUrl), not one Triton shared by all" -}}
+{{- end -}}
+{{- $state := .Values.persistence -}}
+{{- if and $state.enabled (not $state.existingClaim) (not (has "ReadWriteMany" $state.accessModes)) -}}
+{{- fail "several inference replicas cannot share a ReadWriteOnce state volume: disable persistence (PostgreSQL holds the deployments; each pod's Triton reloads them) or use ReadWriteMany" -}}
+{{- end -}}
 {{- end -}}
 {{- if and .Values.triton.enabled .Values.triton.externalUrl -}}
 {{- fail "set either triton.enabled (a Triton Deployment in this release) or triton.externalUrl (one that already runs), not both" -}}

@@ -163,6 +163,18 @@ peer the umbrella chart lists in global.maas.peers. */}}
 {{- end -}}
 
 {{- define "maas.authMountPath" -}}/etc/maas/auth{{- end -}}
+{{- define "maas.pageTokenMountPath" -}}/etc/maas/page-token{{- end -}}
+
+{{/* "true" when the chart has a pageTokenSecret (its service signs page tokens with a key
+file: registry, trainer, compressor) and it names a Secret. Replicas must share the key. */}}
+{{- define "maas.pageTokenSecret" -}}
+{{- if and (hasKey .Values "pageTokenSecret") .Values.pageTokenSecret.existingSecret -}}true{{- end -}}
+{{- end -}}
+
+{{/* "true" when the chart may run more than one pod (autoscaling or replicaCount > 1). */}}
+{{- define "maas.replicated" -}}
+{{- if or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1) -}}true{{- end -}}
+{{- end -}}
 {{- define "maas.tlsMountPath" -}}/etc/maas/tls{{- end -}}
 
 {{/* Every env var of the service container. Settings come only from here: each
@@ -254,6 +266,17 @@ its ca.crt, presenting its tls.crt/tls.key to peers that require mTLS. */}}
 - name: MAAS_STATIC_ENDPOINTS
   value: {{ . | quote }}
 {{- end }}
+{{- if .Values.database.existingSecret }}
+- name: {{ $prefix }}DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.database.existingSecret | quote }}
+      key: {{ .Values.database.secretKey | quote }}
+{{- end }}
+{{- if include "maas.pageTokenSecret" . }}
+- name: {{ $prefix }}PAGE_TOKEN_SECRET_FILE
+  value: {{ printf "%s/%s" (include "maas.pageTokenMountPath" .) .Values.pageTokenSecret.secretKey | quote }}
+{{- end }}
 {{- with include (printf "%s.env" .Chart.Name) . | trim }}
 {{ . }}
 {{- end }}
@@ -279,6 +302,11 @@ its ca.crt, presenting its tls.crt/tls.key to peers that require mTLS. */}}
 {{- if or .Values.tls.enabled .Values.tls.peers.enabled }}
 - name: tls
   mountPath: {{ include "maas.tlsMountPath" . }}
+  readOnly: true
+{{- end }}
+{{- if include "maas.pageTokenSecret" . }}
+- name: page-token
+  mountPath: {{ include "maas.pageTokenMountPath" . }}
   readOnly: true
 {{- end }}
 {{- with include (printf "%s.volumeMounts" .Chart.Name) . | trim }}
@@ -313,6 +341,15 @@ its ca.crt, presenting its tls.crt/tls.key to peers that require mTLS. */}}
   secret:
     secretName: {{ .Values.tls.secretName | quote }}
     defaultMode: 0440
+{{- end }}
+{{- if include "maas.pageTokenSecret" . }}
+- name: page-token
+  secret:
+    secretName: {{ .Values.pageTokenSecret.existingSecret | quote }}
+    defaultMode: 0440
+    items:
+      - key: {{ .Values.pageTokenSecret.secretKey | quote }}
+        path: {{ .Values.pageTokenSecret.secretKey | quote }}
 {{- end }}
 {{- with include (printf "%s.volumes" .Chart.Name) . | trim }}
 {{ . }}

@@ -174,3 +174,23 @@ spec:
 {{- end -}}
 {{- end -}}
 {{- end -}}
+
+{{/* Replicas of a service that runs jobs share one job table (PostgreSQL: each job runs on one
+replica under a lease), one page-token key, and one state volume: job directories with their
+checkpoints, so the replica that takes a lapsed job over resumes it where it stopped. */}}
+{{- define "maas.jobService.validate" -}}
+{{- include "maas.kubernetesJobs.validate" . -}}
+{{- if include "maas.replicated" . -}}
+{{- $name := include "maas.serviceName" . -}}
+{{- if not .Values.database.existingSecret -}}
+{{- fail (printf "several %s replicas need PostgreSQL: set database.existingSecret (the default SQLite job table belongs to one pod, so another replica would keep a second, disjoint queue)" $name) -}}
+{{- end -}}
+{{- if not .Values.pageTokenSecret.existingSecret -}}
+{{- fail (printf "several %s replicas must share the page-token key: set pageTokenSecret.existingSecret" $name) -}}
+{{- end -}}
+{{- $state := .Values.persistence -}}
+{{- if or (not $state.enabled) (and (not $state.existingClaim) (not (has "ReadWriteMany" $state.accessModes))) -}}
+{{- fail (printf "several %s replicas share the state volume (job directories and checkpoints, so a job taken over resumes from its checkpoint): enable persistence with accessModes ReadWriteMany" $name) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}

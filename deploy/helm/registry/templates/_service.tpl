@@ -3,23 +3,10 @@ Registry-specific parts of the shared templates (the "registry.*" names are look
 _helpers.tpl as "<chart name>.env", ".volumes", ".volumeMounts" and ".validate").
 */}}
 
-{{- define "registry.pageTokenMountPath" -}}/etc/maas/page-token{{- end -}}
-
 {{- define "registry.env" -}}
-{{- if .Values.database.existingSecret }}
-- name: MAAS_REGISTRY_DATABASE_URL
-  valueFrom:
-    secretKeyRef:
-      name: {{ .Values.database.existingSecret | quote }}
-      key: {{ .Values.database.secretKey | quote }}
-{{- end }}
 {{- if .Values.blobStore.persistence.enabled }}
 - name: MAAS_REGISTRY_BLOB_DIR
   value: {{ .Values.blobStore.mountPath | quote }}
-{{- end }}
-{{- if .Values.pageTokenSecret.existingSecret }}
-- name: MAAS_REGISTRY_PAGE_TOKEN_SECRET_FILE
-  value: {{ printf "%s/%s" (include "registry.pageTokenMountPath" .) .Values.pageTokenSecret.secretKey | quote }}
 {{- end }}
 {{- end -}}
 
@@ -27,11 +14,6 @@ _helpers.tpl as "<chart name>.env", ".volumes", ".volumeMounts" and ".validate")
 {{- if .Values.blobStore.persistence.enabled }}
 - name: blobs
   mountPath: {{ .Values.blobStore.mountPath | quote }}
-{{- end }}
-{{- if .Values.pageTokenSecret.existingSecret }}
-- name: page-token
-  mountPath: {{ include "registry.pageTokenMountPath" . }}
-  readOnly: true
 {{- end }}
 {{- end -}}
 
@@ -41,15 +23,6 @@ _helpers.tpl as "<chart name>.env", ".volumes", ".volumeMounts" and ".validate")
   persistentVolumeClaim:
     claimName: {{ include "registry.blobClaimName" . | quote }}
 {{- end }}
-{{- if .Values.pageTokenSecret.existingSecret }}
-- name: page-token
-  secret:
-    secretName: {{ .Values.pageTokenSecret.existingSecret | quote }}
-    defaultMode: 0440
-    items:
-      - key: {{ .Values.pageTokenSecret.secretKey | quote }}
-        path: {{ .Values.pageTokenSecret.secretKey | quote }}
-{{- end }}
 {{- end -}}
 
 {{- define "registry.blobClaimName" -}}
@@ -58,7 +31,7 @@ _helpers.tpl as "<chart name>.env", ".volumes", ".volumeMounts" and ".validate")
 
 {{/* Several replicas share one database, one blob store and one page-token key. */}}
 {{- define "registry.validate" -}}
-{{- if or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1) -}}
+{{- if include "maas.replicated" . -}}
 {{- if not .Values.database.existingSecret -}}
 {{- fail "several registry replicas need PostgreSQL: set database.existingSecret (the default SQLite file belongs to one pod)" -}}
 {{- end -}}

@@ -24,13 +24,9 @@ _helpers.tpl as "<chart name>.env", ".volumes", ".volumeMounts" and ".validate")
     sizeLimit: {{ .Values.shmSizeLimit | quote }}
 {{- end -}}
 
-{{/* The job table is SQLite on this pod's state volume: a second replica would run a second,
-disjoint queue. */}}
+{{/* Replicas need a shared job table, key and volume (maas.jobService.validate). */}}
 {{- define "trainer.validate" -}}
-{{- include "maas.kubernetesJobs.validate" . -}}
-{{- if or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1) -}}
-{{- fail "the trainer runs one replica: its job table is SQLite on its own state volume, so another replica would keep a second, disjoint queue (keep replicaCount 1 and autoscaling.enabled false; give it more worker slots instead)" -}}
-{{- end -}}
+{{- include "maas.jobService.validate" . -}}
 {{- end -}}
 
 {{/* NetworkPolicy (maas.networkpolicy): only clients call the trainer (no suite service
