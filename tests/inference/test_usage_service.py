@@ -8,11 +8,13 @@ an admin everything, and refuses bad filters, page tokens and time ranges naming
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from pathlib import Path
 
 import grpc
+import maas
 import numpy as np
 import pytest
 import pytest_asyncio
@@ -26,6 +28,7 @@ from maas.inference.v1 import (
     usage_pb2_grpc,
 )
 from maas.registry.v1 import registry_service_pb2 as rs, registry_service_pb2_grpc
+from maas_cli.main import app as maas_cli
 from maas_inference.server import build_server as build_inference
 from maas_inference.settings import InferenceSettings
 from maas_registry.server import build_server as build_registry
@@ -35,6 +38,7 @@ from maas_runtime.client import open_channel
 from maas_runtime.discovery import StaticDiscovery
 from maas_runtime.grpc_errors import status_details, unpack_detail
 from tritonclient.grpc import service_pb2_grpc
+from typer.testing import CliRunner
 
 from tests.inference.model_packages import save_zoo_package, zoo_model
 from tests.inference.test_inference_service import batch, kserve_request, predict_request
@@ -50,7 +54,10 @@ class Suite:
     """The running services, a channel per principal, and the limits file."""
 
     channels: dict[str, grpc.aio.Channel]
+    tokens: dict[str, str]
     limits_file: Path
+    settings: InferenceSettings
+    target: str
 
     def predict(self, principal: str) -> inference_service_pb2_grpc.InferenceServiceStub:
         return inference_service_pb2_grpc.InferenceServiceStub(self.channels[principal])
@@ -83,17 +90,17 @@ async def suite(tmp_path_factory):
 
     s.limits_file = root / "limits.yaml"
     s.limits_file.write_text(LIMITS)
-    settings = InferenceSettings(
+    s.settings = settings = InferenceSettings(
         state_dir=root / "inference", port=0, client_token_file=root / "registry" / "admin.token",
         tenancy_file=str(s.limits_file), tenancy_recheck_seconds=0.2, usage_flush_seconds=0.2)
-    s.inference, s.app = build_inference(
-        settings, discovery=StaticDiscovery({"registry": [f"127.0.0.1:{registry_port}"]}))
+    s.discovery = StaticDiscovery({"registry": [f"127.0.0.1:{registry_port}"]})
+    s.inference, s.app = build_inference(settings, discovery=s.discovery)
     port = await s.inference.start()
-    target = f"127.0.0.1:{port}"
-    tokens = {"admin": (root / "inference" / "admin.token").read_text().strip()}
+    s.target = f"127.0.0.1:{port}"
+    s.tokens = {"admin": (root / "inference" / "admin.token").read_text().strip()}
     for principal in ("limited", "free"):
-        tokens[principal] = add_token(settings.resolved_tokens_file, principal, Role.VIEWER)
-    s.channels = {name: open_channel(target, token=token) for name, token in tokens.items()}
+        s.tokens[principal] = add_token(settings.resolved_tokens_file, principal, Role.VIEWER)
+    s.channels = {name: open_channel(s.target, token=token) for name, token in s.tokens.items()}
     await s.predict("admin").CreateDeployment(inf.CreateDeploymentRequest(
         deployment_id="digits",
         deployment=deployment_pb2.Deployment(model="models/digits/versions/1")))
@@ -262,3 +269,51 @@ async def test_predicts_relayed_to_the_service_are_counted_with_their_outcome(su
     assert [r.rows for r in records[:2]] == [5, 2]
     assert all(r.duration_seconds >= 0 for r in records)
     assert np.all([r.outcome == "OK" for r in records])
+
+
+async def test_the_sdk_and_the_cli_show_a_tenant_its_usage(suite):
+    await suite.settle_usage()
+    with maas.Client(targets={"inference": suite.target}, token=suite.tokens["free"]) as client:
+        records = await asyncio.to_thread(client.usage, limit=3)
+        assert len(records) == 3 and {r.tenant for r in records} == {"free"}
+        deployment_only = await asyncio.to_thread(client.usage, deployment="digits",
+                                                  since=records[-1].start_time.ToDatetime())
+        assert deployment_only and all(r.deployment == "deployments/digits"
+                                       for r in deployment_only)
+        [total] = await asyncio.to_thread(client.usage_summary, group_by="")
+        assert total.requests == sum(r.requests for r in await records_of(suite, "free"))
+        with pytest.raises(maas.InvalidArgument) as refused:
+            await asyncio.to_thread(client.usage, filter="rows >")
+        assert [v.field for v in refused.value.field_violations] == ["filter"]
+
+    def cli(*args: str) -> tuple[int, str, str]:
+        result = CliRunner().invoke(maas_cli, ["--target", f"inference={suite.target}",
+                                               "--token", suite.tokens["admin"], *args],
+                                    prog_name="maas")
+        return result.exit_code, result.stdout, result.stderr
+
+    code, out, err = await asyncio.to_thread(cli, "usage", "--tenant", "limited", "--since",
+                                             "1h", "--json")
+    assert code == 0, err
+    listed = json.loads(out)
+    assert listed and {r["tenant"] for r in listed} == {"limited"}
+    code, out, err = await asyncio.to_thread(cli, "usage", "--summary", "--json")
+    assert code == 0, err
+    assert {t["tenant"] for t in json.loads(out)} >= {"free", "limited"}
+    code, out, err = await asyncio.to_thread(cli, "usage", "--since", "yesterday")
+    assert code != 0 and "since" in err and "Traceback" not in out + err
+
+
+async def test_usage_survives_a_restart_of_the_service(suite):
+    await suite.settle_usage()
+    before = await records_of(suite, "free")
+    for channel in suite.channels.values():
+        await channel.close()
+    await suite.inference.stop(0)
+    suite.inference, suite.app = build_inference(suite.settings, discovery=suite.discovery)
+    suite.target = f"127.0.0.1:{await suite.inference.start()}"
+    suite.channels = {name: open_channel(suite.target, token=token)
+                      for name, token in suite.tokens.items()}
+    after = await records_of(suite, "free")
+    assert [(r.record_id, r.requests, r.rows) for r in after] == [
+        (r.record_id, r.requests, r.rows) for r in before]
