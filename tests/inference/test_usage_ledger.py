@@ -4,6 +4,8 @@ filters, tenant confinement, time ranges, paging order and sums per tenant/deplo
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -156,3 +158,53 @@ def test_bad_filters_are_invalid_argument_on_filter(text):
     with pytest.raises(InvalidArgument) as refused:
         parse_filter(text, USAGE_FILTER_SCHEMA)
     assert [v.field for v in refused.value.field_violations] == ["filter"]
+
+
+WRITER = """
+import asyncio, sys
+from datetime import UTC, datetime
+from pathlib import Path
+from maas_inference.usage import GENERATION, PREDICT, SqlUsageStore, UsageLedger, UsageRecord
+
+def record(kind, n):
+    return UsageRecord(tenant="alice", principal="alice", deployment="chat", version="v",
+                       kind=kind, start_time=datetime.now(UTC), duration_seconds=0.0,
+                       outcome="OK", completion_tokens=n, rows=n)
+
+async def main():
+    ledger = UsageLedger(SqlUsageStore.open(sys.argv[1], Path(sys.argv[2])),
+                         flush_seconds=3600)  # only generations make it flush
+    await ledger.start()
+    n = 0
+    while True:
+        n += 1
+        ledger.append(record(PREDICT, n))
+        await ledger.append_durable(record(GENERATION, n))
+        print(n, flush=True)  # the generation's final response would go out now
+
+asyncio.run(main())
+"""
+
+
+async def test_every_finished_generation_survives_a_kill_9(tmp_path, database_url):
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", WRITER, database_url, str(tmp_path),
+        stdout=asyncio.subprocess.PIPE)
+    assert process.stdout is not None
+    finished = 0
+    try:
+        while finished < 30:
+            line = await asyncio.wait_for(process.stdout.readline(), 60)
+            assert line, "the writer died"
+            finished = int(line)
+    finally:
+        process.kill()  # SIGKILL: no flush, no close
+        await process.wait()
+    store = SqlUsageStore.open(database_url, tmp_path)
+    try:
+        generations = store.list_records(
+            UsageQuery(parse_filter('kind = "generation"', USAGE_FILTER_SCHEMA)), 10_000, None)
+    finally:
+        store.close()
+    kept = {r.completion_tokens for r in generations}
+    assert set(range(1, finished + 1)) <= kept  # every generation the caller saw finish
