@@ -36,8 +36,11 @@ from maas_jobs.kubernetes_executor import (
     resource_name,
     work_volume_path,
 )
+from maas_jobs.manager import JobManager, JobManagerConfig, JobRunner
 from maas_jobs.progress import PROGRESS_PREFIX
-from maas_jobs.records import JobRecord, JobState, LogLevel
+from maas_jobs.records import EventKind, JobCollection, JobDraft, JobRecord, JobState, LogLevel
+from maas_jobs.store import SqlJobStore
+from maas_runtime.pagination import PageTokenCodec
 from maas_trainer.runner import JOB_PROCESS_MODULE, RunnerConfig, job_process_command
 from maas_trainer.settings import TrainerSettings
 from pydantic import ValidationError
@@ -437,3 +440,57 @@ async def test_a_job_deleted_behind_the_services_back_fails(tmp_path):
     api.objects.clear()  # e.g. `kubectl delete job`
     outcome = await asyncio.wait_for(started.wait_and_forward(RecordingSink()), 5)
     assert not outcome.succeeded and not outcome.stopped
+
+
+# --- the job manager with the Kubernetes launcher -----------------------------------------------
+
+class TrainerLikeRunner(JobRunner):
+    """Stages nothing; its job process is the trainer's command line; publishes the metrics."""
+
+    async def prepare(self, job: JobRecord, workdir: Path) -> LaunchSpec | None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        config = RunnerConfig(python_executable="/opt/venv/bin/python", torch_threads=1)
+        return LaunchSpec(argv=job_process_command(config, job.workers, workdir), cwd=workdir,
+                          log_path=workdir / "job.log")
+
+    async def complete(self, job: JobRecord, workdir: Path) -> dict[str, Any]:
+        return {"ran_on": "kubernetes"}
+
+
+async def test_the_job_manager_runs_a_job_through_the_configured_launcher(tmp_path):
+    """JobManagerConfig.launcher is the executor hook: a job submitted to the manager becomes an
+    Indexed Job on the (stand-in) cluster, its pod's progress becomes the job's events, and the
+    Job's Complete condition makes it SUCCEEDED with the runner's result."""
+    collection = JobCollection("trainingJobs", "training job")
+    metrics = PROGRESS_PREFIX + json.dumps({"type": "metrics", "epoch": 2, "phase": "train",
+                                            "values": {"loss": 0.125}})
+    api = FakeApi(log_lines=[metrics])
+    launcher = KubernetesJobLauncher(service="trainer", settings=settings(kubernetes_poll_seconds=0.01),
+                                     namespace=NAMESPACE, state_dir=tmp_path, run_as=10001,
+                                     api_factory=lambda: api)
+    store = SqlJobStore.open_sqlite(tmp_path / "jobs.db", collection)
+    manager = JobManager(store, TrainerLikeRunner(), collection,
+                         JobManagerConfig(pool_size=2, work_root=tmp_path / "jobs", launcher=launcher,
+                                          schedule_interval_seconds=0.05, watch_poll_seconds=0.05),
+                         PageTokenCodec(b"k" * 32))
+    await manager.start()
+    try:
+        await manager.submit(JobDraft("wide", {"epochs": 2}, "vision", "alice", workers=2))
+        events = await asyncio.wait_for(_history(manager, "wide"), 30)
+    finally:
+        await manager.stop()
+        store.close()
+    done = events[-1]
+    assert done.final_state is JobState.SUCCEEDED, [e.payload for e in events]
+    assert any(e.kind is EventKind.METRICS and e.payload["values"] == {"loss": 0.125} for e in events)
+    created = [call for call in api.calls if call[0] == "create"]
+    assert [kind for _, kind, _ in created] == ["Service", "Job"]
+    job = api.objects[("Job", "trainer-job-wide")]
+    validate(job)
+    assert job["spec"]["completions"] == 2 and json.loads(env_of(
+        job["spec"]["template"]["spec"]["containers"][0])[JOB_SPEC_ENV]) == {"epochs": 2}
+    assert done.payload["state"] == "SUCCEEDED"
+
+
+async def _history(manager: JobManager, job_id: str) -> list:
+    return [event async for event in manager.watch(job_id)]

@@ -4,6 +4,10 @@ Each job runs in its own session (process group), so a crashing, leaking or hang
 take nothing down but itself, and stopping it reaches every process it started. Its stdout
 carries the progress protocol (`maas_jobs.progress`); everything it prints, protocol or not,
 is also appended to the job's log file.
+
+The job manager starts jobs through a `JobLauncher`: `ProcessLauncher` (this module, the
+default) or `maas_jobs.kubernetes_executor.KubernetesJobLauncher` (jobs as Kubernetes Jobs);
+either hands back a `StartedJob` it forwards, waits for and stops the same way.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 from typing import IO, Protocol
 
 from maas_jobs.progress import WATCH_PARENT_ENV, parse_progress_line
-from maas_jobs.records import JobError, LogLevel
+from maas_jobs.records import JobError, JobRecord, LogLevel
 
 _log = logging.getLogger(__name__)
 _LINE_LIMIT = 1024 * 1024
@@ -183,6 +187,36 @@ class JobProcess:
     def _kill_group(self, signum: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self._process.pid, signum)
+
+
+class StartedJob(Protocol):
+    """What the job manager holds of a running job, whichever executor started it."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def exited(self) -> bool: ...
+
+    async def wait_and_forward(self, sink: ProgressSink) -> ProcessOutcome: ...
+
+    async def stop(self, grace_seconds: float) -> None: ...
+
+
+class JobLauncher(Protocol):
+    """Starts a prepared job: as a local process or on the cluster."""
+
+    async def start(self, job: JobRecord, launch: LaunchSpec) -> StartedJob: ...
+
+
+@dataclass(frozen=True)
+class ProcessLauncher:
+    """The default: every job is an OS process of the service (`JobProcess`)."""
+
+    max_plain_log_lines: int = 200
+
+    async def start(self, job: JobRecord, launch: LaunchSpec) -> StartedJob:
+        return await JobProcess.start(launch, max_plain_log_lines=self.max_plain_log_lines)
 
 
 def reap_stale_process(process_id: int | None, marker: str) -> bool:

@@ -44,11 +44,13 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from pydantic import BaseModel, Field, model_validator
 
 from maas_jobs.executor import (
-    JobProcess,
+    JobLauncher,
     LaunchSpec,
+    ProcessLauncher,
     ProcessOutcome,
     ProgressForwarder,
     ProgressSink,
+    StartedJob,
 )
 from maas_jobs.records import JobRecord, LogLevel
 
@@ -344,36 +346,6 @@ class _PodFactory:
 
 
 # --- launching -------------------------------------------------------------------------------
-
-class StartedJob(Protocol):
-    """What the job manager holds of a running job, whichever executor started it."""
-
-    @property
-    def pid(self) -> int: ...
-
-    @property
-    def exited(self) -> bool: ...
-
-    async def wait_and_forward(self, sink: ProgressSink) -> ProcessOutcome: ...
-
-    async def stop(self, grace_seconds: float) -> None: ...
-
-
-class JobLauncher(Protocol):
-    """Starts a prepared job: as a local process or on the cluster."""
-
-    async def start(self, job: JobRecord, launch: LaunchSpec) -> StartedJob: ...
-
-
-@dataclass(frozen=True)
-class ProcessLauncher:
-    """The default: every job is an OS process of the service (`JobProcess`)."""
-
-    max_plain_log_lines: int = 200
-
-    async def start(self, job: JobRecord, launch: LaunchSpec) -> StartedJob:
-        return await JobProcess.start(launch, max_plain_log_lines=self.max_plain_log_lines)
-
 
 class KubernetesApi(Protocol):
     """The calls the launcher makes (a thin layer over the `kubernetes` client, so tests can

@@ -39,7 +39,13 @@ from maas_runtime.errors import FailedPrecondition, MaasError
 from maas_runtime.filtering import parse_filter
 from maas_runtime.pagination import PageTokenCodec, clamp_page_size, query_fingerprint
 
-from maas_jobs.executor import JobProcess, LaunchSpec, reap_stale_process
+from maas_jobs.executor import (
+    JobLauncher,
+    LaunchSpec,
+    ProcessLauncher,
+    StartedJob,
+    reap_stale_process,
+)
 from maas_jobs.records import (
     JobCollection,
     JobDraft,
@@ -113,6 +119,9 @@ class JobManagerConfig:
     differ between replicas sharing a job table."""
     lease_seconds: float = 15.0
     """How long a job stays with a replica that stopped renewing its lease."""
+    launcher: JobLauncher | None = None
+    """How a prepared job starts (`maas_jobs.kubernetes_executor.launcher_for` picks it from
+    the settings); None: as a local process (`ProcessLauncher`)."""
 
     @property
     def owner(self) -> str:
@@ -124,7 +133,7 @@ class _RunningJob:
     tenant: str
     workers: int
     task: asyncio.Task | None = None
-    process: JobProcess | None = None
+    process: StartedJob | None = None
     cancel_requested: bool = False
     lease_lost: bool = False
     publishing: bool = False
@@ -458,8 +467,8 @@ class JobManager:
         try:
             launch = await self.runner.prepare(job, workdir)
             if launch is not None:
-                entry.process = await JobProcess.start(
-                    launch, max_plain_log_lines=self.config.max_plain_log_lines)
+                launcher = self.config.launcher or ProcessLauncher(self.config.max_plain_log_lines)
+                entry.process = await launcher.start(job, launch)
                 if entry.cancel_requested or self._stopping:
                     await entry.process.stop(self.config.stop_grace_seconds)
                 await self._store_call(self.store.set_process, job.job_id, entry.process.pid)

@@ -4,8 +4,9 @@ A job service (trainer, compressor) supplies only what is its own: its runner, b
 registry client, and the gRPC binding of its servicer, built on the manager. Everything
 else is wired here once: the job table (SQLite under `state_dir`, or PostgreSQL at
 `database_url` shared by replicas), the registry peer channel
-(TLS, traces, discovery), page tokens, the manager's pool and timings, job metrics, and the
-order things open and close in.
+(TLS, traces, discovery), page tokens, the manager's pool and timings, the executor (local
+processes, or Kubernetes Jobs with `job_executor`), job metrics, and the order things open
+and close in.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from maas_runtime.registry_client import RegistryClient
 from maas_runtime.server import ServiceBinding, ServiceServer
 from maas_runtime.telemetry import Telemetry
 
+from maas_jobs.kubernetes_executor import launcher_for
 from maas_jobs.manager import JobManager, JobManagerConfig, JobRunner
 from maas_jobs.metrics import JobMetrics
 from maas_jobs.records import JobCollection
@@ -74,7 +76,8 @@ def build_job_server(name: str, settings: JobServiceSettings, collection: JobCol
             schedule_interval_seconds=settings.schedule_interval_seconds,
             watch_poll_seconds=settings.watch_poll_seconds,
             max_plain_log_lines=settings.max_logged_output_lines,
-            replica_id=settings.lease_owner(), lease_seconds=settings.job_lease_seconds),
+            replica_id=settings.lease_owner(), lease_seconds=settings.job_lease_seconds,
+            launcher=launcher_for(settings, name)),
         page_tokens=PageTokenCodec.from_secret_file(settings.resolved_page_token_secret_file))
     binding = binding_for(JobServiceParts(registry, runner, manager, work_root))
     server = ServiceServer(name, settings, [binding], telemetry=telemetry, discovery=discovery)
