@@ -208,6 +208,37 @@ async def test_two_managers_on_one_postgresql_run_each_job_exactly_once(postgres
             store.close()
 
 
+async def test_a_watch_on_another_replica_is_woken_by_each_event_of_the_job(postgres_url,
+                                                                          tmp_path):
+    """No polling: the replica watching hears of every event through NOTIFY."""
+    work = tmp_path / "work"
+    store_a, store_b = (SqlJobStore.open(postgres_url, COLLECTION) for _ in range(2))
+    a = step_manager(store_a, work, "replica-a")
+    b = step_manager(store_b, work, "replica-b", watch_poll_seconds=60)
+    await a.start()
+    try:
+        await a.submit(step_job("j", steps=10, pause=0.3))
+        await _wait_for(lambda: _reached(store_b, "j", 1), 30, "replica-a to run the job")
+        await b.start()  # a holds the job: b only watches it
+        received: list[tuple[int, float]] = []
+
+        async def watch() -> None:
+            async for event in b.watch("j"):
+                if event.kind is EventKind.METRICS:
+                    received.append((event.payload["epoch"], time.monotonic()))
+
+        await asyncio.wait_for(watch(), 30)
+        assert [epoch for epoch, _ in received] == list(range(1, 11))
+        assert (await b.get("j")).lease_owner == "replica-a"
+        live = [moment for _, moment in received[-5:]]
+        assert max(later - earlier for earlier, later in zip(live, live[1:], strict=False)) < 1.5
+    finally:
+        await a.stop()
+        await b.stop()
+        store_a.close()
+        store_b.close()
+
+
 def _crash(manager) -> None:
     """What kill -9 leaves of a replica: no more renewals, scheduling or bookkeeping, its
     job processes gone (they die with their parent); the table is left as it was."""

@@ -20,7 +20,8 @@ Several replicas may share one job table (PostgreSQL). Each runs a job only unde
 stops renewing (killed, cut off) loses its jobs to the others, which take them over in their
 scheduling pass and resume them from the checkpoint in the shared work root, exactly as after
 a restart. A replica that finds it no longer holds a job (taken over, or cancelled through
-another replica) stops the job's process. Watchers on any replica read the shared event log.
+another replica) stops the job's process. Watchers on any replica read the shared event log,
+woken by the store's change feed (PostgreSQL NOTIFY) at each event wherever it was written.
 """
 
 from __future__ import annotations
@@ -171,6 +172,11 @@ class _JobSignals:
         for signal in self._waiters.get(job_id, ()):
             signal.set()
 
+    def notify_all(self) -> None:
+        for waiters in self._waiters.values():
+            for signal in waiters:
+                signal.set()
+
 
 @dataclass
 class _EventSink:
@@ -206,6 +212,7 @@ class JobManager:
     _wake: asyncio.Event | None = field(init=False, default=None)
     _loop_task: asyncio.Task | None = field(init=False, default=None)
     _lease_task: asyncio.Task | None = field(init=False, default=None)
+    _changes_task: asyncio.Task | None = field(init=False, default=None)
     _stopping: bool = field(init=False, default=False)
     _owner: str = field(init=False, default="")
 
@@ -241,12 +248,16 @@ class JobManager:
         await self._take_over_lapsed(after_restart=True)
         self._loop_task = asyncio.create_task(self._schedule_forever(), name="job-scheduler")
         self._lease_task = asyncio.create_task(self._renew_forever(), name="job-leases")
+        changes = self.store.changes()
+        if changes is not None:
+            self._changes_task = asyncio.create_task(self._wake_watchers(changes),
+                                                     name="job-changes")
 
     async def stop(self) -> None:
         """Stop scheduling and end running processes; their jobs stay RUNNING, to resume
         (here after a restart, or at once on another replica: the leases are released)."""
         self._stopping = True
-        for task in (self._loop_task, self._lease_task):
+        for task in (self._loop_task, self._lease_task, self._changes_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -292,6 +303,14 @@ class JobManager:
             free -= job.workers
             self._signals.notify(job.job_id)
             self._launch(taken)
+
+    async def _wake_watchers(self, changes: AsyncIterator[str | None]) -> None:
+        """Wake this replica's watchers of jobs other replicas run, at each of their events."""
+        async for job_id in changes:
+            if job_id is None:
+                self._signals.notify_all()
+            else:
+                self._signals.notify(job_id)
 
     async def _renew_forever(self) -> None:
         interval = self.config.lease_seconds / 3
@@ -347,7 +366,8 @@ class JobManager:
         return JobListing(page.items, token)
 
     async def cancel(self, job_id: str, reason: str) -> JobRecord:
-        """Cancel a queued or running job; a running one's processes are gone on return."""
+        """Cancel a queued or running job; a running one's processes are gone on return when
+        it runs here (on another replica they stop at its next lease renewal)."""
         entry = self._running.get(job_id)
         async with entry.phase_lock if entry is not None else contextlib.nullcontext():
             if entry is not None and entry.publishing:

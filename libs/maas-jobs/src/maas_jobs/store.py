@@ -11,20 +11,28 @@ The table lives in SQLite (the embedded default, one service instance) or in Pos
 starts a job by claiming it (`FOR UPDATE SKIP LOCKED`: a row another replica is claiming
 right now is skipped, not waited for) under a lease it renews while the job runs. A job whose
 lease lapsed is taken over by another replica, which resumes it from its checkpoint.
+On PostgreSQL every event appended also NOTIFYs `EVENTS_CHANNEL` with the job's id (in the
+same transaction), so watchers on every replica wake at once (`changes`).
 """
 
 from __future__ import annotations
 
 import abc
 import builtins
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, overload
 
-from maas_runtime.database import create_database_engine, migrate, sqlite_url
+from maas_runtime.database import (
+    create_database_engine,
+    is_postgresql,
+    migrate,
+    notifications,
+    sqlite_url,
+)
 from maas_runtime.errors import AlreadyExists, InvalidArgument, NotFound
 from maas_runtime.filtering import (
     FilterExpr,
@@ -50,6 +58,8 @@ from maas_jobs.records import (
 )
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+EVENTS_CHANNEL = "maas_job_events"
+"""The PostgreSQL NOTIFY channel of new job events; the payload is the job's id."""
 VERSION_TABLE = "alembic_version_jobs"
 """The job table's own Alembic version table: it may share a database with other schemas."""
 
@@ -143,6 +153,11 @@ class JobStore(abc.ABC):
     def release_leases(self, owner: str, job_ids: Iterable[str]) -> None:
         """End `owner`'s leases now, so another replica takes the jobs over at once."""
 
+    def changes(self) -> AsyncIterator[str | None] | None:
+        """Ids of jobs that got new events anywhere (None: listening restarted, anything may
+        have changed); None when only this process writes the table (no feed needed)."""
+        return None
+
     @abc.abstractmethod
     def start_publishing(self, job_id: str, owner: str) -> JobRecord | None:
         """Mark the RUNNING job `owner` holds as publishing its result (no cancel from now
@@ -204,16 +219,18 @@ class _JobColumns:
 class SqlJobStore(JobStore):
     """JobStore on SQLAlchemy Core."""
 
-    def __init__(self, engine: Engine, collection: JobCollection):
+    def __init__(self, engine: Engine, collection: JobCollection, url: str = ""):
         self._engine = engine
         self._collection = collection
+        self._url = url
+        self._shared = is_postgresql(engine)
 
     @classmethod
     def open(cls, url: str, collection: JobCollection) -> SqlJobStore:
         """The job table at SQLAlchemy `url`, migrated to the newest schema first."""
         engine = create_database_engine(url)
         migrate(engine, MIGRATIONS, VERSION_TABLE)
-        return cls(engine, collection)
+        return cls(engine, collection, url)
 
     @classmethod
     def open_sqlite(cls, path: Path, collection: JobCollection) -> SqlJobStore:
@@ -222,6 +239,11 @@ class SqlJobStore(JobStore):
 
     def close(self) -> None:
         self._engine.dispose()
+
+    def changes(self) -> AsyncIterator[str | None] | None:
+        if not self._shared or not self._url:
+            return None
+        return notifications(self._url, EVENTS_CHANNEL)
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
@@ -268,6 +290,8 @@ class SqlJobStore(JobStore):
             job_pk=row.pk, sequence=sequence, time=now, kind=kind.value, payload=payload))
         connection.execute(update(t.jobs).where(t.jobs.c.pk == row.pk)
                            .values(last_sequence=sequence))
+        if self._shared:  # delivered on commit: a woken watcher finds the event
+            connection.execute(select(func.pg_notify(EVENTS_CHANNEL, row.job_id)))
         return JobEvent(job_id=row.job_id, sequence=sequence, time=now, kind=kind,
                         payload=payload)
 

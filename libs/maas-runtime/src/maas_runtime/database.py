@@ -4,13 +4,20 @@ One way for all stores (registry, job tables, deployments): a SQLAlchemy engine 
 URL, and Alembic migrations run at start-up under a lock — a PostgreSQL advisory lock (SQLite
 serialises writers itself) — so replicas starting together upgrade a schema exactly once.
 Each schema keeps its own Alembic version table, so several schemas may share one database.
+Replicas hear of each other's changes through PostgreSQL LISTEN/NOTIFY (`notifications`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from sqlalchemy import Engine, MetaData, create_engine, event, text
+from sqlalchemy.engine import make_url
+
+_log = logging.getLogger(__name__)
 
 MIGRATION_LOCK_KEY = 0x6D616173  # "maas": one advisory lock id for schema upgrades
 DEFAULT_VERSION_TABLE = "alembic_version"
@@ -103,3 +110,34 @@ def run_migrations(target_metadata: MetaData) -> None:
                       version_table=attributes.get("version_table", DEFAULT_VERSION_TABLE))
     with context.begin_transaction():
         context.run_migrations()
+
+
+def libpq_conninfo(url: str) -> str:
+    """A SQLAlchemy PostgreSQL URL as a libpq connection string (psycopg's own)."""
+    return make_url(normalized_url(url)).set(drivername="postgresql").render_as_string(
+        hide_password=False)
+
+
+async def notifications(url: str, channel: str,
+                        retry_seconds: float = 1.0) -> AsyncIterator[str | None]:
+    """Payloads NOTIFYed on `channel` of the PostgreSQL database at `url`, for ever.
+
+    Yields None each time listening (re)starts: notifications sent while nobody listened
+    are lost, so the caller compares its view with the tables then. A lost connection is
+    retried every `retry_seconds`.
+    """
+    import psycopg
+    from psycopg import sql
+
+    conninfo = libpq_conninfo(url)
+    while True:
+        try:
+            async with await psycopg.AsyncConnection.connect(conninfo,
+                                                             autocommit=True) as connection:
+                await connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                yield None
+                async for notification in connection.notifies():
+                    yield notification.payload
+        except (psycopg.Error, OSError) as exc:
+            _log.warning("listening on %s failed (%s); reconnecting", channel, exc)
+        await asyncio.sleep(retry_seconds)

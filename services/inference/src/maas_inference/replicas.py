@@ -23,9 +23,8 @@ import json
 import logging
 from typing import Protocol
 
-import psycopg
 from maas_runtime import contract_enums, errors
-from sqlalchemy.engine import make_url
+from maas_runtime.database import notifications
 
 from maas_inference.store import CHANGES_CHANNEL, SqlDeploymentStore
 
@@ -55,11 +54,6 @@ def serving_fingerprint(record: dict) -> str:
     return json.dumps({key: record.get(key) for key in _SERVING_FIELDS}, sort_keys=True)
 
 
-def libpq_conninfo(url: str) -> str:
-    """A SQLAlchemy PostgreSQL URL as psycopg's connection string."""
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 class DeploymentFollower:
     """Listens for other replicas' deployment changes and follows them (see module doc)."""
 
@@ -76,7 +70,7 @@ class DeploymentFollower:
         self._failures: dict[str, int] = {}
         self._tasks: list[asyncio.Task] = []
         self.listening = asyncio.Event()
-        """Set while the listener is connected (tests wait for it)."""
+        """Set once the listener is connected (tests wait for it)."""
         store.on_local_write(self._local_write)
 
     def _local_write(self, deployment_id: str, record: dict | None) -> None:
@@ -122,21 +116,15 @@ class DeploymentFollower:
     # -- hearing of changes ---------------------------------------------------------------------
 
     async def _listen_forever(self) -> None:
-        conninfo = libpq_conninfo(self._store.url)
-        while True:
-            try:
-                async with await psycopg.AsyncConnection.connect(conninfo,
-                                                                 autocommit=True) as connection:
-                    await connection.execute(f"LISTEN {CHANGES_CHANNEL}")
-                    self.listening.set()
-                    await self.resync()  # whatever changed while nobody listened
-                    async for notification in connection.notifies():
-                        self._heard(notification.payload)
-            except (psycopg.Error, OSError) as exc:
-                _log.warning("listening for deployment changes failed (%s); reconnecting", exc)
-            finally:
-                self.listening.clear()
-            await asyncio.sleep(1.0)
+        async for payload in notifications(self._store.url, CHANGES_CHANNEL):
+            if payload is None:  # (re)connected: whatever changed while nobody listened
+                self.listening.set()
+                try:
+                    await self.resync()
+                except Exception:
+                    _log.exception("comparing the deployment table with the live routes failed")
+            else:
+                self._heard(payload)
 
     def _heard(self, payload: str) -> None:
         try:
