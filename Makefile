@@ -11,7 +11,7 @@ API_OUT := libs/maas-api/src
 NODE_TOOLS := tools/node_modules/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install proto proto-check proto-breaking kserve-descriptors clients lint test drills bench demo up clean
+.PHONY: install proto proto-check proto-breaking helm-schemas kserve-descriptors clients lint test drills bench demo up clean
 
 DATAPLANE := $(VENV)/bin/maas-inference-dataplane
 
@@ -76,6 +76,11 @@ proto: $(VENV)/.installed
 
 proto-check: $(VENV)/.installed
 	$(PY) tools/gen_protos.py --check --out $(API_OUT)
+
+# The Helm charts' values.schema.json, generated from deploy/helm/schema/ and the services'
+# settings classes: rerun after changing either (tests/deploy fails on a stale schema).
+helm-schemas: $(VENV)/.installed
+	$(PY) tools/gen_helm_schemas.py
 
 # Compatibility of protos/ with the previous commit (needs full history, not a shallow clone).
 # Before committing: make proto-breaking AGAINST=HEAD; for a pull request: AGAINST=origin/main.

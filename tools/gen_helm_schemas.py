@@ -6,13 +6,22 @@ title, its required keys and its own properties (its `settings`, registry's data
 inference chart's Triton, ...), and may `include` fragments that several charts share (e.g.
 "jobs": deploy/helm/schema/jobs.json, the values of the charts of services that run jobs).
 The merge is the base's properties, then the fragments', then the chart's (none may redefine
-another's), with the required keys in the same order. `--check` fails when a committed schema
+another's), with the required keys in the same order.
+
+A chart's `settings` (rendered as MAAS_<NAME>_<FIELD> env vars) is generated from the
+service's pydantic settings class (`"settings": {"from": "module:Class"}`): every field, with
+its type, bounds and docstring, except those the chart sets itself from its own values; the
+parts list those in `settingsExclude` (base, fragments) and `settings.exclude` (the chart),
+each with the value that sets it or why it is left out. An excluded name that is no field,
+like a field neither listed nor excluded, cannot happen: a new settings field appears in the
+schema at the next run, and `--check` fails until it does. `--check` fails when a committed schema
 differs from what this script writes, so the schemas cannot drift apart.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -31,6 +40,39 @@ def _load(path: Path) -> dict[str, Any]:
     return loaded
 
 
+def _without_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """`X | None` fields as X: a chart sets a value or leaves the field to its default."""
+    options = [option for option in schema.get("anyOf", []) if option.get("type") != "null"]
+    if "anyOf" in schema and len(options) == 1:
+        schema = {**options[0], **{k: v for k, v in schema.items() if k != "anyOf"}}
+    return schema
+
+
+def settings_schema(class_path: str, excluded: dict[str, str]) -> dict[str, Any]:
+    """The `settings` value of a chart: the fields of the settings class at `class_path`
+    ("module:Class") that `excluded` does not name, each as its JSON schema (no title, no
+    default: defaults belong to the service, and some depend on the machine)."""
+    module_name, class_name = class_path.split(":")
+    settings_class = getattr(importlib.import_module(module_name), class_name)
+    fields = settings_class.model_json_schema(by_alias=False)["properties"]
+    stale = sorted(set(excluded) - set(fields))
+    if stale:
+        raise ValueError(f"{class_name} has no fields {stale}: drop them from the exclusions")
+    properties = {}
+    for name, schema in fields.items():
+        if name in excluded:
+            continue
+        cleaned = _without_null({k: v for k, v in schema.items() if k not in ("title", "default")})
+        properties[name] = cleaned
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": properties,
+        "description": f"Service settings by field name, rendered as MAAS_<NAME>_<FIELD>: every field "
+                       f"of {class_name} the chart does not set from its own values.",
+    }
+
+
 def merged_schema(base: dict[str, Any], own: dict[str, Any],
                   fragments: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """The chart's values schema: the base, the fragments the chart includes, then the chart's
@@ -45,6 +87,11 @@ def merged_schema(base: dict[str, Any], own: dict[str, Any],
             raise ValueError(f"chart schema redefines base properties {clashes}")
         properties.update(part["properties"])
         required.extend(part["required"])
+    if "settings" in own:
+        excluded = {name: reason for part in parts
+                    for name, reason in part.get("settingsExclude", {}).items()}
+        excluded.update(own["settings"].get("exclude", {}))
+        properties["settings"] = settings_schema(own["settings"]["from"], excluded)
     return {
         "$schema": base["$schema"],
         "title": own["title"],

@@ -9,6 +9,7 @@ The committed values.schema.json files are what tools/gen_helm_schemas.py writes
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import shutil
@@ -19,7 +20,18 @@ import helm_python as helm
 import pytest
 import yaml
 
-from tests.deploy.test_helm_charts import HELM_DIR, NAMESPACE, RELEASE, REPO, SERVICES, render
+from tests.deploy.test_helm_charts import (
+    HELM_DIR,
+    NAMESPACE,
+    RELEASE,
+    REPO,
+    SERVICES,
+    SETTINGS_CLASSES,
+    container_of,
+    env_of,
+    render,
+    service_deployment,
+)
 from tools import gen_helm_schemas
 
 LIBRARY = HELM_DIR / "maas-common"
@@ -132,3 +144,96 @@ def test_the_job_service_charts_include_the_shared_jobs_fragment():
         gen_helm_schemas.merged_schema(
             base, {"title": "t", "include": ["jobs"], "required": [],
                    "properties": {"kubernetesJobs": {"type": "object"}}}, {"jobs": fragment})
+
+
+# --- settings from the services' settings classes ---------------------------------------------
+
+def _excluded(chart: str) -> dict[str, str]:
+    parts = [json.loads((HELM_DIR / "schema" / "base.json").read_text())]
+    own = json.loads((HELM_DIR / "schema" / f"{chart}.json").read_text())
+    parts += [json.loads((HELM_DIR / "schema" / f"{name}.json").read_text())
+              for name in own.get("include", [])]
+    excluded = {name: reason for part in parts for name, reason in part.get("settingsExclude", {}).items()}
+    return {**excluded, **own["settings"].get("exclude", {})}
+
+
+def _settings_class(chart: str):
+    module_name, class_name = SETTINGS_CLASSES[chart].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+# Values turning on everything a chart can set, so each field it sets itself shows up as env.
+_EVERYTHING = {
+    "tls": {"enabled": True, "secretName": "tls", "requireClientCertificates": True,
+            "peers": {"enabled": True, "presentClientCertificate": True, "serverName": "registry"}},
+    "otlpEndpoint": "http://otel:4317", "database": {"existingSecret": "pg", "secretKey": "url"},
+    "pageTokenSecret": {"existingSecret": "pt", "secretKey": "k"},
+    "discovery": {"consulHttpAddr": "http://consul:8500", "staticEndpoints": "registry=r:50051"},
+    "global": {"maas": {"consul": {"tokenSecret": {"name": "acl", "key": "token"}}}},
+}
+_EVERYTHING_BY_CHART = {
+    "registry": {},
+    "trainer": {"registryTarget": "r:50051", "persistence": {"accessModes": ["ReadWriteMany"]},
+                "kubernetesJobs": {"enabled": True, "kueueQueue": "q", "serviceAccountName": "jobs",
+                                   "nodeSelector": {"gpu": "yes"}}},
+    "inference": {"registryTarget": "r:50051"},
+}
+_EVERYTHING_BY_CHART["compressor"] = _EVERYTHING_BY_CHART["trainer"]
+# Fields the charts leave to the service's default on purpose (the reason is in the schema part).
+_LEFT_TO_THE_SERVICE = {
+    "registry": set(),
+    "trainer": {"python_executable", "jobs_dir", "replica_id"},
+    "compressor": {"python_executable", "jobs_dir", "replica_id"},
+    "inference": {"data_plane_binary", "openai_port", "tenancy_file"},
+}
+# Fields set through env names of their own (read by the runtime's settings under aliases).
+_OWN_ENV_NAMES = {"consul_http_addr": "CONSUL_HTTP_ADDR", "consul_token": "CONSUL_HTTP_TOKEN",
+                  "static_endpoints": "MAAS_STATIC_ENDPOINTS"}
+
+
+@pytest.mark.parametrize("chart", SERVICES)
+def test_every_settings_field_is_a_chart_setting_or_set_by_the_chart(chart):
+    """The chart is complete: each field of the service's settings class is either accepted
+    under `settings` or set by the chart itself from its own values (rendered as env when those
+    values are on), except the few left to the service's default, each with a reason."""
+    fields = set(_settings_class(chart).model_fields)
+    schema = json.loads((HELM_DIR / chart / "values.schema.json").read_text())
+    accepted = set(schema["properties"]["settings"]["properties"])
+    excluded = _excluded(chart)
+    assert accepted | set(excluded) == fields and not accepted & set(excluded)
+    assert all(reason.strip() for reason in excluded.values())
+
+    documents = render(HELM_DIR / chart, {**_EVERYTHING, **_EVERYTHING_BY_CHART[chart]})
+    env = env_of(container_of(service_deployment(documents, chart)))
+    prefix = f"MAAS_{chart.upper()}_"
+    rendered = {name.removeprefix(prefix).lower() for name in env if name.startswith(prefix)}
+    rendered |= {field for field, name in _OWN_ENV_NAMES.items() if name in env}
+    rendered |= {"peer_tls"} if f"{prefix}PEER_TLS_CA_FILE" in env else set()  # implied by the CA file
+    assert set(excluded) - rendered == _LEFT_TO_THE_SERVICE[chart]
+
+
+def test_list_and_map_settings_render_as_json_the_service_parses(monkeypatch):
+    documents = render(HELM_DIR / "inference", {"settings": {"usage_metrics_tenants": ["vision", "nlp"],
+                                                             "usage_flush_seconds": 2.5}})
+    env = env_of(container_of(service_deployment(documents, "inference")))
+    assert json.loads(env["MAAS_INFERENCE_USAGE_METRICS_TENANTS"]["value"]) == ["vision", "nlp"]
+    for name in ("MAAS_INFERENCE_USAGE_METRICS_TENANTS", "MAAS_INFERENCE_USAGE_FLUSH_SECONDS"):
+        monkeypatch.setenv(name, env[name]["value"])
+    settings = _settings_class("inference")()
+    assert settings.usage_metrics_tenants == ["vision", "nlp"] and settings.usage_flush_seconds == 2.5
+
+
+def test_the_settings_schema_carries_the_fields_types_bounds_and_docs():
+    schema = json.loads((HELM_DIR / "trainer" / "values.schema.json").read_text())
+    worker_slots = schema["properties"]["settings"]["properties"]["worker_slots"]
+    assert worker_slots["type"] == "integer" and worker_slots["minimum"] == 1
+    assert "pool" in worker_slots["description"] and "default" not in worker_slots
+    with pytest.raises(helm.HelmValuesError, match="/settings/worker_slots"):
+        render(HELM_DIR / "trainer", {"settings": {"worker_slots": 0}})
+    with pytest.raises(helm.HelmValuesError, match="additional properties 'port'"):
+        render(HELM_DIR / "trainer", {"settings": {"port": 1}})
+
+
+def test_an_exclusion_naming_no_field_is_refused():
+    with pytest.raises(ValueError, match="no fields"):
+        gen_helm_schemas.settings_schema(SETTINGS_CLASSES["registry"], {"no_such_field": "gone"})

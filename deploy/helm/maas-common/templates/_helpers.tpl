@@ -81,10 +81,12 @@ app.kubernetes.io/component: server
 {{- end -}}
 {{- end -}}
 
-{{/* An env value as the service's settings parse it: Helm reads every number as a float, and
-8589934592 would otherwise render as "8.589934592e+09". */}}
+{{/* An env value as the service's settings parse it: lists and maps as JSON; Helm reads every
+number as a float, and 8589934592 would otherwise render as "8.589934592e+09". */}}
 {{- define "maas.envValue" -}}
-{{- if and (kindIs "float64" .) (eq (float64 (int64 .)) .) -}}
+{{- if or (kindIs "map" .) (kindIs "slice" .) -}}
+{{- toJson . -}}
+{{- else if and (kindIs "float64" .) (eq (float64 (int64 .)) .) -}}
 {{- int64 . | toString -}}
 {{- else -}}
 {{- toString . -}}
