@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -364,3 +365,46 @@ async def test_a_job_holding_replica_killed_with_sigkill_is_taken_over(postgres_
             replica.wait()
         await b.stop()
         store.close()
+
+
+class CutOffStore(SqlJobStore):
+    """Lease renewals fail while `cut_off` is set, as when the database is unreachable."""
+
+    cut_off = False
+
+    def renew_leases(self, owner, job_ids, lease_seconds):
+        if self.cut_off:
+            raise ConnectionError("the database is unreachable")
+        return super().renew_leases(owner, job_ids, lease_seconds)
+
+
+async def test_a_replica_that_cannot_renew_stops_its_job_before_the_lease_lapses(tmp_path):
+    """Fencing: no second replica may find the job lapsed while this one still runs it."""
+    store = CutOffStore.open_sqlite(tmp_path / "jobs.db", COLLECTION)
+    manager = step_manager(store, tmp_path / "work", "replica-a", lease_seconds=3)
+    await manager.start()
+    try:
+        await manager.submit(step_job("j", steps=60, pause=0.1))
+        await _wait_for(lambda: _reached(store, "j", 2), 30, "the job to run")
+        process = manager._running["j"].process
+        store.cut_off = True
+        cut_at = time.monotonic()
+        await _wait_for(lambda: _exited(process), 10, "the job's process to stop")
+        lease_expires = (await manager.get("j")).lease_expires
+        assert time.monotonic() - cut_at < 3
+        assert datetime.now(UTC) < lease_expires  # stopped while the lease still held
+        assert (await manager.get("j")).state is JobState.RUNNING  # nothing decided for it
+
+        store.cut_off = False  # back: the lapsed job is this replica's own to resume
+        await asyncio.wait_for(_events(manager, "j"), 60)
+        done = await manager.get("j")
+        assert done.state is JobState.SUCCEEDED and done.resume_count == 1
+        runs = runs_of(tmp_path / "work", "j")
+        assert len(runs) == 2 and runs[1][1] > 2
+    finally:
+        await manager.stop()
+        store.close()
+
+
+async def _exited(process) -> bool:
+    return process.exited

@@ -274,11 +274,13 @@ class JobManager:
             await self._store_call(self.store.release_leases, self._owner, held)
 
     async def _take_over_lapsed(self, *, after_restart: bool = False) -> None:
-        """Run the RUNNING jobs nobody holds: a previous run of this replica's, or another
-        replica's whose lease lapsed. Right after a restart, own jobs too wide for the free
-        slots go back to the queue (as before replicas); others' wait for a replica with room."""
+        """Run the RUNNING jobs nobody holds: any whose lease lapsed, and right after a
+        restart this replica's own at once (a previous run of it held them). Then, own jobs too
+        wide for the free slots go back to the queue (as before replicas); others' wait for a
+        replica with room."""
         free = self.pool_size - sum(entry.workers for entry in self._running.values())
-        for job in await self._store_call(self.store.lapsed, self._owner):
+        lapsed = await self._store_call(self.store.lapsed, self._owner, own_too=after_restart)
+        for job in lapsed:
             if job.job_id in self._running:
                 continue  # ours, running here: the lease is renewed by `_renew_forever`
             own = job.lease_owner in (None, self._owner)
@@ -288,7 +290,8 @@ class JobManager:
                         self.store.transition, job.job_id, [JobState.RUNNING], JobState.QUEUED,
                         "waiting for worker slots after a restart")
                 continue
-            reason = ("the service restarted; resuming from the last checkpoint" if own else
+            restarted = after_restart and own
+            reason = ("the service restarted; resuming from the last checkpoint" if restarted else
                       f"replica {job.lease_owner} stopped renewing its lease; {self._owner} "
                       "resumes the job from the last checkpoint")
             taken = await self._store_call(self.store.take_over, job.job_id, self._owner,
@@ -314,31 +317,43 @@ class JobManager:
 
     async def _renew_forever(self) -> None:
         interval = self.config.lease_seconds / 3
+        last_renewed = asyncio.get_running_loop().time()
         while True:
             await asyncio.sleep(interval)
             try:
-                await self._renew_leases()
+                await self._renew_leases(timeout=interval)
+                last_renewed = asyncio.get_running_loop().time()
             except Exception:
                 _log.exception("renewing job leases failed; retrying")
+                if asyncio.get_running_loop().time() - last_renewed >= 2 * interval:
+                    # The lease lapses a third of it from now and another replica may take
+                    # the jobs over: stop them first, never run a job twice.
+                    await self._give_up(dict(self._running), "its leases could not be renewed")
 
-    async def _renew_leases(self) -> None:
+    async def _renew_leases(self, timeout: float) -> None:
         """Extend the leases of the jobs running here; stop those this replica lost."""
         running = dict(self._running)
-        held = await self._store_call(self.store.renew_leases, self._owner, list(running),
-                                      self.config.lease_seconds)
-        for job_id, entry in running.items():
-            if job_id in held or entry.publishing or entry.lease_lost:
-                continue
-            if self._running.get(job_id) is not entry:
-                continue  # finished while the leases were renewed
+        held = await asyncio.wait_for(
+            self._store_call(self.store.renew_leases, self._owner, list(running),
+                             self.config.lease_seconds), timeout)
+        await self._give_up({job_id: entry for job_id, entry in running.items()
+                             if job_id not in held}, "cancelled or taken over")
+
+    async def _give_up(self, entries: dict[str, _RunningJob], why: str) -> None:
+        """Stop the processes of jobs this replica no longer holds (their state is not ours
+        to write any more: `_finish` only ends a job under this replica's lease)."""
+        for job_id, entry in entries.items():
+            if entry.publishing or entry.lease_lost or self._running.get(job_id) is not entry:
+                continue  # publishing cannot be undone; or finished meanwhile
             entry.lease_lost = True
-            _log.warning("%s is no longer held by %s (cancelled or taken over); stopping its "
-                         "process", self.collection.name(job_id), self._owner)
+            _log.warning("%s is no longer held by %s (%s); stopping its process",
+                         self.collection.name(job_id), self._owner, why)
             if entry.process is None:
                 if entry.task is not None:
                     entry.task.cancel()  # still staging its inputs
             elif not entry.process.exited:
-                await entry.process.stop(self.config.stop_grace_seconds)
+                await entry.process.stop(min(self.config.stop_grace_seconds,
+                                             self.config.lease_seconds / 6))
             # An exited process: its task is recording the outcome, under the owner guard.
 
     # -- use cases ----------------------------------------------------------------------------

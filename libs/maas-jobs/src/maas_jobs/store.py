@@ -133,9 +133,9 @@ class JobStore(abc.ABC):
         more, or another replica is claiming it this instant (its row is skipped)."""
 
     @abc.abstractmethod
-    def lapsed(self, owner: str) -> builtins.list[JobRecord]:
+    def lapsed(self, owner: str, *, own_too: bool = True) -> builtins.list[JobRecord]:
         """RUNNING jobs `owner` may take over, oldest submission first: their lease lapsed,
-        they have none, or it is `owner`'s own (a previous run of the same replica)."""
+        they have none, or (`own_too`) it is `owner`'s own (a previous run of the replica)."""
 
     @abc.abstractmethod
     def take_over(self, job_id: str, owner: str, lease_seconds: float,
@@ -390,15 +390,17 @@ class SqlJobStore(JobStore):
             return self._record(self._row(connection, job_id))
 
     @staticmethod
-    def _may_take_over(owner: str, now: datetime):
-        return (t.jobs.c.state == JobState.RUNNING.value) & or_(
-            t.jobs.c.lease_owner.is_(None), t.jobs.c.lease_owner == owner,
-            t.jobs.c.lease_expires.is_(None), t.jobs.c.lease_expires < now)
+    def _may_take_over(owner: str, now: datetime, own_too: bool = True):
+        lapsed = [t.jobs.c.lease_owner.is_(None), t.jobs.c.lease_expires.is_(None),
+                  t.jobs.c.lease_expires < now]
+        if own_too:
+            lapsed.append(t.jobs.c.lease_owner == owner)
+        return (t.jobs.c.state == JobState.RUNNING.value) & or_(*lapsed)
 
-    def lapsed(self, owner: str) -> builtins.list[JobRecord]:
+    def lapsed(self, owner: str, *, own_too: bool = True) -> builtins.list[JobRecord]:
+        query = select(t.jobs).where(self._may_take_over(owner, utc_now(), own_too))
         with self._read() as connection:
-            rows = connection.execute(select(t.jobs).where(self._may_take_over(owner, utc_now()))
-                                      .order_by(t.jobs.c.pk)).all()
+            rows = connection.execute(query.order_by(t.jobs.c.pk)).all()
         return [self._record(row) for row in rows]
 
     def take_over(self, job_id: str, owner: str, lease_seconds: float,
