@@ -176,7 +176,7 @@ _EVERYTHING_BY_CHART = {
     "trainer": {"registryTarget": "r:50051", "persistence": {"accessModes": ["ReadWriteMany"]},
                 "kubernetesJobs": {"enabled": True, "kueueQueue": "q", "serviceAccountName": "jobs",
                                    "nodeSelector": {"gpu": "yes"}}},
-    "inference": {"registryTarget": "r:50051"},
+    "inference": {"registryTarget": "r:50051", "openai": {"enabled": True, "port": 8080}},
 }
 _EVERYTHING_BY_CHART["compressor"] = _EVERYTHING_BY_CHART["trainer"]
 # Fields the charts leave to the service's default on purpose (the reason is in the schema part).
@@ -184,7 +184,7 @@ _LEFT_TO_THE_SERVICE = {
     "registry": set(),
     "trainer": {"python_executable", "jobs_dir", "replica_id"},
     "compressor": {"python_executable", "jobs_dir", "replica_id"},
-    "inference": {"data_plane_binary", "openai_port", "tenancy_file"},
+    "inference": {"data_plane_binary", "tenancy_file"},
 }
 # Fields set through env names of their own (read by the runtime's settings under aliases).
 _OWN_ENV_NAMES = {"consul_http_addr": "CONSUL_HTTP_ADDR", "consul_token": "CONSUL_HTTP_TOKEN",

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import kubernetes_validate
 import pytest
+from maas_inference.settings import InferenceSettings
 
 from tests.deploy.test_helm_charts import (
     HELM_DIR,
@@ -252,3 +253,26 @@ def test_the_evaluator_denies_what_no_rule_names():
     deny_all = {"metadata": {"name": "deny"}, "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}}
     assert not allowed([deny_all], CLIENT, server("registry"), grpc("registry"))
     assert allowed([], STRANGER, server("registry"), grpc("registry"))
+
+
+def test_the_openai_endpoint_is_a_port_of_the_pod_and_service_open_to_clients_only(monkeypatch):
+    documents = render(HELM_DIR / "inference", {"openai": {"enabled": True, "port": 8080}})
+    for document in documents:
+        kubernetes_validate.validate(document, KUBE_VERSION, strict=True)
+    deployment = of_kind(documents, "Deployment")[f"{RELEASE}-inference"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert {"name": "openai", "containerPort": 8080, "protocol": "TCP"} in container["ports"]
+    service = of_kind(documents, "Service")[f"{RELEASE}-inference"]
+    assert {"name": "openai", "port": 8080, "targetPort": "openai", "protocol": "TCP",
+            "appProtocol": "http"} in service["spec"]["ports"]
+    env = {entry["name"]: entry.get("value") for entry in container["env"]}
+    monkeypatch.setenv("MAAS_INFERENCE_OPENAI_PORT", env["MAAS_INFERENCE_OPENAI_PORT"])
+    assert InferenceSettings().openai_port == 8080
+    policies = list(of_kind(documents, "NetworkPolicy").values())
+    openai = ("openai", 8080)
+    assert allowed(policies, CLIENT, server("inference"), openai)
+    for outsider in (STRANGER, STRANGER_ELSEWHERE, PROMETHEUS, server("registry"), TRITON):
+        assert not allowed(policies, outsider, server("inference"), openai), outsider
+    # Off by default: no port, no env.
+    default = of_kind(render(HELM_DIR / "inference"), "Service")[f"{RELEASE}-inference"]
+    assert [port["name"] for port in default["spec"]["ports"]] == ["grpc", "metrics"]

@@ -42,3 +42,8 @@ does); it calls the registry, and the API server when it runs jobs on Kubernetes
 {{- define "compressor.egress" -}}
 {{- include "maas.kubernetesJobs.egress" . }}
 {{- end -}}
+
+{{/* Ports clients reach besides gRPC (maas.deployment, maas.service, maas.networkpolicy): none. */}}
+{{- define "compressor.clientPorts" -}}
+[]
+{{- end -}}

@@ -66,6 +66,10 @@ app.kubernetes.io/part-of: maas
 - name: MAAS_INFERENCE_REGISTRY_TARGET
   value: {{ . | quote }}
 {{- end }}
+{{- if .Values.openai.enabled }}
+- name: MAAS_INFERENCE_OPENAI_PORT
+  value: {{ .Values.openai.port | quote }}
+{{- end }}
 {{- if include "inference.remoteTriton" . }}
 - name: MAAS_INFERENCE_TRITON_URL
   value: {{ include "inference.tritonUrl" . | quote }}
@@ -158,4 +162,14 @@ re-exported series). The Triton pods have their own policy (triton-networkpolicy
       protocol: TCP
 {{- end }}
 {{- end }}
+{{- end -}}
+
+{{/* Ports clients reach besides gRPC (maas.deployment, maas.service, maas.networkpolicy): the
+OpenAI-compatible HTTP endpoint when openai.enabled. */}}
+{{- define "inference.clientPorts" -}}
+{{- if .Values.openai.enabled -}}
+[{"name": "openai", "port": {{ int .Values.openai.port }}, "appProtocol": "http"}]
+{{- else -}}
+[]
+{{- end -}}
 {{- end -}}

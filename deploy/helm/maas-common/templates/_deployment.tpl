@@ -63,6 +63,11 @@ spec:
               containerPort: {{ .Values.metrics.port }}
               protocol: TCP
             {{- end }}
+            {{- range include (printf "%s.clientPorts" .Chart.Name) . | fromYamlArray }}
+            - name: {{ .name }}
+              containerPort: {{ .port }}
+              protocol: TCP
+            {{- end }}
           env:
             {{- include "maas.env" . | nindent 12 }}
           startupProbe:

@@ -3,7 +3,8 @@ A service chart's templates/networkpolicy.yaml is one line: include "maas.networ
 
 Ingress: the gRPC port from the suite's services that call this one ("<chart>.callers", a
 list of logical names, e.g. the registry's trainer, compressor and inference; their server
-pods) and from networkPolicy.clients; the metrics port from
+pods) and from networkPolicy.clients, which also reach the chart's own client ports
+("<chart>.clientPorts"); the metrics port from
 networkPolicy.prometheus. Egress: DNS, Consul, PostgreSQL, OTLP, the gRPC port of the peers
 the service calls ("<chart>.calls"), then "<chart>.egress" (the chart's own rules, e.g. the
 inference service's Triton) and networkPolicy.extraEgress. */}}
@@ -12,6 +13,7 @@ inference service's Triton) and networkPolicy.extraEgress. */}}
 {{- if $policy.enabled -}}
 {{- $callers := include (printf "%s.callers" .Chart.Name) . | fromYamlArray -}}
 {{- $calls := include (printf "%s.calls" .Chart.Name) . | fromYamlArray -}}
+{{- $clientPorts := include (printf "%s.clientPorts" .Chart.Name) . | fromYamlArray -}}
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
 metadata:
@@ -37,6 +39,17 @@ spec:
         {{- with $policy.clients }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
+    {{- end }}
+    {{- with $clientPorts }}
+    {{- if $policy.clients }}
+    - ports:
+        {{- range . }}
+        - port: {{ .name }}
+          protocol: TCP
+        {{- end }}
+      from:
+        {{- toYaml $policy.clients | nindent 8 }}
+    {{- end }}
     {{- end }}
     {{- if and .Values.metrics.enabled $policy.prometheus }}
     - ports:

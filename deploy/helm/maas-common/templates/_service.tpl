@@ -1,4 +1,5 @@
-{{/* The Service: the gRPC port, plus the metrics port when metrics are on.
+{{/* The Service: the gRPC port, the metrics port when metrics are on, and the chart's own
+client ports ("<chart>.clientPorts", e.g. inference's OpenAI-compatible HTTP endpoint).
 A service chart's templates/service.yaml is one line: include "maas.service" . */}}
 {{- define "maas.service" -}}
 apiVersion: v1
@@ -27,5 +28,12 @@ spec:
       targetPort: metrics
       protocol: TCP
       appProtocol: http
+    {{- end }}
+    {{- range include (printf "%s.clientPorts" .Chart.Name) . | fromYamlArray }}
+    - name: {{ .name }}
+      port: {{ .port }}
+      targetPort: {{ .name }}
+      protocol: TCP
+      appProtocol: {{ .appProtocol }}
     {{- end }}
 {{- end -}}

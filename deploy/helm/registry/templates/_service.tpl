@@ -64,3 +64,8 @@ peers it calls (none), and egress of its own (none: PostgreSQL is in the shared 
 
 {{- define "registry.egress" -}}
 {{- end -}}
+
+{{/* Ports clients reach besides gRPC (maas.deployment, maas.service, maas.networkpolicy): none. */}}
+{{- define "registry.clientPorts" -}}
+[]
+{{- end -}}
