@@ -1,5 +1,6 @@
 """The SDK over several gateway replicas: round-robin over the healthy ones, idempotent calls
-sent again to the next replica on UNAVAILABLE (bounded, with backoff), writes never repeated.
+sent again to the next replica on UNAVAILABLE (bounded, with backoff), writes never repeated,
+and a job's Watch stream resumed on the next replica after its last event.
 
 The replicas are real gRPC servers on loopback (the inference service's contract and the
 stock health service), each answering Predict with its own name as the model version and
@@ -14,13 +15,16 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent import futures
+from dataclasses import dataclass, field
 
 import grpc
 import maas
 import numpy as np
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from maas.common.v1 import job_pb2
 from maas.inference.v1 import deployment_pb2, inference_service_pb2 as inf, inference_service_pb2_grpc
+from maas.trainer.v1 import trainer_service_pb2_grpc, training_job_pb2 as tj
 from maas_runtime.discovery import StaticDiscovery
 from maas_sdk.retries import RetryPolicy, is_idempotent
 
@@ -167,7 +171,8 @@ def test_gateways_found_through_discovery_are_retried_the_same_way(gateways):
 
 
 def test_only_reads_and_predict_are_idempotent_and_the_policy_is_checked():
-    assert all(map(is_idempotent, ("Predict", "GetModelVersion", "ListDeployments")))
+    assert all(map(is_idempotent, ("Predict", "GetModelVersion", "ListDeployments",
+                                    "WatchTrainingJob")))
     assert not any(map(is_idempotent, ("CreateTrainingJob", "UpdateDeployment",
                                        "DeleteModel", "UploadModelVersion", "SetModelAlias",
                                        "CancelTrainingJob", "StreamPredict")))
@@ -183,3 +188,66 @@ def test_only_reads_and_predict_are_idempotent_and_the_policy_is_checked():
                 {"backoff_multiplier": 0.5}):
         with pytest.raises(ValueError):
             RetryPolicy(**bad)
+
+
+class TrainerReplica(trainer_service_pb2_grpc.TrainerServiceServicer):
+    """One trainer replica over a job shared with the others (`job`): its Watch streams every
+    event after the one asked for, except that the job's first Watch is cut after sequence 2
+    with UNAVAILABLE, as a replica killed mid-stream cuts it."""
+
+    def __init__(self, job: SharedJob) -> None:
+        self.job = job
+        self.server = grpc.server(futures.ThreadPoolExecutor(8))
+        trainer_service_pb2_grpc.add_TrainerServiceServicer_to_server(self, self.server)
+        health_servicer = health.HealthServicer()
+        health_servicer.set("trainer", health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.server)
+        self.target = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        self.server.start()
+
+    def GetTrainingJob(self, request, context):  # noqa: N802 - the contract's name
+        return tj.TrainingJob(name=request.name, spec=tj.TrainingSpec(epochs=3), state=(
+            job_pb2.JOB_STATE_SUCCEEDED if self.job.finished.is_set()
+            else job_pb2.JOB_STATE_RUNNING))
+
+    def WatchTrainingJob(self, request, context):  # noqa: N802
+        self.job.watches.append((self.target, request.after_sequence))
+        first = len(self.job.watches) == 1
+        for event in self.job.events[request.after_sequence:]:
+            if first and event.sequence > 2:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the replica went away")
+            yield event
+        self.job.finished.set()
+
+
+@dataclass
+class SharedJob:
+    """A running job as every trainer replica sees it (their shared table)."""
+
+    events: list[job_pb2.JobEvent]
+    finished: threading.Event = field(default_factory=threading.Event)
+    watches: list[tuple[str, int]] = field(default_factory=list)
+    """(replica, after_sequence) of every Watch call."""
+
+
+def test_waiting_on_a_job_resumes_on_the_other_replica_after_the_last_event():
+    events = [job_pb2.JobEvent(sequence=1, state_change=job_pb2.StateChange(
+        state=job_pb2.JOB_STATE_RUNNING))]
+    events += [job_pb2.JobEvent(sequence=1 + epoch, metrics=job_pb2.MetricsReport(
+        epoch=epoch, phase="val", values={"accuracy": 0.5})) for epoch in (1, 2, 3)]
+    events.append(job_pb2.JobEvent(sequence=5, state_change=job_pb2.StateChange(
+        state=job_pb2.JOB_STATE_SUCCEEDED)))
+    job = SharedJob(events)
+    replicas = [TrainerReplica(job), TrainerReplica(job)]
+    seen: list[int] = []
+    try:
+        with maas.Client(targets={"trainer": ",".join(r.target for r in replicas)}, token="t",
+                         retry=FAST_RETRIES, timeout=5) as client:
+            final = client.wait("trainingJobs/j", lambda update: seen.append(update.epoch))
+    finally:
+        for replica in replicas:
+            replica.server.stop(None)
+    assert final.state == job_pb2.JOB_STATE_SUCCEEDED
+    assert seen == [0, 1, 2, 3, 0]  # every event once, none repeated across the replicas
+    (cut, first_after), (resumed, resumed_after) = job.watches
+    assert (first_after, resumed_after) == (0, 2) and resumed != cut

@@ -27,7 +27,7 @@ from maas_runtime.settings import ServiceSettings
 from maas_runtime.tls import channel_credentials
 
 if TYPE_CHECKING:  # annotations only: no telemetry SDK import for a peer without it
-    from maas_runtime.discovery.base import ServiceDiscovery
+    from maas_runtime.discovery.base import Endpoint, ServiceDiscovery
     from maas_runtime.telemetry import Telemetry
 
 __all__ = ["PeerChannel", "PeerTransport"]
@@ -130,6 +130,11 @@ class PeerChannel:
     @property
     def where(self) -> str:
         return self.target or f"{self.service} (via discovery)"
+
+    @property
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        """The healthy endpoints discovery gives now; () for a fixed target or before open."""
+        return self._discovered.endpoints if self._discovered is not None else ()
 
     async def open(self) -> None:
         """Open the channel (or start following discovery); needs the running event loop."""

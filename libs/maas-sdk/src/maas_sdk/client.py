@@ -62,7 +62,7 @@ from maas.registry.v1 import (
 from maas.trainer.v1 import trainer_service_pb2 as ts, trainer_service_pb2_grpc, training_job_pb2 as tj
 from maas_runtime.auth import Role, TokenInfo, add_token, list_tokens, revoke_tokens
 from maas_runtime.client import bearer_metadata, open_blocking_channel
-from maas_runtime.discovery import ServiceDiscovery, round_robin_target
+from maas_runtime.discovery import ServiceDiscovery
 from maas_runtime.grpc_errors import from_rpc_error
 from maas_runtime.messages import to_dict
 from maas_runtime.peers import PeerChannel, PeerTransport
@@ -88,13 +88,13 @@ from maas_sdk.errors import (
 )
 from maas_sdk.jobs import FINAL_STATES, JobProgress, progress_of, state_name
 from maas_sdk.lineage import LineageTree
-from maas_sdk.llm import LlmImport
 from maas_sdk.model_files import (
     model_format,
     signature_from_onnx,
     signature_from_torchscript,
     write_module,
 )
+from maas_sdk.replicas import AsyncReplicas, BlockingReplicas
 from maas_sdk.retries import RetryPolicy
 from maas_sdk.tensors import from_tensor, named_inputs, to_tensor
 
@@ -196,6 +196,8 @@ class Client:
         self._input_names: dict[str, list[str]] = {}
         self._predict_channel: grpc.Channel | None = None
         self._predict_stub: inference_service_pb2_grpc.InferenceServiceStub | None = None
+        self._predict_replicas: BlockingReplicas | None = None
+        self._replicas: dict[str, AsyncReplicas] = {}
         self._metadata = bearer_metadata(self.connection.token)
         self._predict_lock = threading.Lock()
 
@@ -208,10 +210,16 @@ class Client:
         if self._predict_channel is not None:
             self._predict_channel.close()
             self._predict_channel = self._predict_stub = None
+        if self._predict_replicas is not None:
+            self._predict_replicas.close()
+            self._predict_replicas = None
         self._runner.run(self._close_peers())
         self._runner.close()
 
     async def _close_peers(self) -> None:
+        for replicas in self._replicas.values():
+            await replicas.close()
+        self._replicas.clear()
         for peer in self._peers.values():
             await peer.close()
         self._peers.clear()
@@ -237,11 +245,26 @@ class Client:
                 if peer is None:
                     peer = self.connection.peer(service)
                     await peer.open()
+                    if not peer.target:  # several replicas: calls take them in turn
+                        self._replicas[service] = self._async_replicas(service, peer)
                     self._peers[service] = peer
         stub = peer.stub(stub_class)
         if peer.target:  # a discovered peer's stub follows the endpoint set: fetch it each time
             self._stubs[key] = stub  # type: ignore[index]
         return stub
+
+    def _async_replicas(self, service: str, balanced: PeerChannel) -> AsyncReplicas:
+        return AsyncReplicas(balanced, transport=balanced.transport, token=self.connection.token,
+                             max_message_bytes=MAX_MESSAGE_BYTES,
+                             options=healthy_round_robin_options(service))
+
+    async def _stubs_in_turn(self, service: str, stub_class: Callable[[grpc.aio.Channel], _Stub]
+                             ) -> list[_Stub]:
+        """The stubs one call tries in turn: one per replica (`maas_sdk.replicas`), else the
+        service's one stub."""
+        stub = await self._stub(service, stub_class)
+        replicas = self._replicas.get(service)
+        return (replicas.stubs(stub_class) if replicas is not None else []) or [stub]
 
     def _error(self, service: str, rpc_error: grpc.RpcError) -> MaasError:
         error = from_rpc_error(rpc_error)
@@ -256,10 +279,12 @@ class Client:
         return error
 
     async def _unary(self, service: str, stub_class, method: str, request, timeout=None):
-        attempt = 1
+        attempt, stubs = 1, list[Any]()
         while True:
             try:
-                stub = await self._stub(service, stub_class)
+                if len(stubs) < 2:  # one order per call: attempt n goes to the n-th replica
+                    stubs = await self._stubs_in_turn(service, stub_class)
+                stub = stubs[(attempt - 1) % len(stubs)]
                 return await getattr(stub, method)(request, timeout=timeout or self.timeout)
             except grpc.aio.AioRpcError as rpc_error:
                 error = self._error(service, rpc_error)
@@ -603,46 +628,57 @@ class Client:
              timeout: float | None = None, check: bool = True) -> Job:
         """Follow the job's Watch stream until it ends, calling `progress` with each event
         (on the client's event-loop thread); the final job. A job that did not succeed
-        raises `JobFailed` unless `check` is False."""
+        raises `JobFailed` unless `check` is False. A stream cut short (the replica serving
+        it restarted or died) is resumed after its last event, on the next replica when it
+        failed UNAVAILABLE, as the retry policy says."""
         name = job if isinstance(job, str) else job.name
         current = self.get_job(name)
         total = current.spec.epochs if isinstance(current, tj.TrainingJob) else 0
         deadline = None if timeout is None else time.monotonic() + timeout
-        after = 0
+        service, stub_class, method = _watch_rpc(name)
+        after, failed_attempts, stubs = 0, 0, list[Any]()
         while current.state not in FINAL_STATES:
-            # A stream that ends early (a service restart) is resumed after the last event.
             remaining = None if deadline is None else max(deadline - time.monotonic(), 0.001)
-            after = self._runner.run(self._watch(name, progress, total, remaining, after))
+            if failed_attempts == 0 or len(stubs) < 2:
+                stubs = self._runner.run(self._stubs_in_turn(service, stub_class))
+            watch = getattr(stubs[failed_attempts % len(stubs)], method)
+            after, error = self._runner.run(self._watch(
+                name, service, watch, progress, total, remaining, after))
+            if error is None:
+                failed_attempts = 0
+            else:
+                failed_attempts += 1
+                if not self.retry.should_retry(method, error, failed_attempts):
+                    raise error
+                time.sleep(self.retry.backoff_seconds(failed_attempts))
             current = self.get_job(name)
         if check and current.state != job_pb2.JOB_STATE_SUCCEEDED:
             raise JobFailed(current, f"{name} ended {state_name(current.state)}: "
                             f"{current.error.code} {current.error.message}".rstrip())
         return current
 
-    async def _watch(self, name: str, progress: ProgressCallback | None, total: int,
-                     timeout: float | None, after: int) -> int:
-        """Pass the job's events after sequence `after` to `progress`; the last sequence."""
-        if name.startswith("compressionJobs/"):
-            service = "compressor"
-            stub: Any = await self._stub(service, compressor_service_pb2_grpc.CompressorServiceStub)
-            open_stream = lambda after: stub.WatchCompressionJob(  # noqa: E731
-                cs.WatchCompressionJobRequest(name=name, after_sequence=after), timeout=timeout)
-        else:
-            service = "trainer"
-            stub = await self._stub(service, trainer_service_pb2_grpc.TrainerServiceStub)
-            open_stream = lambda after: stub.WatchTrainingJob(  # noqa: E731
-                ts.WatchTrainingJobRequest(name=name, after_sequence=after), timeout=timeout)
+    async def _watch(self, name: str, service: str, watch: Callable[..., Any],
+                     progress: ProgressCallback | None, total: int, timeout: float | None,
+                     after: int) -> tuple[int, MaasError | None]:
+        """Pass the job's events after sequence `after` to `progress` through the `watch`
+        RPC of one replica; the last sequence passed, and the error that cut the stream
+        short (None when the server ended it)."""
+        request_type = (cs.WatchCompressionJobRequest if name.startswith("compressionJobs/")
+                        else ts.WatchTrainingJobRequest)
         state, last = "", after
         try:
-            async for event in open_stream(after):
+            async for event in watch(request_type(name=name, after_sequence=after),
+                                     timeout=timeout):
                 last = event.sequence
                 update = progress_of(name, event, state, total)
                 state = update.state
                 if progress is not None:
                     progress(update)
         except grpc.aio.AioRpcError as rpc_error:
-            raise self._error(service, rpc_error) from None
-        return last
+            return last, self._error(service, rpc_error)
+        except Unavailable as unavailable:  # no replica is healthy (discovery)
+            return last, unavailable
+        return last, None
 
     # Deployments -----------------------------------------------------------------------------
 
@@ -770,56 +806,6 @@ class Client:
                 description=description, metrics=None, labels={**facts, **dict(labels or {})},
                 parents=(), operation="import")
 
-    def import_gguf(self, path: str | os.PathLike[str], model: str, *, bf16: bool = True,
-                    alias: str = "", description: str = "",
-                    labels: Mapping[str, str] | None = None) -> LlmImport:
-        """Register a GGUF file as a GGUF version (its header facts recorded by the registry)
-        and, with `bf16`, its bf16 safetensors conversion as a CAUSAL_LM version whose lineage
-        points at it (`alias`, when given, goes to the last version registered). Text in
-        (BYTES `text_input`), generated text out. Nothing in the file is executed."""
-        from maas_formats.gguf import read_gguf_header
-
-        from maas_sdk.llm import convert_gguf, generation_signature
-
-        source = Path(path)
-        read_gguf_header(source, field_path="path")  # refused here before any byte is sent
-        gguf = self._upload_version(
-            model, source, "MODEL_FORMAT_GGUF", generation_signature(),
-            alias="" if bf16 else alias, description=description, metrics=None,
-            labels=dict(labels or {}), parents=(), operation="import")
-        if not bf16:
-            return LlmImport(gguf=gguf, causal_lm=None)
-        with tempfile.TemporaryDirectory(prefix="maas-gguf-") as work_dir:
-            converted = convert_gguf(source, work_dir)
-            causal_lm = self._import_causal_lm(
-                converted.path, model, work_dir, alias=alias,
-                description=description or f"bf16 safetensors conversion of {gguf.name}",
-                labels=labels, parents=(gguf.name,), operation="convert")
-        return LlmImport(gguf=gguf, causal_lm=causal_lm)
-
-    def import_causal_lm(self, directory: str | os.PathLike[str], model: str, *,
-                         alias: str = "", description: str = "",
-                         labels: Mapping[str, str] | None = None) -> model_pb2.ModelVersion:
-        """Register a Hugging Face causal-LM directory (config naming a *ForCausalLM,
-        model.safetensors, tokenizer.json and its chat template) as a CAUSAL_LM version:
-        zipped, text in and generated text out. Pickled weights are refused."""
-        with tempfile.TemporaryDirectory(prefix="maas-causal-lm-") as work_dir:
-            return self._import_causal_lm(directory, model, work_dir, alias=alias,
-                                          description=description, labels=labels, parents=(),
-                                          operation="import")
-
-    def _import_causal_lm(self, directory: str | os.PathLike[str], model: str,
-                          work_dir: str, *, alias: str, description: str,
-                          labels: Mapping[str, str] | None, parents: Sequence[str],
-                          operation: str) -> model_pb2.ModelVersion:
-        from maas_sdk.llm import causal_lm_fields, generation_signature
-
-        archive, facts = causal_lm_fields(directory, work_dir)
-        return self._upload_version(
-            model, archive, "MODEL_FORMAT_CAUSAL_LM", generation_signature(), alias=alias,
-            description=description, metrics=None, labels={**facts, **dict(labels or {})},
-            parents=parents, operation=operation)
-
     def embed(self, deployment: str, texts: Sequence[str | bytes], *,
               timeout: float | None = None, with_truncation: bool = False
               ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
@@ -838,16 +824,16 @@ class Client:
 
     def _predict_reply(self, request: inf.PredictRequest,
                        timeout: float | None) -> inf.PredictResponse:
-        """Predict on the blocking channel (the aio one for a discovered service), sent again
-        to the next replica on UNAVAILABLE as the retry policy says."""
-        stub = self._predict_stub or self._open_predict_stub()
-        if stub is None:  # the inference service found through discovery: the aio channel
+        """Predict on the blocking channels (the aio ones for a discovered service), sent
+        again to the next replica on UNAVAILABLE as the retry policy says."""
+        stubs = self._predict_stubs()
+        if not stubs:  # the inference service found through discovery: the aio channels
             return self._inference("Predict", request, timeout)
         attempt = 1
         while True:
             try:
-                return stub.Predict(request, timeout=timeout or self.timeout,
-                                    metadata=self._metadata)
+                return stubs[(attempt - 1) % len(stubs)].Predict(
+                    request, timeout=timeout or self.timeout, metadata=self._metadata)
             except grpc.RpcError as rpc_error:
                 error = self._error("inference", rpc_error)
             if not self.retry.should_retry("Predict", error, attempt):
@@ -855,30 +841,38 @@ class Client:
             time.sleep(self.retry.backoff_seconds(attempt))
             attempt += 1
 
-    def _open_predict_stub(self) -> inference_service_pb2_grpc.InferenceServiceStub | None:
-        """Predict's own blocking channel to known inference targets (round-robin over the
-        healthy ones when there are several): a call from the caller's thread, without the
-        event-loop hop and the interceptor of the aio path."""
+    def _predict_stubs(self) -> list[inference_service_pb2_grpc.InferenceServiceStub]:
+        """Predict's own blocking channels to the inference targets named (one per replica,
+        taken in turn), in the order this call tries them; [] for a discovered service.
+        A call from the caller's thread, without the event-loop hop and the interceptor of
+        the aio path."""
+        if self._predict_stub is not None:
+            return [self._predict_stub]
+        if self._predict_replicas is not None:
+            return self._predict_replicas.stubs(inference_service_pb2_grpc.InferenceServiceStub)
         target = self.connection.targets.get("inference")
         if not target:
-            return None
-        replicas = self.connection.replicas("inference")
-        if replicas:
-            if any(endpoint.ip_version is None for endpoint in replicas):
-                return None  # host names to resolve: the aio channel's discovery does it
-            target = round_robin_target(replicas)
+            return []
         with self._predict_lock:
-            if self._predict_stub is None:
-                self._predict_stub = self._blocking_inference_stub(target)
-        return self._predict_stub
+            if self._predict_stub is None and self._predict_replicas is None:
+                replicas = self.connection.replicas("inference")
+                if replicas:
+                    self._predict_replicas = BlockingReplicas(
+                        replicas, transport=self._transport(),
+                        max_message_bytes=MAX_MESSAGE_BYTES,
+                        options=healthy_round_robin_options("inference"))
+                else:
+                    self._predict_stub = self._blocking_inference_stub(target)
+        return self._predict_stubs()
+
+    def _transport(self) -> PeerTransport:
+        return self.connection.tls.transport() if self.connection.tls else PeerTransport()
 
     def _blocking_inference_stub(self, target: str) -> inference_service_pb2_grpc.InferenceServiceStub:
-        transport = self.connection.tls.transport() if self.connection.tls else None
-        options = [*(transport.options if transport else ()),
-                   *(healthy_round_robin_options("inference") if "," in target else ())]
+        transport = self._transport()
         self._predict_channel = open_blocking_channel(
-            target, credentials=transport.credentials if transport else None,
-            max_message_bytes=MAX_MESSAGE_BYTES, options=options)
+            target, credentials=transport.credentials, max_message_bytes=MAX_MESSAGE_BYTES,
+            options=transport.options)
         return inference_service_pb2_grpc.InferenceServiceStub(self._predict_channel)
 
     # Usage -------------------------------------------------------------------------------------
@@ -995,6 +989,14 @@ def _set_time_range(request: Any, since: datetime | None, until: datetime | None
         if value is not None:
             getattr(request, field_name).FromDatetime(
                 value if value.tzinfo is not None else value.astimezone())
+
+
+def _watch_rpc(job_name: str) -> tuple[str, Callable[[grpc.aio.Channel], Any], str]:
+    """The service, stub and Watch method that follow the job `job_name`."""
+    if job_name.startswith("compressionJobs/"):
+        return ("compressor", compressor_service_pb2_grpc.CompressorServiceStub,
+                "WatchCompressionJob")
+    return "trainer", trainer_service_pb2_grpc.TrainerServiceStub, "WatchTrainingJob"
 
 
 def _carries_status(rpc_error: grpc.RpcError) -> bool:

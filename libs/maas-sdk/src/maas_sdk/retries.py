@@ -3,7 +3,8 @@
 A call that fails UNAVAILABLE (the replica died, restarts, or its Triton is down) is sent
 again, after a short jittered backoff, through the same round-robin channel, which picks the
 next healthy replica. Only calls that can run twice without changing the outcome are
-repeated: reads (`Get…`, `List…`) and `Predict`. Creates, updates, deletes, uploads and
+repeated: reads (`Get…`, `List…`, and `Watch…` streams, resumed after their last event) and
+`Predict`. Creates, updates, deletes, uploads and
 cancels are not: the suite keeps no request ids to recognise a repeated write, so a create
 whose reply was lost could run twice (or answer ALREADY_EXISTS for its own first attempt);
 their UNAVAILABLE reaches the caller, who knows whether repeating is safe.
@@ -18,7 +19,7 @@ from maas_runtime.errors import MaasError, Unavailable
 
 __all__ = ["RetryPolicy", "is_idempotent"]
 
-_IDEMPOTENT_PREFIXES = ("Get", "List")
+_IDEMPOTENT_PREFIXES = ("Get", "List", "Watch")
 _IDEMPOTENT_METHODS = frozenset({"Predict"})
 
 
