@@ -88,6 +88,7 @@ from maas_sdk.errors import (
 )
 from maas_sdk.jobs import FINAL_STATES, JobProgress, progress_of, state_name
 from maas_sdk.lineage import LineageTree
+from maas_sdk.llm import LlmImport
 from maas_sdk.model_files import (
     model_format,
     signature_from_onnx,
@@ -805,6 +806,56 @@ class Client:
                 model, archive, "MODEL_FORMAT_HF_TRANSFORMER", signature, alias=alias,
                 description=description, metrics=None, labels={**facts, **dict(labels or {})},
                 parents=(), operation="import")
+
+    def import_gguf(self, path: str | os.PathLike[str], model: str, *, bf16: bool = True,
+                    alias: str = "", description: str = "",
+                    labels: Mapping[str, str] | None = None) -> LlmImport:
+        """Register a GGUF file as a GGUF version (its header facts recorded by the registry)
+        and, with `bf16`, its bf16 safetensors conversion as a CAUSAL_LM version whose lineage
+        points at it (`alias`, when given, goes to the last version registered). Text in
+        (BYTES `text_input`), generated text out. Nothing in the file is executed."""
+        from maas_formats.gguf import read_gguf_header
+
+        from maas_sdk.llm import convert_gguf, generation_signature
+
+        source = Path(path)
+        read_gguf_header(source, field_path="path")  # refused here before any byte is sent
+        gguf = self._upload_version(
+            model, source, "MODEL_FORMAT_GGUF", generation_signature(),
+            alias="" if bf16 else alias, description=description, metrics=None,
+            labels=dict(labels or {}), parents=(), operation="import")
+        if not bf16:
+            return LlmImport(gguf=gguf, causal_lm=None)
+        with tempfile.TemporaryDirectory(prefix="maas-gguf-") as work_dir:
+            converted = convert_gguf(source, work_dir)
+            causal_lm = self._import_causal_lm(
+                converted.path, model, work_dir, alias=alias,
+                description=description or f"bf16 safetensors conversion of {gguf.name}",
+                labels=labels, parents=(gguf.name,), operation="convert")
+        return LlmImport(gguf=gguf, causal_lm=causal_lm)
+
+    def import_causal_lm(self, directory: str | os.PathLike[str], model: str, *,
+                         alias: str = "", description: str = "",
+                         labels: Mapping[str, str] | None = None) -> model_pb2.ModelVersion:
+        """Register a Hugging Face causal-LM directory (config naming a *ForCausalLM,
+        model.safetensors, tokenizer.json and its chat template) as a CAUSAL_LM version:
+        zipped, text in and generated text out. Pickled weights are refused."""
+        with tempfile.TemporaryDirectory(prefix="maas-causal-lm-") as work_dir:
+            return self._import_causal_lm(directory, model, work_dir, alias=alias,
+                                          description=description, labels=labels, parents=(),
+                                          operation="import")
+
+    def _import_causal_lm(self, directory: str | os.PathLike[str], model: str,
+                          work_dir: str, *, alias: str, description: str,
+                          labels: Mapping[str, str] | None, parents: Sequence[str],
+                          operation: str) -> model_pb2.ModelVersion:
+        from maas_sdk.llm import causal_lm_fields, generation_signature
+
+        archive, facts = causal_lm_fields(directory, work_dir)
+        return self._upload_version(
+            model, archive, "MODEL_FORMAT_CAUSAL_LM", generation_signature(), alias=alias,
+            description=description, metrics=None, labels={**facts, **dict(labels or {})},
+            parents=parents, operation=operation)
 
     def embed(self, deployment: str, texts: Sequence[str | bytes], *,
               timeout: float | None = None, with_truncation: bool = False
