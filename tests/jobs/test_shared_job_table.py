@@ -335,6 +335,10 @@ async def _gone(manager, job_id: str) -> bool:
     return job_id not in manager._running
 
 
+async def _runs_here(manager, job_id: str) -> bool:
+    return job_id in manager._running
+
+
 async def test_a_job_holding_replica_killed_with_sigkill_is_taken_over(postgres_url, tmp_path):
     work = tmp_path / "work"
     replica = subprocess.Popen(
@@ -408,3 +412,29 @@ async def test_a_replica_that_cannot_renew_stops_its_job_before_the_lease_lapses
 
 async def _exited(process) -> bool:
     return process.exited
+
+
+async def test_a_replica_shutting_down_hands_its_jobs_over_at_once(postgres_url, tmp_path):
+    """A graceful stop releases the leases: no waiting for them to lapse (30 s here)."""
+    work = tmp_path / "work"
+    store_a, store_b = (SqlJobStore.open(postgres_url, COLLECTION) for _ in range(2))
+    a = step_manager(store_a, work, "replica-a", lease_seconds=30)
+    b = step_manager(store_b, work, "replica-b", lease_seconds=30)
+    await a.start()
+    try:
+        await a.submit(step_job("j", steps=40, pause=0.1))
+        await _wait_for(lambda: _reached(store_b, "j", 3), 30, "replica-a to run the job")
+        await b.start()
+        await a.stop()
+        stopped_at = time.monotonic()
+        await _wait_for(lambda: _runs_here(b, "j"), 10, "replica-b to take the job")
+        assert time.monotonic() - stopped_at < 5
+        events = await asyncio.wait_for(_events(b, "j"), 60)
+        done = await b.get("j")
+        assert done.state is JobState.SUCCEEDED and done.result["published_by"] == "replica-b"
+        assert events[-1].final_state is JobState.SUCCEEDED
+        assert len(runs_of(work, "j")) == 2 and runs_of(work, "j")[1][1] > 3
+    finally:
+        await b.stop()
+        store_a.close()
+        store_b.close()
