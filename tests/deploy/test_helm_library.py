@@ -29,6 +29,7 @@ from tests.deploy.test_helm_charts import (
     SETTINGS_CLASSES,
     container_of,
     env_of,
+    mounts_by_path,
     render,
     service_deployment,
 )
@@ -176,7 +177,8 @@ _EVERYTHING_BY_CHART = {
     "trainer": {"registryTarget": "r:50051", "persistence": {"accessModes": ["ReadWriteMany"]},
                 "kubernetesJobs": {"enabled": True, "kueueQueue": "q", "serviceAccountName": "jobs",
                                    "nodeSelector": {"gpu": "yes"}}},
-    "inference": {"registryTarget": "r:50051", "openai": {"enabled": True, "port": 8080}},
+    "inference": {"registryTarget": "r:50051", "openai": {"enabled": True, "port": 8080},
+                  "tenancy": {"existingConfigMap": "limits", "key": "tenancy.yaml"}},
 }
 _EVERYTHING_BY_CHART["compressor"] = _EVERYTHING_BY_CHART["trainer"]
 # Fields the charts leave to the service's default on purpose (the reason is in the schema part).
@@ -184,7 +186,7 @@ _LEFT_TO_THE_SERVICE = {
     "registry": set(),
     "trainer": {"python_executable", "jobs_dir", "replica_id"},
     "compressor": {"python_executable", "jobs_dir", "replica_id"},
-    "inference": {"data_plane_binary", "tenancy_file"},
+    "inference": {"data_plane_binary"},
 }
 # Fields set through env names of their own (read by the runtime's settings under aliases).
 _OWN_ENV_NAMES = {"consul_http_addr": "CONSUL_HTTP_ADDR", "consul_token": "CONSUL_HTTP_TOKEN",
@@ -237,3 +239,19 @@ def test_the_settings_schema_carries_the_fields_types_bounds_and_docs():
 def test_an_exclusion_naming_no_field_is_refused():
     with pytest.raises(ValueError, match="no fields"):
         gen_helm_schemas.settings_schema(SETTINGS_CLASSES["registry"], {"no_such_field": "gone"})
+
+
+def test_the_tenancy_limits_file_comes_from_a_configmap_the_service_reads(monkeypatch):
+    documents = render(HELM_DIR / "inference", {"tenancy": {"existingConfigMap": "limits",
+                                                            "key": "tenancy.yaml"}})
+    deployment = service_deployment(documents, "inference")
+    env = env_of(container_of(deployment))
+    limits_file = Path(env["MAAS_INFERENCE_TENANCY_FILE"]["value"])
+    mount, volume = mounts_by_path(deployment)[str(limits_file.parent)]
+    assert mount["readOnly"] is True and "subPath" not in mount  # refreshed by the kubelet
+    assert volume["configMap"] == {"name": "limits", "items": [{"key": "tenancy.yaml",
+                                                                  "path": "tenancy.yaml"}]}
+    monkeypatch.setenv("MAAS_INFERENCE_TENANCY_FILE", str(limits_file))
+    assert _settings_class("inference")().tenancy_file == str(limits_file)
+    assert "MAAS_INFERENCE_TENANCY_FILE" not in env_of(container_of(service_deployment(
+        render(HELM_DIR / "inference"), "inference")))

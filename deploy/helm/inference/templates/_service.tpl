@@ -59,6 +59,10 @@ app.kubernetes.io/part-of: maas
 {{- .Values.triton.controlKeySecret | default (printf "%s-triton-control-key" (include "maas.fullname" .)) -}}
 {{- end -}}
 
+{{/* The per-tenant limits file, mounted without subPath: the kubelet refreshes it when the
+ConfigMap changes and the service re-reads it. */}}
+{{- define "inference.tenancyDir" -}}/etc/maas/tenancy{{- end -}}
+
 {{- define "inference.tritonControlKeyDir" -}}/var/run/maas/triton-control-key{{- end -}}
 
 {{- define "inference.env" -}}
@@ -69,6 +73,10 @@ app.kubernetes.io/part-of: maas
 {{- if .Values.openai.enabled }}
 - name: MAAS_INFERENCE_OPENAI_PORT
   value: {{ .Values.openai.port | quote }}
+{{- end }}
+{{- with .Values.tenancy.existingConfigMap }}
+- name: MAAS_INFERENCE_TENANCY_FILE
+  value: {{ printf "%s/%s" (include "inference.tenancyDir" $) $.Values.tenancy.key | quote }}
 {{- end }}
 {{- if include "inference.remoteTriton" . }}
 - name: MAAS_INFERENCE_TRITON_URL
@@ -89,6 +97,11 @@ app.kubernetes.io/part-of: maas
 {{- define "inference.volumeMounts" -}}
 - name: shm
   mountPath: /dev/shm
+{{- if .Values.tenancy.existingConfigMap }}
+- name: tenancy
+  mountPath: {{ include "inference.tenancyDir" . | quote }}
+  readOnly: true
+{{- end }}
 {{- if include "inference.remoteTriton" . }}
 - name: model-repository
   mountPath: {{ .Values.triton.modelRepository.mountPath | quote }}
@@ -103,6 +116,14 @@ app.kubernetes.io/part-of: maas
   emptyDir:
     medium: Memory
     sizeLimit: {{ .Values.shmSizeLimit | quote }}
+{{- with .Values.tenancy.existingConfigMap }}
+- name: tenancy
+  configMap:
+    name: {{ . | quote }}
+    items:
+      - key: {{ $.Values.tenancy.key | quote }}
+        path: {{ $.Values.tenancy.key | quote }}
+{{- end }}
 {{- if include "inference.remoteTriton" . }}
 - name: model-repository
   persistentVolumeClaim:
