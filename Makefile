@@ -5,7 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PACKAGES := libs/maas-api libs/maas-runtime libs/maas-formats libs/maas-zoo libs/maas-text[encoder] libs/maas-llm[engine] libs/maas-sdk libs/maas-cli \
-	$(wildcard libs/maas-jobs) $(wildcard services/*)
+	$(wildcard libs/maas-jobs) $(filter-out services/inference,$(wildcard services/*)) \
+	services/inference[local-triton]
 PROTO_SRC := $(shell find protos -name '*.proto' 2>/dev/null)
 API_OUT := libs/maas-api/src
 NODE_TOOLS := tools/node_modules/.installed
