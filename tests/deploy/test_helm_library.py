@@ -43,10 +43,12 @@ def _chart_yaml(path: Path) -> dict:
     return yaml.safe_load((path / "Chart.yaml").read_text())
 
 
-def test_the_library_chart_is_a_library():
+def test_the_library_chart_is_a_library_and_lints_clean():
     chart = _chart_yaml(LIBRARY)
     assert chart["type"] == "library"
     assert not list((LIBRARY / "templates").glob("[!_]*")), "a library chart only defines templates"
+    report = helm.lint(LIBRARY, None, strict=True)
+    assert report["errors"] == [] and [m for m in report["messages"] if m["severity"] >= 2] == []
 
 
 @pytest.mark.parametrize("service", SERVICES)
