@@ -19,7 +19,7 @@ from maas_inference.routing import RouteTable
 from maas_inference.store import VERSION_TABLE, SqlDeploymentStore
 from maas_inference.triton.model_repository import ModelRepository
 from maas_runtime.auth import ANONYMOUS_ADMIN
-from maas_runtime.errors import AlreadyExists, NotFound
+from maas_runtime.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
 from maas_runtime.pagination import PageTokenCodec
 
 from tests.inference.test_deployment_manager import VERSION, FakeTriton
@@ -279,3 +279,42 @@ async def test_a_deployment_made_on_one_replica_is_loaded_by_the_other_within_a_
     finally:
         await a.close()
         await b.close()
+
+
+class FailingController(RecordingController):
+    """Fails `follow_table` with each error of `failures` first."""
+
+    def __init__(self, store: SqlDeploymentStore, failures: list[Exception]) -> None:
+        super().__init__(store)
+        self.failures = failures
+
+    async def follow_table(self, deployment_id: str) -> dict | None:
+        if self.failures:
+            self.follows.append((deployment_id, time.monotonic()))
+            raise self.failures.pop(0)
+        return await super().follow_table(deployment_id)
+
+
+async def test_a_follow_is_retried_while_unavailable_and_not_in_a_loop_when_it_cannot_be(
+        postgres_url):
+    writer = SqlDeploymentStore.open(postgres_url)
+    reader = SqlDeploymentStore.open(postgres_url)
+    controller = FailingController(reader, [Unavailable("the registry is down"),
+                                            Unavailable("the registry is down")])
+    follower = DeploymentFollower(reader, controller, resync_seconds=60)
+    await follower.start()
+    try:
+        await asyncio.wait_for(follower.listening.wait(), 10)
+        await asyncio.to_thread(writer.create, "d", _record("d", 1))
+        await _until(lambda: "d" in controller.live, 5)
+        assert len(controller.follows) == 3  # two UNAVAILABLE, then loaded
+
+        controller.failures = [FailedPrecondition("not servable here", reason="FORMAT")]
+        await asyncio.to_thread(writer.put, "d", _record("d", 2))
+        await asyncio.sleep(2)
+        assert len(controller.follows) == 4  # tried once; the next change or resync retries
+        assert controller.live["d"]["serving_versions"] == ["models/digits/versions/1"]
+    finally:
+        await follower.stop()
+        writer.close()
+        reader.close()

@@ -171,14 +171,23 @@ class DeploymentFollower:
                 self._failures.pop(deployment_id, None)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
-                attempt = self._failures.get(deployment_id, 0)
-                self._failures[deployment_id] = attempt + 1
-                delay = _RETRY_SECONDS[min(attempt, len(_RETRY_SECONDS) - 1)]
-                message = exc.message if isinstance(exc, errors.MaasError) else repr(exc)
-                _log.warning("following deployments/%s must wait %.1fs: %s", deployment_id,
-                             delay, message)
-                asyncio.get_running_loop().call_later(delay, self._enqueue, deployment_id)
+            except errors.MaasError as exc:
+                if not isinstance(exc, errors.Unavailable):
+                    # Not transient (say, a version this replica cannot serve): the next
+                    # resync or change of the deployment tries again, not a tight loop.
+                    _log.error("could not follow deployments/%s: %s", deployment_id,
+                               exc.message)
+                    continue
+                self._retry_later(deployment_id, exc.message)
+            except Exception as exc:  # the database, the network: transient
+                self._retry_later(deployment_id, repr(exc))
+
+    def _retry_later(self, deployment_id: str, why: str) -> None:
+        attempt = self._failures.get(deployment_id, 0)
+        self._failures[deployment_id] = attempt + 1
+        delay = _RETRY_SECONDS[min(attempt, len(_RETRY_SECONDS) - 1)]
+        _log.warning("following deployments/%s must wait %.1fs: %s", deployment_id, delay, why)
+        asyncio.get_running_loop().call_later(delay, self._enqueue, deployment_id)
 
     async def _follow(self, deployment_id: str) -> None:
         try:
