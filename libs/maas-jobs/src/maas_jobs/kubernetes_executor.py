@@ -365,19 +365,22 @@ class KubernetesApi(Protocol):
 
 
 class ClientApi:
-    """`KubernetesApi` over the official `kubernetes` client (in-cluster config, else kubeconfig)."""
+    """`KubernetesApi` over the official `kubernetes` client: the in-cluster configuration (the
+    pod's service account), else the kubeconfig, unless an `api_client` is given."""
 
-    def __init__(self) -> None:
+    def __init__(self, api_client: Any = None) -> None:
         from kubernetes import client, config
 
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
+        if api_client is None:
+            try:
+                config.load_incluster_config()
+            except config.ConfigException:
+                config.load_kube_config()
+            api_client = client.ApiClient()
         # Typed loosely: the client takes manifests as plain dicts, which its stubs don't say.
-        self._core: Any = client.CoreV1Api()
-        self._batch: Any = client.BatchV1Api()
-        self._custom: Any = client.CustomObjectsApi()
+        self._core: Any = client.CoreV1Api(api_client)
+        self._batch: Any = client.BatchV1Api(api_client)
+        self._custom: Any = client.CustomObjectsApi(api_client)
 
     def create(self, manifest: dict[str, Any]) -> None:
         namespace = manifest["metadata"]["namespace"]
