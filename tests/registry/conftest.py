@@ -9,23 +9,7 @@ from maas_registry.settings import RegistrySettings
 from maas_runtime.auth import Role, add_token
 from maas_runtime.client import open_channel
 
-from tests.registry.helpers import fresh_postgres_database, postgres_admin_url
-
-
-def _postgres_reachable() -> str | None:
-    url = postgres_admin_url()
-    if not url:
-        return "MAAS_TEST_POSTGRES_URL is not set (.ci/run sets it to the machine's PostgreSQL)"
-    try:
-        import sqlalchemy
-
-        engine = sqlalchemy.create_engine(url)
-        with engine.connect():
-            pass
-        engine.dispose()
-    except Exception as exc:  # any connection failure means: not here
-        return f"PostgreSQL at MAAS_TEST_POSTGRES_URL is unreachable: {exc.__class__.__name__}"
-    return None
+from tests.support.postgres import postgres_database_or_skip
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -33,10 +17,7 @@ def database_url(request, tmp_path):
     if request.param == "sqlite":
         yield ""  # the default: SQLite in the state directory
         return
-    reason = _postgres_reachable()
-    if reason:
-        pytest.skip(reason)
-    with fresh_postgres_database() as url:
+    with postgres_database_or_skip() as url:
         yield url
 
 

@@ -15,17 +15,16 @@ import grpc
 import pytest
 from maas.registry.v1 import model_pb2, registry_service_pb2 as rs, registry_service_pb2_grpc
 
-from tests.registry.conftest import _postgres_reachable
 from tests.registry.helpers import (
     blob_files,
     digits_signature,
     download,
-    fresh_postgres_database,
     model_upload_requests,
     sha256,
     staging_files,
 )
 from tests.support.artifacts import onnx_like
+from tests.support.postgres import postgres_database_or_skip
 from tests.support.processes import RegistryProcess
 
 
@@ -98,10 +97,7 @@ async def test_kill_9_mid_upload_repeatedly_leaves_no_partial_state(tmp_path):
 
 @pytest.mark.slow
 async def test_two_replicas_on_postgres_allocate_distinct_versions(tmp_path):
-    reason = _postgres_reachable()
-    if reason:
-        pytest.skip(reason)
-    with fresh_postgres_database() as url:
+    with postgres_database_or_skip() as url:
         shared = tmp_path / "shared"
         replicas = [RegistryProcess(shared, url) for _ in range(2)]
         for replica in replicas:
