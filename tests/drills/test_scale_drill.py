@@ -9,12 +9,13 @@ agent when `consul` is on PATH, else the stand-in) and the client finds them the
 `maas.Client` balances its calls over the healthy replicas and sends reads and predictions
 that fail UNAVAILABLE again to the next one.
 
-While threads predict and read the registry continuously and a training job runs, the
-registry replica, the trainer running the job and the inference replica are killed with
-SIGKILL. Asserted: no prediction or read failed (after retries); the job's lease lapses and
-the surviving trainer resumes it from its checkpoint to the end; no model version is lost
-(every registry replica lists every version with its checksum, the trained one included); and
-each killed replica, restarted, is passing in Consul and takes its share of the load again.
+While threads predict, read the registry and upload versions continuously and a training
+job runs, the registry replica, the trainer running the job and the inference replica are
+killed with SIGKILL. Asserted: no prediction or read failed (after retries; an upload, a
+write, may fail UNAVAILABLE only); the job's lease lapses and the surviving trainer resumes it
+from its checkpoint to the end; no model version is lost (every registry replica lists every
+acknowledged version with its checksum, the trained one included); and each killed replica,
+restarted, is passing in Consul and takes its share of the load again.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import maas
 import numpy as np
 import pytest
 from maas.common.v1 import job_pb2
+from maas.registry.v1 import model_pb2
 from maas_runtime.auth import ensure_admin_token
 from maas_runtime.discovery import ConsulDiscovery
 
@@ -177,6 +179,30 @@ class ReadLoad(PredictLoad):
             time.sleep(0.05)
 
 
+class UploadLoad(PredictLoad):
+    """One thread registering versions of MODEL (the same TorchScript file) until stopped.
+    Uploads are writes, never repeated by the client: one cut by a kill fails UNAVAILABLE
+    (and may or may not have committed); every acknowledged one must stay."""
+
+    def __init__(self, client: maas.Client, model_file: Path,
+                 signature: model_pb2.Signature) -> None:
+        super().__init__(client, threads=1)
+        self._file, self._signature = model_file, signature
+        self.acknowledged: dict[str, str] = {}
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                version = self._client.upload_model(MODEL, self._file, format="torchscript",
+                                                    signature=self._signature)
+            except maas.Unavailable as error:
+                self.failures.append(f"{error.code}: {error.message}")
+                continue
+            self.acknowledged[version.name] = version.artifact.sha256
+            self.answers["uploaded"] += 1
+            time.sleep(0.1)
+
+
 def kill_9(process: ServiceProcess) -> None:
     """SIGKILL the service process alone, as a crash would (its Triton and data plane follow
     through the parent-death signal and stdin's end)."""
@@ -234,12 +260,17 @@ def upload_versions(client: maas.Client, seeds: range) -> dict[str, str]:
     return uploaded
 
 
+def torchscript_file(client: maas.Client, version: str, directory: Path) -> Path:
+    """The artifact of `version`, downloaded (and checked against its sha256)."""
+    return client.download(version, directory / "model.pt")
+
+
 def versions_listed(client: maas.Client) -> dict[str, str]:
     return {version.name: version.artifact.sha256 for version in client.list_versions(MODEL)}
 
 
 async def test_one_replica_of_each_service_killed_under_load_costs_nothing_and_rejoins(
-        suite: Suite) -> None:
+        suite: Suite, tmp_path: Path) -> None:
     drill_started = time.monotonic()
     client = suite.client()
     try:
@@ -255,7 +286,10 @@ async def test_one_replica_of_each_service_killed_under_load_costs_nothing_and_r
                  "the training job finishing its first epoch")
 
         killed_registry, killed_inference = suite.registries[0], suite.inferences[0]
-        with PredictLoad(client) as load, ReadLoad(client) as reads:
+        model_file = torchscript_file(client, f"{MODEL}@production", tmp_path)
+        signature = client.get_version(f"{MODEL}@production").signature
+        with (PredictLoad(client) as load, ReadLoad(client) as reads,
+              UploadLoad(client, model_file, signature) as uploads):
             wait_for(lambda: load.total >= 30, 30, "predictions flowing")
             kill_9(killed_registry)
             time.sleep(1.0)
@@ -283,6 +317,8 @@ async def test_one_replica_of_each_service_killed_under_load_costs_nothing_and_r
         assert load.failures == [], load.failures[:5]
         assert reads.failures == [], reads.failures[:5]
         assert reads.total > 0
+        assert uploads.total > 0 and all("UNAVAILABLE" in f for f in uploads.failures), (
+            uploads.failures[:5])
         assert rejoined_cpu >= 0.25 * surviving_cpu, (rejoined_cpu, surviving_cpu)
 
         # The job's lease lapsed; the surviving trainer resumed it from its checkpoint.
@@ -298,10 +334,14 @@ async def test_one_replica_of_each_service_killed_under_load_costs_nothing_and_r
         for gateway in suite.inferences:
             with suite.replica_client(gateway) as direct:
                 assert serves(direct)
-        uploaded |= upload_versions(client, range(4, 6))
+        # Acknowledged versions all stay; an upload cut by the kill may have committed
+        # (its reply lost) or not, never half: at most one version more per failed upload.
+        uploaded |= uploads.acknowledged | upload_versions(client, range(4, 6))
         for registry in suite.registries:
             with suite.replica_client(registry) as direct:
-                assert versions_listed(direct) == uploaded
+                listed = versions_listed(direct)
+                assert {name: listed.get(name) for name in uploaded} == uploaded
+                assert len(listed) - len(uploaded) <= len(uploads.failures)
                 assert direct.get_version(final.model_version).name == final.model_version
         for trainer in suite.trainers:
             with suite.replica_client(trainer) as direct:
@@ -309,7 +349,8 @@ async def test_one_replica_of_each_service_killed_under_load_costs_nothing_and_r
     finally:
         client.close()
     print(f"scale drill: {time.monotonic() - drill_started:.0f} s after start-up; "
-          f"{load.total} predictions, 0 failed; {reads.total} registry reads; job resumed "
+          f"{load.total} predictions, 0 failed; {reads.total} registry reads; "
+          f"{uploads.total} uploads acknowledged, {len(uploads.failures)} cut; job resumed "
           f"{final.resume_count}x; CPU s after the rejoin {rejoined_cpu:.1f} (restarted "
           f"gateway) vs {surviving_cpu:.1f}")
 
