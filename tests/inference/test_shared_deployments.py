@@ -318,3 +318,29 @@ async def test_a_follow_is_retried_while_unavailable_and_not_in_a_loop_when_it_c
         await follower.stop()
         writer.close()
         reader.close()
+
+
+async def test_a_replica_whose_listening_connection_dies_reconnects_and_catches_up(
+        postgres_url):
+    writer = SqlDeploymentStore.open(postgres_url)
+    reader = SqlDeploymentStore.open(postgres_url)
+    controller = RecordingController(reader)
+    follower = DeploymentFollower(reader, controller, resync_seconds=60)
+    await follower.start()
+    admin = sqlalchemy.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    try:
+        await asyncio.wait_for(follower.listening.wait(), 10)
+        with admin.connect() as connection:
+            killed = connection.exec_driver_sql(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND query LIKE 'LISTEN%%'").all()
+        assert killed == [(True,)]
+        await asyncio.to_thread(writer.create, "while-away", _record("while-away", 1))
+        await _until(lambda: "while-away" in controller.live, 10)  # resynced on reconnect
+        await asyncio.to_thread(writer.create, "after", _record("after", 1))
+        assert await _until(lambda: "after" in controller.live, 1.0) < 1.0  # listening again
+    finally:
+        admin.dispose()
+        await follower.stop()
+        writer.close()
+        reader.close()

@@ -132,8 +132,8 @@ async def notifications(url: str, channel: str,
     conninfo = libpq_conninfo(url)
     while True:
         try:
-            async with await psycopg.AsyncConnection.connect(conninfo,
-                                                             autocommit=True) as connection:
+            async with await psycopg.AsyncConnection.connect(
+                    conninfo, autocommit=True, connect_timeout=10) as connection:
                 await connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
                 yield None
                 async for notification in connection.notifies():
