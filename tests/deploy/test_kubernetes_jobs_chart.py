@@ -83,7 +83,8 @@ def test_the_role_allows_exactly_what_the_launcher_does(service):
     rules = {(group, resource): set(rule["verbs"]) for rule in role["rules"]
              for group in rule["apiGroups"] for resource in rule["resources"]}
     assert {"create", "get", "watch", "delete"} <= rules[("batch", "jobs")]
-    assert rules[("", "services")] == {"create", "get", "delete"}
+    assert {"delete", "deletecollection"} <= rules[("batch", "jobs")]
+    assert rules[("", "services")] == {"create", "get", "delete", "deletecollection"}
     assert rules[("", "pods/log")] == {"get"}
     assert not any(group == "kubeflow.org" for group, _ in rules)
     assert all("*" not in verbs for verbs in rules.values())

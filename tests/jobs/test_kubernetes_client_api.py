@@ -75,7 +75,16 @@ class StandInApiServer:
             def do_DELETE(self) -> None:  # noqa: N802
                 body = self._body()
                 server.requests.append(("DELETE", self.path, body))
-                collection, _, name = urlparse(self.path).path.rpartition("/")
+                url = urlparse(self.path)
+                selector = parse_qs(url.query).get("labelSelector")
+                if selector:  # deletecollection
+                    wanted = dict(part.split("=") for part in selector[0].split(","))
+                    for key, found in list(server.objects.items()):
+                        if key[0] == url.path and wanted.items() <= found["metadata"]["labels"].items():
+                            del server.objects[key]
+                    self._send(200, {"kind": "Status", "apiVersion": "v1", "status": "Success"})
+                    return
+                collection, _, name = url.path.rpartition("/")
                 if server.objects.pop((collection, name), None) is None:
                     self._send(404, {"kind": "Status", "apiVersion": "v1", "code": 404,
                                      "reason": "NotFound"})
@@ -177,9 +186,13 @@ async def test_stop_deletes_with_foreground_propagation(api_server, tmp_path):
     started = await _launcher(api_server).start(job_record(), _launch(tmp_path, 1))
     await started.stop(grace_seconds=1)
     deletes = [urlparse(path) for method, path, _ in api_server.requests if method == "DELETE"]
-    job_path = f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs/{started.rendered.name}"
-    # Once before creating (nothing there: a 404 is fine), once to stop; pods go with the Job.
-    assert [url.path for url in deletes] == [job_path, job_path]
+    jobs = f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs"
+    services = f"/api/v1/namespaces/{NAMESPACE}/services"
+    # Before creating: every earlier attempt's Jobs and Services, by the job's labels; to stop:
+    # this attempt's Job by name. Pods go with their Job (Foreground).
+    assert [url.path for url in deletes] == [jobs, services, f"{jobs}/{started.rendered.name}"]
+    assert "maas.io/job-id=j-42" in parse_qs(deletes[0].query)["labelSelector"][0]
+    assert parse_qs(deletes[0].query)["propagationPolicy"] == ["Foreground"]
     assert parse_qs(deletes[-1].query)["propagationPolicy"] == ["Foreground"]
     assert api_server.objects == {}
 

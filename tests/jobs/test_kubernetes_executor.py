@@ -11,6 +11,7 @@ templates are validated as core/v1 PodTemplateSpecs (a PodTemplate around each).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 import sys
@@ -102,7 +103,7 @@ def test_a_single_worker_job_is_one_batch_job_running_the_launch_command():
     assert [m["kind"] for m in rendered.manifests] == ["Job"]
     job = rendered.workload
     validate(job)
-    assert job["metadata"]["name"] == "trainer-job-j-42" and job["metadata"]["namespace"] == NAMESPACE
+    assert job["metadata"]["name"] == "trainer-job-j-42-r0" and job["metadata"]["namespace"] == NAMESPACE
     assert job["spec"]["backoffLimit"] == 0 and job["spec"]["suspend"] is False
     assert "completionMode" not in job["spec"]
     (container,) = pod_spec_of(job["spec"]["template"])["containers"]
@@ -115,7 +116,7 @@ def test_a_single_worker_job_is_one_batch_job_running_the_launch_command():
     env = env_of(container)
     assert json.loads(env[JOB_SPEC_ENV]) == job_record().spec
     assert env["OMP_NUM_THREADS"] == "2"
-    assert rendered.lead_pod_selector == "job-name=trainer-job-j-42"
+    assert rendered.lead_pod_selector == "job-name=trainer-job-j-42-r0"
 
 
 def test_job_pods_are_hardened_and_mount_the_shared_state_volume_at_the_same_path():
@@ -251,7 +252,7 @@ def test_compressor_jobs_render_the_same_way():
                                     settings=settings(), namespace=NAMESPACE, state_dir=STATE_DIR,
                                     run_as=10001)
     validate(rendered.workload)
-    assert rendered.name == "compressor-job-c1"
+    assert rendered.name == "compressor-job-c1-r0"
     assert rendered.workload["spec"]["template"]["spec"]["containers"][0]["command"] == launch.argv
 
 
@@ -363,6 +364,13 @@ class FakeApi:
         self.calls.append(("delete", kind, name))
         self.objects.pop((kind, name), None)
 
+    def delete_all(self, kinds: list[str], selector: str, namespace: str) -> None:
+        self.calls.append(("delete_all", ",".join(kinds), selector))
+        wanted = dict(part.split("=") for part in selector.split(","))
+        for (kind, name), manifest in list(self.objects.items()):
+            if kind in kinds and wanted.items() <= manifest["metadata"]["labels"].items():
+                del self.objects[(kind, name)]
+
     def workload_status(self, kind: str, name: str, namespace: str) -> dict[str, Any] | None:
         if (kind, name) not in self.objects:
             return None
@@ -397,9 +405,11 @@ async def test_the_launcher_submits_follows_the_lead_pod_and_reports_success(tmp
     api = FakeApi(log_lines=["loading data", metrics])
     started = await _launcher(api, tmp_path).start(job_record(workers=3), _launch_in(tmp_path, 3))
     assert isinstance(started, KubernetesJob)
-    # Leftovers of an earlier attempt are deleted first; the rendezvous Service precedes the Job.
+    # Leftovers of earlier attempts are deleted first; the rendezvous Service precedes the Job.
     name = started.rendered.name
-    assert api.calls == [("delete", "Job", name), ("delete", "Service", name),
+    selector = ("app.kubernetes.io/name=trainer,app.kubernetes.io/component=job,"
+                "app.kubernetes.io/managed-by=maas-trainer,maas.io/job-id=j-42")
+    assert api.calls == [("delete_all", "Job,Service", selector),
                          ("create", "Service", name), ("create", "Job", name)]
     sink = RecordingSink()
     outcome = await started.wait_and_forward(sink)
@@ -485,7 +495,7 @@ async def test_the_job_manager_runs_a_job_through_the_configured_launcher(tmp_pa
     assert any(e.kind is EventKind.METRICS and e.payload["values"] == {"loss": 0.125} for e in events)
     created = [call for call in api.calls if call[0] == "create"]
     assert [kind for _, kind, _ in created] == ["Service", "Job"]
-    job = api.objects[("Job", "trainer-job-wide")]
+    job = api.objects[("Job", "trainer-job-wide-r0")]
     validate(job)
     assert job["spec"]["completions"] == 2 and json.loads(env_of(
         job["spec"]["template"]["spec"]["containers"][0])[JOB_SPEC_ENV]) == {"epochs": 2}
@@ -494,3 +504,19 @@ async def test_the_job_manager_runs_a_job_through_the_configured_launcher(tmp_pa
 
 async def _history(manager: JobManager, job_id: str) -> list:
     return [event async for event in manager.watch(job_id)]
+
+
+async def test_a_taken_over_job_gets_new_names_and_the_old_holder_cannot_delete_them(tmp_path):
+    """Replica A loses a job's lease; replica B resumes it (resume_count 1): B's start deletes
+    A's attempt, and A stopping its (already gone) attempt leaves B's alone."""
+    api = FakeApi(running_polls=10_000)
+    first = await _launcher(api, tmp_path).start(job_record(workers=2), _launch_in(tmp_path, 2))
+    resumed = dataclasses.replace(job_record(workers=2), resume_count=1)
+    second = await _launcher(api, tmp_path).start(resumed, _launch_in(tmp_path, 2))
+    assert (first.rendered.name, second.rendered.name) == ("trainer-job-j-42-r0", "trainer-job-j-42-r1")
+    assert set(api.objects) == {("Service", "trainer-job-j-42-r1"), ("Job", "trainer-job-j-42-r1")}
+    assert api.objects[("Job", "trainer-job-j-42-r1")]["metadata"]["labels"]["maas.io/attempt"] == "1"
+    await first.stop(grace_seconds=1)
+    assert set(api.objects) == {("Service", "trainer-job-j-42-r1"), ("Job", "trainer-job-j-42-r1")}
+    await second.stop(grace_seconds=1)
+    assert api.objects == {}

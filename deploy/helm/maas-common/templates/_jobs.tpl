@@ -54,7 +54,8 @@ job pods. All of it is off while kubernetesJobs.enabled is false. */}}
 {{- end -}}
 
 {{/* The Role the service's account gets: create, follow and delete its jobs, their rendezvous
-Services and (with kubernetesJobs.pytorchJob) PyTorchJobs; read their pods and logs. */}}
+Services and (with kubernetesJobs.pytorchJob) PyTorchJobs (deletecollection: a job's earlier
+attempts go by its labels); read their pods and logs. */}}
 {{- define "maas.kubernetesJobs.rbac" -}}
 {{- if include "maas.kubernetesJobs.enabled" . -}}
 apiVersion: rbac.authorization.k8s.io/v1
@@ -66,13 +67,13 @@ metadata:
 rules:
   - apiGroups: ["batch"]
     resources: ["jobs"]
-    verbs: ["create", "get", "list", "watch", "delete"]
+    verbs: ["create", "get", "list", "watch", "delete", "deletecollection"]
   - apiGroups: ["batch"]
     resources: ["jobs/status"]
     verbs: ["get"]
   - apiGroups: [""]
     resources: ["services"]
-    verbs: ["create", "get", "delete"]
+    verbs: ["create", "get", "delete", "deletecollection"]
   - apiGroups: [""]
     resources: ["pods"]
     verbs: ["get", "list", "watch"]
@@ -82,7 +83,7 @@ rules:
   {{- if .Values.kubernetesJobs.pytorchJob }}
   - apiGroups: ["kubeflow.org"]
     resources: ["pytorchjobs"]
-    verbs: ["create", "get", "list", "watch", "delete"]
+    verbs: ["create", "get", "list", "watch", "delete", "deletecollection"]
   - apiGroups: ["kubeflow.org"]
     resources: ["pytorchjobs/status"]
     verbs: ["get"]

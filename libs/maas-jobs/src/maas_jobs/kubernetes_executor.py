@@ -64,6 +64,8 @@ JOB_SPEC_ENV = "MAAS_JOB_SPEC_JSON"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 JOB_ID_LABEL = "maas.io/job-id"
 TENANT_LABEL = "maas.io/tenant"
+ATTEMPT_LABEL = "maas.io/attempt"
+"""The job's resume count when the resources were made."""
 COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
 LEAD_LABEL = "maas.io/lead"
 """On the pod whose output is the job's progress (rank 0)."""
@@ -144,15 +146,28 @@ class KubernetesExecutorSettings(BaseModel):
 
 # --- names ------------------------------------------------------------------------------------
 
-def resource_name(service: str, job_id: str) -> str:
-    """`<service>-job-<id>` as a DNS-1123 label of at most 52 characters, unique per job id:
-    ids that had to be changed (".", "_", length) get a hash of the original."""
-    base = f"{service}-job-{job_id}"
+def resource_name(service: str, job_id: str, attempt: int = 0) -> str:
+    """`<service>-job-<id>-r<attempt>` as a DNS-1123 label of at most 52 characters, unique per
+    job id and attempt (its resume count): names that had to be changed (".", "_", length) get
+    a hash of the original. Each attempt has names of its own, so a replica stopping a job it
+    lost can never delete the attempt of the replica that took it over."""
+    base = f"{service}-job-{job_id}-r{attempt}"
     cleaned = _DNS_LABEL.sub("-", base.lower()).strip("-")
     if cleaned == base and len(base) <= _NAME_LIMIT:
         return base
-    digest = hashlib.sha256(job_id.encode()).hexdigest()[:8]
+    digest = hashlib.sha256(f"{job_id}/r{attempt}".encode()).hexdigest()[:8]
     return f"{cleaned[:_NAME_LIMIT - 9].rstrip('-')}-{digest}"
+
+
+def owner_labels(service: str, job_id: str) -> dict[str, str]:
+    """The labels every resource of a job carries, whichever attempt made it."""
+    return {"app.kubernetes.io/name": service, "app.kubernetes.io/component": "job",
+            "app.kubernetes.io/managed-by": f"maas-{service}", JOB_ID_LABEL: label_value(job_id)}
+
+
+def owner_selector(service: str, job_id: str) -> str:
+    """A label selector of every resource of a job, all attempts."""
+    return ",".join(f"{key}={value}" for key, value in owner_labels(service, job_id).items())
 
 
 def label_value(value: str) -> str:
@@ -214,11 +229,10 @@ def render_job_manifests(*, service: str, job: JobRecord, launch: LaunchSpec,
     """The manifests that run `job` (started locally by `launch`) on the cluster."""
     if not settings.kubernetes_job_image:
         raise ValueError("kubernetes_job_image is required to run jobs on Kubernetes")
-    name = resource_name(service, job.job_id)
+    name = resource_name(service, job.job_id, job.resume_count)
     command = JobCommand.from_launch(launch)
-    owner = {"app.kubernetes.io/name": service, "app.kubernetes.io/component": "job",
-             "app.kubernetes.io/managed-by": f"maas-{service}", JOB_ID_LABEL: label_value(job.job_id),
-             TENANT_LABEL: label_value(job.tenant)}
+    owner = {**owner_labels(service, job.job_id), TENANT_LABEL: label_value(job.tenant),
+             ATTEMPT_LABEL: str(job.resume_count)}
     workload_labels = dict(owner)
     if settings.kubernetes_kueue_queue:
         workload_labels[KUEUE_QUEUE_LABEL] = settings.kubernetes_kueue_queue
@@ -357,6 +371,10 @@ class KubernetesApi(Protocol):
 
     def delete(self, kind: str, name: str, namespace: str) -> None: ...
 
+    def delete_all(self, kinds: list[str], selector: str, namespace: str) -> None:
+        """Delete every object of `kinds` matching `selector` (with their pods)."""
+        ...
+
     def workload_status(self, kind: str, name: str, namespace: str) -> dict[str, Any] | None: ...
 
     def pod_phase(self, selector: str, namespace: str) -> tuple[str, str] | None: ...
@@ -407,6 +425,24 @@ class ClientApi:
         except ApiException as error:
             if error.status != 404:
                 raise
+
+    def delete_all(self, kinds: list[str], selector: str, namespace: str) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        for kind in kinds:
+            try:
+                if kind == "Service":
+                    self._core.delete_collection_namespaced_service(namespace, label_selector=selector)
+                elif kind == "Job":
+                    self._batch.delete_collection_namespaced_job(namespace, label_selector=selector,
+                                                                 propagation_policy="Foreground")
+                else:
+                    self._custom.delete_collection_namespaced_custom_object(
+                        "kubeflow.org", "v1", namespace, "pytorchjobs", label_selector=selector,
+                        propagation_policy="Foreground")
+            except ApiException as error:
+                if error.status != 404:
+                    raise
 
     def workload_status(self, kind: str, name: str, namespace: str) -> dict[str, Any] | None:
         from kubernetes.client.exceptions import ApiException
@@ -556,13 +592,16 @@ class KubernetesJobLauncher:
                                     namespace=self.namespace, state_dir=self.state_dir, run_as=self.run_as)
 
     async def start(self, job: JobRecord, launch: LaunchSpec) -> StartedJob:
-        """Create the job's resources; what a previous attempt left (same names) is deleted
-        first, so a resumed job starts over from its checkpoint like a local process would."""
+        """Create the job's resources. What earlier attempts left (a previous run of this
+        service, a replica that lost the job's lease) is deleted first: the caller holds the
+        job now, and a resumed job starts over from its checkpoint like a local process would."""
         rendered = self.render(job, launch)
         launch.log_path.parent.mkdir(parents=True, exist_ok=True)
-        for manifest in reversed(rendered.manifests):
-            await asyncio.to_thread(self.api.delete, manifest["kind"], manifest["metadata"]["name"],
-                                    rendered.namespace)
+        kinds = ["Job", "Service"]
+        if self.settings.kubernetes_pytorchjob:
+            kinds.insert(0, "PyTorchJob")
+        await asyncio.to_thread(self.api.delete_all, kinds, owner_selector(self.service, job.job_id),
+                                rendered.namespace)
         for manifest in rendered.manifests:
             await asyncio.to_thread(self.api.create, manifest)
         _log.info("job %s runs on Kubernetes as %s %s/%s", job.job_id, rendered.kind,
