@@ -165,9 +165,7 @@ async def test_a_limits_change_applies_without_a_restart(suite):
         pytest.fail("the test before leaves `limited` over its limit")
     except grpc.aio.AioRpcError as refused:
         assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    suite.limits_file.write_text("tenants:\n  limited: {requests_per_minute: 1000}\n")
-    stamp = time.time_ns() + 1_000_000_000
-    os.utime(suite.limits_file, ns=(stamp, stamp))
+    rewrite_limits(suite, "tenants:\n  limited: {requests_per_minute: 1000}\n")
     deadline = time.monotonic() + 5
     while True:
         try:
@@ -178,12 +176,27 @@ async def test_a_limits_change_applies_without_a_restart(suite):
             assert time.monotonic() < deadline, "the new limit never applied"
             await asyncio.sleep(0.2)
     # Without request limits left, the tenant goes back to the data plane: the table says so.
-    for _ in range(25):
-        if not suite.app._route_table()["relay_principals"]:
-            break
-        await asyncio.sleep(0.2)
-    assert suite.app._route_table()["relay_principals"] == ["limited"]  # still 1000/minute
-    suite.limits_file.write_text(LIMITS)
+    rewrite_limits(suite, "tenants:\n  limited: {tokens_per_minute: 5}\n")
+    await wait_for_relayed(suite, [])
+    served = (await suite.app.data_plane.stats())["deployments"]["digits"]["served"]
+    await stub.Predict(predict_request("deployments/digits", batch(1)))
+    assert (await suite.app.data_plane.stats())["deployments"]["digits"]["served"] == served + 1
+    rewrite_limits(suite, LIMITS)
+    await wait_for_relayed(suite, ["limited"])
+
+
+def rewrite_limits(suite, text: str) -> None:
+    suite.limits_file.write_text(text)
+    stamp = time.time_ns() + 2_000_000_000  # a new mtime even within the clock's resolution
+    os.utime(suite.limits_file, ns=(stamp, stamp))
+
+
+async def wait_for_relayed(suite, principals: list[str]) -> None:
+    deadline = time.monotonic() + 5
+    while suite.app._route_table()["relay_principals"] != principals:
+        assert time.monotonic() < deadline, "the data plane's table never followed the file"
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.5)  # the watcher publishes it to the data plane right after
 
 
 async def test_a_tenant_sees_only_its_own_usage_and_an_admin_everything(suite):
