@@ -1,4 +1,4 @@
-"""Generate each service chart's values.schema.json from one shared base, or check they are current.
+"""Generate each chart's values.schema.json from one shared base, or check they are current.
 
 deploy/helm/schema/base.json holds the values every service chart shares (image, probes,
 TLS, auth, metrics, NetworkPolicy, ...); deploy/helm/schema/<chart>.json holds a chart's own
@@ -14,8 +14,13 @@ its type, bounds and docstring, except those the chart sets itself from its own 
 parts list those in `settingsExclude` (base, fragments) and `settings.exclude` (the chart),
 each with the value that sets it or why it is left out. An excluded name that is no field,
 like a field neither listed nor excluded, cannot happen: a new settings field appears in the
-schema at the next run, and `--check` fails until it does. `--check` fails when a committed schema
-differs from what this script writes, so the schemas cannot drift apart.
+schema at the next run, and `--check` fails until it does.
+
+The umbrella chart's schema (deploy/helm/schema/maas.json, "standalone") is its own, but takes
+`global` from the base, so the globals it passes down are checked the same way there.
+
+`--check` fails when a committed schema differs from what this script writes, so the schemas
+cannot drift apart.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ REPO = Path(__file__).resolve().parent.parent
 HELM_DIR = REPO / "deploy" / "helm"
 SCHEMA_DIR = HELM_DIR / "schema"
 SERVICE_CHARTS = ("registry", "trainer", "compressor", "inference")
+CHARTS = (*SERVICE_CHARTS, "maas")
+"""Every chart with a generated values.schema.json: the service charts and the umbrella."""
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -102,11 +109,24 @@ def merged_schema(base: dict[str, Any], own: dict[str, Any],
     }
 
 
+def standalone_schema(base: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    """A chart that is no service chart (the umbrella): its own schema, where a property
+    written {"$base": name} is the base's property of that name (the umbrella's `global`)."""
+    schema = {key: value for key, value in own.items() if key not in ("$comment", "standalone")}
+    schema["properties"] = {
+        name: base["properties"][value["$base"]] if isinstance(value, dict) and "$base" in value else value
+        for name, value in own["properties"].items()}
+    return schema
+
+
 def render(chart: str) -> str:
     """The text of the chart's values.schema.json."""
     own = _load(SCHEMA_DIR / f"{chart}.json")
+    base = _load(SCHEMA_DIR / "base.json")
+    if own.get("standalone"):
+        return json.dumps(standalone_schema(base, own), indent=2) + "\n"
     fragments = {name: _load(SCHEMA_DIR / f"{name}.json") for name in own.get("include", [])}
-    schema = merged_schema(_load(SCHEMA_DIR / "base.json"), own, fragments)
+    schema = merged_schema(base, own, fragments)
     return json.dumps(schema, indent=2) + "\n"
 
 
@@ -116,7 +136,7 @@ def target(chart: str) -> Path:
 
 def stale_charts() -> list[str]:
     """Charts whose committed values.schema.json differs from the generated one."""
-    return [chart for chart in SERVICE_CHARTS
+    return [chart for chart in CHARTS
             if not target(chart).exists() or target(chart).read_text(encoding="utf-8") != render(chart)]
 
 
@@ -131,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{target(chart)} is stale: run tools/gen_helm_schemas.py",
                   file=sys.stderr)
         return 1 if stale else 0
-    for chart in SERVICE_CHARTS:
+    for chart in CHARTS:
         target(chart).write_text(render(chart), encoding="utf-8")
     return 0
 

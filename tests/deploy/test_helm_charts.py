@@ -17,7 +17,6 @@ import importlib
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 
 import helm_python as helm
@@ -123,19 +122,6 @@ PROFILES = ("default", "production")
 
 
 # --- rendering ------------------------------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def umbrella_dir(tmp_path_factory) -> Path:
-    """A copy of deploy/helm whose maas/charts/ holds the service charts, as `helm dependency
-    build` would leave it for the file:// dependencies (hashicorp/consul is not vendored)."""
-    root = tmp_path_factory.mktemp("helm")
-    shutil.copytree(HELM_DIR, root, dirs_exist_ok=True)
-    charts = root / "maas" / "charts"
-    charts.mkdir(exist_ok=True)
-    for name in SERVICES:
-        shutil.copytree(HELM_DIR / name, charts / name)
-    return root / "maas"
-
 
 def chart_dir(chart: str, umbrella: Path) -> Path:
     return umbrella if chart == "maas" else HELM_DIR / chart

@@ -103,7 +103,7 @@ def test_the_committed_values_schemas_are_the_generated_ones():
 
 
 def test_the_schema_check_notices_a_hand_edited_schema(tmp_path, monkeypatch):
-    for chart in SERVICES:
+    for chart in gen_helm_schemas.CHARTS:
         shutil.copy(HELM_DIR / chart / "values.schema.json", tmp_path / f"{chart}.json")
     monkeypatch.setattr(gen_helm_schemas, "target", lambda chart: tmp_path / f"{chart}.json")
     edited = json.loads((tmp_path / "trainer.json").read_text())
@@ -257,3 +257,10 @@ def test_the_tenancy_limits_file_comes_from_a_configmap_the_service_reads(monkey
     assert _settings_class("inference")().tenancy_file == str(limits_file)
     assert "MAAS_INFERENCE_TENANCY_FILE" not in env_of(container_of(service_deployment(
         render(HELM_DIR / "inference"), "inference")))
+
+
+def test_the_umbrella_schema_checks_the_globals_with_the_base_definition():
+    base = json.loads((HELM_DIR / "schema" / "base.json").read_text())
+    umbrella = json.loads((HELM_DIR / "maas" / "values.schema.json").read_text())
+    assert umbrella["properties"]["global"] == base["properties"]["global"]
+    assert "maas" in gen_helm_schemas.CHARTS

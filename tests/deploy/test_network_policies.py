@@ -276,3 +276,15 @@ def test_the_openai_endpoint_is_a_port_of_the_pod_and_service_open_to_clients_on
     # Off by default: no port, no env.
     default = of_kind(render(HELM_DIR / "inference"), "Service")[f"{RELEASE}-inference"]
     assert [port["name"] for port in default["spec"]["ports"]] == ["grpc", "metrics"]
+
+
+def test_the_umbrella_admits_its_global_clients_to_every_service(umbrella_dir):
+    gateways = {"namespaceSelector": {"matchLabels": {"team": "gateways"}}}
+    documents = render(umbrella_dir, {"global": {"maas": {"clients": [gateways]}}})
+    policies = list(of_kind(documents, "NetworkPolicy").values())
+    gateway = Pod({"app": "envoy"}, namespace="edge", namespace_labels={"team": "gateways"})
+    for service in SERVICES:
+        assert allowed(policies, gateway, server(service), grpc(service)), service
+        assert allowed(policies, CLIENT, server(service), grpc(service)), service  # still
+        assert not allowed(policies, STRANGER_ELSEWHERE, server(service), grpc(service)), service
+    assert not allowed(policies, gateway, TRITON, ("grpc", 8001))

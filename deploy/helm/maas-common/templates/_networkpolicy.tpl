@@ -3,7 +3,7 @@ A service chart's templates/networkpolicy.yaml is one line: include "maas.networ
 
 Ingress: the gRPC port from the suite's services that call this one ("<chart>.callers", a
 list of logical names, e.g. the registry's trainer, compressor and inference; their server
-pods) and from networkPolicy.clients, which also reach the chart's own client ports
+pods) and from networkPolicy.clients and global.maas.clients, which also reach the chart's own client ports
 ("<chart>.clientPorts"); the metrics port from
 networkPolicy.prometheus. Egress: DNS, Consul, PostgreSQL, OTLP, the gRPC port of the peers
 the service calls ("<chart>.calls"), then "<chart>.egress" (the chart's own rules, e.g. the
@@ -14,6 +14,7 @@ inference service's Triton) and networkPolicy.extraEgress. */}}
 {{- $callers := include (printf "%s.callers" .Chart.Name) . | fromYamlArray -}}
 {{- $calls := include (printf "%s.calls" .Chart.Name) . | fromYamlArray -}}
 {{- $clientPorts := include (printf "%s.clientPorts" .Chart.Name) . | fromYamlArray -}}
+{{- $clients := concat ($policy.clients | default list) (.Values.global.maas.clients | default list) -}}
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
 metadata:
@@ -26,7 +27,7 @@ spec:
       {{- include "maas.selectorLabels" . | nindent 6 }}
   policyTypes: [Ingress, Egress]
   ingress:
-    {{- if or $callers $policy.clients }}
+    {{- if or $callers $clients }}
     - ports:
         - port: grpc
           protocol: TCP
@@ -36,19 +37,19 @@ spec:
             matchExpressions:
               {{- include "maas.suitePodSelector" . | nindent 14 }}
         {{- end }}
-        {{- with $policy.clients }}
+        {{- with $clients }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
     {{- end }}
     {{- with $clientPorts }}
-    {{- if $policy.clients }}
+    {{- if $clients }}
     - ports:
         {{- range . }}
         - port: {{ .name }}
           protocol: TCP
         {{- end }}
       from:
-        {{- toYaml $policy.clients | nindent 8 }}
+        {{- toYaml $clients | nindent 8 }}
     {{- end }}
     {{- end }}
     {{- if and .Values.metrics.enabled $policy.prometheus }}
