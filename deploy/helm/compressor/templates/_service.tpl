@@ -4,24 +4,16 @@ _helpers.tpl as "<chart name>.env", ".volumes", ".volumeMounts" and ".validate")
 */}}
 
 {{- define "compressor.env" -}}
-{{- with .Values.registryTarget }}
-- name: MAAS_COMPRESSOR_REGISTRY_TARGET
-  value: {{ . | quote }}
-{{- end }}
+{{- include "maas.registryTarget.env" . }}
 {{- include "maas.kubernetesJobs.env" . }}
 {{- end -}}
 
-{{/* torch worker processes share tensors through /dev/shm, which a container caps at 64 MiB. */}}
 {{- define "compressor.volumeMounts" -}}
-- name: shm
-  mountPath: /dev/shm
+{{- include "maas.shm.volumeMount" . }}
 {{- end -}}
 
 {{- define "compressor.volumes" -}}
-- name: shm
-  emptyDir:
-    medium: Memory
-    sizeLimit: {{ .Values.shmSizeLimit | quote }}
+{{- include "maas.shm.volume" . }}
 {{- end -}}
 
 {{/* Replicas need a shared job table, key and volume (maas.jobService.validate). */}}

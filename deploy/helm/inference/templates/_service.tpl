@@ -66,10 +66,7 @@ ConfigMap changes and the service re-reads it. */}}
 {{- define "inference.tritonControlKeyDir" -}}/var/run/maas/triton-control-key{{- end -}}
 
 {{- define "inference.env" -}}
-{{- with .Values.registryTarget }}
-- name: MAAS_INFERENCE_REGISTRY_TARGET
-  value: {{ . | quote }}
-{{- end }}
+{{- include "maas.registryTarget.env" . }}
 {{- if .Values.openai.enabled }}
 - name: MAAS_INFERENCE_OPENAI_PORT
   value: {{ .Values.openai.port | quote }}
@@ -95,8 +92,7 @@ ConfigMap changes and the service re-reads it. */}}
 
 {{/* /dev/shm: the bundled tritonserver's Python-backend stubs exchange tensors there. */}}
 {{- define "inference.volumeMounts" -}}
-- name: shm
-  mountPath: /dev/shm
+{{- include "maas.shm.volumeMount" . }}
 {{- if .Values.tenancy.existingConfigMap }}
 - name: tenancy
   mountPath: {{ include "inference.tenancyDir" . | quote }}
@@ -112,10 +108,7 @@ ConfigMap changes and the service re-reads it. */}}
 {{- end -}}
 
 {{- define "inference.volumes" -}}
-- name: shm
-  emptyDir:
-    medium: Memory
-    sizeLimit: {{ .Values.shmSizeLimit | quote }}
+{{- include "maas.shm.volume" . }}
 {{- with .Values.tenancy.existingConfigMap }}
 - name: tenancy
   configMap:

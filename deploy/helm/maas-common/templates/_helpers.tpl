@@ -411,3 +411,25 @@ spec:
 {{- toYaml . -}}
 {{- end -}}
 {{- end -}}
+
+{{/* Parts several service charts share (trainer, compressor, inference): the registry's
+address, and a memory-backed /dev/shm (torch worker processes and Triton's Python-backend stubs
+share tensors there; a container's own is capped at 64 MiB). */}}
+{{- define "maas.registryTarget.env" -}}
+{{- with .Values.registryTarget }}
+- name: {{ include "maas.envPrefix" $ }}REGISTRY_TARGET
+  value: {{ . | quote }}
+{{- end }}
+{{- end -}}
+
+{{- define "maas.shm.volumeMount" -}}
+- name: shm
+  mountPath: /dev/shm
+{{- end -}}
+
+{{- define "maas.shm.volume" -}}
+- name: shm
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ .Values.shmSizeLimit | quote }}
+{{- end -}}
