@@ -520,3 +520,37 @@ async def test_a_taken_over_job_gets_new_names_and_the_old_holder_cannot_delete_
     assert set(api.objects) == {("Service", "trainer-job-j-42-r1"), ("Job", "trainer-job-j-42-r1")}
     await second.stop(grace_seconds=1)
     assert api.objects == {}
+
+
+class FlakyApi(FakeApi):
+    """An API server that fails some reads and breaks the log stream midway."""
+
+    def __init__(self, failing_status_reads: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.failing_status_reads = failing_status_reads
+
+    def workload_status(self, kind: str, name: str, namespace: str) -> dict[str, Any] | None:
+        if self.failing_status_reads > 0:
+            self.failing_status_reads -= 1
+            raise ConnectionError("connection refused")
+        return super().workload_status(kind, name, namespace)
+
+    def follow_log(self, pod: str, namespace: str) -> Iterable[str]:
+        yield from self.log_lines
+        raise ConnectionError("stream reset")
+
+
+async def test_transient_api_failures_and_a_broken_log_stream_do_not_fail_the_job(tmp_path):
+    api = FlakyApi(failing_status_reads=3, log_lines=["epoch 1"])
+    started = await _launcher(api, tmp_path).start(job_record(), _launch_in(tmp_path, 1))
+    sink = RecordingSink()
+    outcome = await asyncio.wait_for(started.wait_and_forward(sink), 5)
+    assert outcome.succeeded and sink.logs == [(LogLevel.INFO, "epoch 1")]
+
+
+async def test_an_api_server_that_stays_unreachable_fails_the_job(tmp_path, monkeypatch):
+    monkeypatch.setattr("maas_jobs.kubernetes_executor.MAX_READ_FAILURES", 4)
+    api = FlakyApi(failing_status_reads=10)
+    started = await _launcher(api, tmp_path).start(job_record(), _launch_in(tmp_path, 1))
+    with pytest.raises(ConnectionError):
+        await asyncio.wait_for(started.wait_and_forward(RecordingSink()), 5)

@@ -39,7 +39,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from maas_jobs.settings import JobServiceSettings
 
 _log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 JOB_SPEC_ENV = "MAAS_JOB_SPEC_JSON"
 """Env var of every job pod holding the job's spec as JSON."""
@@ -70,6 +71,8 @@ COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
 LEAD_LABEL = "maas.io/lead"
 """On the pod whose output is the job's progress (rank 0)."""
 _NON_ROOT_DEFAULT = 10001
+MAX_READ_FAILURES = 30
+"""API reads failing this many times in a row (at the poll interval) fail the job."""
 _SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 _NAME_LIMIT = 52
 """Job names stay short enough for the `<job>-<index>` pod hostnames of an Indexed Job."""
@@ -526,6 +529,8 @@ class KubernetesJob:
                 try:
                     for line in self._api.follow_log(pod, rendered.namespace):
                         loop.call_soon_threadsafe(lines.put_nowait, line)
+                except Exception as error:  # the job goes on; its outcome comes from its status
+                    _log.warning("following the log of pod %s stopped: %s", pod, error)
                 finally:
                     loop.call_soon_threadsafe(lines.put_nowait, None)
 
@@ -537,8 +542,8 @@ class KubernetesJob:
                     await forwarder.line(line, LogLevel.INFO)
             await reader
         while self._outcome is None and not self.stopped:
-            status = await asyncio.to_thread(self._api.workload_status, rendered.kind, rendered.name,
-                                             rendered.namespace)
+            status = await self._read(self._api.workload_status, rendered.kind, rendered.name,
+                                      rendered.namespace)
             self._outcome = workload_outcome(rendered.kind, status)
             if self._outcome is None:
                 await asyncio.sleep(self._poll_seconds)
@@ -547,17 +552,32 @@ class KubernetesJob:
     async def _lead_pod(self) -> str | None:
         """The lead pod's name once it runs (or has finished); None when the job ends first."""
         while not self.stopped:
-            found = await asyncio.to_thread(self._api.pod_phase, self.rendered.lead_pod_selector,
-                                            self.rendered.namespace)
+            found = await self._read(self._api.pod_phase, self.rendered.lead_pod_selector,
+                                     self.rendered.namespace)
             if found is not None and found[1] in ("Running", "Succeeded", "Failed"):
                 return found[0]
-            status = await asyncio.to_thread(self._api.workload_status, self.rendered.kind,
-                                             self.rendered.name, self.rendered.namespace)
+            status = await self._read(self._api.workload_status, self.rendered.kind,
+                                      self.rendered.name, self.rendered.namespace)
             self._outcome = workload_outcome(self.rendered.kind, status)
             if self._outcome is not None:
                 return None
             await asyncio.sleep(self._poll_seconds)
         return None
+
+    async def _read(self, function: Callable[..., T], *args: Any) -> T:
+        """An API read, retried at the poll interval while it fails (an API server restarting, a
+        network blip: the job runs on regardless), up to `MAX_READ_FAILURES` in a row."""
+        failures = 0
+        while True:
+            try:
+                return await asyncio.to_thread(function, *args)
+            except Exception as error:  # any client failure; the last one propagates
+                failures += 1
+                if failures >= MAX_READ_FAILURES or self.stopped:
+                    raise
+                _log.warning("reading %s %s failed (%d in a row), retrying: %s", self.rendered.kind,
+                             self.rendered.name, failures, error)
+                await asyncio.sleep(self._poll_seconds)
 
     async def stop(self, grace_seconds: float) -> None:
         """Delete the job with its pods (Kubernetes sends SIGTERM, then SIGKILL after the pods'
