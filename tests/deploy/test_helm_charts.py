@@ -84,6 +84,10 @@ PRODUCTION = {
         "database": {"existingSecret": "trainer-postgres", "secretKey": "url"},
         "pageTokenSecret": {"existingSecret": "trainer-page-token"},
         "persistence": {"storageClass": "nfs", "size": "500Gi", "accessModes": ["ReadWriteMany"]},
+        # Jobs as Kubernetes Jobs, queued by Kueue, on GPU nodes.
+        "kubernetesJobs": {"enabled": True, "kueueQueue": "training",
+                           "worker": {"cpu": "8", "memory": "32Gi", "gpus": 1},
+                           "nodeSelector": {"nvidia.com/gpu.present": "true"}},
     },
     "compressor": {**_PRODUCTION_COMMON, "settings": {"worker_slots": 2,
                                                       "registry_timeout_seconds": 300},
@@ -311,7 +315,9 @@ def test_every_pod_is_hardened(manifests, chart, profile):
         assert pod["securityContext"]["runAsNonRoot"] is True, name
         assert pod["securityContext"]["runAsUser"] > 0, name
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
-        assert pod["automountServiceAccountToken"] is False, name
+        # Only a service that runs its jobs as Kubernetes Jobs (production trainer) calls the API.
+        calls_api = name == f"{RELEASE}-trainer" and profile == "production"
+        assert pod["automountServiceAccountToken"] is calls_api, name
         assert pod["enableServiceLinks"] is False, name
         for container in pod["containers"]:
             context = container["securityContext"]

@@ -45,6 +45,7 @@ from maas_runtime.pagination import PageTokenCodec
 from maas_trainer.runner import JOB_PROCESS_MODULE, RunnerConfig, job_process_command
 from maas_trainer.settings import TrainerSettings
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 KUBE_VERSION = kubernetes_validate.latest_version()
 NAMESPACE = "ml"
@@ -303,6 +304,15 @@ def test_the_kubernetes_executor_without_an_image_is_refused(monkeypatch):
     monkeypatch.setenv("MAAS_COMPRESSOR_JOB_EXECUTOR", "slurm")
     with pytest.raises(ValidationError, match="job_executor"):
         CompressorSettings()
+    monkeypatch.setenv("MAAS_COMPRESSOR_JOB_EXECUTOR", "kubernetes")
+    monkeypatch.setenv("MAAS_COMPRESSOR_KUBERNETES_JOB_IMAGE", IMAGE)
+    for name, value in (("WORKER_MEMORY", "lots"), ("WORKER_GPUS", "-1"), ("WORKER_CPU", "1 core"),
+                        ("NODE_SELECTOR", "gpu=yes"), ("RENDEZVOUS_PORT", "70000")):
+        monkeypatch.setenv(f"MAAS_COMPRESSOR_KUBERNETES_{name}", value)
+        with pytest.raises((ValidationError, SettingsError), match=f"kubernetes_{name.lower()}"):
+            CompressorSettings()
+        monkeypatch.delenv(f"MAAS_COMPRESSOR_KUBERNETES_{name}")
+    assert CompressorSettings().job_executor == "kubernetes"
 
 
 def test_the_work_volume_is_the_jobs_directory_when_the_service_has_one(tmp_path):
