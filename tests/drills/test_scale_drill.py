@@ -28,18 +28,22 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import maas
 import numpy as np
 import pytest
 from maas.common.v1 import job_pb2
 from maas.registry.v1 import model_pb2
+from maas.trainer.v1 import trainer_service_pb2_grpc
 from maas_runtime.auth import ensure_admin_token
+from maas_runtime.client import open_channel
 from maas_runtime.discovery import ConsulDiscovery
 
 from tests.support.consul_agent import ConsulUnderTest, any_consul
 from tests.support.postgres import POSTGRES_URL_ENV, fresh_postgres_database
 from tests.support.processes import ServiceProcess, process_table, process_tree_cpu_seconds
+from tests.trainer.helpers import watch_events
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.triton]
 
@@ -203,6 +207,40 @@ class UploadLoad(PredictLoad):
             time.sleep(0.1)
 
 
+class JobWaiter:
+    """`client.wait(job)` on a thread, recording the epoch of each metrics event it passed."""
+
+    def __init__(self, client: maas.Client, job: str) -> None:
+        self.epochs_reported: list[int] = []
+        self._outcome: list[Any] = []
+        self._thread = threading.Thread(target=self._wait, args=(client, job), name="wait")
+        self._thread.start()
+
+    def _wait(self, client: maas.Client, job: str) -> None:
+        try:
+            self._outcome.append(client.wait(job, self._progress))
+        except maas.MaasError as error:
+            self._outcome.append(error)
+
+    def _progress(self, update: maas.JobProgress) -> None:
+        if update.kind == "metrics":
+            self.epochs_reported.append(update.epoch)
+
+    def result(self, timeout: float) -> Any:
+        self._thread.join(timeout)
+        if not self._outcome:
+            raise AssertionError(f"waiting on the job did not end within {timeout:.0f} s")
+        if isinstance(self._outcome[0], maas.MaasError):
+            raise self._outcome[0]
+        return self._outcome[0]
+
+
+async def job_events(trainer: ServiceProcess, token: str, job: str) -> list[job_pb2.JobEvent]:
+    """Every event of the (final) job, as one trainer replica's Watch replays them."""
+    async with open_channel(trainer.target, token=token) as channel:
+        return await watch_events(trainer_service_pb2_grpc.TrainerServiceStub(channel), job)
+
+
 def kill_9(process: ServiceProcess) -> None:
     """SIGKILL the service process alone, as a crash would (its Triton and data plane follow
     through the parent-death signal and stdin's end)."""
@@ -282,6 +320,7 @@ async def test_one_replica_of_each_service_killed_under_load_costs_nothing_and_r
                          f"the deployment served by {gateway.target}")
         job = client.train(dataset="builtin:digits", arch="mlp", model="drill-trained",
                            epochs=EPOCHS, alias="latest")
+        waiter = JobWaiter(client, job.name)  # follows the job's Watch across the kill
         wait_for(lambda: client.get_job(job.name).epoch >= 1, 120,
                  "the training job finishing its first epoch")
 
@@ -321,13 +360,16 @@ async def test_one_replica_of_each_service_killed_under_load_costs_nothing_and_r
             uploads.failures[:5])
         assert rejoined_cpu >= 0.25 * surviving_cpu, (rejoined_cpu, surviving_cpu)
 
-        # The job's lease lapsed; the surviving trainer resumed it from its checkpoint.
-        wait_for(lambda: client.get_job(job.name).state in (
-            job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED,
-            job_pb2.JOB_STATE_CANCELLED), 180, "the training job finishing")
-        final = client.get_job(job.name)
+        # The job's lease lapsed; the surviving trainer resumed it from its checkpoint, and
+        # the client waiting on it followed its Watch over to that trainer.
+        final = waiter.result(timeout=180)
         assert final.state == job_pb2.JOB_STATE_SUCCEEDED, final.error
         assert (final.epoch, final.resume_count >= 1) == (EPOCHS, True)
+        # Every metrics event the job has, once each, reached the waiting client (a run
+        # killed between its checkpoint and its report leaves that epoch's report out).
+        recorded = [event.metrics.epoch for event in await job_events(
+            suite.trainers[1], suite.token, job.name) if event.WhichOneof("kind") == "metrics"]
+        assert waiter.epochs_reported == recorded and recorded[-1] == EPOCHS
 
         # Every replica serves again: each gateway from its own Triton, each registry with
         # every version (and its checksum), each trainer the shared job table.
