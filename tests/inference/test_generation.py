@@ -31,11 +31,9 @@ from tritonclient.grpc import service_pb2
 
 from tests.inference.test_deployment_manager import FakeTriton, TwoModelRegistry, manager
 
-GENERATIVE_SIGNATURE = {
-    "inputs": [{"name": "text_input", "datatype": "DATA_TYPE_BYTES", "shape": [1]},
-               {"name": "sampling_parameters", "datatype": "DATA_TYPE_BYTES", "shape": [1]}],
-    "outputs": [{"name": name, "datatype": "DATA_TYPE_BYTES", "shape": [1]}
-                for name in ("text_output", "finish_reason", "usage")],
+IMPORTED_SIGNATURE = {  # what an imported causal LM's version says (the SDK's import)
+    "inputs": [{"name": "text_input", "datatype": "DATA_TYPE_BYTES", "shape": [1]}],
+    "outputs": [{"name": "text_output", "datatype": "DATA_TYPE_BYTES", "shape": [1]}],
 }
 CONTEXT = 64
 
@@ -54,7 +52,8 @@ class GenerativeRegistry(TwoModelRegistry):
     async def resolve(self, reference: str) -> dict:
         version = await super().resolve(reference)
         if reference.startswith("models/llm"):
-            version = {**version, "signature": GENERATIVE_SIGNATURE, "max_batch_size": 0}
+            version = {**version, "format": "MODEL_FORMAT_CAUSAL_LM",
+                       "signature": IMPORTED_SIGNATURE}
         return version
 
 
@@ -286,3 +285,26 @@ async def test_a_caller_leaving_mid_stream_ends_the_triton_call_and_is_charged(s
     assert stream.closed.is_set()  # the Triton call is cancelled: the model frees the slot
     await store.ledger.close()
     assert [(r.outcome, r.completion_tokens) for r in store.records] == [("CANCELLED", 2)]
+
+
+async def test_kserve_stream_infer_reaches_the_generation_model_without_sampling_parameters(
+        tmp_path):
+    """KServe-v2 clients stream the same deployment; `sampling_parameters` is optional."""
+    triton = GeneratingTriton()
+    deployments = manager(tmp_path, GenerativeRegistry(), triton)
+    await deployments.controller.create("chat", {"model": "models/llm/versions/1"},
+                                        ANONYMOUS_ADMIN)
+    triton.script = [model_response("Hi", 1), model_response("", 1, finish="stop")]
+    request = service_pb2.ModelInferRequest(model_name="chat", id="r1")
+    request.inputs.add(name="text_input", datatype="BYTES", shape=[1])
+    request.raw_input_contents.append(bytes_tensor(b"Hello"))
+
+    async def one(message):
+        yield message
+
+    answers = [r async for r in deployments.predictor.kserve_stream_infer(
+        one(request), None, ANONYMOUS_ADMIN)]
+    assert [r.error_message for r in answers] == ["", ""]
+    assert answers[0].infer_response.model_name == "chat"
+    assert triton.streams[0].sent[0].model_name == "chat.llm.v1"
+    await deployments.close()

@@ -34,6 +34,8 @@ _log = logging.getLogger(__name__)
 
 DEFAULT_PORTS = {"registry": 50051, "trainer": 50052, "compressor": 50053, "inference": 50054}
 DEFAULT_METRICS_PORTS = {"registry": 9451, "trainer": 9452, "compressor": 9453, "inference": 9454}
+DEFAULT_OPENAI_PORT = 8054
+"""The inference service's OpenAI-compatible HTTP endpoint (http://127.0.0.1:8054/v1)."""
 """Where each service's Prometheus `/metrics` listens under `maas up` (loopback)."""
 
 
@@ -199,6 +201,8 @@ class LocalSuite:
             name: (DEFAULT_METRICS_PORTS[name]
                    if fixed_ports and port_is_free(DEFAULT_METRICS_PORTS[name]) else free_port())
             for name in services}
+        self.openai_port = (DEFAULT_OPENAI_PORT if fixed_ports and port_is_free(DEFAULT_OPENAI_PORT)
+                            else free_port())
         endpoints = ";".join(f"{name}=127.0.0.1:{port}" for name, port in ports.items())
         base_env = {**os.environ, "MAAS_STATIC_ENDPOINTS": endpoints}
         self.services = {
@@ -209,6 +213,7 @@ class LocalSuite:
                 **({"registry_target": f"127.0.0.1:{ports['registry']}"}
                    if name != "registry" and "registry" in ports else {}),
                 **(tls.service_settings() if tls else {}),
+                **({"openai_port": str(self.openai_port)} if name == "inference" else {}),
                 **(settings or {}).get(name, {}),
             }, base_env, tls=tls)
             for name, port in ports.items()
@@ -221,8 +226,13 @@ class LocalSuite:
 
     def describe(self) -> list[str]:
         """One line per service (gRPC target, metrics URL, log file), as `maas up` prints."""
-        return [f"{service.name:10s} {service.target}   metrics: {service.metrics_url or 'off'}"
-                f"   logs: {service.log_file}" for service in self.services.values()]
+        lines = [f"{service.name:10s} {service.target}   metrics: {service.metrics_url or 'off'}"
+                 f"   logs: {service.log_file}" for service in self.services.values()]
+        if "inference" in self.services:
+            scheme = "https" if self.tls else "http"
+            lines.append(f"{'openai':10s} {scheme}://127.0.0.1:{self.openai_port}/v1 "
+                         "(chat/completions, completions, models)")
+        return lines
 
     def open_channel(self, name: str, **channel_settings) -> grpc.aio.Channel:
         """An authenticated channel to service `name`, over TLS when the suite speaks it."""

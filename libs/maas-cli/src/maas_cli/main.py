@@ -18,7 +18,7 @@ from pathlib import Path
 
 import typer
 
-from maas_cli import commands
+from maas_cli import chat, commands
 from maas_cli.cli_support import CliState, MaasGroup, fail
 from maas_cli.local_suite import LocalSuite, SuiteTls
 
@@ -68,6 +68,7 @@ app.add_typer(commands.importer, name="import")
 for command in (commands.lineage, commands.train, commands.compress, commands.deploy,
                 commands.rollout, commands.predict, commands.usage, commands.status):
     app.command()(command)
+app.command()(chat.chat)
 
 
 # The local suite ----------------------------------------------------------------------------

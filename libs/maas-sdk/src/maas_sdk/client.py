@@ -86,6 +86,7 @@ from maas_sdk.errors import (
     NotFound,
     Unavailable,
 )
+from maas_sdk.generation import Generation, generate_request, pump_generation
 from maas_sdk.jobs import FINAL_STATES, JobProgress, progress_of, state_name
 from maas_sdk.lineage import LineageTree
 from maas_sdk.llm import LlmImport
@@ -749,6 +750,31 @@ class Client:
                   if model else deployment_pb2.ShadowConfig())
         return self._update(deployment, ("shadow",), shadow=config)
 
+    # Generation ------------------------------------------------------------------------------
+
+    def generate(self, deployment: str, prompt: str | None = None, *,
+                 messages: Sequence[Mapping[str, str]] | None = None,
+                 max_tokens: int | None = None, temperature: float | None = None,
+                 top_p: float | None = None, top_k: int = 0, stop: str | Sequence[str] = (),
+                 seed: int | None = None, repetition_penalty: float | None = None,
+                 timeout: float | None = None) -> Generation:
+        """Stream text from a generative deployment: a `prompt` as it is, or chat `messages`
+        ([{"role": "user", "content": "..."}], rendered with the model's chat template).
+        Iterate the returned `Generation` for the text as it comes; then its
+        `finish_reason` and `usage` are set. Unset sampling parameters take the model's
+        defaults (temperature 1, top_p 1, no top_k; max_tokens: the service's default)."""
+        request = generate_request(
+            deployment_name(deployment), prompt, messages, max_tokens=max_tokens,
+            temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, seed=seed,
+            repetition_penalty=repetition_penalty)
+
+        async def pump(messages_out) -> None:
+            stub = await self._stub("inference", inference_service_pb2_grpc.InferenceServiceStub)
+            await pump_generation(stub.Generate(request, timeout=timeout), messages_out)
+
+        return Generation(lambda messages_out: self._runner.submit(pump(messages_out)),
+                          lambda rpc_error: self._error("inference", rpc_error))
+
     # Predictions -----------------------------------------------------------------------------
 
     def input_names(self, deployment: str) -> list[str]:
@@ -972,10 +998,11 @@ class Client:
         return self.connection.state_dir / TOKENS_FILE
 
     def create_token(self, principal: str, role: str = "viewer",
-                     models: Sequence[str] = ()) -> str:
+                     models: Sequence[str] = (), tenant: str = "") -> str:
         """Mint a token in the local suite's tokens file (the services pick it up within a
-        second); returns the token, which is stored only as its sha256."""
-        return add_token(self.tokens_file, principal, Role.parse(role), models)
+        second); returns the token, which is stored only as its sha256. `tenant`: whose
+        limits and usage its calls count against (default: the principal's own)."""
+        return add_token(self.tokens_file, principal, Role.parse(role), models, tenant)
 
     def list_tokens(self) -> list[TokenInfo]:
         return list_tokens(self.tokens_file)

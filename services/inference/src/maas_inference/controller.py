@@ -44,8 +44,11 @@ from maas_inference.store import DeploymentStore
 from maas_inference.tensors import ServingSignature, TensorRule
 from maas_inference.triton.client import TritonClient
 from maas_inference.triton.model_repository import (
+    GENERATION_INPUTS,
+    GENERATION_OUTPUTS,
     ArtifactFormat,
     BatchingPolicy,
+    GenerationServing,
     ModelRepository,
     TensorSpec,
     TritonModelSpec,
@@ -62,7 +65,15 @@ READY, CREATING, ROLLING_OUT, FAILED, UNAVAILABLE = (
 SERVABLE_FORMATS = {contract_enums.MODEL_FORMAT_MAAS_PACKAGE: "maas-package",
                     contract_enums.MODEL_FORMAT_TORCHSCRIPT: "torchscript",
                     contract_enums.MODEL_FORMAT_ONNX: "onnx",
-                    contract_enums.MODEL_FORMAT_HF_TRANSFORMER: "hf-transformer"}
+                    contract_enums.MODEL_FORMAT_HF_TRANSFORMER: "hf-transformer",
+                    contract_enums.MODEL_FORMAT_GGUF: "gguf",
+                    contract_enums.MODEL_FORMAT_CAUSAL_LM: "causal-lm"}
+GENERATION_SIGNATURE = {
+    side: [{"name": tensor.name, "datatype": "BYTES", "shape": [1], "optional": tensor.optional}
+           for tensor in tensors]
+    for side, tensors in (("inputs", GENERATION_INPUTS), ("outputs", GENERATION_OUTPUTS))}
+"""What the generation model of a GGUF or causal-LM version takes and answers (the
+contract of `maas_inference.triton.generation_model`), checked on KServe-v2 requests."""
 UPDATABLE = frozenset({"model", "track_alias", "traffic", "shadow", "serving"})
 
 
@@ -72,6 +83,8 @@ class ServingDefaults:
     max_queue_delay_microseconds: int = 100
     drain_seconds: float = 30.0
     load_timeout_seconds: float = 120.0
+    generation: GenerationServing = GenerationServing()
+    """How generative versions' engines run (streams decoded together, queued, threads)."""
 
 
 def _now() -> str:
@@ -185,8 +198,10 @@ class DeploymentController:
             raise errors.FailedPrecondition(
                 f"{version['name']} is {version.get('format')}; the Triton runtime serves "
                 f"{sorted(SERVABLE_FORMATS)}", reason="FORMAT_NOT_SERVABLE")
+        artifact_format = ArtifactFormat(format_name)
         signature = version.get("signature") or {}
-        if not signature.get("inputs") or not signature.get("outputs"):
+        if not artifact_format.generative and (not signature.get("inputs") or
+                                               not signature.get("outputs")):
             raise errors.FailedPrecondition(f"{version['name']} has no signature to serve",
                                             reason="NO_SIGNATURE")
         name = triton_model_name(deployment_id, version["name"])
@@ -194,7 +209,8 @@ class DeploymentController:
         async with self._download_locks.setdefault(artifact.name, asyncio.Lock()):
             if not artifact.exists():
                 await self._registry.download_model_version(version, artifact)
-        artifact_format = ArtifactFormat(format_name)
+        if artifact_format.generative:
+            return await self._load_generative(name, version, artifact_format, artifact)
         runtime = await self._onnx_backend.runtime_for(artifact_format)
         ships_onnx_graph = (artifact_format is ArtifactFormat.HF_TRANSFORMER and (
             await asyncio.to_thread(validate_hf_transformer, artifact)).onnx_model is not None)
@@ -220,6 +236,23 @@ class DeploymentController:
                            instances=serving["instance_count"],
                            runtime=runtime_description(artifact_format, runtime,
                                                        ships_onnx_graph=ships_onnx_graph),
+                           artifact=artifact)
+
+    async def _load_generative(self, name: str, version: dict, artifact_format: ArtifactFormat,
+                               artifact: Path) -> ServedModel:
+        """A GGUF or causal-LM version as the decoupled generation model: one instance, no
+        Triton batching (its engine batches the running streams), the generation contract's
+        tensors whatever the version's signature says."""
+        spec = TritonModelSpec(
+            name=name, artifact_format=artifact_format, inputs=(), outputs=(),
+            batching=BatchingPolicy(max_batch_size=0, dynamic_batching=False),
+            generation=self._defaults.generation)
+        await asyncio.to_thread(self._repository.write_model, spec, artifact)
+        await self._triton.load_model(name)
+        await self._triton.wait_model_ready(name, timeout=self._defaults.load_timeout_seconds)
+        return ServedModel(version["name"], name,
+                           ServingSignature.from_version(GENERATION_SIGNATURE, 0),
+                           runtime=runtime_description(artifact_format, spec.runtime),
                            artifact=artifact)
 
     async def _build_route(self, deployment_id: str, spec: dict,

@@ -14,10 +14,12 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import ssl
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -164,12 +166,18 @@ class OpenAiEndpoint:
         self._runner: web.AppRunner | None = None
         self.port = 0
 
-    async def start(self, host: str, port: int) -> int:
-        """Serve on host:port (0: a free port); the port bound."""
+    async def start(self, host: str, port: int,
+                    tls_files: tuple[Path, Path] | None = None) -> int:
+        """Serve on host:port (0: a free port), over TLS with `tls_files` (certificate, key)
+        as the gRPC port is; the port bound."""
         # A caller that goes away cancels its handler: the generation ends at once.
         self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
+        context = None
+        if tls_files is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(*tls_files)
+        site = web.TCPSite(self._runner, host, port, ssl_context=context)
         await site.start()
         server = site._server
         sockets = getattr(server, "sockets", None) or []

@@ -60,7 +60,7 @@ from maas_inference.triton.launcher import (
     TritonSupervisor,
 )
 from maas_inference.triton.lockdown import read_control_key
-from maas_inference.triton.model_repository import ModelRepository
+from maas_inference.triton.model_repository import GenerationServing, ModelRepository
 from maas_inference.usage import (
     SqlUsageStore,
     TenantLabels,
@@ -192,7 +192,11 @@ class InferenceApp:
                             max_queue_delay_microseconds=(
                                 self.settings.default_max_queue_delay_microseconds),
                             drain_seconds=self.settings.rollout_drain_seconds,
-                            load_timeout_seconds=self.settings.model_load_timeout_seconds),
+                            load_timeout_seconds=self.settings.model_load_timeout_seconds,
+                            generation=GenerationServing(
+                                max_running_streams=self.settings.generation_max_running_streams,
+                                max_waiting_streams=self.settings.generation_max_waiting_streams,
+                                torch_threads=self.settings.generation_torch_threads)),
             self.routes,
             PageTokenCodec.from_secret_file(self.settings.resolved_page_token_secret_file))
         await self._start_usage(meter)
@@ -215,7 +219,10 @@ class InferenceApp:
                 Authenticator(TokenStore(self.settings.resolved_tokens_file)
                               if self.settings.auth_enabled else None),
                 max_body_bytes=self.settings.max_message_bytes)
-            port = await self.openai.start(self.settings.host, self.settings.openai_port)
+            port = await self.openai.start(
+                self.settings.host, self.settings.openai_port,
+                (self.settings.tls_cert_file, self.settings.tls_key_file)
+                if self.settings.tls_cert_file and self.settings.tls_key_file else None)
             _log.info("OpenAI-compatible endpoint on http://%s:%d/v1", self.settings.host, port)
         await self.controller.reload_all()
         self._alias_task = asyncio.create_task(self.controller.follow_alias_moves())

@@ -127,3 +127,13 @@ class InferenceSettings(ServiceSettings):
     """TCP port of the OpenAI-compatible HTTP endpoint (/v1/chat/completions, /v1/completions,
     /v1/models) on `host`, same tokens and scopes as gRPC; unset: no HTTP endpoint; 0 picks a
     free port."""
+
+    generation_max_running_streams: int = Field(default=8, ge=1, le=256)
+    """Generations one generative deployment decodes together (one forward pass per step)."""
+
+    generation_max_waiting_streams: int = Field(default=32, ge=0, le=10_000)
+    """Generations queued for a running slot per generative deployment; one more is refused
+    with RESOURCE_EXHAUSTED."""
+
+    generation_torch_threads: int = Field(default=0, ge=0, le=256)
+    """torch threads of a generative deployment's engine; 0 uses every core."""

@@ -44,6 +44,8 @@ class TensorRule:
     """KServe name, e.g. "FP32"."""
     shape: tuple[int, ...]
     """Without the batch dimension; -1 is variable."""
+    optional: bool = False
+    """A request may leave it out (the generation model's `sampling_parameters`)."""
 
     def describe(self, batched: bool) -> str:
         dims = ["batch"] * batched + [str(d) if d >= 0 else "*" for d in self.shape]
@@ -66,7 +68,7 @@ class ServingSignature:
             return tuple(
                 TensorRule(
                     t["name"], t["datatype"].removeprefix(DATA_TYPE_PREFIX),
-                    tuple(int(d) for d in t.get("shape", [])),
+                    tuple(int(d) for d in t.get("shape", [])), bool(t.get("optional")),
                 )
                 for t in signature.get(side, [])
             )
@@ -141,7 +143,7 @@ class ServingSignature:
                         f"has {byte_length} bytes; shape {dims} of {rule.describe(batched)} needs {want}",
                     )
         for rule in self.inputs:
-            if rule.name not in seen:
+            if rule.name not in seen and not rule.optional:
                 violations.add(field_path, f"missing input {rule.describe(batched)}")
         if len(batch_sizes) > 1:
             violations.add(field_path, f"inputs disagree on the batch size: {sorted(batch_sizes)}")

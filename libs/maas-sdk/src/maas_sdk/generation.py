@@ -1,0 +1,132 @@
+"""Text generation in the SDK: `Client.generate` streams a generative deployment's text.
+
+A `Generation` is iterated once, yielding the text as the model produces it; when the stream
+ends, `finish_reason` ("stop", "length" or "cancelled") and `usage` (tokens read and written,
+time to first token) are set. The gRPC call runs on the client's event loop thread and its
+messages are handed over through a queue; `cancel()`, leaving a `with` block early, or
+closing the generation ends the call at once, which ends the generation on the server (the
+tokens produced so far are charged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from maas.inference.v1 import inference_service_pb2 as inf
+
+FINISH_REASONS = {inf.FINISH_REASON_STOP: "stop", inf.FINISH_REASON_LENGTH: "length",
+                  inf.FINISH_REASON_CANCELLED: "cancelled"}
+_END = object()
+
+
+@dataclass(frozen=True)
+class GenerationUsage:
+    """What one generation used."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    time_to_first_token: float | None
+    """Seconds from the request's arrival at the gateway to the first token."""
+
+
+def generate_request(deployment: str, prompt: str | None,
+                     messages: Sequence[Mapping[str, str]] | None, *,
+                     max_tokens: int | None, temperature: float | None, top_p: float | None,
+                     top_k: int, stop: str | Sequence[str], seed: int | None,
+                     repetition_penalty: float | None) -> inf.GenerateRequest:
+    """The GenerateRequest of `Client.generate`'s arguments (exactly one of prompt/messages)."""
+    if (prompt is None) == (messages is None):
+        raise ValueError("pass exactly one of prompt= or messages=")
+    request = inf.GenerateRequest(deployment=deployment, top_k=top_k,
+                                  stop=[stop] if isinstance(stop, str) else list(stop))
+    if prompt is not None:
+        request.prompt = prompt
+    else:
+        request.conversation.messages.extend(
+            inf.ChatMessage(role=m["role"], content=m["content"]) for m in messages or ())
+        if not request.conversation.messages:
+            request.conversation.SetInParent()  # sent empty: the service names the field
+    for name, value in (("max_tokens", max_tokens), ("temperature", temperature),
+                        ("top_p", top_p), ("seed", seed),
+                        ("repetition_penalty", repetition_penalty)):
+        if value is not None:
+            setattr(request, name, value)
+    return request
+
+
+class Generation:
+    """The text chunks of one generation as they stream (iterate once), then its
+    `finish_reason` and `usage`."""
+
+    def __init__(self, start: Callable[[queue.Queue], Future],
+                 to_error: Callable[[grpc.RpcError], Exception]) -> None:
+        self._messages: queue.Queue = queue.Queue()
+        self._future = start(self._messages)
+        self._to_error = to_error
+        self.finish_reason: str | None = None
+        """"stop", "length" or "cancelled" once the stream ended; None before."""
+        self.usage: GenerationUsage | None = None
+        self._chunks: list[str] = []
+
+    def __iter__(self) -> Iterator[str]:
+        while True:
+            message: Any = self._messages.get()
+            if message is _END:
+                return
+            if isinstance(message, grpc.RpcError):
+                raise self._to_error(message) from None
+            if isinstance(message, BaseException):
+                raise message
+            if message.WhichOneof("event") == "delta":
+                self._chunks.append(message.delta.text)
+                yield message.delta.text
+            else:
+                final = message.final
+                self.finish_reason = FINISH_REASONS.get(final.finish_reason, "")
+                usage = final.usage
+                self.usage = GenerationUsage(
+                    usage.prompt_tokens, usage.completion_tokens, usage.total_tokens,
+                    usage.time_to_first_token.ToNanoseconds() / 1e9
+                    if usage.HasField("time_to_first_token") else None)
+
+    def text(self) -> str:
+        """All the text (waiting for the end of the stream)."""
+        for _ in self:
+            pass
+        return "".join(self._chunks)
+
+    def cancel(self) -> None:
+        """End the generation now (the server stops generating)."""
+        self._future.cancel()
+
+    close = cancel
+
+    def __enter__(self) -> Generation:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.cancel()
+
+
+async def pump_generation(call: Any, messages: queue.Queue) -> None:
+    """Read the Generate stream on the event loop thread into `messages`; a cancelled pump
+    cancels the call."""
+    try:
+        async for message in call:
+            messages.put(message)
+    except grpc.RpcError as error:
+        messages.put(error)
+    except asyncio.CancelledError:
+        call.cancel()
+        raise
+    except Exception as error:  # noqa: BLE001 - handed to the reading thread
+        messages.put(error)
+    finally:
+        messages.put(_END)

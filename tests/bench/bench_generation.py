@@ -1,0 +1,214 @@
+"""Generation through the gateway: Generate streams vs transformers' generate in-process.
+
+Same model (SmolLM2-135M-Instruct, bf16, the cached conversion), same machine, one run. The
+registry and the inference service (with its bundled Triton running the decoupled generation
+model) are subprocesses; the reference `model.generate` runs in this process with two torch
+threads, taking turns with the gateway runs (never at the same time). Interleaved rounds of:
+
+* one stream: Generate through the gateway (greedy, MAX_TOKENS new tokens at most) vs
+  `model.generate` on the same rendered prompt (greedy, exactly MAX_TOKENS tokens);
+  tokens/s counted from the request to the last token, time to first token included;
+* eight concurrent Generate streams (different questions): aggregate tokens/s as a ratio to
+  the one-stream figure, and the p50 time to first token;
+* tenant isolation: a second tenant keeps FLOOD_STREAMS streams running (its
+  concurrent_streams limit; refused ones retried at once) while the measured tenant runs
+  single streams one after another: its p50 time to first token vs the unloaded p50.
+
+Goals (issue 13): one stream ≥ 0.9× generate; eight streams ≥ 3× one stream; p50 TTFT under
+the flood within 1.5× of unloaded. Medians printed; nothing gates on a time.
+
+Run: `.venv/bin/python -m tests.bench.bench_generation`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import torch
+from maas.common.v1 import tensor_pb2
+from maas.inference.v1 import deployment_pb2, inference_service_pb2 as inf, inference_service_pb2_grpc
+from maas.registry.v1 import model_pb2, registry_service_pb2 as rs, registry_service_pb2_grpc
+from maas_llm.prompts import PromptRenderer
+from maas_runtime.auth import Role, add_token
+from maas_runtime.client import open_channel
+
+from tests.registry.helpers import model_upload_requests
+from tests.support.llm import smollm2_causal_lm, smollm2_causal_lm_zip
+from tests.support.processes import ServiceProcess, inference_process
+
+ROUNDS = 3
+MAX_TOKENS = 48
+FLOOD_STREAMS = 4
+TTFT_SAMPLES = 6
+QUESTIONS = [
+    "Write one sentence about the sea.",
+    "What is the capital of France?",
+    "Name three colors and one fruit.",
+    "Explain what a compiler does.",
+    "Give me a short tip for sleeping well.",
+    "Why is the sky blue?",
+    "Describe a cat in a few words.",
+    "What is 12 times 12?",
+]
+LIMITS = f"tenants:\n  flooder: {{concurrent_streams: {FLOOD_STREAMS}}}\n"
+
+
+def request(question: str) -> inf.GenerateRequest:
+    return inf.GenerateRequest(
+        deployment="deployments/chat", max_tokens=MAX_TOKENS, temperature=0,
+        conversation=inf.Conversation(messages=[inf.ChatMessage(role="user", content=question)]))
+
+
+async def one_stream(stub: inference_service_pb2_grpc.InferenceServiceStub,
+                     question: str) -> tuple[int, float, float]:
+    """(completion tokens, seconds from the request to the last token, time to first token
+    as the caller saw it)."""
+    started = time.perf_counter()
+    first = None
+    tokens = 0
+    async for response in stub.Generate(request(question)):
+        if response.WhichOneof("event") == "delta" and response.delta.token_count:
+            first = first or time.perf_counter() - started
+            tokens += response.delta.token_count
+    return tokens, time.perf_counter() - started, first or 0.0
+
+
+async def flood(stub: inference_service_pb2_grpc.InferenceServiceStub,
+                stop: asyncio.Event) -> int:
+    """Keep one of the flooder's streams running until `stop`; the streams it completed."""
+    done = 0
+    while not stop.is_set():
+        try:
+            await one_stream(stub, QUESTIONS[done % len(QUESTIONS)])
+            done += 1
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise
+            await asyncio.sleep(0.05)
+    return done
+
+
+async def main() -> None:
+    torch.set_num_threads(2)
+    directory = smollm2_causal_lm()
+    archive = smollm2_causal_lm_zip()
+    renderer = PromptRenderer.from_directory(directory)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory.path, dtype=torch.bfloat16).eval()
+    prompt_ids = torch.tensor([renderer.encode(renderer.render(
+        [{"role": "user", "content": QUESTIONS[0]}]))])
+
+    def generate_one() -> float:
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids),
+                                 do_sample=False, max_new_tokens=MAX_TOKENS,
+                                 min_new_tokens=MAX_TOKENS)
+        return (out.shape[1] - prompt_ids.shape[1]) / (time.perf_counter() - started)
+
+    bench_dir = Path(os.environ.get("MAAS_BENCH_DIR", ".maas/bench"))
+    bench_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=bench_dir) as tmp:
+        root = Path(tmp)
+        (root / "limits.yaml").write_text(LIMITS)
+        registry = ServiceProcess("registry", root / "registry")
+        await registry.start()
+        inference = inference_process(
+            root, registry, tenancy_file=str(root / "limits.yaml"),
+            generation_max_running_streams="8", generation_max_waiting_streams="32",
+            generation_torch_threads="2")
+        try:
+            await inference.start(timeout=120)
+            async with registry.stub() as channel:
+                stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
+                await stub.CreateModel(rs.CreateModelRequest(model_id="smollm"))
+                signature = model_pb2.Signature()
+                signature.inputs.add(name="text_input", datatype=tensor_pb2.DATA_TYPE_BYTES,
+                                     shape=[1])
+                signature.outputs.add(name="text_output", datatype=tensor_pb2.DATA_TYPE_BYTES,
+                                      shape=[1])
+                await stub.UploadModelVersion(model_upload_requests(
+                    "models/smollm", archive.read_bytes(), chunk=1 << 20,
+                    fmt=model_pb2.MODEL_FORMAT_CAUSAL_LM, signature=signature))
+            tokens_file = root / "inference" / "tokens.json"
+            measured_token = add_token(tokens_file, "measured", Role.VIEWER)
+            flooder_token = add_token(tokens_file, "flooder", Role.VIEWER)
+            async with inference.stub() as admin:
+                await inference_service_pb2_grpc.InferenceServiceStub(admin).CreateDeployment(
+                    inf.CreateDeploymentRequest(deployment_id="chat", deployment=(
+                        deployment_pb2.Deployment(model="models/smollm/versions/1"))),
+                    timeout=600)
+            await asyncio.sleep(1.2)  # the new tokens reach the data plane
+            figures = await measure(inference.target, measured_token, flooder_token,
+                                    generate_one)
+        finally:
+            inference.terminate()
+            registry.terminate()
+    print_table(figures)
+
+
+async def measure(target: str, measured_token: str, flooder_token: str,
+                  generate_one) -> dict[str, list[float]]:
+    figures: dict[str, list[float]] = {}
+
+    def add(name: str, value: float) -> None:
+        figures.setdefault(name, []).append(value)
+
+    async with open_channel(target, token=measured_token) as measured_channel, \
+            open_channel(target, token=flooder_token) as flooder_channel:
+        stub = inference_service_pb2_grpc.InferenceServiceStub(measured_channel)
+        flooder = inference_service_pb2_grpc.InferenceServiceStub(flooder_channel)
+        await one_stream(stub, QUESTIONS[0])  # warm-up: the engine's first forward passes
+        generate_one()
+        for _ in range(ROUNDS):
+            tokens, seconds, ttft = await one_stream(stub, QUESTIONS[0])
+            add("gateway one stream tokens/s", tokens / seconds)
+            add("gateway one stream TTFT s", ttft)
+            add("generate one stream tokens/s", await asyncio.to_thread(generate_one))
+
+            started = time.perf_counter()
+            results = await asyncio.gather(*(one_stream(stub, q) for q in QUESTIONS))
+            add("gateway 8 streams tokens/s", sum(r[0] for r in results) /
+                (time.perf_counter() - started))
+            add("gateway 8 streams p50 TTFT s", statistics.median(r[2] for r in results))
+
+            unloaded = [(await one_stream(stub, q))[2] for q in QUESTIONS[:TTFT_SAMPLES]]
+            add("unloaded p50 TTFT s", statistics.median(unloaded))
+            stop = asyncio.Event()
+            flooders = [asyncio.create_task(flood(flooder, stop))
+                        for _ in range(FLOOD_STREAMS + 2)]  # two more than its limit
+            await asyncio.sleep(1.0)
+            loaded = [(await one_stream(stub, q))[2] for q in QUESTIONS[:TTFT_SAMPLES]]
+            stop.set()
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await asyncio.gather(*flooders)
+            add("flooded p50 TTFT s", statistics.median(loaded))
+    return figures
+
+
+def print_table(figures: dict[str, list[float]]) -> None:
+    median = {name: statistics.median(values) for name, values in figures.items()}
+    print(f"\nGeneration through the gateway, SmolLM2-135M bf16, {MAX_TOKENS} tokens, greedy "
+          f"(medians of {ROUNDS} rounds)")
+    for name, value in median.items():
+        print(f"  {name:32s} {value:9.3f}   {' '.join(f'{v:.3f}' for v in figures[name])}")
+    one = median["gateway one stream tokens/s"]
+    print("\nRatios (goal)")
+    print(f"  one stream, gateway / generate       {one / median['generate one stream tokens/s']:.2f}x"
+          "   (>= 0.9x)")
+    print(f"  8 streams aggregate / one stream     {median['gateway 8 streams tokens/s'] / one:.2f}x"
+          "   (>= 3x)")
+    print(f"  flooded p50 TTFT / unloaded          "
+          f"{median['flooded p50 TTFT s'] / median['unloaded p50 TTFT s']:.2f}x   (<= 1.5x)")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
