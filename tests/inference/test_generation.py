@@ -308,3 +308,38 @@ async def test_kserve_stream_infer_reaches_the_generation_model_without_sampling
     assert answers[0].infer_response.model_name == "chat"
     assert triton.streams[0].sent[0].model_name == "chat.llm.v1"
     await deployments.close()
+
+
+async def test_generation_metrics_per_deployment(tmp_path):
+    """Time to first token, inter-token latency, tokens/s and tokens per deployment; the
+    waiting and running stream gauges go back to zero when the generation ends."""
+    from maas_inference.generation import GenerationMetrics
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    triton = GeneratingTriton()
+    deployments = manager(tmp_path, GenerativeRegistry(), triton)
+    await deployments.controller.create("chat", {"model": "models/llm/versions/1"},
+                                        ANONYMOUS_ADMIN)
+    generator = Generator(
+        deployments.routes, triton,
+        PromptRenderers(lambda _: PromptFacts(WordRenderer(), CONTEXT)),
+        metrics=GenerationMetrics(MeterProvider(metric_readers=[reader]).get_meter("t")))
+    triton.script = [model_response("a", 1), model_response(" b c", 3),
+                     model_response("", 3, finish="stop")]
+    await collect(generator, GenerationRequest("deployments/chat", prompt="go"))
+    metrics = {metric.name: metric.data.data_points
+               for resource in reader.get_metrics_data().resource_metrics
+               for scope in resource.scope_metrics for metric in scope.metrics}
+    chat = {"deployment": "chat"}
+    [ttft] = metrics["maas.inference.generation.time_to_first_token"]
+    assert dict(ttft.attributes) == chat and ttft.count == 1
+    [inter_token] = metrics["maas.inference.generation.inter_token_latency"]
+    assert inter_token.count == 1  # one gap after the first token
+    [rate] = metrics["maas.inference.generation.tokens_per_second"]
+    assert rate.count == 1 and rate.sum > 0
+    assert [p.value for p in metrics["maas.inference.generation.tokens"]] == [3]
+    assert [p.value for p in metrics["maas.inference.generation.streams.waiting"]] == [0]
+    assert [p.value for p in metrics["maas.inference.generation.streams.running"]] == [0]
+    await deployments.close()
