@@ -24,6 +24,7 @@ from maas_compressor.hf_models import (
     probe_sentences,
     similarity_spearman,
     training_sentences,
+    validation_sentences,
     weights_path,
 )
 from maas_compressor.measure import artifact_of
@@ -31,10 +32,12 @@ from maas_compressor.steps.base import DataSplits, HfForm, ModelUnderCompression
 from maas_compressor.steps.convert import convert
 from maas_compressor.steps.distill import distill
 from maas_compressor.steps.quantize import quantize
+from maas_compressor.steps.transformer import choose_student_layers
 from maas_runtime.contract_enums import MODEL_FORMAT_HF_TRANSFORMER
 from maas_runtime.errors import FailedPrecondition, InvalidArgument
 from maas_text import minilm_directory, zip_directory
 from maas_text.encoder import SentenceEncoder
+from transformers import AutoModel, AutoTokenizer
 
 from tests.compressor.torch_helpers import RecordingContext
 
@@ -156,12 +159,28 @@ def test_distillation_into_three_layers_improves_on_the_untrained_student(
     form = result.model.form
     assert isinstance(form, HfForm) and form.runtime == RUNTIME_TORCH
     assert result.details["spearman"] > result.details["spearman_untrained"]
+    assert result.details["validation_spearman"] > result.details["validation_spearman_untrained"]
+    assert result.details["steps"] == 8 and result.details["teacher_layers_kept"] == [1, 3, 5]
     student = SentenceEncoder.load(form.directory)
     vectors = student.embed(probe_sentences())
     assert similarity_spearman(reference, vectors) == pytest.approx(result.details["spearman"], abs=1e-3)
     assert (form.directory / "tokenizer.json").exists()
     import json
     assert json.loads((form.directory / "config.json").read_text())["num_hidden_layers"] == 3
+
+
+def test_the_student_keeps_the_teacher_layers_whose_untrained_student_ranks_best(
+        minilm: ModelUnderCompression):
+    assert isinstance(minilm.form, HfForm)
+    teacher = AutoModel.from_pretrained(str(minilm.form.directory), local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm.form.directory), local_files_only=True)
+    sentences = validation_sentences(24)
+    batch = dict(tokenizer(sentences, padding=True, truncation=True, return_tensors="pt"))
+    expected = embed(minilm.form, sentences)
+    layers, scores = choose_student_layers(teacher, "mean", batch, expected)
+    assert len(scores) == 20  # every 3 of 6 layers
+    assert scores[",".join(map(str, layers))] == max(scores.values())
+    assert scores["0,1,2"] < max(scores.values())  # not simply the first half of the teacher
 
 
 def test_distill_refuses_layers_the_teacher_does_not_have_and_an_onnx_teacher(

@@ -21,7 +21,7 @@ import re
 import shutil
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,9 @@ HF_ARCHIVE_NAME = "model.hf.zip"
 HELD_OUT_EVERY = 8
 """Every 8th corpus sentence is held out for measurements; the rest may be trained on."""
 DEFAULT_PROBE_SENTENCES = 64
+DEFAULT_VALIDATION_SENTENCES = 128
 DEFAULT_LATENCY_REPEATS = 10
+DEFAULT_INTERLEAVED_ROUNDS = 15
 _MIN_SENTENCE_CHARACTERS = 20
 _MAX_SENTENCE_CHARACTERS = 400
 _WARM_UP_RUNS = 2
@@ -68,10 +70,19 @@ def training_sentences() -> list[str]:
     return [s for index, s in enumerate(corpus_sentences()) if index % HELD_OUT_EVERY]
 
 
+def _held_out_sentences() -> list[str]:
+    return [s for index, s in enumerate(corpus_sentences()) if index % HELD_OUT_EVERY == 0]
+
+
 def probe_sentences(count: int = DEFAULT_PROBE_SENTENCES) -> list[str]:
     """The first `count` held-out sentences: the fixed set every measurement uses."""
-    held_out = [s for index, s in enumerate(corpus_sentences()) if index % HELD_OUT_EVERY == 0]
-    return held_out[:count]
+    return _held_out_sentences()[:count]
+
+
+def validation_sentences(count: int = DEFAULT_VALIDATION_SENTENCES) -> list[str]:
+    """`count` held-out sentences after the fixed measurement set: what a training step may
+    watch and choose by (never trained on) without tuning to the reported measurements."""
+    return _held_out_sentences()[DEFAULT_PROBE_SENTENCES:DEFAULT_PROBE_SENTENCES + count]
 
 
 def text_signature(dimension: int) -> ModelSignature:
@@ -205,6 +216,45 @@ def encoder_latencies(form: HfForm, sentences: Sequence[str], repeats: int = DEF
     finally:
         torch.set_num_threads(previous)
     return latencies
+
+
+def interleaved_latencies(forms: Mapping[str, HfForm], sentences: Sequence[str],
+                          rounds: int = DEFAULT_INTERLEAVED_ROUNDS,
+                          batch_size: int = 32) -> dict[str, list[float]]:
+    """Milliseconds of embedding one batch of `batch_size` (tokenizing included) on ONE thread,
+    per form and round. Every encoder is loaded first; each round then times every form once,
+    the order rotating by one form per round, so a burst of load from other processes on a
+    shared machine falls on all forms alike. Compare forms with `paired_speedup`."""
+    import torch
+
+    batch = [sentences[i % len(sentences)] for i in range(batch_size)]
+    previous = torch.get_num_threads()
+    encoders = {name: load_encoder(form, threads=1) for name, form in forms.items()}
+    torch.set_num_threads(1)  # process-wide in torch; onnxruntime sessions have 1 intra-op thread
+    names = list(encoders)
+    timings: dict[str, list[float]] = {name: [] for name in names}
+    try:
+        for encoder in encoders.values():
+            for _ in range(_WARM_UP_RUNS):
+                encoder.embed(batch)
+        for round_index in range(rounds):
+            shift = round_index % len(names)
+            for name in names[shift:] + names[:shift]:
+                started = time.perf_counter()
+                encoders[name].embed(batch)
+                timings[name].append((time.perf_counter() - started) * 1000.0)
+    finally:
+        torch.set_num_threads(previous)
+    return timings
+
+
+def paired_speedup(reference_ms: Sequence[float], candidate_ms: Sequence[float]) -> float:
+    """Median over rounds of reference time / candidate time (both timed in the same round by
+    `interleaved_latencies`): robust to load that changes between rounds."""
+    if len(reference_ms) != len(candidate_ms) or not reference_ms:
+        raise FailedPrecondition("speed-ups compare timings of the same rounds",
+                                 reason="TIMING_ROUNDS_MISMATCH")
+    return statistics.median(r / c for r, c in zip(reference_ms, candidate_ms, strict=True))
 
 
 def measure_encoder(form: HfForm, reference: np.ndarray, sentences: Sequence[str], workdir: Path,

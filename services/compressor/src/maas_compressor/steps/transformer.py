@@ -51,6 +51,7 @@ from maas_compressor.hf_models import (
     probe_sentences,
     similarity_spearman,
     training_sentences,
+    validation_sentences,
     weights_path,
 )
 from maas_compressor.steps.base import HfForm, ModelUnderCompression, StepContext, StepResult
@@ -62,12 +63,15 @@ MIN_EXPORT_COSINE = 0.9999
 DEFAULT_MIN_MEAN_COSINE = 0.99
 QUANTIZED_OP_TYPES = ("MatMul", "Gather")
 POOLING_IN_GRAPH = ("mean", "cls")
-DEFAULT_STUDENT_LAYERS = (1, 3, 5)
+DEFAULT_STUDENT_SIZE = 3
 DEFAULT_DISTILL_EPOCHS = 3
 DEFAULT_DISTILL_SECONDS = 600.0
-DEFAULT_LEARNING_RATE = 2e-4
+DEFAULT_LEARNING_RATE = 3e-4
 DEFAULT_PAIR_WEIGHT = 10.0
-DEFAULT_DISTILL_TRAINING_TOKENS = 64
+DEFAULT_TOKEN_WEIGHT = 1.0
+DEFAULT_DISTILL_TRAINING_TOKENS = 32
+TEACHER_BATCH = 64
+BUCKET_BATCHES = 8
 WARM_UP_SHARE = 0.06
 DISTILL_BATCH = 32
 DISTILL_MAX_TOKENS = 128
@@ -97,14 +101,22 @@ def pooled_encoder(encoder: Any, pooling: str) -> Any:
                     token_type_ids: torch.Tensor) -> torch.Tensor:
             hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
                                   token_type_ids=token_type_ids).last_hidden_state
-            if pooling == "cls":
-                pooled = hidden[:, 0]
-            else:
-                mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            return torch.nn.functional.normalize(pooled, p=2.0, dim=1)
+            return pooled_states(hidden, attention_mask, pooling)
 
     return PooledEncoder()
+
+
+def pooled_states(hidden: Any, attention_mask: Any, pooling: str) -> Any:
+    """The L2-normalized sentence embedding of token states `hidden` [batch, tokens, dim]:
+    the first token's state (`cls`) or the mean over the attention mask (`mean`)."""
+    import torch
+
+    if pooling == "cls":
+        pooled = hidden[:, 0]
+    else:
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled, p=2.0, dim=1)
 
 
 def _tokenizer(directory: Path) -> Any:
@@ -299,8 +311,12 @@ def quantize_hf(model: ModelUnderCompression, params: Mapping[str, Any], ctx: St
     return StepResult(model=model.with_form(quantized), details=details)
 
 
-def student_layers(params: Mapping[str, Any], teacher_layers: int) -> list[int]:
-    layers = params.get("layers") or list(DEFAULT_STUDENT_LAYERS)
+def student_layers(params: Mapping[str, Any], teacher_layers: int) -> list[int] | None:
+    """The teacher layers `params["layers"]` names, sorted; None when unset (chosen by
+    `choose_student_layers`)."""
+    layers = params.get("layers")
+    if layers is None:
+        return None
     if (not isinstance(layers, list | tuple) or not layers
             or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < teacher_layers
                        for i in layers)
@@ -320,6 +336,23 @@ def build_student(teacher: Any, layers: Sequence[int]) -> Any:
     student.encoder.layer = torch.nn.ModuleList([copy.deepcopy(teacher.encoder.layer[i]) for i in layers])
     student.config.num_hidden_layers = len(layers)
     return student
+
+
+def choose_student_layers(teacher: Any, pooling: str, batch: Mapping[str, Any], reference: np.ndarray,
+                          size: int = DEFAULT_STUDENT_SIZE) -> tuple[list[int], dict[str, float]]:
+    """The `size` teacher layers whose untrained student ranks `batch`'s pairwise similarities
+    most like the teacher (`reference`, its embeddings of `batch`), and every candidate's score."""
+    import itertools
+
+    import torch
+
+    scores: dict[str, float] = {}
+    for candidate in itertools.combinations(range(teacher.config.num_hidden_layers), size):
+        student = pooled_encoder(build_student(teacher, candidate), pooling).eval()
+        with torch.inference_mode():
+            scores[",".join(map(str, candidate))] = similarity_spearman(reference, student(**batch).numpy())
+    best = max(scores, key=lambda name: scores[name])
+    return [int(i) for i in best.split(",")], scores
 
 
 def distillation_texts(sentences: Sequence[str], held_out: Sequence[str]) -> list[str]:
@@ -345,17 +378,39 @@ def learning_rate_factor(progress: float) -> float:
     return 0.5 * (1 + math.cos(math.pi * (progress - WARM_UP_SHARE) / (1 - WARM_UP_SHARE)))
 
 
-def distillation_loss(output: Any, target: Any, pair_weight: float) -> Any:
+def distillation_loss(output: Any, target: Any, pair_weight: float, token_states: Any = None,
+                      target_states: Any = None, attention_mask: Any = None,
+                      token_weight: float = 0.0) -> Any:
     """MSE (scaled by the dimension) + (1 - cosine) per embedding, plus `pair_weight` × the
-    mean squared error of the batch's pairwise cosine similarities (both sides unit vectors)."""
+    mean squared error of the batch's pairwise cosine similarities (both sides unit vectors),
+    plus `token_weight` × the mean squared error of the last layer's token states over the
+    attention mask (the states the embedding pools: a denser signal than one vector)."""
     import torch
 
-    pointwise = (torch.nn.functional.mse_loss(output, target) * output.shape[1]
-                 + (1 - torch.nn.functional.cosine_similarity(output, target)).mean())
-    if pair_weight <= 0 or output.shape[0] < 2:
-        return pointwise
-    pairwise = torch.nn.functional.mse_loss(output @ output.T, target @ target.T)
-    return pointwise + pair_weight * pairwise
+    loss = (torch.nn.functional.mse_loss(output, target) * output.shape[1]
+            + (1 - torch.nn.functional.cosine_similarity(output, target)).mean())
+    if pair_weight > 0 and output.shape[0] >= 2:
+        loss = loss + pair_weight * torch.nn.functional.mse_loss(output @ output.T, target @ target.T)
+    if token_weight > 0 and token_states is not None:
+        mask = attention_mask.unsqueeze(-1).to(token_states.dtype)
+        squared = ((token_states - target_states) ** 2 * mask).sum()
+        loss = loss + token_weight * squared / (mask.sum() * token_states.shape[-1]).clamp(min=1.0)
+    return loss
+
+
+def length_bucketed_batches(lengths: Sequence[int], batch_size: int, generator: Any) -> list[list[int]]:
+    """A random epoch of index batches in which each batch holds texts of similar length (a
+    random permutation is cut into windows of 8 batches, each sorted by length), so padding
+    to the longest text costs little; the batches are then shuffled."""
+    import torch
+
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    window = batch_size * BUCKET_BATCHES
+    batches: list[list[int]] = []
+    for first in range(0, len(order), window):
+        chunk = sorted(order[first:first + window], key=lambda index: lengths[index])
+        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
 def _positive(params: Mapping[str, Any], name: str, default: float) -> float:
@@ -366,12 +421,43 @@ def _positive(params: Mapping[str, Any], name: str, default: float) -> float:
     return float(value)
 
 
+def _not_negative(params: Mapping[str, Any], name: str, default: float) -> float:
+    value = params.get(name)
+    value = default if value is None else value
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise InvalidArgument.for_field(name, f"{value!r} must not be negative")
+    return float(value)
+
+
+class _TeacherTargets:
+    """The teacher's embeddings and last-layer token states (float16) of the training texts,
+    computed once: training then runs the student only."""
+
+    def __init__(self, teacher: Any, pooling: str, tokenize: Any, texts: Sequence[str],
+                 max_length: int) -> None:
+        import torch
+
+        self.embeddings = torch.zeros(len(texts), teacher.config.hidden_size)
+        self.states = torch.zeros(len(texts), max_length, teacher.config.hidden_size, dtype=torch.float16)
+        self.lengths: list[int] = []
+        with torch.no_grad():  # not inference_mode: the targets enter the autograd loss
+            for first in range(0, len(texts), TEACHER_BATCH):
+                batch = tokenize(texts[first:first + TEACHER_BATCH])
+                hidden = teacher(**batch).last_hidden_state
+                last = first + hidden.shape[0]
+                self.states[first:last, :hidden.shape[1]] = hidden.half()
+                self.embeddings[first:last] = pooled_states(hidden, batch["attention_mask"], pooling)
+                self.lengths.extend(int(n) for n in batch["attention_mask"].sum(1))
+
+
 def distill_hf(model: ModelUnderCompression, params: Mapping[str, Any], ctx: StepContext) -> StepResult:
-    """A smaller encoder trained on the teacher's embeddings (see module doc). Params: `layers`
-    (teacher layers kept, default 1,3,5), `epochs`, `max_seconds`, `learning_rate` (peak,
-    default 2e-4), `pair_weight` (weight of the pairwise-similarity loss, default 10; 0 turns
-    it off), `max_length` (training tokens per text, default 64), `training_sentences` (how
-    many training texts; default all)."""
+    """A smaller encoder trained on the teacher's embeddings and token states (see module doc).
+    Params: `layers` (teacher layers kept; unset: the best 3 by untrained validation
+    Spearman), `epochs`, `max_steps` (optional cap), `max_seconds`, `learning_rate` (peak,
+    default 3e-4), `pair_weight` (pairwise-similarity loss, default 10; 0 turns it off),
+    `token_weight` (token-state loss, default 1; 0 turns it off), `max_length` (training
+    tokens per text, default 32), `training_sentences` (how many training texts; default
+    all), `train_word_embeddings` (default false: the teacher's table is kept)."""
     import torch
 
     form = _require_torch(model, "distill")
@@ -380,79 +466,104 @@ def distill_hf(model: ModelUnderCompression, params: Mapping[str, Any], ctx: Ste
     learning_rate = float(params.get("learning_rate") or DEFAULT_LEARNING_RATE)
     if epochs <= 0 or max_seconds <= 0 or learning_rate <= 0:
         raise InvalidArgument.for_field("epochs", "epochs, max_seconds and learning_rate must be positive")
-    pair_weight = params.get("pair_weight")
-    pair_weight = DEFAULT_PAIR_WEIGHT if pair_weight is None else pair_weight
-    if isinstance(pair_weight, bool) or not isinstance(pair_weight, int | float) or pair_weight < 0:
-        raise InvalidArgument.for_field("pair_weight", f"{pair_weight!r} must not be negative")
-    pair_weight = float(pair_weight)
+    pair_weight = _not_negative(params, "pair_weight", DEFAULT_PAIR_WEIGHT)
+    token_weight = _not_negative(params, "token_weight", DEFAULT_TOKEN_WEIGHT)
     max_length = int(_positive(params, "max_length", DEFAULT_DISTILL_TRAINING_TOKENS))
+    train_word_embeddings = bool(params.get("train_word_embeddings", False))
     checked = HfDirectory.open(form.directory)
     teacher_encoder = _encoder_module(form.directory)
     layers = student_layers(params, teacher_encoder.config.num_hidden_layers)
     teacher = pooled_encoder(teacher_encoder, checked.pooling_mode).eval()
-    student = pooled_encoder(build_student(teacher_encoder, layers), checked.pooling_mode)
-    probe = probe_sentences()
-    corpus = distillation_texts(training_sentences(), probe)
+    tokenizer = _tokenizer(form.directory)
+    probe, validation = probe_sentences(), validation_sentences()
+    corpus = distillation_texts(training_sentences(), [*probe, *validation])
     limit = params.get("training_sentences")
     if limit:
         corpus = corpus[: int(limit)]
     generator = torch.Generator().manual_seed(ctx.seed)
-    tokenizer = _tokenized_by(_tokenizer(form.directory), max_length)
-    with torch.no_grad():  # not inference_mode: the targets enter the autograd loss
-        targets = torch.cat([teacher(**tokenizer(corpus[i:i + DISTILL_BATCH]))
-                             for i in range(0, len(corpus), DISTILL_BATCH)])
-        probe_batch = _tokenized(_tokenizer(form.directory), probe)
+    torch.manual_seed(ctx.seed)
+    tokenize = _tokenized_by(tokenizer, max_length)
+    probe_batch = _tokenized(tokenizer, probe)
+    validation_batch = _tokenized(tokenizer, validation)
+    with torch.inference_mode():
         reference = teacher(**probe_batch).numpy()
+        validation_reference = teacher(**validation_batch).numpy()
+    layer_scores: dict[str, float] = {}
+    if layers is None:
+        layers, layer_scores = choose_student_layers(teacher_encoder, checked.pooling_mode,
+                                                     validation_batch, validation_reference)
+        ctx.log(f"distill: untrained validation Spearman per choice of layers "
+                f"{ {k: round(v, 3) for k, v in layer_scores.items()} }; keeping {layers}")
+    started = time.monotonic()
+    targets = _TeacherTargets(teacher_encoder, checked.pooling_mode, tokenize, corpus, max_length)
+    student_encoder = build_student(teacher_encoder, layers)
+    student_encoder.embeddings.word_embeddings.weight.requires_grad_(train_word_embeddings)
+    student = pooled_encoder(student_encoder, checked.pooling_mode)
 
-    def probe_spearman() -> float:
+    def spearman(batch: Mapping[str, Any], expected: np.ndarray) -> float:
         student.eval()
         with torch.inference_mode():
-            return similarity_spearman(reference, student(**probe_batch).numpy())
+            return similarity_spearman(expected, student(**batch).numpy())
 
-    before = probe_spearman()
+    before = spearman(probe_batch, reference)
+    validation_before = spearman(validation_batch, validation_reference)
     steps_per_epoch = -(-len(corpus) // DISTILL_BATCH)
     total_steps = epochs * steps_per_epoch
-    ctx.log(f"distill: student keeps teacher layers {layers}; Spearman {before:.4f} untrained; "
-            f"{len(corpus)} texts at ≤{max_length} tokens, up to {epochs} epoch(s) or "
-            f"{max_seconds:.0f}s; peak learning rate {learning_rate:g}, pair weight {pair_weight:g}")
-    optimizer = torch.optim.AdamW(student.parameters(), lr=learning_rate)
-    started, epochs_run, steps, stopped_early = time.monotonic(), 0, 0, False
-    for epoch in range(1, epochs + 1):
+    if params.get("max_steps"):
+        total_steps = min(total_steps, int(_positive(params, "max_steps", 1)))
+    ctx.log(f"distill: student keeps teacher layers {layers}; validation Spearman "
+            f"{validation_before:.4f} untrained; {len(corpus)} texts at ≤{max_length} tokens, "
+            f"{total_steps} step(s) or {max_seconds:.0f}s; peak learning rate {learning_rate:g}, "
+            f"pair weight {pair_weight:g}, token weight {token_weight:g}")
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=learning_rate)
+    epochs_run, steps, stopped_early = 0, 0, False
+    while steps < total_steps and not stopped_early:
         student.train()
-        total = 0.0
-        order = torch.randperm(len(corpus), generator=generator)
-        for first in range(0, len(corpus), DISTILL_BATCH):
-            chosen = order[first:first + DISTILL_BATCH]
+        total, epoch_steps = 0.0, 0
+        for chosen in length_bucketed_batches(targets.lengths, DISTILL_BATCH, generator):
             progress = max(steps / total_steps, (time.monotonic() - started) / max_seconds)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate * learning_rate_factor(progress)
-            output = student(**tokenizer([corpus[i] for i in chosen.tolist()]))
-            loss = distillation_loss(output, targets[chosen], pair_weight)
+            batch = tokenize([corpus[i] for i in chosen])
+            states = student_encoder(**batch).last_hidden_state
+            width = states.shape[1]
+            loss = distillation_loss(pooled_states(states, batch["attention_mask"], checked.pooling_mode),
+                                     targets.embeddings[chosen],
+                                     pair_weight, states, targets.states[chosen, :width].float(),
+                                     batch["attention_mask"], token_weight)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             steps += 1
+            epoch_steps += 1
             total += float(loss.detach())
             if time.monotonic() - started > max_seconds:
                 stopped_early = True
+            if stopped_early or steps >= total_steps:
                 break
-        epochs_run = epoch
-        ctx.metrics({"epoch": float(epoch), "loss": total / steps_per_epoch})
-        if stopped_early:
-            break
-    after = probe_spearman()
+        epochs_run += 1
+        validation_now = spearman(validation_batch, validation_reference)
+        ctx.metrics({"epoch": float(epochs_run), "loss": total / max(epoch_steps, 1),
+                     "validation_spearman": validation_now})
+    after = spearman(probe_batch, reference)
+    validation_after = spearman(validation_batch, validation_reference)
     target_dir = ctx.workdir / "student"
     if target_dir.exists():
         shutil.rmtree(target_dir)
     copy_without_weights(form.directory, target_dir)
-    student.encoder.save_pretrained(str(target_dir), safe_serialization=True)
+    student_encoder.save_pretrained(str(target_dir), safe_serialization=True)
     _write_student_note(target_dir, layers)
-    ctx.log(f"distill: Spearman {before:.4f} → {after:.4f} after {epochs_run} epoch(s), {steps} step(s)")
+    ctx.log(f"distill: validation Spearman {validation_before:.4f} → {validation_after:.4f}, fixed "
+            f"set {before:.4f} → {after:.4f} after {epochs_run} epoch(s), {steps} step(s)")
     return StepResult(model=model.with_form(HfForm(target_dir, RUNTIME_TORCH)), details={
-        "teacher_layers_kept": layers, "epochs": epochs_run, "steps": steps,
+        "teacher_layers_kept": layers, "layer_choice_spearman": layer_scores,
+        "epochs": epochs_run, "steps": steps,
         "stopped_by_time": stopped_early, "training_sentences": len(corpus),
-        "max_length": max_length, "pair_weight": pair_weight, "learning_rate": learning_rate,
-        "seconds": time.monotonic() - started, "spearman_untrained": before, "spearman": after})
+        "max_length": max_length, "pair_weight": pair_weight, "token_weight": token_weight,
+        "learning_rate": learning_rate, "train_word_embeddings": train_word_embeddings,
+        "seconds": time.monotonic() - started, "validation_sentences": len(validation),
+        "validation_spearman_untrained": validation_before, "validation_spearman": validation_after,
+        "spearman_untrained": before, "spearman": after})
 
 
 def _tokenized_by(tokenizer: Any, max_length: int) -> Any:
