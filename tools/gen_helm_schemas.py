@@ -10,7 +10,7 @@ another's), with the required keys in the same order.
 
 A chart's `settings` (rendered as MAAS_<NAME>_<FIELD> env vars) is generated from the
 service's pydantic settings class (`"settings": {"from": "module:Class"}`): every field, with
-its type, bounds and docstring, except those the chart sets itself from its own values; the
+its type and bounds, except those the chart sets itself from its own values; the
 parts list those in `settingsExclude` (base, fragments) and `settings.exclude` (the chart),
 each with the value that sets it or why it is left out. An excluded name that is no field,
 like a field neither listed nor excluded, cannot happen: a new settings field appears in the
@@ -57,8 +57,10 @@ def _without_null(schema: dict[str, Any]) -> dict[str, Any]:
 
 def settings_schema(class_path: str, excluded: dict[str, str]) -> dict[str, Any]:
     """The `settings` value of a chart: the fields of the settings class at `class_path`
-    ("module:Class") that `excluded` does not name, each as its JSON schema (no title, no
-    default: defaults belong to the service, and some depend on the machine)."""
+    ("module:Class") that `excluded` does not name, each as its JSON schema: type and bounds
+    (no default: defaults belong to the service, and some depend on the machine; no
+    description: the class documents its fields, and a reworded docstring changes nothing a
+    chart accepts)."""
     module_name, class_name = class_path.split(":")
     settings_class = getattr(importlib.import_module(module_name), class_name)
     fields = settings_class.model_json_schema(by_alias=False)["properties"]
@@ -69,7 +71,8 @@ def settings_schema(class_path: str, excluded: dict[str, str]) -> dict[str, Any]
     for name, schema in fields.items():
         if name in excluded:
             continue
-        cleaned = _without_null({k: v for k, v in schema.items() if k not in ("title", "default")})
+        cleaned = _without_null({k: v for k, v in schema.items()
+                                 if k not in ("title", "default", "description")})
         properties[name] = cleaned
     return {
         "type": "object",
