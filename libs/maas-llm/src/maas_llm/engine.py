@@ -340,8 +340,8 @@ class GenerationEngine:
                 for stream in waiting_cancelled:
                     self._finish_unstarted(stream, FINISH_CANCELLED)
                 try:
-                    for stream in admitted:
-                        self._prefill(stream)
+                    if admitted:
+                        self._prefill(admitted)
                     self._drop_rows([row for row in self._rows if row.stream.cancelled], FINISH_CANCELLED)
                     if self._rows:
                         self._decode_step()
@@ -372,59 +372,88 @@ class GenerationEngine:
         generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
         return generator
 
-    def _prefill(self, stream: GenerationStream) -> None:
+    def _prefill(self, streams: list[GenerationStream]) -> None:
+        """Prefill the admitted streams together (one left-padded forward), sample each one's
+        first token and merge the rows that go on into the running batch."""
         import torch
         from transformers import DynamicCache
 
-        if stream.cancelled:
-            self._finish_unstarted(stream, FINISH_CANCELLED)
+        live = []
+        for stream in streams:
+            if stream.cancelled:
+                self._finish_unstarted(stream, FINISH_CANCELLED)
+            else:
+                live.append(stream)
+        if not live:
             return
-        params = stream.params
-        row = _Row(
-            stream=stream,
-            generator=self._new_generator(params.seed),
-            stop_hold=max((len(s) for s in params.stop), default=1) - 1,
-            seen=torch.tensor(stream.prompt_ids, dtype=torch.long),
-            position=len(stream.prompt_ids),
-        )
-        input_ids = torch.tensor([stream.prompt_ids], dtype=torch.long)
+        width = max(len(stream.prompt_ids) for stream in live)
+        input_ids = torch.zeros((len(live), width), dtype=torch.long)
+        mask = torch.zeros((len(live), width), dtype=torch.long)
+        for index, stream in enumerate(live):
+            length = len(stream.prompt_ids)
+            input_ids[index, width - length:] = torch.tensor(stream.prompt_ids, dtype=torch.long)
+            mask[index, width - length:] = 1
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
-        output = self.model(input_ids=input_ids, cache=cache, use_cache=True)
+        output = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         logits = output.logits[:, -1, :].float()
-        token = self._sample(row, logits[0])
-        if self._accept(row, token):
-            return
-        # The cache is filled in place.
-        self._merge(row, cache, len(stream.prompt_ids))
+        continuing: list[int] = []
+        rows: list[_Row] = []
+        for index, stream in enumerate(live):
+            params = stream.params
+            row = _Row(
+                stream=stream,
+                generator=self._new_generator(params.seed),
+                stop_hold=max((len(s) for s in params.stop), default=1) - 1,
+                seen=torch.tensor(stream.prompt_ids, dtype=torch.long),
+                position=len(stream.prompt_ids),
+            )
+            if not self._accept(row, self._sample(row, logits[index])):
+                continuing.append(index)
+                rows.append(row)
+        if rows:
+            # The cache was filled in place; rows that already ended are left out of it.
+            self._merge(rows, cache, mask, continuing)
 
-    def _merge(self, row: _Row, cache: Any, length: int) -> None:
-        """Add a prefilled stream's cache to the batch, left-padding the shorter side."""
+    def _merge(self, rows: list[_Row], cache: Any, mask: Any, keep: list[int]) -> None:
+        """Add prefilled rows (`keep` of `cache`/`mask`) to the batch, left-padding the
+        shorter side so every row ends at the same column."""
         import torch
         import torch.nn.functional as functional
 
-        new_mask = torch.ones((1, length), dtype=torch.long)
+        indices = torch.tensor(keep, dtype=torch.long)
+        if len(keep) != mask.shape[0]:
+            mask = mask.index_select(0, indices)
+            for layer in cache.layers:
+                layer.keys = layer.keys.index_select(0, indices)
+                layer.values = layer.values.index_select(0, indices)
         if self._cache is None:
-            self._cache, self._mask, self._rows = cache, new_mask, [row]
+            self._cache, self._mask, self._rows = cache, mask, rows
             return
-        current = self._mask.shape[1]
+        current, length = self._mask.shape[1], mask.shape[1]
         width = max(current, length)
         for batch_layer, new_layer in zip(self._cache.layers, cache.layers, strict=True):
             for name in ("keys", "values"):
-                old = getattr(batch_layer, name)
-                new = getattr(new_layer, name)
                 merged = torch.cat(
                     [
-                        functional.pad(old, (0, 0, width - current, 0)),
-                        functional.pad(new, (0, 0, width - length, 0)),
+                        functional.pad(getattr(batch_layer, name), (0, 0, width - current, 0)),
+                        functional.pad(getattr(new_layer, name), (0, 0, width - length, 0)),
                     ],
                     dim=0,
                 )
                 setattr(batch_layer, name, merged)
         self._mask = torch.cat(
-            [functional.pad(self._mask, (width - current, 0)), functional.pad(new_mask, (width - length, 0))],
+            [functional.pad(self._mask, (width - current, 0)), functional.pad(mask, (width - length, 0))],
             dim=0,
         )
-        self._rows.append(row)
+        self._rows.extend(rows)
 
     def _decode_step(self) -> None:
         import torch
@@ -439,6 +468,7 @@ class GenerationEngine:
             position_ids=position_ids,
             cache=self._cache,
             use_cache=True,
+            logits_to_keep=1,
         )
         logits = output.logits[:, -1, :].float()
         if all(row.stream.params.greedy and row.stream.params.repetition_penalty == 1.0 for row in rows):
