@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from maas_jobs.executor import (
     JobLauncher,
@@ -83,8 +83,6 @@ _LABEL_VALUE = re.compile(r"[^A-Za-z0-9._-]+")
 class KubernetesExecutorSettings(BaseModel):
     """Where and how jobs run when `job_executor` is "kubernetes" (fields of a job service's
     settings, e.g. MAAS_TRAINER_KUBERNETES_JOB_IMAGE)."""
-
-    model_config = ConfigDict(use_attribute_docstrings=True)
 
     job_executor: Literal["process", "kubernetes"] = "process"
     """"process": every job is an OS process of this service (the default). "kubernetes": every
