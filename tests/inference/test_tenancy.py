@@ -305,3 +305,24 @@ async def test_every_call_is_recorded_with_its_outcome(tmp_path):
     assert (failed.kind, failed.prompt_tokens, failed.outcome) == (
         GENERATION, 4, "INVALID_ARGUMENT")
     assert ledger.durable == []  # only finished generations wait for the database
+
+
+async def test_principals_of_one_tenant_share_its_limits(tmp_path):
+    clock, ledger = Clock(), RecordingLedger()
+    limiter, _ = limiter_for(tmp_path, "tenants: {acme: {requests_per_minute: 2}}", clock,
+                             ledger)
+    carol = Principal("carol", Role.VIEWER, tenant="acme")
+    dave = Principal("dave", Role.VIEWER, tenant="acme")
+    async with limiter.admit_request(carol, "digits", rows=1):
+        pass
+    async with limiter.admit_request(dave, "digits", rows=1):
+        pass
+    with pytest.raises(QuotaExceeded) as refused:
+        async with limiter.admit_request(carol, "digits", rows=1):
+            pass
+    assert_refusal(refused.value, LimitKind.REQUESTS_PER_MINUTE, 2, 60, tenant="acme")
+    async with limiter.admit_request(Principal("acme", Role.VIEWER, tenant="other-co"),
+                                     "digits", rows=1):
+        pass  # a principal named like the tenant, of another tenant: not acme's
+    assert [(r.tenant, r.principal) for r in ledger.records] == [
+        ("acme", "carol"), ("acme", "dave"), ("other-co", "acme")]

@@ -80,24 +80,26 @@ class Ledger:
         self.records.append(record)
 
 
-def counts(requests: int, rows: int, principal: str = "alice") -> dict[str, Any]:
+def counts(requests: int, rows: int, principal: str = "alice",
+           tenant: str = "") -> dict[str, Any]:
     return {"deployment": "digits", "version": "models/digits/versions/1",
-            "principal": principal, "requests": requests, "rows": rows}
+            "principal": principal, "tenant": tenant or principal, "requests": requests,
+            "rows": rows}
 
 
 async def test_the_data_plane_counts_become_records_of_their_growth():
     plane, ledger, clock = FakeDataPlane(), Ledger(), [1000.0]
     usage = DataPlaneUsage(plane, ledger, clock=lambda: clock[0])  # type: ignore[arg-type]
-    plane.usage = [counts(3, 12), counts(1, 1, "bob")]
+    plane.usage = [counts(3, 12), counts(1, 1, "bob", tenant="acme")]
     clock[0] = 1002.0
     assert await usage.collect() == 2
-    plane.usage = [counts(5, 20), counts(1, 1, "bob")]  # bob idle: no record
+    plane.usage = [counts(5, 20), counts(1, 1, "bob", tenant="acme")]  # bob idle: no record
     clock[0] = 1003.0
     assert await usage.collect() == 1
     plane.pid, plane.usage = 101, [counts(2, 2)]  # restarted: counting from zero
     assert await usage.collect() == 1
     assert [(r.tenant, r.requests, r.rows, r.kind, r.outcome) for r in ledger.records] == [
-        ("alice", 3, 12, "predict", "OK"), ("bob", 1, 1, "predict", "OK"),
+        ("alice", 3, 12, "predict", "OK"), ("acme", 1, 1, "predict", "OK"),
         ("alice", 2, 8, "predict", "OK"), ("alice", 2, 2, "predict", "OK")]
     first = ledger.records[0]
     assert (first.start_time.timestamp(), first.duration_seconds) == (1000.0, 2.0)
@@ -105,5 +107,5 @@ async def test_the_data_plane_counts_become_records_of_their_growth():
 
 def test_the_route_table_names_whom_the_data_plane_must_relay():
     table = route_table({}, True, 1, relay=(False, frozenset({"acme", "bob"})))
-    assert (table["relay_all"], table["relay_principals"]) == (False, ["acme", "bob"])
-    assert route_table({}, True, 1)["relay_principals"] == []
+    assert (table["relay_all"], table["relay_tenants"]) == (False, ["acme", "bob"])
+    assert route_table({}, True, 1)["relay_tenants"] == []

@@ -98,8 +98,10 @@ async def suite(tmp_path_factory):
     port = await s.inference.start()
     s.target = f"127.0.0.1:{port}"
     s.tokens = {"admin": (root / "inference" / "admin.token").read_text().strip()}
-    for principal in ("limited", "free"):
-        s.tokens[principal] = add_token(settings.resolved_tokens_file, principal, Role.VIEWER)
+    for principal, tenant in (("limited", ""), ("free", ""), ("teammate", "limited"),
+                              ("free-teammate", "free")):
+        s.tokens[principal] = add_token(settings.resolved_tokens_file, principal, Role.VIEWER,
+                                        tenant=tenant)
     s.channels = {name: open_channel(s.target, token=token) for name, token in s.tokens.items()}
     await s.predict("admin").CreateDeployment(inf.CreateDeploymentRequest(
         deployment_id="digits",
@@ -136,6 +138,13 @@ async def test_what_the_data_plane_serves_is_counted_in_requests_and_rows(suite)
         ("deployments/digits", "models/digits/versions/1", "predict", "OK")}
 
 
+async def test_a_tokens_tenant_is_whom_its_calls_count_for(suite):
+    await suite.predict("free-teammate").Predict(predict_request("deployments/digits", batch(3)))
+    await suite.settle_usage()
+    [record] = [r for r in await records_of(suite, "free") if r.principal == "free-teammate"]
+    assert (record.tenant, record.requests, record.rows) == ("free", 1, 3)
+
+
 async def test_a_tenant_over_its_limit_is_refused_and_another_is_not(suite):
     stub = suite.predict("limited")
     for _ in range(3):
@@ -151,6 +160,9 @@ async def test_a_tenant_over_its_limit_is_refused_and_another_is_not(suite):
     kserve = service_pb2_grpc.GRPCInferenceServiceStub(suite.channels["limited"])
     await expect_error(kserve.ModelInfer(kserve_request("digits", batch(1))),
                        grpc.StatusCode.RESOURCE_EXHAUSTED)
+    # Another principal of the same tenant (its token names the tenant) shares the limit.
+    await expect_error(suite.predict("teammate").Predict(
+        predict_request("deployments/digits", batch(1))), grpc.StatusCode.RESOURCE_EXHAUSTED)
     # Another tenant is unaffected, right away.
     await suite.predict("free").Predict(predict_request("deployments/digits", batch(1)))
     await suite.settle_usage()
@@ -191,9 +203,9 @@ def rewrite_limits(suite, text: str) -> None:
     os.utime(suite.limits_file, ns=(stamp, stamp))
 
 
-async def wait_for_relayed(suite, principals: list[str]) -> None:
+async def wait_for_relayed(suite, tenants: list[str]) -> None:
     deadline = time.monotonic() + 5
-    while suite.app._route_table()["relay_principals"] != principals:
+    while suite.app._route_table()["relay_tenants"] != tenants:
         assert time.monotonic() < deadline, "the data plane's table never followed the file"
         await asyncio.sleep(0.1)
     await asyncio.sleep(0.5)  # the watcher publishes it to the data plane right after

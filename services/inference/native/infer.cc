@@ -60,12 +60,12 @@ void Counters::served(const std::string& deployment_id, double latency_ms) {
 }
 
 void Counters::used(const std::string& deployment_id, const std::string& version,
-                    const std::string& principal, int rows) {
-  std::string key = deployment_id + "\n" + version + "\n" + principal;
+                    const std::string& principal, const std::string& tenant, int rows) {
+  std::string key = deployment_id + "\n" + version + "\n" + principal + "\n" + tenant;
   std::lock_guard<std::mutex> lock(mutex_);
   auto found = usage_.find(key);
   if (found == usage_.end())
-    found = usage_.emplace(key, Usage{deployment_id, version, principal}).first;
+    found = usage_.emplace(key, Usage{deployment_id, version, principal, tenant}).first;
   found->second.requests++;
   found->second.rows += static_cast<uint64_t>(rows > 0 ? rows : 0);
 }
@@ -85,6 +85,7 @@ std::string Counters::to_json() const {
       usage.push_back({{"deployment", used.deployment_id},
                        {"version", used.version},
                        {"principal", used.principal},
+                       {"tenant", used.tenant},
                        {"requests", used.requests},
                        {"rows", used.rows}});
     for (const auto& [deployment_id, counts] : by_deployment_) {
@@ -282,7 +283,7 @@ bool InferCall::authorized(const Route& route) {
   TokenTable* tokens = plane_->tokens();
   if (tokens == nullptr) return !relayed_for_admission();
   auto scopes = tokens->scopes_for(metadata_value(incoming_->context, "authorization"),
-                                   &principal_);
+                                   &principal_, &tenant_);
   if (scopes == nullptr) return false;
   for (const auto& target : route.targets)
     if (!TokenTable::covers(*scopes, target.model_id)) return false;
@@ -290,7 +291,7 @@ bool InferCall::authorized(const Route& route) {
 }
 
 bool InferCall::relayed_for_admission() const {
-  return table_->relay_all || table_->relay_principals.count(principal_) > 0;
+  return table_->relay_all || table_->relay_tenants.count(tenant_) > 0;
 }
 
 bool InferCall::matches_signature(
@@ -360,7 +361,7 @@ void InferCall::reply(const ::inference::ModelInferResponse& response) {
   plane_->counters().served(
       deployment_id_, std::chrono::duration<double, std::milli>(
                           std::chrono::system_clock::now() - accepted_at_).count());
-  plane_->counters().used(deployment_id_, target_->version, principal_, rows_);
+  plane_->counters().used(deployment_id_, target_->version, principal_, tenant_, rows_);
   record_span("OK");
   incoming_->stream.WriteAndFinish(reply_bytes_, grpc::WriteOptions(), grpc::Status::OK,
                                    finished_.start());

@@ -53,12 +53,13 @@ class Counters {
     std::string deployment_id;
     std::string version;
     std::string principal;
+    std::string tenant;
     uint64_t requests = 0;
     uint64_t rows = 0;
   };
   void served(const std::string& deployment_id, double latency_ms);
   void used(const std::string& deployment_id, const std::string& version,
-            const std::string& principal, int rows);
+            const std::string& principal, const std::string& tenant, int rows);
   void declined(const std::string& deployment_id);  // "" when the request named none we know
   void triton_call() { triton_calls_++; }
   void abandoned() { abandoned_++; }
@@ -69,7 +70,8 @@ class Counters {
   mutable std::mutex mutex_;
   std::vector<double> latency_bounds_ms_;
   std::unordered_map<std::string, PerDeployment> by_deployment_;
-  std::unordered_map<std::string, Usage> usage_;  // key: deployment \n version \n principal
+  // key: deployment \n version \n principal \n tenant
+  std::unordered_map<std::string, Usage> usage_;
   std::atomic<uint64_t> triton_calls_{0};
   std::atomic<uint64_t> abandoned_{0};
   std::atomic<int64_t> open_relays_{0};
@@ -213,6 +215,7 @@ class InferCall : public Operations {
   std::string request_id_;
   std::string traceparent_;
   std::string principal_;
+  std::string tenant_;  // the token's tenant (its principal when it names none)
   ::inference::ModelInferRequest triton_request_;
   int rows_ = 0;
   std::string sharing_key_;

@@ -78,8 +78,8 @@ std::shared_ptr<const RouteTable> RouteTable::parse(const std::string& json_line
   table->generation = document.at("generation").get<uint64_t>();
   table->triton_ready = document.at("triton_ready").get<bool>();
   table->relay_all = document.value("relay_all", false);
-  for (const auto& principal : document.value("relay_principals", nlohmann::json::array()))
-    table->relay_principals.insert(principal.get<std::string>());
+  for (const auto& tenant : document.value("relay_tenants", nlohmann::json::array()))
+    table->relay_tenants.insert(tenant.get<std::string>());
   for (const auto& [deployment_id, body] : document.at("routes").items()) {
     auto route = std::make_shared<Route>();
     size_t bucket = 0;
@@ -106,7 +106,7 @@ std::shared_ptr<const RouteTable> RouteTable::parse(const std::string& json_line
 }
 
 std::shared_ptr<const std::vector<std::string>> TokenTable::scopes_for(
-    const std::string& header_value, std::string* principal) {
+    const std::string& header_value, std::string* principal, std::string* tenant) {
   // Trimmed as the control plane trims it: perf_analyzer's `-H` keeps the space after ':'.
   std::string authorization = trim(header_value);
   size_t space = authorization.find(' ');
@@ -121,6 +121,7 @@ std::shared_ptr<const std::vector<std::string>> TokenTable::scopes_for(
   auto found = by_hash_.find(digest);
   if (found == by_hash_.end()) return nullptr;
   if (principal != nullptr) *principal = principal_by_hash_[digest];
+  if (tenant != nullptr) *tenant = tenant_by_hash_[digest];
   return found->second;
 }
 
@@ -145,6 +146,7 @@ void TokenTable::reload_if_changed() {
   if (mtime_ns == loaded_mtime_ns_) return;
   std::unordered_map<std::string, std::shared_ptr<const std::vector<std::string>>> by_hash;
   std::unordered_map<std::string, std::string> principal_by_hash;
+  std::unordered_map<std::string, std::string> tenant_by_hash;
   try {
     std::ifstream file(path_);
     auto document = nlohmann::json::parse(file);
@@ -154,12 +156,15 @@ void TokenTable::reload_if_changed() {
       const auto digest = entry.at("sha256").get<std::string>();
       by_hash[digest] = std::move(scopes);
       principal_by_hash[digest] = entry.value("principal", std::string());
+      tenant_by_hash[digest] = entry.value("tenant", std::string());
+      if (tenant_by_hash[digest].empty()) tenant_by_hash[digest] = principal_by_hash[digest];
     }
   } catch (const std::exception&) {
     return;  // half-written or broken: keep the last good table; the control plane reports it
   }
   by_hash_ = std::move(by_hash);
   principal_by_hash_ = std::move(principal_by_hash);
+  tenant_by_hash_ = std::move(tenant_by_hash);
   loaded_mtime_ns_ = mtime_ns;
 }
 

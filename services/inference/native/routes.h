@@ -54,10 +54,10 @@ struct RouteTable {
   uint64_t generation = 0;
   bool triton_ready = false;
   std::unordered_map<std::string, std::shared_ptr<const Route>> routes;
-  // Principals whose requests the control plane must admit (tenant limits it enforces);
+  // Tenants whose requests the control plane must admit (tenant limits it enforces);
   // `relay_all`: every request's. Such requests are declined here, whatever else holds.
   bool relay_all = false;
-  std::unordered_set<std::string> relay_principals;
+  std::unordered_set<std::string> relay_tenants;
 
   // Parses one JSON line from the control plane; throws std::exception when malformed.
   static std::shared_ptr<const RouteTable> parse(const std::string& json_line);
@@ -71,9 +71,11 @@ class TokenTable {
 
   // The scopes of the bearer token in `authorization` ("Bearer <token>"); nullptr when the
   // header is missing, malformed or names no known token (the control plane explains why).
-  // `principal`, when given, receives the token's principal (for the access log).
+  // `principal`, when given, receives the token's principal (for the access log); `tenant`
+  // its tenant (the entry's "tenant", else its principal: whose limits and usage it is).
   std::shared_ptr<const std::vector<std::string>> scopes_for(const std::string& authorization,
-                                                             std::string* principal = nullptr);
+                                                             std::string* principal = nullptr,
+                                                             std::string* tenant = nullptr);
 
   // Whether scopes (empty: every model) cover `model_id`, as fnmatch.fnmatchcase would.
   static bool covers(const std::vector<std::string>& scopes, const std::string& model_id);
@@ -87,6 +89,7 @@ class TokenTable {
   int64_t loaded_mtime_ns_ = -1;
   std::unordered_map<std::string, std::shared_ptr<const std::vector<std::string>>> by_hash_;
   std::unordered_map<std::string, std::string> principal_by_hash_;
+  std::unordered_map<std::string, std::string> tenant_by_hash_;  // "tenant", else the principal
 };
 
 }  // namespace maas::dataplane

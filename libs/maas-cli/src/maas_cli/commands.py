@@ -630,11 +630,14 @@ def status(ctx: typer.Context):
 def token_create(ctx: typer.Context, principal: str,
                  role: str = typer.Option("viewer", help="viewer, editor or admin"),
                  model: list[str] = typer.Option([], "--model", help="model id pattern scope "
-                                                 "(repeatable)")):
+                                                 "(repeatable)"),
+                 tenant: str = typer.Option("", help="whose limits and usage its calls count "
+                                            "against (default: PRINCIPAL)")):
     """Mint a token for PRINCIPAL; prints it once (only its hash is stored)."""
-    minted = state(ctx).client().create_token(principal, role, model)
+    minted = state(ctx).client().create_token(principal, role, model, tenant)
     state(ctx).output.emit({"principal": principal, "role": role, "models": model,
-                            "token": minted}, lambda console: console.print(minted))
+                            "tenant": tenant or principal, "token": minted},
+                           lambda console: console.print(minted))
 
 
 @token.command("list")
@@ -642,8 +645,8 @@ def token_list(ctx: typer.Context):
     """List the tokens (principal, role, scopes, sha256 prefix)."""
     found = state(ctx).client().list_tokens()
     rows = [{"principal": t.principal, "role": t.role, "models": list(t.models),
-             "sha256": t.sha256[:12]} for t in found]
-    state(ctx).output.table(rows, ("principal", "role", "models", "sha256"),
+             "tenant": t.tenant or t.principal, "sha256": t.sha256[:12]} for t in found]
+    state(ctx).output.table(rows, ("principal", "role", "models", "tenant", "sha256"),
                             data=[{**row, "sha256": t.sha256} for row, t in zip(rows, found,
                                                                                  strict=True)])
 

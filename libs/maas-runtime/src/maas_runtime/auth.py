@@ -3,9 +3,10 @@
 Tokens live in a JSON tokens file that stores only sha256 hashes:
 
     {"tokens": [{"sha256": "<hex>", "principal": "alice", "role": "editor",
-                 "models": ["digits", "mnist-*"]}]}
+                 "models": ["digits", "mnist-*"], "tenant": "acme"}]}
 
-`models` (optional) scopes a token to model ids (shell-style patterns). On first start a
+`models` (optional) scopes a token to model ids (shell-style patterns). `tenant` (optional)
+names whose limits and usage the token's calls count against; its principal when absent. On first start a
 service writes an admin token into the state directory (mode 0600) and its hash into the
 tokens file, so auth is on by default and the operator can still get in.
 """
@@ -52,6 +53,8 @@ class Principal:
     name: str
     role: Role
     model_scopes: tuple[str, ...] = ()
+    tenant: str = ""
+    """Whose limits and usage the calls count against ("" for the principal's own)."""
 
     def require(self, role: Role, action: str) -> None:
         if self.role < role:
@@ -164,12 +167,13 @@ def _parse_tokens_file(path: Path) -> dict[str, Principal]:
             name=entry["principal"],
             role=Role.parse(entry["role"]),
             model_scopes=tuple(entry.get("models", ())),
+            tenant=entry.get("tenant", ""),
         )
     return principals
 
 
 def add_token(
-    tokens_file: Path, principal: str, role: Role, models: Iterable[str] = ()
+    tokens_file: Path, principal: str, role: Role, models: Iterable[str] = (), tenant: str = ""
 ) -> str:
     """Mint a token for `principal`, record its hash in the tokens file and return it."""
     token = secrets.token_urlsafe(32)
@@ -179,6 +183,8 @@ def add_token(
         "sha256": hash_token(token), "principal": principal, "role": role.name.lower()}
     if models:
         entry["models"] = list(models)
+    if tenant:
+        entry["tenant"] = tenant
     document["tokens"].append(entry)
     _write_private(tokens_file, json.dumps(document, indent=2))
     return token
@@ -212,6 +218,7 @@ class TokenInfo:
     principal: str
     role: str
     models: tuple[str, ...] = ()
+    tenant: str = ""
 
 
 def list_tokens(tokens_file: Path) -> list[TokenInfo]:
@@ -219,7 +226,7 @@ def list_tokens(tokens_file: Path) -> list[TokenInfo]:
     if not tokens_file.exists():
         return []
     return [TokenInfo(entry["sha256"], entry["principal"], entry["role"],
-                      tuple(entry.get("models", ())))
+                      tuple(entry.get("models", ())), entry.get("tenant", ""))
             for entry in json.loads(tokens_file.read_text()).get("tokens", [])]
 
 

@@ -35,7 +35,7 @@ from opentelemetry.metrics import Observation
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from maas_inference.routing import Route, ServedModel
-from maas_inference.usage import PREDICT, UsageLedger, UsageMetrics, UsageRecord, tenant_name
+from maas_inference.usage import PREDICT, UsageLedger, UsageMetrics, UsageRecord
 
 _log = logging.getLogger(__name__)
 _access_log = logging.getLogger("maas.access")
@@ -62,8 +62,8 @@ def route_table(routes: Mapping[str, Route], triton_ready: bool, calls_per_insta
                 relay: tuple[bool, frozenset[str]] = (False, frozenset())) -> dict:
     """The table the data plane serves from: plain routes only (no shadow, split by rows).
 
-    `relay` is (every principal, these principals): whose requests it must relay here for
-    admission, because tenant limits on requests apply to them (`TenancyConfig.request_limited`).
+    `relay` is (every tenant, these tenants): whose requests it must relay here for admission,
+    because tenant limits on requests apply to them (`TenancyConfig.request_limited`).
     """
     plain = {
         deployment_id: {"targets": [_target(model, percent, calls_per_instance)
@@ -71,9 +71,9 @@ def route_table(routes: Mapping[str, Route], triton_ready: bool, calls_per_insta
         for deployment_id, route in routes.items()
         if route.shadow is None and all(m.signature.splits_by_rows for m, _ in route.targets)
     }
-    relay_all, relay_principals = relay
+    relay_all, relay_tenants = relay
     return {"triton_ready": triton_ready, "routes": plain, "relay_all": relay_all,
-            "relay_principals": sorted(relay_principals)}
+            "relay_tenants": sorted(relay_tenants)}
 
 
 def _target(model: ServedModel, percent: int, calls_per_instance: int) -> dict:
@@ -348,10 +348,11 @@ def _le(bound: float) -> str:
 class DataPlaneUsage:
     """Usage records for the requests the native data plane served itself.
 
-    The data plane counts, per deployment, version and principal, the requests it served and
-    their rows (`"usage"` in its stats, cumulative since it started). Every `poll_seconds`
-    the growth since the previous poll becomes one Predict record per (deployment, version,
-    principal) with `requests` and `rows` set, starting at the previous poll and lasting the
+    The data plane counts, per deployment, version, principal and tenant (the token's, as
+    `maas_runtime.auth` reads it), the requests it served and their rows (`"usage"` in its
+    stats, cumulative since it started). Every `poll_seconds` the growth since the previous
+    poll becomes one Predict record per (deployment, version, principal) with `requests` and
+    `rows` set, starting at the previous poll and lasting the
     interval. A restarted data plane (a new pid) counts from zero again; what it served since
     the last poll before it died is lost, as is the last interval on a kill -9 of this service.
     Requests it relays here are metered by the Predictor like every other call.
@@ -365,7 +366,7 @@ class DataPlaneUsage:
         self._metrics = metrics
         self._poll_seconds = poll_seconds
         self._clock = clock
-        self._seen: dict[tuple[str, str, str], tuple[int, int]] = {}
+        self._seen: dict[tuple[str, str, str, str], tuple[int, int]] = {}
         self._seen_pid: int | None = None
         self._since = clock()
 
@@ -378,14 +379,15 @@ class DataPlaneUsage:
         start = datetime.fromtimestamp(self._since, UTC)
         appended = 0
         for entry in stats.get("usage", []):
-            key = (entry["deployment"], entry["version"], entry["principal"])
+            tenant = entry.get("tenant") or entry["principal"]
+            key = (entry["deployment"], entry["version"], entry["principal"], tenant)
             requests, rows = int(entry["requests"]), int(entry["rows"])
             seen_requests, seen_rows = self._seen.get(key, (0, 0))
             self._seen[key] = (requests, rows)
             if requests <= seen_requests:
                 continue
             record = UsageRecord(
-                tenant=tenant_name(entry["principal"]), principal=entry["principal"],
+                tenant=tenant, principal=entry["principal"],
                 deployment=entry["deployment"], version=entry["version"], kind=PREDICT,
                 start_time=start, duration_seconds=max(now - self._since, 0.0), outcome="OK",
                 requests=requests - seen_requests, rows=max(rows - seen_rows, 0))

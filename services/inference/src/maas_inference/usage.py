@@ -81,14 +81,9 @@ OTHER_TENANTS = "other"
 GENERATION, PREDICT = "generation", "predict"
 
 
-def tenant_name(principal_name: str) -> str:
-    """The tenant of a principal's calls: the principal itself (tokens carry no tenant)."""
-    return principal_name
-
-
 def tenant_of(principal: Principal) -> str:
-    """The tenant a call counts against."""
-    return tenant_name(principal.name)
+    """The tenant a call counts against: its token's tenant, else its principal."""
+    return principal.tenant or principal.name
 
 
 @dataclass(frozen=True)
