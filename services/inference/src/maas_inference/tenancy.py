@@ -1,8 +1,9 @@
 """Per-tenant limits on the data path: requests and tokens per minute, concurrent streams, and
 daily quotas, read from a configuration file that may change while the service runs.
 
-A call's tenant is its token's principal name (`tenant_of`; tokens carry no separate tenant
-yet). Limits come from a YAML or JSON file (`MAAS_INFERENCE_TENANCY_FILE`):
+A call's tenant is the tenant its token names in the tokens file, else its principal
+(`maas_inference.usage.tenant_of`). Limits come from a YAML or JSON file
+(`MAAS_INFERENCE_TENANCY_FILE`):
 
     default:                       # every tenant; a limit left out (or null) is unlimited
       requests_per_minute: 600
