@@ -103,8 +103,8 @@ def test_predictions_go_round_robin_over_serving_gateways_and_a_not_serving_one_
     with client_over(gateways) as client:
         wait_until(lambda: len(answered_by(client, 4)) == 2)  # both connected
         assert answered_by(client, 20) == {"a": 10, "b": 10}
-        gateways[0].serving(False)
-        time.sleep(0.3)  # the health Watch stream tells the channel at once
+        gateways[0].serving(False)  # the health Watch stream tells its channel at once
+        wait_until(lambda: answered_by(client, 4) == {"b": 4})
         assert answered_by(client, 20) == {"b": 20}
         gateways[0].serving(True)  # it rejoins
         wait_until(lambda: answered_by(client, 4)["a"] > 0)
