@@ -214,6 +214,14 @@ def test_every_manifest_is_valid_kubernetes(manifests, chart, profile):
         kubernetes_validate.validate(document, KUBE_VERSION, strict=True)
 
 
+@pytest.mark.parametrize("chart", [*SERVICES, "maas"])
+def test_every_manifest_is_valid_on_the_oldest_kubernetes_the_charts_accept(manifests, chart):
+    with helm.Chart.load(chart_dir(chart, HELM_DIR / "maas")) as loaded:
+        oldest = re.fullmatch(r">=(\d+\.\d+\.\d+)-0", loaded.metadata["kubeVersion"]).group(1)
+    for document in manifests(chart, "production"):
+        kubernetes_validate.validate(document, oldest, strict=True)
+
+
 def test_the_kubernetes_validation_rejects_an_invalid_manifest(manifests):
     """The schema check above is not vacuous: a typo and a wrong type both fail it."""
     deployment = service_deployment(manifests("registry"), "registry")

@@ -564,3 +564,17 @@ async def test_an_api_server_that_stays_unreachable_fails_the_job(tmp_path, monk
     started = await _launcher(api, tmp_path).start(job_record(), _launch_in(tmp_path, 1))
     with pytest.raises(ConnectionError):
         await asyncio.wait_for(started.wait_and_forward(RecordingSink()), 5)
+
+
+@pytest.mark.parametrize("version", ["1.27.0", "1.28.0", KUBE_VERSION])
+def test_job_manifests_are_valid_from_the_charts_oldest_kubernetes_on(version):
+    """The charts need Kubernetes 1.27; Indexed Jobs label their pods with the completion index
+    (which the launcher finds the lead pod by) from 1.28."""
+    for workers in (1, 3):
+        for manifest in render(workers=workers, kubernetes_kueue_queue="q").manifests:
+            kubernetes_validate.validate(manifest, version, strict=True)
+    pytorch_job = render(workers=2, kubernetes_pytorchjob=True).workload
+    for replica in pytorch_job["spec"]["pytorchReplicaSpecs"].values():
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate",
+                                      "metadata": {"name": "check", "namespace": NAMESPACE},
+                                      "template": replica["template"]}, version, strict=True)

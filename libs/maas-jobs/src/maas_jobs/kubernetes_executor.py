@@ -279,8 +279,10 @@ def render_job_manifests(*, service: str, job: JobRecord, launch: LaunchSpec,
         template["spec"]["subdomain"] = name
         job_spec.update({"completionMode": "Indexed", "completions": workers, "parallelism": workers,
                          # One worker failing fails the whole job: torchrun's group is broken.
-                         "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
-                             "operator": "NotIn", "values": [0]}}]}})
+                         # (onPodConditions: required, possibly empty, before Kubernetes 1.31.)
+                         "podFailurePolicy": {"rules": [{"action": "FailJob", "onPodConditions": [],
+                                                         "onExitCodes": {"operator": "NotIn",
+                                                                         "values": [0]}}]}})
         lead_selector = f"job-name={name},{COMPLETION_INDEX_LABEL}=0"
         manifests.append({
             "apiVersion": "v1", "kind": "Service",
