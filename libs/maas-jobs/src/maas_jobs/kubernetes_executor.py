@@ -24,7 +24,9 @@ read-only root, no capabilities, no API token) and run with the requests of
 The manifests are plain dicts (`render_job_manifests`); `KubernetesJobLauncher` creates them
 with the `kubernetes` client, follows the lead pod's log through the same progress protocol as
 a local process (`ProgressForwarder`), watches the job's status until it completes or fails,
-and deletes it (with its pods) when stopped.
+and deletes it (with its pods) when stopped. Manifests are valid from Kubernetes 1.27 on; the
+lead pod of an Indexed Job is found by the completion-index label its pods carry from 1.28 (on
+1.27 such a job still runs and ends right, without progress events).
 """
 
 from __future__ import annotations
