@@ -20,6 +20,8 @@ _PUBLIC = {
     "Prediction": "maas_sdk.client",
     "ServiceStatus": "maas_sdk.client",
     "RetryPolicy": "maas_sdk.retries",
+    "Generation": "maas_sdk.generation",
+    "GenerationUsage": "maas_sdk.generation",
     "JobProgress": "maas_sdk.jobs",
     "JobFailed": "maas_sdk.errors",
     "MaasError": "maas_sdk.errors",
@@ -42,7 +44,8 @@ _PUBLIC = {
 
 __all__ = [
     "Aborted", "AlreadyExists", "Cancelled", "Client", "DeadlineExceeded", "FailedPrecondition",
-    "FieldViolation", "Internal", "InvalidArgument", "JobFailed", "JobProgress", "LineageTree",
+    "FieldViolation", "Generation", "GenerationUsage", "Internal", "InvalidArgument",
+    "JobFailed", "JobProgress", "LineageTree",
     "MaasError", "NotFound", "OutOfRange", "PermissionDenied", "Prediction", "ResourceExhausted",
     "RetryPolicy", "ServiceStatus", "Unauthenticated", "Unavailable", "Unimplemented",
 ]
@@ -68,6 +71,7 @@ if TYPE_CHECKING:
         Unavailable,
         Unimplemented,
     )
+    from maas_sdk.generation import Generation, GenerationUsage
     from maas_sdk.jobs import JobProgress
     from maas_sdk.lineage import LineageTree
     from maas_sdk.retries import RetryPolicy
