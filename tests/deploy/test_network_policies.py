@@ -288,3 +288,26 @@ def test_the_umbrella_admits_its_global_clients_to_every_service(umbrella_dir):
         assert allowed(policies, CLIENT, server(service), grpc(service)), service  # still
         assert not allowed(policies, STRANGER_ELSEWHERE, server(service), grpc(service)), service
     assert not allowed(policies, gateway, TRITON, ("grpc", 8001))
+
+
+CONSUL_SERVER = Pod({"app": "consul", "release": RELEASE, "component": "server"})
+
+
+def test_consul_health_checks_reach_the_grpc_port_of_every_service(umbrella_dir):
+    """Consul probes each registered instance's grpc.health.v1: the release's bundled Consul
+    servers are admitted when the services use them, other agents through consul.from."""
+    bundled = list(of_kind(render(umbrella_dir, {"consul": {"enabled": True}, "global": {
+        "maas": {"consul": {"enabled": True}}}}), "NetworkPolicy").values())
+    plain = list(of_kind(render(umbrella_dir), "NetworkPolicy").values())
+    for service in SERVICES:
+        assert allowed(bundled, CONSUL_SERVER, server(service), grpc(service)), service
+        assert not allowed(bundled, CONSUL_SERVER, server(service), METRICS), service
+        assert not allowed(plain, CONSUL_SERVER, server(service), grpc(service)), service
+    nodes = {"ipBlock": {"cidr": "10.0.0.0/16"}}
+    host_agents = list(of_kind(render(HELM_DIR / "registry", {
+        "global": {"maas": {"consul": {"enabled": True, "useHostAgent": True}}},
+        "networkPolicy": {"consul": {"from": [nodes], "to": [], "ports": [8500]}}}),
+        "NetworkPolicy").values())
+    (policy,) = host_agents
+    assert {"ports": [{"port": "grpc", "protocol": "TCP"}], "from": [nodes]} in policy["spec"]["ingress"]
+    assert not allowed(host_agents, CONSUL_SERVER, server("registry"), grpc("registry"))

@@ -1,7 +1,7 @@
 {{/* The service's NetworkPolicy: who may call it and whom it may call; all else is denied.
 A service chart's templates/networkpolicy.yaml is one line: include "maas.networkpolicy" .
 
-Ingress: the gRPC port from the suite's services that call this one ("<chart>.callers", a
+Ingress: the gRPC port from Consul's health checks ("maas.consulProbers"), from the suite's services that call this one ("<chart>.callers", a
 list of logical names, e.g. the registry's trainer, compressor and inference; their server
 pods) and from networkPolicy.clients and global.maas.clients, which also reach the chart's own client ports
 ("<chart>.clientPorts"); the metrics port from
@@ -51,6 +51,13 @@ spec:
       from:
         {{- toYaml $clients | nindent 8 }}
     {{- end }}
+    {{- end }}
+    {{- with include "maas.consulProbers" . | fromYamlArray }}
+    - ports:
+        - port: grpc
+          protocol: TCP
+      from:
+        {{- toYaml . | nindent 8 }}
     {{- end }}
     {{- if and .Values.metrics.enabled $policy.prometheus }}
     - ports:
@@ -114,4 +121,16 @@ no service). A list of names. */}}
 - key: app.kubernetes.io/component
   operator: In
   values: ["server"]
+{{- end -}}
+
+{{/* Who probes the gRPC health port for Consul (each instance is registered with a gRPC health
+check): networkPolicy.consul.from, plus this release's Consul pods (hashicorp/consul labels
+them app=consul, release=<release>) when the services use the release's bundled servers. */}}
+{{- define "maas.consulProbers" -}}
+{{- $probers := .Values.networkPolicy.consul.from | default list -}}
+{{- $consul := .Values.global.maas.consul -}}
+{{- if and $consul.enabled (not $consul.httpAddr) (not $consul.useHostAgent) (not .Values.discovery.consulHttpAddr) -}}
+{{- $probers = append $probers (dict "podSelector" (dict "matchLabels" (dict "app" "consul" "release" .Release.Name))) -}}
+{{- end -}}
+{{- toYaml $probers -}}
 {{- end -}}
