@@ -463,11 +463,15 @@ class TenantLabels:
         self._configured = frozenset(configured)
         self._known = known
         self._max_tenants = max_tenants
+        self._labelled: tuple[object, frozenset[str]] = (None, frozenset())
 
     def label(self, tenant: str) -> str:
         if self._configured:
             return tenant if tenant in self._configured else OTHER_TENANTS
-        return tenant if tenant in sorted(self._known())[:self._max_tenants] else OTHER_TENANTS
+        known = self._known()
+        if known is not self._labelled[0]:  # the limits file changed: pick the N again
+            self._labelled = (known, frozenset(sorted(known)[:self._max_tenants]))
+        return tenant if tenant in self._labelled[1] else OTHER_TENANTS
 
 
 class UsageMetrics:
