@@ -55,7 +55,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -98,10 +98,6 @@ class TenantLimits(BaseModel):
     concurrent_streams: int | None = Field(default=None, ge=1)
     requests_per_day: int | None = Field(default=None, ge=1)
     tokens_per_day: int | None = Field(default=None, ge=1)
-
-    def of(self, kind: LimitKind) -> int | None:
-        value: int | None = getattr(self, kind.value)
-        return value
 
     @property
     def limits_requests(self) -> bool:
@@ -488,9 +484,4 @@ def outcome_of(error: BaseException | None, lease: Lease | None = None) -> str:
     if isinstance(error, MaasError):
         return error.code
     return "INTERNAL"
-
-
-def tenants_in(config: TenancyConfig) -> Iterable[str]:
-    """The tenants a configuration names, in name order (the metrics' known tenants)."""
-    return sorted(config.tenants)
 
