@@ -1,28 +1,44 @@
 """The deployment table shared by inference replicas: the store on SQLite and PostgreSQL, its
-migrations, and the follower that makes every replica hear of another's change (LISTEN/NOTIFY)
-and reconcile its live routes through the controller."""
+migrations, the follower that makes every replica hear of another's change (LISTEN/NOTIFY)
+and reconcile its live routes through the controller, and two controllers on one PostgreSQL
+table, each with its own real tritonserver and the real registry: what one creates the other
+loads, and what one replica fails to load stays that replica's own state."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 import threading
 import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import pytest
 import sqlalchemy
-from maas_inference.controller import DeploymentController, ServingDefaults
+import torch
+from maas.registry.v1 import registry_service_pb2 as rs, registry_service_pb2_grpc
+from maas_inference.controller import DeploymentController, ReplicaLoad, ServingDefaults
 from maas_inference.replicas import DeploymentFollower, serving_fingerprint
 from maas_inference.routing import RouteTable
 from maas_inference.store import VERSION_TABLE, SqlDeploymentStore
+from maas_inference.triton import RawTensor, TritonClient, TritonServerProcess
 from maas_inference.triton.model_repository import ModelRepository
+from maas_registry.server import build_server as build_registry
+from maas_registry.settings import RegistrySettings
 from maas_runtime.auth import ANONYMOUS_ADMIN
+from maas_runtime.client import open_channel
 from maas_runtime.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
 from maas_runtime.pagination import PageTokenCodec
+from maas_runtime.peers import PeerChannel
+from maas_runtime.registry_client import RegistryClient
 
-from tests.inference.test_deployment_manager import VERSION, FakeTriton
+from tests.inference.model_packages import save_zoo_package, zoo_model
+from tests.inference.servers import triton_process_config
+from tests.registry.helpers import model_upload_requests
 from tests.support.postgres import postgres_database_or_skip
 
 
@@ -204,81 +220,170 @@ async def test_changes_made_while_a_replica_was_not_listening_are_followed_on_st
         reader.close()
 
 
-# -- two controllers on one table -----------------------------------------------------------------
-
-
-class TwoVersionRegistry:
-    """models/digits/versions/1 and /2; `models/digits@prod` points at `prod`."""
-
-    def __init__(self) -> None:
-        self.prod = 1
-
-    async def resolve(self, reference: str) -> dict:
-        number = self.prod if reference.endswith("@prod") else int(reference.rsplit("/", 1)[1])
-        return {**VERSION, "name": f"models/digits/versions/{number}",
-                "artifact": {"sha256": f"{number}" * 64, "size_bytes": 3}}
-
-    async def download_model_version(self, version: dict, destination) -> None:
-        destination.write_bytes(b"abc")
-
-    async def alias_changes(self):
-        await asyncio.Event().wait()
-        yield ""
+# -- two controllers on one table, each with its own real tritonserver ------------------------------
 
 
 class Replica(NamedTuple):
+    """One inference replica's deployment side: its controller on the shared table, its own
+    tritonserver, and the follower of the other replicas' changes."""
+
     store: SqlDeploymentStore
     controller: DeploymentController
     routes: RouteTable
-    triton: FakeTriton
-    follower: DeploymentFollower
+    triton: TritonClient
+    repository: ModelRepository
+    artifacts: Path
 
-    async def close(self) -> None:
-        await self.follower.stop()
-        await self.controller.close()
-        self.store.close()
+    async def start_following(self) -> DeploymentFollower:
+        follower = DeploymentFollower(self.store, self.controller, resync_seconds=60)
+        await follower.start()
+        await asyncio.wait_for(follower.listening.wait(), 10)
+        return follower
 
 
-async def _replica(root, url: str, registry) -> Replica:
+class Registry(NamedTuple):
+    """The real registry service in this process, holding models/digits versions 1 and 2."""
+
+    target: str
+    token: str
+    modules: dict[int, torch.nn.Module]
+    sha256s: dict[int, str]
+    """Each version's artifact digest (the name replicas cache it under)."""
+
+
+@contextlib.asynccontextmanager
+async def _registry(root: Path) -> AsyncIterator[Registry]:
+    server = build_registry(RegistrySettings(state_dir=root / "registry", port=0))
+    port = await server.start()
+    token = (root / "registry" / "admin.token").read_text().strip()
+    modules, sha256s = {}, {}
+    try:
+        async with open_channel(f"127.0.0.1:{port}", token=token) as channel:
+            stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
+            await stub.CreateModel(rs.CreateModelRequest(model_id="digits"))
+            for number in (1, 2):
+                modules[number] = zoo_model("mlp", {"hidden_sizes": [8]}, [64], seed=number)
+                package = root / f"digits-{number}.safetensors"
+                save_zoo_package(package, modules[number], kind="mlp",
+                                 hyperparameters={"hidden_sizes": [8]}, input_shape=[64])
+                version = await stub.UploadModelVersion(model_upload_requests(
+                    "models/digits", package.read_bytes()))
+                sha256s[number] = version.artifact.sha256
+        yield Registry(f"127.0.0.1:{port}", token, modules, sha256s)
+    finally:
+        await server.stop(0)
+
+
+@contextlib.asynccontextmanager
+async def _replica(root: Path, url: str, registry: Registry) -> AsyncIterator[Replica]:
+    """A replica: its own tritonserver (started for real) and controller, on the table at
+    `url`, after its start-up reload (as the service starts)."""
+    triton_process = TritonServerProcess(triton_process_config(root / "triton"))
+    await triton_process.start()
+    registry_client = RegistryClient(PeerChannel("registry", target=registry.target,
+                                                 token=registry.token))
+    await registry_client.open()
     store = SqlDeploymentStore.open(url)
     routes = RouteTable(store.get, lambda: True)
-    triton = FakeTriton()
-    controller = DeploymentController(
-        store, registry, triton, ModelRepository(root / "models"), root / "artifacts",
-        ServingDefaults(drain_seconds=1), routes, PageTokenCodec(b"k" * 32))
-    await controller.reload_all()
-    follower = DeploymentFollower(store, controller, resync_seconds=60)
-    await follower.start()
-    await asyncio.wait_for(follower.listening.wait(), 10)
-    return Replica(store, controller, routes, triton, follower)
-
-
-async def test_a_deployment_made_on_one_replica_is_loaded_by_the_other_within_a_second(
-        postgres_url, tmp_path):
-    registry = TwoVersionRegistry()
-    a = await _replica(tmp_path / "a", postgres_url, registry)
-    b = await _replica(tmp_path / "b", postgres_url, registry)
+    repository = ModelRepository(triton_process.model_repository)
     try:
-        await a.controller.create("digits", {"model": "models/digits@prod"}, ANONYMOUS_ADMIN)
-        assert await _until(lambda: b.routes.get("digits") is not None, 1.0) < 1.0
-        assert b.triton.loaded == {"digits.digits.v1"}
-        assert b.routes.get("digits").route.models == {"digits.digits.v1"}
-
-        registry.prod = 2  # a rollout on b this time (say, b heard of the alias move first)
-        await b.controller.update({"name": "deployments/digits", "model": "models/digits@prod"},
-                                  ["model"], ANONYMOUS_ADMIN)
-        assert await _until(lambda: a.triton.loaded == {"digits.digits.v2"}, 3.0) < 3.0
-        assert a.routes.get("digits").route.models == {"digits.digits.v2"}
-        view = await a.controller.get("deployments/digits", ANONYMOUS_ADMIN)
-        assert view["serving_versions"] == ["models/digits/versions/2"]
-
-        await a.controller.delete("deployments/digits", ANONYMOUS_ADMIN)
-        assert await _until(lambda: b.routes.get("digits") is None, 1.0) < 1.0
-        assert await _until(lambda: not b.triton.loaded, 3.0) < 3.0
-        assert a.triton.loaded == set()
+        async with TritonClient(triton_process.grpc_url,
+                                control_key=triton_process.control_key) as triton:
+            controller = DeploymentController(
+                store, registry_client, triton, repository, root / "artifacts",
+                ServingDefaults(drain_seconds=1), routes, PageTokenCodec(b"k" * 32))
+            try:
+                await controller.reload_all()
+                yield Replica(store, controller, routes, triton, repository, root / "artifacts")
+            finally:
+                await controller.close()
     finally:
-        await a.close()
-        await b.close()
+        store.close()
+        await registry_client.close()
+        await triton_process.stop()
+
+
+async def _predict(replica: Replica, data: np.ndarray) -> np.ndarray:
+    """What the replica's own Triton answers for deployments/digits now."""
+    model = replica.routes.live("digits").route.pick("")
+    (features,), (logits,) = model.signature.inputs, model.signature.outputs
+    reply = await replica.triton.infer(model.triton_model,
+                                       [RawTensor.from_numpy(features.name, data)], timeout=30)
+    return reply.output(logits.name).to_numpy()
+
+
+@pytest.mark.triton
+async def test_a_deployment_made_on_one_replica_is_loaded_by_the_other(postgres_url, tmp_path):
+    """Heard within a second, loaded on b's own Triton with the same answers, dropped from it
+    on delete. (A rollout followed back, through two whole services, is the drill's:
+    tests/drills/test_inference_replicas_drill.py.)"""
+    data = np.random.default_rng(3).standard_normal((4, 64)).astype(np.float32)
+    async with (_registry(tmp_path) as registry,
+                _replica(tmp_path / "a", postgres_url, registry) as a,
+                _replica(tmp_path / "b", postgres_url, registry) as b):
+        followers = [await a.start_following(), await b.start_following()]
+        try:
+            await a.controller.create("digits", {"model": "models/digits/versions/1"},
+                                      ANONYMOUS_ADMIN)
+            # b heard of it within a second (its model directory is written before Triton
+            # loads it), then serves it from its own Triton.
+            assert await _until(lambda: (b.repository.root / "digits.digits.v1").exists(),
+                                1.0) < 1.0
+            await _until(lambda: b.routes.get("digits") is not None, 60)
+            assert await b.triton.is_model_ready("digits.digits.v1")
+            assert b.controller.replica_loads()["digits"].state == "DEPLOYMENT_STATE_READY"
+            with torch.inference_mode():
+                expected_1 = registry.modules[1](torch.from_numpy(data)).numpy()
+            np.testing.assert_allclose(await _predict(b, data), expected_1, rtol=1e-4,
+                                       atol=1e-4)
+
+            await a.controller.delete("deployments/digits", ANONYMOUS_ADMIN)
+            assert await _until(lambda: b.routes.get("digits") is None, 1.0) < 1.0
+            await _until(lambda: not (b.repository.root / "digits.digits.v1").exists(), 10)
+            assert not await b.triton.is_model_ready("digits.digits.v1")  # drained, unloaded
+            assert b.controller.replica_loads() == {}
+        finally:
+            for follower in followers:
+                await follower.stop()
+
+
+@pytest.mark.triton
+async def test_a_replica_that_cannot_load_a_deployment_keeps_it_to_itself(
+        postgres_url, tmp_path):
+    """A replica reloading (a restart, or its Triton's) while another creates a deployment
+    leaves the record to its writer; a replica whose own load fails (its cached artifact is
+    corrupt) reports it (Get on that replica, its replica loads) while the shared record stays
+    what the create wrote and the other replica serves on."""
+    async with (_registry(tmp_path) as registry,
+                _replica(tmp_path / "a", postgres_url, registry) as a,
+                _replica(tmp_path / "b", postgres_url, registry) as b):
+        b.artifacts.joinpath(registry.sha256s[1]).write_bytes(b"not a package")
+
+        creating = asyncio.create_task(a.controller.create(
+            "digits", {"model": "models/digits/versions/1"}, ANONYMOUS_ADMIN))
+        await _until(lambda: [deployment_id for deployment_id, _ in a.store.list("", 10)]
+                     == ["digits"], 10)
+        await b.controller.reload_all()  # b restarts meanwhile
+        assert not creating.done(), "the create must still be loading for this check"
+        assert a.store.get("digits")["state"] == "DEPLOYMENT_STATE_CREATING"  # not READY by b
+        assert b.routes.get("digits") is None and b.controller.replica_loads() == {}
+        created = await creating
+        record = a.store.get("digits")
+        assert record["state"] == "DEPLOYMENT_STATE_READY"
+
+        await b.controller.reload_all()  # b's Triton restarted: its load of "digits" fails
+        assert a.store.get("digits") == record  # nothing written by b
+        assert b.controller.replica_loads() == {"digits": ReplicaLoad(
+            "DEPLOYMENT_STATE_FAILED", b.controller.replica_loads()["digits"].message)}
+        on_b = await b.controller.get("deployments/digits", ANONYMOUS_ADMIN)
+        assert on_b["state"] == "DEPLOYMENT_STATE_FAILED"
+        assert on_b["message"].startswith("on this replica: reload failed: Triton could not")
+        with pytest.raises(Unavailable):  # b knows it but cannot serve it
+            b.routes.live("digits")
+        on_a = await a.controller.get("deployments/digits", ANONYMOUS_ADMIN)
+        assert (on_a["state"], on_a["etag"]) == ("DEPLOYMENT_STATE_READY", created["etag"])
+        assert a.controller.replica_loads()["digits"].state == "DEPLOYMENT_STATE_READY"
+        assert a.routes.get("digits") is not None
 
 
 class FailingController(RecordingController):

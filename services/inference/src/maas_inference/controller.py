@@ -5,6 +5,13 @@ shadow, its Triton settings) lives in the deployment table; its live state is a 
 the `RouteTable` (which the predictor reads). A rollout loads the new version first, swaps
 the route in one assignment, waits for requests on the old version to drain, then unloads
 it: no request fails during it. Deployments that track an alias follow its moves.
+
+Replicas sharing the table (PostgreSQL): the record is the desired state plus the state
+written by the replica that performed the user's create or update. What each replica's own
+Triton holds is local: a reload (after a start or a Triton restart) or a follow of another
+replica's change writes nothing to the record; its outcome is this replica's load state per
+deployment (`replica_loads`), exported as a metric, logged, and shown by Get on this replica
+in place of a READY the replica cannot serve.
 """
 
 from __future__ import annotations
@@ -87,6 +94,17 @@ class ServingDefaults:
     """How generative versions' engines run (streams decoded together, queued, threads)."""
 
 
+@dataclass(frozen=True)
+class ReplicaLoad:
+    """Whether this replica serves what the deployment's record holds, and if not, why."""
+
+    state: str
+    """READY when it does; FAILED when its Triton could not load it (retried at the next
+    change, resync or restart); UNAVAILABLE while it waits to retry (registry or Triton
+    unreachable)."""
+    message: str = ""
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
@@ -120,6 +138,7 @@ class DeploymentController:
         self._locks: dict[str, asyncio.Lock] = {}
         self._download_locks: dict[str, asyncio.Lock] = {}
         self._background: set[asyncio.Task] = set()
+        self._replica_loads: dict[str, ReplicaLoad] = {}
 
     def _lock(self, deployment_id: str) -> asyncio.Lock:
         return self._locks.setdefault(deployment_id, asyncio.Lock())
@@ -329,6 +348,7 @@ class DeploymentController:
             await self._routes.switch(deployment_id, LiveRoute(route))
             record = self._record(deployment_id, spec, READY, route=route, resolved=resolved)
             await asyncio.to_thread(self._store.put, deployment_id, record)
+            self._replica_loads[deployment_id] = ReplicaLoad(READY)
         return self._view(deployment_id, record)
 
     async def get(self, name: str, principal: Principal) -> dict:
@@ -413,6 +433,7 @@ class DeploymentController:
         record = self._record(deployment_id, spec, READY, route=route, resolved=resolved,
                               created=current.get("create_time"))
         await asyncio.to_thread(self._store.put, deployment_id, record)
+        self._replica_loads[deployment_id] = ReplicaLoad(READY)
         if previous is not None:
             retired = previous.route.models - route.models
             if not await self._routes.in_flight.drained(retired,
@@ -428,6 +449,7 @@ class DeploymentController:
             _require_models(principal, record)
             live = await self._routes.remove(deployment_id)
             await asyncio.to_thread(self._store.delete, deployment_id)
+            self._replica_loads.pop(deployment_id, None)
             if live is not None:
                 await self._routes.in_flight.drained(live.route.models,
                                                      self._defaults.drain_seconds)
@@ -442,31 +464,45 @@ class DeploymentController:
                 await self._reload(deployment_id)
 
     async def _reload(self, deployment_id: str, attempt: int = 0) -> None:
-        """Load one deployment's pinned versions; while the registry is unreachable, keep
-        retrying in the background instead of giving up on the deployment."""
+        """Load one deployment's pinned versions on this replica's Triton; while the registry
+        is unreachable, keep retrying in the background instead of giving up on it.
+
+        The outcome is this replica's own (`replica_loads`): on a shared table the record is
+        left alone, and a deployment another replica is still creating is not touched (the
+        follower loads it once its writer recorded it READY). Only a single instance, the
+        table's sole writer, settles a create or rollout its own crash interrupted."""
         async with self._lock(deployment_id):
             try:
                 record = await asyncio.to_thread(self._store.get, deployment_id)
             except errors.NotFound:
                 return  # deleted meanwhile
+            if self._store.shared and record["state"] == CREATING:
+                return  # its writer is loading it; its READY record is followed
             spec = {key: record[key] for key in UPDATABLE}
             try:
                 route, _ = await self._build_route(deployment_id, spec, record.get("resolved"))
             except errors.Unavailable as exc:
                 delay = min(30.0, 0.5 * 2**attempt)
+                self._replica_loads[deployment_id] = ReplicaLoad(
+                    UNAVAILABLE, f"reload waits {delay:.1f}s: {exc.message}")
                 _log.warning("reloading %s must wait %.1fs: %s", deployment_id, delay,
                              exc.message)
                 self._spawn(self._reload_later(deployment_id, attempt + 1, delay))
                 return
             except errors.MaasError as exc:
-                _log.error("could not reload %s: %s", deployment_id, exc.message)
-                await asyncio.to_thread(self._store.put, deployment_id, {
-                    **record, "state": FAILED, "message": f"reload failed: {exc.message}"})
+                self._replica_loads[deployment_id] = ReplicaLoad(
+                    FAILED, f"reload failed: {exc.message}")
+                _log.error("could not reload deployments/%s on this replica: %s",
+                           deployment_id, exc.message)
+                if not self._store.shared and record["state"] in (CREATING, ROLLING_OUT):
+                    await asyncio.to_thread(self._store.put, deployment_id, {
+                        **record, "state": FAILED, "message": f"reload failed: {exc.message}"})
                 return
             previous = self._routes.get(deployment_id)
             await self._routes.switch(deployment_id, LiveRoute(
                 route, previous.shadow_stats if previous else ShadowStats()))
-            if record["state"] != READY:
+            self._replica_loads[deployment_id] = ReplicaLoad(READY)
+            if not self._store.shared and record["state"] in (CREATING, ROLLING_OUT, FAILED):
                 await asyncio.to_thread(self._store.put, deployment_id,
                                         {**record, "state": READY, "message": ""})
 
@@ -479,6 +515,10 @@ class DeploymentController:
     def live_deployments(self) -> set[str]:
         """Ids of the deployments this replica serves now."""
         return set(self._routes.routes())
+
+    def replica_loads(self) -> dict[str, ReplicaLoad]:
+        """Per deployment, whether this replica serves what its record holds (metrics)."""
+        return dict(self._replica_loads)
 
     async def follow_table(self, deployment_id: str) -> dict | None:
         """Serve what the table holds for the deployment now, after another replica changed
@@ -494,14 +534,24 @@ class DeploymentController:
                 record = None
             previous = self._routes.get(deployment_id)
             if record is None:
+                self._replica_loads.pop(deployment_id, None)
                 if previous is not None:
                     await self._routes.remove(deployment_id)
             else:
-                self._routes.require_triton()
                 spec = {key: record[key] for key in UPDATABLE}
-                route, _ = await self._build_route(deployment_id, spec, record.get("resolved"))
+                try:
+                    self._routes.require_triton()
+                    route, _ = await self._build_route(deployment_id, spec,
+                                                       record.get("resolved"))
+                except errors.MaasError as exc:
+                    self._replica_loads[deployment_id] = ReplicaLoad(
+                        UNAVAILABLE if isinstance(exc, errors.Unavailable) else FAILED,
+                        f"could not load {', '.join(record.get('serving_versions') or [])}: "
+                        f"{exc.message}")
+                    raise
                 await self._routes.switch(deployment_id, LiveRoute(
                     route, previous.shadow_stats if previous else ShadowStats()))
+                self._replica_loads[deployment_id] = ReplicaLoad(READY)
             if previous is not None:
                 retired = previous.route.models - self._routes.models_in_use()
                 await self._routes.in_flight.drained(retired, self._defaults.drain_seconds)
@@ -564,6 +614,11 @@ class DeploymentController:
             view.pop("shadow", None)
         if record["state"] == READY and not self._routes.triton_serving():
             view["state"] = UNAVAILABLE
+        local = self._replica_loads.get(deployment_id)
+        if record["state"] == READY and local is not None and local.state != READY:
+            # This replica cannot serve what the record says (the record stays as written).
+            view["state"] = local.state
+            view["message"] = f"on this replica: {local.message}"
         live = self._routes.get(deployment_id)
         if live is not None and live.route.shadow is not None:
             view["shadow_stats"] = live.shadow_stats.as_dict()

@@ -1,5 +1,5 @@
-"""The inference service's own series: Triton readiness, shadow agreement, and Triton's
-metrics re-exported per deployment.
+"""The inference service's own series: Triton readiness, whether this replica serves each
+deployment, shadow agreement, and Triton's metrics re-exported per deployment.
 
 Triton labels its series by Triton model (`digits.digits.v3`), a name only this service can
 map back to what users know. `TritonMetricsCollector` fetches Triton's Prometheus text every
@@ -15,6 +15,7 @@ import logging
 import urllib.request
 from collections.abc import Callable, Mapping
 
+from maas_runtime import contract_enums
 from opentelemetry.metrics import Observation
 
 from maas_inference.routing import Route
@@ -26,10 +27,19 @@ REEXPORT_PREFIX = "maas_triton_"
 
 
 def register_inference_metrics(meter, triton_ready: Callable[[], bool],
-                               shadow_stats: Callable[[], Mapping]) -> None:
-    """Observable series read at collection time: `maas.inference.triton.ready` (1/0) and
-    per-deployment shadow comparisons (`maas.inference.shadow.comparisons` by outcome
-    compared/agreed/error, so agreement = agreed / compared)."""
+                               shadow_stats: Callable[[], Mapping],
+                               replica_loads: Callable[[], Mapping] = dict) -> None:
+    """Observable series read at collection time: `maas.inference.triton.ready` (1/0),
+    `maas.inference.deployment.replica_ready` (1 while this replica serves what the
+    deployment's record holds, 0 while its own load failed or waits; labelled with that
+    state, e.g. DEPLOYMENT_STATE_FAILED) and per-deployment shadow comparisons
+    (`maas.inference.shadow.comparisons` by outcome compared/agreed/error, so agreement =
+    agreed / compared)."""
+
+    def observe_replica_loads(_options) -> list[Observation]:
+        return [Observation(1 if load.state == contract_enums.DEPLOYMENT_STATE_READY else 0,
+                            {"deployment": deployment, "state": load.state})
+                for deployment, load in replica_loads().items()]
 
     def observe_ready(_options) -> list[Observation]:
         return [Observation(1 if triton_ready() else 0)]
@@ -44,6 +54,9 @@ def register_inference_metrics(meter, triton_ready: Callable[[], bool],
     meter.create_observable_gauge(
         "maas.inference.triton.ready", callbacks=[observe_ready],
         description="1 while the Triton this service drives is ready, else 0")
+    meter.create_observable_gauge(
+        "maas.inference.deployment.replica_ready", callbacks=[observe_replica_loads],
+        description="1 while this replica serves the deployment as recorded, else 0")
     meter.create_observable_counter(
         "maas.inference.shadow.comparisons", callbacks=[observe_shadow], unit="{request}",
         description="shadow comparisons per deployment: compared, argmax agreed, errors")

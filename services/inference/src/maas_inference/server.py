@@ -278,7 +278,9 @@ class InferenceApp:
         access log lines."""
         settings, telemetry, routes = self.settings, self.telemetry, self.routes
         if meter is not None and routes is not None:
-            register_inference_metrics(meter, self.triton_ready, routes.shadow_stats)
+            register_inference_metrics(meter, self.triton_ready, routes.shadow_stats,
+                                       self.controller.replica_loads
+                                       if self.controller is not None else dict)
         if self.data_plane is not None and meter is not None:
             data_plane_metrics = DataPlaneMetrics(self.data_plane, meter,
                                                   settings.triton_metrics_poll_seconds)

@@ -58,6 +58,9 @@ LocalWriteHook = Callable[[str, dict | None], None]
 class DeploymentStore(abc.ABC):
     """Persistence of deployment records (plain dicts in the contract's JSON shape)."""
 
+    shared: bool = False
+    """True when other replicas read and write the same table (and may be mid-change)."""
+
     @abc.abstractmethod
     def create(self, deployment_id: str, record: dict) -> None: ...
 
