@@ -22,6 +22,7 @@ import sqlalchemy
 import torch
 from maas.registry.v1 import registry_service_pb2 as rs, registry_service_pb2_grpc
 from maas_inference.controller import DeploymentController, ReplicaLoad, ServingDefaults
+from maas_inference.observability import register_inference_metrics
 from maas_inference.replicas import DeploymentFollower, serving_fingerprint
 from maas_inference.routing import RouteTable
 from maas_inference.store import VERSION_TABLE, SqlDeploymentStore
@@ -35,6 +36,8 @@ from maas_runtime.errors import AlreadyExists, FailedPrecondition, NotFound, Una
 from maas_runtime.pagination import PageTokenCodec
 from maas_runtime.peers import PeerChannel
 from maas_runtime.registry_client import RegistryClient
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from tests.inference.model_packages import save_zoo_package, zoo_model
 from tests.inference.servers import triton_process_config
@@ -303,6 +306,18 @@ async def _replica(root: Path, url: str, registry: Registry) -> AsyncIterator[Re
         await triton_process.stop()
 
 
+def _replica_ready_series(replica: Replica) -> dict[tuple[str, str], int]:
+    """`maas.inference.deployment.replica_ready` as the replica's /metrics would export it."""
+    reader = InMemoryMetricReader()
+    register_inference_metrics(MeterProvider(metric_readers=[reader]).get_meter("test"),
+                               lambda: True, dict, replica.controller.replica_loads)
+    return {(point.attributes["deployment"], point.attributes["state"]): point.value
+            for resource in reader.get_metrics_data().resource_metrics
+            for scope in resource.scope_metrics for metric in scope.metrics
+            if metric.name == "maas.inference.deployment.replica_ready"
+            for point in metric.data.data_points}
+
+
 async def _predict(replica: Replica, data: np.ndarray) -> np.ndarray:
     """What the replica's own Triton answers for deployments/digits now."""
     model = replica.routes.live("digits").route.pick("")
@@ -380,6 +395,8 @@ async def test_a_replica_that_cannot_load_a_deployment_keeps_it_to_itself(
         assert on_b["message"].startswith("on this replica: reload failed: Triton could not")
         with pytest.raises(Unavailable):  # b knows it but cannot serve it
             b.routes.live("digits")
+        assert _replica_ready_series(b) == {("digits", "DEPLOYMENT_STATE_FAILED"): 0}
+        assert _replica_ready_series(a) == {("digits", "DEPLOYMENT_STATE_READY"): 1}
         on_a = await a.controller.get("deployments/digits", ANONYMOUS_ADMIN)
         assert (on_a["state"], on_a["etag"]) == ("DEPLOYMENT_STATE_READY", created["etag"])
         assert a.controller.replica_loads()["digits"].state == "DEPLOYMENT_STATE_READY"
