@@ -222,6 +222,10 @@ def test_multi_worker_jobs_become_pytorchjobs_when_the_operator_is_installed():
     assert "--nnodes=4" in command and "--node-rank=$(RANK)" in command
     assert "--master-addr=$(MASTER_ADDR)" in command and "--master-port=$(MASTER_PORT)" in command
     assert replicas["Master"]["template"]["metadata"]["labels"]["maas.io/lead"] == "true"
+    lead = dict(part.split("=") for part in rendered.lead_pod_selector.split(","))
+    assert lead.items() <= replicas["Master"]["template"]["metadata"]["labels"].items()
+    assert not lead.items() <= replicas["Worker"]["template"]["metadata"]["labels"].items()
+    assert lead["maas.io/attempt"] == "0"  # an earlier attempt's terminating pods don't match
     assert replicas["Worker"]["template"]["metadata"]["labels"]["maas.io/lead"] == "false"
     # A single worker needs no operator: still a plain Job.
     assert render(workers=1, kubernetes_pytorchjob=True).kind == "Job"

@@ -262,8 +262,9 @@ def render_job_manifests(*, service: str, job: JobRecord, launch: LaunchSpec,
                 },
             },
         }
-        lead_selector = (f"{JOB_ID_LABEL}={owner[JOB_ID_LABEL]},{LEAD_LABEL}=true,"
-                         f"app.kubernetes.io/name={service}")
+        # The attempt too: an earlier attempt's pods may still be terminating.
+        lead_selector = (f"{JOB_ID_LABEL}={owner[JOB_ID_LABEL]},{ATTEMPT_LABEL}={job.resume_count},"
+                         f"{LEAD_LABEL}=true,app.kubernetes.io/name={service}")
         return RenderedJob("PyTorchJob", name, namespace, [pytorch_job], lead_selector)
 
     manifests: list[dict[str, Any]] = []
@@ -290,8 +291,8 @@ def render_job_manifests(*, service: str, job: JobRecord, launch: LaunchSpec,
             "apiVersion": "v1", "kind": "Service",
             "metadata": {"name": name, "namespace": namespace, "labels": owner},
             "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
-                     "selector": {JOB_ID_LABEL: owner[JOB_ID_LABEL], "app.kubernetes.io/name": service,
-                                  "app.kubernetes.io/component": "job"},
+                     "selector": {JOB_ID_LABEL: owner[JOB_ID_LABEL], ATTEMPT_LABEL: owner[ATTEMPT_LABEL],
+                                  "app.kubernetes.io/name": service, "app.kubernetes.io/component": "job"},
                      "ports": [{"name": "rendezvous", "port": settings.kubernetes_rendezvous_port,
                                 "targetPort": settings.kubernetes_rendezvous_port, "protocol": "TCP"}]},
         })
