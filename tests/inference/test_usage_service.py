@@ -296,6 +296,32 @@ async def test_predicts_relayed_to_the_service_are_counted_with_their_outcome(su
     assert np.all([r.outcome == "OK" for r in records])
 
 
+async def test_each_request_of_a_kserve_stream_is_admitted_and_counted(suite):
+    before = await records_of(suite, "free")
+    kserve = service_pb2_grpc.GRPCInferenceServiceStub(suite.channels["free"])
+
+    async def requests():
+        for rows in (3, 4):
+            yield kserve_request("digits", batch(rows))
+
+    answers = [answer async for answer in kserve.ModelStreamInfer(requests())]
+    assert [a.error_message for a in answers] == ["", ""]
+    await suite.settle_usage()
+    new = [r for r in await records_of(suite, "free")
+           if r.record_id not in {b.record_id for b in before}]
+    assert sorted(r.rows for r in new) == [3, 4] and all(r.requests == 1 for r in new)
+    # Over its limit, a stream's request is answered with the refusal and the stream goes on.
+    rewrite_limits(suite, "tenants:\n  limited: {requests_per_day: 1}\n")  # long used up
+    await asyncio.sleep(0.5)
+    limited = service_pb2_grpc.GRPCInferenceServiceStub(suite.channels["teammate"])
+    try:
+        answers = [answer async for answer in limited.ModelStreamInfer(requests())]
+    finally:
+        rewrite_limits(suite, LIMITS)
+    assert [a.error_message.split(" limit")[0] for a in answers] == [
+        "tenant 'limited' is over its requests_per_day"] * 2, answers
+
+
 async def test_the_sdk_and_the_cli_show_a_tenant_its_usage(suite):
     await suite.settle_usage()
     with maas.Client(targets={"inference": suite.target}, token=suite.tokens["free"]) as client:
