@@ -4,6 +4,8 @@
 - `store`: the job table and per-job event log (SQLAlchemy Core, SQLite WAL);
 - `scheduler`: fair share of a pool of worker slots between tenants;
 - `executor`: one OS process (group) per job, its progress forwarded;
+- `kubernetes_executor`: each job as a Kubernetes Job (Indexed for torchrun workers) or a
+  Kubeflow PyTorchJob, selected by `job_executor`;
 - `progress`: the line protocol a job process speaks, and its parent-death watch;
 - `entry`: around a job process's work: its failure reported, a fast exit;
 - `manager`: submit, schedule, run, cancel, watch and recover, around a service's `JobRunner`;
