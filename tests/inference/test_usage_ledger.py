@@ -208,3 +208,33 @@ async def test_every_finished_generation_survives_a_kill_9(tmp_path, database_ur
         store.close()
     kept = {r.completion_tokens for r in generations}
     assert set(range(1, finished + 1)) <= kept  # every generation the caller saw finish
+
+
+class FlakyStore(SqlUsageStore):
+    """A store whose database is down until `healed`."""
+
+    healed = False
+
+    def insert_many(self, records):
+        if not self.healed:
+            raise OSError("database unreachable")
+        super().insert_many(records)
+
+
+async def test_a_database_outage_never_holds_a_generation_and_loses_no_record(tmp_path,
+                                                                             caplog):
+    store = FlakyStore.open("", tmp_path)
+    ledger = UsageLedger(store, flush_seconds=0.05, durable_wait_seconds=0.3)
+    await ledger.start()
+    try:
+        started = asyncio.get_running_loop().time()
+        await ledger.append_durable(record("alice", "chat", 0, kind=GENERATION, completion=4))
+        assert asyncio.get_running_loop().time() - started < 2
+        assert "stays buffered" in caplog.text
+        ledger.append(record("alice", "digits", 1, rows=2))
+        store.healed = True
+        await asyncio.sleep(0.3)  # the next flushes write both
+        listed = await ledger.list_records(UsageQuery(), 10, None)
+        assert sorted((r.completion_tokens, r.rows) for r in listed) == [(0, 2), (4, 0)]
+    finally:
+        await ledger.close()

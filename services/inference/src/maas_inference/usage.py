@@ -295,6 +295,8 @@ class UsageLedger:
 
     store: UsageStore
     flush_seconds: float = DEFAULT_FLUSH_SECONDS
+    durable_wait_seconds: float = 5.0
+    """Longest `append_durable` waits for its commit."""
     dropped: int = 0
     """Records dropped because the buffer was full (the database unreachable for long)."""
     _buffer: list[_Pending] = field(default_factory=list)
@@ -313,7 +315,9 @@ class UsageLedger:
             self._wake.set()
 
     async def append_durable(self, record: UsageRecord) -> None:
-        """Buffer a record and return once it is committed (shares the next batch)."""
+        """Buffer a record and return once it is committed (shares the next batch), or after
+        `durable_wait_seconds` while the database cannot be written (the record stays
+        buffered and is written when it can: a caller is never held by an outage)."""
         if self._task is None:  # not started (tests of the domain alone): write directly
             await asyncio.to_thread(self.store.insert_many, [record])
             return
@@ -321,7 +325,11 @@ class UsageLedger:
         self._push(_Pending(record, committed))
         if self._wake is not None:
             self._wake.set()
-        await asyncio.shield(committed)
+        try:
+            await asyncio.wait_for(asyncio.shield(committed), self.durable_wait_seconds)
+        except TimeoutError:
+            _log.warning("a generation's usage record is not committed after %.0f s (the "
+                         "database is not writable); it stays buffered", self.durable_wait_seconds)
 
     def _push(self, pending: _Pending) -> None:
         if len(self._buffer) >= MAX_BUFFERED_RECORDS:
