@@ -7,7 +7,9 @@ task writes in batches every `flush_seconds` and on shutdown (`close`). Durabili
 
 - a finished generation is flushed at once, and `await ledger.append_durable(record)` returns
   only when it is committed (the Generate path sends its final response after that), so a
-  generation whose final response a client saw is never lost, even to kill -9;
+  generation whose final response a client saw is never lost, even to kill -9 (unless the
+  database was unwritable for longer than `durable_wait_seconds`, 5 s: then the response goes
+  out anyway and the record waits in memory for the database);
 - a Predict record may wait up to `flush_seconds` (default 1 s): a kill -9 loses at most the
   Predict records of the last flush interval (and the data plane's counts since its last poll).
 
