@@ -238,3 +238,52 @@ async def test_a_database_outage_never_holds_a_generation_and_loses_no_record(tm
         assert sorted((r.completion_tokens, r.rows) for r in listed) == [(0, 2), (4, 0)]
     finally:
         await ledger.close()
+
+
+async def test_replicas_sharing_the_ledger_share_the_daily_quotas(tmp_path, database_url):
+    """Two limiters (two replicas), each with its own ledger on one database: what one admits
+    counts against the other's daily quota once it has read the shared totals back."""
+    from maas_inference.tenancy import QuotaExceeded, TenancyConfigSource, TenantLimiter
+    from maas_runtime.auth import Principal, Role
+
+    limits = tmp_path / "limits.yaml"
+    limits.write_text("default: {requests_per_day: 5}\n")
+    replicas = []
+    for _ in range(2):
+        ledger = UsageLedger(SqlUsageStore.open(database_url, tmp_path), flush_seconds=0.05)
+        await ledger.start()
+        limiter = TenantLimiter(TenancyConfigSource(limits), ledger)
+        ledger.on_written.append(limiter.written)
+        replicas.append((ledger, limiter))
+    (first_ledger, first), (second_ledger, second) = replicas
+    alice = Principal("alice", Role.VIEWER)
+
+    async def predict(limiter: TenantLimiter) -> None:
+        async with limiter.admit_request(alice, "digits", rows=1):
+            pass
+
+    async def share() -> None:
+        for ledger, _ in replicas:
+            await ledger.flush()
+        for ledger, limiter in replicas:
+            limiter.share_today(await ledger.today_by_tenant(datetime.now(UTC)))
+
+    try:
+        for _ in range(3):
+            await predict(first)
+        await predict(second)
+        await share()
+        await predict(second)  # 3 + 2 = 5: the quota
+        await share()
+        for limiter in (first, second):
+            with pytest.raises(QuotaExceeded):
+                await predict(limiter)
+        await share()  # reading back again counts nothing twice
+        with pytest.raises(QuotaExceeded):
+            await predict(first)
+        bob = Principal("bob", Role.VIEWER)
+        async with second.admit_request(bob, "digits", rows=1):
+            pass  # another tenant: untouched
+    finally:
+        for ledger, _ in replicas:
+            await ledger.close()

@@ -11,6 +11,7 @@ from pathlib import Path
 from maas.inference.v1 import usage_pb2_grpc
 from maas_runtime import errors
 from maas_runtime.auth import TokenStore
+from maas_runtime.database import is_postgresql
 from maas_runtime.discovery import discovery_from_settings
 from maas_runtime.pagination import PageTokenCodec
 from maas_runtime.peers import PeerChannel, PeerTransport
@@ -251,7 +252,13 @@ class InferenceApp:
             settings.usage_metrics_tenants, lambda: self.tenancy.current().tenants,
             settings.usage_metrics_max_tenants)) if meter is not None else None
         self.limiter = TenantLimiter(self.tenancy, self.ledger, metrics)
-        self.limiter.seed_today(await self.ledger.today_by_tenant(datetime.now(UTC)))
+        if is_postgresql(settings.database_url):  # replicas share the ledger, and daily quotas
+            self.ledger.on_written.append(self.limiter.written)
+            self.limiter.share_today(await self.ledger.today_by_tenant(datetime.now(UTC)))
+            self._usage_tasks.append(asyncio.create_task(
+                self._share_usage(settings.usage_share_seconds)))
+        else:
+            self.limiter.seed_today(await self.ledger.today_by_tenant(datetime.now(UTC)))
         self.usage_reports = UsageReports(
             self.ledger, PageTokenCodec.from_secret_file(settings.resolved_page_token_secret_file))
         self._usage_tasks.append(asyncio.create_task(
@@ -260,6 +267,17 @@ class InferenceApp:
             self.data_plane_usage = DataPlaneUsage(self.data_plane, self.ledger, metrics,
                                                    settings.usage_flush_seconds)
             self._usage_tasks.append(asyncio.create_task(self.data_plane_usage.run()))
+
+    async def _share_usage(self, every_seconds: float) -> None:
+        """Read today's usage of every replica back from the shared ledger, now and then."""
+        while True:
+            await asyncio.sleep(every_seconds)
+            if self.ledger is None or self.limiter is None:
+                continue
+            try:
+                self.limiter.share_today(await self.ledger.today_by_tenant(datetime.now(UTC)))
+            except Exception:  # the database is away: the daily quotas use what they knew
+                _log.warning("reading today's shared usage failed; retrying", exc_info=True)
 
     async def _stop_usage(self) -> None:
         """The data plane's last counts taken, and every buffered record written."""

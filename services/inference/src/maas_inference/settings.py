@@ -109,6 +109,10 @@ class InferenceSettings(ServiceSettings):
     """Longest a Predict usage record waits in memory before it is written (a kill -9 loses
     at most this much Predict usage); finished generations are written at once."""
 
+    usage_share_seconds: float = Field(default=5.0, gt=0)
+    """With a shared (PostgreSQL) `database_url`: how often today's usage of every replica is
+    read back, so the daily quotas count what the other replicas served too."""
+
     usage_metrics_tenants: list[str] = Field(default_factory=list)
     """Tenants given their own `tenant` label on the usage metrics; empty: the first
     `usage_metrics_max_tenants` (name order) of those the limits file names. Others: "other"."""

@@ -55,7 +55,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -278,8 +278,23 @@ class _TenantState:
     tokens_minute: _MinuteWindow = field(default_factory=_MinuteWindow)
     day: int = -1
     requests_today: int = 0
+    """Admitted here today (and, without a shared ledger, seeded from it at start)."""
     tokens_today: int = 0
+    others_requests: int = 0
+    """Today's requests of the tenant that other replicas recorded in the shared ledger."""
+    others_tokens: int = 0
+    own_written_requests: int = 0
+    """Today's requests this replica has written to the shared ledger."""
+    own_written_tokens: int = 0
     streams: int = 0
+
+    @property
+    def day_requests(self) -> int:
+        return self.requests_today + self.others_requests
+
+    @property
+    def day_tokens(self) -> int:
+        return self.tokens_today + self.others_tokens
 
 
 @dataclass
@@ -379,6 +394,25 @@ class TenantLimiter:
             state.requests_today += requests
             state.tokens_today += tokens
 
+    def written(self, records: Sequence[UsageRecord]) -> None:
+        """This replica's records now in the shared ledger (the ledger's `on_written`)."""
+        today = self._day(self._clock())
+        for record in records:
+            if self._day(record.start_time.timestamp()) == today:
+                state = self._state(record.tenant, today)
+                state.own_written_requests += record.requests
+                state.own_written_tokens += record.prompt_tokens + record.completion_tokens
+
+    def share_today(self, totals: Mapping[str, tuple[int, int]]) -> None:
+        """Today's (requests, tokens) per tenant in the ledger replicas share (PostgreSQL):
+        what the other replicas recorded counts against the daily quotas here too. Minute
+        windows and concurrent streams stay per replica."""
+        today = self._day(self._clock())
+        for tenant, (requests, tokens) in totals.items():
+            state = self._state(tenant, today)
+            state.others_requests = max(requests - state.own_written_requests, 0)
+            state.others_tokens = max(tokens - state.own_written_tokens, 0)
+
     def _lease(self, principal: Principal, deployment: str, kind: str, *,
                prompt_tokens: int = 0, rows: int = 0) -> Lease:
         return Lease(tenant_of(principal), principal.name, deployment, kind,
@@ -393,6 +427,8 @@ class TenantLimiter:
         state = self._tenants.setdefault(tenant, _TenantState())
         if state.day != today:
             state.day, state.requests_today, state.tokens_today = today, 0, 0
+            state.others_requests = state.others_tokens = 0
+            state.own_written_requests = state.own_written_tokens = 0
         return state
 
     def _enter(self, lease: Lease, stream: bool) -> None:
@@ -425,7 +461,7 @@ class TenantLimiter:
             raise QuotaExceeded(tenant, LimitKind.REQUESTS_PER_MINUTE, rpm,
                                 state.requests_minute.seconds_until_room(now, 1, rpm))
         rpd = limits.requests_per_day
-        if rpd is not None and state.requests_today + 1 > rpd:
+        if rpd is not None and state.day_requests + 1 > rpd:
             raise QuotaExceeded(tenant, LimitKind.REQUESTS_PER_DAY, rpd, until_tomorrow)
         if not stream:
             return  # a plain request spends no tokens
@@ -437,7 +473,7 @@ class TenantLimiter:
                                 state.tokens_minute.seconds_until_room(now, needed, tpm),
                                 f" ({tokens} prompt tokens asked)")
         tpd = limits.tokens_per_day
-        if tpd is not None and state.tokens_today + needed > tpd:
+        if tpd is not None and state.day_tokens + needed > tpd:
             raise QuotaExceeded(tenant, LimitKind.TOKENS_PER_DAY, tpd, until_tomorrow)
 
     def _charge(self, lease: Lease, tokens: int) -> QuotaExceeded | None:
@@ -451,7 +487,7 @@ class TenantLimiter:
         if tpm is not None and state.tokens_minute.used(now) > tpm:
             exceeded = QuotaExceeded(lease.tenant, LimitKind.TOKENS_PER_MINUTE, tpm,
                                      state.tokens_minute.seconds_until_room(now, 0, tpm))
-        elif tpd is not None and state.tokens_today > tpd:
+        elif tpd is not None and state.day_tokens > tpd:
             exceeded = QuotaExceeded(lease.tenant, LimitKind.TOKENS_PER_DAY, tpd,
                                      (self._day(now) + 1) * SECONDS_PER_DAY - now)
         if exceeded is not None and lease.exceeded is None and self._metrics is not None:

@@ -299,6 +299,8 @@ class UsageLedger:
     flush_seconds: float = DEFAULT_FLUSH_SECONDS
     durable_wait_seconds: float = 5.0
     """Longest `append_durable` waits for its commit."""
+    on_written: list[Callable[[Sequence[UsageRecord]], None]] = field(default_factory=list)
+    """Called with each batch once it is committed."""
     dropped: int = 0
     """Records dropped because the buffer was full (the database unreachable for long)."""
     _buffer: list[_Pending] = field(default_factory=list)
@@ -322,6 +324,8 @@ class UsageLedger:
         buffered and is written when it can: a caller is never held by an outage)."""
         if self._task is None:  # not started (tests of the domain alone): write directly
             await asyncio.to_thread(self.store.insert_many, [record])
+            for callback in self.on_written:
+                callback([record])
             return
         committed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._push(_Pending(record, committed))
@@ -356,6 +360,8 @@ class UsageLedger:
         for pending in batch:
             if pending.committed is not None and not pending.committed.done():
                 pending.committed.set_result(None)
+        for callback in self.on_written:
+            callback([pending.record for pending in batch])
 
     async def _flush_forever(self) -> None:
         assert self._wake is not None
