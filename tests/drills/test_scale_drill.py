@@ -12,10 +12,11 @@ that fail UNAVAILABLE again to the next one.
 While threads predict, read the registry and upload versions continuously and a training
 job runs, the registry replica, the trainer running the job and the inference replica are
 killed with SIGKILL. Asserted: no prediction or read failed (after retries; an upload, a
-write, may fail UNAVAILABLE only); the job's lease lapses and the surviving trainer resumes it
+write, may fail UNAVAILABLE or CANCELLED only); the job's lease lapses and the surviving trainer resumes it
 from its checkpoint to the end; no model version is lost (every registry replica lists every
 acknowledged version with its checksum, the trained one included); and each killed replica,
-restarted, is passing in Consul and takes its share of the load again.
+restarted, is passing in Consul and takes its share of the load again (then carries it alone
+while the other gateway is killed in turn).
 """
 
 from __future__ import annotations
@@ -120,13 +121,15 @@ async def suite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterato
                                     database_url=inference_db)
                             for i in range(2)]
         try:
+            started = time.monotonic()
             await asyncio.gather(*(registry.start() for registry in drill.registries))
             await asyncio.gather(*(process.start(timeout=180)
                                    for process in [*drill.trainers, *drill.inferences]))
+            print(f"scale drill: six replicas serving after {time.monotonic() - started:.0f} s")
             yield drill
-        finally:
-            for process in drill.processes:
-                process.terminate()
+        finally:  # all at once: each may take its shutdown grace
+            await asyncio.gather(*(asyncio.to_thread(process.terminate)
+                                   for process in drill.processes))
 
 
 class PredictLoad:
@@ -185,8 +188,8 @@ class ReadLoad(PredictLoad):
 
 class UploadLoad(PredictLoad):
     """One thread registering versions of MODEL (the same TorchScript file) until stopped.
-    Uploads are writes, never repeated by the client: one cut by a kill fails UNAVAILABLE
-    (and may or may not have committed); every acknowledged one must stay."""
+    Uploads are writes, never repeated by the client: one cut by a kill fails UNAVAILABLE or
+    CANCELLED (and may or may not have committed); every acknowledged one must stay."""
 
     def __init__(self, client: maas.Client, model_file: Path,
                  signature: model_pb2.Signature) -> None:
@@ -199,7 +202,7 @@ class UploadLoad(PredictLoad):
             try:
                 version = self._client.upload_model(MODEL, self._file, format="torchscript",
                                                     signature=self._signature)
-            except maas.Unavailable as error:
+            except maas.MaasError as error:
                 self.failures.append(f"{error.code}: {error.message}")
                 continue
             self.acknowledged[version.name] = version.artifact.sha256
@@ -310,6 +313,10 @@ def versions_listed(client: maas.Client) -> dict[str, str]:
 async def test_one_replica_of_each_service_killed_under_load_costs_nothing_and_rejoins(
         suite: Suite, tmp_path: Path) -> None:
     drill_started = time.monotonic()
+    phases: dict[str, float] = {}
+
+    def phase(name: str) -> None:
+        phases[name] = time.monotonic() - drill_started
     client = suite.client()
     try:
         uploaded = upload_versions(client, range(4))
@@ -330,6 +337,7 @@ async def test_one_replica_of_each_service_killed_under_load_costs_nothing_and_r
         with (PredictLoad(client) as load, ReadLoad(client) as reads,
               UploadLoad(client, model_file, signature) as uploads):
             wait_for(lambda: load.total >= 30, 30, "predictions flowing")
+            phase("kills")
             kill_9(killed_registry)
             time.sleep(1.0)
             killed_trainer = running_the_job(suite.trainers)
@@ -341,8 +349,10 @@ async def test_one_replica_of_each_service_killed_under_load_costs_nothing_and_r
             wait_for(lambda: load.total >= before_restart + 60, 60,
                      "predictions flowing on the surviving gateway")
             await wait_healthy_in_consul(suite.consul, killed_inference, present=False)
-            for process in (killed_registry, killed_trainer, killed_inference):
-                await process.start(timeout=180)
+            phase("restarts")
+            await asyncio.gather(*(process.start(timeout=180) for process in (
+                killed_registry, killed_trainer, killed_inference)))
+            phase("restarted")
             for process in (killed_registry, killed_trainer, killed_inference):
                 await wait_healthy_in_consul(suite.consul, process)
             # The restarted gateway takes its share of the load again.
@@ -353,16 +363,24 @@ async def test_one_replica_of_each_service_killed_under_load_costs_nothing_and_r
                      "predictions flowing after the rejoin")
             rejoined_cpu = gateway_cpu_seconds(killed_inference) - cpu_before[0]
             surviving_cpu = gateway_cpu_seconds(surviving) - cpu_before[1]
+            # Then the other gateway goes: the rejoined one carries the whole load alone.
+            kill_9(surviving)
+            alone = load.total
+            wait_for(lambda: load.total >= alone + 600, 60,
+                     "predictions flowing on the rejoined gateway alone")
+            await surviving.start(timeout=180)
+            await wait_healthy_in_consul(suite.consul, surviving)
         assert load.failures == [], load.failures[:5]
         assert reads.failures == [], reads.failures[:5]
         assert reads.total > 0
-        assert uploads.total > 0 and all("UNAVAILABLE" in f for f in uploads.failures), (
-            uploads.failures[:5])
+        assert uploads.total > 0 and all(f.startswith(("UNAVAILABLE", "CANCELLED"))
+                                         for f in uploads.failures), uploads.failures[:5]
         assert rejoined_cpu >= 0.25 * surviving_cpu, (rejoined_cpu, surviving_cpu)
 
         # The job's lease lapsed; the surviving trainer resumed it from its checkpoint, and
         # the client waiting on it followed its Watch over to that trainer.
         final = waiter.result(timeout=180)
+        phase("job done")
         assert final.state == job_pb2.JOB_STATE_SUCCEEDED, final.error
         assert (final.epoch, final.resume_count >= 1) == (EPOCHS, True)
         # Every metrics event the job has, once each, reached the waiting client (a run
@@ -390,7 +408,8 @@ async def test_one_replica_of_each_service_killed_under_load_costs_nothing_and_r
                 assert [listed.name for listed in direct.list_jobs("training")] == [job.name]
     finally:
         client.close()
-    print(f"scale drill: {time.monotonic() - drill_started:.0f} s after start-up; "
+    print(f"scale drill: {time.monotonic() - drill_started:.0f} s after start-up "
+          f"({', '.join(f'{name} at {at:.0f} s' for name, at in phases.items())}); "
           f"{load.total} predictions, 0 failed; {reads.total} registry reads; "
           f"{uploads.total} uploads acknowledged, {len(uploads.failures)} cut; job resumed "
           f"{final.resume_count}x; CPU s after the rejoin {rejoined_cpu:.1f} (restarted "

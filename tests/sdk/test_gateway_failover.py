@@ -181,6 +181,7 @@ def test_only_reads_and_predict_are_idempotent_and_the_policy_is_checked():
     assert 0.15 <= policy.backoff_seconds(4) <= 0.3  # capped
     unavailable, invalid = maas.Unavailable("gone"), maas.InvalidArgument("bad input")
     assert policy.should_retry("Predict", unavailable, 4)
+    assert policy.should_retry("GetModel", maas.Cancelled("a replica shutting down"), 1)
     assert not policy.should_retry("Predict", unavailable, 5)
     assert not policy.should_retry("Predict", invalid, 1)
     assert not policy.should_retry("CreateDeployment", unavailable, 1)

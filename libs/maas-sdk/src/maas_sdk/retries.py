@@ -1,13 +1,14 @@
 """Which calls the SDK repeats when a replica is unreachable, how often, and how long it waits.
 
-A call that fails UNAVAILABLE (the replica died, restarts, or its Triton is down) is sent
-again, after a short jittered backoff, through the same round-robin channel, which picks the
-next healthy replica. Only calls that can run twice without changing the outcome are
+A call that fails UNAVAILABLE (the replica died, restarts, or its Triton is down), or
+CANCELLED without the caller asking (a replica shutting down cancels the calls it still holds;
+the SDK never cancels a call itself), is sent again after a short jittered backoff to the next
+replica (`maas_sdk.replicas`). Only calls that can run twice without changing the outcome are
 repeated: reads (`Get…`, `List…`, and `Watch…` streams, resumed after their last event) and
-`Predict`. Creates, updates, deletes, uploads and
-cancels are not: the suite keeps no request ids to recognise a repeated write, so a create
-whose reply was lost could run twice (or answer ALREADY_EXISTS for its own first attempt);
-their UNAVAILABLE reaches the caller, who knows whether repeating is safe.
+`Predict`. Creates, updates, deletes, uploads and cancels are not: the suite keeps no request
+ids to recognise a repeated write, so a create whose reply was lost could run twice (or answer
+ALREADY_EXISTS for its own first attempt); their UNAVAILABLE reaches the caller, who knows
+whether repeating is safe.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from maas_runtime.errors import MaasError, Unavailable
+from maas_runtime.errors import Cancelled, MaasError, Unavailable
 
 __all__ = ["RetryPolicy", "is_idempotent"]
 
@@ -30,7 +31,8 @@ def is_idempotent(method: str) -> bool:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Bounded attempts of an idempotent call on UNAVAILABLE, with exponential backoff.
+    """Bounded attempts of an idempotent call on UNAVAILABLE (or a CANCELLED the caller did
+    not ask for), with exponential backoff.
 
     The n-th retry waits a random time between half and all of
     `min(max_backoff_seconds, initial_backoff_seconds * backoff_multiplier ** (n - 1))`,
@@ -56,7 +58,7 @@ class RetryPolicy:
     def should_retry(self, method: str, error: MaasError, attempt: int) -> bool:
         """Whether attempt number `attempt` (1-based) of `method`, failed with `error`, is
         followed by another."""
-        return (attempt < self.max_attempts and isinstance(error, Unavailable)
+        return (attempt < self.max_attempts and isinstance(error, Unavailable | Cancelled)
                 and is_idempotent(method))
 
     def backoff_seconds(self, attempt: int) -> float:
