@@ -57,7 +57,9 @@ async def test_maas_import_gguf_converts_to_bf16_and_registers_both_with_lineage
     with Client(targets={"registry": target}, token=token) as client:
         archive = tmp_path / "bf16.zip"
         await asyncio.to_thread(client.download, bf16["name"], archive)
-        assert client.get_version(bf16["name"]).format == model_pb2.MODEL_FORMAT_CAUSAL_LM
+        version = await asyncio.to_thread(client.get_version, bf16["name"])
+    assert version.format == model_pb2.MODEL_FORMAT_CAUSAL_LM
+    assert version.labels["llm.dtype"] == "bfloat16"
     directory = unzip_causal_lm(archive, tmp_path / "bf16")
     answer = await asyncio.to_thread(greedy_answer, directory)
     assert "Paris" in answer
