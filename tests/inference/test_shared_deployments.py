@@ -32,7 +32,13 @@ from maas_registry.server import build_server as build_registry
 from maas_registry.settings import RegistrySettings
 from maas_runtime.auth import ANONYMOUS_ADMIN
 from maas_runtime.client import open_channel
-from maas_runtime.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
+from maas_runtime.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    NotFound,
+    Unavailable,
+)
 from maas_runtime.pagination import PageTokenCodec
 from maas_runtime.peers import PeerChannel
 from maas_runtime.registry_client import RegistryClient
@@ -87,6 +93,43 @@ def test_the_store_keeps_records_on_both_backends(table_url):
         assert store.shared is table_url.startswith("postgresql")
     finally:
         store.close()
+
+
+def test_a_change_conditional_on_the_etag_read_is_made_by_exactly_one_writer(table_url):
+    """Replicas changing a deployment at once (two updates, or every replica following an
+    alias move) race on the record's etag: exactly one takes it; the others are ABORTED
+    (ETAG_MISMATCH) and the record is the winner's."""
+    stores = [SqlDeploymentStore.open(table_url) for _ in range(4)]
+    try:
+        stores[0].create("d", _record("d", 1))
+        read = stores[0].get("d")["etag"]
+        barrier = threading.Barrier(len(stores))
+        outcomes: dict[int, str] = {}
+
+        def roll_out(number: int) -> None:
+            barrier.wait()
+            try:
+                stores[number].put("d", {**_record("d", 10 + number), "etag": f"w{number}"},
+                                   read)
+                outcomes[number] = "took it"
+            except Aborted as exc:
+                outcomes[number] = exc.reason
+
+        threads = [threading.Thread(target=roll_out, args=(n,)) for n in range(len(stores))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        winners = [number for number, outcome in outcomes.items() if outcome == "took it"]
+        assert len(winners) == 1 and len(outcomes) == len(stores)
+        assert sorted(set(outcomes.values())) == ["ETAG_MISMATCH", "took it"]
+        assert stores[1].get("d")["etag"] == f"w{winners[0]}"
+        stores[2].delete("d")
+        with pytest.raises(Aborted):  # gone meanwhile
+            stores[0].put("d", _record("d", 2), f"w{winners[0]}")
+    finally:
+        for store in stores:
+            store.close()
 
 
 def test_a_deployment_table_from_before_migrations_is_adopted(tmp_path):
@@ -401,6 +444,20 @@ async def test_a_replica_that_cannot_load_a_deployment_keeps_it_to_itself(
         assert (on_a["state"], on_a["etag"]) == ("DEPLOYMENT_STATE_READY", created["etag"])
         assert a.controller.replica_loads()["digits"].state == "DEPLOYMENT_STATE_READY"
         assert a.routes.get("digits") is not None
+
+        # Deleted through b while a is still creating it: a's create does not resurrect it.
+        creating = asyncio.create_task(a.controller.create(
+            "brief", {"model": "models/digits/versions/1"}, ANONYMOUS_ADMIN))
+        await _until(lambda: "brief" in dict(a.store.list("", 10)), 10)
+        await b.controller.delete("deployments/brief", ANONYMOUS_ADMIN)
+        assert not creating.done(), "the create must still be loading for this check"
+        with pytest.raises(Aborted) as aborted:
+            await creating
+        assert aborted.value.reason == "DELETED_WHILE_CREATING"
+        with pytest.raises(NotFound):
+            a.store.get("brief")
+        assert a.routes.get("brief") is None and "brief" not in a.controller.replica_loads()
+        assert not await a.triton.is_model_ready("brief.digits.v1")
 
 
 class FailingController(RecordingController):

@@ -338,8 +338,8 @@ class DeploymentController:
         _require_models(principal, spec)
         self._routes.require_triton()
         async with self._lock(deployment_id):
-            await asyncio.to_thread(self._store.create, deployment_id,
-                                    self._record(deployment_id, spec, CREATING))
+            creating = self._record(deployment_id, spec, CREATING)
+            await asyncio.to_thread(self._store.create, deployment_id, creating)
             try:
                 route, resolved = await self._build_route(deployment_id, spec)
             except BaseException:
@@ -347,7 +347,14 @@ class DeploymentController:
                 raise
             await self._routes.switch(deployment_id, LiveRoute(route))
             record = self._record(deployment_id, spec, READY, route=route, resolved=resolved)
-            await asyncio.to_thread(self._store.put, deployment_id, record)
+            try:
+                await asyncio.to_thread(self._store.put, deployment_id, record,
+                                        creating["etag"])
+            except errors.Aborted:  # deleted through another replica while it loaded here
+                await self._routes.remove(deployment_id)
+                await self._unload(route.models, keep=self._routes.models_in_use())
+                raise errors.Aborted(f"deployments/{deployment_id} was deleted while it was "
+                                     "being created", reason="DELETED_WHILE_CREATING") from None
             self._replica_loads[deployment_id] = ReplicaLoad(READY)
         return self._view(deployment_id, record)
 
@@ -417,29 +424,40 @@ class DeploymentController:
 
     async def _roll_out(self, deployment_id: str, current: dict, spec: dict,
                         pinned: dict | None = None) -> dict:
-        """Load the new route, switch to it, drain and unload what is no longer used."""
+        """Load the new route, switch to it, drain and unload what is no longer used.
+
+        The record is taken for the rollout only if it is still `current` (compare-and-set
+        on its etag, ABORTED otherwise), so of replicas that change a deployment at once
+        (two updates, or every replica following an alias move) exactly one performs and
+        records the rollout; the others follow its record. Only the taker writes after it."""
         self._routes.require_triton()
-        await asyncio.to_thread(self._store.put, deployment_id,
-                                {**current, "state": ROLLING_OUT, "update_time": _now()})
+        rolling = {**current, "state": ROLLING_OUT, "update_time": _now(),
+                   "etag": uuid.uuid4().hex[:16]}
+        await asyncio.to_thread(self._store.put, deployment_id, rolling, current["etag"])
         try:
             route, resolved = await self._build_route(deployment_id, spec, pinned)
         except BaseException as exc:
-            await asyncio.to_thread(self._store.put, deployment_id, {
-                **current, "message": f"rollout failed: {exc}", "update_time": _now()})
+            with contextlib.suppress(errors.Aborted):  # deleted meanwhile: nothing to restore
+                await asyncio.to_thread(self._store.put, deployment_id, {
+                    **current, "message": f"rollout failed: {exc}", "update_time": _now()},
+                    rolling["etag"])
             raise
         previous = self._routes.get(deployment_id)
         # The switch (one assignment), and the data plane's, before anything is drained.
         await self._routes.switch(deployment_id, LiveRoute(route))
         record = self._record(deployment_id, spec, READY, route=route, resolved=resolved,
                               created=current.get("create_time"))
-        await asyncio.to_thread(self._store.put, deployment_id, record)
         self._replica_loads[deployment_id] = ReplicaLoad(READY)
-        if previous is not None:
-            retired = previous.route.models - route.models
-            if not await self._routes.in_flight.drained(retired,
-                                                        self._defaults.drain_seconds):
-                _log.warning("requests on %s did not drain in time; unloading anyway", retired)
-            await self._unload(retired, keep=self._routes.models_in_use())
+        try:
+            await asyncio.to_thread(self._store.put, deployment_id, record, rolling["etag"])
+        finally:  # recorded, or deleted meanwhile (the follower drops the route): unload
+            if previous is not None:
+                retired = previous.route.models - route.models
+                if not await self._routes.in_flight.drained(retired,
+                                                            self._defaults.drain_seconds):
+                    _log.warning("requests on %s did not drain in time; unloading anyway",
+                                 retired)
+                await self._unload(retired, keep=self._routes.models_in_use())
         return self._view(deployment_id, record)
 
     async def delete(self, name: str, principal: Principal) -> None:
@@ -603,6 +621,9 @@ class DeploymentController:
                 await self._roll_out(deployment_id, record, spec)
             except errors.Unavailable:
                 raise
+            except errors.Aborted:
+                _log.info("%s: another replica rolls out the alias move; following its record",
+                          deployment_id)
             except errors.MaasError as exc:
                 _log.warning("could not follow alias for %s: %s", deployment_id, exc.message)
 

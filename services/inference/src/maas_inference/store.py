@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from maas_runtime.database import create_database_engine, is_postgresql, migrate, sqlite_url
-from maas_runtime.errors import AlreadyExists, NotFound
+from maas_runtime.errors import Aborted, AlreadyExists, NotFound
 from sqlalchemy import (
     JSON,
     Column,
@@ -68,7 +68,10 @@ class DeploymentStore(abc.ABC):
     def get(self, deployment_id: str) -> dict: ...
 
     @abc.abstractmethod
-    def put(self, deployment_id: str, record: dict) -> None: ...
+    def put(self, deployment_id: str, record: dict, expected_etag: str | None = None) -> None:
+        """Replace the record; with `expected_etag`, only while the stored record still has
+        that etag (ABORTED, ETAG_MISMATCH, otherwise: another replica changed or deleted it
+        since it was read), checked and written in one statement."""
 
     @abc.abstractmethod
     def delete(self, deployment_id: str) -> None: ...
@@ -135,10 +138,15 @@ class SqlDeploymentStore(DeploymentStore):
             raise NotFound("deployment", f"deployments/{deployment_id}")
         return dict(record)
 
-    def put(self, deployment_id: str, record: dict) -> None:
+    def put(self, deployment_id: str, record: dict, expected_etag: str | None = None) -> None:
+        statement = update(deployments).where(deployments.c.id == deployment_id)
+        if expected_etag is not None:
+            statement = statement.where(deployments.c.record["etag"].as_string() == expected_etag)
         with self._write(deployment_id, record) as connection:
-            connection.execute(update(deployments).where(deployments.c.id == deployment_id)
-                               .values(record=record))
+            if connection.execute(statement.values(record=record)).rowcount == 0 and (
+                    expected_etag is not None):
+                raise Aborted(f"deployments/{deployment_id} changed since it was read",
+                              reason="ETAG_MISMATCH")
 
     def delete(self, deployment_id: str) -> None:
         with self._write(deployment_id, None) as connection:
