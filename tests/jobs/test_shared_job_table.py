@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -438,3 +438,23 @@ async def test_a_replica_shutting_down_hands_its_jobs_over_at_once(postgres_url,
         await b.stop()
         store_a.close()
         store_b.close()
+
+
+def test_a_replica_whose_clock_runs_ahead_takes_over_no_live_lease(postgres_url, monkeypatch):
+    """Leases are granted, renewed and judged by PostgreSQL's clock, not the replicas' own."""
+    a = SqlJobStore.open(postgres_url, COLLECTION)
+    b = SqlJobStore.open(postgres_url, COLLECTION)
+    try:
+        a.create(JobDraft("j", {}, "t", "alice"), "queued")
+        a.claim("j", "replica-a", 30, "started by replica-a")
+        monkeypatch.setattr("maas_jobs.store.utc_now",
+                            lambda: datetime.now(UTC) + timedelta(hours=1))  # b's clock
+        assert b.lapsed("replica-b") == []
+        assert b.take_over("j", "replica-b", 30, "b believes a's lease lapsed") is None
+        assert a.renew_leases("replica-a", ["j"], 30) == {"j"}
+        a.release_leases("replica-a", ["j"])  # a stops gracefully: lapsed at once
+        assert [job.job_id for job in b.lapsed("replica-b")] == ["j"]
+        assert b.take_over("j", "replica-b", 30, "a released it").lease_owner == "replica-b"
+    finally:
+        a.close()
+        b.close()

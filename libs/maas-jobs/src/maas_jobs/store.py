@@ -255,6 +255,14 @@ class SqlJobStore(JobStore):
         with self._engine.connect() as connection:
             yield connection
 
+    def _lease_now(self, connection: Connection) -> datetime:
+        """The clock leases are granted, renewed and judged by: the database's when replicas
+        share it (a replica whose own clock runs ahead would otherwise take over jobs whose
+        leases are live), this process's on SQLite (one instance)."""
+        if self._shared:
+            return _aware(connection.execute(select(func.statement_timestamp())).scalar_one())
+        return utc_now()
+
     # -- rows ---------------------------------------------------------------------------------
 
     @staticmethod
@@ -373,8 +381,8 @@ class SqlJobStore(JobStore):
 
     def claim(self, job_id: str, owner: str, lease_seconds: float,
               reason: str) -> JobRecord | None:
-        now = utc_now()
         with self._write() as connection:
+            now = self._lease_now(connection)
             row = connection.execute(
                 select(t.jobs)
                 .where(t.jobs.c.job_id == job_id, t.jobs.c.state == JobState.QUEUED.value)
@@ -398,15 +406,16 @@ class SqlJobStore(JobStore):
         return (t.jobs.c.state == JobState.RUNNING.value) & or_(*lapsed)
 
     def lapsed(self, owner: str, *, own_too: bool = True) -> builtins.list[JobRecord]:
-        query = select(t.jobs).where(self._may_take_over(owner, utc_now(), own_too))
         with self._read() as connection:
+            query = select(t.jobs).where(self._may_take_over(
+                owner, self._lease_now(connection), own_too))
             rows = connection.execute(query.order_by(t.jobs.c.pk)).all()
         return [self._record(row) for row in rows]
 
     def take_over(self, job_id: str, owner: str, lease_seconds: float,
                   reason: str) -> JobRecord | None:
-        now = utc_now()
         with self._write() as connection:
+            now = self._lease_now(connection)
             row = connection.execute(
                 select(t.jobs)
                 .where(t.jobs.c.job_id == job_id, self._may_take_over(owner, now))
@@ -429,7 +438,7 @@ class SqlJobStore(JobStore):
                 & (t.jobs.c.state == JobState.RUNNING.value))
         with self._write() as connection:
             connection.execute(update(t.jobs).where(held).values(
-                lease_expires=utc_now() + timedelta(seconds=lease_seconds)))
+                lease_expires=self._lease_now(connection) + timedelta(seconds=lease_seconds)))
             return set(connection.execute(select(t.jobs.c.job_id).where(held)).scalars())
 
     def release_leases(self, owner: str, job_ids: Iterable[str]) -> None:
@@ -439,7 +448,8 @@ class SqlJobStore(JobStore):
         with self._write() as connection:
             connection.execute(update(t.jobs).where(
                 t.jobs.c.job_id.in_(ids), t.jobs.c.lease_owner == owner,
-                t.jobs.c.state == JobState.RUNNING.value).values(lease_expires=utc_now()))
+                t.jobs.c.state == JobState.RUNNING.value).values(
+                    lease_expires=self._lease_now(connection)))
 
     def start_publishing(self, job_id: str, owner: str) -> JobRecord | None:
         with self._write() as connection:
