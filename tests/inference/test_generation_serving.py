@@ -192,9 +192,10 @@ async def test_the_sdk_and_maas_chat_stream_answers(suite):
                 lambda: client.generate("chat", prompt="hi", temperature=-1).text())
         assert [v.field for v in refused.value.field_violations] == ["temperature"]
 
-    def cli(*args: str):
+    def cli(*args: str, typed: str | None = None):
         result = CliRunner().invoke(maas_cli, ["--target", f"inference={suite.target}",
-                                               "--token", suite.token, *args], prog_name="maas")
+                                               "--token", suite.token, *args], input=typed,
+                                    prog_name="maas")
         return result.exit_code, result.stdout, result.stderr
 
     code, out, err = await asyncio.to_thread(
@@ -206,6 +207,12 @@ async def test_the_sdk_and_maas_chat_stream_answers(suite):
     code, out, err = await asyncio.to_thread(
         cli, "chat", "chat", "--prompt", QUESTION, "--max-tokens", "12", "--temperature", "0")
     assert code == 0 and "Paris" in out, err
+    # Interactive: two turns (the second needs the first in the history), then /exit.
+    code, out, err = await asyncio.to_thread(
+        cli, "chat", "chat", "--max-tokens", "12", "--temperature", "0",
+        typed=f"{QUESTION}\nRepeat the city's name only.\n/exit\n")
+    assert code == 0, err
+    assert out.count("you> ") == 3 and out.count("Paris") >= 2, out
 
 
 async def test_the_openai_client_on_the_real_model(suite):

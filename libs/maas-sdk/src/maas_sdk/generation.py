@@ -74,11 +74,13 @@ class Generation:
         """"stop", "length" or "cancelled" once the stream ended; None before."""
         self.usage: GenerationUsage | None = None
         self._chunks: list[str] = []
+        self._ended = False
 
     def __iter__(self) -> Iterator[str]:
-        while True:
+        while not self._ended:
             message: Any = self._messages.get()
             if message is _END:
+                self._ended = True
                 return
             if isinstance(message, grpc.RpcError):
                 raise self._to_error(message) from None
