@@ -19,6 +19,8 @@ class JobServiceSettings(ServiceSettings, KubernetesExecutorSettings):
     """The pool, the registry and the job runtime of a service that runs jobs (as local
     processes, or on Kubernetes: `KubernetesExecutorSettings`)."""
 
+    model_config = ServiceSettings.model_config
+
     worker_slots: int = Field(default=1, ge=1)
     """Size of the resource pool: worker processes that may run at once."""
 
