@@ -26,7 +26,7 @@ from maas_llm.sampling import SamplingParams
 
 from tests.support.llm import smollm2_causal_lm
 
-ROUNDS = 3
+ROUNDS = 5
 MAX_TOKENS = 48
 QUESTIONS = [
     "Write one sentence about the sea.",
