@@ -148,7 +148,10 @@ async def test_bad_input_is_an_error_naming_the_code_and_the_field(triton, gener
         client.async_stream_infer(generation_model, request_inputs(prompt, {"temperature": -1}))
         client.async_stream_infer(generation_model, request_inputs("", {"max_tokens": 4}))
         client.async_stream_infer(generation_model, request_inputs(prompt, {"max_tokens": 9000}))
-        errors = sorted(stream.collect(4)["errors"])
+        not_utf8 = triton_grpc.InferInput("text_input", [1], "BYTES")
+        not_utf8.set_data_from_numpy(np.array([b"\xff\xfe caf\xe9"], dtype=np.object_))
+        client.async_stream_infer(generation_model, [not_utf8])
+        errors = sorted(stream.collect(5)["errors"])
     finally:
         client.stop_stream()
         client.close()
@@ -156,6 +159,7 @@ async def test_bad_input_is_an_error_naming_the_code_and_the_field(triton, gener
     assert any("INVALID_ARGUMENT: temperature: " in e for e in errors), errors
     assert any("INVALID_ARGUMENT: text_input: the prompt is empty" in e for e in errors), errors
     assert any("INVALID_ARGUMENT: max_tokens: 9000 new tokens" in e for e in errors), errors
+    assert any("INVALID_ARGUMENT: text_input: is not valid UTF-8" in e for e in errors), errors
 
 
 @pytest.mark.asyncio(loop_scope="session")
