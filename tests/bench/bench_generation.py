@@ -17,7 +17,8 @@ threads, taking turns with the gateway runs (never at the same time). Interleave
 Goals (issue 13): one stream ≥ 0.9× generate; eight streams ≥ 3× one stream; p50 TTFT under
 the flood within 1.5× of unloaded. Medians printed; nothing gates on a time.
 
-Run: `.venv/bin/python -m tests.bench.bench_generation`.
+Run: `.venv/bin/python -m tests.bench.bench_generation` (MAAS_BENCH_ROUNDS, MAAS_BENCH_MAX_TOKENS
+and MAAS_BENCH_TTFT_SAMPLES override 3, 48 and 6).
 """
 
 from __future__ import annotations
@@ -35,18 +36,28 @@ import torch
 from maas.common.v1 import tensor_pb2
 from maas.inference.v1 import deployment_pb2, inference_service_pb2 as inf, inference_service_pb2_grpc
 from maas.registry.v1 import model_pb2, registry_service_pb2 as rs, registry_service_pb2_grpc
+from maas_inference.generation import (
+    SamplingParameters,
+    read_model_step,
+    triton_generate_request,
+)
+from maas_inference.triton.client import TritonClient
 from maas_llm.prompts import PromptRenderer
 from maas_runtime.auth import Role, add_token
 from maas_runtime.client import open_channel
 
 from tests.registry.helpers import model_upload_requests
 from tests.support.llm import smollm2_causal_lm, smollm2_causal_lm_zip
-from tests.support.processes import ServiceProcess, inference_process
+from tests.support.processes import ServiceProcess, free_port, inference_process
 
-ROUNDS = 3
-MAX_TOKENS = 48
+ROUNDS = int(os.environ.get("MAAS_BENCH_ROUNDS", "3"))
+MAX_TOKENS = int(os.environ.get("MAAS_BENCH_MAX_TOKENS", "48"))
+"""Both overridable: on a machine other work loads, one round of fewer tokens still gives the
+ratios (noisier)."""
 FLOOD_STREAMS = 4
-TTFT_SAMPLES = 6
+TTFT_SAMPLES = int(os.environ.get("MAAS_BENCH_TTFT_SAMPLES", "6"))
+TTFT_TOKENS = 4
+"""The time-to-first-token samples stop early: only their first token is measured."""
 QUESTIONS = [
     "Write one sentence about the sea.",
     "What is the capital of France?",
@@ -60,20 +71,20 @@ QUESTIONS = [
 LIMITS = f"tenants:\n  flooder: {{concurrent_streams: {FLOOD_STREAMS}}}\n"
 
 
-def request(question: str) -> inf.GenerateRequest:
+def request(question: str, max_tokens: int = MAX_TOKENS) -> inf.GenerateRequest:
     return inf.GenerateRequest(
-        deployment="deployments/chat", max_tokens=MAX_TOKENS, temperature=0,
+        deployment="deployments/chat", max_tokens=max_tokens, temperature=0,
         conversation=inf.Conversation(messages=[inf.ChatMessage(role="user", content=question)]))
 
 
 async def one_stream(stub: inference_service_pb2_grpc.InferenceServiceStub,
-                     question: str) -> tuple[int, float, float]:
+                     question: str, max_tokens: int = MAX_TOKENS) -> tuple[int, float, float]:
     """(completion tokens, seconds from the request to the last token, time to first token
     as the caller saw it)."""
     started = time.perf_counter()
     first = None
     tokens = 0
-    async for response in stub.Generate(request(question)):
+    async for response in stub.Generate(request(question, max_tokens)):
         if response.WhichOneof("event") == "delta" and response.delta.token_count:
             first = first or time.perf_counter() - started
             tokens += response.delta.token_count
@@ -121,8 +132,10 @@ async def main() -> None:
         (root / "limits.yaml").write_text(LIMITS)
         registry = ServiceProcess("registry", root / "registry")
         await registry.start()
+        triton_port = free_port()
         inference = inference_process(
             root, registry, tenancy_file=str(root / "limits.yaml"),
+            triton_grpc_port=str(triton_port),
             generation_max_running_streams="8", generation_max_waiting_streams="32",
             generation_torch_threads="2")
         try:
@@ -148,15 +161,32 @@ async def main() -> None:
                     timeout=600)
             await asyncio.sleep(1.2)  # the new tokens reach the data plane
             figures = await measure(inference.target, measured_token, flooder_token,
-                                    generate_one)
+                                    generate_one, f"127.0.0.1:{triton_port}")
         finally:
             inference.terminate()
             registry.terminate()
     print_table(figures)
 
 
+async def direct_stream(triton: TritonClient, prompt: str) -> tuple[int, float]:
+    """(completion tokens, seconds) of one generation sent to Triton's own port: the same
+    model without the gateway, to tell the gateway's cost from the engine's."""
+    started = time.perf_counter()
+    stream = triton.open_stream()
+    try:
+        await stream.send(triton_generate_request(
+            "chat.smollm.v1", prompt, SamplingParameters(max_tokens=MAX_TOKENS, temperature=0),
+            "direct"))
+        while True:
+            step = read_model_step(await stream.receive(), "chat")
+            if step.final:
+                return int(step.usage.get("completion_tokens", 0)), time.perf_counter() - started
+    finally:
+        await stream.close()
+
+
 async def measure(target: str, measured_token: str, flooder_token: str,
-                  generate_one) -> dict[str, list[float]]:
+                  generate_one, triton_target: str) -> dict[str, list[float]]:
     figures: dict[str, list[float]] = {}
 
     def add(name: str, value: float) -> None:
@@ -168,11 +198,17 @@ async def measure(target: str, measured_token: str, flooder_token: str,
         flooder = inference_service_pb2_grpc.InferenceServiceStub(flooder_channel)
         await one_stream(stub, QUESTIONS[0])  # warm-up: the engine's first forward passes
         generate_one()
-        for _ in range(ROUNDS):
+        triton = TritonClient(triton_target)
+        prompt = PromptRenderer.from_directory(smollm2_causal_lm()).render(
+            [{"role": "user", "content": QUESTIONS[0]}])
+        for round_number in range(ROUNDS):
+            print(f"round {round_number + 1}/{ROUNDS}", flush=True)
             tokens, seconds, ttft = await one_stream(stub, QUESTIONS[0])
             add("gateway one stream tokens/s", tokens / seconds)
             add("gateway one stream TTFT s", ttft)
             add("generate one stream tokens/s", await asyncio.to_thread(generate_one))
+            tokens, seconds = await direct_stream(triton, prompt)
+            add("Triton direct one stream tokens/s", tokens / seconds)
 
             started = time.perf_counter()
             results = await asyncio.gather(*(one_stream(stub, q) for q in QUESTIONS))
@@ -180,17 +216,20 @@ async def measure(target: str, measured_token: str, flooder_token: str,
                 (time.perf_counter() - started))
             add("gateway 8 streams p50 TTFT s", statistics.median(r[2] for r in results))
 
-            unloaded = [(await one_stream(stub, q))[2] for q in QUESTIONS[:TTFT_SAMPLES]]
+            unloaded = [(await one_stream(stub, q, TTFT_TOKENS))[2]
+                        for q in QUESTIONS[:TTFT_SAMPLES]]
             add("unloaded p50 TTFT s", statistics.median(unloaded))
             stop = asyncio.Event()
             flooders = [asyncio.create_task(flood(flooder, stop))
                         for _ in range(FLOOD_STREAMS + 2)]  # two more than its limit
             await asyncio.sleep(1.0)
-            loaded = [(await one_stream(stub, q))[2] for q in QUESTIONS[:TTFT_SAMPLES]]
+            loaded = [(await one_stream(stub, q, TTFT_TOKENS))[2]
+                      for q in QUESTIONS[:TTFT_SAMPLES]]
             stop.set()
             with contextlib.suppress(grpc.aio.AioRpcError):
                 await asyncio.gather(*flooders)
             add("flooded p50 TTFT s", statistics.median(loaded))
+        await triton.close()
     return figures
 
 
@@ -204,6 +243,9 @@ def print_table(figures: dict[str, list[float]]) -> None:
     print("\nRatios (goal)")
     print(f"  one stream, gateway / generate       {one / median['generate one stream tokens/s']:.2f}x"
           "   (>= 0.9x)")
+    print(f"  one stream, Triton direct / generate "
+          f"{median['Triton direct one stream tokens/s'] / median['generate one stream tokens/s']:.2f}x"
+          "   (the engine in Triton without the gateway)")
     print(f"  8 streams aggregate / one stream     {median['gateway 8 streams tokens/s'] / one:.2f}x"
           "   (>= 3x)")
     print(f"  flooded p50 TTFT / unloaded          "
