@@ -181,7 +181,12 @@ def build_image(service: str, options: BuildOptions, target: str = "") -> str:
             "-f", str(IMAGES_DIR / f"{service}.Containerfile"), "-t", name,
             "--build-arg", f"VERSION={options.version}",
             "--build-arg", f"REVISION={options.revision}",
-            "--build-arg", f"SOURCE={options.source}"]
+            "--build-arg", f"SOURCE={options.source}",
+            # Also as labels of the commit: buildah reuses a cached LABEL step whatever the
+            # arguments' values, which would leave an earlier revision on the image.
+            "--label", f"org.opencontainers.image.version={options.version}",
+            "--label", f"org.opencontainers.image.revision={options.revision}",
+            "--label", f"org.opencontainers.image.source={options.source}"]
     if service == TRITON:
         args += ["--build-arg", f"BASE={options.triton_base}"]
     else:

@@ -6,8 +6,8 @@ from (the debootstrap bookworm root with Python 3.11), and the naive single-stag
 service (its Containerfile's builder stage: toolchain, build files and all), which the
 multi-stage build is meant to shrink. Goal: the inference image under 400 MB with no torch.
 
-Run: `make bench` (or `.venv/bin/python -m tests.bench.bench_images`); `make images` first
-saves the build time here.
+Run: `make bench` (or `.venv/bin/python -m tests.bench.bench_images [service ...]`); `make
+images` first saves the build time here.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ TORCH = {"torch", "torchao"}
 
 def main() -> None:
     builder = image_builder()
-    services = builder.SERVICES
+    # Services named on the command line, else every one.
+    services = tuple(sys.argv[1:]) or builder.SERVICES
     started = time.monotonic()
     options = builder.BuildOptions(
         base=builder.ensure_local_base(), version=VERSION, revision=builder.git_revision(),

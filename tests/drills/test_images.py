@@ -108,7 +108,8 @@ def stop_tree(process: subprocess.Popen) -> None:
 async def test_the_inference_image_serves_health_as_non_root_without_torch_under_400_mb(
         tmp_path):
     started = time.monotonic()
-    await asyncio.to_thread(build_images, ["inference"], IMAGE_VERSION)
+    revision = f"drill-{time.time_ns()}"  # unlike any earlier build's
+    await asyncio.to_thread(build_images, ["inference"], IMAGE_VERSION, revision)
     build_seconds = time.monotonic() - started
     size_mb = image_size_mb(IMAGE)
     labels = image_builder().image_labels(IMAGE)
@@ -116,10 +117,7 @@ async def test_the_inference_image_serves_health_as_non_root_without_torch_under
           f"built in {build_seconds:.0f} s")
     assert size_mb < SIZE_GOAL_MB
     assert labels["org.opencontainers.image.version"] == IMAGE_VERSION
-    # The commit the build began from (others may commit while it runs).
-    revision = labels["org.opencontainers.image.revision"]
-    assert subprocess.run(["git", "-C", str(BUILD_SCRIPT.parent), "cat-file", "-e",
-                           f"{revision}^{{commit}}"], check=False).returncode == 0
+    assert labels["org.opencontainers.image.revision"] == revision
     assert labels["org.opencontainers.image.source"].startswith("https://")
 
     triton = TritonServerProcess(TritonProcessConfig(

@@ -41,10 +41,12 @@ def image_builder() -> ModuleType:
     return module
 
 
-def build_images(services: Sequence[str], version: str) -> None:
+def build_images(services: Sequence[str], version: str, revision: str = "") -> None:
     """Build (layers cached) as `make images` does: the debootstrap base, torch from the wheels
-    on this machine's disk when they are there."""
+    on this machine's disk when they are there; `revision` defaults to git HEAD."""
     command = [sys.executable, str(BUILD_SCRIPT), *services, "--version", version]
+    if revision:
+        command += ["--revision", revision]
     if TORCH_WHEELS.is_dir():
         command += ["--torch-wheels", str(TORCH_WHEELS)]
     subprocess.run(command, check=True)
