@@ -16,8 +16,6 @@ from maas.common.v1 import tensor_pb2
 from maas.registry.v1 import model_pb2, registry_service_pb2 as rs, registry_service_pb2_grpc
 from maas_cli.main import app as maas_cli
 from maas_llm.models import smollm2_gguf_path
-from maas_registry.server import build_server as build_registry
-from maas_registry.settings import RegistrySettings
 from maas_runtime.client import open_channel
 from maas_runtime.errors import InvalidArgument
 from maas_runtime.grpc_errors import status_details, unpack_detail
@@ -27,18 +25,15 @@ from typer.testing import CliRunner
 from tests.registry.helpers import model_upload_requests
 from tests.support.grpc_asserts import expect_error
 from tests.support.llm import smollm2_causal_lm, smollm2_causal_lm_zip
+from tests.support.registry_server import registry_in_process
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def registry(tmp_path_factory):
-    root = tmp_path_factory.mktemp("llm-import")
-    server = build_registry(RegistrySettings(state_dir=root / "registry", port=0))
-    port = await server.start()
-    token = (root / "registry" / "admin.token").read_text().strip()
-    yield f"127.0.0.1:{port}", token
-    await server.stop(0)
+    async with registry_in_process(tmp_path_factory.mktemp("llm-import")) as served:
+        yield served
 
 
 def reason(error: grpc.aio.AioRpcError) -> str:
