@@ -12,6 +12,7 @@ torch helpers live in `maas_formats.torch_io`, which is not imported here so tha
 and inference images work without torch installed.
 """
 
+from maas_formats._atomic import atomic_output_directory
 from maas_formats.artifacts import (
     DATASET_FORMAT_BY_PROTO_NAME,
     MODEL_FORMAT_BY_PROTO_NAME,
@@ -86,6 +87,7 @@ __all__ = [
     "TensorSignature",
     "TensorSignatureSpec",
     "WeightTensorSpec",
+    "atomic_output_directory",
     "load_dataset",
     "load_model_package",
     "load_text_dataset",

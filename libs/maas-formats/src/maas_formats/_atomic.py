@@ -1,4 +1,4 @@
-"""Write a file under a temporary name and rename it into place.
+"""Write a file (or a folder) under a temporary name and rename it into place.
 
 Readers (the registry's blob store, Triton's model repository) must never see half a
 package, and a crash mid-write must not leave one behind under the real name.
@@ -7,6 +7,7 @@ package, and a crash mid-write must not leave one behind under the real name.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,4 +29,22 @@ def atomic_output_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(temporary, target)
     except BaseException:
         temporary.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_output_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `path`; when the block succeeds, it replaces
+    whatever was at `path` and is renamed onto it, so a reader never sees a half-written
+    folder. On failure the temporary folder is removed and `path` is left as it was."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield staging
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
         raise

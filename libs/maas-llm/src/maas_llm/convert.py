@@ -11,10 +11,9 @@ staging folder, checked as a causal LM, then renamed into place.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from maas_formats import atomic_output_directory
 from maas_formats.gguf import read_gguf_header
 from maas_runtime.errors import InvalidArgument
 
@@ -37,9 +36,7 @@ def convert_gguf_to_causal_lm(
     if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
         raise InvalidArgument.for_field("dtype", f"{dtype!r} is not a torch floating dtype")
     destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
-    try:
+    with atomic_output_directory(destination) as staging:
         tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
         # dequantize=True: plain Linear layers holding dense weights, which save_pretrained can
         # write; the packed-GGUF modules cannot be serialized.
@@ -60,10 +57,4 @@ def convert_gguf_to_causal_lm(
         tokenizer.save_pretrained(staging)
         model.generation_config.save_pretrained(staging)
         CausalLmDirectory.open(staging)
-        if destination.exists():
-            shutil.rmtree(destination)
-        os.replace(staging, destination)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return CausalLmDirectory.open(destination)

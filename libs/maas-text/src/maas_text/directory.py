@@ -13,14 +13,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from maas_formats import atomic_output_directory
 from maas_formats.opaque import (
     HF_ONNX_WEIGHTS,
     PICKLE_CAPABLE_SUFFIXES,
@@ -272,15 +271,6 @@ def unzip_directory(
     """
     info = validate(archive_path)
     destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
-    try:
-        with zipfile.ZipFile(archive_path) as archive:
-            archive.extractall(staging)
-        if destination.exists():
-            shutil.rmtree(destination)
-        os.replace(staging, destination)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with atomic_output_directory(destination) as staging, zipfile.ZipFile(archive_path) as archive:
+        archive.extractall(staging)
     return destination / info.root if info.root else destination
