@@ -29,10 +29,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,6 +54,7 @@ from tests.compressor.torch_helpers import (
     train_in_place,
     zoo_model,
 )
+from tests.support.bench import bench_workdir
 from tests.support.processes import ServiceProcess
 
 TORCH_THREADS = 1
@@ -392,10 +391,8 @@ def print_served_table(row: ServedRow) -> None:
 
 def main() -> None:
     torch.set_num_threads(TORCH_THREADS)
-    bench_dir = Path(os.environ.get("MAAS_BENCH_DIR", ".maas/bench"))
-    bench_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=bench_dir) as tmp:
-        bench = Bench(data=digits_splits(), workdir=Path(tmp))
+    with bench_workdir() as workdir:
+        bench = Bench(data=digits_splits(), workdir=workdir)
         rows = [row(bench) for row in (*TORCH_ROWS, *ONNX_ROWS)]
         served = served_int8_vs_fp32(bench)
     print_table(rows)

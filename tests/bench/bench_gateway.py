@@ -15,15 +15,13 @@ Run: `make bench` (or `.venv/bin/python -m tests.bench.bench_gateway`).
 from __future__ import annotations
 
 import asyncio
-import os
 import statistics
-import tempfile
-from pathlib import Path
 
 from maas.registry.v1 import registry_service_pb2 as rs, registry_service_pb2_grpc
 
 from tests.bench.bench_inference import deploy, write_package
 from tests.registry.helpers import model_upload_requests
+from tests.support.bench import bench_workdir
 from tests.support.perf_analyzer import PerfFigures, run_perf_analyzer
 from tests.support.processes import ServiceProcess, free_port, inference_process
 
@@ -44,10 +42,7 @@ async def measure(target: str, model: str, concurrency: int, token: str = "") ->
 
 
 async def main() -> None:
-    bench_dir = Path(os.environ.get("MAAS_BENCH_DIR", ".maas/bench"))
-    bench_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=bench_dir) as tmp:
-        root = Path(tmp)
+    with bench_workdir() as root:
         registry = ServiceProcess("registry", root / "registry")
         await registry.start()
         triton_port = free_port()

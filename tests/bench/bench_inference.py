@@ -18,11 +18,9 @@ Run: `make bench` (or `.venv/bin/python -m tests.bench.bench_inference`).
 from __future__ import annotations
 
 import asyncio
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -48,6 +46,7 @@ from tests.bench.mlserver_reference import (
     start_mlserver,
 )
 from tests.registry.helpers import model_upload_requests
+from tests.support.bench import bench_root, bench_workdir
 from tests.support.processes import (
     ServiceProcess,
     children_named,
@@ -128,11 +127,9 @@ async def load(call, concurrency: int, seconds: float) -> tuple[int, float]:
 
 
 async def main() -> None:
-    bench_dir = Path(os.environ.get("MAAS_BENCH_DIR", ".maas/bench"))
-    bench_dir.mkdir(parents=True, exist_ok=True)
+    bench_dir = bench_root()
     mlserver, mlserver_missing = mlserver_python(bench_dir)
-    with tempfile.TemporaryDirectory(dir=bench_dir) as tmp:
-        root = Path(tmp)
+    with bench_workdir() as root:
         registry = ServiceProcess("registry", root / "registry")
         await registry.start()
         triton_port = free_port()

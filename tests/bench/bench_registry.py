@@ -18,7 +18,6 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +26,7 @@ from maas.registry.v1 import model_pb2, registry_service_pb2 as rs, registry_ser
 from sqlalchemy import insert, select
 
 from tests.support.artifacts import varint
+from tests.support.bench import bench_workdir
 from tests.support.processes import RegistryProcess
 
 CHUNK = 1024 * 1024
@@ -147,10 +147,7 @@ async def list_pages(work: Path, count: int) -> dict:
 
 
 async def main() -> None:
-    bench_dir = Path(os.environ.get("MAAS_BENCH_DIR", ".maas/bench"))
-    bench_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=bench_dir) as tmp:
-        work = Path(tmp)
+    with bench_workdir() as work:
         small = await stream_round_trip(work, 128 * 1024**2)
         large = await stream_round_trip(work, 1024**3)
         listing = await list_pages(work, 10_000)

@@ -20,10 +20,8 @@ from __future__ import annotations
 import asyncio
 import os
 import statistics
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import maas
 import numpy as np
@@ -33,6 +31,7 @@ from maas_runtime.client import open_channel
 
 from tests.bench.bench_inference import deploy, write_package
 from tests.registry.helpers import model_upload_requests
+from tests.support.bench import bench_workdir
 from tests.support.processes import ServiceProcess, inference_process, process_tree_cpu_seconds
 
 THREADS = 8
@@ -84,10 +83,7 @@ def measure(client: maas.Client, gateways: list[ServiceProcess]) -> tuple[float,
 
 
 async def main() -> None:
-    bench_dir = Path(os.environ.get("MAAS_BENCH_DIR", ".maas/bench"))
-    bench_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=bench_dir) as tmp:
-        root = Path(tmp)
+    with bench_workdir() as root:
         registry = ServiceProcess("registry", root / "registry")
         await registry.start()
         # One tokens file for both gateways, so one token is good at either.

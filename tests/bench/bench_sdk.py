@@ -16,9 +16,7 @@ Run: `make bench` (or `.venv/bin/python -m tests.bench.bench_sdk`).
 from __future__ import annotations
 
 import asyncio
-import os
 import statistics
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +27,7 @@ import numpy as np
 import tritonclient.grpc as triton_grpc
 
 from tests.bench.bench_inference import write_package
+from tests.support.bench import bench_workdir
 from tests.support.processes import ServiceProcess
 
 ROUNDS = 7
@@ -58,10 +57,7 @@ def throughput(call: Callable[[], object], concurrency: int, seconds: float) -> 
 
 
 def main() -> None:
-    bench_dir = Path(os.environ.get("MAAS_BENCH_DIR", ".maas/bench"))
-    bench_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=bench_dir) as tmp:
-        root = Path(tmp)
+    with bench_workdir() as root:
         registry = ServiceProcess("registry", root / "registry")
         inference = ServiceProcess("inference", root / "inference", registry_target=registry.target,
                                    client_token_file=str(root / "registry" / "admin.token"))

@@ -25,14 +25,13 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from maas.common.v1 import job_pb2
 from maas.trainer.v1 import trainer_service_pb2 as ts, training_job_pb2 as tj
 
+from tests.support.bench import bench_workdir
 from tests.support.processes import RegistryProcess
 from tests.trainer.helpers import TrainerProcess, digits_spec
 
@@ -124,10 +123,7 @@ def _verdict(met: bool) -> str:
 
 
 async def main() -> None:
-    bench_dir = Path(os.environ.get("MAAS_BENCH_DIR", ".maas/bench"))
-    bench_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=bench_dir) as tmp:
-        work = Path(tmp)
+    with bench_workdir() as work:
         registry = RegistryProcess(work / "registry")
         await registry.start()
         trainer = TrainerProcess(work / "trainer", registry.target,
