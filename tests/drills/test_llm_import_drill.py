@@ -15,23 +15,19 @@ from maas_llm.directory import unzip_causal_lm
 from maas_llm.engine import EngineSettings, GenerationEngine
 from maas_llm.models import smollm2_gguf_path
 from maas_llm.sampling import SamplingParams
-from maas_registry.server import build_server as build_registry
-from maas_registry.settings import RegistrySettings
 from maas_sdk.client import Client
 from typer.testing import CliRunner
 
 from tests.support.llm import smollm2_causal_lm
+from tests.support.registry_server import registry_in_process
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def registry(tmp_path_factory):
-    root = tmp_path_factory.mktemp("llm-import-drill")
-    server = build_registry(RegistrySettings(state_dir=root / "registry", port=0))
-    port = await server.start()
-    yield f"127.0.0.1:{port}", (root / "registry" / "admin.token").read_text().strip()
-    await server.stop(0)
+    async with registry_in_process(tmp_path_factory.mktemp("llm-import-drill")) as served:
+        yield served
 
 
 def greedy_answer(directory) -> str:
