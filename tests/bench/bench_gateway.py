@@ -17,10 +17,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 
-from maas.registry.v1 import registry_service_pb2 as rs, registry_service_pb2_grpc
-
-from tests.bench.bench_inference import deploy, write_package
-from tests.registry.helpers import model_upload_requests
+from tests.bench.bench_inference import deploy, register_package
 from tests.support.bench import bench_workdir
 from tests.support.perf_analyzer import PerfFigures, run_perf_analyzer
 from tests.support.processes import ServiceProcess, free_port, inference_process
@@ -49,13 +46,7 @@ async def main() -> None:
         inference = inference_process(root, registry, triton_grpc_port=str(triton_port))
         try:
             await inference.start(timeout=120)
-            package = root / "mlp.safetensors"
-            write_package(package)
-            async with registry.stub() as channel:
-                stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
-                await stub.CreateModel(rs.CreateModelRequest(model_id="mlp"))
-                await stub.UploadModelVersion(
-                    model_upload_requests("models/mlp", package.read_bytes()))
+            await register_package(root, registry)
             async with inference.stub() as admin:
                 await deploy(admin, "bench", True)
             paths = {

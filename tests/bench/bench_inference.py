@@ -156,14 +156,21 @@ async def deploy(gateway, name: str, batching: bool) -> None:
                 max_batch_size=32, dynamic_batching=batching, max_queue_delay_microseconds=100))))
 
 
-async def measure(root: Path, registry, inference, triton_port: int,
-                  mlserver: Path | None, python_gateway) -> list[tuple]:
+async def register_package(root: Path, registry: ServiceProcess) -> torch.nn.Module:
+    """Write the benchmark's MLP under `root` and register it as models/mlp version 1;
+    returns the module (for MLServer)."""
     package = root / "mlp.safetensors"
     module = write_package(package)
     async with registry.stub() as channel:
         stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
         await stub.CreateModel(rs.CreateModelRequest(model_id="mlp"))
         await stub.UploadModelVersion(model_upload_requests("models/mlp", package.read_bytes()))
+    return module
+
+
+async def measure(root: Path, registry, inference, triton_port: int,
+                  mlserver: Path | None, python_gateway) -> list[tuple]:
+    module = await register_package(root, registry)
     # The token goes as call metadata, as tritonclient's `headers=` sends it (a Python client
     # interceptor would cost the load generator more CPU than the hop being measured).
     token = (("authorization", f"Bearer {inference.admin_token()}"),)

@@ -25,12 +25,10 @@ import time
 
 import maas
 import numpy as np
-from maas.registry.v1 import registry_service_pb2 as rs, registry_service_pb2_grpc
 from maas_runtime.auth import ensure_admin_token
 from maas_runtime.client import open_channel
 
-from tests.bench.bench_inference import deploy, write_package
-from tests.registry.helpers import model_upload_requests
+from tests.bench.bench_inference import deploy, register_package
 from tests.support.bench import bench_workdir
 from tests.support.processes import ServiceProcess, inference_process, process_tree_cpu_seconds
 
@@ -94,13 +92,7 @@ async def main() -> None:
                     for i in range(2)]
         try:
             await asyncio.gather(*(gateway.start(timeout=180) for gateway in gateways))
-            package = root / "mlp.safetensors"
-            write_package(package)
-            async with registry.stub() as channel:
-                stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
-                await stub.CreateModel(rs.CreateModelRequest(model_id="mlp"))
-                await stub.UploadModelVersion(
-                    model_upload_requests("models/mlp", package.read_bytes()))
+            await register_package(root, registry)
             token = (root / "admin.token").read_text().strip()
             for gateway in gateways:  # each replica's own deployment of the same version
                 async with open_channel(gateway.target, token=token) as admin:
