@@ -1,205 +1,51 @@
-"""Generation as a domain object: validation with field paths, the Triton model's contract,
-its errors, and a caller leaving mid-stream (the Triton call ends at once, what came is
-charged and recorded). A fake Triton stream answers as the decoupled generation model does;
-the end-to-end tests against the real model are in test_generation_serving.py.
+"""Generation checks that need no Triton: request validation with field paths (before any
+model is reached), fitting a prompt to the context, the prompt rendered from a generative
+version's artifact (the real SmolLM2 chat template and tokenizer), the request the gateway
+sends the Triton model, and how the model's responses and errors are read. Everything that
+involves Triton is asserted against the real model in tests/drills/test_generation_serving.py
+(and its fast smoke, tests/inference/test_generation_smoke.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import struct
 
 import pytest
 from maas.inference.v1 import inference_service_pb2 as inf
 from maas_inference.generation import (
-    FinishReason,
-    GenerationEnd,
+    GenerationLimits,
     GenerationRequest,
-    Generator,
-    PromptFacts,
-    PromptRenderers,
-    TextDelta,
+    fit_to_context,
+    load_prompt_facts,
+    model_error,
+    read_model_step,
+    sampling_parameters,
+    triton_generate_request,
+    validate_sampling,
 )
-from maas_inference.tenancy import TenancyConfigSource, TenantLimiter
-from maas_inference.usage import UsageLedger, UsageStore
+from maas_inference.openai_http import error_response, generation_request
+from maas_inference.routing import ServedModel
+from maas_inference.tensors import ServingSignature
 from maas_llm.prompts import ChatMessage
 from maas_runtime import errors
-from maas_runtime.auth import ANONYMOUS_ADMIN
 from maas_runtime.messages import parse_request
 from tritonclient.grpc import service_pb2
 
-from tests.inference.test_deployment_manager import FakeTriton, TwoModelRegistry, manager
+from tests.support.llm import smollm2_causal_lm_zip
 
-IMPORTED_SIGNATURE = {  # what an imported causal LM's version says (the SDK's import)
-    "inputs": [{"name": "text_input", "datatype": "DATA_TYPE_BYTES", "shape": [1]}],
-    "outputs": [{"name": "text_output", "datatype": "DATA_TYPE_BYTES", "shape": [1]}],
-}
+LIMITS = GenerationLimits()
 CONTEXT = 64
 
 
-class WordRenderer:
-    """A stand-in chat template and tokenizer: one token per word."""
-
-    def render(self, messages, *, field_path: str = "messages") -> str:
-        return "".join(f"<{m.role}> {m.content} " for m in messages) + "<assistant>"
-
-    def count_tokens(self, text: str) -> int:
-        return len(text.split())
-
-
-class GenerativeRegistry(TwoModelRegistry):
-    async def resolve(self, reference: str) -> dict:
-        version = await super().resolve(reference)
-        if reference.startswith("models/llm"):
-            version = {**version, "format": "MODEL_FORMAT_CAUSAL_LM",
-                       "signature": IMPORTED_SIGNATURE}
-        return version
-
-
-def bytes_tensor(value: bytes) -> bytes:
-    return struct.pack("<I", len(value)) + value
-
-
-def model_response(text: str, completion_tokens: int, finish: str = "",
-                   error: str = "") -> service_pb2.ModelStreamInferResponse:
-    response = service_pb2.ModelStreamInferResponse(error_message=error)
-    reply = response.infer_response
-    usage = {"prompt_tokens": 3, "completion_tokens": completion_tokens,
-             "time_to_first_token_s": 0.01}
-    for name, value in (("text_output", text.encode()), ("finish_reason", finish.encode()),
-                        ("usage", json.dumps(usage).encode())):
-        reply.outputs.add(name=name, datatype="BYTES", shape=[1])
-        reply.raw_output_contents.append(bytes_tensor(value))
-    reply.parameters["triton_final_response"].bool_param = bool(finish) or bool(error)
-    return response
-
-
-class ScriptedStream:
-    """Answers a request with the scripted responses; waits forever after the last one
-    unless it was final (a model still generating)."""
-
-    def __init__(self, script: list[service_pb2.ModelStreamInferResponse]) -> None:
-        self.script = list(script)
-        self.sent: list[service_pb2.ModelInferRequest] = []
-        self.closed = asyncio.Event()
-
-    async def send(self, request) -> None:
-        self.sent.append(request)
-
-    async def receive(self):
-        if self.script:
-            await asyncio.sleep(0)
-            return self.script.pop(0)
-        await asyncio.Event().wait()
-
-    async def close(self) -> None:
-        self.closed.set()
-
-
-class GeneratingTriton(FakeTriton):
-    def __init__(self) -> None:
-        super().__init__()
-        self.streams: list[ScriptedStream] = []
-        self.script: list[service_pb2.ModelStreamInferResponse] = []
-
-    def open_stream(self, *, timeout=None, metadata=None):
-        stream = ScriptedStream(self.script)
-        self.streams.append(stream)
-        return stream
-
-
-class ListStore(UsageStore):
-    """The usage records written, in memory (`ledger` is the ledger writing them)."""
-
-    def __init__(self) -> None:
-        self.records = []
-        self.ledger: UsageLedger | None = None
-
-    def insert_many(self, records) -> None:
-        self.records.extend(records)
-
-    def list_records(self, query, limit, before_id):
-        raise AssertionError("not read here")
-
-    def summarize(self, *args, **kwargs):
-        raise AssertionError("not read here")
-
-    def close(self) -> None:
-        pass
-
-
-@pytest.fixture
-async def served(tmp_path):
-    triton = GeneratingTriton()
-    deployments = manager(tmp_path, GenerativeRegistry(), triton)
-    await deployments.controller.create("chat", {"model": "models/llm/versions/1"},
-                                        ANONYMOUS_ADMIN)
-    await deployments.controller.create("digits", {"model": "models/digits/versions/1"},
-                                        ANONYMOUS_ADMIN)
-    store = ListStore()
-    store.ledger = UsageLedger(store, flush_seconds=0.05)
-    await store.ledger.start()
-    limiter = TenantLimiter(TenancyConfigSource(None), store.ledger)
-    generator = Generator(deployments.routes, triton,
-                          PromptRenderers(lambda _: PromptFacts(WordRenderer(), CONTEXT)),
-                          limiter=limiter)
-    yield generator, triton, store
-    await store.ledger.close()
-    await deployments.close()
-
-
-async def collect(generator: Generator, request: GenerationRequest):
-    return [event async for event in generator.generate(request, ANONYMOUS_ADMIN)]
-
-
-async def test_a_prompt_streams_its_deltas_then_the_final_with_usage(served):
-    generator, triton, store = served
-    triton.script = [model_response("The capital", 2), model_response(" is Paris.", 5),
-                     model_response("", 5, finish="stop")]
-    events = await collect(generator, GenerationRequest(
-        "deployments/chat", prompt="capital of France?", max_tokens=8, temperature=0,
-        stop=("\n",), seed=7))
-
-    assert events[:2] == [TextDelta("The capital", 2), TextDelta(" is Paris.", 3)]
-    final = events[-1]
-    assert isinstance(final, GenerationEnd) and final.finish_reason is FinishReason.STOP
-    assert (final.prompt_tokens, final.completion_tokens, final.total_tokens) == (3, 5, 8)
-    assert final.time_to_first_token is not None and final.time_to_first_token >= 0
-    [stream] = triton.streams
-    [sent] = stream.sent
-    assert sent.model_name == "chat.llm.v1" and [i.name for i in sent.inputs] == [
-        "text_input", "sampling_parameters"]
-    assert sent.raw_input_contents[0] == bytes_tensor(b"capital of France?")
-    sampling = json.loads(sent.raw_input_contents[1][4:])
-    assert sampling == {"max_tokens": 8, "temperature": 0, "top_p": 1.0, "top_k": 0,
-                        "stop": ["\n"], "seed": 7, "repetition_penalty": 1.0}
-    assert stream.closed.is_set()
-    assert [(r.outcome, r.prompt_tokens, r.completion_tokens, r.kind) for r in store.records
-            ] == [("OK", 3, 5, "generation")]
-
-
-async def test_a_conversation_is_rendered_and_max_tokens_defaults_to_the_room_left(served):
-    generator, triton, _ = served
-    triton.script = [model_response("Hi", 1, finish="length")]
-    events = await collect(generator, GenerationRequest(
-        "deployments/chat", messages=(ChatMessage("system", "Be brief."),
-                                      ChatMessage("user", "Hello"))))
-    assert events[-1].finish_reason is FinishReason.LENGTH
-    sent = triton.streams[0].sent[0]
-    assert sent.raw_input_contents[0][4:] == b"<system> Be brief. <user> Hello <assistant>"
-    assert json.loads(sent.raw_input_contents[1][4:])["max_tokens"] == CONTEXT - 6
-
-
-LONG_PROMPT = "word " * CONTEXT
+def violated_fields(caught: pytest.ExceptionInfo) -> list[str]:
+    return [v.field for v in caught.value.field_violations]
 
 
 @pytest.mark.parametrize(("fields", "field_path"), [
     ({"prompt": ""}, "prompt"),
     ({"prompt": None}, "prompt"),
-    ({"prompt": LONG_PROMPT}, "prompt"),
     ({"max_tokens": 0}, "max_tokens"),
-    ({"max_tokens": CONTEXT}, "max_tokens"),
     ({"temperature": -0.5}, "temperature"),
     ({"temperature": float("nan")}, "temperature"),
     ({"top_p": 0.0}, "top_p"),
@@ -213,16 +59,51 @@ LONG_PROMPT = "word " * CONTEXT
     ({"prompt": None, "messages": (ChatMessage("robot", "hi"),)},
      "conversation.messages[0].role"),
 ])
-async def test_bad_inputs_are_invalid_argument_naming_the_field(served, fields, field_path):
-    generator, triton, store = served
+def test_bad_requests_are_invalid_argument_naming_the_field(fields, field_path):
     request = GenerationRequest("deployments/chat", **{"prompt": "hello", **fields})
     with pytest.raises(errors.InvalidArgument) as caught:
-        await collect(generator, request)
-    assert field_path in [v.field for v in caught.value.field_violations]
-    assert triton.streams == [] and store.records == []  # refused before Triton and admission
+        validate_sampling(request, LIMITS)
+    assert field_path in violated_fields(caught)
 
 
-async def test_text_that_is_not_utf8_is_refused_naming_its_field():
+def test_every_offending_field_is_named_at_once():
+    request = GenerationRequest("deployments/chat", prompt="", max_tokens=0, temperature=-1)
+    with pytest.raises(errors.InvalidArgument) as caught:
+        validate_sampling(request, LIMITS)
+    assert violated_fields(caught) == ["prompt", "max_tokens", "temperature"]
+
+
+def test_a_good_request_passes():
+    validate_sampling(GenerationRequest(
+        "deployments/chat", messages=(ChatMessage("system", "Be brief."),
+                                      ChatMessage("user", "Hello")),
+        max_tokens=8, temperature=0, top_p=0.9, top_k=40, stop=("\n",), seed=7,
+        repetition_penalty=1.1), LIMITS)
+
+
+def test_the_prompt_must_leave_room_in_the_context_and_max_tokens_must_fit_it():
+    prompt = GenerationRequest("deployments/chat", prompt="x")
+    with pytest.raises(errors.InvalidArgument) as caught:
+        fit_to_context(prompt, CONTEXT, CONTEXT, LIMITS)
+    assert violated_fields(caught) == ["prompt"] and caught.value.reason == "PROMPT_TOO_LONG"
+    conversation = GenerationRequest("deployments/chat",
+                                     messages=(ChatMessage("user", "x"),))
+    with pytest.raises(errors.InvalidArgument) as caught:
+        fit_to_context(conversation, CONTEXT + 5, CONTEXT, LIMITS)
+    assert violated_fields(caught) == ["conversation"]
+    with pytest.raises(errors.InvalidArgument) as caught:
+        fit_to_context(GenerationRequest("deployments/chat", prompt="x", max_tokens=59),
+                       6, CONTEXT, LIMITS)
+    assert violated_fields(caught) == ["max_tokens"]
+    assert caught.value.reason == "MAX_TOKENS_BEYOND_CONTEXT"
+    assert fit_to_context(GenerationRequest("deployments/chat", prompt="x", max_tokens=58),
+                          6, CONTEXT, LIMITS) == 58
+    # Unset: the default, capped by the room left.
+    assert fit_to_context(prompt, 6, CONTEXT, LIMITS) == CONTEXT - 6
+    assert fit_to_context(prompt, 6, 4096, GenerationLimits(default_max_tokens=100)) == 100
+
+
+def test_text_that_is_not_utf8_is_refused_naming_its_field():
     cases = {
         "prompt": inf.GenerateRequest(deployment="deployments/chat", prompt="ab"),
         "stop[1]": inf.GenerateRequest(deployment="deployments/chat", prompt="x",
@@ -235,17 +116,72 @@ async def test_text_that_is_not_utf8_is_refused_naming_its_field():
         broken = message.SerializeToString().replace(b"ab", b"\xff\xfe")
         with pytest.raises(errors.InvalidArgument) as caught:
             parse_request(inf.GenerateRequest, broken)
-        assert [v.field for v in caught.value.field_violations] == [field_path]
+        assert violated_fields(caught) == [field_path]
         assert caught.value.reason == "TEXT_NOT_UTF8"
 
 
-async def test_a_deployment_that_does_not_generate_is_failed_precondition(served):
-    generator, _, _ = served
-    with pytest.raises(errors.FailedPrecondition) as caught:
-        await collect(generator, GenerationRequest("deployments/digits", prompt="hi"))
-    assert caught.value.reason == "NOT_GENERATIVE"
-    with pytest.raises(errors.NotFound):
-        await collect(generator, GenerationRequest("deployments/ghost", prompt="hi"))
+def test_a_conversation_is_rendered_with_the_versions_own_chat_template(tmp_path):
+    """The prompt facts come from the version's CAUSAL_LM artifact: SmolLM2's ChatML template,
+    its tokenizer and its context length."""
+    served = ServedModel("models/smollm/versions/1", "chat.smollm.v1",
+                         ServingSignature((), (), 0), artifact=smollm2_causal_lm_zip())
+    facts = load_prompt_facts(served, tmp_path / "prompts")
+    assert facts.context_length == 8192
+    prompt = facts.renderer.render((ChatMessage("system", "Be brief."),
+                                    ChatMessage("user", "Hello")))
+    assert prompt == ("<|im_start|>system\nBe brief.<|im_end|>\n"
+                      "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n")
+    assert 5 < facts.renderer.count_tokens(prompt) < 30
+    # A second gateway start reads the unpacked directory again; without a system turn the
+    # template supplies its own.
+    again = load_prompt_facts(served, tmp_path / "prompts")
+    assert again.renderer.render((ChatMessage("user", "Hello"),)).startswith(
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+
+
+def test_the_request_sent_to_the_model_carries_the_prompt_and_the_sampling():
+    request = GenerationRequest("deployments/chat", prompt="capital of France?",
+                                temperature=0, stop=("\n",), seed=7)
+    sent = triton_generate_request("chat.llm.v1", "capital of France?",
+                                   sampling_parameters(request, 8), "r1")
+    assert (sent.model_name, sent.id) == ("chat.llm.v1", "r1")
+    assert [(i.name, i.datatype, list(i.shape)) for i in sent.inputs] == [
+        ("text_input", "BYTES", [1]), ("sampling_parameters", "BYTES", [1])]
+    assert sent.raw_input_contents[0] == struct.pack("<I", 18) + b"capital of France?"
+    assert json.loads(sent.raw_input_contents[1][4:]) == {
+        "max_tokens": 8, "temperature": 0, "top_p": 1.0, "top_k": 0, "stop": ["\n"],
+        "seed": 7, "repetition_penalty": 1.0}
+    assert sent.parameters["triton_enable_empty_final_response"].bool_param
+    defaults = json.loads(triton_generate_request(
+        "m", "x", sampling_parameters(GenerationRequest("d", prompt="x"), 3), "r2"
+    ).raw_input_contents[1][4:])
+    assert (defaults["temperature"], defaults["top_p"], defaults["seed"]) == (1.0, 1.0, None)
+
+
+def model_response(text: str, completion_tokens: int, finish: str = "",
+                   final: bool = False) -> service_pb2.ModelStreamInferResponse:
+    response = service_pb2.ModelStreamInferResponse()
+    reply = response.infer_response
+    usage = json.dumps({"prompt_tokens": 3, "completion_tokens": completion_tokens}).encode()
+    for name, value in (("text_output", text.encode()), ("finish_reason", finish.encode()),
+                        ("usage", usage)):
+        reply.outputs.add(name=name, datatype="BYTES", shape=[1])
+        reply.raw_output_contents.append(struct.pack("<I", len(value)) + value)
+    reply.parameters["triton_final_response"].bool_param = final
+    return response
+
+
+def test_the_models_responses_are_read_as_steps():
+    step = read_model_step(model_response(" Paris", 2), "chat")
+    assert (step.text, step.finish_reason, step.usage["completion_tokens"], step.final) == (
+        " Paris", "", 2, False)
+    last = read_model_step(model_response("", 4, "stop", final=True), "chat")
+    assert (last.finish_reason, last.final) == ("stop", True)
+    unreadable = model_response("x", 1)
+    unreadable.infer_response.raw_output_contents[2] = struct.pack("<I", 3) + b"{]!"
+    with pytest.raises(errors.Internal) as caught:
+        read_model_step(unreadable, "chat")
+    assert caught.value.reason == "MODEL_RESPONSE_UNREADABLE"
 
 
 @pytest.mark.parametrize(("message", "error_type", "field_path"), [
@@ -253,93 +189,42 @@ async def test_a_deployment_that_does_not_generate_is_failed_precondition(served
     ("INVALID_ARGUMENT: top_k: must be below the vocabulary", errors.InvalidArgument, "top_k"),
     ("the engine crashed", errors.Unavailable, None),
 ])
-async def test_the_models_errors_keep_their_codes(served, message, error_type, field_path):
-    generator, triton, store = served
-    triton.script = [model_response("", 0, error=message)]
-    with pytest.raises(error_type) as caught:
-        await collect(generator, GenerationRequest("deployments/chat", prompt="hi"))
+def test_the_models_errors_keep_their_codes(message, error_type, field_path):
+    error = model_error(message, "chat")
+    assert type(error) is error_type
     if field_path:
-        assert [v.field for v in caught.value.field_violations] == [field_path]
-    assert triton.streams[0].closed.is_set()
-    await store.ledger.close()
-    assert [r.outcome for r in store.records] == [error_type.code]
+        assert [v.field for v in error.field_violations] == [field_path]
+    with pytest.raises(error_type):
+        read_model_step(service_pb2.ModelStreamInferResponse(error_message=message), "chat")
 
 
-async def test_a_caller_leaving_mid_stream_ends_the_triton_call_and_is_charged(served):
-    generator, triton, store = served
-    triton.script = [model_response("one", 1), model_response(" two", 2)]  # then nothing more
-    received: list = []
-
-    async def consume() -> None:
-        async for event in generator.generate(
-                GenerationRequest("deployments/chat", prompt="count"), ANONYMOUS_ADMIN):
-            received.append(event)
-
-    task = asyncio.create_task(consume())
-    while len(received) < 2:
-        await asyncio.sleep(0.01)
-    task.cancel()  # what grpc does when the caller disconnects
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    stream = triton.streams[0]
-    assert stream.closed.is_set()  # the Triton call is cancelled: the model frees the slot
-    await store.ledger.close()
-    assert [(r.outcome, r.completion_tokens) for r in store.records] == [("CANCELLED", 2)]
+def test_openai_bodies_become_generation_requests_or_errors_naming_the_parameter():
+    chat = generation_request({"model": "chat", "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+        "max_completion_tokens": 5, "stop": "\n", "temperature": 0}, chat=True)
+    assert chat.messages == (ChatMessage("user", "Hi"),) and chat.prompt is None
+    assert (chat.max_tokens, chat.stop, chat.temperature) == (5, ("\n",), 0)
+    completion = generation_request({"model": "chat", "prompt": ["1, 2,"]}, chat=False)
+    assert (completion.deployment, completion.prompt) == ("deployments/chat", "1, 2,")
+    for body, param in (([], "body"), ({"prompt": "x"}, "model"),
+                        ({"model": "chat", "prompt": "x", "n": 2}, "n"),
+                        ({"model": "chat", "prompt": "x", "max_tokens": "5"}, "max_tokens"),
+                        ({"model": "chat", "prompt": "x", "stop": [1]}, "stop"),
+                        ({"model": "chat", "messages": [{"content": "x"}]}, "messages[0]"),
+                        ({"model": "chat", "messages": [{"role": "user", "content": 3}]},
+                         "messages[0].content")):
+        with pytest.raises(errors.InvalidArgument) as caught:
+            generation_request(body, chat="messages" in body)
+        assert violated_fields(caught) == [param], body
 
 
-async def test_kserve_stream_infer_reaches_the_generation_model_without_sampling_parameters(
-        tmp_path):
-    """KServe-v2 clients stream the same deployment; `sampling_parameters` is optional."""
-    triton = GeneratingTriton()
-    deployments = manager(tmp_path, GenerativeRegistry(), triton)
-    await deployments.controller.create("chat", {"model": "models/llm/versions/1"},
-                                        ANONYMOUS_ADMIN)
-    triton.script = [model_response("Hi", 1), model_response("", 1, finish="stop")]
-    request = service_pb2.ModelInferRequest(model_name="chat", id="r1")
-    request.inputs.add(name="text_input", datatype="BYTES", shape=[1])
-    request.raw_input_contents.append(bytes_tensor(b"Hello"))
-
-    async def one(message):
-        yield message
-
-    answers = [r async for r in deployments.predictor.kserve_stream_infer(
-        one(request), None, ANONYMOUS_ADMIN)]
-    assert [r.error_message for r in answers] == ["", ""]
-    assert answers[0].infer_response.model_name == "chat"
-    assert triton.streams[0].sent[0].model_name == "chat.llm.v1"
-    await deployments.close()
-
-
-async def test_generation_metrics_per_deployment(tmp_path):
-    """Time to first token, inter-token latency, tokens/s and tokens per deployment; the
-    waiting and running stream gauges go back to zero when the generation ends."""
-    from maas_inference.generation import GenerationMetrics
-    from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-
-    reader = InMemoryMetricReader()
-    triton = GeneratingTriton()
-    deployments = manager(tmp_path, GenerativeRegistry(), triton)
-    await deployments.controller.create("chat", {"model": "models/llm/versions/1"},
-                                        ANONYMOUS_ADMIN)
-    generator = Generator(
-        deployments.routes, triton,
-        PromptRenderers(lambda _: PromptFacts(WordRenderer(), CONTEXT)),
-        metrics=GenerationMetrics(MeterProvider(metric_readers=[reader]).get_meter("t")))
-    triton.script = [model_response("a", 1), model_response(" b c", 3),
-                     model_response("", 3, finish="stop")]
-    await collect(generator, GenerationRequest("deployments/chat", prompt="go"))
-    metrics = {metric.name: metric.data.data_points
-               for resource in reader.get_metrics_data().resource_metrics
-               for scope in resource.scope_metrics for metric in scope.metrics}
-    chat = {"deployment": "chat"}
-    [ttft] = metrics["maas.inference.generation.time_to_first_token"]
-    assert dict(ttft.attributes) == chat and ttft.count == 1
-    [inter_token] = metrics["maas.inference.generation.inter_token_latency"]
-    assert inter_token.count == 1  # one gap after the first token
-    [rate] = metrics["maas.inference.generation.tokens_per_second"]
-    assert rate.count == 1 and rate.sum > 0
-    assert [p.value for p in metrics["maas.inference.generation.tokens"]] == [3]
-    assert [p.value for p in metrics["maas.inference.generation.streams.waiting"]] == [0]
-    assert [p.value for p in metrics["maas.inference.generation.streams.running"]] == [0]
-    await deployments.close()
+def test_errors_become_openai_json_with_their_http_status():
+    reply = error_response(errors.InvalidArgument.for_field("temperature", "must be 0 or more",
+                                                            reason="FIELD_INVALID"))
+    assert reply.status == 400
+    assert json.loads(reply.body)["error"] == {
+        "message": json.loads(reply.body)["error"]["message"], "type": "invalid_request_error",
+        "param": "temperature", "code": "FIELD_INVALID"}
+    busy = error_response(model_error("RESOURCE_EXHAUSTED: queue full", "chat"))
+    assert (busy.status, busy.headers["Retry-After"]) == (429, "1")
+    assert json.loads(busy.body)["error"]["type"] == "rate_limit_error"

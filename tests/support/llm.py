@@ -1,4 +1,5 @@
-"""The SmolLM2 test model as the suite's tests use it: its bf16 causal-LM directory and zip.
+"""The SmolLM2 test model as the suite's tests use it: its bf16 causal-LM directory and zip, and
+its registration on a running registry.
 
 Converting the GGUF (`maas_llm.convert`) takes 15–50 s, so the result is cached under
 `build/llm-cache/<sha256 of the GGUF>/` and every later test run, in any process, reuses it.
@@ -9,12 +10,18 @@ half-written model.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import hashlib
 from pathlib import Path
 
+from maas.common.v1 import tensor_pb2
+from maas.registry.v1 import model_pb2, registry_service_pb2 as rs, registry_service_pb2_grpc
 from maas_llm.directory import CausalLmDirectory, zip_causal_lm
 from maas_llm.models import smollm2_gguf_path
+from maas_runtime.client import open_channel
+
+from tests.registry.helpers import model_upload_requests
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE_ROOT = REPO / "build" / "llm-cache"
@@ -64,3 +71,20 @@ def smollm2_causal_lm_zip() -> Path:
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return archive
+
+
+async def upload_smollm2(registry_target: str, token: str, model_id: str = "smollm") -> str:
+    """Register the cached bf16 zip as `models/<model_id>/versions/1` (MODEL_FORMAT_CAUSAL_LM
+    with the generation contract's signature) on a running registry; its version name."""
+    archive = await asyncio.to_thread(smollm2_causal_lm_zip)
+    signature = model_pb2.Signature()
+    signature.inputs.add(name="text_input", datatype=tensor_pb2.DATA_TYPE_BYTES, shape=[1])
+    signature.outputs.add(name="text_output", datatype=tensor_pb2.DATA_TYPE_BYTES, shape=[1])
+    async with open_channel(registry_target, token=token,
+                            max_message_bytes=64 << 20) as channel:
+        registry = registry_service_pb2_grpc.RegistryServiceStub(channel)
+        await registry.CreateModel(rs.CreateModelRequest(model_id=model_id))
+        version = await registry.UploadModelVersion(model_upload_requests(
+            f"models/{model_id}", archive.read_bytes(), chunk=1 << 20,
+            fmt=model_pb2.MODEL_FORMAT_CAUSAL_LM, signature=signature))
+    return version.name
