@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import statistics
 import tempfile
 import time
@@ -27,6 +26,8 @@ from pathlib import Path
 from maas_inference.tenancy import TenancyConfigSource, TenantLimiter
 from maas_inference.usage import GENERATION, SqlUsageStore, UsageLedger, UsageRecord
 from maas_runtime.auth import Principal, Role
+
+from tests.support.postgres import fresh_postgres_database, postgres_unreachable_reason
 
 CALLS = 5000
 ROUNDS = 5
@@ -109,29 +110,10 @@ async def measure(backends: dict[str, str], root: Path) -> list[list[str]]:
     return rows
 
 
-def postgres_url() -> str:
-    url = os.environ.get("MAAS_TEST_POSTGRES_URL", "")
-    if not url:
-        return ""
-    import sqlalchemy
-
-    try:
-        engine = sqlalchemy.create_engine(url)
-        with engine.connect():
-            pass
-        engine.dispose()
-    except Exception:  # not reachable: the SQLite rows only
-        return ""
-    return url
-
-
 async def main() -> None:
     with tempfile.TemporaryDirectory() as directory:
         backends = {"sqlite": ""}
-        url = postgres_url()
-        if url:
-            from tests.registry.helpers import fresh_postgres_database
-
+        if postgres_unreachable_reason() is None:  # else the SQLite rows only
             with fresh_postgres_database() as database:
                 backends["postgresql"] = database
                 rows = await measure(backends, Path(directory))

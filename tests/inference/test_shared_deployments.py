@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import json
 import sqlite3
-import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -48,22 +47,15 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from tests.inference.model_packages import save_zoo_package, zoo_model
 from tests.inference.servers import triton_process_config
 from tests.registry.helpers import model_upload_requests
-from tests.support.postgres import postgres_database_or_skip
+from tests.support.postgres import (
+    backend_url_fixture,
+    database_schema,
+    postgres_url_fixture,
+    run_together,
+)
 
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def table_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'deployments.db'}"
-        return
-    with postgres_database_or_skip() as url:
-        yield url
-
-
-@pytest.fixture
-def postgres_url():
-    with postgres_database_or_skip() as url:
-        yield url
+table_url = backend_url_fixture("deployments.db")
+postgres_url = postgres_url_fixture()
 
 
 def _record(deployment_id: str, version: int, state: str = "DEPLOYMENT_STATE_READY",
@@ -103,11 +95,9 @@ def test_a_change_conditional_on_the_etag_read_is_made_by_exactly_one_writer(tab
     try:
         stores[0].create("d", _record("d", 1))
         read = stores[0].get("d")["etag"]
-        barrier = threading.Barrier(len(stores))
         outcomes: dict[int, str] = {}
 
         def roll_out(number: int) -> None:
-            barrier.wait()
             try:
                 stores[number].put("d", {**_record("d", 10 + number), "etag": f"w{number}"},
                                    read)
@@ -115,11 +105,7 @@ def test_a_change_conditional_on_the_etag_read_is_made_by_exactly_one_writer(tab
             except Aborted as exc:
                 outcomes[number] = exc.reason
 
-        threads = [threading.Thread(target=roll_out, args=(n,)) for n in range(len(stores))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(30)
+        run_together(roll_out, len(stores), timeout=30)
         winners = [number for number, outcome in outcomes.items() if outcome == "took it"]
         assert len(winners) == 1 and len(outcomes) == len(stores)
         assert sorted(set(outcomes.values())) == ["ETAG_MISMATCH", "took it"]
@@ -150,28 +136,9 @@ def test_a_deployment_table_from_before_migrations_is_adopted(tmp_path):
 
 
 def test_replicas_starting_together_migrate_the_deployment_table_once(postgres_url):
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(4)
-
-    def start_replica() -> None:
-        try:
-            barrier.wait()
-            SqlDeploymentStore.open(postgres_url).close()
-        except BaseException as exc:  # noqa: BLE001 (reported below)
-            errors.append(exc)
-
-    threads = [threading.Thread(target=start_replica) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert errors == []
+    run_together(lambda _: SqlDeploymentStore.open(postgres_url).close())
     SqlDeploymentStore.open(postgres_url).close()  # idempotent
-    engine = sqlalchemy.create_engine(postgres_url)
-    with engine.connect() as connection:
-        versions = connection.exec_driver_sql(f"SELECT version_num FROM {VERSION_TABLE}").all()
-    engine.dispose()
-    assert versions == [("0001",)]
+    assert database_schema(postgres_url, VERSION_TABLE).versions == ["0001"]
 
 
 class RecordingController:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -23,37 +22,11 @@ from maas_inference.usage import (
 from maas_runtime.errors import InvalidArgument
 from maas_runtime.filtering import parse_filter
 
-from tests.registry.helpers import fresh_postgres_database, postgres_admin_url
+from tests.support.postgres import backend_url_fixture
 
 T0 = datetime(2026, 11, 30, 9, 0, tzinfo=UTC)
 
-
-def postgres_unreachable() -> str | None:
-    url = postgres_admin_url()
-    if not url:
-        return "MAAS_TEST_POSTGRES_URL is not set (.ci/run sets it to the machine's PostgreSQL)"
-    import sqlalchemy
-
-    try:
-        engine = sqlalchemy.create_engine(url)
-        with engine.connect():
-            pass
-        engine.dispose()
-    except Exception as exc:  # any connection failure means: not here
-        return f"PostgreSQL at MAAS_TEST_POSTGRES_URL is unreachable: {exc.__class__.__name__}"
-    return None
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def database_url(request) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield ""  # the default: SQLite in the state directory
-        return
-    reason = postgres_unreachable()
-    if reason:
-        pytest.skip(reason)
-    with fresh_postgres_database() as url:
-        yield url
+database_url = backend_url_fixture()  # "" for SQLite: the default, in the state directory
 
 
 def record(tenant: str, deployment: str, minutes: int, *, kind: str = PREDICT, rows: int = 0,

@@ -10,35 +10,26 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-import sqlalchemy
 from maas_jobs.records import EventKind, JobDraft, JobState
 from maas_jobs.store import VERSION_TABLE, SqlJobStore
 
 from tests.jobs.step_jobs import COLLECTION, completes_of, runs_of, step_job, step_manager
-from tests.support.postgres import postgres_database_or_skip
+from tests.support.postgres import (
+    backend_url_fixture,
+    database_schema,
+    postgres_url_fixture,
+    run_together,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def job_table_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'jobs.db'}"
-        return
-    with postgres_database_or_skip() as url:
-        yield url
-
-
-@pytest.fixture
-def postgres_url():
-    with postgres_database_or_skip() as url:
-        yield url
+job_table_url = backend_url_fixture("jobs.db")
+postgres_url = postgres_url_fixture()
 
 
 @pytest.fixture
@@ -140,34 +131,15 @@ def test_a_job_table_from_before_migrations_is_adopted_with_its_jobs(tmp_path):
 
 
 def test_replicas_starting_together_migrate_the_shared_table_once(postgres_url):
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(4)
-
-    def start_replica() -> None:
-        try:
-            barrier.wait()
-            SqlJobStore.open(postgres_url, COLLECTION).close()
-        except BaseException as exc:  # noqa: BLE001 (reported below)
-            errors.append(exc)
-
-    threads = [threading.Thread(target=start_replica) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert errors == []
+    run_together(lambda _: SqlJobStore.open(postgres_url, COLLECTION).close())
     store = SqlJobStore.open(postgres_url, COLLECTION)  # and again: idempotent
     try:
         store.create(JobDraft("j", {}, "t", "alice"), "queued")
     finally:
         store.close()
-    engine = sqlalchemy.create_engine(postgres_url)
-    with engine.connect() as connection:
-        versions = connection.exec_driver_sql(f"SELECT version_num FROM {VERSION_TABLE}").all()
-        tables = set(sqlalchemy.inspect(connection).get_table_names())
-    engine.dispose()
-    assert versions == [("0002",)]
-    assert {"jobs", "job_events", VERSION_TABLE} <= tables
+    schema = database_schema(postgres_url, VERSION_TABLE)
+    assert schema.versions == ["0002"]
+    assert {"jobs", "job_events", VERSION_TABLE} <= schema.tables
 
 
 # -- managers sharing one PostgreSQL table -------------------------------------------------------

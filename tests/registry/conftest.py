@@ -9,16 +9,9 @@ from maas_registry.settings import RegistrySettings
 from maas_runtime.auth import Role, add_token
 from maas_runtime.client import open_channel
 
-from tests.support.postgres import postgres_database_or_skip
+from tests.support.postgres import backend_url_fixture
 
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield ""  # the default: SQLite in the state directory
-        return
-    with postgres_database_or_skip() as url:
-        yield url
+database_url = backend_url_fixture()  # "" for SQLite: the default, in the state directory
 
 
 class RegistryClient:
