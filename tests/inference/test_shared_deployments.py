@@ -27,8 +27,6 @@ from maas_inference.routing import RouteTable
 from maas_inference.store import VERSION_TABLE, SqlDeploymentStore
 from maas_inference.triton import RawTensor, TritonClient, TritonServerProcess
 from maas_inference.triton.model_repository import ModelRepository
-from maas_registry.server import build_server as build_registry
-from maas_registry.settings import RegistrySettings
 from maas_runtime.auth import ANONYMOUS_ADMIN
 from maas_runtime.client import open_channel
 from maas_runtime.errors import (
@@ -53,6 +51,7 @@ from tests.support.postgres import (
     postgres_url_fixture,
     run_together,
 )
+from tests.support.registry_server import registry_in_process
 
 table_url = backend_url_fixture("deployments.db")
 postgres_url = postgres_url_fixture()
@@ -266,12 +265,9 @@ class Registry(NamedTuple):
 
 @contextlib.asynccontextmanager
 async def _registry(root: Path) -> AsyncIterator[Registry]:
-    server = build_registry(RegistrySettings(state_dir=root / "registry", port=0))
-    port = await server.start()
-    token = (root / "registry" / "admin.token").read_text().strip()
     modules, sha256s = {}, {}
-    try:
-        async with open_channel(f"127.0.0.1:{port}", token=token) as channel:
+    async with registry_in_process(root) as served:
+        async with open_channel(served.target, token=served.token) as channel:
             stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
             await stub.CreateModel(rs.CreateModelRequest(model_id="digits"))
             for number in (1, 2):
@@ -282,9 +278,7 @@ async def _registry(root: Path) -> AsyncIterator[Registry]:
                 version = await stub.UploadModelVersion(model_upload_requests(
                     "models/digits", package.read_bytes()))
                 sha256s[number] = version.artifact.sha256
-        yield Registry(f"127.0.0.1:{port}", token, modules, sha256s)
-    finally:
-        await server.stop(0)
+        yield Registry(served.target, served.token, modules, sha256s)
 
 
 @contextlib.asynccontextmanager
