@@ -2,9 +2,10 @@
 
 Builds the service images as `make images` does (layers cached: an unchanged image is reused)
 and prints one table. References measured in the same run: the base image the services derive
-from (the debootstrap bookworm root with Python 3.11), and the naive single-stage image of each
-service (its Containerfile's builder stage: toolchain, build files and all), which the
-multi-stage build is meant to shrink. Goal: the inference image under 400 MB with no torch.
+from (the debootstrap bookworm root with Python 3.11), and each service's builder stage alone
+(the image one would ship by stopping there; the inference data plane's C++ toolchain lives in
+a stage of its own, so its builder holds the stripped venv only). Goal: the inference image
+under 400 MB with no torch.
 
 Run: `make bench` (or `.venv/bin/python -m tests.bench.bench_images [service ...]`); `make
 images` first saves the build time here.
@@ -37,7 +38,7 @@ def main() -> None:
         base=builder.ensure_local_base(), version=VERSION, revision=builder.git_revision(),
         torch_wheels=TORCH_WHEELS if TORCH_WHEELS.is_dir() else None,
         ca_bundle=builder.default_ca_bundle())
-    # Each final image, then its builder stage alone (the naive single-stage image), whose
+    # Each final image, then its builder stage alone, whose
     # layers the first build cached.
     naive = {}
     for service in services:
@@ -46,7 +47,7 @@ def main() -> None:
     build_seconds = time.monotonic() - started
     base_mb = image_size_mb(builder.LOCAL_BASE)
 
-    header = ("image", "size MB", "vs base", "single-stage MB", "ratio", "torch", "goal")
+    header = ("image", "size MB", "vs base", "builder stage MB", "ratio", "torch", "goal")
     rows = [("base (bookworm + python3.11)", f"{base_mb:.0f}", "1.00", "-", "-", "no", "-")]
     for service in services:
         image = builder.image_name(service, options)
@@ -64,7 +65,7 @@ def main() -> None:
     for row in (header, *rows):
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)))
     print(f"(builds and inspection: {build_seconds:.0f} s; sizes uncompressed, as buildah "
-          f"reports them; ratio = final image / single-stage image)")
+          f"reports them; ratio = final image / builder stage)")
     sys.stdout.flush()
 
 
