@@ -56,18 +56,33 @@ def test_greedy_text_equals_transformers_generate(engine, prompts):
     assert final.usage.time_to_first_token_s is not None and final.usage.time_to_first_token_s > 0
 
 
-def test_four_concurrent_streams_give_the_same_greedy_text_as_alone(smollm2, prompts):
+@pytest.mark.parametrize("prefill_token_budget", [1024, 1], ids=["one-prefill", "one-per-step"])
+def test_four_concurrent_streams_give_the_same_greedy_text_as_alone(
+    smollm2, prompts, prefill_token_budget
+):
     # float32: in bf16 a batch of another shape rounds differently and a near-tie token can flip.
     engine = GenerationEngine.from_directory(
-        smollm2, EngineSettings(max_running=4, torch_threads=2, dtype="float32")
+        smollm2,
+        EngineSettings(
+            max_running=4, torch_threads=2, dtype="float32", prefill_token_budget=prefill_token_budget
+        ),
     ).start()
     try:
         alone = [engine.submit(prompt, GREEDY).text()[0] for prompt in prompts]
         streams = [engine.submit(prompt, GREEDY) for prompt in prompts]
-        together = [stream.text()[0] for stream in streams]
+        finals = [stream.text() for stream in streams]
     finally:
         engine.stop()
-    assert together == alone
+    assert [text for text, _ in finals] == alone
+    if prefill_token_budget == 1:
+        # A budget smaller than any prompt admits one stream per step, in arrival order, while
+        # the ones already admitted decode: first tokens arrive one after another.
+        first_tokens = [
+            stream.submitted_at + (final.usage.time_to_first_token_s or 0.0)
+            for stream, (_, final) in zip(streams, finals, strict=True)
+        ]
+        assert first_tokens == sorted(first_tokens)
+        assert len(set(first_tokens)) == len(first_tokens)
 
 
 def test_a_stream_joining_a_running_batch_gets_its_own_greedy_text(engine, prompts):
@@ -122,14 +137,37 @@ def test_a_cancelled_stream_frees_its_slot_at_once(engine, prompts):
     assert engine.running_streams == 0
 
 
-def test_a_cancel_callback_polled_each_step_ends_the_stream(engine, prompts):
+def test_a_cancel_callback_ends_the_stream_within_its_poll_interval(engine, prompts):
     stop = threading.Event()
     events = []
+    cancelled_at: list[float] = []
+
+    def on_event(event):
+        events.append(event)
+        if not stop.is_set():
+            cancelled_at.append(time.perf_counter())
+            stop.set()
+
     stream = engine.submit(prompts[3], SamplingParams(max_tokens=200, temperature=0),
-                           on_event=lambda e: (events.append(e), stop.set()), is_cancelled=stop.is_set)
+                           on_event=on_event, is_cancelled=stop.is_set)
     assert stream.finished.wait(30)
     assert events[-1].finish_reason == "cancelled"
-    assert events[-1].usage.completion_tokens < 10
+    assert events[-1].usage.completion_tokens < 200
+    # One poll interval (0.25 s) plus the step in flight, with room for a loaded machine.
+    assert time.perf_counter() - cancelled_at[0] < engine.settings.cancel_poll_seconds + 3
+
+
+def test_the_cancel_callback_is_asked_at_most_once_per_poll_interval(engine, prompts):
+    # Triton's is_cancelled is a round trip to the server process: not one per token.
+    calls = []
+    started = time.perf_counter()
+    _, final = engine.submit(
+        prompts[3], SamplingParams(max_tokens=40, temperature=0),
+        is_cancelled=lambda: calls.append(1) or False,
+    ).text()
+    elapsed = time.perf_counter() - started
+    assert final.usage.completion_tokens > 1
+    assert 1 <= len(calls) <= elapsed / engine.settings.cancel_poll_seconds + 2
 
 
 def test_past_running_and_waiting_slots_submit_is_refused_with_resource_exhausted(engine, prompts):

@@ -4,10 +4,12 @@ One background thread owns the model. Running streams decode together: each step
 forward pass over all of them (batch B, one new token each) against their key/value caches,
 held as one batched cache left-padded to a common length with an attention mask hiding the
 padding, and per-row position ids so each stream sees its own positions. A new stream joins
-between steps: its prompt is prefilled alone, its first token sampled, and its cache merged
-into the batch. A stream that finishes or is cancelled leaves its row at once (the cache rows
-are dropped, and columns that only padding holds are trimmed). Waiting streams queue up to a
-bound; past it `submit` raises `GenerationQueueFull` (RESOURCE_EXHAUSTED).
+between steps: the streams admitted together are prefilled in one left-padded forward (at
+most `prefill_token_budget` padded prompt tokens, so running streams keep flowing while a burst
+joins; the rest join at the next steps, in arrival order), each one's first token is sampled,
+and their caches merged into the batch. A stream that finishes or is cancelled leaves its row
+at once (the cache rows are dropped, and columns that only padding holds are trimmed).
+Waiting streams queue up to a bound; past it `submit` raises `GenerationQueueFull` (RESOURCE_EXHAUSTED).
 
 Each stream receives `TokenGroup`s: the text produced since the previous group (decoded from
 all of its tokens, held back while it ends inside a UTF-8 character or might be the start of
@@ -60,6 +62,15 @@ class EngineSettings(BaseModel):
 
     torch_threads: int = Field(default=0, ge=0, le=256)
     """torch intra-op threads for the engine's forwards; 0 keeps torch's default."""
+
+    prefill_token_budget: int = Field(default=1024, ge=1, le=1_000_000)
+    """Prompt tokens (padded batch width × streams) prefilled together between two decode
+    steps; a longer prompt is prefilled alone. Bounds how long running streams stall while
+    new ones join, and admits waiting streams in arrival order a few per step."""
+
+    cancel_poll_seconds: float = Field(default=0.25, ge=0, le=10)
+    """How often a stream's `is_cancelled` callback is asked (it may be a round trip to another
+    process, as Triton's is); `GenerationStream.cancel()` is seen every step regardless."""
 
     idle_poll_seconds: float = Field(default=0.05, gt=0, le=5)
     """How often an idle engine wakes up to look for cancelled waiting streams."""
@@ -118,6 +129,7 @@ class GenerationStream:
         self._on_event = on_event
         self._is_cancelled = is_cancelled
         self._cancelled = threading.Event()
+        self._cancel_polled_at = 0.0
         self._events: queue.Queue[TokenGroup] = queue.Queue()
         self.finished = threading.Event()
 
@@ -127,9 +139,22 @@ class GenerationStream:
 
     @property
     def cancelled(self) -> bool:
+        return self.poll_cancelled(0.0)
+
+    def poll_cancelled(self, interval: float) -> bool:
+        """Whether the stream is cancelled, asking `is_cancelled` at most every `interval` s."""
         if self._cancelled.is_set():
             return True
-        return bool(self._is_cancelled is not None and self._is_cancelled())
+        if self._is_cancelled is None:
+            return False
+        now = time.monotonic()
+        if now - self._cancel_polled_at < interval:
+            return False
+        self._cancel_polled_at = now
+        if self._is_cancelled():
+            self._cancelled.set()
+            return True
+        return False
 
     def _deliver(self, event: TokenGroup) -> None:
         if event.final:
@@ -331,10 +356,9 @@ class GenerationEngine:
                     if not self._rows and not self._waiting:
                         self._lock.wait(self.settings.idle_poll_seconds)
                         continue
-                    admitted: list[GenerationStream] = []
-                    while self._waiting and len(self._rows) + len(admitted) < self.settings.max_running:
-                        admitted.append(self._waiting.popleft())
-                    waiting_cancelled = [s for s in self._waiting if s.cancelled]
+                    admitted = self._admit()
+                    poll = self.settings.cancel_poll_seconds
+                    waiting_cancelled = [s for s in self._waiting if s.poll_cancelled(poll)]
                     for stream in waiting_cancelled:
                         self._waiting.remove(stream)
                 for stream in waiting_cancelled:
@@ -342,7 +366,9 @@ class GenerationEngine:
                 try:
                     if admitted:
                         self._prefill(admitted)
-                    self._drop_rows([row for row in self._rows if row.stream.cancelled], FINISH_CANCELLED)
+                    self._drop_rows(
+                        [row for row in self._rows if row.stream.poll_cancelled(poll)], FINISH_CANCELLED
+                    )
                     if self._rows:
                         self._decode_step()
                 except Exception as error:  # a broken forward ends every stream, not the thread
@@ -354,6 +380,20 @@ class GenerationEngine:
         for stream in leftover:
             self._finish_unstarted(stream, FINISH_CANCELLED)
         self._drop_rows(list(self._rows), FINISH_CANCELLED)
+
+    def _admit(self) -> list[GenerationStream]:
+        """Take the next waiting streams (arrival order, lock held) for one prefill: as many as
+        free running slots allow while the padded prompt batch stays within the budget (the
+        first one always goes, however long its prompt)."""
+        admitted: list[GenerationStream] = []
+        width = 0
+        while self._waiting and len(self._rows) + len(admitted) < self.settings.max_running:
+            next_width = max(width, len(self._waiting[0].prompt_ids))
+            if admitted and next_width * (len(admitted) + 1) > self.settings.prefill_token_budget:
+                break
+            admitted.append(self._waiting.popleft())
+            width = next_width
+        return admitted
 
     def _usage(self, row_or_stream: _Row | GenerationStream) -> Usage:
         if isinstance(row_or_stream, GenerationStream):

@@ -6,9 +6,11 @@ responses through its response sender. `initialize` turns the artifact into a ca
 directory beside this file (a CAUSAL_LM zip is validated and unzipped; a GGUF is converted to
 bf16 safetensors, which is slow: prefer deploying the bf16 version) and starts one
 `maas_llm.GenerationEngine` on a background thread. `execute` only checks each request and
-submits it; the engine decodes all running requests together (continuous batching) and sends
-each request's responses from its thread. A request whose client went away
-(`is_cancelled()`, polled every step) leaves the batch at once.
+submits it; the engine decodes all running requests together (continuous batching) and hands
+each request's responses to a sender thread (a response is a round trip to the server process:
+the next forward does not wait for it; one thread keeps each request's responses in order). A
+request whose client went away (`is_cancelled()`, also a round trip, asked every
+`cancel_poll_seconds`) leaves the batch at its next step.
 
 The I/O contract, shared with the inference gateway and any KServe-v2 ModelStreamInfer client:
 
@@ -30,6 +32,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import queue
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -96,6 +100,8 @@ class TritonPythonModel:
     """The decoupled generation model: one engine per model instance."""
 
     engine: GenerationEngine
+    _responses: queue.SimpleQueue[tuple[Any, TokenGroup] | None]
+    _sender_thread: threading.Thread
 
     def initialize(self, args: dict) -> None:
         from maas_llm.directory import unzip_causal_lm
@@ -125,6 +131,11 @@ class TritonPythonModel:
             max_waiting=int(parameters.get(MAX_WAITING_PARAMETER, "32")),
             torch_threads=threads,
         )
+        self._responses = queue.SimpleQueue()
+        self._sender_thread = threading.Thread(
+            target=self._send_responses, args=(pb_utils,), name="generation-responses", daemon=True
+        )
+        self._sender_thread.start()
         self.engine = GenerationEngine.from_directory(directory, settings).start()
 
     def execute(self, requests: list) -> None:
@@ -149,7 +160,7 @@ class TritonPythonModel:
                 self.engine.submit(
                     prompt,
                     params,
-                    on_event=functools.partial(self._send, pb_utils, sender),
+                    on_event=functools.partial(self._enqueue, sender),
                     is_cancelled=is_cancelled,
                 )
             except MaasError as error:
@@ -159,8 +170,20 @@ class TritonPythonModel:
                 )
         return None
 
+    def _enqueue(self, sender: Any, event: TokenGroup) -> None:
+        """Hand one token group to the sender thread (engine thread; never blocks)."""
+        self._responses.put((sender, event))
+
+    def _send_responses(self, pb_utils: Any) -> None:
+        """The sender thread: send queued token groups in order until the None sentinel."""
+        while (item := self._responses.get()) is not None:
+            try:
+                self._send(pb_utils, *item)
+            except Exception:  # the client went away; the engine drops the stream on is_cancelled
+                continue
+
     def _send(self, pb_utils: Any, sender: Any, event: TokenGroup) -> None:
-        """Send one token group (engine thread); the last one is flagged final."""
+        """Send one token group; the last one is flagged final."""
         flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if event.final else 0
         if event.error:
             sender.send(_error_response(pb_utils, "INTERNAL", event.error), flags=flags)
@@ -170,12 +193,13 @@ class TritonPythonModel:
             _bytes_tensor(pb_utils, FINISH_OUTPUT, event.finish_reason),
             _bytes_tensor(pb_utils, USAGE_OUTPUT, json.dumps(event.usage.as_dict())),
         ]
-        try:
-            sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=flags)
-        except Exception:  # the client went away; the engine drops the stream on is_cancelled
-            pass
+        sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=flags)
 
     def finalize(self) -> None:
         engine = getattr(self, "engine", None)
         if engine is not None:
-            engine.stop()
+            engine.stop()  # delivers every stream's final group before it returns
+        sender_thread = getattr(self, "_sender_thread", None)
+        if sender_thread is not None:
+            self._responses.put(None)
+            sender_thread.join(10)
