@@ -98,7 +98,7 @@ PRODUCTION = {
         "database": {"existingSecret": "inference-postgres", "secretKey": "url"},
         "triton": {
             "gpus": 2,
-            "image": {"repository": "ghcr.io/maas/triton", "tag": "24.10-py3-maas1"},
+            "image": {"repository": "ghcr.io/maas/triton", "tag": "25.01-py3-maas1"},
             "nodeSelector": {"nvidia.com/gpu.present": "true"},
             "extraArgs": ["--log-verbose=1"],
             "modelRepository": {"persistence": {"storageClass": "nfs", "size": "1Ti"}},
@@ -556,7 +556,7 @@ def test_inference_drives_a_triton_deployment_over_a_shared_model_repository(man
     server = container_of(triton)
     gpus = 2 if profile == "production" else 1
 
-    image = "ghcr.io/maas/triton:" if profile == "production" else "nvcr.io/nvidia/tritonserver:"
+    image = "ghcr.io/maas/triton:"
     assert server["image"].startswith(image)
     assert server["command"] == ["tritonserver"]
     assert "--model-control-mode=explicit" in server["args"]
