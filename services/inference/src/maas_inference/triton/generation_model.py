@@ -49,6 +49,7 @@ TORCH_THREADS_PARAMETER = "maas.torch_threads"
 MAX_RUNNING_PARAMETER = "maas.max_running_streams"
 MAX_WAITING_PARAMETER = "maas.max_waiting_streams"
 GGUF_FORMAT = "gguf"
+OPENMP_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
 MODEL_DIRECTORY = "causal-lm"
 
 TEXT_INPUT = "text_input"
@@ -104,6 +105,12 @@ class TritonPythonModel:
     _sender_thread: threading.Thread
 
     def initialize(self, args: dict) -> None:
+        # Before torch (and its OpenMP) loads in this stub: OpenMP threads waiting between
+        # parallel regions sleep instead of spinning, so they leave the CPU to the server and
+        # gateway processes that carry every token (2 shared cores: a spinning worker delays
+        # them and they in turn stall the forward's next barrier).
+        for name, value in OPENMP_ENVIRONMENT.items():
+            os.environ.setdefault(name, value)
         from maas_llm.directory import unzip_causal_lm
         from maas_llm.engine import EngineSettings, GenerationEngine
 
