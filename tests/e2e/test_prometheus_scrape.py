@@ -118,8 +118,10 @@ async def test_prometheus_scrapes_every_series_after_traffic(tmp_path):
         served = ('maas_inference_dataplane_requests_total{deployment="digits",'
                   'outcome="served"}')
         declined = 'maas_inference_dataplane_requests_total{deployment="digits",outcome="declined"}'
-        assert await eventually(api, served, 1) > 0
-        assert value(query(api, served)) + value(query(api, declined)) >= PREDICTS
+        # The data plane's counts reach the service at its next stats poll: wait for all of them.
+        handled = f'sum({served}) + sum({declined})'
+        assert await eventually(api, handled, PREDICTS) >= PREDICTS
+        assert value(query(api, served)) > 0
         timed = await eventually(api, 'maas_inference_dataplane_duration_milliseconds_count'
                                       '{deployment="digits"}', 1)
         assert timed == value(query(api, served))
