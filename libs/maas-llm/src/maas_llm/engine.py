@@ -11,6 +11,13 @@ and their caches merged into the batch. A stream that finishes or is cancelled l
 at once (the cache rows are dropped, and columns that only padding holds are trimmed).
 Waiting streams queue up to a bound; past it `submit` raises `GenerationQueueFull` (RESOURCE_EXHAUSTED).
 
+Fairness between tenants: the engine does not know tenants; its queue is first come, first
+served, and a stream admitted to a free slot is prefilled before the next decode step, so its
+time to first token is its prefill plus at most the step in flight. What keeps one tenant from
+holding every slot is the gateway's per-tenant `concurrent_streams` limit, set below the
+deployment's `max_running` streams: another tenant's stream then always finds a free slot and
+never waits behind the flood.
+
 Each stream receives `TokenGroup`s: the text produced since the previous group (decoded from
 all of its tokens, held back while it ends inside a UTF-8 character or might be the start of
 a stop string), and a last group with the finish reason ("stop", "length" or "cancelled")
