@@ -109,8 +109,10 @@ async def suite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterato
         root = tmp_path
         ensure_admin_token(root / "admin.token", root / "tokens.json")
         drill = Suite(root, consul)
+        # Replicas sharing a blob directory rely on the grace period to keep what another
+        # replica is about to record (its own uploads are guarded in-process): not zero here.
         drill.registries = [replica(root, consul, "registry", root / "registry",
-                                    database_url=registry_db, gc_grace_seconds="0")
+                                    database_url=registry_db, gc_grace_seconds="120")
                             for _ in range(2)]
         drill.trainers = [replica(root, consul, "trainer", root / f"trainer-{i}",
                                   worker_slots="1", database_url=trainer_db,

@@ -5,6 +5,10 @@ even with a zero grace period."""
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import subprocess
+import sys
 import threading
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -77,3 +81,28 @@ async def test_health_is_serving_only_after_the_startup_collection_and_keeps_a_b
         release.set()
         await channel.close()
         await server.stop(0)
+
+
+def test_a_replica_sharing_the_blob_directory_never_sweeps_another_live_upload(tmp_path):
+    """Two registries on one blob directory (replicas): a collection with no grace period removes
+    the staging files of dead processes and of nobody, but never one a live process on this host
+    is still writing (the scale drill lost an upload that way when a restarted replica swept)."""
+    store = BlobStore(tmp_path)
+    staging = tmp_path / "staging"
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        host = socket.gethostname()
+        live = staging / f"{host}-{writer.pid}-aaaa.part"
+        abandoned = staging / f"{host}-{dead.pid}-bbbb.part"
+        other_host = staging / f"elsewhere-{os.getpid()}-cccc.part"
+        for path in (live, abandoned, other_host):
+            path.write_bytes(b"partial upload")
+        store.collect(referenced=set(), grace_seconds=0)
+        assert live.exists(), "another live replica's upload was swept"
+        assert not abandoned.exists()
+        assert not other_host.exists(), "with no grace, another host's old file goes"
+    finally:
+        writer.kill()
+        writer.wait()

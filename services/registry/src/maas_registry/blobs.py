@@ -165,22 +165,36 @@ class BlobStore:
             if staged in self._uploading:
                 continue  # an upload of ours still receiving or about to commit
             try:
-                if not self._is_live_upload(staged) or staged.stat().st_mtime <= deadline:
+                if self._is_live_upload_here(staged):
+                    continue  # a running process on this host is still receiving it
+                if not self._is_other_host(staged) or staged.stat().st_mtime <= deadline:
                     staged.unlink()
             except FileNotFoundError:
                 continue
         return removed
 
-    def _is_live_upload(self, staged: Path) -> bool:
-        """True when the staging file belongs to a running process on this host."""
-        host_pid = staged.name.rsplit("-", 1)[0]
-        host, _, pid = host_pid.rpartition("-")
-        if host != socket.gethostname() or not pid.isdigit():
-            return True  # another host's upload: only the grace period may expire it
-        if int(pid) == os.getpid():
+    @staticmethod
+    def _staging_owner(staged: Path) -> tuple[str, str]:
+        """(host, pid) from a staging file's name (`<host>-<pid>-<uuid>.part`)."""
+        host, _, pid = staged.name.rsplit("-", 1)[0].rpartition("-")
+        return host, pid
+
+    def _is_other_host(self, staged: Path) -> bool:
+        """True when another host (or an unknown writer) staged the file: only the grace
+        period may expire it."""
+        host, pid = self._staging_owner(staged)
+        return host != socket.gethostname() or not pid.isdigit()
+
+    def _is_live_upload_here(self, staged: Path) -> bool:
+        """True when a running process on this host (a replica sharing the blob directory
+        included) is still writing the staging file: never swept, whatever its age."""
+        if self._is_other_host(staged):
+            return False
+        pid = int(self._staging_owner(staged)[1])
+        if pid == os.getpid():
             return True
         try:
-            os.kill(int(pid), 0)
+            os.kill(pid, 0)
         except ProcessLookupError:
             return False
         except PermissionError:
