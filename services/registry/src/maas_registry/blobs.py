@@ -23,6 +23,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from maas_runtime.errors import InvalidArgument, NotFound, OutOfRange, ResourceExhausted
 
@@ -165,41 +166,33 @@ class BlobStore:
             if staged in self._uploading:
                 continue  # an upload of ours still receiving or about to commit
             try:
-                if self._is_live_upload_here(staged):
+                writer = self._staging_writer(staged)
+                if writer == "live":
                     continue  # a running process on this host is still receiving it
-                if not self._is_other_host(staged) or staged.stat().st_mtime <= deadline:
+                if writer == "dead" or staged.stat().st_mtime <= deadline:
                     staged.unlink()
             except FileNotFoundError:
                 continue
         return removed
 
     @staticmethod
-    def _staging_owner(staged: Path) -> tuple[str, str]:
-        """(host, pid) from a staging file's name (`<host>-<pid>-<uuid>.part`)."""
+    def _staging_writer(staged: Path) -> Literal["live", "dead", "elsewhere"]:
+        """Who writes a staging file (`<host>-<pid>-<uuid>.part`): "live", a running process on
+        this host (a replica sharing the blob directory included), never swept whatever its
+        age; "dead", a process of this host that is gone; "elsewhere", another host or an
+        unknown writer, which only the grace period may expire."""
         host, _, pid = staged.name.rsplit("-", 1)[0].rpartition("-")
-        return host, pid
-
-    def _is_other_host(self, staged: Path) -> bool:
-        """True when another host (or an unknown writer) staged the file: only the grace
-        period may expire it."""
-        host, pid = self._staging_owner(staged)
-        return host != socket.gethostname() or not pid.isdigit()
-
-    def _is_live_upload_here(self, staged: Path) -> bool:
-        """True when a running process on this host (a replica sharing the blob directory
-        included) is still writing the staging file: never swept, whatever its age."""
-        if self._is_other_host(staged):
-            return False
-        pid = int(self._staging_owner(staged)[1])
-        if pid == os.getpid():
-            return True
+        if host != socket.gethostname() or not pid.isdigit():
+            return "elsewhere"
+        if int(pid) == os.getpid():
+            return "live"
         try:
-            os.kill(pid, 0)
+            os.kill(int(pid), 0)
         except ProcessLookupError:
-            return False
+            return "dead"
         except PermissionError:
-            return True
-        return True
+            return "live"
+        return "live"
 
 
 class StagingWriter:
