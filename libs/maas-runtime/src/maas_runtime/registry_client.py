@@ -8,7 +8,10 @@ Every call has a deadline (`timeout_seconds`; a whole download or upload is one 
 download goes to a private temporary file beside the destination (`tempfile.mkstemp`),
 written and hashed off the event loop, checked against the recorded sha256 and size, and
 renamed into place only then; on any error — a corrupt stream, a deadline, cancellation — the
-temporary file is removed and the destination left as it was.
+temporary file is removed and the destination left as it was. Given a `DownloadRetry`, a
+download cut short (the replica serving it died) goes on at the byte it reached, on the next
+replica, within the same deadline: the download RPCs take a byte offset, and the digest is
+computed over every byte as it arrives, so the check at the end covers the stitched file.
 
 Publishing is idempotent per producing job: the version carries the job's id as a label, and
 a publish repeated after a crash (upload done, outcome not yet recorded) finds that version
@@ -22,7 +25,7 @@ import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,7 +39,7 @@ from maas_runtime import errors
 from maas_runtime.messages import to_dict, to_message
 from maas_runtime.peers import PeerChannel
 
-__all__ = ["ModelPublication", "RegistryClient", "file_sha256"]
+__all__ = ["DownloadRetry", "ModelPublication", "RegistryClient", "file_sha256"]
 
 _log = logging.getLogger(__name__)
 
@@ -65,6 +68,17 @@ class ModelPublication:
     signature: dict[str, Any] = field(default_factory=dict)
     """The registry `Signature` (contract JSON shape); required for ONNX and TorchScript, and
     taken from the manifest of a maas-package when empty."""
+
+
+@dataclass(frozen=True)
+class DownloadRetry:
+    """How a download cut short goes on: where, and after how long."""
+
+    replicas: Callable[[], Awaitable[Sequence[RegistryServiceStub]]]
+    """The registry replicas one download tries, in turn (attempt n takes the n-th, wrapping)."""
+    backoff_seconds: Callable[[errors.MaasError, int], float | None]
+    """Seconds to wait after failed attempt number n (1-based, counted since the download last
+    moved forward) before the next, or None to give up and raise that error."""
 
 
 class RegistryClient:
@@ -106,28 +120,32 @@ class RegistryClient:
 
     # Verified downloads ----------------------------------------------------------------------
 
-    async def download_model_version(self, version: dict[str, Any], destination: Path) -> None:
+    async def download_model_version(self, version: dict[str, Any], destination: Path, *,
+                                     retry: DownloadRetry | None = None) -> None:
         """The artifact of `version` (a resolved `ModelVersion` dict) at `destination`,
         verified against its recorded sha256 and size; FAILED_PRECONDITION otherwise."""
         artifact = version.get("artifact", {})
         await self._download(
-            lambda stub: stub.DownloadModelVersion(
-                rs.DownloadModelVersionRequest(name=version["name"]), timeout=self._timeout),
+            lambda stub, offset, timeout: stub.DownloadModelVersion(
+                rs.DownloadModelVersionRequest(name=version["name"], offset=offset),
+                timeout=timeout),
             version["name"], Path(destination), artifact.get("sha256", ""),
-            int(artifact.get("size_bytes", 0)), reason="ARTIFACT_CORRUPT")
+            int(artifact.get("size_bytes", 0)), reason="ARTIFACT_CORRUPT", retry=retry)
 
     async def download_dataset_version(self, name: str, destination: Path, *, sha256: str,
-                                       size_bytes: int | None = None) -> None:
+                                       size_bytes: int | None = None,
+                                       retry: DownloadRetry | None = None) -> None:
         """The dataset file at `destination`, verified against `sha256` (and `size_bytes`
         when given); FAILED_PRECONDITION otherwise."""
         await self._download(
-            lambda stub: stub.DownloadDatasetVersion(
-                rs.DownloadDatasetVersionRequest(name=name), timeout=self._timeout),
-            name, Path(destination), sha256, size_bytes, reason="DATASET_DIGEST_MISMATCH")
+            lambda stub, offset, timeout: stub.DownloadDatasetVersion(
+                rs.DownloadDatasetVersionRequest(name=name, offset=offset), timeout=timeout),
+            name, Path(destination), sha256, size_bytes, reason="DATASET_DIGEST_MISMATCH",
+            retry=retry)
 
-    async def _download(self, open_stream: Callable[[RegistryServiceStub], Any], name: str,
-                        destination: Path, sha256: str, size_bytes: int | None, *,
-                        reason: str) -> None:
+    async def _download(self, open_stream: Callable[[RegistryServiceStub, int, float], Any],
+                        name: str, destination: Path, sha256: str, size_bytes: int | None, *,
+                        reason: str, retry: DownloadRetry | None) -> None:
         if not sha256:
             raise errors.FailedPrecondition(f"{name} records no sha256; refusing to download "
                                             "what cannot be verified", reason=reason)
@@ -135,19 +153,9 @@ class RegistryClient:
                                              prefix=f".{destination.name}.", suffix=".part")
         sink = _VerifyingFile(handle)
         kept = False
-        stream = None
         try:
-            stream = open_stream(self._stub())
-            try:
-                async for message in stream:
-                    if message.WhichOneof("content") != "chunk":
-                        continue
-                    await _off_loop(sink.write, message.chunk)
-                    if size_bytes and sink.size > size_bytes:
-                        raise _corrupt(name, f"more than the {size_bytes} bytes recorded",
-                                       reason)
-            except grpc.aio.AioRpcError as error:
-                raise self._peer.error(error) from None
+            await self._receive(open_stream, name, sink, sha256, size_bytes, reason=reason,
+                                retry=retry)
             digest = await _off_loop(sink.finish)
             if size_bytes and sink.size != size_bytes:
                 raise _corrupt(name, f"{sink.size} bytes, but the registry records "
@@ -158,11 +166,53 @@ class RegistryClient:
             await _off_loop(os.replace, temporary, destination)
             kept = True
         finally:
-            if stream is not None:
-                stream.cancel()  # a no-op once it ended; frees the call when we stopped early
             sink.close()
             if not kept:
                 Path(temporary).unlink(missing_ok=True)
+
+    async def _receive(self, open_stream: Callable[[RegistryServiceStub, int, float], Any],
+                       name: str, sink: _VerifyingFile, sha256: str, size_bytes: int | None, *,
+                       reason: str, retry: DownloadRetry | None) -> None:
+        """Every byte of the artifact into `sink`: one stream, or with `retry` as many as it
+        takes, each starting at the byte the last one reached."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        attempt, failed_attempts, replicas = 0, 0, list[RegistryServiceStub]()
+        while True:
+            if retry is None:
+                replicas = [self._stub()]
+            elif attempt == 0 or len(replicas) < 2:  # one order per download
+                replicas = list(await retry.replicas()) or [self._stub()]
+            offset = sink.size
+            stream = open_stream(replicas[attempt % len(replicas)], offset,
+                                 max(deadline - loop.time(), 0.001))
+            attempt += 1
+            try:
+                async for message in stream:
+                    content = message.WhichOneof("content")
+                    if content == "header":
+                        recorded = message.header.artifact.sha256
+                        if recorded and recorded != sha256:  # never stitch two artifacts
+                            raise _corrupt(name, f"an artifact of sha256 {recorded}", reason)
+                        continue
+                    await _off_loop(sink.write, message.chunk)
+                    if size_bytes and sink.size > size_bytes:
+                        raise _corrupt(name, f"more than the {size_bytes} bytes recorded",
+                                       reason)
+                return
+            except grpc.aio.AioRpcError as rpc_error:
+                error = self._peer.error(rpc_error)
+            except errors.Unavailable as unavailable:  # no replica is healthy (discovery)
+                error = unavailable
+            finally:
+                stream.cancel()  # a no-op once it ended; frees the call when we stopped early
+            failed_attempts = 1 if sink.size > offset else failed_attempts + 1
+            wait = None if retry is None else retry.backoff_seconds(error, failed_attempts)
+            if wait is None or loop.time() + wait >= deadline:
+                raise error
+            _log.warning("download of %s cut short at byte %d of %s (%s); resuming there on "
+                         "the next replica", name, sink.size, size_bytes or "?", error.message)
+            await asyncio.sleep(wait)
 
     # Uploads -------------------------------------------------------------------------------
 

@@ -66,7 +66,7 @@ from maas_runtime.discovery import ServiceDiscovery
 from maas_runtime.grpc_errors import from_rpc_error
 from maas_runtime.messages import to_dict
 from maas_runtime.peers import PeerChannel, PeerTransport
-from maas_runtime.registry_client import RegistryClient, file_sha256
+from maas_runtime.registry_client import DownloadRetry, RegistryClient, file_sha256
 from tritonclient.grpc import service_pb2 as kserve_pb2, service_pb2_grpc as kserve_grpc
 
 from maas_sdk import jobs as job_specs
@@ -536,7 +536,11 @@ class Client:
     def download(self, reference: str, destination: str | os.PathLike[str]) -> Path:
         """A model version (`digits@production`) or dataset version
         (`datasets/d/versions/1`) written to `destination` (a file, or a directory to put it
-        in), verified against the sha256 the registry records."""
+        in), verified against the sha256 the registry records. A download cut short by a
+        replica that died goes on at the byte it reached on the next replica, as the retry
+        policy says (attempts that moved it forward are not counted against the policy's
+        attempts), all within one deadline (`timeout`, at least 600 s); nothing is written at
+        `destination` unless the whole file arrived and checked out."""
         path = Path(destination)
         if reference.startswith("datasets/"):
             version: Any = self.get_dataset_version(reference)
@@ -559,9 +563,23 @@ class Client:
         if isinstance(version, dataset_pb2.DatasetVersion):
             await registry.download_dataset_version(
                 version.name, destination, sha256=version.artifact.sha256,
-                size_bytes=version.artifact.size_bytes)
+                size_bytes=version.artifact.size_bytes,
+                retry=self._download_retry("DownloadDatasetVersion"))
         else:
-            await registry.download_model_version(to_dict(version), destination)
+            await registry.download_model_version(
+                to_dict(version), destination,
+                retry=self._download_retry("DownloadModelVersion"))
+
+    def _download_retry(self, method: str) -> DownloadRetry:
+        """The registry replicas in turn and the retry policy, for one download."""
+        def backoff(error: MaasError, failed_attempts: int) -> float | None:
+            if not self.retry.should_retry(method, error, failed_attempts):
+                return None
+            return self.retry.backoff_seconds(failed_attempts)
+
+        return DownloadRetry(
+            lambda: self._stubs_in_turn("registry", registry_service_pb2_grpc.RegistryServiceStub),
+            backoff)
 
     # Training and compression -----------------------------------------------------------------
 
@@ -762,18 +780,38 @@ class Client:
         ([{"role": "user", "content": "..."}], rendered with the model's chat template).
         Iterate the returned `Generation` for the text as it comes; then its
         `finish_reason` and `usage` are set. Unset sampling parameters take the model's
-        defaults (temperature 1, top_p 1, no top_k; max_tokens: the service's default)."""
+        defaults (temperature 1, top_p 1, no top_k; max_tokens: the service's default).
+        `timeout` bounds the whole generation. A gateway lost before the first text arrived
+        is replaced by the next replica, as the retry policy says; one lost after raises
+        `Unavailable` (`maas_sdk.generation`)."""
         request = generate_request(
             deployment_name(deployment), prompt, messages, max_tokens=max_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, seed=seed,
             repetition_penalty=repetition_penalty)
 
-        async def pump(messages_out) -> None:
-            stub = await self._stub("inference", inference_service_pb2_grpc.InferenceServiceStub)
-            await pump_generation(stub.Generate(request, timeout=timeout), messages_out)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        stubs: list[inference_service_pb2_grpc.InferenceServiceStub] = []
 
-        return Generation(lambda messages_out: self._runner.submit(pump(messages_out)),
-                          lambda rpc_error: self._error("inference", rpc_error))
+        async def open_call(attempt: int) -> Any:
+            nonlocal stubs
+            if attempt == 1 or len(stubs) < 2:  # one order per generation
+                stubs = await self._stubs_in_turn(
+                    "inference", inference_service_pb2_grpc.InferenceServiceStub)
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+            return stubs[(attempt - 1) % len(stubs)].Generate(request, timeout=remaining)
+
+        def backoff(error: MaasError, attempt: int, output_delivered: bool) -> float | None:
+            if not self.retry.should_retry("Generate", error, attempt,
+                                           output_delivered=output_delivered):
+                return None
+            wait = self.retry.backoff_seconds(attempt)
+            if deadline is not None and time.monotonic() + wait >= deadline:
+                return None
+            return wait
+
+        return Generation(lambda messages_out: self._runner.submit(pump_generation(
+            open_call, messages_out, to_error=lambda rpc_error: self._error("inference", rpc_error),
+            backoff=backoff)))
 
     # Predictions -----------------------------------------------------------------------------
 

@@ -6,19 +6,27 @@ time to first token) are set. The gRPC call runs on the client's event loop thre
 messages are handed over through a queue; `cancel()`, leaving a `with` block early, or
 closing the generation ends the call at once, which ends the generation on the server (the
 tokens produced so far are charged).
+
+A generation whose stream fails UNAVAILABLE (its gateway died), or CANCELLED without the
+caller asking, before any of its text reached the caller is started again on the next replica
+as the client's retry policy says, within the same deadline; the caller sees one generation.
+Once text was handed over it cannot be: another replica would generate from the start (and
+with sampling, other text), and the text already produced cannot be replayed there. The
+caller then gets `Unavailable` saying so, after the text it already has.
 """
 
 from __future__ import annotations
 
 import asyncio
 import queue
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from maas.inference.v1 import inference_service_pb2 as inf
+from maas_runtime.errors import Cancelled, MaasError, Unavailable
 
 FINISH_REASONS = {inf.FINISH_REASON_STOP: "stop", inf.FINISH_REASON_LENGTH: "length",
                   inf.FINISH_REASON_CANCELLED: "cancelled"}
@@ -65,11 +73,9 @@ class Generation:
     """The text chunks of one generation as they stream (iterate once), then its
     `finish_reason` and `usage`."""
 
-    def __init__(self, start: Callable[[queue.Queue], Future],
-                 to_error: Callable[[grpc.RpcError], Exception]) -> None:
+    def __init__(self, start: Callable[[queue.Queue], Future]) -> None:
         self._messages: queue.Queue = queue.Queue()
         self._future = start(self._messages)
-        self._to_error = to_error
         self.finish_reason: str | None = None
         """"stop", "length" or "cancelled" once the stream ended; None before."""
         self.usage: GenerationUsage | None = None
@@ -82,8 +88,6 @@ class Generation:
             if message is _END:
                 self._ended = True
                 return
-            if isinstance(message, grpc.RpcError):
-                raise self._to_error(message) from None
             if isinstance(message, BaseException):
                 raise message
             if message.WhichOneof("event") == "delta":
@@ -117,18 +121,53 @@ class Generation:
         self.cancel()
 
 
-async def pump_generation(call: Any, messages: queue.Queue) -> None:
+async def pump_generation(open_call: Callable[[int], Awaitable[Any]], messages: queue.Queue, *,
+                          to_error: Callable[[grpc.RpcError], MaasError],
+                          backoff: Callable[[MaasError, int, bool], float | None]) -> None:
     """Read the Generate stream on the event loop thread into `messages`; a cancelled pump
-    cancels the call."""
+    cancels the call.
+
+    `open_call(n)` opens attempt number n (1-based) on its replica; after a failed attempt,
+    `backoff(error, n, output_delivered)` gives the seconds to wait before the next, or None
+    to hand the error over instead."""
+    call: Any = None
+    attempt, delivered = 1, 0
     try:
-        async for message in call:
-            messages.put(message)
-    except grpc.RpcError as error:
-        messages.put(error)
+        while True:
+            try:
+                call = await open_call(attempt)
+                async for message in call:
+                    messages.put(message)
+                    delivered += 1
+                return
+            except grpc.RpcError as rpc_error:
+                error = to_error(rpc_error)
+            except Unavailable as unavailable:  # no replica is healthy (discovery)
+                error = unavailable
+            wait = backoff(error, attempt, delivered > 0)
+            if wait is None:
+                messages.put(_cut_short(error, delivered) if delivered else error)
+                return
+            await asyncio.sleep(wait)
+            attempt += 1
     except asyncio.CancelledError:
-        call.cancel()
+        if call is not None:
+            call.cancel()
         raise
     except Exception as error:  # noqa: BLE001 - handed to the reading thread
         messages.put(error)
     finally:
         messages.put(_END)
+
+
+def _cut_short(error: MaasError, delivered: int) -> MaasError:
+    """The error of a generation that failed after `delivered` messages reached the caller:
+    an unreachable gateway (or a call it cancelled) becomes UNAVAILABLE saying why it was not
+    retried; any other error stays as it is."""
+    if not isinstance(error, Unavailable | Cancelled):
+        return error
+    return Unavailable(
+        f"the generation was cut short after {delivered} streamed message(s) had reached you "
+        f"({error.message}); it was not started again on another replica because the text "
+        "already produced cannot be replayed there: start a new generation",
+        reason="GENERATION_INTERRUPTED")

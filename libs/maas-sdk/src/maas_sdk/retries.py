@@ -4,11 +4,13 @@ A call that fails UNAVAILABLE (the replica died, restarts, or its Triton is down
 CANCELLED without the caller asking (a replica shutting down cancels the calls it still holds;
 the SDK never cancels a call itself), is sent again after a short jittered backoff to the next
 replica (`maas_sdk.replicas`). Only calls that can run twice without changing the outcome are
-repeated: reads (`Get…`, `List…`, and `Watch…` streams, resumed after their last event) and
-`Predict`. Creates, updates, deletes, uploads and cancels are not: the suite keeps no request
-ids to recognise a repeated write, so a create whose reply was lost could run twice (or answer
-ALREADY_EXISTS for its own first attempt); their UNAVAILABLE reaches the caller, who knows
-whether repeating is safe.
+repeated: reads (`Get…`, `List…`, `Watch…` streams resumed after their last event, and
+`Download…` streams resumed at the byte they reached) and `Predict`. A `Generate` stream is
+repeated only while no text of it has reached the caller: after that, the text already
+produced cannot be replayed, and the caller gets UNAVAILABLE saying so. Creates, updates,
+deletes, uploads and cancels are not: the suite keeps no request ids to recognise a repeated
+write, so a create whose reply was lost could run twice (or answer ALREADY_EXISTS for its own
+first attempt); their UNAVAILABLE reaches the caller, who knows whether repeating is safe.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from maas_runtime.errors import Cancelled, MaasError, Unavailable
 
 __all__ = ["RetryPolicy", "is_idempotent"]
 
-_IDEMPOTENT_PREFIXES = ("Get", "List", "Watch")
+_IDEMPOTENT_PREFIXES = ("Get", "List", "Watch", "Download")
 _IDEMPOTENT_METHODS = frozenset({"Predict"})
+_REPEATABLE_BEFORE_OUTPUT = frozenset({"Generate"})
+"""Streams that may start again elsewhere as long as the caller has seen nothing of them."""
 
 
 def is_idempotent(method: str) -> bool:
@@ -55,11 +59,16 @@ class RetryPolicy:
             raise ValueError(f"backoff_multiplier must be at least 1, "
                              f"got {self.backoff_multiplier}")
 
-    def should_retry(self, method: str, error: MaasError, attempt: int) -> bool:
+    def should_retry(self, method: str, error: MaasError, attempt: int, *,
+                     output_delivered: bool = False) -> bool:
         """Whether attempt number `attempt` (1-based) of `method`, failed with `error`, is
-        followed by another."""
-        return (attempt < self.max_attempts and isinstance(error, Unavailable | Cancelled)
-                and is_idempotent(method))
+        followed by another; `output_delivered`: part of a `Generate` stream's output
+        already reached the caller."""
+        if attempt >= self.max_attempts or not isinstance(error, Unavailable | Cancelled):
+            return False
+        if method in _REPEATABLE_BEFORE_OUTPUT:
+            return not output_delivered
+        return is_idempotent(method)
 
     def backoff_seconds(self, attempt: int) -> float:
         """How long to wait after failed attempt number `attempt` (1-based)."""
