@@ -13,6 +13,7 @@ Triton models still have requests in flight.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import zlib
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -225,9 +226,12 @@ class RouteTable:
 
 
 def require_route_models(principal: Principal, route: Route) -> None:
-    """A scoped token may only use a deployment whose every served model is in its scope."""
+    """A scoped token may only use a deployment whose every served model is in its scope:
+    its shadow too (it is sent copies of the caller's requests), as Get and List count it."""
     # A generator: an unscoped token (the hot path) never builds the set.
-    scopes.require_models(principal, (m.version.split("/")[1] for m, _ in route.targets))
+    shadow = (route.shadow,) if route.shadow is not None else ()
+    served = itertools.chain((model for model, _ in route.targets), shadow)
+    scopes.require_models(principal, (model.version.split("/")[1] for model in served))
 
 
 def parse_deployment_name(name: str, field_path: str) -> str:
