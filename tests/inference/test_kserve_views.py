@@ -1,76 +1,83 @@
-"""The KServe-v2 domain without a Triton: streams from a decoupled model, summed statistics.
+"""The KServe-v2 domain on real parts (the session's tritonserver, the registry in this
+process): a stream of requests to a decoupled model, and statistics summed per deployment.
 
-A decoupled model (several responses per request) cannot be deployed from the formats the
-suite serves today, so its stream handling is tested here against a fake Triton stream that
-answers as Triton does when asked to flag the last response.
+The decoupled model is the suite's own generation model serving the real SmolLM2 (the cached
+bf16 fixture of tests/support/llm.py): each request gets one response per step of text, the
+last flagged final by Triton when asked.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import asyncio
+import json
+import struct
+from collections.abc import AsyncIterator
+from pathlib import Path
 
+import numpy as np
+import pytest
+import pytest_asyncio
 from maas_inference.kserve import KServeViews
-from maas_runtime.auth import ANONYMOUS_ADMIN
+from maas_inference.triton import TritonClient
+from maas_inference.triton.model_repository import ModelRepository
+from maas_runtime import errors
+from maas_runtime.auth import ANONYMOUS_ADMIN, Principal, Role
 from tritonclient.grpc import service_pb2
 
-from tests.inference.test_deployment_manager import (
-    FakeTriton,
-    TwoModelRegistry,
-    manager,
-    scoped,
+from tests.inference.deployment_domain import (
+    Deployments,
+    delete_every_deployment,
+    deployments_on,
+    upload_mlps,
 )
+from tests.support.llm import upload_smollm2
+from tests.support.registry_server import registry_in_process
+
+pytestmark = [pytest.mark.triton, pytest.mark.asyncio(loop_scope="session")]
 
 FINAL = "triton_final_response"
 ENABLE_FINAL = "triton_enable_empty_final_response"
+CANARY = {"model": "models/digits/versions/1", "traffic": [
+    {"model_version": "models/digits/versions/1", "percent": 90},
+    {"model_version": "models/digits/versions/2", "percent": 10}]}
 
 
-class DecoupledStream:
-    """Answers each request with two responses and Triton's empty flagged final one."""
-
-    def __init__(self) -> None:
-        self.sent: list[service_pb2.ModelInferRequest] = []
-        self.pending: deque = deque()
-        self.closed = False
-
-    async def send(self, request) -> None:
-        self.sent.append(request)
-        for part in range(2):
-            response = service_pb2.ModelStreamInferResponse()
-            reply = response.infer_response
-            reply.model_name, reply.id = request.model_name, request.id
-            reply.outputs.add(name="logits", datatype="FP32", shape=[1, 1])
-            reply.raw_output_contents.append(bytes([part]) * 4)
-            reply.parameters[FINAL].bool_param = False
-            self.pending.append(response)
-        final = service_pb2.ModelStreamInferResponse()
-        final.infer_response.id = request.id
-        final.infer_response.parameters[FINAL].bool_param = True
-        self.pending.append(final)
-
-    async def receive(self):
-        return self.pending.popleft()
-
-    async def close(self) -> None:
-        self.closed = True
+def scoped(*patterns: str) -> Principal:
+    return Principal("team", Role.EDITOR, patterns)
 
 
-class StreamingTriton(FakeTriton):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stream = DecoupledStream()
-        self.statistics: dict[str, service_pb2.ModelStatisticsResponse] = {}
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def served(tmp_path_factory, triton_client: TritonClient,
+                 model_repository: ModelRepository) -> AsyncIterator[Deployments]:
+    """ "canary" (digits v1 90 % / v2 10 %), "secret" and "chat" (SmolLM2), loaded in the
+    session's Triton."""
+    root: Path = tmp_path_factory.mktemp("kserve-views")
+    async with registry_in_process(root) as registry:
+        await upload_mlps(root, registry.target, registry.token,
+                          [("digits", 1), ("digits", 2), ("secret", 1)])
+        chat_version = await upload_smollm2(registry.target, registry.token)
+        async with deployments_on(root, registry.target, registry.token, triton_client,
+                                  model_repository) as deployments:
+            try:
+                await asyncio.gather(
+                    deployments.controller.create("canary", CANARY, ANONYMOUS_ADMIN),
+                    deployments.controller.create(
+                        "secret", {"model": "models/secret/versions/1"}, ANONYMOUS_ADMIN),
+                    deployments.controller.create("chat", {"model": chat_version},
+                                                  ANONYMOUS_ADMIN))
+                yield deployments
+            finally:
+                await delete_every_deployment(deployments)
 
-    def open_stream(self, *, timeout=None, metadata=None):
-        return self.stream
 
-    async def model_statistics(self, name: str) -> service_pb2.ModelStatisticsResponse:
-        return self.statistics[name]
-
-
-def request(request_id: str, *, ask_for_final: bool = False, model: str = "digits"):
+def generation_request(request_id: str, *, ask_for_final: bool = False, model: str = "chat",
+                       **sampling) -> service_pb2.ModelInferRequest:
+    """A KServe-v2 request to the generation model (BYTES tensors: length-prefixed)."""
     message = service_pb2.ModelInferRequest(model_name=model, id=request_id)
-    message.inputs.add(name="input", datatype="FP32", shape=[1, 64])
-    message.raw_input_contents.append(bytes(4 * 64))
+    for name, value in (("text_input", b"1, 2, 3, 4,"),
+                        ("sampling_parameters", json.dumps(sampling).encode())):
+        message.inputs.add(name=name, datatype="BYTES", shape=[1])
+        message.raw_input_contents.append(struct.pack("<I", len(value)) + value)
     if ask_for_final:
         message.parameters[ENABLE_FINAL].bool_param = True
     return message
@@ -81,59 +88,78 @@ async def requests(*messages):
         yield message
 
 
-async def test_a_decoupled_models_responses_come_in_order_named_after_the_deployment(tmp_path):
-    triton = StreamingTriton()
-    served = manager(tmp_path, TwoModelRegistry(), triton)
-    await served.controller.create("digits", {"model": "models/digits/versions/1"}, ANONYMOUS_ADMIN)
+async def test_a_decoupled_models_responses_come_in_order_named_after_the_deployment(served):
+    greedy = {"max_tokens": 4, "temperature": 0}
     answers = [response async for response in served.predictor.kserve_stream_infer(
-        requests(request("a"), request("missing", model="ghost"),
-                 request("b", ask_for_final=True)), None, ANONYMOUS_ADMIN)]
+        requests(generation_request("a", **greedy),
+                 generation_request("missing", model="ghost", **greedy),
+                 generation_request("bad", temperature=-1),
+                 generation_request("b", ask_for_final=True, **greedy)),
+        120, ANONYMOUS_ADMIN)]
 
-    assert [(r.infer_response.id, r.error_message != "") for r in answers] == [
-        ("a", False), ("a", False), ("missing", True), ("b", False), ("b", False), ("b", False)]
-    assert "ghost" in answers[2].error_message
-    first, second = answers[0].infer_response, answers[1].infer_response
-    assert (first.model_name, first.model_version) == ("digits", "1")
-    assert FINAL not in first.parameters and FINAL not in second.parameters  # not asked for
-    assert [r.infer_response.parameters[FINAL].bool_param for r in answers[3:]] == [
-        False, False, True]  # asked for: passed on, the empty closing response included
-    assert [m.model_name for m in triton.stream.sent] == ["digits.digits.v1"] * 2
-    assert all(m.parameters[ENABLE_FINAL].bool_param for m in triton.stream.sent)
-    assert triton.stream.closed
-    await served.close()
-
-
-def statistics(name: str, count: int, batch_sizes: dict[int, int]):
-    stats = service_pb2.ModelStatistics(name=name, version="1", inference_count=count,
-                                        execution_count=count, last_inference=count)
-    stats.inference_stats.success.count = count
-    stats.inference_stats.success.ns = 1000 * count
-    for size, executions in batch_sizes.items():
-        stats.batch_stats.add(batch_size=size).compute_infer.count = executions
-    return service_pb2.ModelStatisticsResponse(model_stats=[stats])
+    ids = [r.infer_response.id for r in answers]
+    a_count, b_count = ids.count("a"), ids.count("b")
+    assert a_count >= 2, ids  # several responses to one request: a decoupled model
+    assert ids == ["a"] * a_count + ["missing", "bad"] + ["b"] * b_count  # one after another
+    errors_by_id = {r.infer_response.id: r.error_message for r in answers if r.error_message}
+    assert set(errors_by_id) == {"missing", "bad"}  # answered in the stream, which goes on
+    assert "ghost" in errors_by_id["missing"]
+    assert "temperature" in errors_by_id["bad"]  # the model's own error
+    a_answers = answers[:a_count]
+    assert {(r.infer_response.model_name, r.infer_response.model_version)
+            for r in a_answers} == {("chat", "1")}
+    assert not any(FINAL in r.infer_response.parameters for r in a_answers)  # not asked for
+    b_answers = answers[-b_count:]
+    assert [r.infer_response.parameters[FINAL].bool_param for r in b_answers] == \
+        [False] * (b_count - 1) + [True]  # asked for: passed on, on the last response only
+    assert {r.infer_response.model_name for r in b_answers} == {"chat"}
 
 
-async def test_statistics_are_summed_over_a_deployments_triton_models_and_scoped(tmp_path):
-    triton = StreamingTriton()
-    served = manager(tmp_path, TwoModelRegistry(), triton)
-    split = {"model": "models/digits/versions/1", "traffic": [
-        {"model_version": "models/digits/versions/1", "percent": 90},
-        {"model_version": "models/digits/versions/2", "percent": 10}]}
-    await served.controller.create("canary", split, ANONYMOUS_ADMIN)
-    await served.controller.create("secret", {"model": "models/secret/versions/1"}, ANONYMOUS_ADMIN)
-    triton.statistics = {"canary.digits.v1": statistics("canary.digits.v1", 5, {1: 3, 2: 1}),
-                         "canary.digits.v2": statistics("canary.digits.v2", 2, {2: 1, 4: 1}),
-                         "secret.secret.v1": statistics("secret.secret.v1", 9, {1: 9})}
-    views = KServeViews(served.controller, served.routes, lambda: triton)
+async def infer_on(served: Deployments, version: str, rows: int, seed: int) -> None:
+    """One KServe-v2 infer on "canary" whose request id routes it to `version`."""
+    route = served.routes.live("canary").route
+    request_id = next(f"{version}-{rows}-{seed}-{n}" for n in range(10_000)
+                      if route.pick(f"{version}-{rows}-{seed}-{n}").version == version)
+    request = service_pb2.ModelInferRequest(model_name="canary", id=request_id)
+    request.inputs.add(name="features", datatype="FP32", shape=[rows, 64])
+    data = np.random.default_rng(seed).standard_normal((rows, 64)).astype(np.float32)
+    request.raw_input_contents.append(data.tobytes())
+    reply = await served.predictor.kserve_infer(request, 30, ANONYMOUS_ADMIN)
+    assert (reply.model_name, reply.model_version) == ("canary", version.rsplit("/", 1)[-1])
+
+
+async def executions(triton: TritonClient, name: str) -> int:
+    return sum(s.execution_count for s in (await triton.model_statistics(name)).model_stats)
+
+
+async def test_statistics_are_summed_over_a_deployments_triton_models_and_scoped(
+        served, triton_client):
+    sent = {"models/digits/versions/1": [1, 1, 1, 2], "models/digits/versions/2": [2, 4]}
+    for version, batches in sent.items():
+        for seed, rows in enumerate(batches):  # one at a time: one execution each
+            await infer_on(served, version, rows, seed)
+    for version, batches in sent.items():  # Triton counts an execution once it has answered
+        name = f"canary.digits.v{version[-1]}"
+        for _ in range(100):
+            if await executions(triton_client, name) == len(batches):
+                break
+            await asyncio.sleep(0.05)
+    parts = [(await triton_client.model_statistics(name)).model_stats[0]
+             for name in ("canary.digits.v1", "canary.digits.v2")]
+    views = KServeViews(served.controller, served.routes, lambda: triton_client)
 
     [canary] = await views.model_statistics("canary", ANONYMOUS_ADMIN)
-    assert (canary.name, canary.inference_count, canary.execution_count) == ("canary", 7, 7)
-    assert canary.last_inference == 5
-    assert (canary.inference_stats.success.count, canary.inference_stats.success.ns) == (7, 7000)
+    assert (canary.name, canary.inference_count, canary.execution_count) == ("canary", 11, 6)
+    assert canary.last_inference == max(p.last_inference for p in parts) > 0
+    assert (canary.inference_stats.success.count, canary.inference_stats.success.ns) == (
+        6, sum(p.inference_stats.success.ns for p in parts))
+    assert canary.inference_stats.compute_infer.ns == sum(
+        p.inference_stats.compute_infer.ns for p in parts)
     assert {b.batch_size: b.compute_infer.count for b in canary.batch_stats} == {1: 3, 2: 2, 4: 1}
 
     everything = await views.model_statistics("", ANONYMOUS_ADMIN)
-    assert [s.name for s in everything] == ["canary", "secret"]
+    assert [s.name for s in everything] == ["canary", "chat", "secret"]
     team = await views.model_statistics("", scoped("digits"))
     assert [s.name for s in team] == ["canary"]
-    await served.close()
+    with pytest.raises(errors.PermissionDenied):
+        await views.model_statistics("secret", scoped("digits"))

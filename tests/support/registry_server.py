@@ -20,9 +20,10 @@ class ServedRegistry(NamedTuple):
 
 
 @contextlib.asynccontextmanager
-async def registry_in_process(root: Path) -> AsyncIterator[ServedRegistry]:
-    """A registry with its state in `root`/registry, stopped on exit."""
-    server = build_server(RegistrySettings(state_dir=root / "registry", port=0))
+async def registry_in_process(root: Path, port: int = 0) -> AsyncIterator[ServedRegistry]:
+    """A registry with its state in `root`/registry, stopped on exit. Started again on the
+    same `root` and a fixed `port`, it is the same registry back after an outage."""
+    server = build_server(RegistrySettings(state_dir=root / "registry", port=port))
     port = await server.start()
     try:
         yield ServedRegistry(f"127.0.0.1:{port}",
