@@ -16,11 +16,15 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from maas.inference.v1 import deployment_pb2, inference_service_pb2 as inf, inference_service_pb2_grpc
-from maas.registry.v1 import model_pb2, registry_service_pb2 as rs, registry_service_pb2_grpc
+from maas.registry.v1 import registry_service_pb2 as rs, registry_service_pb2_grpc
 from maas_inference.dataplane import NativeDataPlane, find_binary, route_table
 from maas_inference.routing import Route, ServedModel
 from maas_inference.tensors import ServingSignature
+from maas_registry.server import build_registry
+from maas_registry.servicer import RegistryServicer
+from maas_registry.settings import RegistrySettings
 from maas_runtime import errors
+from maas_runtime.auth import ANONYMOUS_ADMIN
 from maas_runtime.client import open_channel
 from maas_runtime.server import ServiceBinding, ServiceServer
 from maas_runtime.settings import ServiceSettings
@@ -102,15 +106,6 @@ async def test_the_python_data_plane_serves_everything_itself(tmp_path):
         registry.terminate()
 
 
-class _Registry(registry_service_pb2_grpc.RegistryServiceServicer):
-    """Answers GetModel, or refuses a bad name with the suite's error details."""
-
-    async def GetModel(self, request, context):
-        if request.name == "models/bad":
-            raise errors.InvalidArgument.for_field("name", "no such thing")
-        return model_pb2.Model(name=request.name)
-
-
 @pytest.mark.parametrize("mutual", [False, True])
 async def test_the_data_plane_relays_any_call_over_tls_with_its_error_details(tmp_path, mutual):
     """In front of any service: TLS (and mutual TLS) end at the data plane, calls it does not
@@ -125,10 +120,15 @@ async def test_the_data_plane_relays_any_call_over_tls_with_its_error_details(tm
         table=lambda: route_table({}, False, 1), tokens_file=None, max_message_bytes=1 << 20,
         shutdown_grace_seconds=1, tls_files=(settings.tls_cert_file, settings.tls_key_file,
                                              settings.tls_client_ca_file))
+    # The real registry's servicer, on its own state, behind the data plane.
+    registry, store, _ = build_registry(RegistrySettings(state_dir=tmp_path / "registry"))
+    await registry.create_model("tls", {}, ANONYMOUS_ADMIN)
+    servicer = RegistryServicer(registry)
     server = ServiceServer("registry", settings, [ServiceBinding(
         "maas.registry.v1.RegistryService",
-        lambda s: registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(_Registry(), s))],
+        lambda s: registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(servicer, s))],
         front_door=data_plane)
+    server.on_stop.append(store.close)
     port = await server.start()
     assert port == data_plane.port and data_plane.pid is not None
 
@@ -142,7 +142,7 @@ async def test_the_data_plane_relays_any_call_over_tls_with_its_error_details(tm
         credentials = channel_credentials(certs / "ca.pem", certs / "client.pem", certs / "client.key")
         async with open_channel(f"localhost:{port}", credentials=credentials) as channel:
             stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
-            await expect_error(stub.GetModel(rs.GetModelRequest(name="models/bad")),
+            await expect_error(stub.GetModel(rs.GetModelRequest(name="not-a-model-name")),
                                grpc.StatusCode.INVALID_ARGUMENT, "name")
             health = health_pb2_grpc.HealthStub(channel)
             watch = health.Watch(health_pb2.HealthCheckRequest(service="registry"))
