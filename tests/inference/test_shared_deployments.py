@@ -20,7 +20,12 @@ import pytest
 import sqlalchemy
 import torch
 from maas.registry.v1 import registry_service_pb2 as rs, registry_service_pb2_grpc
-from maas_inference.controller import DeploymentController, ReplicaLoad, ServingDefaults
+from maas_inference.controller import (
+    CreateLeasePolicy,
+    DeploymentController,
+    ReplicaLoad,
+    ServingDefaults,
+)
 from maas_inference.observability import register_inference_metrics
 from maas_inference.replicas import DeploymentFollower, serving_fingerprint
 from maas_inference.routing import RouteTable
@@ -137,7 +142,74 @@ def test_a_deployment_table_from_before_migrations_is_adopted(tmp_path):
 def test_replicas_starting_together_migrate_the_deployment_table_once(postgres_url):
     run_together(lambda _: SqlDeploymentStore.open(postgres_url).close())
     SqlDeploymentStore.open(postgres_url).close()  # idempotent
-    assert database_schema(postgres_url, VERSION_TABLE).versions == ["0001"]
+    assert database_schema(postgres_url, VERSION_TABLE).versions == ["0002"]
+
+
+# -- create leases: a create whose replica died is taken over -------------------------------------
+
+CREATING = "DEPLOYMENT_STATE_CREATING"
+
+
+def test_a_create_lease_renewed_is_kept_and_a_lapsed_one_is_taken_over_by_one_replica(
+        table_url):
+    """What a replica that died mid-create leaves: a CREATING record whose lease nobody
+    renews. Once it lapsed, exactly one of the replicas racing for it takes it over (with a
+    new etag, so the old holder can neither record nor delete it), and the interruption is
+    counted; a lease given up is taken over without counting one."""
+    stores = [SqlDeploymentStore.open(table_url) for _ in range(4)]
+    first = stores[0]
+    try:
+        first.create("live", _record("live", 1, CREATING), "alive", 30)
+        first.create("dead", _record("dead", 1, CREATING), "died", 0.3)
+        first.create("done", _record("done", 1, CREATING), "alive", 0.3)
+        first.put("done", _record("done", 1))  # recorded READY: no lease any more
+        assert first.renew_create_lease("live", "alive", 30)
+        assert not first.renew_create_lease("live", "someone-else", 30)
+        assert first.lapsed_creates() == []
+        time.sleep(0.5)
+        assert first.lapsed_creates() == ["dead"]
+        assert first.take_over_create("live", "thief", 30) is None
+        assert first.take_over_create("done", "thief", 30) is None
+
+        taken: dict[int, object] = {}
+        run_together(lambda number: taken.__setitem__(
+            number, stores[number].take_over_create("dead", f"replica-{number}", 30)), 4)
+        winners = {number: result for number, result in taken.items() if result is not None}
+        assert len(taken) == 4 and len(winners) == 1, taken
+        (winner, takeover), = winners.items()
+        assert takeover.interruptions == 1
+        assert takeover.record["etag"] != _record("dead", 1, CREATING)["etag"]
+        assert takeover.record == {**first.get("dead"), "etag": takeover.record["etag"]}
+        assert first.lapsed_creates() == []
+        # The dead holder's writes (were it only stalled) fail; the taker's lease is its own.
+        with pytest.raises(Aborted):
+            first.put("dead", _record("dead", 1), _record("dead", 1, CREATING)["etag"])
+        assert not first.delete("dead", _record("dead", 1, CREATING)["etag"])
+        assert not first.renew_create_lease("dead", "died", 30)
+        assert first.renew_create_lease("dead", f"replica-{winner}", 30)
+
+        first.release_create_lease("dead", f"replica-{winner}")  # e.g. the registry is down
+        assert first.lapsed_creates() == ["dead"]
+        again = first.take_over_create("dead", "replica-9", 30)
+        assert again is not None and again.interruptions == 1  # given up, not interrupted
+        assert first.delete("dead", again.record["etag"])
+        with pytest.raises(NotFound):
+            first.get("dead")
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_creating_records_from_before_create_leases_are_taken_over(postgres_url):
+    """A CREATING row without a lease (written before migration 0002) is no replica's."""
+    store = SqlDeploymentStore.open(postgres_url)
+    try:
+        store.create("old", _record("old", 1, CREATING))
+        assert store.lapsed_creates() == ["old"]
+        taken = store.take_over_create("old", "new-replica", 30)
+        assert taken is not None and taken.interruptions == 0
+    finally:
+        store.close()
 
 
 class RecordingController:
@@ -162,6 +234,9 @@ class RecordingController:
 
     def live_deployments(self) -> set[str]:
         return set(self.live)
+
+    async def take_over_lapsed_creates(self) -> None:
+        """Nothing to take over here (the store tests take creates over themselves)."""
 
 
 async def _until(predicate, timeout: float) -> float:
@@ -282,7 +357,9 @@ async def _registry(root: Path) -> AsyncIterator[Registry]:
 
 
 @contextlib.asynccontextmanager
-async def _replica(root: Path, url: str, registry: Registry) -> AsyncIterator[Replica]:
+async def _replica(root: Path, url: str, registry: Registry,
+                   create_leases: CreateLeasePolicy = CreateLeasePolicy()
+                   ) -> AsyncIterator[Replica]:
     """A replica: its own tritonserver (started for real) and controller, on the table at
     `url`, after its start-up reload (as the service starts)."""
     triton_process = TritonServerProcess(triton_process_config(root / "triton"))
@@ -298,7 +375,8 @@ async def _replica(root: Path, url: str, registry: Registry) -> AsyncIterator[Re
                                 control_key=triton_process.control_key) as triton:
             controller = DeploymentController(
                 store, registry_client, triton, repository, root / "artifacts",
-                ServingDefaults(drain_seconds=1), routes, PageTokenCodec(b"k" * 32))
+                ServingDefaults(drain_seconds=1), routes, PageTokenCodec(b"k" * 32),
+                create_leases)
             try:
                 await controller.reload_all()
                 yield Replica(store, controller, routes, triton, repository, root / "artifacts")
@@ -419,6 +497,76 @@ async def test_a_replica_that_cannot_load_a_deployment_keeps_it_to_itself(
             a.store.get("brief")
         assert a.routes.get("brief") is None and "brief" not in a.controller.replica_loads()
         assert not await a.triton.is_model_ready("brief.digits.v1")
+
+
+def _left_creating(deployment_id: str, model: str) -> dict:
+    """The record a replica writes when it starts creating a deployment (what it leaves
+    behind when it dies before recording READY)."""
+    return {"name": f"deployments/{deployment_id}", "model": model, "track_alias": False,
+            "traffic": [], "shadow": None,
+            "serving": {"max_batch_size": 8, "instance_count": 1,
+                        "max_queue_delay_microseconds": 100, "dynamic_batching": True,
+                        "preferred_batch_sizes": []},
+            "state": CREATING, "message": "", "serving_versions": [], "served_versions": [],
+            "resolved": {}, "create_time": "2026-01-01T00:00:00Z",
+            "update_time": "2026-01-01T00:00:00Z", "etag": f"left-{deployment_id}"}
+
+
+@pytest.mark.triton
+async def test_a_create_whose_replica_died_is_finished_by_another_or_recorded_failed(
+        postgres_url, tmp_path):
+    """A replica that died mid-create leaves a CREATING record under a lease nobody renews.
+    Once it lapsed, the surviving replica's follower takes the create over: it loads the
+    recorded spec on its own Triton and records READY. A create that cannot be served is
+    recorded FAILED with the reason; one interrupted more often than the policy allows (a
+    model that brings down whichever replica loads it) is recorded FAILED without loading."""
+    data = np.random.default_rng(4).standard_normal((4, 64)).astype(np.float32)
+    policy = CreateLeasePolicy(lease_seconds=1.0, max_takeovers=1)
+    async with (_registry(tmp_path) as registry,
+                _replica(tmp_path / "b", postgres_url, registry, policy) as b):
+        dead = SqlDeploymentStore.open(postgres_url)
+        follower = DeploymentFollower(b.store, b.controller, resync_seconds=60,
+                                      takeover_seconds=0.2)
+        try:
+            dead.create("digits", _left_creating("digits", "models/digits/versions/1"),
+                        "dead-replica", 0.5)
+            dead.create("missing", _left_creating("missing", "models/digits/versions/99"),
+                        "dead-replica", 0.5)
+            dead.create("poison", _left_creating("poison", "models/digits/versions/2"),
+                        "dead-replica", 0.1)
+            time.sleep(0.2)  # the first holder of "poison" died; so does the second
+            assert dead.take_over_create("poison", "dead-too", 0.1) is not None
+            await follower.start()
+
+            await _until(lambda: b.store.get("digits")["state"] != CREATING, 60)
+            record = b.store.get("digits")
+            assert record["state"] == "DEPLOYMENT_STATE_READY", record
+            assert record["serving_versions"] == ["models/digits/versions/1"]
+            assert record["create_time"] == "2026-01-01T00:00:00Z"  # the user's create
+            assert b.controller.replica_loads()["digits"] == ReplicaLoad("DEPLOYMENT_STATE_READY")
+            with torch.inference_mode():
+                expected = registry.modules[1](torch.from_numpy(data)).numpy()
+            np.testing.assert_allclose(await _predict(b, data), expected, rtol=1e-4, atol=1e-4)
+
+            await _until(lambda: b.store.get("missing")["state"] != CREATING, 30)
+            missing = b.store.get("missing")
+            assert missing["state"] == "DEPLOYMENT_STATE_FAILED"
+            assert missing["message"].startswith("create failed:")
+            assert "versions/99" in missing["message"]
+            poison = b.store.get("poison")
+            assert poison["state"] == "DEPLOYMENT_STATE_FAILED"
+            assert poison["message"].startswith("the create was interrupted 2 times")
+            assert not await b.triton.is_model_ready("poison.digits.v2")  # never loaded
+            assert b.routes.get("missing") is None and b.routes.get("poison") is None
+            assert b.store.lapsed_creates() == []
+            # The user deletes a FAILED deployment and may create it again.
+            await b.controller.delete("deployments/poison", ANONYMOUS_ADMIN)
+            created = await b.controller.create("poison", {"model": "models/digits/versions/2"},
+                                                ANONYMOUS_ADMIN)
+            assert created["state"] == "DEPLOYMENT_STATE_READY"
+        finally:
+            await follower.stop()
+            dead.close()
 
 
 class FailingController(RecordingController):

@@ -12,6 +12,14 @@ Triton holds is local: a reload (after a start or a Triton restart) or a follow 
 replica's change writes nothing to the record; its outcome is this replica's load state per
 deployment (`replica_loads`), exported as a metric, logged, and shown by Get on this replica
 in place of a READY the replica cannot serve.
+
+A create is guarded by a create lease (`maas_inference.store`): the replica creating a
+deployment renews it while it loads. Should that replica die mid-create, another takes the
+create over once the lease lapsed (`take_over_lapsed_creates`, run by the replicas'
+follower): it loads the recorded spec and records READY, as the user asked, or FAILED with
+the reason when the versions cannot be served. A create interrupted more than
+`CreateLeasePolicy.max_takeovers` times (say, a model that brings down whichever replica
+loads it) is recorded FAILED instead of being taken over again; the user deletes it.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import hashlib
 import logging
 import uuid
 from collections.abc import (
+    AsyncIterator,
     Coroutine,
     Sequence,
     Set as AbstractSet,
@@ -105,6 +114,16 @@ class ReplicaLoad:
     message: str = ""
 
 
+@dataclass(frozen=True)
+class CreateLeasePolicy:
+    """How creates are guarded against the replica performing them dying."""
+
+    lease_seconds: float = 15.0
+    """How long a create lease lasts unrenewed (renewed every third of it while loading)."""
+    max_takeovers: int = 2
+    """How many times an interrupted create is taken over before it is recorded FAILED."""
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
@@ -124,8 +143,11 @@ class DeploymentController:
 
     def __init__(self, store: DeploymentStore, registry: RegistryClient, triton: TritonClient,
                  repository: ModelRepository, artifact_dir: Path, defaults: ServingDefaults,
-                 routes: RouteTable, page_tokens: PageTokenCodec) -> None:
+                 routes: RouteTable, page_tokens: PageTokenCodec,
+                 create_leases: CreateLeasePolicy = CreateLeasePolicy()) -> None:
         self._store = store
+        self._create_leases = create_leases
+        self._lease_owner = store.replica_id or uuid.uuid4().hex
         self._registry = registry
         self._triton = triton
         self._repository = repository
@@ -339,24 +361,124 @@ class DeploymentController:
         self._routes.require_triton()
         async with self._lock(deployment_id):
             creating = self._record(deployment_id, spec, CREATING)
-            await asyncio.to_thread(self._store.create, deployment_id, creating)
+            await asyncio.to_thread(self._store.create, deployment_id, creating,
+                                    self._lease_owner, self._create_leases.lease_seconds)
             try:
-                route, resolved = await self._build_route(deployment_id, spec)
+                async with self._create_lease_renewed(deployment_id):
+                    route, resolved = await self._build_route(deployment_id, spec)
             except BaseException:
-                await asyncio.to_thread(self._store.delete, deployment_id)
+                # Only the record this create wrote (not one another replica took over).
+                await asyncio.to_thread(self._store.delete, deployment_id, creating["etag"])
                 raise
             await self._routes.switch(deployment_id, LiveRoute(route))
             record = self._record(deployment_id, spec, READY, route=route, resolved=resolved)
             try:
                 await asyncio.to_thread(self._store.put, deployment_id, record,
                                         creating["etag"])
-            except errors.Aborted:  # deleted through another replica while it loaded here
+            except errors.Aborted:
+                # Deleted through another replica while it loaded here, or taken over by one
+                # after this replica stalled past its create lease.
                 await self._routes.remove(deployment_id)
                 await self._unload(route.models, keep=self._routes.models_in_use())
-                raise errors.Aborted(f"deployments/{deployment_id} was deleted while it was "
-                                     "being created", reason="DELETED_WHILE_CREATING") from None
+                try:
+                    await asyncio.to_thread(self._store.get, deployment_id)
+                except errors.NotFound:
+                    raise errors.Aborted(f"deployments/{deployment_id} was deleted while it was "
+                                         "being created", reason="DELETED_WHILE_CREATING") from None
+                raise errors.Aborted(f"deployments/{deployment_id}: this replica's create "
+                                     "lease lapsed and another replica took the create over",
+                                     reason="CREATE_TAKEN_OVER") from None
             self._replica_loads[deployment_id] = ReplicaLoad(READY)
         return self._view(deployment_id, record)
+
+    @contextlib.asynccontextmanager
+    async def _create_lease_renewed(self, deployment_id: str) -> AsyncIterator[None]:
+        """Renew this replica's create lease on the deployment while the body runs."""
+        seconds = self._create_leases.lease_seconds
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(seconds / 3)
+                try:
+                    held = await asyncio.to_thread(self._store.renew_create_lease,
+                                                   deployment_id, self._lease_owner, seconds)
+                except Exception as exc:  # the database, briefly: the next renewal may work
+                    _log.warning("renewing the create lease of deployments/%s failed: %r",
+                                 deployment_id, exc)
+                    continue
+                if not held:
+                    _log.warning("the create lease of deployments/%s is no longer this "
+                                 "replica's", deployment_id)
+                    return
+
+        renewing = asyncio.get_running_loop().create_task(renew())
+        try:
+            yield
+        finally:
+            renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewing
+
+    async def take_over_lapsed_creates(self) -> None:
+        """Take over and finish every create whose replica stopped renewing its lease (it
+        died, or stalled past it): one replica takes each."""
+        for deployment_id in await asyncio.to_thread(self._store.lapsed_creates):
+            await self._take_over_create(deployment_id)
+
+    async def _take_over_create(self, deployment_id: str) -> None:
+        async with self._lock(deployment_id):
+            taken = await asyncio.to_thread(self._store.take_over_create, deployment_id,
+                                            self._lease_owner, self._create_leases.lease_seconds)
+            if taken is None:
+                return  # finished, deleted, or being taken over by another replica
+            record = taken.record
+            if taken.interruptions > self._create_leases.max_takeovers:
+                why = (f"the create was interrupted {taken.interruptions} times (each replica "
+                       "creating it stopped while loading it); delete the deployment and create "
+                       "it again")
+                _log.error("deployments/%s: %s", deployment_id, why)
+                await self._record_create_failed(deployment_id, record, why)
+                return
+            _log.info("deployments/%s: taking over its create (interrupted %d time(s))",
+                      deployment_id, taken.interruptions)
+            spec = {key: record[key] for key in UPDATABLE}
+            try:
+                self._routes.require_triton()
+                async with self._create_lease_renewed(deployment_id):
+                    route, resolved = await self._build_route(deployment_id, spec)
+            except errors.Unavailable as exc:  # the registry or Triton, briefly: retried
+                _log.warning("taking over the create of deployments/%s must wait: %s",
+                             deployment_id, exc.message)
+                await asyncio.to_thread(self._store.release_create_lease, deployment_id,
+                                        self._lease_owner)
+                return
+            except errors.MaasError as exc:  # nobody waits for the answer: the record says it
+                await self._record_create_failed(deployment_id, record,
+                                                 f"create failed: {exc.message}")
+                return
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(self._store.release_create_lease, deployment_id,
+                                            self._lease_owner)
+                raise
+            await self._routes.switch(deployment_id, LiveRoute(route))
+            ready = self._record(deployment_id, spec, READY, route=route, resolved=resolved,
+                                 created=record.get("create_time"))
+            self._replica_loads[deployment_id] = ReplicaLoad(READY)
+            try:
+                await asyncio.to_thread(self._store.put, deployment_id, ready, record["etag"])
+            except errors.Aborted:  # deleted (or taken over again) meanwhile
+                self._replica_loads.pop(deployment_id, None)
+                await self._routes.remove(deployment_id)
+                await self._unload(route.models, keep=self._routes.models_in_use())
+                return
+            _log.info("deployments/%s: created after a takeover", deployment_id)
+
+    async def _record_create_failed(self, deployment_id: str, record: dict, why: str) -> None:
+        failed = {**record, "state": FAILED, "message": why, "update_time": _now(),
+                  "etag": uuid.uuid4().hex[:16]}
+        with contextlib.suppress(errors.Aborted):  # deleted meanwhile
+            await asyncio.to_thread(self._store.put, deployment_id, failed, record["etag"])
 
     async def get(self, name: str, principal: Principal) -> dict:
         """One deployment; PERMISSION_DENIED (MODEL_OUT_OF_SCOPE) unless the token may see
@@ -494,8 +616,10 @@ class DeploymentController:
                 record = await asyncio.to_thread(self._store.get, deployment_id)
             except errors.NotFound:
                 return  # deleted meanwhile
-            if self._store.shared and record["state"] == CREATING:
-                return  # its writer is loading it; its READY record is followed
+            if self._store.shared and record["state"] in (CREATING, FAILED):
+                # CREATING: its writer is loading it (or, its create lease lapsed, a replica
+                # takes it over); its READY record is followed. FAILED: nothing to serve.
+                return
             spec = {key: record[key] for key in UPDATABLE}
             try:
                 route, _ = await self._build_route(deployment_id, spec, record.get("resolved"))

@@ -14,6 +14,9 @@ their next change is notified again.
 Notifications are not durable: after (re)connecting, and every `resync_seconds`, the whole
 table is compared with the live routes, so a change missed while the listener was down is
 followed anyway.
+
+Every `takeover_seconds` the follower also asks its controller to take over the creates whose
+replica stopped renewing their create lease (it died mid-create); one replica takes each.
 """
 
 from __future__ import annotations
@@ -48,6 +51,10 @@ class TableFollowingController(Protocol):
         """Ids of the deployments this replica serves now."""
         ...
 
+    async def take_over_lapsed_creates(self) -> None:
+        """Take over and finish the creates whose replica stopped renewing their lease."""
+        ...
+
 
 def serving_fingerprint(record: dict) -> str:
     """What a replica serves for `record`, as one comparable string."""
@@ -58,12 +65,13 @@ class DeploymentFollower:
     """Listens for other replicas' deployment changes and follows them (see module doc)."""
 
     def __init__(self, store: SqlDeploymentStore, controller: TableFollowingController,
-                 resync_seconds: float = 30.0) -> None:
+                 resync_seconds: float = 30.0, takeover_seconds: float = 5.0) -> None:
         if not store.shared:
             raise ValueError("replicas follow each other only on a shared (PostgreSQL) table")
         self._store = store
         self._controller = controller
         self._resync_seconds = resync_seconds
+        self._takeover_seconds = takeover_seconds
         self._applied: dict[str, str] = {}
         self._pending: asyncio.Queue[str] = asyncio.Queue()
         self._queued: set[str] = set()
@@ -86,7 +94,9 @@ class DeploymentFollower:
         await self._adopt_live()
         self._tasks = [asyncio.create_task(self._listen_forever(), name="deployment-listener"),
                        asyncio.create_task(self._follow_forever(), name="deployment-follower"),
-                       asyncio.create_task(self._resync_forever(), name="deployment-resync")]
+                       asyncio.create_task(self._resync_forever(), name="deployment-resync"),
+                       asyncio.create_task(self._take_over_forever(),
+                                           name="deployment-create-takeover")]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -143,6 +153,16 @@ class DeploymentFollower:
                 await self.resync()
             except Exception:
                 _log.exception("comparing the deployment table with the live routes failed")
+
+    async def _take_over_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._takeover_seconds)
+            try:
+                await self._controller.take_over_lapsed_creates()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                _log.exception("taking over interrupted deployment creates failed")
 
     async def resync(self) -> None:
         """Queue every deployment whose live route differs from the table."""

@@ -19,7 +19,7 @@ from maas_runtime.registry_client import RegistryClient
 from maas_runtime.server import ServiceBinding, ServiceServer, run_service
 from maas_runtime.telemetry import LATENCY_BUCKETS_MS, Telemetry
 
-from maas_inference.controller import DeploymentController, ServingDefaults
+from maas_inference.controller import CreateLeasePolicy, DeploymentController, ServingDefaults
 from maas_inference.dataplane import (
     DataPlaneMetrics,
     DataPlaneSpans,
@@ -199,7 +199,9 @@ class InferenceApp:
                                 max_waiting_streams=self.settings.generation_max_waiting_streams,
                                 torch_threads=self.settings.generation_torch_threads)),
             self.routes,
-            PageTokenCodec.from_secret_file(self.settings.resolved_page_token_secret_file))
+            PageTokenCodec.from_secret_file(self.settings.resolved_page_token_secret_file),
+            CreateLeasePolicy(lease_seconds=self.settings.deployment_create_lease_seconds,
+                              max_takeovers=self.settings.deployment_create_max_takeovers))
         await self._start_usage(meter)
         self.predictor = Predictor(
             self.routes, self.triton,
@@ -229,8 +231,9 @@ class InferenceApp:
         self._alias_task = asyncio.create_task(self.controller.follow_alias_moves())
         self._start_observability(meter)
         if self.store.shared:  # replicas: follow the others' deployment changes
-            self.follower = DeploymentFollower(self.store, self.controller,
-                                               self.settings.deployment_resync_seconds)
+            self.follower = DeploymentFollower(
+                self.store, self.controller, self.settings.deployment_resync_seconds,
+                takeover_seconds=self.settings.deployment_create_lease_seconds / 3)
             await self.follower.start()
 
     def _open_store(self) -> SqlDeploymentStore:

@@ -97,6 +97,16 @@ class InferenceSettings(ServiceSettings):
     """Replicas: how often the whole deployment table is compared with the live routes, a
     safety net for change notifications missed while the listener reconnected."""
 
+    deployment_create_lease_seconds: float = Field(default=15.0, gt=0)
+    """Replicas: how long the lease of a replica creating a deployment lasts unrenewed (it is
+    renewed every third of it while the versions load). Should that replica die mid-create,
+    another takes the create over within about this long after its last renewal."""
+
+    deployment_create_max_takeovers: int = Field(default=2, ge=0)
+    """Replicas: how many times a create whose replica died is taken over by another; one
+    interrupted more often (a model that brings down whichever replica loads it) is recorded
+    FAILED with the reason, for the user to delete."""
+
     tenancy_file: str = ""
     """YAML or JSON file of per-tenant limits (requests and tokens per minute, concurrent
     streams, daily quotas; see `maas_inference.tenancy`), re-read when it changes; empty

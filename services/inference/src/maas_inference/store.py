@@ -8,6 +8,14 @@ sends a notification on `CHANGES_CHANNEL` in the same transaction (delivered on 
 listener never sees a change before it can read it): `{"id": …, "by": <replica>}`. Other
 replicas follow it onto their own Triton (`maas_inference.replicas`). Schema changes are
 Alembic revisions in `maas_inference/migrations`, applied at start.
+
+Create leases: a deployment is CREATING while the replica that took the user's create loads
+it, and that replica holds the row's create lease (`create_lease_owner` until
+`create_lease_expires`, by the database's clock on PostgreSQL), renewed while it loads. The
+record leaving CREATING ends the lease. A replica that died mid-create stops renewing; once
+its lease lapsed another replica takes the create over (`take_over_create`: one replica
+only, `FOR UPDATE SKIP LOCKED`), which counts the interruption and gives the record a new
+etag, so a holder that was only stalled can no longer record or delete it.
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ import json
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from maas_runtime.database import create_database_engine, is_postgresql, migrate, sqlite_url
@@ -25,13 +35,16 @@ from sqlalchemy import (
     JSON,
     Column,
     Connection,
+    DateTime,
     Engine,
+    Integer,
     MetaData,
     String,
     Table,
     delete,
     func,
     insert,
+    or_,
     select,
     update,
 )
@@ -42,6 +55,8 @@ VERSION_TABLE = "alembic_version_deployments"
 """The deployment table's own Alembic version table: it may share a database with others."""
 CHANGES_CHANNEL = "maas_deployments"
 """The PostgreSQL NOTIFY channel of deployment changes."""
+CREATING = "DEPLOYMENT_STATE_CREATING"
+"""The record state a create lease guards."""
 
 metadata = MetaData()
 
@@ -49,10 +64,23 @@ deployments = Table(
     "deployments", metadata,
     Column("id", String(63), primary_key=True),
     Column("record", JSON, nullable=False),
+    Column("create_lease_owner", String(64)),
+    Column("create_lease_expires", DateTime(timezone=True)),
+    Column("create_interruptions", Integer, nullable=False, server_default="0"),
 )
 
 LocalWriteHook = Callable[[str, dict | None], None]
 """Called after this process committed a deployment's record (None: deleted)."""
+
+
+@dataclass(frozen=True)
+class TakenOverCreate:
+    """A CREATING deployment whose create lease this replica now holds."""
+
+    record: dict
+    """Its record as written by the takeover (a new etag: the former holder's writes fail)."""
+    interruptions: int
+    """How many holders of its create lease stopped renewing it, this takeover's included."""
 
 
 class DeploymentStore(abc.ABC):
@@ -60,9 +88,14 @@ class DeploymentStore(abc.ABC):
 
     shared: bool = False
     """True when other replicas read and write the same table (and may be mid-change)."""
+    replica_id: str = ""
+    """This replica's name in the table (create leases, change notifications)."""
 
     @abc.abstractmethod
-    def create(self, deployment_id: str, record: dict) -> None: ...
+    def create(self, deployment_id: str, record: dict, lease_owner: str = "",
+               lease_seconds: float = 0.0) -> None:
+        """Insert a new record (ALREADY_EXISTS if the id is taken); with `lease_owner`, a
+        CREATING record under that replica's create lease for `lease_seconds`."""
 
     @abc.abstractmethod
     def get(self, deployment_id: str) -> dict: ...
@@ -71,10 +104,33 @@ class DeploymentStore(abc.ABC):
     def put(self, deployment_id: str, record: dict, expected_etag: str | None = None) -> None:
         """Replace the record; with `expected_etag`, only while the stored record still has
         that etag (ABORTED, ETAG_MISMATCH, otherwise: another replica changed or deleted it
-        since it was read), checked and written in one statement."""
+        since it was read), checked and written in one statement. A record that is no longer
+        CREATING ends the create lease."""
 
     @abc.abstractmethod
-    def delete(self, deployment_id: str) -> None: ...
+    def delete(self, deployment_id: str, expected_etag: str | None = None) -> bool:
+        """Delete the record (with `expected_etag`, only while it still has that etag);
+        whether a record was deleted."""
+
+    @abc.abstractmethod
+    def renew_create_lease(self, deployment_id: str, owner: str, lease_seconds: float) -> bool:
+        """Extend `owner`'s create lease; False when it holds it no longer (taken over after
+        it lapsed, the create recorded, or the deployment deleted)."""
+
+    @abc.abstractmethod
+    def release_create_lease(self, deployment_id: str, owner: str) -> None:
+        """Give `owner`'s create lease up now (the create waits for a retry): another replica
+        takes it over at once, without counting an interruption."""
+
+    @abc.abstractmethod
+    def lapsed_creates(self) -> list[str]:
+        """Ids of the CREATING deployments nobody holds a live create lease on."""
+
+    @abc.abstractmethod
+    def take_over_create(self, deployment_id: str, owner: str,
+                         lease_seconds: float) -> TakenOverCreate | None:
+        """Hold a lapsed create lease under `owner`; None when the deployment is not CREATING
+        with a lapsed lease any more, or another replica is taking it over right now."""
 
     @abc.abstractmethod
     def list(self, after: str, limit: int) -> list[tuple[str, dict]]: ...
@@ -123,10 +179,31 @@ class SqlDeploymentStore(DeploymentStore):
         for hook in self._local_write_hooks:
             hook(deployment_id, record)
 
-    def create(self, deployment_id: str, record: dict) -> None:
+    def _lease_now(self, connection: Connection) -> datetime:
+        """The clock create leases are granted, renewed and judged by: the database's when
+        replicas share it (a replica whose clock runs ahead would take over live leases),
+        this process's on SQLite (one instance)."""
+        if self.shared:
+            return _aware(connection.execute(select(func.statement_timestamp())).scalar_one())
+        return datetime.now(UTC)
+
+    @staticmethod
+    def _lapsed(now: datetime):
+        columns = deployments.c
+        return (columns.record["state"].as_string() == CREATING) & or_(
+            columns.create_lease_owner.is_(None), columns.create_lease_expires.is_(None),
+            columns.create_lease_expires < now)
+
+    def create(self, deployment_id: str, record: dict, lease_owner: str = "",
+               lease_seconds: float = 0.0) -> None:
         try:
             with self._write(deployment_id, record) as connection:
-                connection.execute(insert(deployments).values(id=deployment_id, record=record))
+                lease = {}
+                if lease_owner:
+                    lease = {"create_lease_owner": lease_owner, "create_lease_expires":
+                             self._lease_now(connection) + timedelta(seconds=lease_seconds)}
+                connection.execute(insert(deployments).values(id=deployment_id, record=record,
+                                                              **lease))
         except IntegrityError:
             raise AlreadyExists("deployment", f"deployments/{deployment_id}") from None
 
@@ -142,15 +219,68 @@ class SqlDeploymentStore(DeploymentStore):
         statement = update(deployments).where(deployments.c.id == deployment_id)
         if expected_etag is not None:
             statement = statement.where(deployments.c.record["etag"].as_string() == expected_etag)
+        values: dict = {"record": record}
+        if record.get("state") != CREATING:
+            values.update(create_lease_owner=None, create_lease_expires=None)
         with self._write(deployment_id, record) as connection:
-            if connection.execute(statement.values(record=record)).rowcount == 0 and (
+            if connection.execute(statement.values(**values)).rowcount == 0 and (
                     expected_etag is not None):
                 raise Aborted(f"deployments/{deployment_id} changed since it was read",
                               reason="ETAG_MISMATCH")
 
-    def delete(self, deployment_id: str) -> None:
+    def delete(self, deployment_id: str, expected_etag: str | None = None) -> bool:
+        statement = delete(deployments).where(deployments.c.id == deployment_id)
+        if expected_etag is not None:
+            statement = statement.where(deployments.c.record["etag"].as_string() == expected_etag)
         with self._write(deployment_id, None) as connection:
-            connection.execute(delete(deployments).where(deployments.c.id == deployment_id))
+            return connection.execute(statement).rowcount > 0
+
+    def renew_create_lease(self, deployment_id: str, owner: str, lease_seconds: float) -> bool:
+        with self._engine.begin() as connection:
+            return connection.execute(
+                update(deployments)
+                .where(deployments.c.id == deployment_id,
+                       deployments.c.create_lease_owner == owner,
+                       deployments.c.record["state"].as_string() == CREATING)
+                .values(create_lease_expires=self._lease_now(connection)
+                        + timedelta(seconds=lease_seconds))).rowcount > 0
+
+    def release_create_lease(self, deployment_id: str, owner: str) -> None:
+        with self._engine.begin() as connection:
+            connection.execute(
+                update(deployments)
+                .where(deployments.c.id == deployment_id,
+                       deployments.c.create_lease_owner == owner)
+                .values(create_lease_owner=None, create_lease_expires=None))
+
+    def lapsed_creates(self) -> list[str]:
+        with self._engine.connect() as connection:
+            return list(connection.execute(
+                select(deployments.c.id).where(self._lapsed(self._lease_now(connection)))
+                .order_by(deployments.c.id)).scalars())
+
+    def take_over_create(self, deployment_id: str, owner: str,
+                         lease_seconds: float) -> TakenOverCreate | None:
+        taken: TakenOverCreate | None = None
+        with self._engine.begin() as connection:
+            now = self._lease_now(connection)
+            row = connection.execute(
+                select(deployments.c.record, deployments.c.create_lease_owner,
+                       deployments.c.create_interruptions)
+                .where(deployments.c.id == deployment_id, self._lapsed(now))
+                .with_for_update(skip_locked=True)).first()
+            if row is None:
+                return None
+            # A lease given up (no owner) was not interrupted; one that lapsed was.
+            interruptions = row.create_interruptions + (row.create_lease_owner is not None)
+            record = {**dict(row.record), "etag": uuid.uuid4().hex[:16]}
+            connection.execute(
+                update(deployments).where(deployments.c.id == deployment_id)
+                .values(record=record, create_lease_owner=owner,
+                        create_lease_expires=now + timedelta(seconds=lease_seconds),
+                        create_interruptions=interruptions))
+            taken = TakenOverCreate(record, interruptions)
+        return taken
 
     def list(self, after: str, limit: int) -> list[tuple[str, dict]]:
         with self._engine.connect() as connection:
@@ -158,6 +288,11 @@ class SqlDeploymentStore(DeploymentStore):
                 select(deployments.c.id, deployments.c.record)
                 .where(deployments.c.id > after).order_by(deployments.c.id).limit(limit)).all()
         return [(deployment_id, dict(record)) for deployment_id, record in rows]
+
+
+def _aware(value: datetime) -> datetime:
+    """A timestamp read back from the database, in UTC (SQLite drops the zone)."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def SqliteDeploymentStore(path: Path) -> SqlDeploymentStore:  # noqa: N802 (the old class name)
