@@ -17,7 +17,9 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool
-from maas.registry.v1 import model_pb2, registry_service_pb2_grpc
+from maas.registry.v1 import model_pb2, registry_service_pb2, registry_service_pb2_grpc
+from maas_registry.server import build_server as build_registry_server
+from maas_registry.settings import RegistrySettings
 
 from tests.support.node import run_node
 
@@ -372,19 +374,6 @@ console.log(JSON.stringify({methods: Object.keys(service), path: service.ModelIn
     assert printed["path"] == "/inference.GRPCInferenceService/ModelInfer"
 
 
-class StubRegistry(registry_service_pb2_grpc.RegistryServiceServicer):
-    """GetModel only: "models/x" exists, everything else is NOT_FOUND."""
-
-    def __init__(self) -> None:
-        self.requests: list[str] = []
-
-    async def GetModel(self, request, context):
-        self.requests.append(request.name)
-        if request.name != "models/x":
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"{request.name} not found")
-        return model_pb2.Model(name="models/x", display_name="X", labels={"team": "vision"})
-
-
 NODE_GET_MODEL = """
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
@@ -402,19 +391,22 @@ client.getModel({name}, {deadline: Date.now() + 10000}, (error, model) => {
 
 
 async def test_node_client_calls_a_python_server(tmp_path):
-    registry = StubRegistry()
-    server = grpc.aio.server()
-    registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(registry, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    """grpc-js against the real registry service (started in this process, tokens off)."""
+    server = build_registry_server(RegistrySettings(state_dir=tmp_path / "registry", port=0,
+                                                    auth_enabled=False))
+    port = await server.start()
     try:
         address = f"127.0.0.1:{port}"
+        async with grpc.aio.insecure_channel(address) as channel:
+            await registry_service_pb2_grpc.RegistryServiceStub(channel).CreateModel(
+                registry_service_pb2.CreateModelRequest(model_id="x", model=model_pb2.Model(
+                    display_name="X", labels={"team": "vision"})))
         found = await run_node(tmp_path, NODE_GET_MODEL, address, str(PROTOS), "models/x")
         missing = await run_node(tmp_path, NODE_GET_MODEL, address, str(PROTOS), "models/y")
     finally:
-        await server.stop(grace=None)
+        await server.stop(0)
 
     assert found["model"]["name"] == "models/x"
-    assert found["model"]["labels"] == {"team": "vision"}
-    assert missing == {"code": grpc.StatusCode.NOT_FOUND.value[0], "details": "models/y not found"}
-    assert registry.requests == ["models/x", "models/y"]
+    assert (found["model"]["display_name"], found["model"]["labels"]) == ("X", {"team": "vision"})
+    assert missing["code"] == grpc.StatusCode.NOT_FOUND.value[0]
+    assert "models/y" in missing["details"]
