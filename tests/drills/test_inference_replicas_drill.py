@@ -1,11 +1,15 @@
 """Drill: two inference services on one PostgreSQL deployment table, each with its own
 bundled Triton. A deployment created through one is served by the other (heard through
 LISTEN/NOTIFY, loaded on its own Triton) with the same answers; a rollout through the second
-is followed by the first; a delete through the first leaves neither serving it."""
+is followed by the first; a delete through the first leaves neither serving it. A gateway
+killed (SIGKILL) in the middle of a create leaves the deployment CREATING under a create lease
+nobody renews: the other takes the create over once it lapsed and serves it, and the killed
+one, restarted, serves it too."""
 
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 
 import grpc
@@ -15,6 +19,7 @@ import torch
 from google.protobuf import field_mask_pb2
 from maas.inference.v1 import deployment_pb2, inference_service_pb2 as inf, inference_service_pb2_grpc
 from maas.registry.v1 import registry_service_pb2_grpc
+from maas_inference.store import SqlDeploymentStore
 
 from tests.inference.model_packages import save_zoo_package, zoo_model
 from tests.inference.servers import register_digits_mlp
@@ -95,5 +100,79 @@ async def test_a_deployment_made_through_one_gateway_is_served_by_the_other(tmp_
         finally:
             for gateway in gateways:
                 if gateway.process is not None:
+                    gateway.terminate()
+            registry.terminate()
+
+
+async def _until_creating(table: SqlDeploymentStore, deployment_id: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while dict(await asyncio.to_thread(table.list, "", 10)).get(
+            deployment_id, {}).get("state") != "DEPLOYMENT_STATE_CREATING":
+        assert time.monotonic() < deadline, f"{deployment_id} never became CREATING"
+        await asyncio.sleep(0.005)
+
+
+async def test_a_create_whose_gateway_is_killed_midway_is_finished_by_the_other(tmp_path):
+    with postgres_database_or_skip() as database_url:
+        registry = RegistryProcess(tmp_path / "registry")
+        await registry.start()
+        gateways = [inference_process(tmp_path, registry, name=name, database_url=database_url,
+                                      deployment_resync_seconds="5",
+                                      deployment_create_lease_seconds="2")
+                    for name in ("inference-a", "inference-b")]
+        table = SqlDeploymentStore.open(database_url)
+        try:
+            module = await register_digits_mlp(tmp_path, registry, hidden=16, seed=7)
+            await asyncio.gather(*(gateway.start(timeout=180) for gateway in gateways))
+            data = batch(4, seed=9)
+            with torch.inference_mode():
+                expected = module(torch.from_numpy(data)).numpy()
+            async with gateways[0].stub() as channel_a, gateways[1].stub() as channel_b:
+                a = inference_service_pb2_grpc.InferenceServiceStub(channel_a)
+                b = inference_service_pb2_grpc.InferenceServiceStub(channel_b)
+                # The registry paused: a's create has written CREATING and waits to resolve
+                # the version when a is killed (deterministically mid-create).
+                registry.process.send_signal(signal.SIGSTOP)
+                try:
+                    creating = asyncio.ensure_future(a.CreateDeployment(
+                        inf.CreateDeploymentRequest(deployment_id="digits", deployment=(
+                            deployment_pb2.Deployment(model="models/digits/versions/1"))),
+                        timeout=60))
+                    await _until_creating(table, "digits", 30)
+                    gateways[0].kill()
+                    killed_at = time.monotonic()
+                finally:
+                    registry.process.send_signal(signal.SIGCONT)
+                with pytest.raises(grpc.aio.AioRpcError) as interrupted:
+                    await creating
+                assert interrupted.value.code() == grpc.StatusCode.UNAVAILABLE
+                left = table.get("digits")
+                assert left["state"] == "DEPLOYMENT_STATE_CREATING"  # what a left behind
+
+                seconds, answer = await _first_prediction(b, "deployments/digits", data, 90)
+                np.testing.assert_allclose(answer, expected, rtol=1e-4, atol=1e-4)
+                record = table.get("digits")
+                assert record["state"] == "DEPLOYMENT_STATE_READY"
+                assert record["serving_versions"] == ["models/digits/versions/1"]
+                assert record["create_time"] == left["create_time"]
+                print(f"\nthe surviving gateway finished the killed one's create and served it "
+                      f"{time.monotonic() - killed_at:.2f} s after the kill (create lease 2 s)")
+                on_b = await b.GetDeployment(inf.GetDeploymentRequest(name="deployments/digits"))
+                assert on_b.state == deployment_pb2.DEPLOYMENT_STATE_READY
+                with pytest.raises(grpc.aio.AioRpcError) as retried:  # the user's retry
+                    await b.CreateDeployment(inf.CreateDeploymentRequest(
+                        deployment_id="digits",
+                        deployment=deployment_pb2.Deployment(model="models/digits/versions/1")))
+                assert retried.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+            await gateways[0].start(timeout=180)  # the killed gateway rejoins and serves it
+            async with gateways[0].stub() as channel_a:
+                a = inference_service_pb2_grpc.InferenceServiceStub(channel_a)
+                _, answer = await _first_prediction(a, "deployments/digits", data, 60)
+                np.testing.assert_allclose(answer, expected, rtol=1e-4, atol=1e-4)
+        finally:
+            table.close()
+            for gateway in gateways:
+                if gateway.process is not None and gateway.process.returncode is None:
                     gateway.terminate()
             registry.terminate()
