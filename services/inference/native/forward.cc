@@ -26,11 +26,28 @@ void copy_trailers(const grpc::ClientContext& from, grpc::GenericServerContext* 
   }
 }
 
+grpc::Status caller_status(const grpc::Status& status) {
+  if (status.error_code() == grpc::StatusCode::UNAVAILABLE && status.error_details().empty()) {
+    return grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                        "the service behind this gateway is unreachable (" + status.error_message() +
+                            "): it is gone or restarting; try another replica");
+  }
+  if (status.error_code() == grpc::StatusCode::CANCELLED) {
+    return grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                        "the service behind this gateway ended the call CANCELLED without the caller "
+                        "asking (" + status.error_message() + "): it is going away; try another replica");
+  }
+  return status;
+}
+
 StreamForward::StreamForward(std::unique_ptr<Incoming> incoming, grpc::GenericStub* control_plane,
                              grpc::CompletionQueue* queue, std::atomic<int64_t>* open_relays)
     : incoming_(std::move(incoming)), open_relays_(open_relays) {
   ++*open_relays_;
-  incoming_->on_cancelled([this] { client_context_.TryCancel(); });  // e.g. a Watch given up
+  incoming_->on_cancelled([this] {  // e.g. a Watch given up
+    cancelled_here_ = true;
+    client_context_.TryCancel();
+  });
   copy_call_context(incoming_->context, &client_context_);
   upstream_ = control_plane->PrepareCall(&client_context_, incoming_->context.method(), queue);
   upstream_->StartCall(started_.start());
@@ -72,6 +89,7 @@ void StreamForward::on_sent_down(bool ok) {
   if (ok) {
     upstream_->Read(&from_control_plane_, control_plane_message_.start());
   } else {  // the caller is gone
+    cancelled_here_ = true;
     client_context_.TryCancel();
     finish_upstream();
   }
@@ -85,7 +103,7 @@ void StreamForward::finish_upstream() {
 
 void StreamForward::on_control_plane_status(bool) {
   copy_trailers(client_context_, &incoming_->context);
-  incoming_->stream.Finish(status_, finished_.start());
+  incoming_->stream.Finish(cancelled_here_ ? status_ : caller_status(status_), finished_.start());
 }
 
 void StreamForward::on_finished(bool) { finished(); }

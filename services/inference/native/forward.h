@@ -24,6 +24,15 @@ void copy_call_context(const grpc::GenericServerContext& from, grpc::ClientConte
 // Copies the control plane's trailing metadata into the reply (not grpc's own keys).
 void copy_trailers(const grpc::ClientContext& from, grpc::GenericServerContext* to);
 
+// What the caller is told when the control plane's call ended `status` while neither the caller
+// nor the data plane cancelled it. A failure of the connection itself (UNAVAILABLE without the
+// google.rpc.Status details every answer of the service carries: the control plane died, is
+// restarting or never started) and a CANCELLED nobody here asked for (a control plane going
+// away cancels the calls it holds) both become UNAVAILABLE saying so: clients retry
+// UNAVAILABLE on another replica, and take CANCELLED for their own doing. Whatever the control
+// plane answered itself goes on unchanged.
+grpc::Status caller_status(const grpc::Status& status);
+
 // A whole call of any kind (unary or streaming) relayed message by message both ways.
 class StreamForward : public Operations {
  public:
@@ -51,6 +60,7 @@ class StreamForward : public Operations {
   grpc::ByteBuffer from_control_plane_;
   grpc::Status status_;
   bool upstream_finishing_ = false;
+  bool cancelled_here_ = false;  // the caller gave up (or left) and the relay cancelled upstream
   Step<StreamForward> started_{this, &StreamForward::on_started};
   Step<StreamForward> caller_message_{this, &StreamForward::on_caller_message};
   Step<StreamForward> sent_up_{this, &StreamForward::on_sent_up};

@@ -383,7 +383,7 @@ void InferCall::on_forwarded(bool) {
     incoming_->stream.WriteAndFinish(forward_reply_, grpc::WriteOptions(), forward_status_,
                                      finished_.start());
   } else {
-    incoming_->stream.Finish(forward_status_, finished_.start());
+    incoming_->stream.Finish(caller_status(forward_status_), finished_.start());
   }
 }
 
