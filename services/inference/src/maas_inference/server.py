@@ -50,6 +50,7 @@ from maas_inference.servicer import (
     add_kserve_to_server,
 )
 from maas_inference.settings import InferenceSettings
+from maas_inference.shared_limits import SharedLimits
 from maas_inference.store import SqlDeploymentStore
 from maas_inference.tenancy import TenancyConfigSource, TenantLimiter
 from maas_inference.triton.client import TritonClient
@@ -254,8 +255,13 @@ class InferenceApp:
         metrics = UsageMetrics(meter, TenantLabels(
             settings.usage_metrics_tenants, lambda: self.tenancy.current().tenants,
             settings.usage_metrics_max_tenants)) if meter is not None else None
-        self.limiter = TenantLimiter(self.tenancy, self.ledger, metrics)
-        if is_postgresql(settings.database_url):  # replicas share the ledger, and daily quotas
+        shared = is_postgresql(settings.database_url)
+        # Replicas on one PostgreSQL count minute windows and streams there, together.
+        self.limiter = TenantLimiter(
+            self.tenancy, self.ledger, metrics,
+            shared=SharedLimits(settings.database_url, settings.tenancy_stream_lease_seconds)
+            if shared else None)
+        if shared:  # replicas share the ledger, and daily quotas
             self.ledger.on_written.append(self.limiter.written)
             self.limiter.share_today(await self.ledger.today_by_tenant(datetime.now(UTC)))
             self._usage_tasks.append(asyncio.create_task(
@@ -291,6 +297,8 @@ class InferenceApp:
         if self.data_plane_usage is not None:
             with contextlib.suppress(errors.MaasError):
                 await self.data_plane_usage.collect()
+        if self.limiter is not None:
+            await self.limiter.close()
         if self.ledger is not None:
             await self.ledger.close()
 

@@ -115,6 +115,11 @@ class InferenceSettings(ServiceSettings):
     tenancy_recheck_seconds: float = Field(default=1.0, gt=0)
     """How often the limits file's mtime is looked at: a change applies within this delay."""
 
+    tenancy_stream_lease_seconds: float = Field(default=15.0, gt=0)
+    """With a shared (PostgreSQL) `database_url`: how long a running stream's slot under a
+    tenant's concurrent_streams limit lasts unrenewed (its replica renews it every third of
+    this). A replica that dies frees its streams' slots for the others within this long."""
+
     usage_flush_seconds: float = Field(default=1.0, gt=0)
     """Longest a Predict usage record waits in memory before it is written (a kill -9 loses
     at most this much Predict usage); finished generations are written at once."""

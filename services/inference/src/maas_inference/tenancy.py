@@ -23,6 +23,14 @@ Minute windows are sliding over 60 one-second buckets; days are UTC calendar day
 start from the usage ledger, so a restart does not hand out a fresh daily quota). Each tenant
 has its own counters: one tenant over its limits never delays or refuses another.
 
+One replica keeps minute windows and streams in memory. Replicas sharing a PostgreSQL database
+pass a `SharedLimits` (`maas_inference.shared_limits`): the minute windows and concurrent
+streams are then counted in that database, so a limit holds across all replicas together
+(a call that a minute or stream limit concerns costs a transaction there; calls no such limit
+concerns never touch it). Daily quotas are shared through the usage ledger (`share_today`).
+Should the database be unreachable, admission falls back to this replica's own counts (a
+warning says so) rather than refusing every call.
+
 Usage from the Generate path (engineer B's generation module):
 
     async with limiter.admit(principal, deployment_id, prompt_tokens=len(prompt_ids)) as lease:
@@ -50,12 +58,15 @@ the window frees and a QuotaFailure naming the limit and its value).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import enum
 import logging
 import math
 import time
+import uuid
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -67,12 +78,15 @@ from maas_runtime.auth import Principal
 from maas_runtime.errors import MaasError, QuotaViolation, ResourceExhausted
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from maas_inference.shared_limits import Reservation, SharedLimits, SharedWindow
 from maas_inference.usage import UsageLedger, UsageMetrics, UsageRecord, tenant_of
 
 _log = logging.getLogger(__name__)
 
 WINDOW_SECONDS = 60
 SECONDS_PER_DAY = 86400
+SHARED_FALLBACK_LOG_SECONDS = 60.0
+"""At most one warning this often while the shared database cannot be reached."""
 CONCURRENCY_RETRY_SECONDS = 1.0
 """RetryInfo of a refused stream: a slot frees when one of the tenant's streams ends, which
 cannot be foreseen; this is a polite first back-off."""
@@ -235,9 +249,10 @@ class QuotaExceeded(ResourceExhausted):
 class _MinuteWindow:
     """Amounts over the last 60 seconds, in one-second buckets (at most 60 kept)."""
 
-    def __init__(self) -> None:
-        self._buckets: deque[list[int]] = deque()  # [second, amount], oldest first
-        self.total = 0
+    def __init__(self, buckets: Iterable[tuple[int, int]] = ()) -> None:
+        self._buckets: deque[list[int]] = deque(
+            [second, amount] for second, amount in buckets if amount)  # oldest first
+        self.total = sum(amount for _, amount in self._buckets)
 
     def _expire(self, now: float) -> None:
         horizon = int(now) - WINDOW_SECONDS
@@ -287,6 +302,9 @@ class _TenantState:
     """Today's requests this replica has written to the shared ledger."""
     own_written_tokens: int = 0
     streams: int = 0
+    shared_tokens_minute: _MinuteWindow | None = None
+    """With shared limits: the tenant's tokens of the last minute on every replica, as last
+    read (at an admission or a charge flush) plus what was charged here since."""
 
     @property
     def day_requests(self) -> int:
@@ -317,6 +335,8 @@ class Lease:
     outcome: str = ""
     """Overrides the outcome recorded on exit ("" derives it from how the block ended)."""
     _limiter: TenantLimiter | None = None
+    _shared_lease: str | None = None
+    """With shared limits: the stream's lease in the shared table, released on exit."""
 
     def charge(self, completion_tokens: int) -> bool:
         """Charge tokens as they stream; False once the tenant is over a token limit (the
@@ -337,12 +357,17 @@ class _Admission:
         self._stream = stream
 
     async def __aenter__(self) -> Lease:
-        self._limiter._enter(self._lease, self._stream)
+        if self._limiter._shared is None:
+            self._limiter._enter(self._lease, self._stream)
+        else:
+            await self._limiter._enter_shared(self._lease, self._stream)
         return self._lease
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, traceback: TracebackType | None) -> None:
         record = self._limiter._leave(self._lease, self._stream, exc)
+        if self._lease._shared_lease is not None:
+            await self._limiter._release_shared(self._lease._shared_lease)
         ledger = self._limiter._ledger
         if ledger is None:
             return
@@ -357,19 +382,25 @@ class TenantLimiter:
     """Admission of calls against their tenant's limits, and the usage record of each.
 
     `ledger` (optional) receives a `UsageRecord` per admitted call when it ends; `metrics`
-    (optional) counts usage and rejections with a bounded tenant label.
+    (optional) counts usage and rejections with a bounded tenant label; `shared` (optional,
+    replicas on one PostgreSQL) counts minute windows and streams across replicas — then
+    `close` ends its background work (lease renewal, writing charged tokens).
     """
 
     def __init__(self, config: TenancyConfigSource, ledger: UsageLedger | None = None,
                  metrics: UsageMetrics | None = None,
                  clock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic,
+                 shared: SharedLimits | None = None) -> None:
         self._config = config
         self._ledger = ledger
         self._metrics = metrics
         self._clock = clock
         self._monotonic = monotonic
         self._tenants: dict[str, _TenantState] = {}
+        self._shared = shared
+        self._shared_task: asyncio.Task[None] | None = None
+        self._fallback_logged_at = -math.inf
 
     @property
     def config(self) -> TenancyConfig:
@@ -439,9 +470,133 @@ class TenantLimiter:
         try:
             self._check(lease.tenant, limits, state, now, stream, tokens)
         except QuotaExceeded as refusal:
-            if self._metrics is not None:
-                self._metrics.rejected(lease.tenant, refusal.kind.value)
+            self._count_rejection(refusal)
             raise
+        self._account(state, now, tokens, stream)
+
+    def _count_rejection(self, refusal: QuotaExceeded) -> None:
+        if self._metrics is not None:
+            self._metrics.rejected(refusal.tenant, refusal.kind.value)
+
+    @staticmethod
+    def _concerns_shared(limits: TenantLimits, stream: bool) -> bool:
+        """Whether a minute or stream limit concerns this call (else no shared count is
+        needed: the daily quotas are shared through the ledger)."""
+        if limits.requests_per_minute is not None:
+            return True
+        return stream and (limits.tokens_per_minute is not None
+                           or limits.concurrent_streams is not None)
+
+    async def _enter_shared(self, lease: Lease, stream: bool) -> None:
+        """Admission against the counts every replica shares (`SharedLimits`): the same
+        checks as `_enter`, on the tenant's shared window and live streams, under its lock."""
+        assert self._shared is not None
+        now = self._clock()
+        limits = self.config.limits_for(lease.tenant)
+        if not self._concerns_shared(limits, stream):
+            self._enter(lease, stream)
+            return
+        self._start_shared_work()
+        state = self._state(lease.tenant, self._day(now))
+        tokens = lease.prompt_tokens
+        lease_id = uuid.uuid4().hex if stream else None
+        seen: list[_MinuteWindow] = []
+
+        def reserve(window: SharedWindow) -> Reservation:
+            view = dataclasses.replace(
+                state, requests_minute=_MinuteWindow((s, r) for s, r, _ in window.seconds),
+                tokens_minute=_MinuteWindow((s, t) for s, _, t in window.seconds),
+                streams=window.live_streams)
+            self._check(lease.tenant, limits, view, now, stream, tokens)
+            view.tokens_minute.add(now, tokens)
+            seen.append(view.tokens_minute)
+            return Reservation(int(now), 1, tokens, lease_id)
+
+        try:
+            await self._shared.admit(lease.tenant, now, reserve)
+        except QuotaExceeded as refusal:
+            self._count_rejection(refusal)
+            raise
+        except Exception as exc:  # the database is away: this replica's own counts decide
+            self._warn_fallback(exc)
+            self._enter(lease, stream)
+            return
+        state = self._state(lease.tenant, self._day(self._clock()))
+        state.shared_tokens_minute = seen[-1]
+        self._account(state, now, tokens, stream)
+        lease._shared_lease = lease_id
+
+    def _warn_fallback(self, exc: BaseException) -> None:
+        now = self._monotonic()
+        if now - self._fallback_logged_at >= SHARED_FALLBACK_LOG_SECONDS:
+            self._fallback_logged_at = now
+            _log.warning("the shared tenant limits cannot be reached (%s: %s); this replica "
+                         "admits on its own counts meanwhile", type(exc).__name__, exc)
+
+    async def _release_shared(self, lease_id: str) -> None:
+        assert self._shared is not None
+        try:
+            await self._shared.release(lease_id)
+        except Exception as exc:  # it lapses after the lease time instead
+            self._warn_fallback(exc)
+
+    def _start_shared_work(self) -> None:
+        if self._shared_task is None or self._shared_task.done():
+            self._shared_task = asyncio.get_running_loop().create_task(self._share_forever())
+
+    async def _share_forever(self) -> None:
+        """Renew this replica's stream leases every third of the lease time, and write
+        charged tokens to the shared windows as they come."""
+        assert self._shared is not None
+        renew_every = self._shared.lease_seconds / 3
+        renewed_at = self._monotonic()
+        while True:
+            await self._shared.wait_for_charges(renew_every)
+            try:
+                await self.flush_charges()
+                if self._monotonic() - renewed_at >= renew_every:
+                    renewed_at = self._monotonic()
+                    await self.renew_leases()
+            except Exception as exc:
+                self._warn_fallback(exc)
+                await asyncio.sleep(min(renew_every, 1.0))
+
+    async def flush_charges(self) -> None:
+        """Write the completion tokens charged here to the shared windows, and read those
+        tenants' windows back (what the next `charge` compares with its limit)."""
+        if self._shared is None:
+            return
+        now = self._clock()
+        for tenant, window in (await self._shared.flush(now)).items():
+            state = self._tenants.get(tenant)
+            if state is not None:
+                tokens = _MinuteWindow((s, t) for s, _, t in window.seconds)
+                for second, amount in self._shared.unwritten(tenant):
+                    tokens.add(second, amount)  # charged while the flush was under way
+                state.shared_tokens_minute = tokens
+
+    async def renew_leases(self) -> None:
+        """Push this replica's running streams' leases `lease_seconds` ahead now."""
+        if self._shared is not None:
+            await self._shared.renew(self._clock())
+
+    async def close(self) -> None:
+        """Stop the shared background work, after writing what was charged (best effort);
+        streams still running keep their leases until they lapse."""
+        if self._shared_task is not None:
+            self._shared_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._shared_task
+            self._shared_task = None
+        if self._shared is not None:
+            try:
+                await self.flush_charges()
+            except Exception as exc:
+                self._warn_fallback(exc)
+            await self._shared.close()
+
+    def _account(self, state: _TenantState, now: float, tokens: int, stream: bool) -> None:
+        """An admitted call's share of this replica's counts."""
         state.requests_minute.add(now, 1)
         state.tokens_minute.add(now, tokens)
         state.requests_today += 1
@@ -484,9 +639,15 @@ class TenantLimiter:
         limits = self.config.limits_for(lease.tenant)
         exceeded: QuotaExceeded | None = None
         tpm, tpd = limits.tokens_per_minute, limits.tokens_per_day
-        if tpm is not None and state.tokens_minute.used(now) > tpm:
+        minute = state.tokens_minute
+        if self._shared is not None and tpm is not None:
+            self._shared.charge(lease.tenant, now, tokens)  # written by the background flush
+            if state.shared_tokens_minute is not None:
+                state.shared_tokens_minute.add(now, tokens)
+                minute = state.shared_tokens_minute
+        if tpm is not None and minute.used(now) > tpm:
             exceeded = QuotaExceeded(lease.tenant, LimitKind.TOKENS_PER_MINUTE, tpm,
-                                     state.tokens_minute.seconds_until_room(now, 0, tpm))
+                                     minute.seconds_until_room(now, 0, tpm))
         elif tpd is not None and state.day_tokens > tpd:
             exceeded = QuotaExceeded(lease.tenant, LimitKind.TOKENS_PER_DAY, tpd,
                                      (self._day(now) + 1) * SECONDS_PER_DAY - now)

@@ -1,0 +1,267 @@
+"""Minute windows and concurrent streams that replicas share, in their PostgreSQL database.
+
+One replica keeps a tenant's minute windows and stream count in memory
+(`maas_inference.tenancy`). Replicas on one PostgreSQL (`database_url`) would each enforce the
+whole limit that way, handing a tenant N times its limit; with `SharedLimits` they count in two
+tables of the usage database (`usage_migrations` 0002) instead:
+
+- `tenant_minute_usage`: one row per (tenant, second) with the requests and tokens admitted or
+  charged in that second; a tenant's window is its rows of the last 60 seconds (older rows are
+  deleted by the tenant's next admission);
+- `tenant_stream_leases`: one row per running stream with the replica holding it and an expiry
+  (`lease_seconds` ahead) that the replica renews every third of it while the stream runs. A
+  replica that dies stops renewing: its streams lapse after at most `lease_seconds` and stop
+  counting against the tenant.
+
+An admission is one transaction under a per-tenant advisory lock (`pg_advisory_xact_lock`):
+read the tenant's window and live streams, let the limiter decide with the same checks (and so
+the same RetryInfo and QuotaFailure) as in memory, and only when admitted add the request and
+its prompt tokens to the current second and insert the stream's lease. Replicas racing for a
+tenant's last slot are thereby serialised: a refused call consumes nothing, and the limit holds
+between all of them. Two round trips (statements pipelined), on a small pool of connections.
+
+Completion tokens charged while a generation streams (`Lease.charge`, synchronous) are added
+to the tenant's cached window at once and written to the shared table by a background flush
+(an atomic `INSERT … ON CONFLICT DO UPDATE` per tenant and second), which also reads the
+tenant's window back; the decision to stop a stream therefore sees the other replicas' tokens
+as of the last flush or admission.
+
+Times are the replicas' wall clocks (epoch seconds): replicas are assumed to keep them in step
+(NTP); a skew of s seconds shifts a window's edge by s. Should the database be unreachable, the
+limiter falls back to this replica's own counts (see `TenantLimiter`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import psycopg
+from maas_runtime.database import libpq_conninfo
+
+_log = logging.getLogger(__name__)
+
+WINDOW_SECONDS = 60
+TENANT_LOCK_NAMESPACE = 0x6D617174  # "maqt": pg_advisory_xact_lock(namespace, hashtext(tenant))
+DEFAULT_LEASE_SECONDS = 15.0
+DEFAULT_POOL_SIZE = 4
+
+_LOCK_TENANT = "SELECT pg_advisory_xact_lock(%s, hashtext(%s))"
+_WINDOW = ("SELECT second, requests, tokens FROM tenant_minute_usage "
+           "WHERE tenant = %s AND second > %s ORDER BY second")
+_LIVE_STREAMS = "SELECT count(*) FROM tenant_stream_leases WHERE tenant = %s AND expires_at > %s"
+_ADD_TO_SECOND = (
+    "INSERT INTO tenant_minute_usage AS u (tenant, second, requests, tokens) "
+    "VALUES (%s, %s, %s, %s) ON CONFLICT (tenant, second) DO UPDATE "
+    "SET requests = u.requests + EXCLUDED.requests, tokens = u.tokens + EXCLUDED.tokens")
+_FORGET_OLD_SECONDS = "DELETE FROM tenant_minute_usage WHERE tenant = %s AND second <= %s"
+_FORGET_LAPSED_LEASES = "DELETE FROM tenant_stream_leases WHERE tenant = %s AND expires_at <= %s"
+_INSERT_LEASE = ("INSERT INTO tenant_stream_leases (lease_id, tenant, replica, expires_at) "
+                 "VALUES (%s, %s, %s, %s)")
+_RELEASE_LEASE = "DELETE FROM tenant_stream_leases WHERE lease_id = %s"
+_RENEW_LEASES = (
+    "INSERT INTO tenant_stream_leases AS l (lease_id, tenant, replica, expires_at) "
+    "SELECT lease_id, tenant, %s, %s FROM unnest(%s::text[], %s::text[]) AS r(lease_id, tenant) "
+    "ON CONFLICT (lease_id) DO UPDATE SET expires_at = EXCLUDED.expires_at")
+_WINDOWS_OF = ("SELECT tenant, second, requests, tokens FROM tenant_minute_usage "
+               "WHERE tenant = ANY(%s) AND second > %s ORDER BY tenant, second")
+
+
+@dataclass(frozen=True)
+class SharedWindow:
+    """A tenant's rows of the last minute, oldest first: (second, requests, tokens)."""
+
+    seconds: list[tuple[int, int, int]]
+    live_streams: int
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """What an admission adds when admitted: one request, its prompt tokens, maybe a lease."""
+
+    second: int
+    requests: int
+    tokens: int
+    lease_id: str | None
+    """The stream's lease, or None for a plain request."""
+
+
+def replica_name() -> str:
+    """This process among the replicas (host, pid and a random part, for the leases' rows)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+class _Pool:
+    """A few psycopg async connections (autocommit off), opened when first needed; a
+    connection that failed is closed and replaced by a new one on a later use."""
+
+    def __init__(self, conninfo: str, size: int) -> None:
+        self._conninfo = conninfo
+        self._idle: asyncio.LifoQueue[psycopg.AsyncConnection | None] = asyncio.LifoQueue()
+        for _ in range(size):
+            self._idle.put_nowait(None)  # a free slot, connected on first use
+        self._open: set[psycopg.AsyncConnection] = set()
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection]:
+        connection = await self._idle.get()
+        try:
+            if connection is None or connection.closed:
+                # Counters that live a minute need no wait for the WAL flush at commit: a
+                # database crash forgets at most the last moments' counts.
+                connection = await psycopg.AsyncConnection.connect(
+                    self._conninfo, connect_timeout=5,
+                    options="-c synchronous_commit=off")
+                self._open.add(connection)
+            yield connection
+        except BaseException:
+            if connection is not None:
+                self._open.discard(connection)
+                with contextlib.suppress(Exception):
+                    await connection.close()
+            connection = None
+            raise
+        finally:
+            self._idle.put_nowait(connection)
+
+    async def close(self) -> None:
+        for connection in list(self._open):
+            with contextlib.suppress(Exception):
+                await connection.close()
+        self._open.clear()
+
+
+class SharedLimits:
+    """The shared tables of one database, as one replica uses them.
+
+    `admit` runs the caller's decision inside the tenant's lock; `charge` (synchronous) queues
+    completion tokens for the background flush; `release` ends a stream's lease; `renew`
+    (called periodically by `run`) keeps this replica's running streams' leases alive.
+    """
+
+    def __init__(self, database_url: str, lease_seconds: float = DEFAULT_LEASE_SECONDS,
+                 pool_size: int = DEFAULT_POOL_SIZE, replica: str | None = None) -> None:
+        self.lease_seconds = lease_seconds
+        self.replica = replica or replica_name()
+        self._pool = _Pool(libpq_conninfo(database_url), pool_size)
+        self._running: dict[str, str] = {}
+        """lease id → tenant, of the streams this replica runs."""
+        self._pending: dict[tuple[str, int], int] = defaultdict(int)
+        """(tenant, second) → completion tokens charged and not yet written."""
+        self._flush_wanted = asyncio.Event()
+        self._flushing = asyncio.Lock()
+
+    async def admit(self, tenant: str, now: float,
+                    reservation_of: Callable[[SharedWindow], Reservation]) -> Reservation:
+        """Under the tenant's lock: read its window and live streams, ask `reservation_of` (it
+        raises to refuse, consuming nothing), and record what it returned."""
+        refusal: Exception | None = None
+        reservation: Reservation | None = None
+        async with self._pool.connection() as connection, connection.pipeline():
+            # One pipeline: BEGIN, the lock and the reads go out together (one round trip to
+            # the fetches), then the writes and COMMIT (a second one).
+            async with connection.transaction():
+                await connection.execute(_LOCK_TENANT, (TENANT_LOCK_NAMESPACE, tenant))
+                window_rows = await connection.execute(
+                    _WINDOW, (tenant, int(now) - WINDOW_SECONDS))
+                streams_row = await connection.execute(_LIVE_STREAMS, (tenant, now))
+                rows = await window_rows.fetchall()
+                (live,) = await streams_row.fetchone() or (0,)
+                window = SharedWindow([(int(s), int(r), int(t)) for s, r, t in rows], int(live))
+                try:
+                    reservation = reservation_of(window)
+                except Exception as exc:  # refused: roll back (the connection stays usable)
+                    refusal = exc
+                    raise psycopg.Rollback() from None
+                await connection.execute(_ADD_TO_SECOND, (
+                    tenant, reservation.second, reservation.requests, reservation.tokens))
+                await connection.execute(_FORGET_OLD_SECONDS, (tenant, int(now) - WINDOW_SECONDS))
+                if reservation.lease_id is not None:
+                    await connection.execute(_FORGET_LAPSED_LEASES, (tenant, now))
+                    await connection.execute(_INSERT_LEASE, (
+                        reservation.lease_id, tenant, self.replica, now + self.lease_seconds))
+        if refusal is not None or reservation is None:
+            raise refusal or RuntimeError("the admission neither reserved nor refused")
+        if reservation.lease_id is not None:
+            self._running[reservation.lease_id] = tenant
+        return reservation
+
+    def charge(self, tenant: str, now: float, tokens: int) -> None:
+        """Queue completion tokens for the shared window (written by `flush`)."""
+        if tokens > 0:
+            self._pending[(tenant, int(now))] += tokens
+            self._flush_wanted.set()
+
+    def unwritten(self, tenant: str) -> list[tuple[int, int]]:
+        """(second, tokens) charged for `tenant` and not written yet."""
+        return sorted((second, tokens) for (name, second), tokens in self._pending.items()
+                      if name == tenant)
+
+    async def release(self, lease_id: str) -> None:
+        """The stream ended: its slot frees for every replica at once."""
+        self._running.pop(lease_id, None)
+        async with self._pool.connection() as connection:
+            await connection.execute(_RELEASE_LEASE, (lease_id,))
+            await connection.commit()
+
+    async def renew(self, now: float) -> None:
+        """Push the expiry of this replica's running streams `lease_seconds` ahead (and put
+        back any lease another replica dropped as lapsed while this one could not renew)."""
+        if not self._running:
+            return
+        ids, tenants = list(self._running), list(self._running.values())
+        async with self._pool.connection() as connection:
+            await connection.execute(_RENEW_LEASES, (
+                self.replica, now + self.lease_seconds, ids, tenants))
+            await connection.commit()
+
+    async def flush(self, now: float) -> dict[str, SharedWindow]:
+        """Write the queued completion tokens; returns the windows of the tenants written, as
+        the table has them now (the stream counts left 0: not read here). Returns once
+        everything charged before the call is committed (a flush under way is waited for)."""
+        async with self._flushing:
+            return await self._flush(now)
+
+    async def _flush(self, now: float) -> dict[str, SharedWindow]:
+        pending, self._pending = self._pending, defaultdict(int)
+        if not pending:
+            return {}
+        tenants = sorted({tenant for tenant, _ in pending})
+        try:
+            async with self._pool.connection() as connection:
+                async with connection.transaction():
+                    async with connection.pipeline():
+                        for (tenant, second), tokens in sorted(pending.items()):
+                            await connection.execute(_ADD_TO_SECOND, (tenant, second, 0, tokens))
+                        cursor = await connection.execute(
+                            _WINDOWS_OF, (tenants, int(now) - WINDOW_SECONDS))
+                        rows = await cursor.fetchall()
+        except BaseException:
+            for key, tokens in pending.items():  # kept for the next flush
+                self._pending[key] += tokens
+            raise
+        windows: dict[str, list[tuple[int, int, int]]] = {tenant: [] for tenant in tenants}
+        for tenant, second, requests, tokens in rows:
+            windows[tenant].append((int(second), int(requests), int(tokens)))
+        return {tenant: SharedWindow(seconds, 0) for tenant, seconds in windows.items()}
+
+    async def wait_for_charges(self, timeout: float) -> None:
+        """Return when tokens were charged since the last call, or after `timeout`."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._flush_wanted.wait(), timeout)
+        self._flush_wanted.clear()
+
+    @property
+    def running_streams(self) -> int:
+        return len(self._running)
+
+    async def close(self) -> None:
+        """Close the connections; this replica's leases are left to lapse (not released)."""
+        await self._pool.close()
