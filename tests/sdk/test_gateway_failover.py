@@ -1,6 +1,7 @@
 """The SDK over several gateway replicas: round-robin over the healthy ones, idempotent calls
 sent again to the next replica on UNAVAILABLE (bounded, with backoff), writes never repeated,
-and a job's Watch stream resumed on the next replica after its last event.
+a job's Watch stream resumed on the next replica after its last event, and a generation
+repeated on the next replica only while none of its text reached the caller.
 
 The replicas are real gRPC servers on loopback (the inference service's contract and the
 stock health service), each answering Predict with its own name as the model version and
@@ -39,6 +40,7 @@ class Gateway(inference_service_pb2_grpc.InferenceServiceServicer):
         self.name = name
         self.calls: Counter[str] = Counter()
         self.unavailable = False
+        self.chunks_before_failing = 0
         self.health = health.HealthServicer()
         self.health.set("inference", health_pb2.HealthCheckResponse.SERVING)
         self.server = grpc.server(futures.ThreadPoolExecutor(8))
@@ -71,6 +73,16 @@ class Gateway(inference_service_pb2_grpc.InferenceServiceServicer):
     def CreateDeployment(self, request, context):  # noqa: N802
         self._answer("CreateDeployment", context)
         return deployment_pb2.Deployment(name=f"deployments/{request.deployment_id}")
+
+    def Generate(self, request, context):  # noqa: N802
+        """Two chunks naming the replica, then the end; while `unavailable`, the stream is
+        cut UNAVAILABLE after `chunks_before_failing` chunks."""
+        self.calls["Generate"] += 1
+        for index in range(2):
+            if self.unavailable and index == self.chunks_before_failing:
+                context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.name} is going away")
+            yield inf.GenerateResponse(delta=inf.TextDelta(text=f"{self.name}{index} "))
+        yield inf.GenerateResponse(final=inf.GenerationFinal(finish_reason=inf.FINISH_REASON_STOP))
 
 
 @pytest.fixture
@@ -189,6 +201,39 @@ def test_only_reads_and_predict_are_idempotent_and_the_policy_is_checked():
                 {"backoff_multiplier": 0.5}):
         with pytest.raises(ValueError):
             RetryPolicy(**bad)
+
+
+def test_streams_are_repeated_only_as_far_as_the_caller_cannot_tell():
+    policy = RetryPolicy(max_attempts=3)
+    unavailable = maas.Unavailable("gone")
+    for download in ("DownloadModelVersion", "DownloadDatasetVersion"):  # resumed at their byte
+        assert is_idempotent(download) and policy.should_retry(download, unavailable, 2)
+    assert not is_idempotent("Generate")
+    assert policy.should_retry("Generate", unavailable, 1)
+    assert policy.should_retry("Generate", maas.Cancelled("a gateway shutting down"), 2)
+    assert not policy.should_retry("Generate", unavailable, 1, output_delivered=True)
+    assert not policy.should_retry("Generate", unavailable, 3)
+    assert not policy.should_retry("Generate", maas.InvalidArgument("bad prompt"), 1)
+
+
+def test_a_generation_is_repeated_on_the_next_gateway_only_before_its_first_text(gateways):
+    with client_over(gateways) as client:
+        wait_until(lambda: {client.get_deployment("d").message for _ in range(4)} == {"a", "b"})
+        gateways[0].unavailable = True  # cuts every stream before its first chunk
+        assert [client.generate("d", "hi").text() for _ in range(4)] == ["b0 b1 "] * 4
+        assert gateways[0].calls["Generate"] > 0  # tried, and repeated on the other
+
+        for replica in gateways:  # now every stream is cut after its first chunk
+            replica.unavailable, replica.chunks_before_failing = True, 1
+        calls_before = sum(replica.calls["Generate"] for replica in gateways)
+        generation = client.generate("d", "hi")
+        chunks = iter(generation)
+        assert next(chunks) in ("a0 ", "b0 ")
+        with pytest.raises(maas.Unavailable, match="cannot be replayed") as cut_short:
+            next(chunks)
+    assert cut_short.value.reason == "GENERATION_INTERRUPTED"
+    assert "going away" in cut_short.value.message
+    assert sum(replica.calls["Generate"] for replica in gateways) == calls_before + 1
 
 
 class TrainerReplica(trainer_service_pb2_grpc.TrainerServiceServicer):

@@ -18,6 +18,7 @@ caller then gets `Unavailable` saying so, after the text it already has.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
@@ -28,6 +29,7 @@ import grpc
 from maas.inference.v1 import inference_service_pb2 as inf
 from maas_runtime.errors import Cancelled, MaasError, Unavailable
 
+_log = logging.getLogger(__name__)
 FINISH_REASONS = {inf.FINISH_REASON_STOP: "stop", inf.FINISH_REASON_LENGTH: "length",
                   inf.FINISH_REASON_CANCELLED: "cancelled"}
 _END = object()
@@ -148,6 +150,8 @@ async def pump_generation(open_call: Callable[[int], Awaitable[Any]], messages: 
             if wait is None:
                 messages.put(_cut_short(error, delivered) if delivered else error)
                 return
+            _log.warning("generation attempt %d failed before any text reached the caller "
+                         "(%s); starting it again on the next replica", attempt, error.message)
             await asyncio.sleep(wait)
             attempt += 1
     except asyncio.CancelledError:
