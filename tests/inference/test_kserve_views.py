@@ -49,8 +49,9 @@ def scoped(*patterns: str) -> Principal:
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def served(tmp_path_factory, triton_client: TritonClient,
                  model_repository: ModelRepository) -> AsyncIterator[Deployments]:
-    """ "canary" (digits v1 90 % / v2 10 %), "secret" and "chat" (SmolLM2), loaded in the
-    session's Triton."""
+    """ "canary" (digits v1 90 % / v2 10 %), "secret" and "decoupled" (SmolLM2), loaded
+    in the session's Triton (under names of their own: the generation smoke deploys
+    SmolLM2 there as "chat")."""
     root: Path = tmp_path_factory.mktemp("kserve-views")
     async with registry_in_process(root) as registry:
         await upload_mlps(root, registry.target, registry.token,
@@ -63,14 +64,15 @@ async def served(tmp_path_factory, triton_client: TritonClient,
                     deployments.controller.create("canary", CANARY, ANONYMOUS_ADMIN),
                     deployments.controller.create(
                         "secret", {"model": "models/secret/versions/1"}, ANONYMOUS_ADMIN),
-                    deployments.controller.create("chat", {"model": chat_version},
+                    deployments.controller.create("decoupled", {"model": chat_version},
                                                   ANONYMOUS_ADMIN))
                 yield deployments
             finally:
                 await delete_every_deployment(deployments)
 
 
-def generation_request(request_id: str, *, ask_for_final: bool = False, model: str = "chat",
+def generation_request(request_id: str, *, ask_for_final: bool = False,
+                       model: str = "decoupled",
                        **sampling) -> service_pb2.ModelInferRequest:
     """A KServe-v2 request to the generation model (BYTES tensors: length-prefixed)."""
     message = service_pb2.ModelInferRequest(model_name=model, id=request_id)
@@ -107,12 +109,12 @@ async def test_a_decoupled_models_responses_come_in_order_named_after_the_deploy
     assert "temperature" in errors_by_id["bad"]  # the model's own error
     a_answers = answers[:a_count]
     assert {(r.infer_response.model_name, r.infer_response.model_version)
-            for r in a_answers} == {("chat", "1")}
+            for r in a_answers} == {("decoupled", "1")}
     assert not any(FINAL in r.infer_response.parameters for r in a_answers)  # not asked for
     b_answers = answers[-b_count:]
     assert [r.infer_response.parameters[FINAL].bool_param for r in b_answers] == \
         [False] * (b_count - 1) + [True]  # asked for: passed on, on the last response only
-    assert {r.infer_response.model_name for r in b_answers} == {"chat"}
+    assert {r.infer_response.model_name for r in b_answers} == {"decoupled"}
 
 
 async def infer_on(served: Deployments, version: str, rows: int, seed: int) -> None:
@@ -158,7 +160,7 @@ async def test_statistics_are_summed_over_a_deployments_triton_models_and_scoped
     assert {b.batch_size: b.compute_infer.count for b in canary.batch_stats} == {1: 3, 2: 2, 4: 1}
 
     everything = await views.model_statistics("", ANONYMOUS_ADMIN)
-    assert [s.name for s in everything] == ["canary", "chat", "secret"]
+    assert [s.name for s in everything] == ["canary", "decoupled", "secret"]
     team = await views.model_statistics("", scoped("digits"))
     assert [s.name for s in team] == ["canary"]
     with pytest.raises(errors.PermissionDenied):
