@@ -8,6 +8,9 @@ rounds):
   when MAAS_TEST_POSTGRES_URL reaches one), the background flush running meanwhile;
 - a finished generation's durable append (`append_durable`: returns once committed), with 8
   generations finishing together sharing one commit;
+- with PostgreSQL: admission against limits that replicas share (`SharedLimits`: minute
+  windows and stream leases in the database, a transaction per admission) beside the same
+  admission in memory (one replica), for a Predict and for a stream (admitted and released);
 and how fast the ledger writes a batch of records (records per second).
 
 Run: `.venv/bin/python -m tests.bench.bench_usage`.
@@ -23,6 +26,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from maas_inference.shared_limits import SharedLimits
 from maas_inference.tenancy import TenancyConfigSource, TenantLimiter
 from maas_inference.usage import GENERATION, SqlUsageStore, UsageLedger, UsageRecord
 from maas_runtime.auth import Principal, Role
@@ -32,8 +36,11 @@ from tests.support.postgres import fresh_postgres_database, postgres_unreachable
 CALLS = 5000
 ROUNDS = 5
 DURABLE_CALLS = 200
+SHARED_CALLS = 300
+"""Admissions per round on the shared (PostgreSQL) limits, a transaction each."""
 PRINCIPAL = Principal("bench", Role.VIEWER)
-LIMITS = "default: {requests_per_minute: 100000000, requests_per_day: 100000000}\n"
+LIMITS = ("default: {requests_per_minute: 100000000, requests_per_day: 100000000, "
+          "tokens_per_minute: 1000000000, concurrent_streams: 1000000}\n")
 
 
 async def bare() -> float:
@@ -44,12 +51,35 @@ async def bare() -> float:
     return (time.perf_counter() - started) / CALLS
 
 
-async def admitted(limiter: TenantLimiter) -> float:
+async def admitted(limiter: TenantLimiter, calls: int = CALLS) -> float:
     started = time.perf_counter()
-    for _ in range(CALLS):
+    for _ in range(calls):
         async with limiter.admit_request(PRINCIPAL, "digits", rows=8) as call:
             call.version = "models/digits/versions/1"
-    return (time.perf_counter() - started) / CALLS
+    return (time.perf_counter() - started) / calls
+
+
+async def streamed(limiter: TenantLimiter, calls: int = CALLS) -> float:
+    """A generation's admission (a stream slot, a request, its prompt tokens), one charge of
+    completion tokens and the slot's release."""
+    started = time.perf_counter()
+    for _ in range(calls):
+        async with limiter.admit(PRINCIPAL, "chat", prompt_tokens=20) as lease:
+            lease.charge(8)
+    return (time.perf_counter() - started) / calls
+
+
+async def round_trip(url: str, calls: int = SHARED_CALLS) -> float:
+    """One `SELECT 1` on an open connection: the database's round trip, for scale."""
+    import psycopg
+    from maas_runtime.database import libpq_conninfo
+
+    async with await psycopg.AsyncConnection.connect(libpq_conninfo(url),
+                                                     autocommit=True) as connection:
+        started = time.perf_counter()
+        for _ in range(calls):
+            await connection.execute("SELECT 1")
+        return (time.perf_counter() - started) / calls
 
 
 async def durable(ledger: UsageLedger, together: int) -> float:
@@ -82,7 +112,13 @@ async def measure(backends: dict[str, str], root: Path) -> list[list[str]]:
         await ledger.start()
         ledgers[name] = ledger
     metered = {name: TenantLimiter(source, ledger) for name, ledger in ledgers.items()}
-    timings: dict[str, list[float]] = {"bare": [], "limits": []}
+    timings: dict[str, list[float]] = {"bare": [], "limits": [], "limits, stream": []}
+    shared = None
+    if "postgresql" in backends:
+        shared = TenantLimiter(source, shared=SharedLimits(backends["postgresql"]))
+        timings["limits shared (postgresql)"] = []
+        timings["limits shared, stream (postgresql)"] = []
+        timings["database round trip (postgresql)"] = []
     for name in ledgers:
         timings[f"limits + ledger ({name})"] = []
         timings[f"durable generation ({name})"] = []
@@ -90,6 +126,13 @@ async def measure(backends: dict[str, str], root: Path) -> list[list[str]]:
     for _ in range(ROUNDS):  # interleaved, so background load hits every row alike
         timings["bare"].append(await bare())
         timings["limits"].append(await admitted(plain))
+        timings["limits, stream"].append(await streamed(plain))
+        if shared is not None:
+            timings["limits shared (postgresql)"].append(await admitted(shared, SHARED_CALLS))
+            timings["limits shared, stream (postgresql)"].append(
+                await streamed(shared, SHARED_CALLS))
+            timings["database round trip (postgresql)"].append(
+                await round_trip(backends["postgresql"]))
         for name, limiter in metered.items():
             timings[f"limits + ledger ({name})"].append(await admitted(limiter))
             timings[f"durable generation ({name})"].append(await durable(ledgers[name], 1))
@@ -98,6 +141,8 @@ async def measure(backends: dict[str, str], root: Path) -> list[list[str]]:
              }
     for ledger in ledgers.values():
         await ledger.close()
+    if shared is not None:
+        await shared.close()
     reference = statistics.median(timings["bare"])
     rows = [["path", "per call (µs, p50)", "× bare", "× limits"]]
     limits_only = statistics.median(timings["limits"])
@@ -107,6 +152,13 @@ async def measure(backends: dict[str, str], root: Path) -> list[list[str]]:
                      f"{median / limits_only:.2f}"])
     for name, rate in rates.items():
         rows.append([f"batch insert ({name})", f"{1e6 / rate:.1f}", "", f"{rate:,.0f} rec/s"])
+    if shared is not None:
+        for label, memory, sharing in (
+                ("Predict", "limits", "limits shared (postgresql)"),
+                ("stream", "limits, stream", "limits shared, stream (postgresql)")):
+            local, remote = statistics.median(timings[memory]), statistics.median(timings[sharing])
+            rows.append([f"shared limits add, per {label}", f"{(remote - local) * 1e6:.1f}",
+                         "", f"{remote / local:.0f}x in memory"])
     return rows
 
 

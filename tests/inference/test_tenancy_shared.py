@@ -255,3 +255,33 @@ async def test_calls_no_minute_or_stream_limit_concerns_never_reach_the_database
         assert caplog.text == ""
     finally:
         await limiter.close()
+
+
+async def test_rows_nobody_counts_any_more_are_forgotten(postgres_url, tmp_path):
+    clock = Clock()
+    async with replicas(postgres_url, tmp_path, "default: {requests_per_minute: 10, "
+                                                "concurrent_streams: 5}", clock) as ([a, _], _):
+        assert await request(a)
+        abandoned = a.admit(ALICE, "chat", prompt_tokens=1)
+        await abandoned.__aenter__()  # its replica "dies": never released, never renewed
+        clock.now += 30
+        assert await request(a, BOB)
+        shared = SharedLimits(postgres_url)
+        try:
+            await shared.forget_stale(clock.now + 31)  # alice's second is 61 s old, bob's 31
+            assert await table_rows(postgres_url) == ([("bob",)], [])
+        finally:
+            await shared.close()
+
+
+async def table_rows(url: str) -> tuple[list[tuple], list[tuple]]:
+    """(tenants of tenant_minute_usage rows, tenants of tenant_stream_leases rows)."""
+    import psycopg
+    from maas_runtime.database import libpq_conninfo
+
+    async with await psycopg.AsyncConnection.connect(libpq_conninfo(url)) as connection:
+        seconds = await (await connection.execute(
+            "SELECT tenant FROM tenant_minute_usage ORDER BY tenant")).fetchall()
+        leases = await (await connection.execute(
+            "SELECT tenant FROM tenant_stream_leases ORDER BY tenant")).fetchall()
+    return seconds, leases

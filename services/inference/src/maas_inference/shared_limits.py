@@ -6,8 +6,9 @@ whole limit that way, handing a tenant N times its limit; with `SharedLimits` th
 tables of the usage database (`usage_migrations` 0002) instead:
 
 - `tenant_minute_usage`: one row per (tenant, second) with the requests and tokens admitted or
-  charged in that second; a tenant's window is its rows of the last 60 seconds (older rows are
-  deleted by the tenant's next admission);
+  charged in that second; a tenant's window is its rows of the last 60 seconds (older rows,
+  and lapsed leases, are deleted by each replica's background work every third of the lease
+  time, `forget_stale`);
 - `tenant_stream_leases`: one row per running stream with the replica holding it and an expiry
   (`lease_seconds` ahead) that the replica renews every third of it while the stream runs. A
   replica that dies stops renewing: its streams lapse after at most `lease_seconds` and stop
@@ -54,15 +55,17 @@ DEFAULT_LEASE_SECONDS = 15.0
 DEFAULT_POOL_SIZE = 4
 
 _LOCK_TENANT = "SELECT pg_advisory_xact_lock(%s, hashtext(%s))"
-_WINDOW = ("SELECT second, requests, tokens FROM tenant_minute_usage "
-           "WHERE tenant = %s AND second > %s ORDER BY second")
-_LIVE_STREAMS = "SELECT count(*) FROM tenant_stream_leases WHERE tenant = %s AND expires_at > %s"
+_WINDOW_AND_STREAMS = (  # the window's rows by second, then (NULL, live streams, 0)
+    "SELECT second, requests, tokens FROM tenant_minute_usage "
+    "WHERE tenant = %(tenant)s AND second > %(horizon)s "
+    "UNION ALL SELECT NULL, count(*), 0 FROM tenant_stream_leases "
+    "WHERE tenant = %(tenant)s AND expires_at > %(now)s ORDER BY 1 NULLS LAST")
 _ADD_TO_SECOND = (
     "INSERT INTO tenant_minute_usage AS u (tenant, second, requests, tokens) "
     "VALUES (%s, %s, %s, %s) ON CONFLICT (tenant, second) DO UPDATE "
     "SET requests = u.requests + EXCLUDED.requests, tokens = u.tokens + EXCLUDED.tokens")
-_FORGET_OLD_SECONDS = "DELETE FROM tenant_minute_usage WHERE tenant = %s AND second <= %s"
-_FORGET_LAPSED_LEASES = "DELETE FROM tenant_stream_leases WHERE tenant = %s AND expires_at <= %s"
+_FORGET_OLD_SECONDS = "DELETE FROM tenant_minute_usage WHERE second <= %s"
+_FORGET_LAPSED_LEASES = "DELETE FROM tenant_stream_leases WHERE expires_at <= %s"
 _INSERT_LEASE = ("INSERT INTO tenant_stream_leases (lease_id, tenant, replica, expires_at) "
                  "VALUES (%s, %s, %s, %s)")
 _RELEASE_LEASE = "DELETE FROM tenant_stream_leases WHERE lease_id = %s"
@@ -99,8 +102,9 @@ def replica_name() -> str:
 
 
 class _Pool:
-    """A few psycopg async connections (autocommit off), opened when first needed; a
-    connection that failed is closed and replaced by a new one on a later use."""
+    """A few psycopg async connections, opened when first needed; a connection that failed
+    is closed and replaced by a new one on a later use. Autocommit: a single statement is
+    one round trip, and admissions open their transaction (`connection.transaction()`)."""
 
     def __init__(self, conninfo: str, size: int) -> None:
         self._conninfo = conninfo
@@ -117,7 +121,7 @@ class _Pool:
                 # Counters that live a minute need no wait for the WAL flush at commit: a
                 # database crash forgets at most the last moments' counts.
                 connection = await psycopg.AsyncConnection.connect(
-                    self._conninfo, connect_timeout=5,
+                    self._conninfo, connect_timeout=5, autocommit=True,
                     options="-c synchronous_commit=off")
                 self._open.add(connection)
             yield connection
@@ -165,15 +169,14 @@ class SharedLimits:
         refusal: Exception | None = None
         reservation: Reservation | None = None
         async with self._pool.connection() as connection, connection.pipeline():
-            # One pipeline: BEGIN, the lock and the reads go out together (one round trip to
-            # the fetches), then the writes and COMMIT (a second one).
+            # One pipeline: BEGIN, the lock and the read go out together (one round trip to
+            # the fetch), then the writes and COMMIT (a second one). The read is a statement
+            # after the lock's, so it sees every admission committed before the lock was had.
             async with connection.transaction():
                 await connection.execute(_LOCK_TENANT, (TENANT_LOCK_NAMESPACE, tenant))
-                window_rows = await connection.execute(
-                    _WINDOW, (tenant, int(now) - WINDOW_SECONDS))
-                streams_row = await connection.execute(_LIVE_STREAMS, (tenant, now))
-                rows = await window_rows.fetchall()
-                (live,) = await streams_row.fetchone() or (0,)
+                cursor = await connection.execute(_WINDOW_AND_STREAMS, {
+                    "tenant": tenant, "horizon": int(now) - WINDOW_SECONDS, "now": now})
+                *rows, (_, live, _) = await cursor.fetchall()
                 window = SharedWindow([(int(s), int(r), int(t)) for s, r, t in rows], int(live))
                 try:
                     reservation = reservation_of(window)
@@ -182,9 +185,7 @@ class SharedLimits:
                     raise psycopg.Rollback() from None
                 await connection.execute(_ADD_TO_SECOND, (
                     tenant, reservation.second, reservation.requests, reservation.tokens))
-                await connection.execute(_FORGET_OLD_SECONDS, (tenant, int(now) - WINDOW_SECONDS))
                 if reservation.lease_id is not None:
-                    await connection.execute(_FORGET_LAPSED_LEASES, (tenant, now))
                     await connection.execute(_INSERT_LEASE, (
                         reservation.lease_id, tenant, self.replica, now + self.lease_seconds))
         if refusal is not None or reservation is None:
@@ -209,7 +210,6 @@ class SharedLimits:
         self._running.pop(lease_id, None)
         async with self._pool.connection() as connection:
             await connection.execute(_RELEASE_LEASE, (lease_id,))
-            await connection.commit()
 
     async def renew(self, now: float) -> None:
         """Push the expiry of this replica's running streams `lease_seconds` ahead (and put
@@ -220,7 +220,13 @@ class SharedLimits:
         async with self._pool.connection() as connection:
             await connection.execute(_RENEW_LEASES, (
                 self.replica, now + self.lease_seconds, ids, tenants))
-            await connection.commit()
+
+    async def forget_stale(self, now: float) -> None:
+        """Delete every tenant's seconds older than a minute and lapsed leases (rows no
+        admission counts any more; any replica may do it)."""
+        async with self._pool.connection() as connection, connection.pipeline():
+            await connection.execute(_FORGET_OLD_SECONDS, (int(now) - WINDOW_SECONDS,))
+            await connection.execute(_FORGET_LAPSED_LEASES, (now,))
 
     async def flush(self, now: float) -> dict[str, SharedWindow]:
         """Write the queued completion tokens; returns the windows of the tenants written, as

@@ -545,8 +545,9 @@ class TenantLimiter:
             self._shared_task = asyncio.get_running_loop().create_task(self._share_forever())
 
     async def _share_forever(self) -> None:
-        """Renew this replica's stream leases every third of the lease time, and write
-        charged tokens to the shared windows as they come."""
+        """Renew this replica's stream leases every third of the lease time (and forget the
+        shared rows nobody counts any more), and write charged tokens to the shared windows as
+        they come."""
         assert self._shared is not None
         renew_every = self._shared.lease_seconds / 3
         renewed_at = self._monotonic()
@@ -557,6 +558,7 @@ class TenantLimiter:
                 if self._monotonic() - renewed_at >= renew_every:
                     renewed_at = self._monotonic()
                     await self.renew_leases()
+                    await self._shared.forget_stale(self._clock())
             except Exception as exc:
                 self._warn_fallback(exc)
                 await asyncio.sleep(min(renew_every, 1.0))
