@@ -24,12 +24,13 @@ import asyncio
 import csv
 import errno
 import json
+import logging
 import os
 import re
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -101,6 +102,8 @@ from maas_sdk.retries import RetryPolicy
 from maas_sdk.tensors import from_tensor, named_inputs, to_tensor
 
 __all__ = ["Client", "ServiceStatus"]
+
+_log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1024 * 1024
 PAGE_SIZE = 500
@@ -368,6 +371,48 @@ class Client:
     def delete_alias(self, model: str, alias: str) -> None:
         self._registry("DeleteModelAlias", rs.DeleteModelAliasRequest(
             name=f"{model_name(model)}/aliases/{alias}"))
+
+    def watch_events(self, *, after_event_id: int = 0, resource_prefix: str = "",
+                     types: Sequence[str] = (), timeout: float | None = None
+                     ) -> Iterator[audit_pb2.RegistryEvent]:
+        """The registry's events after `after_event_id` (0: every one retained), then each
+        change as it is committed, oldest first, until `timeout` seconds passed (forever when
+        None; stop iterating to end it sooner). `resource_prefix` ("models/digits") and
+        `types` ("EVENT_TYPE_ALIAS_MOVED", ...) narrow them. A stream cut short (the replica
+        serving it died) resumes after the last event it gave, on the next replica, as the
+        retry policy says: every event comes once."""
+        request = rs.WatchEventsRequest(
+            after_event_id=after_event_id, resource_prefix=resource_prefix,
+            types=[audit_pb2.EventType.Value(name) for name in types])
+        deadline = None if timeout is None else time.monotonic() + timeout
+        attempt, failed_attempts, stubs = 0, 0, list[Any]()
+        while deadline is None or time.monotonic() < deadline:
+            if attempt == 0 or len(stubs) < 2:  # one order per watch
+                stubs = self._runner.run(self._stubs_in_turn(
+                    "registry", registry_service_pb2_grpc.RegistryServiceStub))
+            call = self._runner.run(_open_stream(
+                stubs[attempt % len(stubs)].WatchEvents, request,
+                None if deadline is None else max(deadline - time.monotonic(), 0.001)))
+            attempt += 1
+            try:
+                while (event := self._runner.run(call.read())) is not grpc.aio.EOF:
+                    request.after_event_id, failed_attempts = event.event_id, 0
+                    yield event
+                return
+            except grpc.aio.AioRpcError as rpc_error:
+                if rpc_error.code() is grpc.StatusCode.DEADLINE_EXCEEDED and deadline is not None:
+                    return  # the caller's timeout
+                error = self._error("registry", rpc_error)
+            except Unavailable as unavailable:  # no replica is healthy (discovery)
+                error = unavailable
+            finally:
+                self._runner.loop.call_soon_threadsafe(call.cancel)
+            failed_attempts += 1
+            if not self.retry.should_retry("WatchEvents", error, failed_attempts):
+                raise error
+            _log.warning("event watch cut short after event %d (%s); resuming after it on the "
+                         "next replica", request.after_event_id, error.message)
+            time.sleep(self.retry.backoff_seconds(failed_attempts))
 
     def lineage(self, reference: str, *, max_depth: int = 0) -> LineageTree:
         """Where a version came from and what was derived from it, as a tree."""
@@ -1113,6 +1158,11 @@ def _watch_rpc(job_name: str) -> tuple[str, Callable[[grpc.aio.Channel], Any], s
         return ("compressor", compressor_service_pb2_grpc.CompressorServiceStub,
                 "WatchCompressionJob")
     return "trainer", trainer_service_pb2_grpc.TrainerServiceStub, "WatchTrainingJob"
+
+
+async def _open_stream(method: Callable[..., Any], request: Any, timeout: float | None) -> Any:
+    """A server stream opened on the client's event loop (an aio call belongs to its loop)."""
+    return method(request, timeout=timeout)
 
 
 def _carries_status(rpc_error: grpc.RpcError) -> bool:

@@ -1,5 +1,6 @@
-"""A download survives the registry replica serving it being killed (-9) mid-stream: the SDK
-goes on at the byte it reached on the other replica, and the file checks out.
+"""Registry streams survive the replica serving them being killed (-9): a download goes on at
+the byte it reached on the other replica, and the file checks out; an event watch goes on
+after the last event it gave, and every event comes once.
 
 Two real registry processes share one PostgreSQL database and one blob directory (as the
 scale drill runs them); the dataset is sent in small chunks so the download is still running
@@ -156,3 +157,55 @@ def test_a_download_no_replica_can_finish_raises_unavailable_and_leaves_nothing(
 
     assert isinstance(outcome.get("error"), maas.Unavailable), outcome
     assert list(downloads.iterdir()) == []  # neither the file nor its partial copy
+
+
+def test_event_watches_resume_after_their_last_event_when_their_replica_is_killed(
+        registries, caplog: pytest.LogCaptureFixture):
+    caplog.set_level(logging.WARNING, logger="maas_sdk.client")
+    with client_of(registries) as client:
+        client.create_model("m0")
+        seen: list[list[str]] = [[], []]
+        failures: list[Exception] = []
+
+        def follow(resources: list[str]) -> None:
+            try:
+                for event in client.watch_events(types=["EVENT_TYPE_MODEL_CREATED"],
+                                                  timeout=90):
+                    resources.append(event.resource)
+                    if len(resources) == 6:
+                        return
+            except Exception as error:  # noqa: BLE001 - the test reports it
+                failures.append(error)
+
+        def when_seen(count: int) -> None:
+            deadline = time.monotonic() + 30
+            while min(map(len, seen)) < count and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert min(map(len, seen)) >= count, (seen, failures)
+
+        watches = [threading.Thread(target=follow, args=(resources,)) for resources in seen]
+        for watch in watches:
+            watch.start()
+        client.create_model("m1")
+        when_seen(2)
+        # Each replica killed in turn (the other restarted first): every watch loses its
+        # replica once, wherever it was. Writes go to the surviving replica by name (the SDK
+        # never repeats a write that met a dead replica).
+        for index, replica in enumerate(registries):
+            replica.kill()
+            with client_of([registries[1 - index]]) as writer:
+                writer.create_model(f"m{2 + 2 * index}")
+                writer.create_model(f"m{3 + 2 * index}")
+            when_seen(4 + 2 * index)
+            asyncio.run(replica.start())
+            reconnect_deadline = time.monotonic() + 3  # past the channel's reconnect backoff
+            while time.monotonic() < reconnect_deadline:
+                client.list_models()
+                time.sleep(0.2)
+        for watch in watches:
+            watch.join(timeout=60)
+
+    assert failures == []
+    assert seen == [[f"models/m{index}" for index in range(6)]] * 2  # each once, in order
+    resumed = [r.getMessage() for r in caplog.records if "event watch" in r.getMessage()]
+    assert len(resumed) >= 2, resumed
