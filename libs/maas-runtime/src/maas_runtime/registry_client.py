@@ -179,15 +179,15 @@ class RegistryClient:
         deadline = loop.time() + self._timeout
         attempt, failed_attempts, replicas = 0, 0, list[RegistryServiceStub]()
         while True:
-            if retry is None:
-                replicas = [self._stub()]
-            elif attempt == 0 or len(replicas) < 2:  # one order per download
-                replicas = list(await retry.replicas()) or [self._stub()]
-            offset = sink.size
-            stream = open_stream(replicas[attempt % len(replicas)], offset,
-                                 max(deadline - loop.time(), 0.001))
-            attempt += 1
+            offset, stream = sink.size, None
             try:
+                if retry is None:
+                    replicas = [self._stub()]
+                elif attempt == 0 or len(replicas) < 2:  # one order per download
+                    replicas = list(await retry.replicas()) or [self._stub()]
+                stream = open_stream(replicas[attempt % len(replicas)], offset,
+                                     max(deadline - loop.time(), 0.001))
+                attempt += 1
                 async for message in stream:
                     content = message.WhichOneof("content")
                     if content == "header":
@@ -205,7 +205,8 @@ class RegistryClient:
             except errors.Unavailable as unavailable:  # no replica is healthy (discovery)
                 error = unavailable
             finally:
-                stream.cancel()  # a no-op once it ended; frees the call when we stopped early
+                if stream is not None:  # a no-op once it ended; frees the call stopped early
+                    stream.cancel()
             failed_attempts = 1 if sink.size > offset else failed_attempts + 1
             wait = None if retry is None else retry.backoff_seconds(error, failed_attempts)
             if wait is None or loop.time() + wait >= deadline:
