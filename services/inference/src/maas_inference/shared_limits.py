@@ -54,6 +54,14 @@ TENANT_LOCK_NAMESPACE = 0x6D617174  # "maqt": pg_advisory_xact_lock(namespace, h
 DEFAULT_LEASE_SECONDS = 15.0
 DEFAULT_POOL_SIZE = 4
 
+_SESSION = (
+    # Counters that live a minute need no wait for the WAL flush at commit: a database crash
+    # forgets at most the last moments' counts.
+    "-c synchronous_commit=off "
+    # A replica frozen (SIGSTOP, a stalled VM) inside an admission holds its tenant's lock:
+    # the server ends that session, so the other replicas wait at most this long.
+    "-c idle_in_transaction_session_timeout=5s "
+    "-c statement_timeout=5s")
 _LOCK_TENANT = "SELECT pg_advisory_xact_lock(%s, hashtext(%s))"
 _WINDOW_AND_STREAMS = (  # the window's rows by second, then (NULL, live streams, 0)
     "SELECT second, requests, tokens FROM tenant_minute_usage "
@@ -118,11 +126,8 @@ class _Pool:
         connection = await self._idle.get()
         try:
             if connection is None or connection.closed:
-                # Counters that live a minute need no wait for the WAL flush at commit: a
-                # database crash forgets at most the last moments' counts.
                 connection = await psycopg.AsyncConnection.connect(
-                    self._conninfo, connect_timeout=5, autocommit=True,
-                    options="-c synchronous_commit=off")
+                    self._conninfo, connect_timeout=5, autocommit=True, options=_SESSION)
                 self._open.add(connection)
             yield connection
         except BaseException:

@@ -29,7 +29,10 @@ streams are then counted in that database, so a limit holds across all replicas 
 (a call that a minute or stream limit concerns costs a transaction there; calls no such limit
 concerns never touch it). Daily quotas are shared through the usage ledger (`share_today`).
 Should the database be unreachable, admission falls back to this replica's own counts (a
-warning says so) rather than refusing every call.
+warning says so; the database is tried again `SHARED_RETRY_SECONDS` later) rather than
+refusing every call. A minute or stream limit added to the file counts what the replicas
+admitted under a minute or stream limit before: calls admitted while the tenant had none
+were not counted in the database.
 
 Usage from the Generate path (engineer B's generation module):
 
@@ -87,6 +90,10 @@ WINDOW_SECONDS = 60
 SECONDS_PER_DAY = 86400
 SHARED_FALLBACK_LOG_SECONDS = 60.0
 """At most one warning this often while the shared database cannot be reached."""
+SHARED_RETRY_SECONDS = 5.0
+"""After the shared database failed an admission, admissions use this replica's own counts
+for this long before trying it again (a database that does not answer would otherwise cost
+every call its connect timeout)."""
 CONCURRENCY_RETRY_SECONDS = 1.0
 """RetryInfo of a refused stream: a slot frees when one of the tenant's streams ends, which
 cannot be foreseen; this is a polite first back-off."""
@@ -401,6 +408,7 @@ class TenantLimiter:
         self._shared = shared
         self._shared_task: asyncio.Task[None] | None = None
         self._fallback_logged_at = -math.inf
+        self._shared_retry_at = -math.inf
 
     @property
     def config(self) -> TenancyConfig:
@@ -436,8 +444,8 @@ class TenantLimiter:
 
     def share_today(self, totals: Mapping[str, tuple[int, int]]) -> None:
         """Today's (requests, tokens) per tenant in the ledger replicas share (PostgreSQL):
-        what the other replicas recorded counts against the daily quotas here too. Minute
-        windows and concurrent streams stay per replica."""
+        what the other replicas recorded counts against the daily quotas here too (minute
+        windows and concurrent streams are shared through `SharedLimits`)."""
         today = self._day(self._clock())
         for tenant, (requests, tokens) in totals.items():
             state = self._state(tenant, today)
@@ -493,7 +501,8 @@ class TenantLimiter:
         assert self._shared is not None
         now = self._clock()
         limits = self.config.limits_for(lease.tenant)
-        if not self._concerns_shared(limits, stream):
+        if not self._concerns_shared(limits, stream) or (
+                self._monotonic() < self._shared_retry_at):
             self._enter(lease, stream)
             return
         self._start_shared_work()
@@ -519,6 +528,7 @@ class TenantLimiter:
             raise
         except Exception as exc:  # the database is away: this replica's own counts decide
             self._warn_fallback(exc)
+            self._shared_retry_at = self._monotonic() + SHARED_RETRY_SECONDS
             self._enter(lease, stream)
             return
         state = self._state(lease.tenant, self._day(self._clock()))
