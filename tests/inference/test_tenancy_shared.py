@@ -285,3 +285,25 @@ async def table_rows(url: str) -> tuple[list[tuple], list[tuple]]:
         leases = await (await connection.execute(
             "SELECT tenant FROM tenant_stream_leases ORDER BY tenant")).fetchall()
     return seconds, leases
+
+
+async def test_streamed_tokens_reach_the_other_replicas_without_being_asked(
+        postgres_url, tmp_path):
+    clock = Clock()
+    async with replicas(postgres_url, tmp_path, "default: {tokens_per_minute: 100}",
+                        clock) as ([a, b], _):
+        async with a.admit(ALICE, "chat", prompt_tokens=5) as lease:
+            assert lease.charge(94)  # written by a's background flush, nobody calls it
+
+        # b's probes take a token each: at most 40 of them stay far below the limit, so a
+        # refusal can only come from a's 99 tokens reaching the shared window.
+        for _ in range(40):
+            try:
+                async with b.admit(ALICE, "chat", prompt_tokens=1):
+                    pass  # a's tokens not written yet
+            except QuotaExceeded as refusal:
+                assert refusal.kind is LimitKind.TOKENS_PER_MINUTE
+                break
+            await asyncio.sleep(0.25)
+        else:
+            pytest.fail("a's streamed tokens never reached the shared window")

@@ -120,9 +120,12 @@ class _Pool:
         for _ in range(size):
             self._idle.put_nowait(None)  # a free slot, connected on first use
         self._open: set[psycopg.AsyncConnection] = set()
+        self._closed = False
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[psycopg.AsyncConnection]:
+        if self._closed:  # e.g. a stream ending after shutdown: its lease lapses instead
+            raise ConnectionError("the shared tenant limits are closed")
         connection = await self._idle.get()
         try:
             if connection is None or connection.closed:
@@ -141,6 +144,7 @@ class _Pool:
             self._idle.put_nowait(connection)
 
     async def close(self) -> None:
+        self._closed = True
         for connection in list(self._open):
             with contextlib.suppress(Exception):
                 await connection.close()
