@@ -1,11 +1,20 @@
-"""The Kubernetes job executor: manifests rendered and schema-validated, the launcher driven
-against a stand-in for the API server, and the executor setting's selection.
+"""The Kubernetes job executor: manifests rendered and schema-validated, the real client's
+requests checked, the launcher driven against a stand-in for its API layer, and the executor
+setting's selection.
 
-No cluster is reachable here. `batch/v1` Jobs and Services are validated with
-kubernetes-validate's OpenAPI schema (strict: unknown fields fail) for the Kubernetes version
-it ships last. No installed package carries the Kubeflow PyTorchJob CRD's OpenAPI schema, so
-PyTorchJobs get a structural check of the fields the training operator reads, and their pod
-templates are validated as core/v1 PodTemplateSpecs (a PodTemplate around each).
+No cluster is reachable here (and no stand-in API server is used). What can be checked is:
+- `batch/v1` Jobs and Services against kubernetes-validate's OpenAPI schema (strict: unknown
+  fields fail) for every Kubernetes version the charts support, and against the `kubernetes`
+  client's own models (strict types; a round trip that would drop an unknown field fails);
+- Kubeflow `kubeflow.org/v1` PyTorchJobs against the training operator's own API models, the
+  `kubeflow-training` SDK generated from the operator's OpenAPI document (every field named
+  and typed, required ones present), its constants (group, version, plural, replica types,
+  the container the operator injects into), and the CRD's enums; their pod templates as
+  core/v1 PodTemplateSpecs (strict);
+- Kueue's convention: the `kueue.x-k8s.io/queue-name` label (its annotation form is
+  deprecated) with a LocalQueue name as value, the workload created suspended;
+- `ClientApi`: each call made through the real `kubernetes` client, whose HTTP requests
+  (method, path, query, body) are recorded at its REST transport and never answered.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import dataclasses
 import json
 import re
 import sys
+import urllib.parse
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,12 +32,18 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
+from kubeflow.training import models as kubeflow_models
+from kubeflow.training.constants import constants as kubeflow
+from kubernetes import client as kubernetes_client
+from kubernetes.client import rest as kubernetes_rest
+from kubernetes.client.exceptions import ApiException
 from maas_compressor.settings import CompressorSettings
 from maas_jobs.executor import JobProcess, LaunchSpec
 from maas_jobs.kubernetes_executor import (
     COMPLETION_INDEX_LABEL,
     JOB_SPEC_ENV,
     KUEUE_QUEUE_LABEL,
+    ClientApi,
     KubernetesExecutorSettings,
     KubernetesJob,
     KubernetesJobLauncher,
@@ -187,33 +203,77 @@ def test_a_kueue_queue_labels_the_job_and_creates_it_suspended(workers):
     assert job["spec"]["suspend"] is True
 
 
-def _check_pytorchjob(manifest: dict) -> None:
-    """The fields of kubeflow.org/v1 PyTorchJob the training operator reads (no offline copy of
-    the CRD's OpenAPI schema exists in any installed package)."""
-    assert manifest["apiVersion"] == "kubeflow.org/v1" and manifest["kind"] == "PyTorchJob"
+def conforms_to_client_model(manifest: dict) -> None:
+    """`manifest` is exactly what the `kubernetes` client's model of its kind describes:
+    strict field types, and nothing the model does not know (dropped by a round trip)."""
+    model = getattr(kubernetes_client, f"V1{manifest['kind']}").from_dict(manifest)
+    assert kubernetes_client.ApiClient().sanitize_for_serialization(model) == manifest
+
+
+_PRIMITIVES: dict[str, type | tuple[type, ...]] = {
+    "str": str, "int": int, "bool": bool, "float": (int, float), "object": object}
+
+
+def conforms_to_kubeflow_model(value: Any, type_name: str, where: str = "$") -> None:
+    """`value` matches `type_name` of the training operator's API models (kubeflow-training,
+    generated from the operator's OpenAPI document): every field known and typed, required
+    ones present; the Kubernetes types inside (metadata, pod templates) are checked by the
+    `kubernetes` client's models."""
+    if type_name.startswith("list["):
+        assert isinstance(value, list), f"{where}: not a list"
+        for index, item in enumerate(value):
+            conforms_to_kubeflow_model(item, type_name[5:-1], f"{where}[{index}]")
+    elif type_name.startswith("dict(str, "):
+        assert isinstance(value, dict), f"{where}: not a map"
+        for key, item in value.items():
+            conforms_to_kubeflow_model(item, type_name[10:-1], f"{where}.{key}")
+    elif type_name in _PRIMITIVES:
+        assert isinstance(value, _PRIMITIVES[type_name]) and (
+            type_name == "bool" or not isinstance(value, bool)), f"{where}: not {type_name}"
+    elif type_name.startswith("KubeflowOrgV1"):
+        model = getattr(kubeflow_models, type_name)
+        assert isinstance(value, dict), f"{where}: not an object"
+        unknown = set(value) - set(model.attribute_map.values())
+        assert not unknown, f"{where}: {type_name} has no field {sorted(unknown)}"
+        present = {attribute: value[key] for attribute, key in model.attribute_map.items()
+                   if key in value}
+        for attribute, item in present.items():
+            conforms_to_kubeflow_model(item, model.openapi_types[attribute],
+                                       f"{where}.{model.attribute_map[attribute]}")
+        try:
+            model(**present)  # its setters refuse a required field left out
+        except ValueError as error:
+            raise AssertionError(f"{where}: {error}") from None
+    else:
+        assert isinstance(value, dict), f"{where}: not an object"
+        model = getattr(kubernetes_client, type_name).from_dict(value)
+        assert kubernetes_client.ApiClient().sanitize_for_serialization(model) == value, where
+
+
+def validate_pytorchjob(manifest: dict) -> None:
+    """A kubeflow.org/v1 PyTorchJob the training operator accepts and runs as we mean it."""
+    assert manifest["apiVersion"] == kubeflow.API_VERSION
+    assert manifest["kind"] == kubeflow.PYTORCHJOB_KIND
+    conforms_to_kubeflow_model(manifest, "KubeflowOrgV1PyTorchJob")
     assert _DNS_LABEL.match(manifest["metadata"]["name"]) and manifest["metadata"]["namespace"]
     spec = manifest["spec"]
-    assert set(spec) <= {"runPolicy", "pytorchReplicaSpecs", "elasticPolicy", "nprocPerNode"}
-    assert set(spec["runPolicy"]) <= {"backoffLimit", "ttlSecondsAfterFinished", "cleanPodPolicy",
-                                      "suspend", "activeDeadlineSeconds", "schedulingPolicy",
-                                      "managedBy"}
+    # The CRD's enums (the models type them as plain strings).
     assert spec["runPolicy"]["cleanPodPolicy"] in ("All", "Running", "None")
     replicas = spec["pytorchReplicaSpecs"]
-    assert set(replicas) <= {"Master", "Worker"} and replicas["Master"]["replicas"] == 1
+    assert set(replicas) <= {kubeflow.REPLICA_TYPE_MASTER, kubeflow.REPLICA_TYPE_WORKER}
+    assert replicas[kubeflow.REPLICA_TYPE_MASTER]["replicas"] == 1
     for replica in replicas.values():
-        assert set(replica) <= {"replicas", "restartPolicy", "template"}
-        assert isinstance(replica["replicas"], int) and replica["replicas"] >= 0
         assert replica["restartPolicy"] in ("Always", "OnFailure", "Never", "ExitCode")
         containers = pod_spec_of(replica["template"])["containers"]
-        # The operator injects its env into the container named "pytorch".
-        assert [c["name"] for c in containers] == ["pytorch"]
+        # The operator injects its rendezvous env into the container of this name.
+        assert [c["name"] for c in containers] == [kubeflow.PYTORCHJOB_CONTAINER]
 
 
 def test_multi_worker_jobs_become_pytorchjobs_when_the_operator_is_installed():
     rendered = render(workers=4, kubernetes_pytorchjob=True, kubernetes_kueue_queue="team-vision")
     assert [m["kind"] for m in rendered.manifests] == ["PyTorchJob"]
     job = rendered.workload
-    _check_pytorchjob(job)
+    validate_pytorchjob(job)
     replicas = job["spec"]["pytorchReplicaSpecs"]
     assert (replicas["Master"]["replicas"], replicas["Worker"]["replicas"]) == (1, 3)
     assert job["spec"]["runPolicy"]["suspend"] is True
@@ -232,14 +292,164 @@ def test_multi_worker_jobs_become_pytorchjobs_when_the_operator_is_installed():
 
 
 def test_the_pytorchjob_check_is_not_vacuous():
-    job = render(workers=2, kubernetes_pytorchjob=True).workload
-    job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["name"] = "job"
+    def broken(change) -> dict:
+        job = render(workers=2, kubernetes_pytorchjob=True).workload
+        change(job)
+        return job
+
+    def rename_container(job):
+        job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["name"] = "job"
+
+    def misspell_field(job):
+        job["spec"]["pytorchReplicaSpec"] = job["spec"].pop("pytorchReplicaSpecs")
+
+    def quote_a_count(job):
+        job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] = "1"
+
+    def misspell_run_policy_field(job):
+        job["spec"]["runPolicy"]["ttlSecondsAfterFinish"] = job["spec"]["runPolicy"].pop(
+            "ttlSecondsAfterFinished")
+
+    def unknown_replica_type(job):
+        job["spec"]["pytorchReplicaSpecs"]["Chief"] = job["spec"]["pytorchReplicaSpecs"].pop("Worker")
+
+    def misspell_metadata_field(job):
+        job["metadata"]["label"] = job["metadata"].pop("labels")
+
+    for change in (rename_container, misspell_field, quote_a_count, misspell_run_policy_field,
+                   unknown_replica_type, misspell_metadata_field):
+        with pytest.raises(AssertionError):
+            validate_pytorchjob(broken(change))
+    validate_pytorchjob(render(workers=2, kubernetes_pytorchjob=True).workload)
+
+
+def test_jobs_and_services_are_what_the_kubernetes_clients_models_describe():
+    for workers in (1, 3):
+        for manifest in render(workers=workers, kubernetes_kueue_queue="q").manifests:
+            conforms_to_client_model(manifest)
+    quoted = render(workers=3).workload
+    quoted["spec"]["completions"] = "3"
+    with pytest.raises(ValueError):  # pydantic's ValidationError
+        conforms_to_client_model(quoted)
+    unknown = render(workers=3).workload
+    unknown["spec"]["completionz"] = 3
     with pytest.raises(AssertionError):
-        _check_pytorchjob(job)
-    typo = render(workers=2, kubernetes_pytorchjob=True).workload
-    typo["spec"]["pytorchReplicaSpec"] = typo["spec"].pop("pytorchReplicaSpecs")
-    with pytest.raises((AssertionError, KeyError)):
-        _check_pytorchjob(typo)
+        conforms_to_client_model(unknown)
+
+
+_QUALIFIED_NAME = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                             r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+_LOCAL_QUEUE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+@pytest.mark.parametrize("workers,pytorchjob", [(1, False), (3, False), (3, True)])
+def test_kueue_finds_the_queue_by_its_label_on_a_suspended_workload(workers, pytorchjob):
+    """Kueue reads the LocalQueue from the workload's `kueue.x-k8s.io/queue-name` label (the
+    annotation of that name is deprecated) and admits a workload created suspended."""
+    workload = render(workers=workers, kubernetes_kueue_queue="team-vision",
+                      kubernetes_pytorchjob=pytorchjob).workload
+    labels = workload["metadata"]["labels"]
+    assert KUEUE_QUEUE_LABEL == "kueue.x-k8s.io/queue-name"
+    assert labels[KUEUE_QUEUE_LABEL] == "team-vision"
+    assert KUEUE_QUEUE_LABEL not in workload["metadata"].get("annotations", {})
+    for key, value in labels.items():  # what the API server accepts as labels
+        assert _QUALIFIED_NAME.match(key) and len(key.split("/")[-1]) <= 63, key
+        assert value == "" or (_QUALIFIED_NAME.match(value) and len(value) <= 63), value
+    assert _LOCAL_QUEUE_NAME.match(labels[KUEUE_QUEUE_LABEL])
+    suspended = workload["spec"]["runPolicy"] if pytorchjob else workload["spec"]
+    assert suspended["suspend"] is True
+    # Only the workload is queued: its pods are Kueue's to start, not labelled for it.
+    pod_templates = ([r["template"] for r in workload["spec"]["pytorchReplicaSpecs"].values()]
+                     if pytorchjob else [workload["spec"]["template"]])
+    assert all(KUEUE_QUEUE_LABEL not in t["metadata"]["labels"] for t in pod_templates)
+
+
+@pytest.mark.parametrize("queue", ["Team", "team_vision", "-team", "a" * 64, "team/gpu"])
+def test_a_queue_name_kueue_could_not_match_is_refused(queue):
+    """Not a LocalQueue name, or not a label value: the Job's creation would fail (422)."""
+    with pytest.raises(ValidationError, match="kubernetes_kueue_queue"):
+        settings(kubernetes_kueue_queue=queue)
+
+
+# --- the real client's requests -----------------------------------------------------------------
+
+class RecordingTransport(kubernetes_rest.RESTClientObject):
+    """The `kubernetes` client's REST transport, recording each request it is asked to send
+    instead of sending it (there is no cluster): no answer is made up."""
+
+    def __init__(self, configuration: kubernetes_client.Configuration) -> None:
+        super().__init__(configuration)
+        self.requests: list[tuple[str, str, Any]] = []
+
+    def request(self, method, url, headers=None, body=None, post_params=None,
+                _request_timeout=None):
+        self.requests.append((method, url.removeprefix(CLUSTER), body))
+        raise ApiException(status=0, reason="no cluster here: the request was recorded")
+
+
+CLUSTER = "https://kubernetes.default.svc"
+
+
+def _recorded(call) -> tuple[str, str, Any]:
+    """The one request `call(ClientApi)` makes through the real client."""
+    api_client = kubernetes_client.ApiClient(kubernetes_client.Configuration(host=CLUSTER))
+    transport = RecordingTransport(api_client.configuration)
+    api_client.rest_client = transport
+    with pytest.raises(ApiException, match="recorded"):
+        result = call(ClientApi(api_client))
+        if isinstance(result, Iterable):
+            list(result)
+    (request,) = transport.requests
+    return request
+
+
+def test_the_client_api_creates_each_manifest_at_its_kinds_endpoint_unchanged():
+    pytorch_path = (f"/apis/{kubeflow.GROUP}/{kubeflow.VERSION}/namespaces/{NAMESPACE}/"
+                    f"{kubeflow.PYTORCHJOB_PLURAL}")
+    expected = {"Service": f"/api/v1/namespaces/{NAMESPACE}/services",
+                "Job": f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs",
+                "PyTorchJob": pytorch_path}
+    manifests = render(workers=3).manifests + [render(workers=3, kubernetes_pytorchjob=True).workload]
+    for manifest in manifests:
+        method, path, body = _recorded(lambda api, manifest=manifest: api.create(manifest))
+        assert (method, path) == ("POST", expected[manifest["kind"]])
+        assert body == manifest  # sent as rendered: nothing dropped or coerced on the way
+        if manifest["kind"] == "PyTorchJob":
+            validate_pytorchjob(body)
+        else:
+            conforms_to_client_model(body)
+
+
+def test_the_client_api_reads_and_deletes_where_the_kubernetes_api_has_them():
+    jobs = f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs"
+    pytorch_jobs = (f"/apis/{kubeflow.GROUP}/{kubeflow.VERSION}/namespaces/{NAMESPACE}/"
+                    f"{kubeflow.PYTORCHJOB_PLURAL}")
+    services = f"/api/v1/namespaces/{NAMESPACE}/services"
+    pods = f"/api/v1/namespaces/{NAMESPACE}/pods"
+    selector = "maas.io/job-id=j-42,maas.io/attempt=0"
+    foreground = {"propagationPolicy": ["Foreground"]}
+    selected = {"labelSelector": [selector]}
+    cases = [
+        (lambda api: api.delete("Job", "n", NAMESPACE), ("DELETE", f"{jobs}/n", foreground)),
+        (lambda api: api.delete("PyTorchJob", "n", NAMESPACE),
+         ("DELETE", f"{pytorch_jobs}/n", foreground)),
+        (lambda api: api.delete("Service", "n", NAMESPACE), ("DELETE", f"{services}/n", {})),
+        (lambda api: api.delete_all(["Job"], selector, NAMESPACE),
+         ("DELETE", jobs, {**selected, **foreground})),
+        (lambda api: api.delete_all(["PyTorchJob"], selector, NAMESPACE),
+         ("DELETE", pytorch_jobs, {**selected, **foreground})),
+        (lambda api: api.delete_all(["Service"], selector, NAMESPACE),
+         ("DELETE", services, selected)),
+        (lambda api: api.workload_status("Job", "n", NAMESPACE), ("GET", f"{jobs}/n/status", {})),
+        (lambda api: api.workload_status("PyTorchJob", "n", NAMESPACE),
+         ("GET", f"{pytorch_jobs}/n/status", {})),
+        (lambda api: api.pod_phase(selector, NAMESPACE), ("GET", pods, selected)),
+        (lambda api: api.follow_log("p", NAMESPACE), ("GET", f"{pods}/p/log", {"follow": ["true"]})),
+    ]
+    for call, expected in cases:
+        method, url, _ = _recorded(call)
+        path, _, query = url.partition("?")
+        assert (method, path, urllib.parse.parse_qs(query)) == expected
 
 
 def test_the_kubernetes_validation_rejects_a_broken_job():

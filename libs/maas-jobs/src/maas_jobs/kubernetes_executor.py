@@ -115,9 +115,11 @@ class KubernetesExecutorSettings(BaseModel):
     kubernetes_worker_gpus: int = Field(default=0, ge=0)
     """nvidia.com/gpu each worker requests."""
 
-    kubernetes_kueue_queue: str = ""
-    """Kueue LocalQueue of the jobs; set, jobs are created suspended with its queue-name label
-    and start when Kueue admits them."""
+    kubernetes_kueue_queue: str = Field(default="", max_length=63,
+                                        pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?)?$")
+    """Kueue LocalQueue of the jobs (a DNS label, as the charts' schema has it: an object name
+    that is also a label value); set, jobs are created suspended with its
+    `kueue.x-k8s.io/queue-name` label and start when Kueue admits them."""
 
     kubernetes_pytorchjob: bool = False
     """Run multi-worker jobs as Kubeflow PyTorchJobs (the training operator must be
