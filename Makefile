@@ -127,17 +127,22 @@ $(VENV)/.image-tools:
 			buildah debootstrap >/dev/null; }
 	touch $@
 
-# Every service image, and the Triton one when its base can be had (skipped with a message
-# otherwise). IMAGE_BASE empty: a Debian bookworm base made with debootstrap (real CI passes
-# IMAGE_BASE=python:3.11-slim). torch: from the CPU wheels on this machine's disk when present,
-# else from TORCH_INDEX_URL (the CPU index; a CUDA one for GPU images).
+# Every service image and the Triton one. IMAGE_BASE empty: a Debian bookworm base made with
+# debootstrap (real CI passes IMAGE_BASE=python:3.11-slim). torch: from the CPU wheels on this
+# machine's disk when present, else from TORCH_INDEX_URL (the CPU index; a CUDA one for GPU
+# images). TRITONSERVER: "base" derives the Triton image from NGC's tritonserver (TRITON_BASE;
+# skipped with a message when it cannot be pulled), "nvidia-pytriton" puts the wheel's
+# tritonserver on IMAGE_BASE instead: the default where there is no registry (IMAGE_BASE empty).
 IMAGE_BASE ?=
 IMAGE_VERSION ?= dev
 TORCH_WHEELS ?= $(wildcard /opt/wheels)
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+TRITONSERVER ?= $(if $(IMAGE_BASE),base,nvidia-pytriton)
+TRITON_BASE ?= nvcr.io/nvidia/tritonserver:25.01-py3
 images: $(VENV)/.installed $(VENV)/.image-tools
 	$(PY) deploy/images/build.py --version $(IMAGE_VERSION) --torch-index-url $(TORCH_INDEX_URL) \
-		$(if $(IMAGE_BASE),--base $(IMAGE_BASE)) $(if $(TORCH_WHEELS),--torch-wheels $(TORCH_WHEELS))
+		$(if $(IMAGE_BASE),--base $(IMAGE_BASE)) $(if $(TORCH_WHEELS),--torch-wheels $(TORCH_WHEELS)) \
+		--tritonserver $(TRITONSERVER) --triton-base $(TRITON_BASE)
 
 # Each benchmark prints a table of side-by-side ratios; none gates on an absolute time.
 bench: install

@@ -10,8 +10,11 @@ torch comes from a build argument as well: the CPU index (download.pytorch.org) 
 directory of wheels bind-mounted into the build with `--torch-wheels DIR` (this machine keeps the
 CPU wheel on disk), or a CUDA index with `--torch-index-url`.
 
-The Triton image builds only when its base (`--triton-base`, an NGC tritonserver image) is in
-local storage or can be pulled; otherwise it is skipped with a message naming the missing base.
+The Triton image takes its tritonserver from its base by default (`--triton-base`, an NGC
+tritonserver image), and builds only when that base is in local storage or can be pulled;
+otherwise it is skipped with a message naming the missing base. `--tritonserver nvidia-pytriton`
+builds it instead on the service images' base with the tritonserver of the `nvidia-pytriton`
+wheel (Python backend only), the substitute where NGC cannot be reached (`make images` here).
 
 Every buildah call uses vfs storage and chroot isolation, which work unprivileged in containers.
 """
@@ -44,6 +47,10 @@ APT_CLEAN_CONFIG = (
     '/var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };\n'
     'Dir::Cache::pkgcache ""; Dir::Cache::srcpkgcache "";\n')
 DEFAULT_TRITON_BASE = "nvcr.io/nvidia/tritonserver:25.01-py3"
+# Where the Triton image's tritonserver comes from: its (NGC) base, or the nvidia-pytriton wheel
+# on the service images' base (triton.Containerfile's TRITONSERVER argument).
+TRITONSERVER_FROM_BASE = "base"
+TRITONSERVER_FROM_WHEEL = "nvidia-pytriton"
 DEFAULT_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 DEFAULT_SOURCE = "https://github.com/maas-suite/maas"
 TORCH_WHEELS_MOUNT = "/mnt/torch-wheels"
@@ -160,6 +167,8 @@ class BuildOptions:
     torch_index_url: str = DEFAULT_TORCH_INDEX
     torch_wheels: Path | None = None
     triton_base: str = DEFAULT_TRITON_BASE
+    tritonserver: str = TRITONSERVER_FROM_BASE
+    """`base`: the tritonserver of `triton_base`; `nvidia-pytriton`: the wheel's, on `base`."""
     ca_bundle: Path | None = None
     """CA bundle pip trusts inside the build (where HTTPS goes through an intercepting proxy)."""
     tag_prefix: str = "localhost/maas-"
@@ -187,8 +196,11 @@ def build_image(service: str, options: BuildOptions, target: str = "") -> str:
             "--label", f"org.opencontainers.image.version={options.version}",
             "--label", f"org.opencontainers.image.revision={options.revision}",
             "--label", f"org.opencontainers.image.source={options.source}"]
-    if service == TRITON:
+    if service == TRITON and options.tritonserver == TRITONSERVER_FROM_BASE:
         args += ["--build-arg", f"BASE={options.triton_base}"]
+    elif service == TRITON:
+        args += ["--build-arg", f"BASE={options.base}",
+                 "--build-arg", f"TRITONSERVER={options.tritonserver}"]
     else:
         args += ["--build-arg", f"BASE={options.base}"]
     if service in ("trainer", "compressor", TRITON):
@@ -263,20 +275,27 @@ def main(argv: list[str] | None = None) -> int:
                         help="CA bundle for pip in the build (default: $PIP_CERT if set)")
     parser.add_argument("--triton-base", default=DEFAULT_TRITON_BASE,
                         help="NGC tritonserver image the Triton image derives from")
+    parser.add_argument("--tritonserver", default=TRITONSERVER_FROM_BASE,
+                        choices=[TRITONSERVER_FROM_BASE, TRITONSERVER_FROM_WHEEL],
+                        help="tritonserver of the Triton image: its --triton-base's, or the "
+                             "nvidia-pytriton wheel's on --base (where NGC is unreachable)")
     args = parser.parse_args(argv)
     options = BuildOptions(
         base=args.base or ensure_local_base(args.rootfs), version=args.version,
         revision=args.revision or git_revision(), source=args.source,
         torch_index_url=args.torch_index_url, torch_wheels=args.torch_wheels,
-        triton_base=args.triton_base, ca_bundle=args.ca_bundle)
+        triton_base=args.triton_base, tritonserver=args.tritonserver,
+        ca_bundle=args.ca_bundle)
     built: list[tuple[str, str, float]] = []
     for service in args.services:
-        if service == TRITON:
+        if service == TRITON and options.tritonserver == TRITONSERVER_FROM_BASE:
             missing = triton_base_available(options.triton_base)
             if missing:
                 print(f"SKIPPED the Triton image: its base is not available here ({missing}). "
-                      f"Build it where {options.triton_base} can be pulled, or pass "
-                      f"--triton-base with an image in local storage.", flush=True)
+                      f"Build it where {options.triton_base} can be pulled, pass "
+                      f"--triton-base with an image in local storage, or --tritonserver "
+                      f"{TRITONSERVER_FROM_WHEEL} for the nvidia-pytriton substitute.",
+                      flush=True)
                 continue
         started = time.monotonic()
         name = build_image(service, options, args.target)

@@ -210,3 +210,22 @@ def test_the_inference_gateway_needs_no_torch_and_the_triton_models_do():
     assert not installed_closure("maas-inference") & TORCH_DISTRIBUTIONS
     assert {"torch", "torchao"} <= installed_closure("maas-inference",
                                                      frozenset({"triton-models"}))
+
+
+def test_the_triton_image_defaults_to_ngc_and_offers_the_pytriton_substitute():
+    instructions = parse_containerfile(containerfile(TRITON_IMAGE[0]))
+    arguments = {instruction.arguments.partition("=")[0]: instruction.arguments.partition("=")[2]
+                 for instruction in instructions if instruction.keyword == "ARG"}
+    assert arguments["BASE"].startswith("nvcr.io/nvidia/tritonserver:")
+    assert arguments["TRITONSERVER"] == "base"
+    builder, final = stages(instructions)[-2:]
+    install = " ".join(i.arguments for i in builder if i.keyword == "RUN")
+    # The substitute installs the wheel pinned in constraints.txt and the stub of the image's
+    # Python; the final stage lays its server out where NGC keeps tritonserver.
+    assert 'server_wheel="nvidia-pytriton"' in install and "--constraint" in install
+    assert "python_backend_stubs/${python_version}/triton_python_backend_stub" in install
+    assert "nvidia-pytriton==" in (REPO / "constraints.txt").read_text()
+    layout = " ".join(i.arguments for i in final if i.keyword == "RUN")
+    assert "ln -s /opt/maas/site-packages/pytriton/tritonserver /opt/tritonserver" in layout
+    environment = " ".join(i.arguments for i in final if i.keyword == "ENV")
+    assert "PATH=/opt/tritonserver/bin:" in environment

@@ -41,10 +41,13 @@ def image_builder() -> ModuleType:
     return module
 
 
-def build_images(services: Sequence[str], version: str, revision: str = "") -> None:
+def build_images(services: Sequence[str], version: str, revision: str = "",
+                 extra_arguments: Sequence[str] = ()) -> None:
     """Build (layers cached) as `make images` does: the debootstrap base, torch from the wheels
-    on this machine's disk when they are there; `revision` defaults to git HEAD."""
-    command = [sys.executable, str(BUILD_SCRIPT), *services, "--version", version]
+    on this machine's disk when they are there; `revision` defaults to git HEAD;
+    `extra_arguments` go to build.py as they are (e.g. `--tritonserver nvidia-pytriton`)."""
+    command = [sys.executable, str(BUILD_SCRIPT), *services, "--version", version,
+               *extra_arguments]
     if revision:
         command += ["--revision", revision]
     if TORCH_WHEELS.is_dir():
