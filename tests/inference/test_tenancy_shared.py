@@ -60,7 +60,7 @@ async def request(limiter: TenantLimiter, principal: Principal = ALICE) -> bool:
 def test_migrations_add_the_shared_tables(postgres_url, tmp_path):
     SqlUsageStore.open(postgres_url, tmp_path).close()
     schema = database_schema(postgres_url, VERSION_TABLE)
-    assert schema.versions == ["0002"]
+    assert schema.versions == ["0003"]
     assert {"usage_records", "tenant_minute_usage", "tenant_stream_leases"} <= schema.tables
 
 

@@ -14,12 +14,14 @@ tables of the usage database (`usage_migrations` 0002) instead:
   replica that dies stops renewing: its streams lapse after at most `lease_seconds` and stop
   counting against the tenant.
 
-An admission is one transaction under a per-tenant advisory lock (`pg_advisory_xact_lock`):
-read the tenant's window and live streams, let the limiter decide with the same checks (and so
-the same RetryInfo and QuotaFailure) as in memory, and only when admitted add the request and
-its prompt tokens to the current second and insert the stream's lease. Replicas racing for a
-tenant's last slot are thereby serialised: a refused call consumes nothing, and the limit holds
-between all of them. Two round trips (statements pipelined), on a small pool of connections.
+An admission is one statement, `maas_tenant_admit` (a function of usage migration 0003), run
+under a per-tenant advisory lock (`pg_advisory_xact_lock`): it reads the tenant's window and
+live streams, applies the limiter's minute and stream checks, and only when they pass adds the
+request and its prompt tokens to the current second and inserts the stream's lease. It returns
+what it read, from which the limiter builds the answer with its own checks (so a refusal has
+the same RetryInfo and QuotaFailure as in memory). Replicas racing for a tenant's last slot are
+serialised by the lock: a refused call consumes nothing, and the limit holds between all of
+them. One round trip, on a small pool of connections.
 
 Completion tokens charged while a generation streams (`Lease.charge`, synchronous) are added
 to the tenant's cached window at once and written to the shared table by a background flush
@@ -41,7 +43,7 @@ import os
 import socket
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import psycopg
@@ -50,7 +52,9 @@ from maas_runtime.database import libpq_conninfo
 _log = logging.getLogger(__name__)
 
 WINDOW_SECONDS = 60
-TENANT_LOCK_NAMESPACE = 0x6D617174  # "maqt": pg_advisory_xact_lock(namespace, hashtext(tenant))
+TENANT_LOCK_NAMESPACE = 0x6D617174
+"""pg_advisory_xact_lock(namespace, hashtext(tenant)), taken by maas_tenant_admit (the usage
+migration 0003 writes the same number)."""
 DEFAULT_LEASE_SECONDS = 15.0
 DEFAULT_POOL_SIZE = 4
 
@@ -62,20 +66,13 @@ _SESSION = (
     # the server ends that session, so the other replicas wait at most this long.
     "-c idle_in_transaction_session_timeout=5s "
     "-c statement_timeout=5s")
-_LOCK_TENANT = "SELECT pg_advisory_xact_lock(%s, hashtext(%s))"
-_WINDOW_AND_STREAMS = (  # the window's rows by second, then (NULL, live streams, 0)
-    "SELECT second, requests, tokens FROM tenant_minute_usage "
-    "WHERE tenant = %(tenant)s AND second > %(horizon)s "
-    "UNION ALL SELECT NULL, count(*), 0 FROM tenant_stream_leases "
-    "WHERE tenant = %(tenant)s AND expires_at > %(now)s ORDER BY 1 NULLS LAST")
+_ADMIT = "SELECT * FROM maas_tenant_admit(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
 _ADD_TO_SECOND = (
     "INSERT INTO tenant_minute_usage AS u (tenant, second, requests, tokens) "
     "VALUES (%s, %s, %s, %s) ON CONFLICT (tenant, second) DO UPDATE "
     "SET requests = u.requests + EXCLUDED.requests, tokens = u.tokens + EXCLUDED.tokens")
 _FORGET_OLD_SECONDS = "DELETE FROM tenant_minute_usage WHERE second <= %s"
 _FORGET_LAPSED_LEASES = "DELETE FROM tenant_stream_leases WHERE expires_at <= %s"
-_INSERT_LEASE = ("INSERT INTO tenant_stream_leases (lease_id, tenant, replica, expires_at) "
-                 "VALUES (%s, %s, %s, %s)")
 _RELEASE_LEASE = "DELETE FROM tenant_stream_leases WHERE lease_id = %s"
 _RENEW_LEASES = (
     "INSERT INTO tenant_stream_leases AS l (lease_id, tenant, replica, expires_at) "
@@ -94,14 +91,17 @@ class SharedWindow:
 
 
 @dataclass(frozen=True)
-class Reservation:
-    """What an admission adds when admitted: one request, its prompt tokens, maybe a lease."""
+class Ask:
+    """One admission as the database decides it: the tenant's minute and stream limits (None:
+    unlimited), the call's prompt tokens, its stream lease (None: a plain request), and
+    `refuse` when the caller already refuses it (a daily quota): then nothing is recorded."""
 
-    second: int
-    requests: int
+    requests_per_minute: int | None
+    tokens_per_minute: int | None
+    concurrent_streams: int | None
     tokens: int
     lease_id: str | None
-    """The stream's lease, or None for a plain request."""
+    refuse: bool = False
 
 
 def replica_name() -> str:
@@ -171,37 +171,24 @@ class SharedLimits:
         self._flush_wanted = asyncio.Event()
         self._flushing = asyncio.Lock()
 
-    async def admit(self, tenant: str, now: float,
-                    reservation_of: Callable[[SharedWindow], Reservation]) -> Reservation:
-        """Under the tenant's lock: read its window and live streams, ask `reservation_of` (it
-        raises to refuse, consuming nothing), and record what it returned."""
-        refusal: Exception | None = None
-        reservation: Reservation | None = None
-        async with self._pool.connection() as connection, connection.pipeline():
-            # One pipeline: BEGIN, the lock and the read go out together (one round trip to
-            # the fetch), then the writes and COMMIT (a second one). The read is a statement
-            # after the lock's, so it sees every admission committed before the lock was had.
-            async with connection.transaction():
-                await connection.execute(_LOCK_TENANT, (TENANT_LOCK_NAMESPACE, tenant))
-                cursor = await connection.execute(_WINDOW_AND_STREAMS, {
-                    "tenant": tenant, "horizon": int(now) - WINDOW_SECONDS, "now": now})
-                *rows, (_, live, _) = await cursor.fetchall()
-                window = SharedWindow([(int(s), int(r), int(t)) for s, r, t in rows], int(live))
-                try:
-                    reservation = reservation_of(window)
-                except Exception as exc:  # refused: roll back (the connection stays usable)
-                    refusal = exc
-                    raise psycopg.Rollback() from None
-                await connection.execute(_ADD_TO_SECOND, (
-                    tenant, reservation.second, reservation.requests, reservation.tokens))
-                if reservation.lease_id is not None:
-                    await connection.execute(_INSERT_LEASE, (
-                        reservation.lease_id, tenant, self.replica, now + self.lease_seconds))
-        if refusal is not None or reservation is None:
-            raise refusal or RuntimeError("the admission neither reserved nor refused")
-        if reservation.lease_id is not None:
-            self._running[reservation.lease_id] = tenant
-        return reservation
+    async def admit(self, tenant: str, now: float, ask: Ask) -> tuple[bool, SharedWindow]:
+        """(admitted, the tenant's window and live streams as they were before): one statement
+        (`maas_tenant_admit`, usage migration 0003) that, under the tenant's lock, reads them,
+        decides as the limiter's checks do and records the call only when admitted."""
+        lease_id = ask.lease_id
+        async with self._pool.connection() as connection:
+            cursor = await connection.execute(_ADMIT, (
+                tenant, now, lease_id is not None, ask.tokens, ask.requests_per_minute,
+                ask.tokens_per_minute, ask.concurrent_streams, ask.refuse, lease_id,
+                self.replica, self.lease_seconds))
+            row = await cursor.fetchone()
+        if row is None:
+            raise RuntimeError("maas_tenant_admit returned no row")
+        admitted, seconds, requests, tokens, live = row
+        window = SharedWindow(list(zip(seconds, requests, tokens, strict=True)), int(live))
+        if admitted and lease_id is not None:
+            self._running[lease_id] = tenant
+        return bool(admitted), window
 
     def charge(self, tenant: str, now: float, tokens: int) -> None:
         """Queue completion tokens for the shared window (written by `flush`)."""

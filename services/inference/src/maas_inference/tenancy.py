@@ -26,7 +26,7 @@ has its own counters: one tenant over its limits never delays or refuses another
 One replica keeps minute windows and streams in memory. Replicas sharing a PostgreSQL database
 pass a `SharedLimits` (`maas_inference.shared_limits`): the minute windows and concurrent
 streams are then counted in that database, so a limit holds across all replicas together
-(a call that a minute or stream limit concerns costs a transaction there; calls no such limit
+(a call that a minute or stream limit concerns costs one statement there; calls no such limit
 concerns never touch it). Daily quotas are shared through the usage ledger (`share_today`).
 Should the database be unreachable, admission falls back to this replica's own counts (a
 warning says so; the database is tried again `SHARED_RETRY_SECONDS` later) rather than
@@ -81,7 +81,7 @@ from maas_runtime.auth import Principal
 from maas_runtime.errors import MaasError, QuotaViolation, ResourceExhausted
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from maas_inference.shared_limits import Reservation, SharedLimits, SharedWindow
+from maas_inference.shared_limits import Ask, SharedLimits
 from maas_inference.usage import UsageLedger, UsageMetrics, UsageRecord, tenant_of
 
 _log = logging.getLogger(__name__)
@@ -508,33 +508,47 @@ class TenantLimiter:
         self._start_shared_work()
         state = self._state(lease.tenant, self._day(now))
         tokens = lease.prompt_tokens
-        lease_id = uuid.uuid4().hex if stream else None
-        seen: list[_MinuteWindow] = []
-
-        def reserve(window: SharedWindow) -> Reservation:
-            view = dataclasses.replace(
-                state, requests_minute=_MinuteWindow((s, r) for s, r, _ in window.seconds),
-                tokens_minute=_MinuteWindow((s, t) for s, _, t in window.seconds),
-                streams=window.live_streams)
-            self._check(lease.tenant, limits, view, now, stream, tokens)
-            view.tokens_minute.add(now, tokens)
-            seen.append(view.tokens_minute)
-            return Reservation(int(now), 1, tokens, lease_id)
-
+        ask = Ask(limits.requests_per_minute, limits.tokens_per_minute if stream else None,
+                  limits.concurrent_streams if stream else None, tokens,
+                  uuid.uuid4().hex if stream else None,
+                  refuse=self._over_a_daily_quota(limits, state, stream, tokens))
         try:
-            await self._shared.admit(lease.tenant, now, reserve)
-        except QuotaExceeded as refusal:
-            self._count_rejection(refusal)
-            raise
+            admitted, window = await self._shared.admit(lease.tenant, now, ask)
         except Exception as exc:  # the database is away: this replica's own counts decide
             self._warn_fallback(exc)
             self._shared_retry_at = self._monotonic() + SHARED_RETRY_SECONDS
             self._enter(lease, stream)
             return
+        # The answer is the in-memory checks' on what the database read: the same refusal
+        # (limit named, RetryInfo) a single replica gives.
+        view = dataclasses.replace(
+            state, requests_minute=_MinuteWindow((s, r) for s, r, _ in window.seconds),
+            tokens_minute=_MinuteWindow((s, t) for s, _, t in window.seconds),
+            streams=window.live_streams)
+        try:
+            self._check(lease.tenant, limits, view, now, stream, tokens)
+        except QuotaExceeded as refusal:
+            self._count_rejection(refusal)
+            if admitted:  # cannot be: the database applied these checks; say so, loudly
+                _log.error("the shared admission admitted what the limiter refuses (%s)",
+                           refusal)
+            raise
+        if not admitted:
+            raise RuntimeError("the shared admission refused what the limiter admits")
+        view.tokens_minute.add(now, tokens)
         state = self._state(lease.tenant, self._day(self._clock()))
-        state.shared_tokens_minute = seen[-1]
+        state.shared_tokens_minute = view.tokens_minute
         self._account(state, now, tokens, stream)
-        lease._shared_lease = lease_id
+        lease._shared_lease = ask.lease_id
+
+    def _over_a_daily_quota(self, limits: TenantLimits, state: _TenantState, stream: bool,
+                            tokens: int) -> bool:
+        """Whether `_check` refuses the call on a daily quota (decided here, not in the
+        database: the days are shared through the ledger)."""
+        rpd, tpd = limits.requests_per_day, limits.tokens_per_day
+        if rpd is not None and state.day_requests + 1 > rpd:
+            return True
+        return stream and tpd is not None and state.day_tokens + max(tokens, 1) > tpd
 
     def _warn_fallback(self, exc: BaseException) -> None:
         now = self._monotonic()
