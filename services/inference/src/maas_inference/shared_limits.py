@@ -62,8 +62,10 @@ _SESSION = (
     # Counters that live a minute need no wait for the WAL flush at commit: a database crash
     # forgets at most the last moments' counts.
     "-c synchronous_commit=off "
-    # A replica frozen (SIGSTOP, a stalled VM) inside an admission holds its tenant's lock:
-    # the server ends that session, so the other replicas wait at most this long.
+    # A replica frozen (SIGSTOP, a stalled VM) inside a charge flush's transaction holds the
+    # row locks of its tenants' current seconds, which admissions update: the server ends
+    # that session, so the other replicas wait at most this long (an admission is a single
+    # statement: its tenant lock ends with it).
     "-c idle_in_transaction_session_timeout=5s "
     "-c statement_timeout=5s")
 _ADMIT = "SELECT * FROM maas_tenant_admit(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
