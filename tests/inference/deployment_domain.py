@@ -2,19 +2,22 @@
 on real parts: a SQLite deployment table, the registry service (in this process, reached
 through the real `RegistryClient`) and a real tritonserver (the session's, in the tests).
 
-A registry here holds small digits MLPs under any model ids the test names, so deployments
-whose models are in or out of a token's scope are real, loadable versions.
+A registry here holds small digits MLPs (ONNX) under any model ids the test names, so
+deployments whose models are in or out of a token's scope are real, loadable versions.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import NamedTuple
 
-import torch
-from maas.registry.v1 import registry_service_pb2 as rs, registry_service_pb2_grpc
+import numpy as np
+import onnx
+import onnx.numpy_helper
+from maas.common.v1 import tensor_pb2
+from maas.registry.v1 import model_pb2, registry_service_pb2 as rs, registry_service_pb2_grpc
 from maas_inference.controller import DeploymentController, ServingDefaults
 from maas_inference.predictor import Predictor
 from maas_inference.routing import RouteTable
@@ -27,10 +30,46 @@ from maas_runtime.pagination import PageTokenCodec
 from maas_runtime.peers import PeerChannel
 from maas_runtime.registry_client import RegistryClient
 
-from tests.inference.model_packages import save_zoo_package, zoo_model
 from tests.registry.helpers import model_upload_requests
 
-HYPER = {"hidden_sizes": [8]}
+HIDDEN = 8
+ONNX_OPSET = 13
+
+
+def digits_mlp_onnx(seed: int) -> tuple[bytes, Callable[[np.ndarray], np.ndarray]]:
+    """A 64→8→10 ReLU MLP as an ONNX graph (`features` in, `logits` out) and the same MLP in
+    numpy. ONNX keeps Triton's loads light: the model's stub imports onnxruntime, not torch."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((64, HIDDEN), np.float32)
+    b1 = rng.standard_normal(HIDDEN, np.float32)
+    w2 = rng.standard_normal((HIDDEN, 10), np.float32)
+    b2 = rng.standard_normal(10, np.float32)
+    helper = onnx.helper
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["features", "w1"], ["h"]),
+         helper.make_node("Add", ["h", "b1"], ["hb"]),
+         helper.make_node("Relu", ["hb"], ["a"]),
+         helper.make_node("MatMul", ["a", "w2"], ["o"]),
+         helper.make_node("Add", ["o", "b2"], ["logits"])],
+        "digits_mlp",
+        [helper.make_tensor_value_info("features", onnx.TensorProto.FLOAT, ["rows", 64])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["rows", 10])],
+        [onnx.numpy_helper.from_array(array, name) for name, array in
+         (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)])
+    model.ir_version = 8
+
+    def reference(features: np.ndarray) -> np.ndarray:
+        return np.maximum(features @ w1 + b1, 0) @ w2 + b2
+
+    return model.SerializeToString(), reference
+
+
+def digits_signature() -> model_pb2.Signature:
+    signature = model_pb2.Signature()
+    signature.inputs.add(name="features", datatype=tensor_pb2.DATA_TYPE_FP32, shape=[64])
+    signature.outputs.add(name="logits", datatype=tensor_pb2.DATA_TYPE_FP32, shape=[10])
+    return signature
 
 
 class Deployments(NamedTuple):
@@ -42,11 +81,11 @@ class Deployments(NamedTuple):
     store: SqlDeploymentStore
 
 
-async def upload_mlps(root: Path, target: str, token: str,
-                      versions: Iterable[tuple[str, int]]) -> dict[str, torch.nn.Module]:
-    """Register a digits MLP as `models/{model}/versions/{n}` for each (model, n), in order
-    (so n counts from 1 per model); the reference modules by version name."""
-    modules: dict[str, torch.nn.Module] = {}
+async def upload_mlps(target: str, token: str, versions: Iterable[tuple[str, int]]
+                      ) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """Register a digits MLP (ONNX) as `models/{model}/versions/{n}` for each (model, n), in
+    order (so n counts from 1 per model); what each version computes, by version name."""
+    references: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
     async with open_channel(target, token=token) as channel:
         stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
         created: set[str] = set()
@@ -54,15 +93,13 @@ async def upload_mlps(root: Path, target: str, token: str,
             if model_id not in created:
                 await stub.CreateModel(rs.CreateModelRequest(model_id=model_id))
                 created.add(model_id)
-            module = zoo_model("mlp", HYPER, [64], seed=len(modules) + 1)
-            package = root / f"{model_id}-{number}.safetensors"
-            save_zoo_package(package, module, kind="mlp", hyperparameters=HYPER,
-                             input_shape=[64])
+            graph, reference = digits_mlp_onnx(seed=len(references) + 1)
             version = await stub.UploadModelVersion(model_upload_requests(
-                f"models/{model_id}", package.read_bytes()))
+                f"models/{model_id}", graph, fmt=model_pb2.MODEL_FORMAT_ONNX,
+                signature=digits_signature()))
             assert version.name == f"models/{model_id}/versions/{number}", version.name
-            modules[version.name] = module
-    return modules
+            references[version.name] = reference
+    return references
 
 
 @contextlib.asynccontextmanager

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import pytest_asyncio
-import torch
 from maas.common.v1 import tensor_pb2
 from maas_inference.triton import TritonClient
 from maas_inference.triton.model_repository import ModelRepository
@@ -60,11 +59,6 @@ def predict_inputs(data: np.ndarray) -> list[tensor_pb2.Tensor]:
                               shape=list(data.shape), raw_data=data.tobytes())]
 
 
-def expected(module: torch.nn.Module, data: np.ndarray) -> np.ndarray:
-    with torch.inference_mode():
-        return module(torch.from_numpy(data)).numpy()
-
-
 async def until(condition, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -80,7 +74,7 @@ async def scoped_deployments(tmp_path_factory, triton_client: TritonClient,
     (a shadow or canary target counts as a model the deployment serves)."""
     root: Path = tmp_path_factory.mktemp("scoped-deployments")
     async with registry_in_process(root) as registry:
-        await upload_mlps(root, registry.target, registry.token,
+        await upload_mlps(registry.target, registry.token,
                           [("digits", 1), ("digits", 2), ("secret", 1), ("secret", 2)])
         async with deployments_on(root, registry.target, registry.token, triton_client,
                                   model_repository) as served:
@@ -97,7 +91,7 @@ async def test_restart_during_a_registry_outage_retries_until_it_answers(
         tmp_path, triton_client, model_repository):
     port = free_port()
     async with registry_in_process(tmp_path, port) as registry:
-        modules = await upload_mlps(tmp_path, registry.target, registry.token, [("digits", 1)])
+        references = await upload_mlps(registry.target, registry.token, [("digits", 1)])
         async with deployments_on(tmp_path, registry.target, registry.token, triton_client,
                                   model_repository) as first:
             await first.controller.create("outage", {"model": "models/digits/versions/1"},
@@ -136,7 +130,7 @@ async def test_restart_during_a_registry_outage_retries_until_it_answers(
             np.testing.assert_allclose(
                 np.frombuffer(prediction.response.raw_output_contents[0], np.float32)
                 .reshape(tuple(logits.shape)),
-                expected(modules["models/digits/versions/1"], data), rtol=1e-4, atol=1e-4)
+                references["models/digits/versions/1"](data), rtol=1e-4, atol=1e-4)
             with pytest.raises(errors.NotFound):
                 await restarted.predictor.predict("deployments/ghost", "", [], [], None,
                                                   ANONYMOUS_ADMIN)

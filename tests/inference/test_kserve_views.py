@@ -54,7 +54,7 @@ async def served(tmp_path_factory, triton_client: TritonClient,
     SmolLM2 there as "chat")."""
     root: Path = tmp_path_factory.mktemp("kserve-views")
     async with registry_in_process(root) as registry:
-        await upload_mlps(root, registry.target, registry.token,
+        await upload_mlps(registry.target, registry.token,
                           [("digits", 1), ("digits", 2), ("secret", 1)])
         chat_version = await upload_smollm2(registry.target, registry.token)
         async with deployments_on(root, registry.target, registry.token, triton_client,
