@@ -12,7 +12,10 @@ threads, taking turns with the gateway runs (never at the same time). Interleave
   the one-stream figure, and the p50 time to first token;
 * tenant isolation: a second tenant keeps FLOOD_STREAMS streams running (its
   concurrent_streams limit; refused ones retried at once) while the measured tenant runs
-  single streams one after another: its p50 time to first token vs the unloaded p50.
+  single streams one after another: its p50 time to first token vs the unloaded p50, and
+  the same taking turns with streams sent to Triton's own port (the engine without the
+  gateway), with the engine's account of those (its time to first token, the wait before the
+  prefill, the prefill, the streams prefilled together) to tell where the time goes.
 
 Goals (issue 13): one stream ≥ 0.9× generate; eight streams ≥ 3× one stream; p50 TTFT under
 the flood within 1.5× of unloaded. Medians printed; nothing gates on a time.
@@ -168,19 +171,25 @@ async def main() -> None:
     print_table(figures)
 
 
-async def direct_stream(triton: TritonClient, prompt: str) -> tuple[int, float]:
-    """(completion tokens, seconds) of one generation sent to Triton's own port: the same
-    model without the gateway, to tell the gateway's cost from the engine's."""
+async def direct_stream(triton: TritonClient, prompt: str, max_tokens: int = MAX_TOKENS
+                        ) -> tuple[int, float, float, dict]:
+    """(completion tokens, seconds, time to first token, the engine's final usage) of one
+    generation sent to Triton's own port: the same model without the gateway, to tell the
+    gateway's cost from the engine's."""
     started = time.perf_counter()
+    first = None
     stream = triton.open_stream()
     try:
         await stream.send(triton_generate_request(
-            "chat.smollm.v1", prompt, SamplingParameters(max_tokens=MAX_TOKENS, temperature=0),
+            "chat.smollm.v1", prompt, SamplingParameters(max_tokens=max_tokens, temperature=0),
             "direct"))
         while True:
             step = read_model_step(await stream.receive(), "chat")
+            if step.text:
+                first = first or time.perf_counter() - started
             if step.final:
-                return int(step.usage.get("completion_tokens", 0)), time.perf_counter() - started
+                return (int(step.usage.get("completion_tokens", 0)),
+                        time.perf_counter() - started, first or 0.0, step.usage)
     finally:
         await stream.close()
 
@@ -199,15 +208,29 @@ async def measure(target: str, measured_token: str, flooder_token: str,
         await one_stream(stub, QUESTIONS[0])  # warm-up: the engine's first forward passes
         generate_one()
         triton = TritonClient(triton_target)
-        prompt = PromptRenderer.from_directory(smollm2_causal_lm()).render(
-            [{"role": "user", "content": QUESTIONS[0]}])
+        renderer = PromptRenderer.from_directory(smollm2_causal_lm())
+        prompts = [renderer.render([{"role": "user", "content": q}]) for q in QUESTIONS]
+
+        async def ttft_samples(phase: str) -> None:
+            """TTFT through the gateway and straight to Triton, taking turns; the engine's own
+            account of the direct ones (its TTFT, the wait for a prefill, the prefill)."""
+            gateway, direct = [], []
+            for index in range(TTFT_SAMPLES):
+                gateway.append((await one_stream(stub, QUESTIONS[index], TTFT_TOKENS))[2])
+                _, _, first, usage = await direct_stream(triton, prompts[index], TTFT_TOKENS)
+                direct.append(first)
+                for key in ("time_to_first_token_s", "queue_time_s", "prefill_time_s",
+                            "prefill_streams"):
+                    add(f"{phase} engine {key}", float(usage.get(key) or 0.0))
+            add(f"{phase} p50 TTFT s", statistics.median(gateway))
+            add(f"{phase} Triton direct p50 TTFT s", statistics.median(direct))
         for round_number in range(ROUNDS):
             print(f"round {round_number + 1}/{ROUNDS}", flush=True)
             tokens, seconds, ttft = await one_stream(stub, QUESTIONS[0])
             add("gateway one stream tokens/s", tokens / seconds)
             add("gateway one stream TTFT s", ttft)
             add("generate one stream tokens/s", await asyncio.to_thread(generate_one))
-            tokens, seconds = await direct_stream(triton, prompt)
+            tokens, seconds, _, _ = await direct_stream(triton, prompts[0])
             add("Triton direct one stream tokens/s", tokens / seconds)
 
             started = time.perf_counter()
@@ -216,19 +239,15 @@ async def measure(target: str, measured_token: str, flooder_token: str,
                 (time.perf_counter() - started))
             add("gateway 8 streams p50 TTFT s", statistics.median(r[2] for r in results))
 
-            unloaded = [(await one_stream(stub, q, TTFT_TOKENS))[2]
-                        for q in QUESTIONS[:TTFT_SAMPLES]]
-            add("unloaded p50 TTFT s", statistics.median(unloaded))
+            await ttft_samples("unloaded")
             stop = asyncio.Event()
             flooders = [asyncio.create_task(flood(flooder, stop))
                         for _ in range(FLOOD_STREAMS + 2)]  # two more than its limit
             await asyncio.sleep(1.0)
-            loaded = [(await one_stream(stub, q, TTFT_TOKENS))[2]
-                      for q in QUESTIONS[:TTFT_SAMPLES]]
+            await ttft_samples("flooded")
             stop.set()
             with contextlib.suppress(grpc.aio.AioRpcError):
                 await asyncio.gather(*flooders)
-            add("flooded p50 TTFT s", statistics.median(loaded))
         await triton.close()
     return figures
 
@@ -250,6 +269,9 @@ def print_table(figures: dict[str, list[float]]) -> None:
           "   (>= 3x)")
     print(f"  flooded p50 TTFT / unloaded          "
           f"{median['flooded p50 TTFT s'] / median['unloaded p50 TTFT s']:.2f}x   (<= 1.5x)")
+    print(f"  same, Triton direct                  "
+          f"{median['flooded Triton direct p50 TTFT s'] / median['unloaded Triton direct p50 TTFT s']:.2f}x"
+          "   (the engine in Triton without the gateway)")
 
 
 if __name__ == "__main__":

@@ -143,8 +143,9 @@ def test_the_request_sent_to_the_model_carries_the_prompt_and_the_sampling():
     request = GenerationRequest("deployments/chat", prompt="capital of France?",
                                 temperature=0, stop=("\n",), seed=7)
     sent = triton_generate_request("chat.llm.v1", "capital of France?",
-                                   sampling_parameters(request, 8), "r1")
+                                   sampling_parameters(request, 8), "r1", "acme")
     assert (sent.model_name, sent.id) == ("chat.llm.v1", "r1")
+    assert sent.parameters["maas.tenant"].string_param == "acme"  # the model shares slots by it
     assert [(i.name, i.datatype, list(i.shape)) for i in sent.inputs] == [
         ("text_input", "BYTES", [1]), ("sampling_parameters", "BYTES", [1])]
     assert sent.raw_input_contents[0] == struct.pack("<I", 18) + b"capital of France?"

@@ -20,6 +20,9 @@ QUESTIONS = [
     "Write one sentence about the sea.",
 ]
 GREEDY = SamplingParams(max_tokens=24, temperature=0)
+COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
+"""A raw prompt SmolLM2 goes on counting from, greedily, for hundreds of tokens: a stream that
+holds its slot until it is cancelled."""
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +202,161 @@ def test_bad_prompts_are_refused_naming_the_field(engine, prompt, params, field)
     with pytest.raises(InvalidArgument) as caught:
         engine.submit(prompt, params)
     assert caught.value.field_violations[0].field == field
+
+
+class _EngineGate:
+    """Holds the engine thread inside a stream's `on_event` (the engine delivers events on its
+    own thread) so that streams submitted meanwhile all wait for the same admission."""
+
+    def __init__(self) -> None:
+        self.holding = threading.Event()
+        self.release = threading.Event()
+        self.armed = False
+
+    def on_event(self, event) -> None:
+        if self.armed and not event.final:
+            self.armed = False
+            self.holding.set()
+            assert self.release.wait(30)
+
+    def hold(self) -> None:
+        self.armed = True
+        assert self.holding.wait(30), "the engine thread never reached the gate"
+
+
+class _FirstTokens:
+    """The order in which streams got their first token (recorded on the engine thread)."""
+
+    def __init__(self) -> None:
+        self.order: list[str] = []
+
+    def on_event(self, name: str, also=None):
+        def record(event) -> None:
+            if (event.text or event.usage.completion_tokens) and name not in self.order:
+                self.order.append(name)
+            if also is not None:
+                also(event)
+        return record
+
+
+def test_a_free_slot_goes_to_the_tenant_with_fewest_running_streams_not_the_oldest_waiting(
+    smollm2, prompts
+):
+    engine = GenerationEngine.from_directory(
+        smollm2, EngineSettings(max_running=2, torch_threads=2)
+    ).start()
+    gate, firsts = _EngineGate(), _FirstTokens()
+    long = SamplingParams(max_tokens=300, temperature=0)
+    try:
+        flood = [
+            engine.submit(COUNTING, long, tenant="flooder",
+                          on_event=firsts.on_event(f"F{n}", gate.on_event if n == 0 else None))
+            for n in range(2)
+        ]
+        while len(firsts.order) < 2:
+            time.sleep(0.01)
+        gate.hold()  # both slots are the flooder's; everything below waits for one
+        waiting = [engine.submit(prompts[1], GREEDY, tenant="flooder", on_event=firsts.on_event(f"W{n}"))
+                   for n in range(2)]
+        quiet = engine.submit(prompts[0], GREEDY, tenant="quiet", on_event=firsts.on_event("Q"))
+        flood[1].cancel()
+        gate.release.set()
+        assert quiet.finished.wait(60)
+        # The quiet tenant came last, yet took the freed slot: the flooder already had one.
+        assert firsts.order[:3] == ["F0", "F1", "Q"] or firsts.order[:3] == ["F1", "F0", "Q"]
+        assert not any(stream.finished.is_set() for stream in waiting)
+    finally:
+        for stream in [*flood, *waiting, quiet]:
+            stream.cancel()
+        engine.stop()
+
+
+def test_newcomers_are_prefilled_per_tenant_the_least_served_tenant_first(smollm2, prompts):
+    engine = GenerationEngine.from_directory(
+        smollm2, EngineSettings(max_running=8, torch_threads=2)
+    ).start()
+    gate, firsts = _EngineGate(), _FirstTokens()
+    finals = {}
+
+    def keep_final(name):
+        def record(event) -> None:
+            if event.final:
+                finals[name] = event
+        return record
+
+    long = SamplingParams(max_tokens=300, temperature=0)
+    try:
+        running = [engine.submit(COUNTING, long, tenant="flooder",
+                                 on_event=firsts.on_event(f"F{n}", gate.on_event if n == 0 else None))
+                   for n in range(2)]
+        while len(firsts.order) < 2:
+            time.sleep(0.01)
+        gate.hold()
+        # Submitted while the engine is held: all of them are admitted at its next step.
+        newcomers = [
+            engine.submit(prompt, GREEDY, tenant=tenant,
+                          on_event=firsts.on_event(name, keep_final(name)))
+            for name, tenant, prompt in [
+                ("A1", "flooder", prompts[1]), ("A2", "flooder", prompts[2]),
+                ("B1", "burst", prompts[0]), ("B2", "burst", prompts[1]),
+                ("Q", "quiet", prompts[2]),
+            ]
+        ]
+        gate.release.set()
+        for stream in newcomers:
+            assert stream.finished.wait(60)
+    finally:
+        for stream in running:
+            stream.cancel()
+        engine.stop()
+    # One prefill per tenant, never a padded batch mixing tenants; a tenant's own streams
+    # share theirs. The tenants with no stream running go first (in arrival order), the
+    # flooder, which has two, after them, although it asked first.
+    assert {name: finals[name].usage.prefill_streams for name in finals} == {
+        "A1": 2, "A2": 2, "B1": 2, "B2": 2, "Q": 1}
+    newcomer_order = [name for name in firsts.order if name not in ("F0", "F1")]
+    assert newcomer_order == ["B1", "B2", "Q", "A1", "A2"]
+
+
+def test_a_newcomer_is_prefilled_between_two_layers_of_the_decode_step_in_flight(smollm2, prompts):
+    engine = GenerationEngine.from_directory(
+        smollm2, EngineSettings(max_running=4, torch_threads=2)
+    ).start()
+    events: list[tuple[str, str]] = []  # (stream, text) in the order the engine delivered them
+    inside_step, resume = threading.Event(), threading.Event()
+    armed = []
+
+    def hold_mid_step(module, args) -> None:
+        if armed and armed.pop():
+            inside_step.set()
+            assert resume.wait(30)
+
+    def record(name):
+        return lambda event: events.append((name, event.text))
+
+    # Registered after the engine's own hooks: the engine looks for newcomers at the next layer.
+    hook = engine.model.model.layers[10].register_forward_pre_hook(hold_mid_step)
+    running = [engine.submit(COUNTING, SamplingParams(max_tokens=300, temperature=0),
+                             on_event=record(f"F{n}")) for n in range(2)]
+    try:
+        while len(events) < 4:
+            time.sleep(0.01)
+        armed.append(True)  # the next forward is a decode step of the two running streams
+        assert inside_step.wait(30)
+        delivered_before = len(events)
+        newcomer = engine.submit(prompts[0], GREEDY, tenant="quiet", on_event=record("Q"))
+        resume.set()
+        assert newcomer.finished.wait(60)
+    finally:
+        hook.remove()
+        for stream in running:
+            stream.cancel()
+        for stream in running:
+            assert stream.finished.wait(30)
+        engine.stop()
+    # Its first token came before the tokens of the step it arrived in; once merged into the
+    # batch it decodes its own answer, and the running streams go on with theirs.
+    assert events[delivered_before][0] == "Q"
+    assert "Paris" in "".join(text for name, text in events if name == "Q")
+    counted = "".join(text for name, text in events if name == "F0")
+    assert len(counted) > 4 and (" " + ", ".join(str(n) for n in range(11, 200))).startswith(counted)

@@ -3,20 +3,39 @@
 One background thread owns the model. Running streams decode together: each step is one
 forward pass over all of them (batch B, one new token each) against their key/value caches,
 held as one batched cache left-padded to a common length with an attention mask hiding the
-padding, and per-row position ids so each stream sees its own positions. A new stream joins
-between steps: the streams admitted together are prefilled in one left-padded forward (at
-most `prefill_token_budget` padded prompt tokens, so running streams keep flowing while a burst
-joins; the rest join at the next steps, in arrival order), each one's first token is sampled,
-and their caches merged into the batch. A stream that finishes or is cancelled leaves its row
-at once (the cache rows are dropped, and columns that only padding holds are trimmed).
-Waiting streams queue up to a bound; past it `submit` raises `GenerationQueueFull` (RESOURCE_EXHAUSTED).
+padding, and per-row position ids so each stream sees its own positions. New streams join
+between steps: each is prefilled (a left-padded forward over the streams prefilled together),
+its first token sampled and sent at once, and its cache merged into the batch; at most
+`prefill_token_budget` padded prompt tokens are prefilled between two steps, so running
+streams keep flowing while a burst joins (the rest join at the next steps). A stream that
+finishes or is cancelled leaves its row at once (the cache rows are dropped, and columns that
+only padding holds are trimmed). Waiting streams queue up to a bound; past it `submit` raises
+`GenerationQueueFull` (RESOURCE_EXHAUSTED).
 
-Fairness between tenants: the engine does not know tenants; its queue is first come, first
-served, and a stream admitted to a free slot is prefilled before the next decode step, so its
-time to first token is its prefill plus at most the step in flight. What keeps one tenant from
-holding every slot is the gateway's per-tenant `concurrent_streams` limit, set below the
-deployment's `max_running` streams: another tenant's stream then always finds a free slot and
-never waits behind the flood.
+Fairness between tenants (`submit(..., tenant=)`; the inference gateway names the caller's):
+
+* Slots: a free running slot goes to the waiting stream whose tenant has the fewest running
+  streams (counting those admitted in the same round), the oldest first among equals: round
+  robin between tenants, first come, first served within one. The gateway's per-tenant
+  `concurrent_streams` limit, set below `max_running`, keeps one tenant from holding every
+  slot; this order decides who gets the slots that free up.
+* Prefills: the streams admitted together are prefilled in one forward per tenant, in the
+  order above, never in a padded batch mixing tenants: a newcomer from a tenant with few
+  streams is prefilled first and alone (its prompt only), not behind or beside a flooding
+  tenant's prompts; a tenant's own burst still shares one forward.
+* No wait for the step in flight: a stream that arrives during a decode step is admitted
+  between two of the step's decoder layers (a forward pre-hook on each layer of the model's
+  `model.layers`), prefilled there, and its first token sent before the step resumes; its row
+  joins the batch after the step. So its time to first token is its own prefill, whatever
+  other tenants keep running; the running streams pay that prefill once, as they would
+  between steps (at most one cut-in per step, within the prefill budget).
+* CPU: with `cpu_nice` the engine thread and the torch threads it starts run below the
+  processes that carry requests and tokens on the same cores (Triton's server, the gateway),
+  which then are scheduled first when they wake; the forwards take the rest.
+
+Each stream's usage also says how long it waited before its prefill, how long the prefill
+took and how many streams it held (`Usage.queue_time_s`, `prefill_time_s`,
+`prefill_streams`).
 
 Each stream receives `TokenGroup`s: the text produced since the previous group (decoded from
 all of its tokens, held back while it ends inside a UTF-8 character or might be the start of
@@ -75,6 +94,12 @@ class EngineSettings(BaseModel):
     steps; a longer prompt is prefilled alone. Bounds how long running streams stall while
     new ones join, and admits waiting streams in arrival order a few per step."""
 
+    cpu_nice: int = Field(default=0, ge=0, le=19)
+    """Niceness the engine thread adds to its own (the torch threads it starts inherit it):
+    on a machine whose cores the forwards keep busy, the processes that carry requests and
+    tokens (a server, a gateway) are then scheduled first when they wake, and the forwards
+    take every cycle they leave. 0 leaves the priority alone."""
+
     cancel_poll_seconds: float = Field(default=0.25, ge=0, le=10)
     """How often a stream's `is_cancelled` callback is asked (it may be a round trip to another
     process, as Triton's is); `GenerationStream.cancel()` is seen every step regardless."""
@@ -94,12 +119,22 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     time_to_first_token_s: float | None
+    queue_time_s: float | None = None
+    """From `submit` to the start of the stream's prefill forward (waiting for a slot, for the
+    step in flight and for prefills ahead of it)."""
+    prefill_time_s: float | None = None
+    """The prefill forward the stream's prompt went through."""
+    prefill_streams: int = 0
+    """How many streams that prefill forward held (1: prefilled alone)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "time_to_first_token_s": self.time_to_first_token_s,
+            "queue_time_s": self.queue_time_s,
+            "prefill_time_s": self.prefill_time_s,
+            "prefill_streams": self.prefill_streams,
         }
 
 
@@ -129,9 +164,15 @@ class GenerationStream:
         params: SamplingParams,
         on_event: EventCallback | None,
         is_cancelled: Callable[[], bool] | None,
+        tenant: str = "",
+        sequence: int = 0,
     ) -> None:
         self.prompt_ids = prompt_ids
         self.params = params
+        self.tenant = tenant
+        """Whose stream this is: the engine shares running slots and prefills across tenants."""
+        self.sequence = sequence
+        """Arrival order in its engine."""
         self.submitted_at = time.perf_counter()
         self._on_event = on_event
         self._is_cancelled = is_cancelled
@@ -200,6 +241,9 @@ class _Row:
     pending_token: int = -1
     emitted_chars: int = 0
     first_token_at: float | None = None
+    prefill_started_at: float = 0.0
+    prefill_seconds: float = 0.0
+    prefill_streams: int = 0
 
 
 class GenerationEngine:
@@ -228,6 +272,12 @@ class GenerationEngine:
         self._stopping = False
         # Streams submitted and not finished (waiting, being prefilled or running): the bound.
         self._unfinished = 0
+        self._submitted = 0
+        # A decode step in flight lets newcomers cut in between two of its layers (at most
+        # once); their rows join the batch when the step is over.
+        self._decoding = False
+        self._cut_in_taken = False
+        self._cut_ins: list[tuple[list[_Row], Any, Any, list[int]]] = []
 
     @classmethod
     def from_directory(
@@ -316,12 +366,17 @@ class GenerationEngine:
         *,
         on_event: EventCallback | None = None,
         is_cancelled: Callable[[], bool] | None = None,
+        tenant: str = "",
     ) -> GenerationStream:
-        """Queue a generation; its events come through `on_event` (engine thread) or iteration."""
+        """Queue a generation of `tenant` ("" for streams whose caller names none, which then
+        share one tenant); its events come through `on_event` (engine thread) or iteration."""
         params = params or SamplingParams()
         prompt_ids = self.check_prompt(prompt, params)
-        stream = GenerationStream(prompt_ids, params, on_event, is_cancelled)
         with self._lock:
+            self._submitted += 1
+            stream = GenerationStream(
+                prompt_ids, params, on_event, is_cancelled, tenant=tenant, sequence=self._submitted
+            )
             if self._stopping:
                 raise GenerationQueueFull("the generation engine is shutting down")
             capacity = self.settings.max_running + self.settings.max_waiting
@@ -349,8 +404,26 @@ class GenerationEngine:
     def _run(self) -> None:
         import torch
 
+        if self.settings.cpu_nice:
+            # Linux: a thread's niceness is its own, and threads it creates start with it.
+            thread_id = threading.get_native_id()
+            current = os.getpriority(os.PRIO_PROCESS, thread_id)
+            os.setpriority(os.PRIO_PROCESS, thread_id, min(current + self.settings.cpu_nice, 19))
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
+        hooks = [
+            layer.register_forward_pre_hook(self._between_layers)
+            for layer in getattr(getattr(self.model, "model", None), "layers", None) or ()
+        ]
+        try:
+            self._loop()
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def _loop(self) -> None:
+        import torch
+
         with torch.inference_mode():
             # One small forward first: the first passes over freshly loaded weights are many
             # times slower than the rest, and the first caller's time to first token should not
@@ -371,8 +444,8 @@ class GenerationEngine:
                 for stream in waiting_cancelled:
                     self._finish_unstarted(stream, FINISH_CANCELLED)
                 try:
-                    if admitted:
-                        self._prefill(admitted)
+                    for group in admitted:
+                        self._prefill(group)
                     self._drop_rows(
                         [row for row in self._rows if row.stream.poll_cancelled(poll)], FINISH_CANCELLED
                     )
@@ -381,6 +454,10 @@ class GenerationEngine:
                 except Exception as error:  # a broken forward ends every stream, not the thread
                     message = error.message if isinstance(error, MaasError) else repr(error)
                     self._drop_rows(list(self._rows), FINISH_ERROR, error=message)
+                    for rows, *_ in self._cut_ins:
+                        for row in rows:
+                            self._emit(row, "", FINISH_ERROR, final_text_end=0, error=message)
+                    self._cut_ins.clear()
         with self._lock:
             leftover = list(self._waiting)
             self._waiting.clear()
@@ -388,26 +465,75 @@ class GenerationEngine:
             self._finish_unstarted(stream, FINISH_CANCELLED)
         self._drop_rows(list(self._rows), FINISH_CANCELLED)
 
-    def _admit(self) -> list[GenerationStream]:
-        """Take the next waiting streams (arrival order, lock held) for one prefill: as many as
-        free running slots allow while the padded prompt batch stays within the budget (the
-        first one always goes, however long its prompt)."""
-        admitted: list[GenerationStream] = []
-        width = 0
-        while self._waiting and len(self._rows) + len(admitted) < self.settings.max_running:
-            next_width = max(width, len(self._waiting[0].prompt_ids))
-            if admitted and next_width * (len(admitted) + 1) > self.settings.prefill_token_budget:
+    def _between_layers(self, module: Any, args: Any) -> None:
+        """A decoder layer's forward pre-hook: while a decode step is in flight, a stream that
+        arrived after it started is admitted and prefilled here, between two of its layers,
+        instead of after the whole step; its first token goes out at once. At most once per
+        step (the prefill budget bounds it, as between steps)."""
+        if not self._decoding or self._cut_in_taken or not self._waiting:
+            return
+        with self._lock:
+            groups = self._admit()
+        if not groups:
+            return
+        self._cut_in_taken = True
+        self._decoding = False  # the prefills' own layers are not cut into
+        try:
+            for group in groups:
+                self._prefill(group, merge=False)
+        finally:
+            self._decoding = True
+
+    def _admit(self) -> list[list[GenerationStream]]:
+        """Take waiting streams for free running slots (lock held), fairly across tenants, as
+        prefill groups: one group per tenant, in the order its first stream was picked.
+
+        Each pick is the waiting stream whose tenant has the fewest streams running (counting
+        the ones picked here), the oldest first among equals: round robin between tenants, and
+        first come, first served within one. Picking stops when the slots are full or when the
+        padded prompt tokens of all the groups would pass `prefill_token_budget` (the first
+        stream always goes, however long its prompt)."""
+        free = self.settings.max_running - len(self._rows)
+        if free <= 0 or not self._waiting:
+            return []
+        running: dict[str, int] = {}
+        for row in self._rows:
+            running[row.stream.tenant] = running.get(row.stream.tenant, 0) + 1
+        groups: dict[str, list[GenerationStream]] = {}
+        widths: dict[str, int] = {}
+        admitted = 0
+        while self._waiting and admitted < free:
+            candidate = min(
+                self._waiting, key=lambda stream: (running.get(stream.tenant, 0), stream.sequence)
+            )
+            tenant = candidate.tenant
+            group = groups.get(tenant, [])
+            width = max(widths.get(tenant, 0), len(candidate.prompt_ids))
+            padded = sum(
+                widths[other] * len(streams) for other, streams in groups.items() if other != tenant
+            ) + width * (len(group) + 1)
+            if admitted and padded > self.settings.prefill_token_budget:
                 break
-            admitted.append(self._waiting.popleft())
-            width = next_width
-        return admitted
+            self._waiting.remove(candidate)
+            groups.setdefault(tenant, group).append(candidate)
+            widths[tenant] = width
+            running[tenant] = running.get(tenant, 0) + 1
+            admitted += 1
+        return list(groups.values())
 
     def _usage(self, row_or_stream: _Row | GenerationStream) -> Usage:
         if isinstance(row_or_stream, GenerationStream):
             return Usage(len(row_or_stream.prompt_ids), 0, None)
         row = row_or_stream
         ttft = None if row.first_token_at is None else row.first_token_at - row.stream.submitted_at
-        return Usage(len(row.stream.prompt_ids), len(row.generated), ttft)
+        return Usage(
+            len(row.stream.prompt_ids),
+            len(row.generated),
+            ttft,
+            queue_time_s=row.prefill_started_at - row.stream.submitted_at,
+            prefill_time_s=row.prefill_seconds,
+            prefill_streams=row.prefill_streams,
+        )
 
     def _finish_unstarted(self, stream: GenerationStream, reason: str) -> None:
         self._deliver(stream, TokenGroup("", reason, self._usage(stream)))
@@ -419,9 +545,10 @@ class GenerationEngine:
         generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
         return generator
 
-    def _prefill(self, streams: list[GenerationStream]) -> None:
+    def _prefill(self, streams: list[GenerationStream], *, merge: bool = True) -> None:
         """Prefill the admitted streams together (one left-padded forward), sample each one's
-        first token and merge the rows that go on into the running batch."""
+        first token and merge the rows that go on into the running batch (`merge=False`: once
+        the decode step in flight is over)."""
         import torch
         from transformers import DynamicCache
 
@@ -442,15 +569,23 @@ class GenerationEngine:
             mask[index, width - length:] = 1
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
-        output = self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        prefill_started_at = time.perf_counter()
+        try:
+            output = self.model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        except Exception as error:  # these streams end; the running batch is not touched
+            message = error.message if isinstance(error, MaasError) else repr(error)
+            for stream in live:
+                self._deliver(stream, TokenGroup("", FINISH_ERROR, self._usage(stream), error=message))
+            return
         logits = output.logits[:, -1, :].float()
+        prefill_seconds = time.perf_counter() - prefill_started_at
         continuing: list[int] = []
         rows: list[_Row] = []
         for index, stream in enumerate(live):
@@ -461,13 +596,18 @@ class GenerationEngine:
                 stop_hold=max((len(s) for s in params.stop), default=1) - 1,
                 seen=torch.tensor(stream.prompt_ids, dtype=torch.long),
                 position=len(stream.prompt_ids),
+                prefill_started_at=prefill_started_at,
+                prefill_seconds=prefill_seconds,
+                prefill_streams=len(live),
             )
             if not self._accept(row, self._sample(row, logits[index])):
                 continuing.append(index)
                 rows.append(row)
-        if rows:
+        if rows and merge:
             # The cache was filled in place; rows that already ended are left out of it.
             self._merge(rows, cache, mask, continuing)
+        elif rows:
+            self._cut_ins.append((rows, cache, mask, continuing))
 
     def _merge(self, rows: list[_Row], cache: Any, mask: Any, keep: list[int]) -> None:
         """Add prefilled rows (`keep` of `cache`/`mask`) to the batch, left-padding the
@@ -509,14 +649,18 @@ class GenerationEngine:
         input_ids = torch.tensor([[row.pending_token] for row in rows], dtype=torch.long)
         position_ids = torch.tensor([[row.position] for row in rows], dtype=torch.long)
         self._mask = torch.cat([self._mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
-        output = self.model(
-            input_ids=input_ids,
-            attention_mask=self._mask,
-            position_ids=position_ids,
-            cache=self._cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        self._decoding, self._cut_in_taken = True, False
+        try:
+            output = self.model(
+                input_ids=input_ids,
+                attention_mask=self._mask,
+                position_ids=position_ids,
+                cache=self._cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        finally:
+            self._decoding = False
         logits = output.logits[:, -1, :].float()
         if all(row.stream.params.greedy and row.stream.params.repetition_penalty == 1.0 for row in rows):
             tokens = logits.argmax(dim=-1).tolist()
@@ -528,6 +672,9 @@ class GenerationEngine:
             if self._accept(row, int(token)):
                 finished.append(row)
         self._drop_rows(finished, None)
+        for pending in self._cut_ins:
+            self._merge(*pending)
+        self._cut_ins.clear()
 
     def _sample(self, row: _Row, logits: Any) -> int:
         import torch

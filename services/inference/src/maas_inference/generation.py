@@ -11,11 +11,13 @@ tenant's usage record is written.
 
 The Triton model's contract (fixed with the generation model in `maas_inference.triton`):
 inputs `text_input` BYTES [1] (the rendered prompt) and `sampling_parameters` BYTES [1] (JSON
-of `SamplingParameters`); each response has `text_output` BYTES [1] (the delta),
-`finish_reason` BYTES [1] ("" until the last response, then "stop", "length" or
-"cancelled") and `usage` BYTES [1] (JSON {prompt_tokens, completion_tokens,
-time_to_first_token_s}), the last one flagged final. Errors whose message starts with
-"RESOURCE_EXHAUSTED:" or "INVALID_ARGUMENT: <field>: " are answered with those codes.
+of `SamplingParameters`), the request parameter `maas.tenant` (the caller's tenant: the model
+shares its running slots and prefills fairly between tenants); each response has
+`text_output` BYTES [1] (the delta), `finish_reason` BYTES [1] ("" until the last response,
+then "stop", "length" or "cancelled") and `usage` BYTES [1] (JSON {prompt_tokens,
+completion_tokens, time_to_first_token_s, ...}), the last one flagged final. Errors whose
+message starts with "RESOURCE_EXHAUSTED:" or "INVALID_ARGUMENT: <field>: " are answered with
+those codes.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from tritonclient.grpc import service_pb2
 from maas_inference.routing import RouteTable, ServedModel, parse_deployment_name
 from maas_inference.tensors import ServingSignature
 from maas_inference.triton.client import TritonClient, TritonModelNotFound
+from maas_inference.usage import tenant_of
 
 TEXT_INPUT = "text_input"
 SAMPLING_INPUT = "sampling_parameters"
@@ -51,6 +54,7 @@ TEXT_OUTPUT = "text_output"
 FINISH_OUTPUT = "finish_reason"
 USAGE_OUTPUT = "usage"
 CHAT_ROLES = frozenset({"system", "user", "assistant"})
+TENANT_PARAMETER = "maas.tenant"
 ENABLE_FINAL_RESPONSE = "triton_enable_empty_final_response"
 FINAL_RESPONSE = "triton_final_response"
 
@@ -258,13 +262,15 @@ def sampling_parameters(request: GenerationRequest, max_tokens: int) -> Sampling
 
 
 def triton_generate_request(triton_model: str, prompt: str, sampling: SamplingParameters,
-                            request_id: str) -> service_pb2.ModelInferRequest:
-    """The generation model's request: the rendered prompt and the sampling parameters."""
+                            request_id: str, tenant: str = "") -> service_pb2.ModelInferRequest:
+    """The generation model's request: the rendered prompt, the sampling parameters and the
+    tenant the model shares its slots and prefills between."""
     request = service_pb2.ModelInferRequest(model_name=triton_model, id=request_id)
     for name, value in ((TEXT_INPUT, prompt.encode()), (SAMPLING_INPUT, sampling.to_json())):
         request.inputs.add(name=name, datatype="BYTES", shape=[1])
         request.raw_input_contents.append(struct.pack("<I", len(value)) + value)
     request.parameters[ENABLE_FINAL_RESPONSE].bool_param = True
+    request.parameters[TENANT_PARAMETER].string_param = tenant
     return request
 
 
@@ -459,7 +465,7 @@ class Generator:
         max_tokens = fit_to_context(request, prompt_tokens, facts.context_length, self._limits)
         triton_request = triton_generate_request(
             target.triton_model, prompt, sampling_parameters(request, max_tokens),
-            uuid.uuid4().hex)
+            uuid.uuid4().hex, tenant_of(principal))
         admission = (self._limiter.admit(principal, deployment_id, prompt_tokens=prompt_tokens)
                      if self._limiter is not None else contextlib.nullcontext(None))
         finish, usage = FinishReason.STOP, {}

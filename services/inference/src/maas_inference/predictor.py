@@ -26,6 +26,7 @@ from opentelemetry.metrics import Meter
 from tritonclient.grpc import service_pb2
 
 from maas_inference.coalescing import RequestCoalescer
+from maas_inference.generation import TENANT_PARAMETER
 from maas_inference.routing import (
     LiveRoute,
     Route,
@@ -43,6 +44,7 @@ from maas_inference.tensors import (
     predict_shapes,
 )
 from maas_inference.triton.client import TritonClient, TritonModelNotFound
+from maas_inference.usage import tenant_of
 
 
 @dataclass
@@ -179,6 +181,9 @@ class Predictor:
                     asked = request.parameters.get(ENABLE_FINAL_RESPONSE)
                     caller_wants_final = asked is not None and asked.bool_param
                     request.parameters[ENABLE_FINAL_RESPONSE].bool_param = True
+                    # The model shares its slots between tenants: the caller's own, whatever
+                    # the request says.
+                    request.parameters[TENANT_PARAMETER].string_param = tenant_of(principal)
                     if stream is None:
                         stream = self._triton.open_stream(timeout=timeout, metadata=trace_metadata())
                     with self._routes.in_flight.track(target.triton_model):

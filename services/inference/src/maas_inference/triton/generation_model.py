@@ -8,7 +8,9 @@ bf16 safetensors, which is slow: prefer deploying the bf16 version) and starts o
 `maas_llm.GenerationEngine` on a background thread. `execute` only checks each request and
 submits it; the engine decodes all running requests together (continuous batching) and hands
 each request's responses to a sender thread (a response is a round trip to the server process:
-the next forward does not wait for it; one thread keeps each request's responses in order). A
+the next forward does not wait for it; one thread keeps each request's responses in order,
+sends the groups that piled up meanwhile as one response per request, and a request's first
+response before other requests' later ones: `coalesce_backlog`). A
 request whose client went away (`is_cancelled()`, also a round trip, asked every
 `cancel_poll_seconds`) leaves the batch at its next step.
 
@@ -17,6 +19,9 @@ The I/O contract, shared with the inference gateway and any KServe-v2 ModelStrea
 * inputs: `text_input` BYTES [1], the prompt text (already rendered with the chat template);
   `sampling_parameters` BYTES [1], optional, a JSON object {max_tokens, temperature, top_p,
   top_k, stop, seed, repetition_penalty}.
+* request parameter `maas.tenant` (string), optional: whose stream it is. The engine shares
+  its running slots and prefills fairly across tenants (`maas_llm.engine`); requests without
+  it share one tenant. The inference gateway always sets it to the caller's tenant.
 * every response: `text_output` BYTES [1] (the text since the previous response),
   `finish_reason` BYTES [1] ("" until the last response, then "stop", "length" or
   "cancelled"), `usage` BYTES [1] (JSON {"prompt_tokens", "completion_tokens",
@@ -48,12 +53,17 @@ ARTIFACT_FORMAT_PARAMETER = "maas.artifact_format"
 TORCH_THREADS_PARAMETER = "maas.torch_threads"
 MAX_RUNNING_PARAMETER = "maas.max_running_streams"
 MAX_WAITING_PARAMETER = "maas.max_waiting_streams"
+ENGINE_NICE_PARAMETER = "maas.engine_nice"
+ENGINE_NICE = 5
+"""The forwards run below the server process that relays every response (and the gateway
+beside it on the same cores): see `EngineSettings.cpu_nice`."""
 GGUF_FORMAT = "gguf"
 OPENMP_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
 MODEL_DIRECTORY = "causal-lm"
 
 TEXT_INPUT = "text_input"
 SAMPLING_INPUT = "sampling_parameters"
+TENANT_PARAMETER = "maas.tenant"
 TEXT_OUTPUT = "text_output"
 FINISH_OUTPUT = "finish_reason"
 USAGE_OUTPUT = "usage"
@@ -84,6 +94,18 @@ def _error_response(pb_utils: Any, canonical: str, message: str) -> Any:
     return pb_utils.InferenceResponse(output_tensors=[], error=error)
 
 
+def _request_tenant(request: Any) -> str:
+    """The `maas.tenant` request parameter ("" when the request has none)."""
+    parameters = getattr(request, "parameters", None)
+    if parameters is None:
+        return ""
+    try:
+        tenant = json.loads(parameters() or "{}").get(TENANT_PARAMETER, "")
+    except ValueError:
+        return ""
+    return tenant if isinstance(tenant, str) else ""
+
+
 def _input_text(pb_utils: Any, request: Any, name: str) -> bytes | None:
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:
@@ -95,6 +117,35 @@ def _input_text(pb_utils: Any, request: Any, name: str) -> bytes | None:
         raise InvalidArgument.for_field(name, f"must hold exactly one element, got {values.size}")
     value = values[0]
     return value if isinstance(value, bytes) else str(value).encode("utf-8")
+
+
+def coalesce_backlog(
+    backlog: list[tuple[Any, TokenGroup]], started: set[int]
+) -> list[tuple[Any, TokenGroup]]:
+    """The token groups waiting to be sent, one per stream (its groups joined: the text in
+    order, the last one's finish reason and cumulative usage; an error group stays apart),
+    streams whose first response this is (not in `started`, by `id` of the sender) before
+    the others.
+
+    A response is a round trip to the server process and then a message on every hop to the
+    caller; a stream whose groups pile up behind the others' is better served by one response
+    than by several, and a new stream's first token, the one its caller is waiting for, should
+    not wait behind running streams' later ones. Without a backlog nothing changes: one group,
+    one response."""
+    from maas_llm.engine import TokenGroup
+
+    joined: dict[int, list[tuple[Any, TokenGroup]]] = {}
+    for sender, event in backlog:
+        queued = joined.setdefault(id(sender), [])
+        if queued and not queued[-1][1].final and not event.error:
+            previous = queued[-1][1]
+            queued[-1] = (sender, TokenGroup(previous.text + event.text, event.finish_reason,
+                                             event.usage, event.error))
+        else:
+            queued.append((sender, event))
+    first = [groups for key, groups in joined.items() if key not in started]
+    rest = [groups for key, groups in joined.items() if key in started]
+    return [item for groups in first + rest for item in groups]
 
 
 class TritonPythonModel:
@@ -137,6 +188,7 @@ class TritonPythonModel:
             max_running=int(parameters.get(MAX_RUNNING_PARAMETER, "8")),
             max_waiting=int(parameters.get(MAX_WAITING_PARAMETER, "32")),
             torch_threads=threads,
+            cpu_nice=int(parameters.get(ENGINE_NICE_PARAMETER, "") or ENGINE_NICE),
         )
         self._responses = queue.SimpleQueue()
         self._sender_thread = threading.Thread(
@@ -169,6 +221,7 @@ class TritonPythonModel:
                     params,
                     on_event=functools.partial(self._enqueue, sender),
                     is_cancelled=is_cancelled,
+                    tenant=_request_tenant(request),
                 )
             except MaasError as error:
                 sender.send(
@@ -182,12 +235,33 @@ class TritonPythonModel:
         self._responses.put((sender, event))
 
     def _send_responses(self, pb_utils: Any) -> None:
-        """The sender thread: send queued token groups in order until the None sentinel."""
+        """The sender thread: send queued token groups until the None sentinel, a backlog at a
+        time (`coalesce_backlog`): one response per stream for all its groups waiting, and
+        streams that have not had a response yet first."""
+        started: set[int] = set()
         while (item := self._responses.get()) is not None:
-            try:
-                self._send(pb_utils, *item)
-            except Exception:  # the client went away; the engine drops the stream on is_cancelled
-                continue
+            backlog = [item]
+            stopping = False
+            while True:
+                try:
+                    more = self._responses.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stopping = True
+                    break
+                backlog.append(more)
+            for sender, event in coalesce_backlog(backlog, started):
+                try:
+                    self._send(pb_utils, sender, event)
+                except Exception:  # the client went away; the engine drops it on is_cancelled
+                    pass
+                if event.final:
+                    started.discard(id(sender))
+                else:
+                    started.add(id(sender))
+            if stopping:
+                return
 
     def _send(self, pb_utils: Any, sender: Any, event: TokenGroup) -> None:
         """Send one token group; the last one is flagged final."""
