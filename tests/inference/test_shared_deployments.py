@@ -159,15 +159,17 @@ def test_a_create_lease_renewed_is_kept_and_a_lapsed_one_is_taken_over_by_one_re
     stores = [SqlDeploymentStore.open(table_url) for _ in range(4)]
     first = stores[0]
     try:
-        first.create("live", _record("live", 1, CREATING), "alive", 30)
-        first.create("dead", _record("dead", 1, CREATING), "died", 0.3)
-        first.create("done", _record("done", 1, CREATING), "alive", 0.3)
+        first.create("live", _record("live", 1, CREATING), "alive", 60)
+        first.create("dead", _record("dead", 1, CREATING), "died", 1)
+        first.create("done", _record("done", 1, CREATING), "alive", 1)
         first.put("done", _record("done", 1))  # recorded READY: no lease any more
-        assert first.renew_create_lease("live", "alive", 30)
-        assert not first.renew_create_lease("live", "someone-else", 30)
-        assert first.lapsed_creates() == []
-        time.sleep(0.5)
-        assert first.lapsed_creates() == ["dead"]
+        assert first.renew_create_lease("live", "alive", 60)
+        assert not first.renew_create_lease("live", "someone-else", 60)
+        assert not {"live", "done"} & set(first.lapsed_creates())
+        deadline = time.monotonic() + 30
+        while first.lapsed_creates() != ["dead"]:  # nobody renews it: it lapses
+            assert time.monotonic() < deadline, first.lapsed_creates()
+            time.sleep(0.05)
         assert first.take_over_create("live", "thief", 30) is None
         assert first.take_over_create("done", "thief", 30) is None
 
@@ -548,7 +550,8 @@ async def test_a_create_whose_replica_died_is_finished_by_another_or_recorded_fa
                 expected = registry.modules[1](torch.from_numpy(data)).numpy()
             np.testing.assert_allclose(await _predict(b, data), expected, rtol=1e-4, atol=1e-4)
 
-            await _until(lambda: b.store.get("missing")["state"] != CREATING, 30)
+            await _until(lambda: b.store.get("missing")["state"] != CREATING
+                         and b.store.get("poison")["state"] != CREATING, 30)
             missing = b.store.get("missing")
             assert missing["state"] == "DEPLOYMENT_STATE_FAILED"
             assert missing["message"].startswith("create failed:")
