@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from maas_runtime import contract_enums
 from maas_runtime.database import create_database_engine, is_postgresql, migrate, sqlite_url
 from maas_runtime.errors import Aborted, AlreadyExists, NotFound
 from sqlalchemy import (
@@ -55,7 +56,7 @@ VERSION_TABLE = "alembic_version_deployments"
 """The deployment table's own Alembic version table: it may share a database with others."""
 CHANGES_CHANNEL = "maas_deployments"
 """The PostgreSQL NOTIFY channel of deployment changes."""
-CREATING = "DEPLOYMENT_STATE_CREATING"
+CREATING = contract_enums.DEPLOYMENT_STATE_CREATING
 """The record state a create lease guards."""
 
 metadata = MetaData()
