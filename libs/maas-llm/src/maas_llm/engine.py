@@ -472,6 +472,8 @@ class GenerationEngine:
         step (the prefill budget bounds it, as between steps)."""
         if not self._decoding or self._cut_in_taken or not self._waiting:
             return
+        if threading.current_thread() is not self._thread:
+            return  # another thread running the model (a caller's own generate) never cuts in
         with self._lock:
             groups = self._admit()
         if not groups:
