@@ -17,12 +17,14 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
+from google.rpc import error_details_pb2
 from maas.inference.v1 import deployment_pb2, inference_service_pb2 as inf, inference_service_pb2_grpc
 from maas_inference.server import InferenceApp, build_server as build_inference
 from maas_inference.settings import InferenceSettings
 from maas_runtime.auth import Role, add_token
 from maas_runtime.client import open_channel
 from maas_runtime.discovery import StaticDiscovery
+from maas_runtime.grpc_errors import status_details, unpack_detail
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from tests.support.grpc_asserts import expect_error
@@ -159,3 +161,25 @@ async def test_a_kserve_stream_caller_cannot_claim_another_tenant(served, monkey
     assert set(finished.values()) <= {"stop", "length"}, finished
     assert [(r.id, r.parameters["maas.tenant"].string_param) for r in sent] == [
         ("victim", "acme"), ("empty", "acme")]
+
+
+async def test_unary_calls_to_a_generative_deployment_are_told_to_stream(served):
+    """A decoupled model answers in a stream: Predict and KServe ModelInfer are refused with
+    FAILED_PRECONDITION naming the calls that carry it, not Triton's INTERNAL."""
+    predict = served.stub.Predict(inf.PredictRequest(deployment="deployments/chat"))
+    refused = await expect_error(predict, grpc.StatusCode.FAILED_PRECONDITION)
+    assert error_reason(refused) == "STREAMING_REQUIRED" and "Generate" in refused.details()
+    token = add_token(served.tokens_file, "reader", Role.VIEWER, ("smollm",))
+    async with open_channel(served.target, token=token) as channel:
+        kserve = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        refused = await expect_error(
+            kserve.ModelInfer(kserve_generation("unary", "1, 2,", "")),
+            grpc.StatusCode.FAILED_PRECONDITION)
+    assert error_reason(refused) == "STREAMING_REQUIRED"
+    assert "ModelStreamInfer" in refused.details()
+
+
+def error_reason(error: grpc.aio.AioRpcError) -> str:
+    info = unpack_detail(status_details(error), error_details_pb2.ErrorInfo)
+    assert info is not None, error.details()
+    return info.reason

@@ -26,7 +26,7 @@ from opentelemetry.metrics import Meter
 from tritonclient.grpc import service_pb2
 
 from maas_inference.coalescing import RequestCoalescer
-from maas_inference.generation import TENANT_PARAMETER
+from maas_inference.generation import TENANT_PARAMETER, is_generative
 from maas_inference.routing import (
     LiveRoute,
     Route,
@@ -82,6 +82,7 @@ class Predictor:
         self._routes.require_triton()
         request_id = request_id or uuid.uuid4().hex
         target = live.route.pick(request_id)
+        _require_unary(target, deployment_id, "Predict")
         rows = target.signature.check(predict_shapes(inputs), "inputs")
         check_output_names(output_names, target.signature, "output_names")
         request = infer_request_from_predict(inputs, output_names, target.triton_model,
@@ -125,6 +126,7 @@ class Predictor:
         """
         deployment_id = request.model_name
         live, target, rows, request_id = self._kserve_route(request, principal)
+        _require_unary(target, deployment_id, "ModelInfer")
         async with self._limiter.admit_request(principal, deployment_id, rows) as call:
             call.version = target.version
             response = await self._infer(target, request, rows, timeout)
@@ -312,3 +314,13 @@ def _first_output(response: service_pb2.ModelInferResponse) -> np.ndarray | None
         return None
     array = np.frombuffer(response.raw_output_contents[0], dtype=dtype)
     return array.reshape(tuple(output.shape)).astype(np.float64)
+
+
+def _require_unary(target: ServedModel, deployment_id: str, method: str) -> None:
+    """A generative (decoupled) version answers in a stream of responses, which a unary call
+    cannot carry: the caller is told which calls to use instead."""
+    if is_generative(target.signature):
+        raise errors.FailedPrecondition(
+            f"deployments/{deployment_id} serves {target.version}, a generative model that "
+            f"streams its answer: {method} cannot carry it, use Generate or ModelStreamInfer",
+            reason="STREAMING_REQUIRED")
