@@ -80,7 +80,8 @@ def run_command(container: str, command: Sequence[str], *, env: dict[str, str] |
 
 def python_distributions(container: str) -> set[str]:
     """Names of the Python distributions the image's interpreter sees."""
-    result = subprocess.run(run_command(container, ["python", "-c", LIST_DISTRIBUTIONS]),
+    # python3: the service images' venv has it, and so has the Triton image (no venv there).
+    result = subprocess.run(run_command(container, ["python3", "-c", LIST_DISTRIBUTIONS]),
                             capture_output=True, text=True, check=True)
     return set(json.loads(result.stdout))
 
