@@ -1,13 +1,15 @@
-"""Image benchmark: the size of every service image, torch in it or not, and references.
+"""Image benchmark: the size of every image, torch in it or not, and references.
 
-Builds the service images as `make images` does (layers cached: an unchanged image is reused)
-and prints one table. References measured in the same run: the base image the services derive
+Builds the four service images and the Triton image as `make images` does (layers cached: an
+unchanged image is reused) and prints one table. The Triton image derives from NGC's
+tritonserver where that base can be had, else (here) from the nvidia-pytriton substitute on the
+services' base; the table says which. References measured in the same run: the base image the services derive
 from (the debootstrap bookworm root with Python 3.11), and each service's builder stage alone
 (the image one would ship by stopping there; the inference data plane's C++ toolchain lives in
 a stage of its own, so its builder holds the stripped venv only). Goal: the inference image
 under 400 MB with no torch.
 
-Run: `make bench` (or `.venv/bin/python -m tests.bench.bench_images [service ...]`); `make
+Run: `make bench` (or `.venv/bin/python -m tests.bench.bench_images [image ...]`); `make
 images` first saves the build time here.
 """
 
@@ -32,12 +34,16 @@ TORCH = {"torch", "torchao"}
 def main() -> None:
     builder = image_builder()
     # Services named on the command line, else every one.
-    services = tuple(sys.argv[1:]) or builder.SERVICES
+    services = tuple(sys.argv[1:]) or (*builder.SERVICES, builder.TRITON)
     started = time.monotonic()
+    tritonserver = (builder.TRITONSERVER_FROM_BASE
+                    if builder.TRITON in services
+                    and not builder.triton_base_available(builder.DEFAULT_TRITON_BASE)
+                    else builder.TRITONSERVER_FROM_WHEEL)
     options = builder.BuildOptions(
         base=builder.ensure_local_base(), version=VERSION, revision=builder.git_revision(),
         torch_wheels=TORCH_WHEELS if TORCH_WHEELS.is_dir() else None,
-        ca_bundle=builder.default_ca_bundle())
+        tritonserver=tritonserver, ca_bundle=builder.default_ca_bundle())
     # Each final image, then its builder stage alone, whose
     # layers the first build cached.
     naive = {}
@@ -58,7 +64,13 @@ def main() -> None:
                 f"{'met' if size < INFERENCE_GOAL_MB and not has_torch else 'MISSED'}"
                 if service == "inference" else "CPU torch" if service in ("trainer",
                                                                           "compressor") else "-")
-        rows.append((service, f"{size:.0f}", f"{size / base_mb:.2f}", f"{naive[service]:.0f}",
+        name = service
+        if service == builder.TRITON:
+            goal = "CPU torch, Python backend"
+            name = (f"triton ({builder.DEFAULT_TRITON_BASE})"
+                    if tritonserver == builder.TRITONSERVER_FROM_BASE
+                    else "triton (nvidia-pytriton substitute)")
+        rows.append((name, f"{size:.0f}", f"{size / base_mb:.2f}", f"{naive[service]:.0f}",
                      f"{size / naive[service]:.2f}", "yes" if has_torch else "no", goal))
     widths = [max(len(str(row[i])) for row in (header, *rows)) for i in range(len(header))]
     print()
