@@ -225,13 +225,18 @@ async def test_a_limits_file_change_applies_on_every_replica_without_restart(
         assert all([await request(a), await request(b)])
 
 
-async def test_an_unreachable_database_leaves_each_replica_to_its_own_counts(tmp_path, caplog):
+def limiter_on_unreachable_database(tmp_path, limits: str) -> TenantLimiter:
+    """A limiter with `limits`, told to share them through a database nothing answers for."""
     clock = Clock()
     path = tmp_path / "limits.yaml"
-    write_limits(path, "default: {requests_per_minute: 2}")
-    limiter = TenantLimiter(
+    write_limits(path, limits)
+    return TenantLimiter(
         TenancyConfigSource(path, recheck_seconds=0, monotonic=clock), clock=clock,
         monotonic=clock, shared=SharedLimits("postgresql://postgres@127.0.0.1:1/nowhere"))
+
+
+async def test_an_unreachable_database_leaves_each_replica_to_its_own_counts(tmp_path, caplog):
+    limiter = limiter_on_unreachable_database(tmp_path, "default: {requests_per_minute: 2}")
     try:
         with caplog.at_level(logging.WARNING, logger="maas_inference.tenancy"):
             assert [await request(limiter) for _ in range(3)] == [True, True, False]
@@ -242,12 +247,8 @@ async def test_an_unreachable_database_leaves_each_replica_to_its_own_counts(tmp
 
 async def test_calls_no_minute_or_stream_limit_concerns_never_reach_the_database(
         tmp_path, caplog):
-    clock = Clock()
-    path = tmp_path / "limits.yaml"
-    write_limits(path, "default: {requests_per_day: 2, tokens_per_minute: 5}")
-    limiter = TenantLimiter(
-        TenancyConfigSource(path, recheck_seconds=0, monotonic=clock), clock=clock,
-        monotonic=clock, shared=SharedLimits("postgresql://postgres@127.0.0.1:1/nowhere"))
+    limiter = limiter_on_unreachable_database(
+        tmp_path, "default: {requests_per_day: 2, tokens_per_minute: 5}")
     try:
         with caplog.at_level(logging.WARNING, logger="maas_inference.tenancy"):
             # Predict spends no tokens: only the (ledger-shared) daily quota concerns it.
