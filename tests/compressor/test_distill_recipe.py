@@ -2,7 +2,7 @@
 clauses, disjoint from the held-out sets), the validation sentences (held out, not the fixed
 measurement set), the warm-up + cosine learning-rate factor, the loss that adds the batch's
 pairwise similarities and the masked token states to the per-embedding terms, and the
-length-bucketed batches."""
+length-bucketed batches; the standard library's docstring prose as extra training text."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 from maas_compressor.hf_models import (
     corpus_sentences,
+    docstring_sentences,
     probe_sentences,
     training_sentences,
     validation_sentences,
@@ -17,11 +18,16 @@ from maas_compressor.hf_models import (
 from maas_compressor.steps.transformer import (
     MIN_CLAUSE_CHARACTERS,
     WARM_UP_SHARE,
+    TeacherTargets,
+    _tokenized,
     distillation_loss,
     distillation_texts,
     learning_rate_factor,
     length_bucketed_batches,
+    pooled_states,
 )
+from maas_text import minilm_directory
+from transformers import AutoModel, AutoTokenizer
 
 
 def test_training_texts_add_clauses_and_never_hold_a_held_out_sentence():
@@ -100,3 +106,42 @@ def test_length_bucketed_batches_cover_every_text_once_with_similar_lengths_toge
     again = length_bucketed_batches(lengths, 32, torch.Generator().manual_seed(0))
     assert again == batches
     assert length_bucketed_batches(lengths, 32, torch.Generator().manual_seed(1)) != batches
+
+
+def test_docstring_sentences_are_prose_read_from_the_stdlib_source_and_never_held_out():
+    sentences = docstring_sentences()
+    assert len(sentences) > 2 * len(corpus_sentences())  # several times the documentation topics
+    assert len(sentences) == len(set(sentences))
+    assert not set(sentences) & set(corpus_sentences())  # so none is a held-out sentence
+    assert not any(">>>" in s for s in sentences)
+    assert all(20 <= len(s) <= 400 for s in sentences)
+    # the json module's docstring, read from json/__init__.py without importing it
+    assert any(s.startswith("JSON (JavaScript Object Notation)") for s in sentences)
+    assert docstring_sentences() == sentences
+
+
+def test_teacher_targets_are_the_teachers_states_computed_once_per_text():
+    directory = minilm_directory()
+    teacher = AutoModel.from_pretrained(str(directory), local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    texts = ["A short one.", "A somewhat longer sentence about the standard library's modules.",
+             "Another text.", "Unused."]
+    targets = TeacherTargets(teacher, "mean", len(texts))
+    chosen = [1, 0, 2]
+    batch = _tokenized(tokenizer, [texts[i] for i in chosen])
+    embeddings, states = targets.of(chosen, batch)
+
+    assert states.shape == (3, batch["input_ids"].shape[1], 384) and embeddings.shape == (3, 384)
+    for row, index in enumerate(chosen):
+        alone = _tokenized(tokenizer, [texts[index]])
+        with torch.no_grad():
+            hidden = teacher(**alone).last_hidden_state
+        tokens = hidden.shape[1]
+        assert torch.allclose(states[row, :tokens], hidden[0], atol=2e-2)  # float16 kept
+        assert not states[row, tokens:].any()  # zeros past the text's end
+        assert torch.allclose(embeddings[row], pooled_states(hidden, alone["attention_mask"], "mean")[0],
+                              atol=1e-4)
+    assert targets.states[3] is None  # texts no batch held cost no teacher run
+    targets.teacher = None  # a text seen before never runs the teacher again
+    again, _ = targets.of([2, 0], _tokenized(tokenizer, [texts[2], texts[0]]))
+    assert torch.equal(again, embeddings[[2, 1]])

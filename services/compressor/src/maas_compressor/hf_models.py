@@ -11,7 +11,8 @@ The quality of a compressed encoder is judged against the source's embeddings on
 sentence set: the mean cosine of each sentence's pair of embeddings, and the Spearman rank
 correlation of all pairwise similarities (what a retrieval or clustering user sees). The
 sentences come from the standard library's documentation text (`pydoc_data.topics`), split
-deterministically into a training part (distillation) and a held-out part (measurements).
+deterministically into a training part (distillation) and a held-out part (measurements);
+distillation may add the prose of the standard library's docstrings (never held out).
 """
 
 from __future__ import annotations
@@ -49,20 +50,51 @@ DEFAULT_INTERLEAVED_ROUNDS = 15
 _MIN_SENTENCE_CHARACTERS = 20
 _MAX_SENTENCE_CHARACTERS = 400
 _WARM_UP_RUNS = 2
+_SKIPPED_STDLIB_FOLDERS = frozenset({"test", "tests", "idlelib", "tkinter", "turtledemo", "lib2to3",
+                                     "site-packages", "dist-packages", "pydoc_data", "ensurepip"})
+_PROSE = re.compile(r"[a-z]{3,} [a-z]{3,} [a-z]{2,}")
+"""Three lower-case words in a row: a docstring sentence that is prose, not a signature."""
+
+
+def _sentences(text: str) -> list[str]:
+    """`text`'s sentences of a sensible length, whitespace collapsed."""
+    sentences = (s.strip() for s in re.split(r"(?<=[.!?:])\s+(?=[A-Z])", re.sub(r"\s+", " ", text)))
+    return [s for s in sentences if _MIN_SENTENCE_CHARACTERS <= len(s) <= _MAX_SENTENCE_CHARACTERS]
 
 
 def corpus_sentences() -> list[str]:
     """The standard library's documentation topics as sentences, in a fixed order."""
     from pydoc_data.topics import topics
 
-    sentences: list[str] = []
-    for key in sorted(topics):
-        text = re.sub(r"\s+", " ", topics[key])
-        for sentence in re.split(r"(?<=[.!?:])\s+(?=[A-Z])", text):
-            sentence = sentence.strip()
-            if _MIN_SENTENCE_CHARACTERS <= len(sentence) <= _MAX_SENTENCE_CHARACTERS:
-                sentences.append(sentence)
+    sentences = [sentence for key in sorted(topics) for sentence in _sentences(topics[key])]
     return list(dict.fromkeys(sentences))  # topics repeat some boilerplate
+
+
+def docstring_sentences() -> list[str]:
+    """Prose sentences of the docstrings (modules, classes, functions) in the standard
+    library's source files, in a fixed order, deduplicated and none a `corpus_sentences`
+    sentence (so none is held out): more English text to distill on. The files are parsed
+    with `ast`, never imported or run; tests, GUI and vendored packages are skipped, and so
+    are doctest lines and fragments without three words in a row."""
+    import ast
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(path for path in root.rglob("*.py")
+                   if not set(path.relative_to(root).parts[:-1]) & _SKIPPED_STDLIB_FOLDERS
+                   and not path.name.startswith("test_"))
+    corpus = set(corpus_sentences())
+    sentences: list[str] = []
+    for path in files:
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue  # lib2to3-style fixtures and non-UTF-8 files hold no prose we need
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                sentences.extend(s for s in _sentences(ast.get_docstring(node) or "")
+                                 if ">>>" not in s and _PROSE.search(s) and s not in corpus)
+    return list(dict.fromkeys(sentences))
 
 
 def training_sentences() -> list[str]:
