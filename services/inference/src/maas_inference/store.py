@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TypeVar
 
 from maas_runtime import contract_enums
 from maas_runtime.database import create_database_engine, is_postgresql, migrate, sqlite_url
@@ -37,11 +38,13 @@ from sqlalchemy import (
     Column,
     Connection,
     DateTime,
+    Delete,
     Engine,
     Integer,
     MetaData,
     String,
     Table,
+    Update,
     delete,
     func,
     insert,
@@ -69,6 +72,11 @@ deployments = Table(
     Column("create_lease_expires", DateTime(timezone=True)),
     Column("create_interruptions", Integer, nullable=False, server_default="0"),
 )
+
+_IS_CREATING = deployments.c.record["state"].as_string() == CREATING
+"""The rows a create lease guards."""
+
+_Statement = TypeVar("_Statement", Update, Delete)
 
 LocalWriteHook = Callable[[str, dict | None], None]
 """Called after this process committed a deployment's record (None: deleted)."""
@@ -191,7 +199,7 @@ class SqlDeploymentStore(DeploymentStore):
     @staticmethod
     def _lapsed(now: datetime):
         columns = deployments.c
-        return (columns.record["state"].as_string() == CREATING) & or_(
+        return _IS_CREATING & or_(
             columns.create_lease_owner.is_(None), columns.create_lease_expires.is_(None),
             columns.create_lease_expires < now)
 
@@ -217,9 +225,8 @@ class SqlDeploymentStore(DeploymentStore):
         return dict(record)
 
     def put(self, deployment_id: str, record: dict, expected_etag: str | None = None) -> None:
-        statement = update(deployments).where(deployments.c.id == deployment_id)
-        if expected_etag is not None:
-            statement = statement.where(deployments.c.record["etag"].as_string() == expected_etag)
+        statement = _with_etag(update(deployments).where(deployments.c.id == deployment_id),
+                               expected_etag)
         values: dict = {"record": record}
         if record.get("state") != CREATING:
             values.update(create_lease_owner=None, create_lease_expires=None)
@@ -230,9 +237,8 @@ class SqlDeploymentStore(DeploymentStore):
                               reason="ETAG_MISMATCH")
 
     def delete(self, deployment_id: str, expected_etag: str | None = None) -> bool:
-        statement = delete(deployments).where(deployments.c.id == deployment_id)
-        if expected_etag is not None:
-            statement = statement.where(deployments.c.record["etag"].as_string() == expected_etag)
+        statement = _with_etag(delete(deployments).where(deployments.c.id == deployment_id),
+                               expected_etag)
         with self._write(deployment_id, None) as connection:
             return connection.execute(statement).rowcount > 0
 
@@ -241,8 +247,7 @@ class SqlDeploymentStore(DeploymentStore):
             return connection.execute(
                 update(deployments)
                 .where(deployments.c.id == deployment_id,
-                       deployments.c.create_lease_owner == owner,
-                       deployments.c.record["state"].as_string() == CREATING)
+                       deployments.c.create_lease_owner == owner, _IS_CREATING)
                 .values(create_lease_expires=self._lease_now(connection)
                         + timedelta(seconds=lease_seconds))).rowcount > 0
 
@@ -262,7 +267,6 @@ class SqlDeploymentStore(DeploymentStore):
 
     def take_over_create(self, deployment_id: str, owner: str,
                          lease_seconds: float) -> TakenOverCreate | None:
-        taken: TakenOverCreate | None = None
         with self._engine.begin() as connection:
             now = self._lease_now(connection)
             row = connection.execute(
@@ -280,8 +284,7 @@ class SqlDeploymentStore(DeploymentStore):
                 .values(record=record, create_lease_owner=owner,
                         create_lease_expires=now + timedelta(seconds=lease_seconds),
                         create_interruptions=interruptions))
-            taken = TakenOverCreate(record, interruptions)
-        return taken
+        return TakenOverCreate(record, interruptions)
 
     def list(self, after: str, limit: int) -> list[tuple[str, dict]]:
         with self._engine.connect() as connection:
@@ -289,6 +292,13 @@ class SqlDeploymentStore(DeploymentStore):
                 select(deployments.c.id, deployments.c.record)
                 .where(deployments.c.id > after).order_by(deployments.c.id).limit(limit)).all()
         return [(deployment_id, dict(record)) for deployment_id, record in rows]
+
+
+def _with_etag(statement: _Statement, expected_etag: str | None) -> _Statement:
+    """`statement` narrowed to the record while it still has `expected_etag` (None: any)."""
+    if expected_etag is None:
+        return statement
+    return statement.where(deployments.c.record["etag"].as_string() == expected_etag)
 
 
 def _aware(value: datetime) -> datetime:
