@@ -193,7 +193,8 @@ class SqlDeploymentStore(DeploymentStore):
         replicas share it (a replica whose clock runs ahead would take over live leases),
         this process's on SQLite (one instance)."""
         if self.shared:
-            return _aware(connection.execute(select(func.statement_timestamp())).scalar_one())
+            # timestamptz: psycopg returns it zone-aware, comparable with the lease columns.
+            return connection.execute(select(func.statement_timestamp())).scalar_one()
         return datetime.now(UTC)
 
     @staticmethod
@@ -299,11 +300,6 @@ def _with_etag(statement: _Statement, expected_etag: str | None) -> _Statement:
     if expected_etag is None:
         return statement
     return statement.where(deployments.c.record["etag"].as_string() == expected_etag)
-
-
-def _aware(value: datetime) -> datetime:
-    """A timestamp read back from the database, in UTC (SQLite drops the zone)."""
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def SqliteDeploymentStore(path: Path) -> SqlDeploymentStore:  # noqa: N802 (the old class name)
