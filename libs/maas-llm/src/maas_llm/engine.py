@@ -452,7 +452,7 @@ class GenerationEngine:
                     if self._rows:
                         self._decode_step()
                 except Exception as error:  # a broken forward ends every stream, not the thread
-                    message = error.message if isinstance(error, MaasError) else repr(error)
+                    message = _error_message(error)
                     self._drop_rows(list(self._rows), FINISH_ERROR, error=message)
                     for rows, *_ in self._cut_ins:
                         for row in rows:
@@ -537,8 +537,8 @@ class GenerationEngine:
             prefill_streams=row.prefill_streams,
         )
 
-    def _finish_unstarted(self, stream: GenerationStream, reason: str) -> None:
-        self._deliver(stream, TokenGroup("", reason, self._usage(stream)))
+    def _finish_unstarted(self, stream: GenerationStream, reason: str, *, error: str = "") -> None:
+        self._deliver(stream, TokenGroup("", reason, self._usage(stream), error=error))
 
     def _new_generator(self, seed: int | None) -> Any:
         import torch
@@ -582,9 +582,9 @@ class GenerationEngine:
                 logits_to_keep=1,
             )
         except Exception as error:  # these streams end; the running batch is not touched
-            message = error.message if isinstance(error, MaasError) else repr(error)
+            message = _error_message(error)
             for stream in live:
-                self._deliver(stream, TokenGroup("", FINISH_ERROR, self._usage(stream), error=message))
+                self._finish_unstarted(stream, FINISH_ERROR, error=message)
             return
         logits = output.logits[:, -1, :].float()
         prefill_seconds = time.perf_counter() - prefill_started_at
@@ -773,6 +773,11 @@ class GenerationEngine:
             layer.keys = layer.keys.index_select(0, indices)[:, :, first_used:, :]
             layer.values = layer.values.index_select(0, indices)[:, :, first_used:, :]
         self._rows = [self._rows[index] for index in keep]
+
+
+def _error_message(error: Exception) -> str:
+    """What a stream ended by a failed forward is told."""
+    return error.message if isinstance(error, MaasError) else repr(error)
 
 
 def _stop_prefix_length(text: str, stops: Sequence[str]) -> int:
