@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from maas_runtime import contract_enums, errors
@@ -94,9 +95,14 @@ class DeploymentFollower:
         await self._adopt_live()
         self._tasks = [asyncio.create_task(self._listen_forever(), name="deployment-listener"),
                        asyncio.create_task(self._follow_forever(), name="deployment-follower"),
-                       asyncio.create_task(self._resync_forever(), name="deployment-resync"),
-                       asyncio.create_task(self._take_over_forever(),
-                                           name="deployment-create-takeover")]
+                       asyncio.create_task(self._every(
+                           self._resync_seconds, self.resync,
+                           "comparing the deployment table with the live routes"),
+                           name="deployment-resync"),
+                       asyncio.create_task(self._every(
+                           self._takeover_seconds, self._controller.take_over_lapsed_creates,
+                           "taking over interrupted deployment creates"),
+                           name="deployment-create-takeover")]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -146,23 +152,16 @@ class DeploymentFollower:
         if writer != self._store.replica_id:
             self._enqueue(deployment_id)
 
-    async def _resync_forever(self) -> None:
+    @staticmethod
+    async def _every(seconds: float, work: Callable[[], Awaitable[None]], what: str) -> None:
+        """Run `work` every `seconds` until cancelled; a failure is logged and the next run
+        comes as planned."""
         while True:
-            await asyncio.sleep(self._resync_seconds)
+            await asyncio.sleep(seconds)
             try:
-                await self.resync()
+                await work()
             except Exception:
-                _log.exception("comparing the deployment table with the live routes failed")
-
-    async def _take_over_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._takeover_seconds)
-            try:
-                await self._controller.take_over_lapsed_creates()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                _log.exception("taking over interrupted deployment creates failed")
+                _log.exception("%s failed", what)
 
     async def resync(self) -> None:
         """Queue every deployment whose live route differs from the table."""
