@@ -13,8 +13,9 @@ similarities.
 - the 3-layer student: the compressor's distill step with its default recipe (teacher layers
   chosen by untrained Spearman on validation sentences that are not the fixed set, embedding
   MSE + cosine + pairwise-similarity + token-state losses on cached teacher targets, texts at
-  ≤ 32 tokens in length-bucketed batches, warm-up + cosine learning rate, word-embedding table
-  kept), trained on one thread for at most 12 epochs or 20 minutes: goals ≥ 1.8× faster,
+  ≤ 128 tokens in length-bucketed batches, warm-up + cosine learning rate, word-embedding table kept), trained
+  on one thread for 20 minutes (the epochs cap is out of reach: the time budget ends the
+  schedule): goals ≥ 1.8× faster,
   Spearman ≥ 0.9; and the same student through the int8 search (the pipeline distill →
   quantize) for comparison.
 Latencies are timed in interleaved rounds (every encoder once per round, in a rotating order,
@@ -51,7 +52,7 @@ from maas_text import minilm_directory, zip_directory
 from tests.compressor.torch_helpers import RecordingContext
 
 TIMING_ROUNDS = 21
-DISTILL_EPOCHS = 12
+DISTILL_EPOCHS = 100
 DISTILL_SECONDS = 1200.0
 SOURCE = "MiniLM torch fp32 (teacher)"
 ONNX_FP32 = "MiniLM fp32 ONNX (convert)"
