@@ -56,7 +56,7 @@ from maas_inference.routing import (
     ShadowStats,
     parse_deployment_name,
 )
-from maas_inference.store import DeploymentStore
+from maas_inference.store import DeploymentStore, new_etag
 from maas_inference.tensors import ServingSignature, TensorRule
 from maas_inference.triton.client import TritonClient
 from maas_inference.triton.model_repository import (
@@ -349,7 +349,7 @@ class DeploymentController:
             "serving_versions": [m.version for m, _ in route.targets] if route else [],
             "served_versions": _served_versions(route) if route else [],
             "resolved": resolved or {}, "create_time": created or _now(), "update_time": _now(),
-            "etag": uuid.uuid4().hex[:16],
+            "etag": new_etag(),
         }
 
     # -- use cases ----------------------------------------------------------------------------
@@ -476,7 +476,7 @@ class DeploymentController:
 
     async def _record_create_failed(self, deployment_id: str, record: dict, why: str) -> None:
         failed = {**record, "state": FAILED, "message": why, "update_time": _now(),
-                  "etag": uuid.uuid4().hex[:16]}
+                  "etag": new_etag()}
         with contextlib.suppress(errors.Aborted):  # deleted meanwhile
             await asyncio.to_thread(self._store.put, deployment_id, failed, record["etag"])
 
@@ -554,7 +554,7 @@ class DeploymentController:
         records the rollout; the others follow its record. Only the taker writes after it."""
         self._routes.require_triton()
         rolling = {**current, "state": ROLLING_OUT, "update_time": _now(),
-                   "etag": uuid.uuid4().hex[:16]}
+                   "etag": new_etag()}
         await asyncio.to_thread(self._store.put, deployment_id, rolling, current["etag"])
         try:
             route, resolved = await self._build_route(deployment_id, spec, pinned)

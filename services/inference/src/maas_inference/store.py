@@ -78,6 +78,11 @@ _IS_CREATING = deployments.c.record["state"].as_string() == CREATING
 
 _Statement = TypeVar("_Statement", Update, Delete)
 
+def new_etag() -> str:
+    """A fresh etag for a deployment record that changed."""
+    return uuid.uuid4().hex[:16]
+
+
 LocalWriteHook = Callable[[str, dict | None], None]
 """Called after this process committed a deployment's record (None: deleted)."""
 
@@ -279,7 +284,7 @@ class SqlDeploymentStore(DeploymentStore):
                 return None
             # A lease given up (no owner) was not interrupted; one that lapsed was.
             interruptions = row.create_interruptions + (row.create_lease_owner is not None)
-            record = {**dict(row.record), "etag": uuid.uuid4().hex[:16]}
+            record = {**dict(row.record), "etag": new_etag()}
             connection.execute(
                 update(deployments).where(deployments.c.id == deployment_id)
                 .values(record=record, create_lease_owner=owner,
