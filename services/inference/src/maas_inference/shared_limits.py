@@ -91,6 +91,14 @@ class SharedWindow:
     seconds: list[tuple[int, int, int]]
     live_streams: int
 
+    def requests(self) -> list[tuple[int, int]]:
+        """(second, requests) of the window, oldest first."""
+        return [(second, requests) for second, requests, _ in self.seconds]
+
+    def tokens(self) -> list[tuple[int, int]]:
+        """(second, tokens) of the window, oldest first."""
+        return [(second, tokens) for second, _, tokens in self.seconds]
+
 
 @dataclass(frozen=True)
 class Ask:

@@ -522,8 +522,8 @@ class TenantLimiter:
         # The answer is the in-memory checks' on what the database read: the same refusal
         # (limit named, RetryInfo) a single replica gives.
         view = dataclasses.replace(
-            state, requests_minute=_MinuteWindow((s, r) for s, r, _ in window.seconds),
-            tokens_minute=_MinuteWindow((s, t) for s, _, t in window.seconds),
+            state, requests_minute=_MinuteWindow(window.requests()),
+            tokens_minute=_MinuteWindow(window.tokens()),
             streams=window.live_streams)
         try:
             self._check(lease.tenant, limits, view, now, stream, tokens)
@@ -596,7 +596,7 @@ class TenantLimiter:
         for tenant, window in (await self._shared.flush(now)).items():
             state = self._tenants.get(tenant)
             if state is not None:
-                tokens = _MinuteWindow((s, t) for s, _, t in window.seconds)
+                tokens = _MinuteWindow(window.tokens())
                 for second, amount in self._shared.unwritten(tenant):
                     tokens.add(second, amount)  # charged while the flush was under way
                 state.shared_tokens_minute = tokens
