@@ -2,7 +2,8 @@
 clauses, disjoint from the held-out sets), the validation sentences (held out, not the fixed
 measurement set), the warm-up + cosine learning-rate factor, the loss that adds the batch's
 pairwise similarities and the masked token states to the per-embedding terms, and the
-length-bucketed batches; the standard library's docstring prose as extra training text."""
+length-bucketed batches; the standard library's docstring prose as extra training text, mixed
+into each epoch at a share of the batches."""
 
 from __future__ import annotations
 
@@ -23,8 +24,11 @@ from maas_compressor.steps.transformer import (
     distillation_loss,
     distillation_texts,
     learning_rate_factor,
+    endless_batches,
     length_bucketed_batches,
+    mixed_batches,
     pooled_states,
+    set_dropout,
 )
 from maas_text import minilm_directory
 from transformers import AutoModel, AutoTokenizer
@@ -145,3 +149,29 @@ def test_teacher_targets_are_the_teachers_states_computed_once_per_text():
     targets.teacher = None  # a text seen before never runs the teacher again
     again, _ = targets.of([2, 0], _tokenized(tokenizer, [texts[2], texts[0]]))
     assert torch.equal(again, embeddings[[2, 1]])
+
+
+def test_an_epoch_keeps_every_corpus_batch_in_order_and_mixes_in_extra_batches_at_the_share():
+    corpus = [[i] for i in range(2000)]
+    extra = endless_batches([3, 1, 2], 10_000, 1, torch.Generator().manual_seed(0))
+    epoch = mixed_batches(corpus, extra, 0.5, torch.Generator().manual_seed(0))
+
+    assert [b for b in epoch if b[0] < 10_000] == corpus  # every corpus batch, in its order
+    drawn = [b[0] for b in epoch if b[0] >= 10_000]
+    assert 0.45 < len(drawn) / len(epoch) < 0.55
+    assert sorted(drawn[:3]) == [10_000, 10_001, 10_002]  # the extra texts cycle: each once per round
+    assert sorted(drawn[3:6]) == [10_000, 10_001, 10_002]
+    assert mixed_batches(corpus, extra, 0.0, torch.Generator()) == corpus
+    assert mixed_batches(corpus, None, 0.5, torch.Generator()) == corpus
+    quarter = mixed_batches(corpus, extra, 0.25, torch.Generator().manual_seed(1))
+    assert 0.2 < 1 - len(corpus) / len(quarter) < 0.3
+
+
+def test_set_dropout_turns_off_every_dropout_of_an_encoder_in_training_mode():
+    encoder = AutoModel.from_pretrained(str(minilm_directory()), local_files_only=True).train()
+    batch = _tokenized(AutoTokenizer.from_pretrained(str(minilm_directory()), local_files_only=True),
+                       ["Dropout makes two training passes differ."])
+    with torch.no_grad():
+        assert not torch.equal(encoder(**batch).last_hidden_state, encoder(**batch).last_hidden_state)
+        set_dropout(encoder, 0.0)
+        assert torch.equal(encoder(**batch).last_hidden_state, encoder(**batch).last_hidden_state)

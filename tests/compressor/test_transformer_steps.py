@@ -155,7 +155,7 @@ def test_quantize_refuses_an_already_int8_encoder_and_a_dtype_encoders_do_not_ta
 def test_distillation_into_three_layers_improves_on_the_untrained_student(
         minilm: ModelUnderCompression, tmp_path: Path, reference: np.ndarray):
     result = distill(minilm, {"layers": [1, 3, 5], "epochs": 1, "training_sentences": 256,
-                              "learning_rate": 2e-4}, context(tmp_path))
+                              "learning_rate": 2e-4, "docstring_share": 0}, context(tmp_path))
     form = result.model.form
     assert isinstance(form, HfForm) and form.runtime == RUNTIME_TORCH
     assert result.details["spearman"] > result.details["spearman_untrained"]
@@ -188,6 +188,11 @@ def test_distill_refuses_layers_the_teacher_does_not_have_and_an_onnx_teacher(
     with pytest.raises(InvalidArgument) as error:
         distill(minilm, {"layers": [0, 7]}, context(tmp_path))
     assert error.value.field_violations[0].field == "layers"
+    for field, value in (("docstring_share", 1), ("docstring_share", 1.5), ("docstring_share", -0.1),
+                         ("docstring_share", "half"), ("dropout", 1), ("dropout", -0.5), ("dropout", True)):
+        with pytest.raises(InvalidArgument) as error:
+            distill(minilm, {field: value}, context(tmp_path))
+        assert error.value.field_violations[0].field == field
     with pytest.raises(FailedPrecondition, match="torch"):
         distill(converted[0].model, {}, context(tmp_path))
 
