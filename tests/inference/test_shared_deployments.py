@@ -21,8 +21,8 @@ import sqlalchemy
 import torch
 from maas.registry.v1 import registry_service_pb2 as rs, registry_service_pb2_grpc
 from maas_inference.controller import (
-    CreateLeasePolicy,
     DeploymentController,
+    LeasePolicy,
     ReplicaLoad,
     ServingDefaults,
 )
@@ -163,36 +163,36 @@ def test_a_create_lease_renewed_is_kept_and_a_lapsed_one_is_taken_over_by_one_re
         first.create("dead", _record("dead", 1, CREATING), "died", 1)
         first.create("done", _record("done", 1, CREATING), "alive", 1)
         first.put("done", _record("done", 1))  # recorded READY: no lease any more
-        assert first.renew_create_lease("live", "alive", 60)
-        assert not first.renew_create_lease("live", "someone-else", 60)
-        assert not {"live", "done"} & set(first.lapsed_creates())
+        assert first.renew_lease("live", "alive", 60)
+        assert not first.renew_lease("live", "someone-else", 60)
+        assert not {"live", "done"} & set(first.lapsed_leases())
         deadline = time.monotonic() + 30
-        while first.lapsed_creates() != ["dead"]:  # nobody renews it: it lapses
-            assert time.monotonic() < deadline, first.lapsed_creates()
+        while first.lapsed_leases() != ["dead"]:  # nobody renews it: it lapses
+            assert time.monotonic() < deadline, first.lapsed_leases()
             time.sleep(0.05)
-        assert first.take_over_create("live", "thief", 30) is None
-        assert first.take_over_create("done", "thief", 30) is None
+        assert first.take_over("live", "thief", 30) is None
+        assert first.take_over("done", "thief", 30) is None
 
         taken: dict[int, object] = {}
         run_together(lambda number: taken.__setitem__(
-            number, stores[number].take_over_create("dead", f"replica-{number}", 30)), 4)
+            number, stores[number].take_over("dead", f"replica-{number}", 30)), 4)
         winners = {number: result for number, result in taken.items() if result is not None}
         assert len(taken) == 4 and len(winners) == 1, taken
         (winner, takeover), = winners.items()
         assert takeover.interruptions == 1
         assert takeover.record["etag"] != _record("dead", 1, CREATING)["etag"]
         assert takeover.record == {**first.get("dead"), "etag": takeover.record["etag"]}
-        assert first.lapsed_creates() == []
+        assert first.lapsed_leases() == []
         # The dead holder's writes (were it only stalled) fail; the taker's lease is its own.
         with pytest.raises(Aborted):
             first.put("dead", _record("dead", 1), _record("dead", 1, CREATING)["etag"])
         assert not first.delete("dead", _record("dead", 1, CREATING)["etag"])
-        assert not first.renew_create_lease("dead", "died", 30)
-        assert first.renew_create_lease("dead", f"replica-{winner}", 30)
+        assert not first.renew_lease("dead", "died", 30)
+        assert first.renew_lease("dead", f"replica-{winner}", 30)
 
-        first.release_create_lease("dead", f"replica-{winner}")  # e.g. the registry is down
-        assert first.lapsed_creates() == ["dead"]
-        again = first.take_over_create("dead", "replica-9", 30)
+        first.release_lease("dead", f"replica-{winner}")  # e.g. the registry is down
+        assert first.lapsed_leases() == ["dead"]
+        again = first.take_over("dead", "replica-9", 30)
         assert again is not None and again.interruptions == 1  # given up, not interrupted
         assert first.delete("dead", again.record["etag"])
         with pytest.raises(NotFound):
@@ -207,11 +207,87 @@ def test_creating_records_from_before_create_leases_are_taken_over(postgres_url)
     store = SqlDeploymentStore.open(postgres_url)
     try:
         store.create("old", _record("old", 1, CREATING))
-        assert store.lapsed_creates() == ["old"]
-        taken = store.take_over_create("old", "new-replica", 30)
+        assert store.lapsed_leases() == ["old"]
+        taken = store.take_over("old", "new-replica", 30)
         assert taken is not None and taken.interruptions == 0
     finally:
         store.close()
+
+
+ROLLING_OUT = "DEPLOYMENT_STATE_ROLLING_OUT"
+
+
+def _left_rolling_out(record: dict, model: str, etag: str) -> dict:
+    """The record a replica writes when it starts rolling `record` out to `model` (what it
+    leaves behind when it dies before recording READY): what was served, and the target."""
+    spec = {key: record[key] for key in ("model", "track_alias", "traffic", "shadow",
+                                         "serving")}
+    return {**record, "state": ROLLING_OUT, "etag": etag,
+            "rollout": {"spec": {**spec, "model": model}, "pinned": None,
+                        "from_state": record["state"]}}
+
+
+def test_a_lapsed_rollout_lease_is_taken_over_by_one_replica_and_its_holder_refused(
+        table_url):
+    """What a replica that died mid-rollout leaves: a ROLLING_OUT record (what was served,
+    and where it goes) whose lease nobody renews. Once it lapsed, exactly one of the replicas
+    racing for it takes it over, the rollout's target kept and a new etag given, so the old
+    holder, were it only stalled, can neither record its rollout, renew its lease nor delete
+    the deployment. The lease ends when the rollout is recorded; a next rollout's
+    interruptions count from 0 again."""
+    stores = [SqlDeploymentStore.open(table_url) for _ in range(4)]
+    first = stores[0]
+    try:
+        first.create("d", _record("d", 1))
+        first.create("live", _record("live", 1))
+        assert first.lapsed_leases() == []  # READY: no lease to lapse
+        rolling = _left_rolling_out(first.get("d"), "models/digits/versions/2", "rolling")
+        with pytest.raises(Aborted):  # the rollout starts only from the record it read
+            first.put("d", rolling, "not-the-etag", "holder", 1)
+        first.put("d", rolling, _record("d", 1)["etag"], "holder", 1)
+        first.put("live", _left_rolling_out(first.get("live"), "models/digits/versions/2",
+                                            "live-rolling"), _record("live", 1)["etag"],
+                  "alive", 60)
+        assert first.renew_lease("d", "holder", 1)
+        assert not first.renew_lease("d", "someone-else", 1)
+        assert first.take_over("live", "thief", 30) is None
+        deadline = time.monotonic() + 30
+        while first.lapsed_leases() != ["d"]:  # the holder stopped renewing: it lapses
+            assert time.monotonic() < deadline, first.lapsed_leases()
+            time.sleep(0.05)
+
+        taken: dict[int, object] = {}
+        run_together(lambda number: taken.__setitem__(
+            number, stores[number].take_over("d", f"replica-{number}", 30)), 4)
+        winners = {number: result for number, result in taken.items() if result is not None}
+        assert len(taken) == 4 and len(winners) == 1, taken
+        (winner, takeover), = winners.items()
+        assert takeover.interruptions == 1
+        assert takeover.record["etag"] != "rolling"
+        assert takeover.record == {**rolling, "etag": takeover.record["etag"]}  # target kept
+        assert first.get("d") == takeover.record
+        assert first.lapsed_leases() == []
+        # The stalled holder's late writes are refused; the taker's lease is its own.
+        with pytest.raises(Aborted) as late:
+            first.put("d", _record("d", 2), "rolling")
+        assert late.value.reason == "ETAG_MISMATCH"
+        assert not first.delete("d", "rolling")
+        assert not first.renew_lease("d", "holder", 30)
+        assert first.renew_lease("d", f"replica-{winner}", 30)
+        assert first.get("d")["state"] == ROLLING_OUT
+
+        recorded = {**_record("d", 2), "etag": "recorded"}
+        first.put("d", recorded, takeover.record["etag"])  # the taker records it READY
+        assert first.get("d") == recorded
+        assert not first.renew_lease("d", f"replica-{winner}", 30)  # the lease ended with it
+        first.put("d", _left_rolling_out(recorded, "models/digits/versions/3", "next"),
+                  "recorded", "next-holder", 0.1)
+        time.sleep(0.3)
+        again = first.take_over("d", "replica-9", 30)
+        assert again is not None and again.interruptions == 1  # this rollout's first
+    finally:
+        for store in stores:
+            store.close()
 
 
 class RecordingController:
@@ -237,7 +313,7 @@ class RecordingController:
     def live_deployments(self) -> set[str]:
         return set(self.live)
 
-    async def take_over_lapsed_creates(self) -> None:
+    async def take_over_lapsed_leases(self) -> None:
         """Nothing to take over here (the store tests take creates over themselves)."""
 
 
@@ -360,7 +436,7 @@ async def _registry(root: Path) -> AsyncIterator[Registry]:
 
 @contextlib.asynccontextmanager
 async def _replica(root: Path, url: str, registry: Registry,
-                   create_leases: CreateLeasePolicy = CreateLeasePolicy()
+                   leases: LeasePolicy = LeasePolicy()
                    ) -> AsyncIterator[Replica]:
     """A replica: its own tritonserver (started for real) and controller, on the table at
     `url`, after its start-up reload (as the service starts)."""
@@ -378,7 +454,7 @@ async def _replica(root: Path, url: str, registry: Registry,
             controller = DeploymentController(
                 store, registry_client, triton, repository, root / "artifacts",
                 ServingDefaults(drain_seconds=1), routes, PageTokenCodec(b"k" * 32),
-                create_leases)
+                leases)
             try:
                 await controller.reload_all()
                 yield Replica(store, controller, routes, triton, repository, root / "artifacts")
@@ -523,7 +599,7 @@ async def test_a_create_whose_replica_died_is_finished_by_another_or_recorded_fa
     recorded FAILED with the reason; one interrupted more often than the policy allows (a
     model that brings down whichever replica loads it) is recorded FAILED without loading."""
     data = np.random.default_rng(4).standard_normal((4, 64)).astype(np.float32)
-    policy = CreateLeasePolicy(lease_seconds=1.0, max_takeovers=1)
+    policy = LeasePolicy(lease_seconds=1.0, max_takeovers=1)
     async with (_registry(tmp_path) as registry,
                 _replica(tmp_path / "b", postgres_url, registry, policy) as b):
         dead = SqlDeploymentStore.open(postgres_url)
@@ -537,7 +613,7 @@ async def test_a_create_whose_replica_died_is_finished_by_another_or_recorded_fa
             dead.create("poison", _left_creating("poison", "models/digits/versions/2"),
                         "dead-replica", 0.1)
             time.sleep(0.2)  # the first holder of "poison" died; so does the second
-            assert dead.take_over_create("poison", "dead-too", 0.1) is not None
+            assert dead.take_over("poison", "dead-too", 0.1) is not None
             await follower.start()
 
             await _until(lambda: b.store.get("digits")["state"] != CREATING, 60)
@@ -561,12 +637,95 @@ async def test_a_create_whose_replica_died_is_finished_by_another_or_recorded_fa
             assert poison["message"].startswith("the create was interrupted 2 times")
             assert not await b.triton.is_model_ready("poison.digits.v2")  # never loaded
             assert b.routes.get("missing") is None and b.routes.get("poison") is None
-            assert b.store.lapsed_creates() == []
+            assert b.store.lapsed_leases() == []
             # The user deletes a FAILED deployment and may create it again.
             await b.controller.delete("deployments/poison", ANONYMOUS_ADMIN)
             created = await b.controller.create("poison", {"model": "models/digits/versions/2"},
                                                 ANONYMOUS_ADMIN)
             assert created["state"] == "DEPLOYMENT_STATE_READY"
+        finally:
+            await follower.stop()
+            dead.close()
+
+
+@pytest.mark.triton
+async def test_a_rollout_whose_replica_died_is_finished_by_another_or_rolled_back(
+        postgres_url, tmp_path):
+    """A replica that died mid-rollout leaves a ROLLING_OUT record under a lease nobody
+    renews; the surviving replica serves what was served meanwhile. Once the lease lapsed,
+    its follower takes the rollout over: it loads the new version on its own Triton, switches,
+    records READY with the new spec and a new etag, and unloads the old version. A rollout
+    that cannot complete is rolled back (READY, serving what it served, saying why); one
+    interrupted more often than the policy allows is rolled back without loading anything,
+    once (no takeover loop)."""
+    data = np.random.default_rng(5).standard_normal((4, 64)).astype(np.float32)
+    policy = LeasePolicy(lease_seconds=1.0, max_takeovers=1)
+    async with (_registry(tmp_path) as registry,
+                _replica(tmp_path / "b", postgres_url, registry, policy) as b):
+        for deployment_id in ("digits", "missing", "poison"):
+            await b.controller.create(deployment_id, {"model": "models/digits/versions/1"},
+                                      ANONYMOUS_ADMIN)
+        before = {deployment_id: b.store.get(deployment_id)
+                  for deployment_id in ("digits", "missing", "poison")}
+        dead = SqlDeploymentStore.open(postgres_url)
+        follower = DeploymentFollower(b.store, b.controller, resync_seconds=60,
+                                      takeover_seconds=0.2)
+        try:
+            for deployment_id, target, seconds in (("digits", 2, 0.5), ("missing", 99, 0.5),
+                                                   ("poison", 2, 0.1)):
+                dead.put(deployment_id, _left_rolling_out(
+                    before[deployment_id], f"models/digits/versions/{target}",
+                    f"left-{deployment_id}"), before[deployment_id]["etag"], "dead-replica",
+                         seconds)
+            time.sleep(0.2)  # the first holder of "poison" died; so does the second
+            assert dead.take_over("poison", "dead-too", 0.1) is not None
+            on_b = await b.controller.get("deployments/digits", ANONYMOUS_ADMIN)
+            assert on_b["state"] == ROLLING_OUT and "rollout" not in on_b
+            await follower.start()
+
+            await _until(lambda: b.store.get("digits")["state"] != ROLLING_OUT, 60)
+            record = b.store.get("digits")
+            assert record["state"] == "DEPLOYMENT_STATE_READY", record
+            assert record["model"] == "models/digits/versions/2"
+            assert record["serving_versions"] == ["models/digits/versions/2"]
+            assert record["etag"] not in (before["digits"]["etag"], "left-digits")
+            assert record["create_time"] == before["digits"]["create_time"]
+            assert "rollout" not in record
+            with torch.inference_mode():
+                expected_2 = registry.modules[2](torch.from_numpy(data)).numpy()
+            np.testing.assert_allclose(await _predict(b, data), expected_2, rtol=1e-4,
+                                       atol=1e-4)
+            await _until(lambda: not (b.repository.root / "digits.digits.v1").exists(), 10)
+            assert not await b.triton.is_model_ready("digits.digits.v1")  # drained, unloaded
+
+            await _until(lambda: b.store.get("missing")["state"] != ROLLING_OUT
+                         and b.store.get("poison")["state"] != ROLLING_OUT, 30)
+            missing = b.store.get("missing")
+            assert missing["state"] == "DEPLOYMENT_STATE_READY", missing
+            assert missing["message"].startswith(
+                "rollout to models/digits/versions/99 rolled back:"), missing["message"]
+            assert missing["model"] == "models/digits/versions/1"
+            assert missing["serving_versions"] == ["models/digits/versions/1"]
+            assert missing["etag"] not in (before["missing"]["etag"], "left-missing")
+            assert b.routes.get("missing") is not None
+            assert await b.triton.is_model_ready("missing.digits.v1")  # served throughout
+            poison = b.store.get("poison")
+            assert poison["state"] == "DEPLOYMENT_STATE_READY", poison
+            assert poison["message"] == ("rollout to models/digits/versions/2 rolled back: the "
+                                         "rollout was interrupted 2 times (each replica rolling "
+                                         "it out stopped while loading it)")
+            assert poison["serving_versions"] == ["models/digits/versions/1"]
+            assert not await b.triton.is_model_ready("poison.digits.v2")  # never loaded
+            assert await b.triton.is_model_ready("poison.digits.v1")
+            assert b.store.lapsed_leases() == []
+            await asyncio.sleep(1.0)  # resolved once: no takeover comes back to it
+            assert b.store.get("poison") == poison and b.store.get("missing") == missing
+            # The user updates the rolled-back deployment as any other.
+            updated = await b.controller.update(
+                {"name": "deployments/poison", "model": "models/digits/versions/2"}, ["model"],
+                ANONYMOUS_ADMIN)
+            assert updated["state"] == "DEPLOYMENT_STATE_READY"
+            assert updated["serving_versions"] == ["models/digits/versions/2"]
         finally:
             await follower.stop()
             dead.close()

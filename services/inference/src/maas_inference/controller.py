@@ -13,13 +13,26 @@ replica's change writes nothing to the record; its outcome is this replica's loa
 deployment (`replica_loads`), exported as a metric, logged, and shown by Get on this replica
 in place of a READY the replica cannot serve.
 
-A create is guarded by a create lease (`maas_inference.store`): the replica creating a
-deployment renews it while it loads. Should that replica die mid-create, another takes the
-create over once the lease lapsed (`take_over_lapsed_creates`, run by the replicas'
-follower): it loads the recorded spec and records READY, as the user asked, or FAILED with
-the reason when the versions cannot be served. A create interrupted more than
-`CreateLeasePolicy.max_takeovers` times (say, a model that brings down whichever replica
-loads it) is recorded FAILED instead of being taken over again; the user deletes it.
+Creates and rollouts are guarded by a lease (`maas_inference.store`, one mechanism for
+both): the replica creating a deployment, or rolling it out to new versions or a new split
+(an update, an alias move), renews it while it loads. Should that replica die midway, another
+takes the operation over once the lease lapsed (`take_over_lapsed_leases`, run by the
+replicas' follower; exactly one replica takes each), and the record gets a new etag, so the
+former holder, were it only stalled, can no longer write it:
+- A create is finished as the user asked: the taker loads the recorded spec and records
+  READY, or FAILED with the reason when the versions cannot be served.
+- A rollout is finished as the user asked too (the ROLLING_OUT record says where it goes,
+  `rollout`): the taker loads the new versions, switches, records READY with the new spec
+  (a new etag) and unloads the old. When it cannot complete (a version gone or not servable),
+  the rollout is rolled back: the record goes back to the spec served before it, READY with
+  why in its message (FAILED when nothing was served before it). Throughout, every replica
+  keeps serving the previous versions, as during any rollout: a user whose update call died
+  with its replica sees, within about a lease, either the new versions (READY) or the old ones
+  with the reason (READY, message "rollout to … rolled back: …"), never ROLLING_OUT for good.
+- An operation interrupted more than `LeasePolicy.max_takeovers` times (say, a model that
+  brings down whichever replica loads it) is not taken over again, and nothing is loaded: a
+  create is recorded FAILED (the user deletes it), a rollout rolled back to what was served.
+Each takeover, and how it ended, is logged (`maas_inference.controller`).
 """
 
 from __future__ import annotations
@@ -115,13 +128,14 @@ class ReplicaLoad:
 
 
 @dataclass(frozen=True)
-class CreateLeasePolicy:
-    """How creates are guarded against the replica performing them dying."""
+class LeasePolicy:
+    """How creates and rollouts are guarded against the replica performing them dying."""
 
     lease_seconds: float = 15.0
-    """How long a create lease lasts unrenewed (renewed every third of it while loading)."""
+    """How long a lease lasts unrenewed (renewed every third of it while loading)."""
     max_takeovers: int = 2
-    """How many times an interrupted create is taken over before it is recorded FAILED."""
+    """How many times an interrupted create or rollout is taken over before it is given up
+    (a create recorded FAILED, a rollout rolled back)."""
 
 
 def _now() -> str:
@@ -144,9 +158,9 @@ class DeploymentController:
     def __init__(self, store: DeploymentStore, registry: RegistryClient, triton: TritonClient,
                  repository: ModelRepository, artifact_dir: Path, defaults: ServingDefaults,
                  routes: RouteTable, page_tokens: PageTokenCodec,
-                 create_leases: CreateLeasePolicy = CreateLeasePolicy()) -> None:
+                 leases: LeasePolicy = LeasePolicy()) -> None:
         self._store = store
-        self._create_leases = create_leases
+        self._leases = leases
         self._lease_owner = store.replica_id or uuid.uuid4().hex
         self._registry = registry
         self._triton = triton
@@ -362,9 +376,9 @@ class DeploymentController:
         async with self._lock(deployment_id):
             creating = self._record(deployment_id, spec, CREATING)
             await asyncio.to_thread(self._store.create, deployment_id, creating,
-                                    self._lease_owner, self._create_leases.lease_seconds)
+                                    self._lease_owner, self._leases.lease_seconds)
             try:
-                async with self._create_lease_renewed(deployment_id):
+                async with self._lease_renewed(deployment_id):
                     route, resolved = await self._build_route(deployment_id, spec)
             except BaseException:
                 # Only the record this create wrote (not one another replica took over).
@@ -392,23 +406,24 @@ class DeploymentController:
         return self._view(deployment_id, record)
 
     @contextlib.asynccontextmanager
-    async def _create_lease_renewed(self, deployment_id: str) -> AsyncIterator[None]:
-        """Renew this replica's create lease on the deployment while the body runs."""
-        seconds = self._create_leases.lease_seconds
+    async def _lease_renewed(self, deployment_id: str) -> AsyncIterator[None]:
+        """Renew this replica's lease on the deployment (a create or rollout) while the body
+        runs."""
+        seconds = self._leases.lease_seconds
 
         async def renew() -> None:
             while True:
                 await asyncio.sleep(seconds / 3)
                 try:
-                    held = await asyncio.to_thread(self._store.renew_create_lease,
-                                                   deployment_id, self._lease_owner, seconds)
+                    held = await asyncio.to_thread(self._store.renew_lease, deployment_id,
+                                                   self._lease_owner, seconds)
                 except Exception as exc:  # the database, briefly: the next renewal may work
-                    _log.warning("renewing the create lease of deployments/%s failed: %r",
+                    _log.warning("renewing the lease of deployments/%s failed: %r",
                                  deployment_id, exc)
                     continue
                 if not held:
-                    _log.warning("the create lease of deployments/%s is no longer this "
-                                 "replica's", deployment_id)
+                    _log.warning("the lease of deployments/%s is no longer this replica's",
+                                 deployment_id)
                     return
 
         renewing = asyncio.get_running_loop().create_task(renew())
@@ -419,66 +434,119 @@ class DeploymentController:
             with contextlib.suppress(asyncio.CancelledError):
                 await renewing
 
-    async def take_over_lapsed_creates(self) -> None:
-        """Take over and finish every create whose replica stopped renewing its lease (it
-        died, or stalled past it): one replica takes each."""
-        for deployment_id in await asyncio.to_thread(self._store.lapsed_creates):
-            await self._take_over_create(deployment_id)
+    async def take_over_lapsed_leases(self) -> None:
+        """Take over and finish every create or rollout whose replica stopped renewing its
+        lease (it died, or stalled past it): one replica takes each."""
+        for deployment_id in await asyncio.to_thread(self._store.lapsed_leases):
+            await self._take_over(deployment_id)
 
-    async def _take_over_create(self, deployment_id: str) -> None:
+    async def _take_over(self, deployment_id: str) -> None:
         async with self._lock(deployment_id):
-            taken = await asyncio.to_thread(self._store.take_over_create, deployment_id,
-                                            self._lease_owner, self._create_leases.lease_seconds)
+            if await self._rolled_out_by_an_older_replica(deployment_id):
+                return
+            taken = await asyncio.to_thread(self._store.take_over, deployment_id,
+                                            self._lease_owner, self._leases.lease_seconds)
             if taken is None:
                 return  # finished, deleted, or being taken over by another replica
             record = taken.record
-            if taken.interruptions > self._create_leases.max_takeovers:
-                why = (f"the create was interrupted {taken.interruptions} times (each replica "
-                       "creating it stopped while loading it); delete the deployment and create "
-                       "it again")
-                _log.error("deployments/%s: %s", deployment_id, why)
-                await self._record_create_failed(deployment_id, record, why)
+            rollout = record["state"] == ROLLING_OUT
+            what = "rollout" if rollout else "create"
+            if taken.interruptions > self._leases.max_takeovers:
+                await self._give_up(deployment_id, record, (
+                    f"the {what} was interrupted {taken.interruptions} times (each replica "
+                    f"{'rolling it out' if rollout else 'creating it'} stopped while loading "
+                    "it)" + ("" if rollout else "; delete the deployment and create it again")))
                 return
-            _log.info("deployments/%s: taking over its create (interrupted %d time(s))",
-                      deployment_id, taken.interruptions)
-            spec = {key: record[key] for key in UPDATABLE}
+            if rollout:
+                target = record.get("rollout")
+                if not target:  # left by a replica from before rollouts recorded their target
+                    await self._give_up(deployment_id, record,
+                                        "the rollout's target was not recorded")
+                    return
+                spec, pinned = target["spec"], target.get("pinned")
+            else:
+                spec, pinned = {key: record[key] for key in UPDATABLE}, None
+            _log.info("deployments/%s: taking over its %s (interrupted %d time(s))",
+                      deployment_id, what, taken.interruptions)
             try:
                 self._routes.require_triton()
-                async with self._create_lease_renewed(deployment_id):
-                    route, resolved = await self._build_route(deployment_id, spec)
+                async with self._lease_renewed(deployment_id):
+                    route, resolved = await self._build_route(deployment_id, spec, pinned)
             except errors.Unavailable as exc:  # the registry or Triton, briefly: retried
-                _log.warning("taking over the create of deployments/%s must wait: %s",
+                _log.warning("taking over the %s of deployments/%s must wait: %s", what,
                              deployment_id, exc.message)
-                await asyncio.to_thread(self._store.release_create_lease, deployment_id,
+                await asyncio.to_thread(self._store.release_lease, deployment_id,
                                         self._lease_owner)
                 return
             except errors.MaasError as exc:  # nobody waits for the answer: the record says it
-                await self._record_create_failed(deployment_id, record,
-                                                 f"create failed: {exc.message}")
+                await self._give_up(deployment_id, record, exc.message if rollout
+                                    else f"create failed: {exc.message}")
                 return
             except BaseException:
                 with contextlib.suppress(Exception):
-                    await asyncio.to_thread(self._store.release_create_lease, deployment_id,
+                    await asyncio.to_thread(self._store.release_lease, deployment_id,
                                             self._lease_owner)
                 raise
-            await self._routes.switch(deployment_id, LiveRoute(route))
-            ready = self._record(deployment_id, spec, READY, route=route, resolved=resolved,
-                                 created=record.get("create_time"))
-            self._replica_loads[deployment_id] = ReplicaLoad(READY)
             try:
-                await asyncio.to_thread(self._store.put, deployment_id, ready, record["etag"])
+                if rollout:
+                    await self._switch_to_rollout(deployment_id, record, spec, route, resolved)
+                else:
+                    await self._record_created(deployment_id, record, spec, route, resolved)
             except errors.Aborted:  # deleted (or taken over again) meanwhile
-                self._replica_loads.pop(deployment_id, None)
-                await self._routes.remove(deployment_id)
-                await self._unload(route.models, keep=self._routes.models_in_use())
                 return
-            _log.info("deployments/%s: created after a takeover", deployment_id)
+            _log.info("deployments/%s: %s finished after a takeover: serving %s", deployment_id,
+                      what, ", ".join(model.version for model, _ in route.targets))
 
-    async def _record_create_failed(self, deployment_id: str, record: dict, why: str) -> None:
-        failed = {**record, "state": FAILED, "message": why, "update_time": _now(),
-                  "etag": new_etag()}
+    async def _rolled_out_by_an_older_replica(self, deployment_id: str) -> bool:
+        """Whether the deployment is ROLLING_OUT, written without a lease or a target by a
+        replica of an older release (a rolling upgrade of the service), more recently than a
+        load may take: that replica may still be loading; once it is older, the rollout is
+        taken over (and rolled back: its target is unknown). True as well when the deployment
+        is gone."""
+        try:
+            record = await asyncio.to_thread(self._store.get, deployment_id)
+        except errors.NotFound:
+            return True
+        if record["state"] != ROLLING_OUT or record.get("rollout"):
+            return False
+        try:
+            age = datetime.now(UTC) - datetime.fromisoformat(record["update_time"])
+        except (KeyError, TypeError, ValueError):  # no (zone-aware) time: not to be waited for
+            return False
+        return age.total_seconds() < self._defaults.load_timeout_seconds
+
+    async def _record_created(self, deployment_id: str, creating: dict, spec: dict,
+                              route: Route, resolved: dict) -> None:
+        """Serve a taken-over create's route and record it READY (ABORTED, the route dropped,
+        when the record changed meanwhile)."""
+        await self._routes.switch(deployment_id, LiveRoute(route))
+        ready = self._record(deployment_id, spec, READY, route=route, resolved=resolved,
+                             created=creating.get("create_time"))
+        self._replica_loads[deployment_id] = ReplicaLoad(READY)
+        try:
+            await asyncio.to_thread(self._store.put, deployment_id, ready, creating["etag"])
+        except errors.Aborted:
+            self._replica_loads.pop(deployment_id, None)
+            await self._routes.remove(deployment_id)
+            await self._unload(route.models, keep=self._routes.models_in_use())
+            raise
+
+    async def _give_up(self, deployment_id: str, record: dict, why: str) -> None:
+        """End a taken-over operation that cannot complete: a create recorded FAILED, a
+        rollout rolled back to what the deployment served before it (READY; FAILED when it
+        served nothing), saying why; nothing is loaded for it."""
+        if record["state"] == ROLLING_OUT:
+            ended = _rolled_back(record, f"rollout to {', '.join(_rollout_versions(record))} "
+                                         f"rolled back: {why}")
+            _log.warning("deployments/%s: %s; now %s, serving %s", deployment_id,
+                         ended["message"], ended["state"],
+                         ", ".join(ended.get("serving_versions") or []) or "nothing")
+        else:
+            ended = {**record, "state": FAILED, "message": why, "update_time": _now(),
+                     "etag": new_etag()}
+            _log.error("deployments/%s: %s", deployment_id, why)
         with contextlib.suppress(errors.Aborted):  # deleted meanwhile
-            await asyncio.to_thread(self._store.put, deployment_id, failed, record["etag"])
+            await asyncio.to_thread(self._store.put, deployment_id, ended, record["etag"])
 
     async def get(self, name: str, principal: Principal) -> dict:
         """One deployment; PERMISSION_DENIED (MODEL_OUT_OF_SCOPE) unless the token may see
@@ -551,36 +619,61 @@ class DeploymentController:
         The record is taken for the rollout only if it is still `current` (compare-and-set
         on its etag, ABORTED otherwise), so of replicas that change a deployment at once
         (two updates, or every replica following an alias move) exactly one performs and
-        records the rollout; the others follow its record. Only the taker writes after it."""
+        records the rollout; the others follow its record. Only the taker writes after it,
+        under the rollout's lease; the ROLLING_OUT record keeps what was served and says
+        where the rollout goes (`rollout`), for a replica that takes it over should this one
+        die (see the module doc)."""
         self._routes.require_triton()
-        rolling = {**current, "state": ROLLING_OUT, "update_time": _now(),
-                   "etag": new_etag()}
-        await asyncio.to_thread(self._store.put, deployment_id, rolling, current["etag"])
+        rolling = {**current, "state": ROLLING_OUT, "update_time": _now(), "etag": new_etag(),
+                   "rollout": {"spec": spec, "pinned": pinned,
+                               "from_state": _state_before_rollout(current)}}
+        await asyncio.to_thread(self._store.put, deployment_id, rolling, current["etag"],
+                                self._lease_owner, self._leases.lease_seconds)
         try:
-            route, resolved = await self._build_route(deployment_id, spec, pinned)
+            async with self._lease_renewed(deployment_id):
+                route, resolved = await self._build_route(deployment_id, spec, pinned)
         except BaseException as exc:
-            with contextlib.suppress(errors.Aborted):  # deleted meanwhile: nothing to restore
-                await asyncio.to_thread(self._store.put, deployment_id, {
-                    **current, "message": f"rollout failed: {exc}", "update_time": _now()},
-                    rolling["etag"])
+            # Deleted meanwhile, or taken over after this replica stalled: not restored here.
+            with contextlib.suppress(errors.Aborted):
+                await asyncio.to_thread(self._store.put, deployment_id,
+                                        _rolled_back(rolling, f"rollout failed: {exc}"),
+                                        rolling["etag"])
             raise
+        record = await self._switch_to_rollout(deployment_id, rolling, spec, route, resolved)
+        return self._view(deployment_id, record)
+
+    async def _switch_to_rollout(self, deployment_id: str, rolling: dict, spec: dict,
+                                 route: Route, resolved: dict) -> dict:
+        """Switch to a rollout's loaded route and record it READY while the record is still
+        `rolling`; then drain and unload what is retired. ABORTED when another replica
+        changed or deleted the record meanwhile (it took the rollout over after this one
+        stalled past its lease, or a delete came first): the route switched back to what was
+        served before and the new models unloaded (this replica's follower goes on from the
+        record)."""
         previous = self._routes.get(deployment_id)
         # The switch (one assignment), and the data plane's, before anything is drained.
         await self._routes.switch(deployment_id, LiveRoute(route))
         record = self._record(deployment_id, spec, READY, route=route, resolved=resolved,
-                              created=current.get("create_time"))
-        self._replica_loads[deployment_id] = ReplicaLoad(READY)
+                              created=rolling.get("create_time"))
         try:
             await asyncio.to_thread(self._store.put, deployment_id, record, rolling["etag"])
-        finally:  # recorded, or deleted meanwhile (the follower drops the route): unload
+        except errors.Aborted:
             if previous is not None:
-                retired = previous.route.models - route.models
-                if not await self._routes.in_flight.drained(retired,
-                                                            self._defaults.drain_seconds):
-                    _log.warning("requests on %s did not drain in time; unloading anyway",
-                                 retired)
-                await self._unload(retired, keep=self._routes.models_in_use())
-        return self._view(deployment_id, record)
+                await self._routes.switch(deployment_id, previous)
+                retired = route.models - previous.route.models
+            else:
+                await self._routes.remove(deployment_id)
+                retired = route.models
+            await self._routes.in_flight.drained(retired, self._defaults.drain_seconds)
+            await self._unload(retired, keep=self._routes.models_in_use())
+            raise
+        self._replica_loads[deployment_id] = ReplicaLoad(READY)
+        if previous is not None:
+            retired = previous.route.models - route.models
+            if not await self._routes.in_flight.drained(retired, self._defaults.drain_seconds):
+                _log.warning("requests on %s did not drain in time; unloading anyway", retired)
+            await self._unload(retired, keep=self._routes.models_in_use())
+        return record
 
     async def delete(self, name: str, principal: Principal) -> None:
         deployment_id = parse_deployment_name(name, "name")
@@ -616,6 +709,9 @@ class DeploymentController:
                 record = await asyncio.to_thread(self._store.get, deployment_id)
             except errors.NotFound:
                 return  # deleted meanwhile
+            # What a single instance writes below settles what the record serves: its
+            # interrupted rollout's target is dropped with the ROLLING_OUT state.
+            record.pop("rollout", None)
             if self._store.shared and record["state"] in (CREATING, FAILED):
                 # CREATING: its writer is loading it (or, its create lease lapsed, a replica
                 # takes it over); its READY record is followed. FAILED: nothing to serve.
@@ -754,7 +850,8 @@ class DeploymentController:
     # -- views ----------------------------------------------------------------------------------
 
     def _view(self, deployment_id: str, record: dict) -> dict:
-        view = {key: value for key, value in record.items() if key != "resolved"}
+        view = {key: value for key, value in record.items()
+                if key not in ("resolved", "rollout")}
         if not view.get("shadow"):
             view.pop("shadow", None)
         if record["state"] == READY and not self._routes.triton_serving():
@@ -783,6 +880,32 @@ def _served_versions(route: Route) -> list[dict]:
              "inputs": specs(model.signature.inputs), "outputs": specs(model.signature.outputs),
              "max_batch_size": model.signature.max_batch_size, "runtime": model.runtime}
             for model, percent, shadow in served]
+
+
+def _state_before_rollout(record: dict) -> str:
+    """What a deployment was before the rollout now starting from (or in) `record`: READY
+    when it served its versions, FAILED otherwise (a failed or unfinished create)."""
+    state = record["state"]
+    if state == ROLLING_OUT:
+        state = (record.get("rollout") or {}).get("from_state") or (
+            READY if record.get("serving_versions") else FAILED)  # from before it was kept
+    return READY if state == READY else FAILED
+
+
+def _rolled_back(rolling: dict, why: str) -> dict:
+    """The record of a rollout that did not happen: what it served before (the ROLLING_OUT
+    record kept it), READY again or FAILED when it served nothing, saying why."""
+    before = {key: value for key, value in rolling.items() if key != "rollout"}
+    return {**before, "state": _state_before_rollout(rolling), "message": why,
+            "update_time": _now(), "etag": new_etag()}
+
+
+def _rollout_versions(rolling: dict) -> list[str]:
+    """Where a ROLLING_OUT record goes: its new traffic split's versions (or model)."""
+    spec = (rolling.get("rollout") or {}).get("spec")
+    if not spec:
+        return ["an unrecorded target"]
+    return [target["model_version"] for target in spec.get("traffic") or []] or [spec["model"]]
 
 
 def _model_ids(spec: dict) -> set[str]:

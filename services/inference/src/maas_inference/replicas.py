@@ -9,14 +9,15 @@ the route of a deleted deployment). A replica remembers what it serves per deplo
 fingerprint of the record's serving fields: versions, split, shadow, Triton settings), so a
 record that changed only in its bookkeeping (state, message, times) or that it wrote itself
 loads nothing. Records still CREATING (the writer is loading) or FAILED are left alone;
-their next change is notified again.
+their next change is notified again. A ROLLING_OUT record still holds what was served before
+the rollout, which every replica keeps serving until the rollout is recorded.
 
 Notifications are not durable: after (re)connecting, and every `resync_seconds`, the whole
 table is compared with the live routes, so a change missed while the listener was down is
 followed anyway.
 
-Every `takeover_seconds` the follower also asks its controller to take over the creates whose
-replica stopped renewing their create lease (it died mid-create); one replica takes each.
+Every `takeover_seconds` the follower also asks its controller to take over the creates and
+rollouts whose replica stopped renewing their lease (it died midway); one replica takes each.
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ class TableFollowingController(Protocol):
         """Ids of the deployments this replica serves now."""
         ...
 
-    async def take_over_lapsed_creates(self) -> None:
-        """Take over and finish the creates whose replica stopped renewing their lease."""
+    async def take_over_lapsed_leases(self) -> None:
+        """Take over and finish the creates and rollouts whose replica stopped renewing their
+        lease."""
         ...
 
 
@@ -100,9 +102,9 @@ class DeploymentFollower:
                            "comparing the deployment table with the live routes"),
                            name="deployment-resync"),
                        asyncio.create_task(self._every(
-                           self._takeover_seconds, self._controller.take_over_lapsed_creates,
-                           "taking over interrupted deployment creates"),
-                           name="deployment-create-takeover")]
+                           self._takeover_seconds, self._controller.take_over_lapsed_leases,
+                           "taking over interrupted deployment creates and rollouts"),
+                           name="deployment-takeover")]
 
     async def stop(self) -> None:
         for task in self._tasks:

@@ -19,7 +19,7 @@ from maas_runtime.registry_client import RegistryClient
 from maas_runtime.server import ServiceBinding, ServiceServer, run_service
 from maas_runtime.telemetry import LATENCY_BUCKETS_MS, Telemetry
 
-from maas_inference.controller import CreateLeasePolicy, DeploymentController, ServingDefaults
+from maas_inference.controller import DeploymentController, LeasePolicy, ServingDefaults
 from maas_inference.dataplane import (
     DataPlaneMetrics,
     DataPlaneSpans,
@@ -201,8 +201,8 @@ class InferenceApp:
                                 torch_threads=self.settings.generation_torch_threads)),
             self.routes,
             PageTokenCodec.from_secret_file(self.settings.resolved_page_token_secret_file),
-            CreateLeasePolicy(lease_seconds=self.settings.deployment_create_lease_seconds,
-                              max_takeovers=self.settings.deployment_create_max_takeovers))
+            LeasePolicy(lease_seconds=self.settings.deployment_create_lease_seconds,
+                        max_takeovers=self.settings.deployment_create_max_takeovers))
         await self._start_usage(meter)
         self.predictor = Predictor(
             self.routes, self.triton,

@@ -98,14 +98,17 @@ class InferenceSettings(ServiceSettings):
     safety net for change notifications missed while the listener reconnected."""
 
     deployment_create_lease_seconds: float = Field(default=15.0, gt=0)
-    """Replicas: how long the lease of a replica creating a deployment lasts unrenewed (it is
-    renewed every third of it while the versions load). Should that replica die mid-create,
-    another takes the create over within about this long after its last renewal."""
+    """Replicas: how long the lease of a replica creating a deployment, or rolling one out to
+    new versions (an update, an alias move), lasts unrenewed (it is renewed every third of it
+    while the versions load). Should that replica die midway, another takes the create or
+    rollout over within about this long after its last renewal. (Named for creates, which it
+    guarded first.)"""
 
     deployment_create_max_takeovers: int = Field(default=2, ge=0)
-    """Replicas: how many times a create whose replica died is taken over by another; one
-    interrupted more often (a model that brings down whichever replica loads it) is recorded
-    FAILED with the reason, for the user to delete."""
+    """Replicas: how many times a create or rollout whose replica died is taken over by
+    another; one interrupted more often (a model that brings down whichever replica loads it)
+    is given up without loading it: a create recorded FAILED with the reason, for the user to
+    delete; a rollout rolled back to what the deployment served before it."""
 
     tenancy_file: str = ""
     """YAML or JSON file of per-tenant limits (requests and tokens per minute, concurrent

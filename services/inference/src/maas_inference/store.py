@@ -9,13 +9,16 @@ listener never sees a change before it can read it): `{"id": …, "by": <replica
 replicas follow it onto their own Triton (`maas_inference.replicas`). Schema changes are
 Alembic revisions in `maas_inference/migrations`, applied at start.
 
-Create leases: a deployment is CREATING while the replica that took the user's create loads
-it, and that replica holds the row's create lease (`create_lease_owner` until
-`create_lease_expires`, by the database's clock on PostgreSQL), renewed while it loads. The
-record leaving CREATING ends the lease. A replica that died mid-create stops renewing; once
-its lease lapsed another replica takes the create over (`take_over_create`: one replica
-only, `FOR UPDATE SKIP LOCKED`), which counts the interruption and gives the record a new
-etag, so a holder that was only stalled can no longer record or delete it.
+Leases: a deployment is CREATING while the replica that took the user's create loads it, and
+ROLLING_OUT while the replica that took an update (or an alias move) loads the new versions.
+That replica holds the row's lease (`create_lease_owner` until `create_lease_expires`, by the
+database's clock on PostgreSQL; the columns are named for the creates they guarded first,
+migration 0002), renewed while it loads. The record leaving CREATING or ROLLING_OUT ends the
+lease. A replica that died mid-create or mid-rollout stops renewing; once its lease lapsed
+another replica takes the operation over (`take_over`: one replica only, `FOR UPDATE SKIP
+LOCKED`), which counts the interruption (`create_interruptions`, per operation: a new lease
+starts it at 0) and gives the record a new etag, so a holder that was only stalled can no
+longer record or delete it.
 """
 
 from __future__ import annotations
@@ -60,7 +63,9 @@ VERSION_TABLE = "alembic_version_deployments"
 CHANGES_CHANNEL = "maas_deployments"
 """The PostgreSQL NOTIFY channel of deployment changes."""
 CREATING = contract_enums.DEPLOYMENT_STATE_CREATING
-"""The record state a create lease guards."""
+ROLLING_OUT = contract_enums.DEPLOYMENT_STATE_ROLLING_OUT
+LEASED_STATES = (CREATING, ROLLING_OUT)
+"""The record states a lease guards: a replica is changing what the deployment serves."""
 
 metadata = MetaData()
 
@@ -68,13 +73,14 @@ deployments = Table(
     "deployments", metadata,
     Column("id", String(63), primary_key=True),
     Column("record", JSON, nullable=False),
+    # The lease of a create or rollout (named for creates, the first it guarded).
     Column("create_lease_owner", String(64)),
     Column("create_lease_expires", DateTime(timezone=True)),
     Column("create_interruptions", Integer, nullable=False, server_default="0"),
 )
 
-_IS_CREATING = deployments.c.record["state"].as_string() == CREATING
-"""The rows a create lease guards."""
+_IS_LEASED = deployments.c.record["state"].as_string().in_(LEASED_STATES)
+"""The rows a lease guards."""
 
 _Statement = TypeVar("_Statement", Update, Delete)
 
@@ -88,13 +94,14 @@ LocalWriteHook = Callable[[str, dict | None], None]
 
 
 @dataclass(frozen=True)
-class TakenOverCreate:
-    """A CREATING deployment whose create lease this replica now holds."""
+class TakenOver:
+    """A CREATING or ROLLING_OUT deployment whose lease this replica now holds."""
 
     record: dict
     """Its record as written by the takeover (a new etag: the former holder's writes fail)."""
     interruptions: int
-    """How many holders of its create lease stopped renewing it, this takeover's included."""
+    """How many holders of the operation's lease stopped renewing it, this takeover's
+    included."""
 
 
 class DeploymentStore(abc.ABC):
@@ -103,23 +110,26 @@ class DeploymentStore(abc.ABC):
     shared: bool = False
     """True when other replicas read and write the same table (and may be mid-change)."""
     replica_id: str = ""
-    """This replica's name in the table (create leases, change notifications)."""
+    """This replica's name in the table (leases, change notifications)."""
 
     @abc.abstractmethod
     def create(self, deployment_id: str, record: dict, lease_owner: str = "",
                lease_seconds: float = 0.0) -> None:
         """Insert a new record (ALREADY_EXISTS if the id is taken); with `lease_owner`, a
-        CREATING record under that replica's create lease for `lease_seconds`."""
+        CREATING record under that replica's lease for `lease_seconds`."""
 
     @abc.abstractmethod
     def get(self, deployment_id: str) -> dict: ...
 
     @abc.abstractmethod
-    def put(self, deployment_id: str, record: dict, expected_etag: str | None = None) -> None:
+    def put(self, deployment_id: str, record: dict, expected_etag: str | None = None,
+            lease_owner: str = "", lease_seconds: float = 0.0) -> None:
         """Replace the record; with `expected_etag`, only while the stored record still has
         that etag (ABORTED, ETAG_MISMATCH, otherwise: another replica changed or deleted it
-        since it was read), checked and written in one statement. A record that is no longer
-        CREATING ends the create lease."""
+        since it was read), checked and written in one statement. With `lease_owner`, the
+        record (ROLLING_OUT, say) is put under that replica's new lease for `lease_seconds`,
+        no interruption counted yet; a record neither CREATING nor ROLLING_OUT ends the
+        lease."""
 
     @abc.abstractmethod
     def delete(self, deployment_id: str, expected_etag: str | None = None) -> bool:
@@ -127,24 +137,25 @@ class DeploymentStore(abc.ABC):
         whether a record was deleted."""
 
     @abc.abstractmethod
-    def renew_create_lease(self, deployment_id: str, owner: str, lease_seconds: float) -> bool:
-        """Extend `owner`'s create lease; False when it holds it no longer (taken over after
-        it lapsed, the create recorded, or the deployment deleted)."""
+    def renew_lease(self, deployment_id: str, owner: str, lease_seconds: float) -> bool:
+        """Extend `owner`'s lease; False when it holds it no longer (taken over after it
+        lapsed, the create or rollout recorded, or the deployment deleted)."""
 
     @abc.abstractmethod
-    def release_create_lease(self, deployment_id: str, owner: str) -> None:
-        """Give `owner`'s create lease up now (the create waits for a retry): another replica
+    def release_lease(self, deployment_id: str, owner: str) -> None:
+        """Give `owner`'s lease up now (the operation waits for a retry): another replica
         takes it over at once, without counting an interruption."""
 
     @abc.abstractmethod
-    def lapsed_creates(self) -> list[str]:
-        """Ids of the CREATING deployments nobody holds a live create lease on."""
+    def lapsed_leases(self) -> list[str]:
+        """Ids of the CREATING or ROLLING_OUT deployments nobody holds a live lease on."""
 
     @abc.abstractmethod
-    def take_over_create(self, deployment_id: str, owner: str,
-                         lease_seconds: float) -> TakenOverCreate | None:
-        """Hold a lapsed create lease under `owner`; None when the deployment is not CREATING
-        with a lapsed lease any more, or another replica is taking it over right now."""
+    def take_over(self, deployment_id: str, owner: str,
+                  lease_seconds: float) -> TakenOver | None:
+        """Hold a lapsed lease under `owner`; None when the deployment is not CREATING or
+        ROLLING_OUT with a lapsed lease any more, or another replica is taking it over right
+        now."""
 
     @abc.abstractmethod
     def list(self, after: str, limit: int) -> list[tuple[str, dict]]: ...
@@ -194,7 +205,7 @@ class SqlDeploymentStore(DeploymentStore):
             hook(deployment_id, record)
 
     def _lease_now(self, connection: Connection) -> datetime:
-        """The clock create leases are granted, renewed and judged by: the database's when
+        """The clock leases are granted, renewed and judged by: the database's when
         replicas share it (a replica whose clock runs ahead would take over live leases),
         this process's on SQLite (one instance)."""
         if self.shared:
@@ -205,7 +216,7 @@ class SqlDeploymentStore(DeploymentStore):
     @staticmethod
     def _lapsed(now: datetime):
         columns = deployments.c
-        return _IS_CREATING & or_(
+        return _IS_LEASED & or_(
             columns.create_lease_owner.is_(None), columns.create_lease_expires.is_(None),
             columns.create_lease_expires < now)
 
@@ -230,13 +241,19 @@ class SqlDeploymentStore(DeploymentStore):
             raise NotFound("deployment", f"deployments/{deployment_id}")
         return dict(record)
 
-    def put(self, deployment_id: str, record: dict, expected_etag: str | None = None) -> None:
+    def put(self, deployment_id: str, record: dict, expected_etag: str | None = None,
+            lease_owner: str = "", lease_seconds: float = 0.0) -> None:
         statement = _with_etag(update(deployments).where(deployments.c.id == deployment_id),
                                expected_etag)
         values: dict = {"record": record}
-        if record.get("state") != CREATING:
-            values.update(create_lease_owner=None, create_lease_expires=None)
+        if record.get("state") not in LEASED_STATES:
+            values.update(create_lease_owner=None, create_lease_expires=None,
+                          create_interruptions=0)
         with self._write(deployment_id, record) as connection:
+            if lease_owner:
+                values.update(create_lease_owner=lease_owner, create_interruptions=0,
+                              create_lease_expires=self._lease_now(connection)
+                              + timedelta(seconds=lease_seconds))
             if connection.execute(statement.values(**values)).rowcount == 0 and (
                     expected_etag is not None):
                 raise Aborted(f"deployments/{deployment_id} changed since it was read",
@@ -248,16 +265,16 @@ class SqlDeploymentStore(DeploymentStore):
         with self._write(deployment_id, None) as connection:
             return connection.execute(statement).rowcount > 0
 
-    def renew_create_lease(self, deployment_id: str, owner: str, lease_seconds: float) -> bool:
+    def renew_lease(self, deployment_id: str, owner: str, lease_seconds: float) -> bool:
         with self._engine.begin() as connection:
             return connection.execute(
                 update(deployments)
                 .where(deployments.c.id == deployment_id,
-                       deployments.c.create_lease_owner == owner, _IS_CREATING)
+                       deployments.c.create_lease_owner == owner, _IS_LEASED)
                 .values(create_lease_expires=self._lease_now(connection)
                         + timedelta(seconds=lease_seconds))).rowcount > 0
 
-    def release_create_lease(self, deployment_id: str, owner: str) -> None:
+    def release_lease(self, deployment_id: str, owner: str) -> None:
         with self._engine.begin() as connection:
             connection.execute(
                 update(deployments)
@@ -265,14 +282,14 @@ class SqlDeploymentStore(DeploymentStore):
                        deployments.c.create_lease_owner == owner)
                 .values(create_lease_owner=None, create_lease_expires=None))
 
-    def lapsed_creates(self) -> list[str]:
+    def lapsed_leases(self) -> list[str]:
         with self._engine.connect() as connection:
             return list(connection.execute(
                 select(deployments.c.id).where(self._lapsed(self._lease_now(connection)))
                 .order_by(deployments.c.id)).scalars())
 
-    def take_over_create(self, deployment_id: str, owner: str,
-                         lease_seconds: float) -> TakenOverCreate | None:
+    def take_over(self, deployment_id: str, owner: str,
+                  lease_seconds: float) -> TakenOver | None:
         with self._engine.begin() as connection:
             now = self._lease_now(connection)
             row = connection.execute(
@@ -290,7 +307,7 @@ class SqlDeploymentStore(DeploymentStore):
                 .values(record=record, create_lease_owner=owner,
                         create_lease_expires=now + timedelta(seconds=lease_seconds),
                         create_interruptions=interruptions))
-        return TakenOverCreate(record, interruptions)
+        return TakenOver(record, interruptions)
 
     def list(self, after: str, limit: int) -> list[tuple[str, dict]]:
         with self._engine.connect() as connection:
