@@ -2,9 +2,11 @@
 bundled Triton. A deployment created through one is served by the other (heard through
 LISTEN/NOTIFY, loaded on its own Triton) with the same answers; a rollout through the second
 is followed by the first; a delete through the first leaves neither serving it. A gateway
-killed (SIGKILL) in the middle of a create leaves the deployment CREATING under a create lease
-nobody renews: the other takes the create over once it lapsed and serves it, and the killed
-one, restarted, serves it too."""
+killed (SIGKILL) in the middle of a create leaves the deployment CREATING under a lease nobody
+renews: the other takes the create over once it lapsed and serves it, and the killed one,
+restarted, serves it too. Killed again in the middle of a rollout (an update to version 2),
+it leaves the deployment ROLLING_OUT under a lease nobody renews: the other serves version 1
+meanwhile, then takes the rollout over, serves version 2 and records it READY."""
 
 from __future__ import annotations
 
@@ -116,15 +118,17 @@ async def test_a_deployment_made_through_one_gateway_is_served_by_the_other(tmp_
             registry.terminate()
 
 
-async def _until_creating(table: SqlDeploymentStore, deployment_id: str, timeout: float) -> None:
+async def _until_state(table: SqlDeploymentStore, deployment_id: str, state: str,
+                       timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while dict(await asyncio.to_thread(table.list, "", 10)).get(
-            deployment_id, {}).get("state") != "DEPLOYMENT_STATE_CREATING":
-        assert time.monotonic() < deadline, f"{deployment_id} never became CREATING"
+            deployment_id, {}).get("state") != state:
+        assert time.monotonic() < deadline, f"{deployment_id} never became {state}"
         await asyncio.sleep(0.005)
 
 
-async def test_a_create_whose_gateway_is_killed_midway_is_finished_by_the_other(tmp_path):
+async def test_a_create_or_rollout_whose_gateway_is_killed_midway_is_finished_by_the_other(
+        tmp_path):
     with postgres_database_or_skip() as database_url:
         registry = RegistryProcess(tmp_path / "registry")
         await registry.start()
@@ -150,7 +154,7 @@ async def test_a_create_whose_gateway_is_killed_midway_is_finished_by_the_other(
                         inf.CreateDeploymentRequest(deployment_id="digits", deployment=(
                             deployment_pb2.Deployment(model="models/digits/versions/1"))),
                         timeout=60))
-                    await _until_creating(table, "digits", 30)
+                    await _until_state(table, "digits", "DEPLOYMENT_STATE_CREATING", 30)
                     gateways[0].kill()
                     killed_at = time.monotonic()
                 finally:
@@ -182,6 +186,61 @@ async def test_a_create_whose_gateway_is_killed_midway_is_finished_by_the_other(
                 a = inference_service_pb2_grpc.InferenceServiceStub(channel_a)
                 _, answer = await _first_prediction(a, "deployments/digits", data, 60)
                 np.testing.assert_allclose(answer, expected, rtol=1e-4, atol=1e-4)
+
+            # Killed mid-rollout: version 2 uploaded, a's update paused on the registry
+            # after it recorded ROLLING_OUT (deterministically mid-rollout).
+            second = zoo_model("mlp", {"hidden_sizes": [16]}, [64], seed=11)
+            package = tmp_path / "digits-2.safetensors"
+            save_zoo_package(package, second, kind="mlp", hyperparameters={"hidden_sizes": [16]},
+                             input_shape=[64])
+            async with registry.stub() as channel:
+                await registry_service_pb2_grpc.RegistryServiceStub(channel).UploadModelVersion(
+                    model_upload_requests("models/digits", package.read_bytes()))
+            with torch.inference_mode():
+                expected_2 = second(torch.from_numpy(data)).numpy()
+            before = table.get("digits")
+            async with gateways[0].stub() as channel_a, gateways[1].stub() as channel_b:
+                a = inference_service_pb2_grpc.InferenceServiceStub(channel_a)
+                b = inference_service_pb2_grpc.InferenceServiceStub(channel_b)
+                registry.process.send_signal(signal.SIGSTOP)
+                try:
+                    rolling_out = asyncio.ensure_future(a.UpdateDeployment(
+                        inf.UpdateDeploymentRequest(
+                            deployment=deployment_pb2.Deployment(
+                                name="deployments/digits", model="models/digits/versions/2"),
+                            update_mask=field_mask_pb2.FieldMask(paths=["model"])), timeout=60))
+                    await _until_state(table, "digits", "DEPLOYMENT_STATE_ROLLING_OUT", 30)
+                    gateways[0].kill()
+                    killed_at = time.monotonic()
+                finally:
+                    registry.process.send_signal(signal.SIGCONT)
+                with pytest.raises(grpc.aio.AioRpcError) as interrupted:
+                    await rolling_out
+                assert interrupted.value.code() == grpc.StatusCode.UNAVAILABLE
+                left = table.get("digits")
+                assert left["state"] == "DEPLOYMENT_STATE_ROLLING_OUT"  # what a left behind
+                on_b = await b.GetDeployment(inf.GetDeploymentRequest(name="deployments/digits"))
+                assert on_b.state == deployment_pb2.DEPLOYMENT_STATE_ROLLING_OUT
+                # b serves version 1 until the rollout is taken over and recorded.
+                deadline = time.monotonic() + 90
+                while True:
+                    answer = logits(await b.Predict(predict_request("deployments/digits", data)))
+                    if np.allclose(answer, expected_2, rtol=1e-4, atol=1e-4):
+                        break
+                    np.testing.assert_allclose(answer, expected, rtol=1e-4, atol=1e-4)
+                    assert time.monotonic() < deadline, "the rollout was never taken over"
+                    await asyncio.sleep(0.05)
+                serving_after = time.monotonic() - killed_at
+                await _until_state(table, "digits", "DEPLOYMENT_STATE_READY", 30)
+                record = table.get("digits")
+                assert record["serving_versions"] == ["models/digits/versions/2"]
+                assert record["etag"] not in (before["etag"], left["etag"])
+                assert record["create_time"] == before["create_time"]
+                print(f"the surviving gateway finished the killed one's rollout and served "
+                      f"version 2 {serving_after:.2f} s after the kill (lease 2 s)")
+                on_b = await b.GetDeployment(inf.GetDeploymentRequest(name="deployments/digits"))
+                assert on_b.state == deployment_pb2.DEPLOYMENT_STATE_READY
+                assert list(on_b.serving_versions) == ["models/digits/versions/2"]
         finally:
             table.close()
             for gateway in gateways:
