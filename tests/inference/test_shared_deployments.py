@@ -731,6 +731,52 @@ async def test_a_rollout_whose_replica_died_is_finished_by_another_or_rolled_bac
             dead.close()
 
 
+@pytest.mark.triton
+async def test_a_stalled_rollout_holder_whose_lease_was_taken_over_cannot_record_it(
+        postgres_url, tmp_path):
+    """A replica that stalls mid-rollout past its lease (it renews nothing) finds the rollout
+    taken over when it comes back: its record of READY is refused (ABORTED, ETAG_MISMATCH),
+    the taker's record stays, and it serves what it served before again (the new version it
+    loaded unloaded), leaving the rest to the taker and its follower."""
+    data = np.random.default_rng(6).standard_normal((4, 64)).astype(np.float32)
+    async with (_registry(tmp_path) as registry,
+                _replica(tmp_path / "a", postgres_url, registry,
+                         LeasePolicy(lease_seconds=0.5)) as a):
+        await a.controller.create("digits", {"model": "models/digits/versions/1"},
+                                  ANONYMOUS_ADMIN)
+        thief = SqlDeploymentStore.open(postgres_url)
+        loading, load_model = asyncio.Event(), a.triton.load_model
+
+        async def stalled_load(name: str, **options) -> None:
+            await loading.wait()
+            await load_model(name, **options)
+
+        a.store.renew_lease = lambda *_: True  # stalled: its lease is never renewed
+        a.triton.load_model = stalled_load
+        try:
+            updating = asyncio.create_task(a.controller.update(
+                {"name": "deployments/digits", "model": "models/digits/versions/2"}, ["model"],
+                ANONYMOUS_ADMIN))
+            await _until(lambda: thief.lapsed_leases() == ["digits"], 10)
+            taken = thief.take_over("digits", "another-replica", 30)
+            assert taken is not None and taken.interruptions == 1
+            assert not updating.done()
+            loading.set()
+            with pytest.raises(Aborted) as late:
+                await updating
+            assert late.value.reason == "ETAG_MISMATCH"
+            assert a.store.get("digits") == taken.record  # the taker's, as it wrote it
+            with torch.inference_mode():
+                expected_1 = registry.modules[1](torch.from_numpy(data)).numpy()
+            np.testing.assert_allclose(await _predict(a, data), expected_1, rtol=1e-4,
+                                       atol=1e-4)
+            assert not await a.triton.is_model_ready("digits.digits.v2")
+            assert not (a.repository.root / "digits.digits.v2").exists()
+        finally:
+            loading.set()
+            thief.close()
+
+
 class FailingController(RecordingController):
     """Fails `follow_table` with each error of `failures` first."""
 
