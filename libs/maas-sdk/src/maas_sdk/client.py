@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import errno
+import functools
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -87,7 +88,8 @@ from maas_sdk.errors import (
     NotFound,
     Unavailable,
 )
-from maas_sdk.generation import Generation, generate_request, pump_generation
+from maas_sdk.failover import Failover
+from maas_sdk.generation import Generation, generate_request, log_generation_restart, pump_generation
 from maas_sdk.jobs import FINAL_STATES, JobProgress, progress_of, state_name
 from maas_sdk.lineage import LineageTree
 from maas_sdk.llm import LlmImport
@@ -283,22 +285,17 @@ class Client:
             error.args = (error.message,)
         return error
 
+    def _failover(self, service: str, method: str, *, deadline: float | None = None,
+                  on_retry: Callable[[MaasError, int], None] | None = None) -> Failover:
+        """One call of `method` over the replicas of `service`, as the retry policy says."""
+        return Failover(method, self.retry,
+                        to_error=lambda rpc_error: self._error(service, rpc_error),
+                        deadline=deadline, on_retry=on_retry)
+
     async def _unary(self, service: str, stub_class, method: str, request, timeout=None):
-        attempt, stubs = 1, list[Any]()
-        while True:
-            try:
-                if len(stubs) < 2:  # one order per call: attempt n goes to the n-th replica
-                    stubs = await self._stubs_in_turn(service, stub_class)
-                stub = stubs[(attempt - 1) % len(stubs)]
-                return await getattr(stub, method)(request, timeout=timeout or self.timeout)
-            except grpc.aio.AioRpcError as rpc_error:
-                error = self._error(service, rpc_error)
-            except Unavailable as unavailable:  # no replica is healthy (discovery)
-                error = unavailable
-            if not self.retry.should_retry(method, error, attempt):
-                raise error from None
-            await asyncio.sleep(self.retry.backoff_seconds(attempt))
-            attempt += 1
+        return await self._failover(service, method).call(
+            lambda: self._stubs_in_turn(service, stub_class),
+            lambda stub: getattr(stub, method)(request, timeout=timeout or self.timeout))
 
     def _call(self, service: str, stub_class, method: str, request, timeout=None):
         return self._runner.run(self._unary(service, stub_class, method, request, timeout))
@@ -385,34 +382,32 @@ class Client:
             after_event_id=after_event_id, resource_prefix=resource_prefix,
             types=[audit_pb2.EventType.Value(name) for name in types])
         deadline = None if timeout is None else time.monotonic() + timeout
-        attempt, failed_attempts, stubs = 0, 0, list[Any]()
-        while deadline is None or time.monotonic() < deadline:
-            if attempt == 0 or len(stubs) < 2:  # one order per watch
-                stubs = self._runner.run(self._stubs_in_turn(
-                    "registry", registry_service_pb2_grpc.RegistryServiceStub))
-            call = self._runner.run(_open_stream(
-                stubs[attempt % len(stubs)].WatchEvents, request,
-                None if deadline is None else max(deadline - time.monotonic(), 0.001)))
-            attempt += 1
+
+        def events(stub: registry_service_pb2_grpc.RegistryServiceStub
+                   ) -> Generator[audit_pb2.RegistryEvent, None, None]:
+            """One replica's stream, after the last event any replica gave."""
+            if deadline is not None and time.monotonic() >= deadline:
+                return  # the caller's timeout
+            call = self._runner.run(_open_stream(stub.WatchEvents, request,
+                                                 _seconds_left(deadline)))
             try:
                 while (event := self._runner.run(call.read())) is not grpc.aio.EOF:
-                    request.after_event_id, failed_attempts = event.event_id, 0
+                    request.after_event_id = event.event_id
                     yield event
-                return
             except grpc.aio.AioRpcError as rpc_error:
                 if rpc_error.code() is grpc.StatusCode.DEADLINE_EXCEEDED and deadline is not None:
                     return  # the caller's timeout
-                error = self._error("registry", rpc_error)
-            except Unavailable as unavailable:  # no replica is healthy (discovery)
-                error = unavailable
+                raise
             finally:
                 self._runner.loop.call_soon_threadsafe(call.cancel)
-            failed_attempts += 1
-            if not self.retry.should_retry("WatchEvents", error, failed_attempts):
-                raise error
+
+        def resuming(error: MaasError, attempt: int) -> None:
             _log.warning("event watch cut short after event %d (%s); resuming after it on the "
                          "next replica", request.after_event_id, error.message)
-            time.sleep(self.retry.backoff_seconds(failed_attempts))
+
+        yield from self._failover("registry", "WatchEvents", on_retry=resuming).stream_blocking(
+            lambda: self._runner.run(self._stubs_in_turn(
+                "registry", registry_service_pb2_grpc.RegistryServiceStub)), events)
 
     def lineage(self, reference: str, *, max_depth: int = 0) -> LineageTree:
         """Where a version came from and what was derived from it, as a tree."""
@@ -616,15 +611,11 @@ class Client:
                 retry=self._download_retry("DownloadModelVersion"))
 
     def _download_retry(self, method: str) -> DownloadRetry:
-        """The registry replicas in turn and the retry policy, for one download."""
-        def backoff(error: MaasError, failed_attempts: int) -> float | None:
-            if not self.retry.should_retry(method, error, failed_attempts):
-                return None
-            return self.retry.backoff_seconds(failed_attempts)
-
+        """The registry replicas in turn and the retry policy, for one download (resumed at
+        the byte it reached by `RegistryClient`, which keeps the offset and the digest)."""
         return DownloadRetry(
             lambda: self._stubs_in_turn("registry", registry_service_pb2_grpc.RegistryServiceStub),
-            backoff)
+            functools.partial(self.retry.retry_after, method))
 
     # Training and compression -----------------------------------------------------------------
 
@@ -700,50 +691,41 @@ class Client:
         current = self.get_job(name)
         total = current.spec.epochs if isinstance(current, tj.TrainingJob) else 0
         deadline = None if timeout is None else time.monotonic() + timeout
-        service, stub_class, method = _watch_rpc(name)
-        after, failed_attempts, stubs = 0, 0, list[Any]()
+        after = 0
         while current.state not in FINAL_STATES:
-            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.001)
-            if failed_attempts == 0 or len(stubs) < 2:
-                stubs = self._runner.run(self._stubs_in_turn(service, stub_class))
-            watch = getattr(stubs[failed_attempts % len(stubs)], method)
-            after, error = self._runner.run(self._watch(
-                name, service, watch, progress, total, remaining, after))
-            if error is None:
-                failed_attempts = 0
-            else:
-                failed_attempts += 1
-                if not self.retry.should_retry(method, error, failed_attempts):
-                    raise error
-                time.sleep(self.retry.backoff_seconds(failed_attempts))
+            after = self._runner.run(self._watch(name, progress, total, deadline, after))
             current = self.get_job(name)
         if check and current.state != job_pb2.JOB_STATE_SUCCEEDED:
             raise JobFailed(current, f"{name} ended {state_name(current.state)}: "
                             f"{current.error.code} {current.error.message}".rstrip())
         return current
 
-    async def _watch(self, name: str, service: str, watch: Callable[..., Any],
-                     progress: ProgressCallback | None, total: int, timeout: float | None,
-                     after: int) -> tuple[int, MaasError | None]:
-        """Pass the job's events after sequence `after` to `progress` through the `watch`
-        RPC of one replica; the last sequence passed, and the error that cut the stream
-        short (None when the server ended it)."""
+    async def _watch(self, name: str, progress: ProgressCallback | None, total: int,
+                     deadline: float | None, after: int) -> int:
+        """Pass the job's events after sequence `after` to `progress` until its Watch stream
+        ends, resumed after the last one passed on the next replica when it is cut short, as
+        the retry policy says; the last sequence passed."""
+        service, stub_class, method = _watch_rpc(name)
         request_type = (cs.WatchCompressionJobRequest if name.startswith("compressionJobs/")
                         else ts.WatchTrainingJobRequest)
-        state, last = "", after
-        try:
-            async for event in watch(request_type(name=name, after_sequence=after),
-                                     timeout=timeout):
-                last = event.sequence
+
+        # Its events are not reported to the failover (`deliver()`): as the job's Watch always
+        # was, it is given up after max_attempts failures in a row, however far each one got.
+        async def watch(stub: Any) -> None:
+            nonlocal after
+            state = ""
+            async for event in getattr(stub, method)(
+                    request_type(name=name, after_sequence=after),
+                    timeout=_seconds_left(deadline)):
+                after = event.sequence
                 update = progress_of(name, event, state, total)
                 state = update.state
                 if progress is not None:
                     progress(update)
-        except grpc.aio.AioRpcError as rpc_error:
-            return last, self._error(service, rpc_error)
-        except Unavailable as unavailable:  # no replica is healthy (discovery)
-            return last, unavailable
-        return last, None
+
+        await self._failover(service, method).call(
+            lambda: self._stubs_in_turn(service, stub_class), watch)
+        return after
 
     # Deployments -----------------------------------------------------------------------------
 
@@ -835,28 +817,16 @@ class Client:
             repetition_penalty=repetition_penalty)
 
         deadline = None if timeout is None else time.monotonic() + timeout
-        stubs: list[inference_service_pb2_grpc.InferenceServiceStub] = []
+        failover = self._failover("inference", "Generate", deadline=deadline,
+                                  on_retry=log_generation_restart)
 
-        async def open_call(attempt: int) -> Any:
-            nonlocal stubs
-            if attempt == 1 or len(stubs) < 2:  # one order per generation
-                stubs = await self._stubs_in_turn(
-                    "inference", inference_service_pb2_grpc.InferenceServiceStub)
-            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.001)
-            return stubs[(attempt - 1) % len(stubs)].Generate(request, timeout=remaining)
-
-        def backoff(error: MaasError, attempt: int, output_delivered: bool) -> float | None:
-            if not self.retry.should_retry("Generate", error, attempt,
-                                           output_delivered=output_delivered):
-                return None
-            wait = self.retry.backoff_seconds(attempt)
-            if deadline is not None and time.monotonic() + wait >= deadline:
-                return None
-            return wait
+        def open_call(stub: inference_service_pb2_grpc.InferenceServiceStub) -> Any:
+            return stub.Generate(request, timeout=_seconds_left(deadline))
 
         return Generation(lambda messages_out: self._runner.submit(pump_generation(
-            open_call, messages_out, to_error=lambda rpc_error: self._error("inference", rpc_error),
-            backoff=backoff)))
+            failover, lambda: self._stubs_in_turn(
+                "inference", inference_service_pb2_grpc.InferenceServiceStub),
+            open_call, messages_out)))
 
     # Predictions -----------------------------------------------------------------------------
 
@@ -989,17 +959,9 @@ class Client:
         stubs = self._predict_stubs()
         if not stubs:  # the inference service found through discovery: the aio channels
             return self._inference("Predict", request, timeout)
-        attempt = 1
-        while True:
-            try:
-                return stubs[(attempt - 1) % len(stubs)].Predict(
-                    request, timeout=timeout or self.timeout, metadata=self._metadata)
-            except grpc.RpcError as rpc_error:
-                error = self._error("inference", rpc_error)
-            if not self.retry.should_retry("Predict", error, attempt):
-                raise error from None
-            time.sleep(self.retry.backoff_seconds(attempt))
-            attempt += 1
+        return self._failover("inference", "Predict").call_blocking(
+            lambda: stubs, lambda stub: stub.Predict(
+                request, timeout=timeout or self.timeout, metadata=self._metadata))
 
     def _predict_stubs(self) -> list[inference_service_pb2_grpc.InferenceServiceStub]:
         """Predict's own blocking channels to the inference targets named (one per replica,
@@ -1158,6 +1120,12 @@ def _watch_rpc(job_name: str) -> tuple[str, Callable[[grpc.aio.Channel], Any], s
         return ("compressor", compressor_service_pb2_grpc.CompressorServiceStub,
                 "WatchCompressionJob")
     return "trainer", trainer_service_pb2_grpc.TrainerServiceStub, "WatchTrainingJob"
+
+
+def _seconds_left(deadline: float | None) -> float | None:
+    """The timeout of an attempt started now within `deadline` (`time.monotonic()`; None:
+    none), at least a millisecond."""
+    return None if deadline is None else max(deadline - time.monotonic(), 0.001)
 
 
 async def _open_stream(method: Callable[..., Any], request: Any, timeout: float | None) -> Any:

@@ -25,9 +25,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 from maas.inference.v1 import inference_service_pb2 as inf
 from maas_runtime.errors import Cancelled, MaasError, Unavailable
+
+from maas_sdk.failover import Failover
 
 _log = logging.getLogger(__name__)
 FINISH_REASONS = {inf.FINISH_REASON_STOP: "stop", inf.FINISH_REASON_LENGTH: "length",
@@ -123,37 +124,25 @@ class Generation:
         self.cancel()
 
 
-async def pump_generation(open_call: Callable[[int], Awaitable[Any]], messages: queue.Queue, *,
-                          to_error: Callable[[grpc.RpcError], MaasError],
-                          backoff: Callable[[MaasError, int, bool], float | None]) -> None:
-    """Read the Generate stream on the event loop thread into `messages`; a cancelled pump
-    cancels the call.
-
-    `open_call(n)` opens attempt number n (1-based) on its replica; after a failed attempt,
-    `backoff(error, n, output_delivered)` gives the seconds to wait before the next, or None
-    to hand the error over instead."""
+async def pump_generation(failover: Failover[Any],
+                          replicas: Callable[[], Awaitable[Sequence[Any]]],
+                          open_call: Callable[[Any], Any], messages: queue.Queue) -> None:
+    """Read the Generate stream on the event loop thread into `messages`, opened with
+    `open_call(stub)` on the `replicas` in turn as `failover` says (each message put is
+    delivered: after one, a failure is the caller's); a cancelled pump cancels the call."""
     call: Any = None
-    attempt, delivered = 1, 0
+
+    async def relay(stub: Any) -> None:
+        nonlocal call
+        call = open_call(stub)
+        async for message in call:
+            messages.put(message)
+            failover.deliver()
+
     try:
-        while True:
-            try:
-                call = await open_call(attempt)
-                async for message in call:
-                    messages.put(message)
-                    delivered += 1
-                return
-            except grpc.RpcError as rpc_error:
-                error = to_error(rpc_error)
-            except Unavailable as unavailable:  # no replica is healthy (discovery)
-                error = unavailable
-            wait = backoff(error, attempt, delivered > 0)
-            if wait is None:
-                messages.put(_cut_short(error, delivered) if delivered else error)
-                return
-            _log.warning("generation attempt %d failed before any text reached the caller "
-                         "(%s); starting it again on the next replica", attempt, error.message)
-            await asyncio.sleep(wait)
-            attempt += 1
+        await failover.call(replicas, relay)
+    except MaasError as error:
+        messages.put(_cut_short(error, failover.delivered) if failover.delivered else error)
     except asyncio.CancelledError:
         if call is not None:
             call.cancel()
@@ -162,6 +151,12 @@ async def pump_generation(open_call: Callable[[int], Awaitable[Any]], messages: 
         messages.put(error)
     finally:
         messages.put(_END)
+
+
+def log_generation_restart(error: MaasError, attempt: int) -> None:
+    """Say that a generation is started again (`Failover`'s `on_retry`)."""
+    _log.warning("generation attempt %d failed before any text reached the caller "
+                 "(%s); starting it again on the next replica", attempt, error.message)
 
 
 def _cut_short(error: MaasError, delivered: int) -> MaasError:

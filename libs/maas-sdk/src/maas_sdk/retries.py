@@ -70,6 +70,14 @@ class RetryPolicy:
             return not output_delivered
         return is_idempotent(method)
 
+    def retry_after(self, method: str, error: MaasError, attempt: int, *,
+                    output_delivered: bool = False) -> float | None:
+        """Seconds to wait after failed attempt number `attempt` of `method` before the next
+        (`backoff_seconds`), or None when `should_retry` says none follows."""
+        if not self.should_retry(method, error, attempt, output_delivered=output_delivered):
+            return None
+        return self.backoff_seconds(attempt)
+
     def backoff_seconds(self, attempt: int) -> float:
         """How long to wait after failed attempt number `attempt` (1-based)."""
         ceiling = min(self.max_backoff_seconds,
