@@ -12,6 +12,7 @@ import json
 import sqlite3
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
 
@@ -775,6 +776,41 @@ async def test_a_stalled_rollout_holder_whose_lease_was_taken_over_cannot_record
         finally:
             loading.set()
             thief.close()
+
+
+@pytest.mark.triton
+async def test_rollouts_left_by_replicas_of_an_older_release_are_rolled_back_once_old(
+        postgres_url, tmp_path):
+    """ROLLING_OUT rows written before rollouts held a lease and recorded their target (the
+    rows this left ROLLING_OUT for good): one written longer ago than a load may take is
+    rolled back to what it serves (READY, saying why); a recent one is left to the older
+    replica that may still be rolling it out (a rolling upgrade of the service)."""
+    async with (_registry(tmp_path) as registry,
+                _replica(tmp_path / "b", postgres_url, registry) as b):
+        for deployment_id in ("stuck", "recent"):
+            await b.controller.create(deployment_id, {"model": "models/digits/versions/1"},
+                                      ANONYMOUS_ADMIN)
+        older = SqlDeploymentStore.open(postgres_url)
+        try:
+            for deployment_id, written in (("stuck", "2026-01-01T00:00:00Z"),
+                                           ("recent", datetime.now(UTC).isoformat())):
+                record = older.get(deployment_id)
+                older.put(deployment_id, {**record, "state": ROLLING_OUT, "update_time": written,
+                                          "etag": f"old-{deployment_id}"}, record["etag"])
+            assert sorted(older.lapsed_leases()) == ["recent", "stuck"]  # nobody's lease
+
+            await b.controller.take_over_lapsed_leases()
+            stuck = older.get("stuck")
+            assert stuck["state"] == "DEPLOYMENT_STATE_READY", stuck
+            assert stuck["message"] == ("rollout to an unrecorded target rolled back: it was left "
+                                        "unfinished by a replica of an older release")
+            assert stuck["serving_versions"] == ["models/digits/versions/1"]
+            assert stuck["etag"] != "old-stuck"
+            recent = older.get("recent")
+            assert (recent["state"], recent["etag"]) == (ROLLING_OUT, "old-recent")
+            assert older.lapsed_leases() == ["recent"]
+        finally:
+            older.close()
 
 
 class FailingController(RecordingController):

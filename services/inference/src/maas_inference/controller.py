@@ -461,7 +461,8 @@ class DeploymentController:
                 target = record.get("rollout")
                 if not target:  # left by a replica from before rollouts recorded their target
                     await self._give_up(deployment_id, record,
-                                        "the rollout's target was not recorded")
+                                        "it was left unfinished by a replica of an older "
+                                        "release")
                     return
                 spec, pinned = target["spec"], target.get("pinned")
             else:
