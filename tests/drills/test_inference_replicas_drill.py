@@ -127,6 +127,26 @@ async def _until_state(table: SqlDeploymentStore, deployment_id: str, state: str
         await asyncio.sleep(0.005)
 
 
+async def _killed_mid(gateway, registry, table: SqlDeploymentStore, state: str, call) -> tuple[float, dict]:
+    """Runs `call` (the gateway's create or update of `digits`) with the registry paused and
+    kills the gateway once the table records `state`, deterministically mid-operation; the
+    call ends UNAVAILABLE. Returns when the kill happened and the record the gateway left."""
+    registry.process.send_signal(signal.SIGSTOP)
+    try:
+        pending = asyncio.ensure_future(call)
+        await _until_state(table, "digits", state, 30)
+        gateway.kill()
+        killed_at = time.monotonic()
+    finally:
+        registry.process.send_signal(signal.SIGCONT)
+    with pytest.raises(grpc.aio.AioRpcError) as interrupted:
+        await pending
+    assert interrupted.value.code() == grpc.StatusCode.UNAVAILABLE
+    left = table.get("digits")
+    assert left["state"] == state  # what the killed gateway left behind
+    return killed_at, left
+
+
 async def test_a_create_or_rollout_whose_gateway_is_killed_midway_is_finished_by_the_other(
         tmp_path):
     with postgres_database_or_skip() as database_url:
@@ -148,22 +168,10 @@ async def test_a_create_or_rollout_whose_gateway_is_killed_midway_is_finished_by
                 b = inference_service_pb2_grpc.InferenceServiceStub(channel_b)
                 # The registry paused: a's create has written CREATING and waits to resolve
                 # the version when a is killed (deterministically mid-create).
-                registry.process.send_signal(signal.SIGSTOP)
-                try:
-                    creating = asyncio.ensure_future(a.CreateDeployment(
-                        inf.CreateDeploymentRequest(deployment_id="digits", deployment=(
-                            deployment_pb2.Deployment(model="models/digits/versions/1"))),
-                        timeout=60))
-                    await _until_state(table, "digits", "DEPLOYMENT_STATE_CREATING", 30)
-                    gateways[0].kill()
-                    killed_at = time.monotonic()
-                finally:
-                    registry.process.send_signal(signal.SIGCONT)
-                with pytest.raises(grpc.aio.AioRpcError) as interrupted:
-                    await creating
-                assert interrupted.value.code() == grpc.StatusCode.UNAVAILABLE
-                left = table.get("digits")
-                assert left["state"] == "DEPLOYMENT_STATE_CREATING"  # what a left behind
+                killed_at, left = await _killed_mid(
+                    gateways[0], registry, table, "DEPLOYMENT_STATE_CREATING",
+                    a.CreateDeployment(inf.CreateDeploymentRequest(deployment_id="digits", deployment=(
+                        deployment_pb2.Deployment(model="models/digits/versions/1"))), timeout=60))
 
                 seconds, answer = await _first_prediction(b, "deployments/digits", data, 90)
                 np.testing.assert_allclose(answer, expected, rtol=1e-4, atol=1e-4)
@@ -202,23 +210,12 @@ async def test_a_create_or_rollout_whose_gateway_is_killed_midway_is_finished_by
             async with gateways[0].stub() as channel_a, gateways[1].stub() as channel_b:
                 a = inference_service_pb2_grpc.InferenceServiceStub(channel_a)
                 b = inference_service_pb2_grpc.InferenceServiceStub(channel_b)
-                registry.process.send_signal(signal.SIGSTOP)
-                try:
-                    rolling_out = asyncio.ensure_future(a.UpdateDeployment(
-                        inf.UpdateDeploymentRequest(
-                            deployment=deployment_pb2.Deployment(
-                                name="deployments/digits", model="models/digits/versions/2"),
-                            update_mask=field_mask_pb2.FieldMask(paths=["model"])), timeout=60))
-                    await _until_state(table, "digits", "DEPLOYMENT_STATE_ROLLING_OUT", 30)
-                    gateways[0].kill()
-                    killed_at = time.monotonic()
-                finally:
-                    registry.process.send_signal(signal.SIGCONT)
-                with pytest.raises(grpc.aio.AioRpcError) as interrupted:
-                    await rolling_out
-                assert interrupted.value.code() == grpc.StatusCode.UNAVAILABLE
-                left = table.get("digits")
-                assert left["state"] == "DEPLOYMENT_STATE_ROLLING_OUT"  # what a left behind
+                killed_at, left = await _killed_mid(
+                    gateways[0], registry, table, "DEPLOYMENT_STATE_ROLLING_OUT",
+                    a.UpdateDeployment(inf.UpdateDeploymentRequest(
+                        deployment=deployment_pb2.Deployment(
+                            name="deployments/digits", model="models/digits/versions/2"),
+                        update_mask=field_mask_pb2.FieldMask(paths=["model"])), timeout=60))
                 on_b = await b.GetDeployment(inf.GetDeploymentRequest(name="deployments/digits"))
                 assert on_b.state == deployment_pb2.DEPLOYMENT_STATE_ROLLING_OUT
                 # b serves version 1 until the rollout is taken over and recorded.
