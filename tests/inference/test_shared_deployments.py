@@ -73,6 +73,26 @@ def _record(deployment_id: str, version: int, state: str = "DEPLOYMENT_STATE_REA
             "etag": f"e{version}{state}{batch}"}
 
 
+def _until_lapsed(store, deployment_id: str) -> None:
+    """Waits (up to 30 s) until `deployment_id`'s lease is the only lapsed one."""
+    deadline = time.monotonic() + 30
+    while store.lapsed_leases() != [deployment_id]:
+        assert time.monotonic() < deadline, store.lapsed_leases()
+        time.sleep(0.05)
+
+
+def _one_of_four_takes_over(stores, deployment_id: str) -> tuple[int, object]:
+    """Four replicas race to take over `deployment_id`'s lapsed lease: exactly one wins;
+    returns its number and its takeover."""
+    taken: dict[int, object] = {}
+    run_together(lambda number: taken.__setitem__(
+        number, stores[number].take_over(deployment_id, f"replica-{number}", 30)), 4)
+    winners = {number: result for number, result in taken.items() if result is not None}
+    assert len(taken) == 4 and len(winners) == 1, taken
+    (winner, takeover), = winners.items()
+    return winner, takeover
+
+
 def test_the_store_keeps_records_on_both_backends(table_url):
     store = SqlDeploymentStore.open(table_url)
     try:
@@ -167,19 +187,11 @@ def test_a_create_lease_renewed_is_kept_and_a_lapsed_one_is_taken_over_by_one_re
         assert first.renew_lease("live", "alive", 60)
         assert not first.renew_lease("live", "someone-else", 60)
         assert not {"live", "done"} & set(first.lapsed_leases())
-        deadline = time.monotonic() + 30
-        while first.lapsed_leases() != ["dead"]:  # nobody renews it: it lapses
-            assert time.monotonic() < deadline, first.lapsed_leases()
-            time.sleep(0.05)
+        _until_lapsed(first, "dead")  # nobody renews it: it lapses
         assert first.take_over("live", "thief", 30) is None
         assert first.take_over("done", "thief", 30) is None
 
-        taken: dict[int, object] = {}
-        run_together(lambda number: taken.__setitem__(
-            number, stores[number].take_over("dead", f"replica-{number}", 30)), 4)
-        winners = {number: result for number, result in taken.items() if result is not None}
-        assert len(taken) == 4 and len(winners) == 1, taken
-        (winner, takeover), = winners.items()
+        winner, takeover = _one_of_four_takes_over(stores, "dead")
         assert takeover.interruptions == 1
         assert takeover.record["etag"] != _record("dead", 1, CREATING)["etag"]
         assert takeover.record == {**first.get("dead"), "etag": takeover.record["etag"]}
@@ -252,17 +264,9 @@ def test_a_lapsed_rollout_lease_is_taken_over_by_one_replica_and_its_holder_refu
         assert first.renew_lease("d", "holder", 1)
         assert not first.renew_lease("d", "someone-else", 1)
         assert first.take_over("live", "thief", 30) is None
-        deadline = time.monotonic() + 30
-        while first.lapsed_leases() != ["d"]:  # the holder stopped renewing: it lapses
-            assert time.monotonic() < deadline, first.lapsed_leases()
-            time.sleep(0.05)
+        _until_lapsed(first, "d")  # the holder stopped renewing: it lapses
 
-        taken: dict[int, object] = {}
-        run_together(lambda number: taken.__setitem__(
-            number, stores[number].take_over("d", f"replica-{number}", 30)), 4)
-        winners = {number: result for number, result in taken.items() if result is not None}
-        assert len(taken) == 4 and len(winners) == 1, taken
-        (winner, takeover), = winners.items()
+        winner, takeover = _one_of_four_takes_over(stores, "d")
         assert takeover.interruptions == 1
         assert takeover.record["etag"] != "rolling"
         assert takeover.record == {**rolling, "etag": takeover.record["etag"]}  # target kept
