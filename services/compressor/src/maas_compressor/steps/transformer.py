@@ -468,7 +468,8 @@ def mixed_batches(corpus_batches: Sequence[list[int]], extra: Iterator[list[int]
     return epoch
 
 
-def endless_batches(lengths: Sequence[int], offset: int, batch_size: int, generator: Any) -> Iterator[list[int]]:
+def endless_batches(lengths: Sequence[int], offset: int, batch_size: int,
+                    generator: Any) -> Iterator[list[int]]:
     """Length-bucketed batches of the texts `offset + i` (`lengths[i]` tokens), one random
     epoch after another, for ever."""
     while True:
