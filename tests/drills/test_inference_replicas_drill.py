@@ -83,16 +83,9 @@ async def test_a_deployment_made_through_one_gateway_is_served_by_the_other(tmp_
                     deployment=deployment_pb2.Deployment(name="deployments/digits",
                                                          model="models/digits/versions/2"),
                     update_mask=field_mask_pb2.FieldMask(paths=["model"])))
-                deadline = time.monotonic() + 30
-                while True:
-                    answer = logits(await a.Predict(predict_request("deployments/digits", data)))
-                    if np.allclose(answer, expected_2, rtol=1e-4, atol=1e-4):
-                        break
-                    np.testing.assert_allclose(answer, expected_1, rtol=1e-4, atol=1e-4)
-                    assert time.monotonic() < deadline, "the first gateway never followed"
-                    await asyncio.sleep(0.05)
-                print(f"the first gateway followed the rollout after "
-                      f"{30 - (deadline - time.monotonic()):.2f} s")
+                followed = await _until_serving(a, data, expected_2, expected_1, 30,
+                                                "the first gateway never followed")
+                print(f"the first gateway followed the rollout after {followed:.2f} s")
 
                 await a.DeleteDeployment(inf.DeleteDeploymentRequest(name="deployments/digits"))
                 with pytest.raises(grpc.aio.AioRpcError) as gone:  # a deleted it: at once
@@ -116,6 +109,20 @@ async def test_a_deployment_made_through_one_gateway_is_served_by_the_other(tmp_
                 if gateway.process is not None:
                     gateway.terminate()
             registry.terminate()
+
+
+async def _until_serving(stub, data: np.ndarray, new: np.ndarray, old: np.ndarray,
+                         timeout: float, never: str) -> float:
+    """Predicts on deployments/digits until it answers `new`, asserting every answer before
+    is `old` (served throughout the rollout); returns the seconds it took."""
+    started = time.monotonic()
+    while True:
+        answer = logits(await stub.Predict(predict_request("deployments/digits", data)))
+        if np.allclose(answer, new, rtol=1e-4, atol=1e-4):
+            return time.monotonic() - started
+        np.testing.assert_allclose(answer, old, rtol=1e-4, atol=1e-4)
+        assert time.monotonic() < started + timeout, never
+        await asyncio.sleep(0.05)
 
 
 async def _until_state(table: SqlDeploymentStore, deployment_id: str, state: str,
@@ -219,14 +226,8 @@ async def test_a_create_or_rollout_whose_gateway_is_killed_midway_is_finished_by
                 on_b = await b.GetDeployment(inf.GetDeploymentRequest(name="deployments/digits"))
                 assert on_b.state == deployment_pb2.DEPLOYMENT_STATE_ROLLING_OUT
                 # b serves version 1 until the rollout is taken over and recorded.
-                deadline = time.monotonic() + 90
-                while True:
-                    answer = logits(await b.Predict(predict_request("deployments/digits", data)))
-                    if np.allclose(answer, expected_2, rtol=1e-4, atol=1e-4):
-                        break
-                    np.testing.assert_allclose(answer, expected, rtol=1e-4, atol=1e-4)
-                    assert time.monotonic() < deadline, "the rollout was never taken over"
-                    await asyncio.sleep(0.05)
+                await _until_serving(b, data, expected_2, expected, 90,
+                                     "the rollout was never taken over")
                 serving_after = time.monotonic() - killed_at
                 await _until_state(table, "digits", "DEPLOYMENT_STATE_READY", 30)
                 record = table.get("digits")
