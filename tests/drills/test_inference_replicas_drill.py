@@ -57,13 +57,7 @@ async def test_a_deployment_made_through_one_gateway_is_served_by_the_other(tmp_
                     for name in ("inference-a", "inference-b")]
         try:
             first = await register_digits_mlp(tmp_path, registry, hidden=16, seed=5)
-            second = zoo_model("mlp", {"hidden_sizes": [16]}, [64], seed=6)
-            package = tmp_path / "digits-2.safetensors"
-            save_zoo_package(package, second, kind="mlp", hyperparameters={"hidden_sizes": [16]},
-                             input_shape=[64])
-            async with registry.stub() as channel:
-                await registry_service_pb2_grpc.RegistryServiceStub(channel).UploadModelVersion(
-                    model_upload_requests("models/digits", package.read_bytes()))
+            second = await _upload_digits_version(tmp_path, registry, seed=6)
             await asyncio.gather(*(gateway.start(timeout=180) for gateway in gateways))
             data = batch(4, seed=8)
             with torch.inference_mode():
@@ -109,6 +103,19 @@ async def test_a_deployment_made_through_one_gateway_is_served_by_the_other(tmp_
                 if gateway.process is not None:
                     gateway.terminate()
             registry.terminate()
+
+
+async def _upload_digits_version(tmp_path, registry, seed: int):
+    """Uploads a new version of models/digits (an MLP with 16 hidden units from `seed`);
+    returns its torch module."""
+    module = zoo_model("mlp", {"hidden_sizes": [16]}, [64], seed=seed)
+    package = tmp_path / f"digits-{seed}.safetensors"
+    save_zoo_package(package, module, kind="mlp", hyperparameters={"hidden_sizes": [16]},
+                     input_shape=[64])
+    async with registry.stub() as channel:
+        await registry_service_pb2_grpc.RegistryServiceStub(channel).UploadModelVersion(
+            model_upload_requests("models/digits", package.read_bytes()))
+    return module
 
 
 async def _until_serving(stub, data: np.ndarray, new: np.ndarray, old: np.ndarray,
@@ -204,13 +211,7 @@ async def test_a_create_or_rollout_whose_gateway_is_killed_midway_is_finished_by
 
             # Killed mid-rollout: version 2 uploaded, a's update paused on the registry
             # after it recorded ROLLING_OUT (deterministically mid-rollout).
-            second = zoo_model("mlp", {"hidden_sizes": [16]}, [64], seed=11)
-            package = tmp_path / "digits-2.safetensors"
-            save_zoo_package(package, second, kind="mlp", hyperparameters={"hidden_sizes": [16]},
-                             input_shape=[64])
-            async with registry.stub() as channel:
-                await registry_service_pb2_grpc.RegistryServiceStub(channel).UploadModelVersion(
-                    model_upload_requests("models/digits", package.read_bytes()))
+            second = await _upload_digits_version(tmp_path, registry, seed=11)
             with torch.inference_mode():
                 expected_2 = second(torch.from_numpy(data)).numpy()
             before = table.get("digits")
