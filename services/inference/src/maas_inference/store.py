@@ -84,6 +84,7 @@ _IS_LEASED = deployments.c.record["state"].as_string().in_(LEASED_STATES)
 
 _Statement = TypeVar("_Statement", Update, Delete)
 
+
 def new_etag() -> str:
     """A fresh etag for a deployment record that changed."""
     return uuid.uuid4().hex[:16]
