@@ -77,6 +77,17 @@ async def eventually(prometheus: str, expression: str, at_least: float,
     raise AssertionError(f"{expression} stayed at {seen}, wanted >= {at_least}")
 
 
+async def data_plane_access_lines(log_file: Path, timeout: float = 30) -> list[dict]:
+    """The access log lines of requests the data plane served, once there are any."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = [json.loads(line) for line in log_file.read_text().splitlines()
+                 if '"served_by": "data-plane"' in line]
+        if lines or time.monotonic() > deadline:
+            return lines
+        await asyncio.sleep(0.5)
+
+
 def exported_metric_names(prometheus: str) -> set[str]:
     with urllib.request.urlopen(f"{prometheus}/api/v1/label/__name__/values", timeout=5) as r:
         return set(json.loads(r.read())["data"])
@@ -146,10 +157,9 @@ async def test_prometheus_scrapes_every_series_after_traffic(tmp_path):
         used = dashboard_metric_names(json.loads(DASHBOARD.read_text()))
         assert used and used <= exported, used - exported
 
-        # The data plane's served requests reach the access log (sampled 1 in 1 here).
-        log = (suite.services["inference"].log_file).read_text()
-        lines = [json.loads(line) for line in log.splitlines() if '"served_by": "data-plane"'
-                 in line]
+        # The data plane's served requests reach the access log (sampled 1 in 1 here) at the
+        # inference service's next poll of the data plane's records: wait for them.
+        lines = await data_plane_access_lines(suite.services["inference"].log_file)
         assert lines and {line["deployment"] for line in lines} == {"digits"}
         assert {line["principal"] for line in lines} == {"admin"}
     finally:

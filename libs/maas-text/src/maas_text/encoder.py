@@ -2,7 +2,8 @@
 
 The tokenizer is transformers' AutoTokenizer over local files only (no hub, no network); its
 Rust backend (`tokenizers`) does the work so each text's truncation is known. The model is
-torch `AutoModel` from safetensors (never pickle) or, when the directory holds the ONNX
+torch `AutoModel` from safetensors (never pickle; an int8 directory through
+`maas_text.int8`) or, when the directory holds the ONNX
 conversion (`model.onnx`), an onnxruntime session. Token states are pooled per the
 directory's pooling config (mean by default) and L2-normalized, FP32.
 
@@ -22,6 +23,7 @@ import numpy as np
 
 from maas_text.directory import HfDirectory
 from maas_text.inputs import DEFAULT_MAX_BATCH, decode_texts
+from maas_text.int8 import load_int8_encoder
 
 
 @dataclass(frozen=True)
@@ -143,9 +145,12 @@ def _torch_runner(directory: HfDirectory, threads: int) -> Any:
     from transformers import AutoModel
 
     torch.set_num_threads(max(1, threads))
-    model = AutoModel.from_pretrained(
-        str(directory.path), local_files_only=True, use_safetensors=True
-    )
+    if directory.int8_layers:
+        model = load_int8_encoder(directory.path, directory.int8_layers)
+    else:
+        model = AutoModel.from_pretrained(
+            str(directory.path), local_files_only=True, use_safetensors=True
+        )
     model.eval()
     accepts_token_types = "token_type_ids" in model.forward.__code__.co_varnames
 

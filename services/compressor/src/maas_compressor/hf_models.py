@@ -32,6 +32,7 @@ from maas_formats.manifest import ModelSignature, TensorSignature
 from maas_runtime.errors import FailedPrecondition
 from maas_text import HfDirectory, unzip_directory, zip_directory
 from maas_text.encoder import SentenceEncoder
+from maas_text.int8 import QUANTIZATION_FILE
 
 from maas_compressor.steps.base import HfForm, ModelUnderCompression
 
@@ -39,7 +40,9 @@ RUNTIME_TORCH = "torch"
 RUNTIME_ONNXRUNTIME = "onnxruntime"
 ONNX_WEIGHTS = "model.onnx"
 SAFETENSORS_WEIGHTS = "model.safetensors"
-WEIGHT_FILES = frozenset({ONNX_WEIGHTS, SAFETENSORS_WEIGHTS})
+# The weights and what describes them: a copy "without weights" never carries an int8
+# manifest that no longer matches.
+WEIGHT_FILES = frozenset({ONNX_WEIGHTS, SAFETENSORS_WEIGHTS, QUANTIZATION_FILE})
 HF_ARCHIVE_NAME = "model.hf.zip"
 HELD_OUT_EVERY = 8
 """Every 8th corpus sentence is held out for measurements; the rest may be trained on."""
