@@ -75,10 +75,11 @@ def completes_of(work_root: Path, job_id: str) -> list[str]:
 
 
 def step_manager(store: SqlJobStore, work_root: Path, replica: str, *, pool_size: int = 2,
-                 lease_seconds: float = 15.0, watch_poll_seconds: float = 0.1) -> JobManager:
+                 lease_seconds: float = 15.0, watch_poll_seconds: float = 0.1,
+                 schedule_interval_seconds: float = 0.1) -> JobManager:
     return JobManager(store, StepRunner(replica), COLLECTION,
                       JobManagerConfig(pool_size=pool_size, work_root=work_root,
-                                       schedule_interval_seconds=0.1,
+                                       schedule_interval_seconds=schedule_interval_seconds,
                                        watch_poll_seconds=watch_poll_seconds,
                                        stop_grace_seconds=2, replica_id=replica,
                                        lease_seconds=lease_seconds),

@@ -26,6 +26,8 @@ from maas_jobs.records import JobError, JobRecord, LogLevel
 
 _log = logging.getLogger(__name__)
 _LINE_LIMIT = 1024 * 1024
+_KILLED_WAIT_SECONDS = 10.0
+"""How long `JobProcess.stop` waits for a job to be seen ending after SIGKILL."""
 
 
 @dataclass(frozen=True)
@@ -173,16 +175,31 @@ class JobProcess:
             await forwarder.line(line, plain_level)
 
     async def stop(self, grace_seconds: float) -> None:
-        """End the job: close its stdin (its parent watch fires), SIGTERM, then SIGKILL."""
+        """End the job: close its stdin (its parent watch fires), SIGTERM, then SIGKILL.
+
+        Returns at the latest `_KILLED_WAIT_SECONDS` after the SIGKILL, saying so in the log:
+        asyncio sees a process end only once its pipes are closed too, and a process outside
+        the job's group (beyond the reach of the signals) may still hold them.
+        """
         self.stopped = True
         if self._process.stdin is not None:
             self._process.stdin.close()
         self._kill_group(signal.SIGTERM)
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a cancellation that
+        # arrives in the loop turn the process ends, and our caller would go on uncancelled.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace_seconds):
+                await self._process.wait()
+                return
+        self._kill_group(signal.SIGKILL)
         try:
-            await asyncio.wait_for(self._process.wait(), grace_seconds)
+            async with asyncio.timeout(_KILLED_WAIT_SECONDS):
+                await self._process.wait()
         except TimeoutError:
-            self._kill_group(signal.SIGKILL)
-            await self._process.wait()
+            _log.error("job process %d (%s) was killed %.0f s ago but its output pipes are "
+                       "still open (held by a process outside its group?); no longer waiting",
+                       self.pid, "exited" if self.exited else "not reaped yet",
+                       _KILLED_WAIT_SECONDS)
 
     def _kill_group(self, signum: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):

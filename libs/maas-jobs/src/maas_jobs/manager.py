@@ -29,6 +29,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import io
 import logging
 import socket
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -120,6 +121,10 @@ class JobManagerConfig:
     differ between replicas sharing a job table."""
     lease_seconds: float = 15.0
     """How long a job stays with a replica that stopped renewing its lease."""
+    stop_backstop_seconds: float = 5.0
+    """How long `JobManager.stop` waits for a cancelled task beyond `stop_grace_seconds`
+    before it gives up on the task, with an error in the log: a task that ignores its
+    cancellation must not hold the service's shutdown forever."""
     launcher: JobLauncher | None = None
     """How a prepared job starts (`maas_jobs.kubernetes_executor.launcher_for` picks it from
     the settings); None: as a local process (`ProcessLauncher`)."""
@@ -176,6 +181,30 @@ class _JobSignals:
         for waiters in self._waiters.values():
             for signal in waiters:
                 signal.set()
+
+
+async def _cancel_and_wait(tasks: list[asyncio.Task], seconds: float) -> None:
+    """Cancel `tasks` and wait until they have ended, at most `seconds`; log the ones that
+    have not, with where they are, and go on without them.
+
+    Their waits use `asyncio.timeout`, not `asyncio.wait_for`: on Python 3.11 `wait_for`
+    drops a cancellation that arrives in the loop turn its awaitable completes (say a
+    scheduling wake-up and `stop` at once), and the task goes on as if never cancelled.
+    """
+    for task in tasks:
+        task.cancel()
+    if not tasks:
+        return
+    done, pending = await asyncio.wait(tasks, timeout=seconds)
+    for task in done:
+        if not task.cancelled() and task.exception() is not None:
+            _log.error("task %s failed while stopping", task.get_name(),
+                       exc_info=task.exception())
+    for task in pending:
+        where = io.StringIO()
+        task.print_stack(limit=8, file=where)
+        _log.error("task %s did not end within %.1f s of being cancelled; stopping without "
+                   "it. %s", task.get_name(), seconds, where.getvalue().strip())
 
 
 @dataclass
@@ -255,21 +284,21 @@ class JobManager:
 
     async def stop(self) -> None:
         """Stop scheduling and end running processes; their jobs stay RUNNING, to resume
-        (here after a restart, or at once on another replica: the leases are released)."""
+        (here after a restart, or at once on another replica: the leases are released).
+
+        Every wait is bounded: a task still there after its bound is left behind with an
+        error in the log (naming it, with its stack) rather than holding the shutdown."""
         self._stopping = True
-        for task in (self._loop_task, self._lease_task, self._changes_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        background = [task for task in (self._loop_task, self._lease_task, self._changes_task)
+                      if task is not None]
+        await _cancel_and_wait(background, self.config.stop_backstop_seconds)
         running = list(self._running.values())
         held = list(self._running)
         await asyncio.gather(*(entry.process.stop(self.config.stop_grace_seconds)
                                for entry in running if entry.process is not None))
-        tasks = [entry.task for entry in running if entry.task is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # A cancelled job task still stops its process and tidies up in its `finally`.
+        await _cancel_and_wait([entry.task for entry in running if entry.task is not None],
+                               self.config.stop_grace_seconds + self.config.stop_backstop_seconds)
         with contextlib.suppress(Exception):  # the database may be what is going away
             await self._store_call(self.store.release_leases, self._owner, held)
 
@@ -333,9 +362,9 @@ class JobManager:
     async def _renew_leases(self, timeout: float) -> None:
         """Extend the leases of the jobs running here; stop those this replica lost."""
         running = dict(self._running)
-        held = await asyncio.wait_for(
-            self._store_call(self.store.renew_leases, self._owner, list(running),
-                             self.config.lease_seconds), timeout)
+        async with asyncio.timeout(timeout):  # not wait_for: see `_cancel_and_wait`
+            held = await self._store_call(self.store.renew_leases, self._owner, list(running),
+                                          self.config.lease_seconds)
         await self._give_up({job_id: entry for job_id, entry in running.items()
                              if job_id not in held}, "cancelled or taken over")
 
@@ -439,7 +468,8 @@ class JobManager:
                         return  # the caller asked to skip past the final event
                     continue
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(signal.wait(), self.config.watch_poll_seconds)
+                    async with asyncio.timeout(self.config.watch_poll_seconds):
+                        await signal.wait()  # not wait_for: see `_cancel_and_wait`
 
     # -- scheduling and running ---------------------------------------------------------------
 
@@ -453,7 +483,8 @@ class JobManager:
             raise RuntimeError("the scheduler runs only after start()")
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), self.config.schedule_interval_seconds)
+                async with asyncio.timeout(self.config.schedule_interval_seconds):
+                    await wake.wait()  # not wait_for: see `_cancel_and_wait`
             wake.clear()
             try:
                 await self._schedule_once()
