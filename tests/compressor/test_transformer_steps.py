@@ -6,6 +6,7 @@ into 3 layers improves on the untrained student, and the measurements compare en
 
 from __future__ import annotations
 
+import re
 import zipfile
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from maas_compressor.steps.convert import convert
 from maas_compressor.steps.distill import distill
 from maas_compressor.steps.quantize import quantize
 from maas_compressor.steps.transformer import choose_student_layers
+from maas_formats.safetensors_header import read_safetensors_header
 from maas_runtime.contract_enums import MODEL_FORMAT_HF_TRANSFORMER
 from maas_runtime.errors import FailedPrecondition, InvalidArgument
 from maas_text import minilm_directory, zip_directory
@@ -150,6 +152,67 @@ def test_quantize_refuses_an_already_int8_encoder_and_a_dtype_encoders_do_not_ta
     with pytest.raises(InvalidArgument) as error:
         quantize(quantized.model, {"dtype": "int4"}, context(tmp_path))
     assert error.value.field_violations[0].field == "dtype"
+
+
+@pytest.fixture(scope="module")
+def torch_int8(minilm: ModelUnderCompression, tmp_path_factory: pytest.TempPathFactory):
+    ctx = context(tmp_path_factory.mktemp("torch-int8"))
+    return quantize(minilm, {"dtype": "int8", "format": "torch", "min_mean_cosine": 0.99}, ctx)
+
+
+def test_torch_int8_stores_every_linear_and_embedding_table_int8_within_the_cosine_minimum(
+        torch_int8, minilm: ModelUnderCompression, reference: np.ndarray):
+    form = torch_int8.model.form
+    assert isinstance(form, HfForm) and form.runtime == RUNTIME_TORCH
+    header = read_safetensors_header(weights_path(form))
+    int8_tensors = {name for name, entry in header.tensors.items() if entry.dtype == "I8"}
+    assert "embeddings.word_embeddings.weight_int8" in int8_tensors
+    assert len(int8_tensors) == 6 * 6 + 1 + 3  # every Linear (6 a layer, the pooler), 3 tables
+    assert not any(entry.dtype == "F32" and len(entry.shape) == 2 and entry.shape[0] >= 384
+                   for entry in header.tensors.values())  # no float matrix left
+    assert torch_int8.details["format"] == "torch" and torch_int8.details["layers_kept_in_float"] == []
+    assert torch_int8.details["size_ratio"] <= 0.3
+    assert weights_path(form).stat().st_size <= 0.3 * weights_path(minilm.form).stat().st_size
+    assert torch_int8.details["mean_cosine"] >= 0.99
+    assert mean_cosine(reference, embed(form, probe_sentences())) >= 0.99
+    assert SentenceEncoder.load(form.directory).backend == "torch"
+
+
+def test_a_stricter_minimum_keeps_the_most_sensitive_roles_in_float(minilm: ModelUnderCompression,
+                                                                     tmp_path: Path, reference: np.ndarray):
+    result = quantize(minilm, {"dtype": "int8", "format": "torch", "min_mean_cosine": 0.995},
+                      context(tmp_path))
+    details, form = result.details, result.model.form
+    kept = details["layers_kept_in_float"]
+    assert kept and details["mean_cosine"] >= 0.995
+    assert max(details["sensitivity"], key=details["sensitivity"].get) in {
+        re.sub(r"\.layer\.\d+\.", ".layer.*.", name) for name in kept}
+    header = read_safetensors_header(weights_path(form))
+    dtypes = {name: entry.dtype for name, entry in header.tensors.items()}
+    assert all(dtypes[f"{name}.weight"] == "F32" and f"{name}.weight_int8" not in dtypes for name in kept)
+    assert mean_cosine(reference, embed(form, probe_sentences())) >= 0.995
+
+
+def test_an_int8_torch_encoder_is_a_result_that_no_step_takes_again(torch_int8, tmp_path: Path):
+    for step, params in ((quantize, {"dtype": "int8", "format": "torch"}), (quantize, {"dtype": "int8"}),
+                         (convert, {}), (distill, {})):
+        with pytest.raises(FailedPrecondition) as error:
+            step(torch_int8.model, params, context(tmp_path))
+        assert error.value.reason == "ALREADY_QUANTIZED"
+
+
+def test_torch_int8_refuses_bad_parameters_and_an_onnx_source(minilm: ModelUnderCompression, converted,
+                                                              tmp_path: Path):
+    for params, field in (({"dtype": "int8", "format": "tflite"}, "format"),
+                          ({"dtype": "int8", "format": "torch", "per_channel": False}, "per_channel"),
+                          ({"dtype": "int8", "format": "torch", "min_mean_cosine": 1.5}, "min_mean_cosine"),
+                          ({"dtype": "fp16", "format": "torch"}, "dtype")):
+        with pytest.raises(InvalidArgument) as error:
+            quantize(minilm, params, context(tmp_path))
+        assert error.value.field_violations[0].field == field
+    with pytest.raises(FailedPrecondition) as refused:
+        quantize(converted[0].model, {"dtype": "int8", "format": "torch"}, context(tmp_path))
+    assert refused.value.reason == "STEP_NEEDS_TORCH_MODEL"
 
 
 def test_distillation_into_three_layers_improves_on_the_untrained_student(
