@@ -246,6 +246,10 @@ BAD_INPUTS = {
                         grpc.StatusCode.INVALID_ARGUMENT, S + "output.model_id"),
     "quantize without dtype": (lambda s: spec(s.mlp, quantize(dtype=0)),
                                grpc.StatusCode.INVALID_ARGUMENT, S + "steps[0].quantize.dtype"),
+    "accuracy-aware torchao int8": (
+        lambda s: spec(s.mlp, cj.CompressionStep(quantize=cj.QuantizeStep(
+            dtype=cj.QUANTIZATION_DTYPE_INT8, format="torch", accuracy_aware=True))),
+        grpc.StatusCode.INVALID_ARGUMENT, S + "steps[0].quantize.accuracy_aware"),
 }
 
 

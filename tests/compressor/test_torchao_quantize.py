@@ -141,7 +141,7 @@ def test_the_spec_carries_format_torch_through_the_contract_message_unchanged():
     assert parse_compression_spec(spec_fields(message), default_tenant="t") == spec
 
 
-def test_the_spec_refuses_format_torch_with_other_dtypes_accuracy_aware_or_later_steps():
+def test_the_spec_refuses_format_torch_with_other_dtypes_later_steps_or_after_a_convert():
     with pytest.raises(InvalidArgument) as refused:
         parse_compression_spec(_spec_fields(
             {"kind": "quantize", "parameters": {"dtype": "int4", "format": "torch",
@@ -151,5 +151,14 @@ def test_the_spec_refuses_format_torch_with_other_dtypes_accuracy_aware_or_later
 
     named = {violation.field for violation in refused.value.field_violations}
     prefix = "compression_job.spec.steps"
-    assert named == {f"{prefix}[0].quantize.dtype", f"{prefix}[0].quantize.accuracy_aware",
-                     f"{prefix}[0].quantize.format", f"{prefix}[1].quantize.format"}
+    # accuracy_aware is judged once the source is known: an encoder's torch int8 searches.
+    assert named == {f"{prefix}[0].quantize.dtype", f"{prefix}[0].quantize.format",
+                     f"{prefix}[1].quantize.format"}
+
+    with pytest.raises(InvalidArgument) as refused:
+        parse_compression_spec(_spec_fields(
+            {"kind": "convert", "parameters": {}},
+            {"kind": "quantize", "parameters": {"dtype": "int8", "format": "torch"}}),
+            default_tenant="t")
+    assert [v.field for v in refused.value.field_violations] == [f"{prefix}[1].quantize.format"]
+    assert "steps[0] made it ONNX" in refused.value.field_violations[0].description

@@ -2,7 +2,9 @@
 the SDK as an HF_TRANSFORMER version, compressed by a convert + int8 job, measured on the
 held-out pydoc sentences and gated on mean cosine to the source; the result is registered
 with its report as metrics and lineage, and still an HF_TRANSFORMER zip (tokenizer included)
-whose embeddings agree with the source's. Bad encoder requests fail at Create naming the field.
+whose embeddings agree with the source's. With format "torch" the result is the int8 torch
+encoder, labelled with its own facts as an import of it would be. Bad encoder requests fail at
+Create naming the field.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import grpc
 import numpy as np
 import pytest
 import pytest_asyncio
+from google.protobuf import json_format
 from maas.common.v1 import job_pb2
 from maas.compressor.v1 import compression_job_pb2 as cj
 from maas.registry.v1 import model_pb2, registry_service_pb2 as rs
 from maas_compressor.hf_models import embed, load_hf, mean_cosine, probe_sentences
-from maas_text import minilm_directory
+from maas_text import HfDirectory, minilm_directory, unzip_directory
+from maas_text.int8 import SCHEME
 
 from tests.compressor.conftest import Sources, compressor_servers
 from tests.compressor.service_helpers import convert, create_job, prune, spec, versions_of, wait_until_final
@@ -30,8 +34,8 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 S = "compression_job.spec."
 
 
-def _quantize_int8() -> cj.CompressionStep:
-    return cj.CompressionStep(quantize=cj.QuantizeStep(dtype=cj.QUANTIZATION_DTYPE_INT8))
+def _quantize_int8(**fields) -> cj.CompressionStep:
+    return cj.CompressionStep(quantize=cj.QuantizeStep(dtype=cj.QUANTIZATION_DTYPE_INT8, **fields))
 
 
 def _import_minilm(registry_target: str, token: str) -> str:
@@ -101,6 +105,43 @@ async def test_convert_and_int8_register_an_encoder_close_to_the_source_with_its
     assert abs(cosine - report.mean_cosine) < 1e-4
 
 
+async def test_a_torch_int8_job_registers_an_int8_encoder_labelled_as_its_import_would_be(
+        encoder_suite, tmp_path):
+    suite = encoder_suite
+    job = await create_job(suite.compressor, spec(
+        suite.sources.mlp, _quantize_int8(format="torch"), model_id="minilm-torch-int8",
+        dataset=""), job_id="minilm-torch-int8")
+    assert job.spec.steps[0].quantize.format == "torch"
+    final = await wait_until_final(suite.compressor, job.name, timeout=300)
+    assert final.state == job_pb2.JOB_STATE_SUCCEEDED, final.error
+    report = final.report
+    details = json_format.MessageToDict(report.steps[0].details)
+    assert details["format"] == "torch" and details["gate_met"], details
+    assert report.after.runtime == report.before.runtime == "torch"
+    assert report.mean_cosine >= 0.99 and report.size_ratio <= 0.3, (report.mean_cosine,
+                                                                    report.size_ratio)
+
+    version = await _registered(suite, final.model_version)
+    assert version.format == model_pb2.MODEL_FORMAT_HF_TRANSFORMER
+    assert list(version.lineage.parents) == [suite.sources.mlp]
+    assert version.lineage.operation.job == job.name
+    assert dict(version.metrics)["mean_cosine"] >= 0.99
+    assert version.labels["quantization"] == "int8"
+    # What `HfDirectory.facts` says of the result, as an import of it would label it.
+    assert version.labels["text.quantization"] == SCHEME
+    assert version.labels["text.weights_format"] == "safetensors"
+
+    _, data = await download(suite.registry.DownloadModelVersion(
+        rs.DownloadModelVersionRequest(name=final.model_version)))
+    archive = tmp_path / "torch-int8.zip"
+    archive.write_bytes(data)
+    directory = unzip_directory(archive, tmp_path / "torch-int8")
+    assert HfDirectory.open(directory).int8_layers
+    assert {key: value for key, value in version.labels.items() if key.startswith("text.")} == {
+        f"text.{key}": value for key, value in HfDirectory.open(directory).facts().items()
+        if key != "tokenizer_files"}
+
+
 def _zip_minilm(directory: Path) -> Path:
     from maas_text import zip_directory
 
@@ -132,6 +173,18 @@ BAD_ENCODER_INPUTS = {
         lambda s: spec(s.mlp, cj.CompressionStep(distill=cj.DistillStep(
             epochs=1, student=_mlp_student())), dataset=""),
         grpc.StatusCode.INVALID_ARGUMENT, S + "steps[0].distill.teacher_layers"),
+    "static int8 for an encoder": (
+        lambda s: spec(s.mlp, _quantize_int8(mode=cj.QUANTIZATION_MODE_STATIC), dataset=""),
+        grpc.StatusCode.INVALID_ARGUMENT, S + "steps[0].quantize.mode"),
+    "per-tensor torch int8 encoder": (
+        lambda s: spec(s.mlp, _quantize_int8(format="torch", per_channel=False), dataset=""),
+        grpc.StatusCode.INVALID_ARGUMENT, S + "steps[0].quantize.per_channel"),
+    "torch int8 after a convert": (
+        lambda s: spec(s.mlp, convert(), _quantize_int8(format="torch"), dataset=""),
+        grpc.StatusCode.INVALID_ARGUMENT, S + "steps[1].quantize.format"),
+    "unknown quantize format": (
+        lambda s: spec(s.mlp, _quantize_int8(format="tflite"), dataset=""),
+        grpc.StatusCode.INVALID_ARGUMENT, S + "steps[0].quantize.format"),
     "teacher layer out of range": (
         lambda s: spec(s.mlp, cj.CompressionStep(distill=cj.DistillStep(
             epochs=1, teacher_layers=[0, 6])), dataset=""),

@@ -15,13 +15,17 @@ work fails at once with its code and field rather than minutes later as a failed
 - a sentence encoder (HF_TRANSFORMER) source takes convert, int8 quantize and distill with
   `teacher_layers`, is measured on `builtin:pydoc` (or an empty dataset) and gated by
   `min_mean_cosine` / `min_similarity_spearman`; a classifier takes none of these
-  (`check_encoder_plan`).
+  (`check_encoder_plan`). An encoder's quantize is dynamic and accuracy-aware on cosine in
+  either format; `format: "torch"` (`maas_text.int8`) needs the safetensors encoder and is
+  per-channel only. An int8 encoder is a result: no step starts from it;
+- `format: "torch"` on a zoo model is torchao weight-only, never accuracy-aware.
 
 These read manifests and graphs and build tiny torch modules: call them off the event loop.
 """
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,7 @@ from maas_runtime.contract_enums import (
     MODEL_FORMAT_ONNX,
 )
 from maas_runtime.errors import FailedPrecondition, FieldViolation, InvalidArgument
+from maas_text.int8 import QUANTIZATION_FILE
 
 from maas_compressor.data import check_dataset_fits, signature_from_registry
 from maas_compressor.plan import CompressionPlan, InputVersion
@@ -149,10 +154,8 @@ def check_encoder_plan(plan: CompressionPlan, workdir: Path) -> None:
             _refuse(where, f"{step.kind} does not apply to the sentence encoder {name}; "
                     f"encoders take {', '.join(sorted(ENCODER_STEPS))}",
                     "STEP_NOT_FOR_ENCODERS", invalid=False)
-        if step.kind == "quantize" and step.parameters["dtype"] != "int8":
-            _refuse(_step_field(index, "quantize", "dtype"),
-                    f"sentence encoders are quantized to int8, not {step.parameters['dtype']}",
-                    "DTYPE_NOT_FOR_ENCODERS")
+        if step.kind == "quantize":
+            _check_encoder_quantize(index, step.parameters)
         if step.kind == "distill" and "layers" not in step.parameters:
             _refuse(_step_field(index, "distill", "teacher_layers"),
                     f"a student of the sentence encoder {name} keeps some of its layers: set "
@@ -161,7 +164,17 @@ def check_encoder_plan(plan: CompressionPlan, workdir: Path) -> None:
                                       field_path=field_path("source_model_version"))
     layers = int(archive.config.get("num_hidden_layers") or 0)
     weights_format = "safetensors" if archive.weights else "onnx"
+    if _holds_int8_manifest(workdir / plan.source.filename, archive.root):
+        _refuse(field_path("steps[0]"),
+                f"{name} is an int8 encoder ({QUANTIZATION_FILE}), a compression result: "
+                "compress the float encoder it came from", "ALREADY_QUANTIZED", invalid=False)
     for index, step in enumerate(spec.steps):
+        if step.kind == "quantize" and step.parameters.get("format") == "torch" and (
+                weights_format != "safetensors"):
+            _refuse(_step_field(index, "quantize", "format"),
+                    f"\"torch\" quantizes the torch (safetensors) encoder and {name} is "
+                    f"{weights_format}: use format \"onnx\"", "STEP_NEEDS_TORCH_MODEL",
+                    invalid=False)
         if step.kind == "distill" and max(step.parameters["layers"]) >= layers:
             _refuse(_step_field(index, "distill", "teacher_layers"),
                     f"{name} has {layers} encoder layers (0..{layers - 1}), got "
@@ -170,6 +183,27 @@ def check_encoder_plan(plan: CompressionPlan, workdir: Path) -> None:
             _refuse(field_path(f"steps[{index}]"),
                     f"{step.kind} works on the torch (safetensors) encoder and {name} is "
                     f"{weights_format}", "STEP_NEEDS_TORCH_MODEL", invalid=False)
+
+
+def _check_encoder_quantize(index: int, parameters: dict[str, Any]) -> None:
+    """An encoder's quantize: int8, dynamic; the torch format per channel only."""
+    if parameters["dtype"] != "int8":
+        _refuse(_step_field(index, "quantize", "dtype"),
+                f"sentence encoders are quantized to int8, not {parameters['dtype']}",
+                "DTYPE_NOT_FOR_ENCODERS")
+    if parameters["mode"] == "static":
+        _refuse(_step_field(index, "quantize", "mode"),
+                "sentence encoders are quantized dynamically (activations per call): leave "
+                "mode unset or set dynamic", "MODE_NOT_FOR_ENCODERS")
+    if parameters.get("format") == "torch" and not parameters["per_channel"]:
+        _refuse(_step_field(index, "quantize", "per_channel"),
+                "the torch int8 encoder keeps one scale per output channel: leave per_channel "
+                "unset or true", "PER_TENSOR_NOT_FOR_TORCH_ENCODERS")
+
+
+def _holds_int8_manifest(archive: Path, root: str) -> bool:
+    with zipfile.ZipFile(archive) as opened:
+        return f"{root}{QUANTIZATION_FILE}" in opened.namelist()
 
 
 def check_plan(plan: CompressionPlan, workdir: Path) -> None:
@@ -185,6 +219,12 @@ def check_plan(plan: CompressionPlan, workdir: Path) -> None:
             _refuse(_step_field(index, "distill", "teacher_layers"),
                     "picks a sentence encoder's student; a classifier's student is a zoo "
                     "architecture (set student)", "STUDENT_NOT_FOR_CLASSIFIERS")
+        if (step.kind == "quantize" and step.parameters.get("format") == "torch"
+                and step.parameters["accuracy_aware"]):
+            _refuse(_step_field(index, "quantize", "accuracy_aware"),
+                    f"format \"torch\" quantizes the classifier {plan.source.name} with "
+                    "torchao weight-only, all Linear layers at once: leave accuracy_aware "
+                    "unset or use format \"onnx\"", "ACCURACY_AWARE_NOT_FOR_TORCH")
     if plan.dataset.source == PYDOC:
         dataset_field = field_path("evaluation_dataset")
         if not plan.spec.evaluation_dataset:

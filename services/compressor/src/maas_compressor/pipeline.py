@@ -164,13 +164,29 @@ ENCODER_QUANTIZE_MIN_COSINE = 0.99
 
 
 def encoder_step(step: StepSpec) -> StepSpec:
-    """A step as the encoder variant reads it: quantize is int8, accuracy-aware on cosine."""
+    """A step as the encoder variant reads it: quantize is int8, accuracy-aware on cosine, in
+    the format asked for (the ONNX graph by default, or the int8 torch encoder)."""
     if step.kind != "quantize":
         return step
-    return StepSpec("quantize", {"dtype": step.parameters["dtype"],
-                                 "per_channel": step.parameters["per_channel"],
-                                 "accuracy_aware": True,
-                                 "min_mean_cosine": ENCODER_QUANTIZE_MIN_COSINE})
+    parameters = {"dtype": step.parameters["dtype"], "per_channel": step.parameters["per_channel"],
+                  "accuracy_aware": True, "min_mean_cosine": ENCODER_QUANTIZE_MIN_COSINE}
+    if "format" in step.parameters:
+        parameters["format"] = step.parameters["format"]
+    return StepSpec("quantize", parameters)
+
+
+ENCODER_LABEL_PREFIX = "text."
+"""The prefix of an encoder's facts as registry labels, as the SDK's import writes them."""
+
+
+def encoder_labels(directory: Path) -> dict[str, str]:
+    """The result directory's facts (`HfDirectory.facts`) as the labels an import of the same
+    directory gets: `text.weights_format`, `text.quantization` of an int8 torch encoder..."""
+    from maas_text import HfDirectory
+
+    facts = HfDirectory.open(directory).facts()
+    facts.pop("tokenizer_files", None)  # the file list is in the zip itself
+    return {f"{ENCODER_LABEL_PREFIX}{key}": value for key, value in facts.items()}
 
 
 def run_encoder_compression(config: RunConfig, workdir: Path, reporter: ProgressReporter) -> RunResult:
@@ -212,7 +228,7 @@ def run_encoder_compression(config: RunConfig, workdir: Path, reporter: Progress
     final.parent.mkdir(parents=True, exist_ok=True)
     artifact.replace(final)
     run_result = RunResult(report=report, artifact=str(final.relative_to(workdir)),
-                           format=format_name)
+                           format=format_name, labels=encoder_labels(result.form.directory))
     run_result.write(workdir)
     reporter.log(LogLevel.INFO, f"mean cosine {after.mean_cosine:.4f}, Spearman "
                  f"{after.similarity_spearman:.4f}, size ratio {report['size_ratio']:.3f}, "

@@ -133,6 +133,8 @@ class RunResult:
     """The result artifact, relative to the job's directory."""
     format: str
     """Its registry format name, e.g. "MODEL_FORMAT_ONNX"."""
+    labels: dict[str, str] = field(default_factory=dict)
+    """Labels the result's own files decide (an encoder's `text.*` facts); empty otherwise."""
 
     def write(self, workdir: Path) -> None:
         write_json_atomically(workdir / RESULT_FILENAME, asdict(self))

@@ -220,6 +220,10 @@ class CompressionJobRunner(JobRunner):
                            if key.startswith(TEXT_LABEL_PREFIX)})
             labels[f"{TEXT_LABEL_PREFIX}weights_format"] = (
                 "onnx" if report["after"]["runtime"] == "onnxruntime" else "safetensors")
+            # The result's own facts, as an import of its directory would label them (an int8
+            # torch encoder: `text.quantization`); absent from results written before them.
+            labels.update({key: value for key, value in result.labels.items()
+                           if key.startswith(TEXT_LABEL_PREFIX)})
         quantized = _quantized_to(plan)
         if quantized:
             labels[QUANTIZATION_LABEL] = quantized

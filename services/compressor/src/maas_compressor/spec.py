@@ -35,7 +35,8 @@ PRUNE_SCOPES = ("global", "per_layer")
 QUANTIZE_DTYPES = ("int8", "int4", "fp16", "bf16")
 QUANTIZE_MODES = ("dynamic", "static", "auto")
 QUANTIZE_FORMATS = ("onnx", "torch")
-"""onnx: the graph is quantized (the model is ONNX from then on); torch: torchao int8 weights."""
+"""onnx: the graph is quantized (the model is ONNX from then on); torch: int8 weights kept in
+torch (a zoo model: torchao weight-only; a sentence encoder: `maas_text.int8`, accuracy-aware)."""
 FUSE_METHODS = ("uniform", "weighted", "greedy_soup")
 
 DEFAULT_LEARNING_RATE = 1e-3
@@ -184,10 +185,10 @@ class _StepParser:
         self.check(artifact_format in QUANTIZE_FORMATS, "format",
                    f"must be one of {list(QUANTIZE_FORMATS)}, got {artifact_format!r}")
         if artifact_format == "torch":  # absent otherwise: ONNX specs read exactly as before
+            # accuracy_aware is judged once the source is known (`maas_compressor.inspection`):
+            # an encoder's torch int8 always searches on cosine, a zoo model's never does.
             self.check(dtype in ("int8", ""), "dtype",
-                       f"format \"torch\" quantizes to int8 (torchao weight-only), not {dtype}")
-            self.check(not parameters["accuracy_aware"], "accuracy_aware",
-                       "applies to the ONNX format, not \"torch\"")
+                       f"format \"torch\" quantizes to int8, not {dtype}")
             parameters["format"] = artifact_format
         return parameters
 
@@ -310,6 +311,10 @@ def parse_compression_spec(fields: dict[str, Any], *, default_tenant: str) -> Co
                          field_path(f"steps[{index}].quantize.format"),
                          "a \"torch\" quantize leaves int8 torch weights that no later step "
                          "takes: make it the last step")
+        violations.check(not torch_quantize or onnx_from is None,
+                         field_path(f"steps[{index}].quantize.format"),
+                         f"\"torch\" quantizes the torch model, but steps[{onnx_from}] made it "
+                         "ONNX: drop the convert step or use format \"onnx\"")
         if kind in ("convert", "quantize") and onnx_from is None and not torch_quantize:
             onnx_from = index
         if kind == "convert" and onnx_from is not None and onnx_from != index:
