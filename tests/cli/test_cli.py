@@ -133,6 +133,20 @@ def test_train_and_compress_with_progress_then_jobs(maas):
     assert tree.index("models/cli-digits/versions/1") < tree.index("cli-digits-small/versions/1")
 
 
+def test_compress_a_sentence_encoder_to_int8_kept_in_torch(maas):
+    from maas_text import minilm_directory
+    from maas_text.int8 import SCHEME
+
+    imported = maas.json("import", "hf", str(minilm_directory()), "--model", "cli-minilm", "--json")
+    compressed = maas.json("compress", imported["name"], "--step", "quantize:dtype=int8,format=torch",
+                           "--dataset", "builtin:pydoc", "--output", "cli-minilm-int8", "--json")
+    assert compressed["state"] == "JOB_STATE_SUCCEEDED", compressed
+    assert compressed["spec"]["steps"][0]["quantize"]["format"] == "torch"
+    version = maas.json("versions", "get", compressed["model_version"], "--json")
+    assert version["labels"]["text.quantization"] == SCHEME
+    assert compressed["report"]["after"]["runtime"] == "torch"
+
+
 def test_compress_reads_a_yaml_spec(maas, tmp_path):
     spec = tmp_path / "spec.yaml"
     spec.write_text("source_model_version: models/cli-spec/versions/9\n"

@@ -41,6 +41,10 @@ def test_the_local_suite_is_found_through_its_state_dir_and_arguments_win(tmp_pa
 def test_compression_steps_are_parsed_strictly_with_short_enum_names():
     step = compression_step("quantize:dtype=int8,per_channel=false")
     assert step.quantize.dtype == cj.QUANTIZATION_DTYPE_INT8 and not step.quantize.per_channel
+    # A sentence encoder's int8 torch encoder (or a zoo model's torchao weights).
+    torch_int8 = compression_step("quantize:dtype=int8,format=torch")
+    assert (torch_int8.quantize.dtype, torch_int8.quantize.format) == (cj.QUANTIZATION_DTYPE_INT8,
+                                                                       "torch")
     distill = compression_step('distill:epochs=2,student={"kind": "mlp"}')
     assert (distill.distill.epochs, distill.distill.student.kind) == (2, "mlp")
     with pytest.raises(maas.InvalidArgument) as unknown_option:

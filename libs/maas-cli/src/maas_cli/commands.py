@@ -358,10 +358,12 @@ def compress(ctx: typer.Context,
                                           "models/digits@production"),
              step: list[str] = typer.Option([], "--step", help="kind[:key=value,...] in order: "
                                             "prune:amount=0.5, quantize:dtype=int8, convert, "
-                                            "distill:epochs=2,student={\"kind\":\"mlp\"}, "
+                                            "quantize:dtype=int8,format=torch (int8 kept in "
+                                            "torch), distill:epochs=2,student={\"kind\":\"mlp\"}, "
                                             "fuse:model_versions=[\"digits/2\"]"),
              output: str = typer.Option("", help="model id the result is registered under"),
-             dataset: str = typer.Option("builtin:digits", help="evaluation dataset"),
+             dataset: str = typer.Option("builtin:digits", help="evaluation dataset "
+                                         "(builtin:pydoc for sentence encoders)"),
              alias_name: str = typer.Option("", "--alias", help="alias to point at the result"),
              max_accuracy_drop: float = typer.Option(None, help="gate: reject a larger drop "
                                                      "(points, 0-100)"),
@@ -371,7 +373,9 @@ def compress(ctx: typer.Context,
     """Compress a version; the result is registered as a new version of --output.
 
     e.g. maas compress models/digits@production --step prune:amount=0.5
-    --step quantize:dtype=int8 --output digits-small
+    --step quantize:dtype=int8 --output digits-small; a sentence encoder to int8 in torch:
+    maas compress minilm/1 --step quantize:dtype=int8,format=torch --dataset builtin:pydoc
+    --output minilm-int8
     """
     client = state(ctx).client()
     if spec is not None:

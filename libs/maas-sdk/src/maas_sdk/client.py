@@ -639,8 +639,10 @@ class Client:
                  max_accuracy_drop: float | None = None, seed: int = 0, job_id: str = "",
                  spec: cj.CompressionSpec | None = None) -> cj.CompressionJob:
         """Start a compression job on `source` (`digits@production`): `steps` in the short
-        form (`prune:amount=0.5`, `quantize:dtype=int8`, `convert`) or as messages; the result
-        is registered as a version of `output`. Returns at once; `wait(job)` follows it."""
+        form (`prune:amount=0.5`, `quantize:dtype=int8`, `quantize:dtype=int8,format=torch`,
+        `convert`) or as messages; the result is registered as a version of `output` (a
+        sentence encoder is measured on `dataset="builtin:pydoc"`). Returns at once;
+        `wait(job)` follows it."""
         if spec is None:
             if not output:
                 raise InvalidArgument.for_field("output.model_id", "name the output model")

@@ -19,7 +19,8 @@ Per model instance, `initialize` loads the artifact once:
   (A Triton with its own onnxruntime backend serves ONNX without this file at all.)
 * `hf-transformer`: a zipped Hugging Face directory, unzipped next to this file (validated by
   maas_formats: no pickle, no escaping paths) and loaded as a `maas_text.SentenceEncoder`
-  (tokenizer + torch from safetensors, or onnxruntime when it holds model.onnx). Its one input
+  (tokenizer + torch from safetensors, an int8 encoder of `maas_text.int8` on torch's
+  quantized CPU kernels, or onnxruntime when it holds model.onnx). Its one input
   is BYTES text ([batch, 1]); texts are checked (UTF-8, not empty), tokenized together padded
   to the longest text of everything the dynamic batcher gathered, embedded once and answered
   per request as `embedding` FP32 [batch, dim] (L2-normalized) and `truncated` BOOL [batch, 1]
