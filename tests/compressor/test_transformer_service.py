@@ -104,6 +104,11 @@ async def test_convert_and_int8_register_an_encoder_close_to_the_source_with_its
         cosine = mean_cosine(embed(source.form, source_sentences), embed(result.form, source_sentences))
     assert abs(cosine - report.mean_cosine) < 1e-4
 
+    # The int8 torch encoder is made from safetensors weights; this result holds an ONNX graph.
+    await expect_error(create_job(suite.compressor, spec(
+        final.model_version, _quantize_int8(format="torch"), dataset="")),
+        grpc.StatusCode.FAILED_PRECONDITION, S + "steps[0].quantize.format")
+
 
 async def test_a_torch_int8_job_registers_an_int8_encoder_labelled_as_its_import_would_be(
         encoder_suite, tmp_path):
@@ -140,6 +145,11 @@ async def test_a_torch_int8_job_registers_an_int8_encoder_labelled_as_its_import
     assert {key: value for key, value in version.labels.items() if key.startswith("text.")} == {
         f"text.{key}": value for key, value in HfDirectory.open(directory).facts().items()
         if key != "tokenizer_files"}
+
+    # An int8 encoder is a result: no step starts from it.
+    await expect_error(create_job(suite.compressor, spec(
+        final.model_version, _quantize_int8(format="torch"), dataset="")),
+        grpc.StatusCode.FAILED_PRECONDITION, S + "steps[0]")
 
 
 def _zip_minilm(directory: Path) -> Path:
