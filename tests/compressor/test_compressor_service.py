@@ -292,6 +292,10 @@ async def test_a_torch_step_on_an_onnx_source_cannot_export_again(compressor_sui
     for step in (convert(), prune(0.5)):
         await expect_error(create_job(compressor_suite.compressor, spec(onnx_version, step)),
                            grpc.StatusCode.FAILED_PRECONDITION, S + "steps[0]")
+    torchao = cj.CompressionStep(quantize=cj.QuantizeStep(dtype=cj.QUANTIZATION_DTYPE_INT8,
+                                                          format="torch"))
+    await expect_error(create_job(compressor_suite.compressor, spec(onnx_version, torchao)),
+                       grpc.StatusCode.FAILED_PRECONDITION, S + "steps[0].quantize.format")
 
 
 async def test_a_student_whose_outputs_differ_from_the_teachers_is_refused():

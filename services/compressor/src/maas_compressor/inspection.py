@@ -18,7 +18,8 @@ work fails at once with its code and field rather than minutes later as a failed
   (`check_encoder_plan`). An encoder's quantize is dynamic and accuracy-aware on cosine in
   either format; `format: "torch"` (`maas_text.int8`) needs the safetensors encoder and is
   per-channel only. An int8 encoder is a result: no step starts from it;
-- `format: "torch"` on a zoo model is torchao weight-only, never accuracy-aware.
+- `format: "torch"` on a zoo model is torchao weight-only, never accuracy-aware, and needs a
+  maas-package source (FAILED_PRECONDITION on the format for an ONNX one).
 
 These read manifests and graphs and build tiny torch modules: call them off the event loop.
 """
@@ -243,6 +244,11 @@ def check_plan(plan: CompressionPlan, workdir: Path) -> None:
             where = field_path(f"steps[{index}]")
             raise FailedPrecondition(f"{where}: {description}", reason="STEP_NEEDS_TORCH_MODEL",
                                      field_violations=[FieldViolation(where, description)])
+        if step.kind == "quantize" and onnx_since == -1 and step.parameters.get("format") == "torch":
+            _refuse(_step_field(index, "quantize", "format"),
+                    f"\"torch\" quantizes a maas-package (zoo architecture) and the source "
+                    f"{plan.source.name} is ONNX: use format \"onnx\"", "STEP_NEEDS_TORCH_MODEL",
+                    invalid=False)
         if step.kind == "quantize" and onnx_since == -1:
             reason = _already_quantized(workdir / plan.source.filename)
             if reason:
