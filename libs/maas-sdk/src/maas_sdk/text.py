@@ -20,7 +20,6 @@ from maas_text.directory import HfDirectory, zip_directory
 TEXT_INPUT = "text"
 EMBEDDING_OUTPUT = "embedding"
 TRUNCATED_OUTPUT = "truncated"
-LABEL_PREFIX = "text."
 
 
 def hf_signature(directory: HfDirectory) -> dict[str, Any]:
@@ -39,10 +38,7 @@ def hf_version_fields(
     """(zip to upload, signature, labels) for a Hugging Face model directory."""
     checked = HfDirectory.open(directory)
     archive = zip_directory(checked.path, Path(work_dir) / "model.zip")
-    labels = {f"{LABEL_PREFIX}{key}": value for key, value in checked.facts().items()}
-    # Label values are short strings; the file list is in the zip itself.
-    labels.pop(f"{LABEL_PREFIX}tokenizer_files", None)
-    return archive, hf_signature(checked), labels
+    return archive, hf_signature(checked), checked.labels()
 
 
 def text_tensor(texts: Sequence[str | bytes], name: str = TEXT_INPUT) -> tensor_pb2.Tensor:

@@ -40,6 +40,9 @@ POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len")
 # validate_causal_lm): it raises InvalidArgument or describes the archive.
 ArchiveCheck = Callable[[str | os.PathLike[str]], HfTransformerInfo]
 
+LABEL_PREFIX = "text."
+"""The prefix of a directory's facts as registry labels (`text.max_length`, ...)."""
+
 # Files a directory may carry that say nothing about the model; left out of the zip.
 _NOT_ZIPPED = frozenset({".gitattributes"})
 
@@ -175,6 +178,13 @@ class HfDirectory:
         if self.int8_layers:
             facts["quantization"] = SCHEME
         return facts
+
+    def labels(self) -> dict[str, str]:
+        """The facts as the labels of a registry version of this directory (an import's or a
+        compression result's): prefixed, without the tokenizer's file list (the zip has it)."""
+        facts = self.facts()
+        facts.pop("tokenizer_files", None)
+        return {f"{LABEL_PREFIX}{key}": value for key, value in facts.items()}
 
 
 def _pooling(path: Path, files: list[str], field_path: str) -> tuple[str, bool]:

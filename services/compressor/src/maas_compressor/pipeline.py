@@ -175,23 +175,10 @@ def encoder_step(step: StepSpec) -> StepSpec:
     return StepSpec("quantize", parameters)
 
 
-ENCODER_LABEL_PREFIX = "text."
-"""The prefix of an encoder's facts as registry labels, as the SDK's import writes them."""
-
-
-def encoder_labels(directory: Path) -> dict[str, str]:
-    """The result directory's facts (`HfDirectory.facts`) as the labels an import of the same
-    directory gets: `text.weights_format`, `text.quantization` of an int8 torch encoder..."""
-    from maas_text import HfDirectory
-
-    facts = HfDirectory.open(directory).facts()
-    facts.pop("tokenizer_files", None)  # the file list is in the zip itself
-    return {f"{ENCODER_LABEL_PREFIX}{key}": value for key, value in facts.items()}
-
-
 def run_encoder_compression(config: RunConfig, workdir: Path, reporter: ProgressReporter) -> RunResult:
     """The job for a sentence encoder source (see the module doc)."""
     import numpy as np
+    from maas_text import HfDirectory
 
     from maas_compressor.hf_models import embed, load_hf, measure_encoder, probe_sentences
     from maas_compressor.measure import artifact_of
@@ -227,8 +214,9 @@ def run_encoder_compression(config: RunConfig, workdir: Path, reporter: Progress
     final = workdir / RESULT_DIRECTORY / artifact.name
     final.parent.mkdir(parents=True, exist_ok=True)
     artifact.replace(final)
+    # The result's own facts, as an import of its directory would label them.
     run_result = RunResult(report=report, artifact=str(final.relative_to(workdir)),
-                           format=format_name, labels=encoder_labels(result.form.directory))
+                           format=format_name, labels=HfDirectory.open(result.form.directory).labels())
     run_result.write(workdir)
     reporter.log(LogLevel.INFO, f"mean cosine {after.mean_cosine:.4f}, Spearman "
                  f"{after.similarity_spearman:.4f}, size ratio {report['size_ratio']:.3f}, "

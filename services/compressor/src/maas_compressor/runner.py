@@ -29,6 +29,7 @@ from maas_runtime.contract_enums import MODEL_FORMAT_HF_TRANSFORMER, MODEL_FORMA
 from maas_runtime.errors import FailedPrecondition, Internal
 from maas_runtime.registry_client import ModelPublication, RegistryClient
 from maas_runtime.telemetry import continued_trace
+from maas_text.directory import LABEL_PREFIX as TEXT_LABELS
 
 from maas_compressor.plan import (
     INPUTS_DIRECTORY,
@@ -46,8 +47,6 @@ COMPRESSION_JOB_LABEL = "compression_job"
 """Label on every version the compressor registers: the id of the job that produced it."""
 QUANTIZATION_LABEL = "quantization"
 """Label naming the precision a quantize step left the weights in, e.g. "int8"."""
-TEXT_LABEL_PREFIX = "text."
-"""The tokenizer facts an imported encoder carries as labels (`text.max_length`, ...)."""
 
 
 @dataclass(frozen=True)
@@ -217,13 +216,13 @@ class CompressionJobRunner(JobRunner):
         labels = {}
         if result.format == MODEL_FORMAT_HF_TRANSFORMER:  # the tokenizer facts travel
             labels.update({key: value for key, value in plan.source.labels.items()
-                           if key.startswith(TEXT_LABEL_PREFIX)})
-            labels[f"{TEXT_LABEL_PREFIX}weights_format"] = (
+                           if key.startswith(TEXT_LABELS)})
+            labels[f"{TEXT_LABELS}weights_format"] = (
                 "onnx" if report["after"]["runtime"] == "onnxruntime" else "safetensors")
             # The result's own facts, as an import of its directory would label them (an int8
             # torch encoder: `text.quantization`); absent from results written before them.
             labels.update({key: value for key, value in result.labels.items()
-                           if key.startswith(TEXT_LABEL_PREFIX)})
+                           if key.startswith(TEXT_LABELS)})
         quantized = _quantized_to(plan)
         if quantized:
             labels[QUANTIZATION_LABEL] = quantized
