@@ -171,7 +171,16 @@ TENSOR_CASES = {
 }
 
 
-def _assert_refused(error: pytest.ExceptionInfo[InvalidArgument], words: str) -> None:
+def _assert_tampered_copy_refused(int8_directory: Path, tmp_path: Path,
+                                  case: tuple[Callable[[Path], None], str],
+                                  load: Callable[[Path], object]) -> None:
+    """`load` of a copy of the int8 directory changed by the case's tamper raises
+    INVALID_ARGUMENT naming the directory, with the case's words."""
+    tamper, words = case
+    directory = _copy(int8_directory, tmp_path)
+    tamper(directory)
+    with pytest.raises(InvalidArgument) as error:
+        load(directory)
     assert error.value.field_violations[0].field == "directory"
     assert words in error.value.field_violations[0].description
     assert error.value.reason == "INT8_ENCODER_INVALID"
@@ -179,22 +188,13 @@ def _assert_refused(error: pytest.ExceptionInfo[InvalidArgument], words: str) ->
 
 @pytest.mark.parametrize("case", MANIFEST_CASES, ids=list(MANIFEST_CASES))
 def test_a_bad_manifest_is_refused_when_the_directory_is_opened(int8_directory, tmp_path, case):
-    tamper, words = MANIFEST_CASES[case]
-    directory = _copy(int8_directory, tmp_path)
-    tamper(directory)
-    with pytest.raises(InvalidArgument) as error:
-        HfDirectory.open(directory)
-    _assert_refused(error, words)
+    _assert_tampered_copy_refused(int8_directory, tmp_path, MANIFEST_CASES[case], HfDirectory.open)
 
 
 @pytest.mark.parametrize("case", TENSOR_CASES, ids=list(TENSOR_CASES))
 def test_tensors_that_disagree_with_the_manifest_are_refused_when_loaded(int8_directory, tmp_path, case):
-    tamper, words = TENSOR_CASES[case]
-    directory = _copy(int8_directory, tmp_path)
-    tamper(directory)
-    with pytest.raises(InvalidArgument) as error:
-        SentenceEncoder.load(directory, threads=1)
-    _assert_refused(error, words)
+    _assert_tampered_copy_refused(int8_directory, tmp_path, TENSOR_CASES[case],
+                                  lambda directory: SentenceEncoder.load(directory, threads=1))
 
 
 def test_save_int8_refuses_a_layer_that_is_neither_linear_nor_an_embedding(tmp_path):
