@@ -151,7 +151,8 @@ class RequestCoalescer:
                            metadata, loop.create_future(), trace.get_current_span())
         lane.waiting.append(waiting)
         try:
-            return await asyncio.wait_for(asyncio.shield(waiting.future), timeout)
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(waiting.future)
         except TimeoutError:
             raise errors.DeadlineExceeded(
                 "the deadline passed while the request waited for Triton") from None

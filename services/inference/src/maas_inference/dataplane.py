@@ -258,7 +258,8 @@ class NativeDataPlane:
         if process.stdin is not None:
             process.stdin.close()
         try:
-            await asyncio.wait_for(process.wait(), self._grace + 5)
+            async with asyncio.timeout(self._grace + 5):
+                await process.wait()
         except TimeoutError:
             process.kill()
             await process.wait()

@@ -122,7 +122,8 @@ class InFlight:
 
         self._waiters += 1
         try:
-            await asyncio.wait_for(wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await wait()
             return True
         except TimeoutError:
             return False

@@ -267,7 +267,8 @@ class SharedLimits:
     async def wait_for_charges(self, timeout: float) -> None:
         """Return when tokens were charged since the last call, or after `timeout`."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._flush_wanted.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._flush_wanted.wait()
         self._flush_wanted.clear()
 
     @property

@@ -332,7 +332,8 @@ class UsageLedger:
         if self._wake is not None:
             self._wake.set()
         try:
-            await asyncio.wait_for(asyncio.shield(committed), self.durable_wait_seconds)
+            async with asyncio.timeout(self.durable_wait_seconds):
+                await asyncio.shield(committed)
         except TimeoutError:
             _log.warning("a generation's usage record is not committed after %.0f s (the "
                          "database is not writable); it stays buffered", self.durable_wait_seconds)
@@ -367,7 +368,8 @@ class UsageLedger:
         assert self._wake is not None
         while not self._closing:
             try:
-                await asyncio.wait_for(self._wake.wait(), self.flush_seconds)
+                async with asyncio.timeout(self.flush_seconds):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake.clear()

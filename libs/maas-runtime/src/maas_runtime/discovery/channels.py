@@ -130,7 +130,8 @@ class DiscoveredChannel:
             self._follow_discovery(), name=f"discovery-watch-{self._service}"
         )
         try:
-            await asyncio.wait_for(self._first_answer.wait(), timeout_seconds)
+            async with asyncio.timeout(timeout_seconds):
+                await self._first_answer.wait()
         except TimeoutError:
             logger.warning(
                 "discovery gave no endpoints for %r within %ss; still waiting in the background",

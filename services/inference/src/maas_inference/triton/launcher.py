@@ -541,7 +541,8 @@ class TritonServerProcess(TritonServer):
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)
             try:
-                await asyncio.wait_for(process.wait(), self._config.stop_timeout_seconds)
+                async with asyncio.timeout(self._config.stop_timeout_seconds):
+                    await process.wait()
             except TimeoutError:
                 logger.warning("tritonserver ignored SIGTERM; killing pid %d", process.pid)
                 with contextlib.suppress(ProcessLookupError):
