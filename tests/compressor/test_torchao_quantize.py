@@ -162,3 +162,20 @@ def test_the_spec_refuses_format_torch_with_other_dtypes_later_steps_or_after_a_
             default_tenant="t")
     assert [v.field for v in refused.value.field_violations] == [f"{prefix}[1].quantize.format"]
     assert "steps[0] made it ONNX" in refused.value.field_violations[0].description
+
+
+def test_the_spec_keeps_an_explicit_onnx_and_auto_and_a_classifier_refuses_auto(trained_mlp, context):
+    spec = parse_compression_spec(_spec_fields(
+        {"kind": "quantize", "parameters": {"dtype": "int8", "format": "onnx"}}), default_tenant="t")
+    assert spec.steps[0].parameters["format"] == "onnx"  # an encoder's default is auto, not onnx
+    unset = parse_compression_spec(_spec_fields(
+        {"kind": "quantize", "parameters": {"dtype": "int8"}}), default_tenant="t")
+    assert "format" not in unset.steps[0].parameters
+    auto = parse_compression_spec(_spec_fields(
+        {"kind": "quantize", "parameters": {"dtype": "int8", "format": "auto"}}), default_tenant="t")
+    assert auto.steps[0].parameters["format"] == "auto"
+    assert parse_compression_spec(spec_fields(_spec_message(auto)), default_tenant="t") == auto
+
+    with pytest.raises(InvalidArgument) as refused:
+        quantize(trained_mlp, {"dtype": "int8", "format": "auto"}, context)
+    assert refused.value.field_violations[0].field == "format"

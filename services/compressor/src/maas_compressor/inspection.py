@@ -220,6 +220,11 @@ def check_plan(plan: CompressionPlan, workdir: Path) -> None:
             _refuse(_step_field(index, "distill", "teacher_layers"),
                     "picks a sentence encoder's student; a classifier's student is a zoo "
                     "architecture (set student)", "STUDENT_NOT_FOR_CLASSIFIERS")
+        if step.kind == "quantize" and step.parameters.get("format") == "auto":
+            _refuse(_step_field(index, "quantize", "format"),
+                    f"\"auto\" picks the faster of a sentence encoder's int8 formats; the "
+                    f"classifier {plan.source.name} is quantized in format \"onnx\" or \"torch\"",
+                    "AUTO_FORMAT_FOR_ENCODERS")
         if (step.kind == "quantize" and step.parameters.get("format") == "torch"
                 and step.parameters["accuracy_aware"]):
             _refuse(_step_field(index, "quantize", "accuracy_aware"),

@@ -34,9 +34,10 @@ TORCH_STEPS = frozenset({"prune", "distill", "fuse"})
 PRUNE_SCOPES = ("global", "per_layer")
 QUANTIZE_DTYPES = ("int8", "int4", "fp16", "bf16")
 QUANTIZE_MODES = ("dynamic", "static", "auto")
-QUANTIZE_FORMATS = ("onnx", "torch")
+QUANTIZE_FORMATS = ("onnx", "torch", "auto")
 """onnx: the graph is quantized (the model is ONNX from then on); torch: int8 weights kept in
-torch (a zoo model: torchao weight-only; a sentence encoder: `maas_text.int8`, accuracy-aware)."""
+torch (a zoo model: torchao weight-only; a sentence encoder: `maas_text.int8`, accuracy-aware);
+auto (sentence encoders only, their default): the faster of the two on the compressing machine."""
 FUSE_METHODS = ("uniform", "weighted", "greedy_soup")
 
 DEFAULT_LEARNING_RATE = 1e-3
@@ -189,6 +190,8 @@ class _StepParser:
             # an encoder's torch int8 always searches on cosine, a zoo model's never does.
             self.check(dtype in ("int8", ""), "dtype",
                        f"format \"torch\" quantizes to int8, not {dtype}")
+            parameters["format"] = artifact_format
+        elif fields.get("format"):  # an explicit "onnx" is kept: an encoder's default is auto
             parameters["format"] = artifact_format
         return parameters
 

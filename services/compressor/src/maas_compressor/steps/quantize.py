@@ -395,6 +395,10 @@ def quantize(model: ModelUnderCompression, params: Mapping[str, Any], ctx: StepC
     if params.get("format") == "torch":
         from maas_compressor.steps.quantize_torch import quantize_torch
         return quantize_torch(model, params, ctx)
+    if params.get("format") not in (None, "", "onnx"):
+        raise InvalidArgument.for_field("format", f"{params['format']!r}: a classifier is quantized "
+                                        "in format onnx or torch (auto picks between a sentence "
+                                        "encoder's two)")
     settings = parse_parameters(params)
     details: dict[str, Any] = {"dtype": settings.dtype}
     if not isinstance(model.form, OnnxForm):

@@ -18,7 +18,9 @@
   quantized CPU kernels with oneDNN). Which format is faster depends on the CPU: on a Xeon
   with AVX-512 VNNI and AMX, MiniLM at batch 32 on one thread ran 2.2× faster than fp32 torch
   in torch int8 and 1.1× in onnxruntime int8 (whose decomposed attention dominates there),
-  on an earlier machine onnxruntime's int8 was 2.6× faster; the benchmark prints both.
+  on an earlier machine onnxruntime's int8 was 2.6× faster; the benchmark prints both. So the
+  default, `format: "auto"`, searches both and keeps the one faster on the compressing machine
+  (batch 32, one thread, timed side by side); the report gives both candidates' figures.
 * distill: a student with `len(layers)` of the teacher's encoder layers (initialized from
   them, embeddings and the rest copied). Unset `layers` means the 3 layers whose untrained
   student best ranks the pairwise similarities of validation sentences (held-out sentences
@@ -63,6 +65,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import statistics
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -80,6 +83,7 @@ from maas_compressor.hf_models import (
     copy_without_weights,
     docstring_sentences,
     embed,
+    interleaved_latencies,
     mean_cosine,
     probe_sentences,
     similarity_spearman,
@@ -97,6 +101,9 @@ DEFAULT_MIN_MEAN_COSINE = 0.99
 QUANTIZED_OP_TYPES = ("MatMul", "Gather")
 FORMAT_ONNX = "onnx"
 FORMAT_TORCH = "torch"
+FORMAT_AUTO = "auto"
+ENCODER_FORMATS = (FORMAT_AUTO, FORMAT_ONNX, FORMAT_TORCH)
+FORMAT_TIMING_ROUNDS = 7
 POOLING_IN_GRAPH = ("mean", "cls")
 DEFAULT_STUDENT_SIZE = 3
 DEFAULT_DISTILL_EPOCHS = 3
@@ -272,16 +279,19 @@ def quantizable_layers(path: Path) -> dict[str, str]:
 
 def quantize_hf(model: ModelUnderCompression, params: Mapping[str, Any], ctx: StepContext) -> StepResult:
     """Int8 encoder, accuracy-aware on mean cosine (see module doc). Params: `dtype` (int8),
-    `format` ("onnx", default, or "torch"), `per_channel` (default true; the torch format is
-    per-channel only), `accuracy_aware` (default true for encoders), `min_mean_cosine`
-    (default 0.99; or `tolerance` as 1 - cosine)."""
+    `format` ("auto", default: the faster of the two below on this machine; "onnx"; or
+    "torch"), `per_channel` (default true; the torch format is per-channel only),
+    `accuracy_aware` (default true for encoders), `min_mean_cosine` (default 0.99; or
+    `tolerance` as 1 - cosine)."""
     dtype = str(params.get("dtype") or "").lower()
     if dtype != "int8":
         raise InvalidArgument.for_field("dtype", f"encoders are quantized to int8, not {dtype!r}")
-    artifact_format = params.get("format") or FORMAT_ONNX
-    if artifact_format not in (FORMAT_ONNX, FORMAT_TORCH):
+    artifact_format = params.get("format") or FORMAT_AUTO
+    if artifact_format not in ENCODER_FORMATS:
         raise InvalidArgument.for_field("format", f"{artifact_format!r} is not one of "
-                                        f"{FORMAT_ONNX}, {FORMAT_TORCH}")
+                                        f"{', '.join(ENCODER_FORMATS)}")
+    if artifact_format == FORMAT_AUTO:
+        return _faster_format(model, params, ctx)
     per_channel = params.get("per_channel")
     per_channel = True if per_channel is None else per_channel
     if not isinstance(per_channel, bool):
@@ -343,6 +353,46 @@ def quantize_hf(model: ModelUnderCompression, params: Mapping[str, Any], ctx: St
     ctx.log(f"quantize: int8 ({artifact_format}) mean cosine {cosine:.4f}, size "
             f"×{details['size_ratio']:.2f}, {len(kept)} layer(s) kept in float")
     return StepResult(model=model.with_form(quantized), details=details)
+
+
+def _faster_format(model: ModelUnderCompression, params: Mapping[str, Any], ctx: StepContext) -> StepResult:
+    """`format: "auto"`: both formats searched, each within the cosine minimum, then timed
+    side by side on this machine (batch 32, one thread, interleaved rounds) and the faster
+    kept. The torch format is a candidate only for a float torch encoder, per channel; a
+    format that cannot meet the minimum drops out, and when neither can, the torch one's
+    refusal (or the only candidate's) is raised."""
+    form = model.form
+    formats = [FORMAT_ONNX]
+    if (isinstance(form, HfForm) and form.runtime == RUNTIME_TORCH and params.get("per_channel") is not False
+            and not HfDirectory.open(form.directory).int8_layers):
+        formats.append(FORMAT_TORCH)
+    results: dict[str, StepResult] = {}
+    refusal: FailedPrecondition | None = None
+    for name in formats:
+        try:
+            results[name] = quantize_hf(model, {**params, "format": name}, ctx)
+        except FailedPrecondition as error:
+            if error.reason != "TOLERANCE_NOT_MET":
+                raise
+            ctx.log(f"quantize: format {name} cannot meet the cosine minimum: {error.message}")
+            refusal = error
+    if not results:
+        assert refusal is not None
+        raise refusal
+    choice = {name: {"size_ratio": result.details["size_ratio"], "mean_cosine": result.details["mean_cosine"]}
+              for name, result in results.items()}
+    chosen = next(iter(results))
+    if len(results) > 1:  # nothing to time with one candidate
+        forms = {name: result.model.form for name, result in results.items()
+                 if isinstance(result.model.form, HfForm)}
+        for name, timings in interleaved_latencies(forms, probe_sentences(), FORMAT_TIMING_ROUNDS).items():
+            choice[name]["latency_ms_b32_t1"] = statistics.median(timings)
+        chosen = min(choice, key=lambda name: choice[name]["latency_ms_b32_t1"])
+        timed = ", ".join(f"{name} {choice[name]['latency_ms_b32_t1']:.1f} ms" for name in choice)
+        ctx.log(f"quantize: {timed} at batch 32 on one thread: keeping {chosen}")
+    result = results[chosen]
+    return StepResult(model=result.model, details={**result.details, "format_requested": FORMAT_AUTO,
+                                                   "format_candidates": choice})
 
 
 class _OnnxInt8:
