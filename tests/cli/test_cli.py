@@ -11,10 +11,8 @@ import numpy as np
 import pytest
 import torch
 from maas_cli.cli_support import hoist_global_options
-from maas_cli.main import app
-from typer.testing import CliRunner
 
-from tests.support.cli_suite import MAAS, RunningSuite
+from tests.support.cli_suite import MAAS, RunningSuite, maas_cli_fixture
 from tests.support.processes import free_port
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
@@ -27,25 +25,7 @@ def suite(tmp_path_factory):
     running.stop()
 
 
-@pytest.fixture
-def maas(suite, monkeypatch):
-    """Runs `maas ARGS` in-process against the suite; returns the finished result."""
-    monkeypatch.setenv("MAAS_STATE_DIR", str(suite.state_dir))
-    for name in ("MAAS_TOKEN", "MAAS_TARGET"):
-        monkeypatch.delenv(name, raising=False)
-    runner = CliRunner()
-
-    def run(*args: str, code: int = 0):
-        result = runner.invoke(app, list(args), prog_name="maas")
-        assert result.exit_code == code, (args, result.stdout, result.stderr, result.exception)
-        assert "Traceback" not in result.stdout + result.stderr
-        return result
-
-    def as_json(*args: str):
-        return json.loads(run(*args).stdout)
-
-    run.json = as_json  # type: ignore[attr-defined]
-    return run
+maas = maas_cli_fixture()
 
 
 def one_line_error(result) -> str:
@@ -131,20 +111,6 @@ def test_train_and_compress_with_progress_then_jobs(maas):
     assert "FAILED_PRECONDITION" in one_line_error(refused)
     tree = maas("lineage", "cli-digits-small/1").stdout
     assert tree.index("models/cli-digits/versions/1") < tree.index("cli-digits-small/versions/1")
-
-
-def test_compress_a_sentence_encoder_to_int8_kept_in_torch(maas):
-    from maas_text import minilm_directory
-    from maas_text.int8 import SCHEME
-
-    imported = maas.json("import", "hf", str(minilm_directory()), "--model", "cli-minilm", "--json")
-    compressed = maas.json("compress", imported["name"], "--step", "quantize:dtype=int8,format=torch",
-                           "--dataset", "builtin:pydoc", "--output", "cli-minilm-int8", "--json")
-    assert compressed["state"] == "JOB_STATE_SUCCEEDED", compressed
-    assert compressed["spec"]["steps"][0]["quantize"]["format"] == "torch"
-    version = maas.json("versions", "get", compressed["model_version"], "--json")
-    assert version["labels"]["text.quantization"] == SCHEME
-    assert compressed["report"]["after"]["runtime"] == "torch"
 
 
 def test_compress_reads_a_yaml_spec(maas, tmp_path):

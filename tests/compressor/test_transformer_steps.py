@@ -193,21 +193,6 @@ def test_a_stricter_minimum_keeps_the_most_sensitive_roles_in_float(minilm: Mode
     assert mean_cosine(reference, embed(form, probe_sentences())) >= 0.995
 
 
-def test_the_default_format_keeps_the_faster_of_both_on_this_machine(minilm: ModelUnderCompression,
-                                                                       tmp_path: Path):
-    result = quantize(minilm, {"dtype": "int8", "accuracy_aware": False, "min_mean_cosine": 0.9},
-                      context(tmp_path))
-    candidates = result.details["format_candidates"]
-    assert result.details["format_requested"] == "auto" and set(candidates) == {"onnx", "torch"}
-    faster = min(candidates, key=lambda name: candidates[name]["latency_ms_b32_t1"])
-    assert result.details["format"] == faster
-    runtime = result.model.form.runtime
-    assert runtime == (RUNTIME_TORCH if faster == "torch" else RUNTIME_ONNXRUNTIME)
-    assert all(candidate["mean_cosine"] >= 0.9 and candidate["size_ratio"] < 0.5
-               for candidate in candidates.values())
-    assert result.details["mean_cosine"] == candidates[faster]["mean_cosine"]
-
-
 def test_an_int8_torch_encoder_is_a_result_that_no_step_takes_again(torch_int8, tmp_path: Path):
     for step, params in ((quantize, {"dtype": "int8", "format": "torch"}), (quantize, {"dtype": "int8"}),
                          (convert, {}), (distill, {})):

@@ -80,3 +80,33 @@ def suite_client_fixture():
             yield connected
 
     return client
+
+
+def maas_cli_fixture():
+    """A `maas` fixture: runs `maas ARGS` in-process (typer's CliRunner) against the module's
+    `suite`, asserting the exit code (`code=`, default 0) and that no traceback was printed;
+    returns the finished result, and `maas.json(ARGS)` parses its --json output."""
+
+    @pytest.fixture
+    def maas(suite, monkeypatch):
+        from maas_cli.main import app
+        from typer.testing import CliRunner
+
+        monkeypatch.setenv("MAAS_STATE_DIR", str(suite.state_dir))
+        for name in ("MAAS_TOKEN", "MAAS_TARGET"):
+            monkeypatch.delenv(name, raising=False)
+        runner = CliRunner()
+
+        def run(*args: str, code: int = 0):
+            result = runner.invoke(app, list(args), prog_name="maas")
+            assert result.exit_code == code, (args, result.stdout, result.stderr, result.exception)
+            assert "Traceback" not in result.stdout + result.stderr
+            return result
+
+        def as_json(*args: str):
+            return json.loads(run(*args).stdout)
+
+        run.json = as_json  # type: ignore[attr-defined]
+        return run
+
+    return maas
