@@ -11,28 +11,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from maas_compressor.hf_models import embed, load_hf, probe_sentences, similarity_spearman
 from maas_compressor.steps.base import DataSplits, HfForm
 from maas_compressor.steps.distill import distill
 from maas_text import minilm_directory, zip_directory
 
+from tests.compressor import torch_helpers
 from tests.compressor.torch_helpers import RecordingContext
 
 DRILL_STEPS = 200
 MIN_SPEARMAN = 0.82
 
 
-@pytest.fixture
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# One torch thread while the module runs (autouse), as the step tests measure.
+one_torch_thread = torch_helpers.one_torch_thread
 
 
 def test_two_hundred_steps_of_the_default_recipe_rank_pairwise_similarities_like_the_teacher(
-        tmp_path: Path, one_thread: None):
+        tmp_path: Path):
     source = load_hf(zip_directory(minilm_directory(), tmp_path / "minilm.zip"), tmp_path / "source")
     workdir = tmp_path / "distill"
     workdir.mkdir()

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from maas_compressor.hf_models import RUNTIME_ONNXRUNTIME, RUNTIME_TORCH, load_hf
 from maas_compressor.steps.base import DataSplits
 from maas_compressor.steps.quantize import quantize
 from maas_text import minilm_directory, zip_directory
 from maas_text.int8 import SCHEME
 
+from tests.compressor import torch_helpers
 from tests.compressor.torch_helpers import RecordingContext
 from tests.support.cli_suite import maas_cli_fixture, running_suite_fixture
 
@@ -24,15 +24,11 @@ suite = running_suite_fixture("encoder-int8-cli")
 maas = maas_cli_fixture()
 
 
-@pytest.fixture
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# One torch thread while the module runs (autouse), as the step tests measure.
+one_torch_thread = torch_helpers.one_torch_thread
 
 
-def test_the_default_format_keeps_the_faster_of_both_on_this_machine(tmp_path: Path, one_thread: None):
+def test_the_default_format_keeps_the_faster_of_both_on_this_machine(tmp_path: Path):
     source = load_hf(zip_directory(minilm_directory(), tmp_path / "minilm.zip"), tmp_path / "source")
     context = RecordingContext(data=DataSplits(*(np.zeros((0, 1), np.float32) for _ in range(4))),
                                workdir=tmp_path / "quantize")
